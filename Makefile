@@ -1,0 +1,132 @@
+# numoe build. `make` builds everything into build/ (binaries in build/bin,
+# libraries in build/lib); `make SAN=1 BUILD=build-asan` builds the same tree
+# with AddressSanitizer + UBSan; `make test` installs what is missing, builds
+# both and runs every test; `make bench` prints the kernel benchmark table.
+
+BUILD   ?= build
+SAN     ?=
+CC      ?= gcc
+NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
+PYTHON  ?= python3
+
+PKGS := libzmq libprotobuf-c hwloc numa
+PKG_OK := $(shell pkg-config --exists $(PKGS) && echo yes)
+ifneq ($(PKG_OK),yes)
+  ifeq ($(filter deps clean,$(MAKECMDGOALS)),)
+    $(error pkg-config cannot find all of: $(PKGS). Run 'make deps' (or tests/setup.sh) as root to install libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev)
+  endif
+endif
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC $(WARN) -I. $(PKG_CFLAGS)
+LDLIBS  := $(PKG_LIBS) -lpthread -lm
+ifeq ($(SAN),1)
+  CFLAGS  += -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+  LDFLAGS += -fsanitize=address,undefined
+endif
+
+# SIMD paths live in their own files and only those get the ISA flags, so the
+# rest of the binary runs on any x86-64; cpuid picks the path at run time.
+ISA_AVX2   := -mavx2 -mfma -mf16c
+ISA_AVX512 := -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni
+
+COMMON_SRC := $(wildcard common/*.c)
+KERNEL_SRC := $(wildcard kernels/*.c)
+COORD_SRC  := $(filter-out coordinator/main.c,$(wildcard coordinator/*.c))
+LAUNCH_SRC := $(wildcard launch/*.c)
+TEST_SRC   := $(wildcard tests/unit/test_*.c)
+CUDA_SRC   := $(wildcard kernels/cuda/*.cu)
+CUDA_TEST_SRC := $(wildcard tests/cuda/*.cu)
+
+obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+LIB_COMMON  := $(BUILD)/lib/libnumoe_common.a
+LIB_KERNELS := $(BUILD)/lib/libnumoe_kernels.a
+LIB_COORD   := $(BUILD)/lib/libnumoe_coordinator.a
+SO_KERNELS  := $(BUILD)/lib/libnumoe_kernels.so
+LIBS := $(LIB_COORD) $(LIB_KERNELS) $(LIB_COMMON)
+
+BIN_NUMOE  := $(BUILD)/bin/numoe
+TEST_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/bin/%,$(TEST_SRC))
+
+ifneq ($(NVCC),)
+  LIB_CUDA  := $(BUILD)/lib/libnumoe_cuda.a
+  CUDA_BINS := $(patsubst tests/cuda/%.cu,$(BUILD)/bin/%,$(CUDA_TEST_SRC))
+  NVFLAGS   ?= -O2 -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror,-fPIC -I.
+endif
+
+.PHONY: all tests cuda test bench deps clean fuzz demo
+all: $(BIN_NUMOE) $(SO_KERNELS) tests cuda
+tests: $(TEST_BINS)
+cuda: $(LIB_CUDA) $(CUDA_BINS)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%_avx2.o: %_avx2.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(ISA_AVX2) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%_avx512.o: %_avx512.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(ISA_AVX512) -MMD -MP -c $< -o $@
+
+$(LIB_COMMON): $(call obj,$(COMMON_SRC))
+$(LIB_KERNELS): $(call obj,$(KERNEL_SRC))
+$(LIB_COORD): $(call obj,$(COORD_SRC))
+$(BUILD)/lib/%.a:
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# Shared library of the kernels + GGUF reader: the Python fixture tools load
+# it with ctypes (K-quant quantisation, which the gguf package lacks).
+$(SO_KERNELS): $(call obj,$(KERNEL_SRC) $(COMMON_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(LDFLAGS) -o $@ $^ -lpthread -lm
+
+$(BIN_NUMOE): $(call obj,$(LAUNCH_SRC)) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $(call obj,$(LAUNCH_SRC)) $(LIBS) $(LDLIBS)
+
+$(BUILD)/bin/test_%: $(BUILD)/obj/tests/unit/test_%.o $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< $(LIBS) $(LDLIBS)
+
+ifneq ($(NVCC),)
+$(BUILD)/obj/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+$(LIB_CUDA): $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(CUDA_SRC))
+$(BUILD)/bin/test_cuda_%: $(BUILD)/obj/tests/cuda/test_cuda_%.cu.o $(LIB_CUDA) $(LIB_KERNELS) $(LIB_COMMON)
+	@mkdir -p $(dir $@)
+	$(NVCC) -o $@ $^ -lpthread -lm
+endif
+
+# libFuzzer target for the GGUF reader (clang only; see tests/fuzz/).
+FUZZ_BIN := $(BUILD)/fuzz/fuzz_gguf
+fuzz: $(FUZZ_BIN)
+# The reader needs only the type table from kernels/.
+$(FUZZ_BIN): tests/fuzz/fuzz_gguf.c $(COMMON_SRC) kernels/quant_types.c
+	@mkdir -p $(dir $@)
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined $^ -o $@
+
+deps:
+	tests/setup.sh
+
+test: deps
+	$(MAKE) all
+	$(MAKE) BUILD=build-asan SAN=1 tests build-asan/bin/numoe
+	$(MAKE) fuzz
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+bench: all
+	$(BUILD)/bin/numoe bench kernels
+
+clean:
+	rm -rf build build-asan
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,126 @@
+/* quant.h - ggml-compatible tensor element types: block layouts, type traits,
+ * row (de)quantisation and weight-row x activation dot products.
+ *
+ * Every layout here is bit-exact with ggml's definitions (ggml-common.h) so
+ * numoe reads llama.cpp GGUF files as they are. Blocks run along a row
+ * (GGUF ne[0]); a row of n elements holds n / block_size blocks.
+ *
+ * Dot products: a weight row of type T is multiplied with an activation row
+ * already converted to T's "vec_dot_type" (Q8_0 for the 32-element legacy
+ * formats, Q8_K for the 256-element K-quants, F32 for the float formats).
+ * The activation is converted once per GEMV and reused for every weight row,
+ * which is why the conversion is separate from the dot.
+ */
+#ifndef NUMOE_KERNELS_QUANT_H
+#define NUMOE_KERNELS_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ggml_type ids as stored in GGUF tensor infos. */
+typedef enum {
+    NM_TYPE_F32 = 0,
+    NM_TYPE_F16 = 1,
+    NM_TYPE_Q4_0 = 2,
+    NM_TYPE_Q4_1 = 3,
+    NM_TYPE_Q5_0 = 6,
+    NM_TYPE_Q5_1 = 7,
+    NM_TYPE_Q8_0 = 8,
+    NM_TYPE_Q8_1 = 9,
+    NM_TYPE_Q2_K = 10,
+    NM_TYPE_Q3_K = 11,
+    NM_TYPE_Q4_K = 12,
+    NM_TYPE_Q5_K = 13,
+    NM_TYPE_Q6_K = 14,
+    NM_TYPE_Q8_K = 15,
+    NM_TYPE_BF16 = 30,
+    NM_TYPE_COUNT = 40 /* ids below this are "known to ggml"; see nm_type_traits_of */
+} nm_type;
+
+#define NM_QK4_0 32
+#define NM_QK4_1 32
+#define NM_QK5_0 32
+#define NM_QK5_1 32
+#define NM_QK8_0 32
+#define NM_QK_K 256
+#define NM_K_SCALE_SIZE 12
+
+/* fp16 values are stored as raw IEEE half bits; see fp16.h for conversion. */
+typedef uint16_t nm_half;
+
+typedef struct { nm_half d; uint8_t qs[NM_QK4_0 / 2]; } block_q4_0;
+typedef struct { nm_half d, m; uint8_t qs[NM_QK4_1 / 2]; } block_q4_1;
+typedef struct { nm_half d; uint8_t qh[4]; uint8_t qs[NM_QK5_0 / 2]; } block_q5_0;
+typedef struct { nm_half d, m; uint8_t qh[4]; uint8_t qs[NM_QK5_1 / 2]; } block_q5_1;
+typedef struct { nm_half d; int8_t qs[NM_QK8_0]; } block_q8_0;
+typedef struct { uint8_t scales[NM_QK_K / 16]; uint8_t qs[NM_QK_K / 4]; nm_half d, dmin; } block_q2_K;
+typedef struct { uint8_t hmask[NM_QK_K / 8]; uint8_t qs[NM_QK_K / 4]; uint8_t scales[12]; nm_half d; } block_q3_K;
+typedef struct { nm_half d, dmin; uint8_t scales[NM_K_SCALE_SIZE]; uint8_t qs[NM_QK_K / 2]; } block_q4_K;
+typedef struct { nm_half d, dmin; uint8_t scales[NM_K_SCALE_SIZE]; uint8_t qh[NM_QK_K / 8]; uint8_t qs[NM_QK_K / 2]; } block_q5_K;
+typedef struct { uint8_t ql[NM_QK_K / 2]; uint8_t qh[NM_QK_K / 4]; int8_t scales[NM_QK_K / 16]; nm_half d; } block_q6_K;
+/* Activation-side only (mainline ggml layout, 292 bytes); never read from files. */
+typedef struct { float d; int8_t qs[NM_QK_K]; int16_t bsums[NM_QK_K / 16]; } block_q8_K;
+
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 size");
+_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 size");
+_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
+_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 size");
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
+_Static_assert(sizeof(block_q2_K) == 84, "block_q2_K size");
+_Static_assert(sizeof(block_q3_K) == 110, "block_q3_K size");
+_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");
+_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K size");
+_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K size");
+_Static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
+
+/* Dot product of one weight row (n elements, type T) with one activation row
+ * already in T's vec_dot_type. n is a multiple of T's block size. */
+typedef float (*nm_vec_dot_fn)(int64_t n, const void *w, const void *x);
+
+typedef struct {
+    const char *name;       /* "Q4_K" ... as ggml/gguf names it */
+    int64_t block_size;     /* elements per block */
+    size_t type_size;       /* bytes per block */
+    int can_dequantize;     /* numoe can turn it into float */
+    int can_quantize;       /* nm_quantize_row supports it */
+    nm_type vec_dot_type;   /* activation type its dot expects */
+} nm_type_traits;
+
+/* NULL for ids numoe does not know (callers report "unsupported type N"). */
+const nm_type_traits *nm_type_traits_of(int type);
+const char *nm_type_name(int type); /* "type#N" style string for unknown ids (static buffer-free: returns "unknown") */
+
+/* Bytes of a row of n elements; 0 if type is unknown or n is not a multiple of
+ * the block size. Callers that read files must check for 0 (and overflow,
+ * see nm_tensor_bytes in common/gguf.c). */
+size_t nm_row_size(int type, int64_t n);
+
+/* Row conversions. n must be a multiple of the block size. Return 0 on
+ * success, -1 if the type cannot be (de)quantised by numoe. */
+int nm_dequantize_row(int type, const void *src, float *dst, int64_t n);
+int nm_quantize_row(int type, const float *src, void *dst, int64_t n);
+
+/* Scalar reference dot for a weight type (NULL if none). */
+nm_vec_dot_fn nm_vec_dot_ref(int type);
+
+/* Instruction-set levels with their own dot paths. */
+typedef enum {
+    NM_ISA_SCALAR = 0,
+    NM_ISA_AVX2 = 1,        /* AVX2 + FMA + F16C */
+    NM_ISA_AVX512 = 2,      /* AVX-512 F/BW/VL/DQ */
+    NM_ISA_AVX512_VNNI = 3, /* + AVX512-VNNI */
+    NM_ISA_COUNT
+} nm_isa;
+
+const char *nm_isa_name(nm_isa isa);
+/* Best level this CPU supports (cpuid), lowered by env NUMOE_ISA=scalar|avx2|avx512|avx512vnni. */
+nm_isa nm_isa_best(void);
+/* Whether the running CPU can execute code for this level. */
+int nm_isa_supported(nm_isa isa);
+/* Dot for a weight type at a given level; falls back to the next lower level
+ * that has a path for this type. NULL only if the type has no dot at all. */
+nm_vec_dot_fn nm_vec_dot_for(int type, nm_isa isa);
+/* nm_vec_dot_for(type, nm_isa_best()), cached. */
+nm_vec_dot_fn nm_vec_dot(int type);
+
+#endif

@@ -1,0 +1,49 @@
+/* main.c - `numoe`, the one command users run. It dispatches to a
+ * subcommand; later issues add generate / chat / serve and the worker
+ * launcher behind the same front. */
+#include <stdio.h>
+#include <string.h>
+
+#include "launch/commands.h"
+
+#define NUMOE_VERSION "0.1.0"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "numoe %s - DeepSeek MoE inference engine (GGUF)\n"
+            "\n"
+            "usage: numoe <command> [options]\n"
+            "\n"
+            "commands:\n"
+            "  inspect MODEL.gguf      metadata, hyper-parameters, tokenizer summary, tensor table and\n"
+            "                          dense vs routed-expert byte totals (first part of a split model)\n"
+            "  bench kernels           quantised GEMV throughput per weight type vs memory bandwidth\n"
+            "  help                    this text; `numoe <command> --help` for a command's options\n"
+            "  version                 print the version\n",
+            NUMOE_VERSION);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
+        printf("numoe %s\n", NUMOE_VERSION);
+        return 0;
+    }
+    if (!strcmp(cmd, "inspect")) return nm_cmd_inspect(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench")) {
+        if (argc >= 3 && !strcmp(argv[2], "kernels")) return nm_cmd_bench_kernels(argc - 2, argv + 2);
+        fprintf(stderr, "numoe bench: expected a target: `numoe bench kernels`\n");
+        return 2;
+    }
+    fprintf(stderr, "numoe: unknown command '%s'\n\n", cmd);
+    usage(stderr);
+    return 2;
+}

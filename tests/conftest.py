@@ -1,0 +1,56 @@
+"""Shared pytest helpers: where the built binaries are.
+
+`make test` builds two trees: build/ (optimised) and build-asan/ (AddressSanitizer
++ UBSan). Tests that run a binary run it from every tree that exists, so each
+suite passes under the sanitizers at least once per CI run."""
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BUILD_DIRS = [ROOT / d for d in ("build", "build-asan")]
+
+
+def built(rel):
+    """Paths of `rel` (e.g. 'bin/numoe') in every build tree that has it."""
+    found = [d / rel for d in BUILD_DIRS if (d / rel).exists()]
+    if not found:
+        pytest.fail(f"{rel} is not built: run `make` (or `make test`) first")
+    return found
+
+
+def sanitizer_env():
+    env = dict(os.environ)
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
+    env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    return env
+
+
+def run(cmd, **kw):
+    """Runs a command, returns CompletedProcess with text output."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("errors", "replace")
+    kw.setdefault("env", sanitizer_env())
+    kw.setdefault("timeout", 600)
+    return subprocess.run([str(c) for c in cmd], **kw)
+
+
+def assert_clean(proc):
+    """No sanitizer report and no death by signal."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}\n{out[-3000:]}"
+    for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer"):
+        assert marker not in out, out[-3000:]
+
+
+@pytest.fixture(params=["build", "build-asan"])
+def numoe(request):
+    path = ROOT / request.param / "bin" / "numoe"
+    if not path.exists():
+        if request.param == "build":
+            pytest.fail("build/bin/numoe is not built: run `make`")
+        pytest.skip("no sanitizer build (make BUILD=build-asan SAN=1)")
+    return path
