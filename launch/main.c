@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "coordinator/cli.h"
 #include "launch/commands.h"
 
 #define NUMOE_VERSION "0.1.0"
@@ -17,6 +18,8 @@ static void usage(FILE *f) {
             "commands:\n"
             "  inspect MODEL.gguf      metadata, hyper-parameters, tokenizer summary, tensor table and\n"
             "                          dense vs routed-expert byte totals (first part of a split model)\n"
+            "  generate                run a prompt of token ids and generate more (greedy or sampled)\n"
+            "  bench                   prefill and decode tokens/s of a model (`numoe bench --help`)\n"
             "  bench kernels           quantised GEMV throughput per weight type vs memory bandwidth\n"
             "  help                    this text; `numoe <command> --help` for a command's options\n"
             "  version                 print the version\n",
@@ -38,10 +41,10 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "inspect")) return nm_cmd_inspect(argc - 1, argv + 1);
+    if (!strcmp(cmd, "generate")) return nm_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "kernels")) return nm_cmd_bench_kernels(argc - 2, argv + 2);
-        fprintf(stderr, "numoe bench: expected a target: `numoe bench kernels`\n");
-        return 2;
+        return nm_cmd_bench_model(argc - 1, argv + 1);
     }
     fprintf(stderr, "numoe: unknown command '%s'\n\n", cmd);
     usage(stderr);

@@ -1,0 +1,39 @@
+/* session.h - everything one model run needs, opened from command-line
+ * style options: the mapped GGUF, the bound model, a thread pool, the expert
+ * backend and the forward state. Shared by `numoe generate` and `numoe bench`
+ * (and later chat / serve), so option handling and load reporting live in
+ * one place. */
+#ifndef NUMOE_COORDINATOR_SESSION_H
+#define NUMOE_COORDINATOR_SESSION_H
+
+#include "common/gguf.h"
+#include "coordinator/forward.h"
+#include "coordinator/model.h"
+
+typedef struct {
+    const char *model_path;
+    int threads;        /* <= 0: all online CPUs */
+    int64_t ctx_size;   /* 0: min(model context, 4096) */
+    int64_t batch;      /* prefill chunk, default 512 */
+    int experts_used;   /* 0: the model's expert_used_count */
+} nm_session_opts;
+
+typedef struct {
+    nm_gguf *gguf;
+    nm_model model;
+    nm_pool *pool;
+    nm_expert_backend *experts;
+    nm_forward fwd;
+} nm_session;
+
+/* Parses one shared option at argv[*i] (advancing *i past its value).
+ * Returns 1 if consumed, 0 if not a session option, -1 on a bad value
+ * (message printed to stderr, prefixed with cmd). */
+int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, const char *cmd);
+/* The option lines for --help. */
+extern const char nm_session_opts_help[];
+
+int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err);
+void nm_session_close(nm_session *s);
+
+#endif

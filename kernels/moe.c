@@ -1,0 +1,188 @@
+#include "kernels/moe.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/quant.h"
+
+#define ROW_CHUNK 16 /* rows per work unit: small enough to balance 2..64 threads */
+
+void nm_moe_scratch_free(nm_moe_scratch *s) {
+    free(s->buf);
+    s->buf = NULL;
+    s->cap = 0;
+}
+
+typedef struct {
+    const nm_moe_experts *ex;
+    int64_t n_tok, n_act;       /* tokens; (expert, token) pairs */
+    int n_used;                 /* distinct experts in this batch */
+    const int32_t *expert;      /* [n_used] expert ids */
+    const int64_t *start;       /* [n_used + 1] pair ranges per expert */
+    const int32_t *pair_tok;    /* [n_act] token of each pair */
+    const float *pair_w;        /* [n_act] routing weight of each pair */
+    const float *x;
+    const uint8_t *xq_gate, *xq_up; /* x quantised for gate's / up's dot type */
+    size_t xq_gate_row, xq_up_row;
+    float *h;                   /* [n_act][n_ff] silu(gate) * up */
+    uint8_t *hq;                /* h quantised for down's dot type */
+    size_t hq_row;
+    float *out;
+    atomic_long next;
+    int64_t units;
+} moe_job;
+
+/* Pass 1: for each (expert, row chunk) unit, h[pair][r] = silu(g) * u for all
+ * the expert's tokens; weights rows are read once per unit. */
+static void pass_gate_up(void *ctx, int ith, int nth) {
+    moe_job *j = ctx;
+    const nm_moe_experts *ex = j->ex;
+    nm_vec_dot_fn dg = nm_vec_dot(ex->type_gate), du = nm_vec_dot(ex->type_up);
+    int64_t chunks = (ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK;
+    (void)ith, (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->units) break;
+        int64_t ei = u / chunks, r0 = (u % chunks) * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
+        if (r1 > ex->n_ff) r1 = ex->n_ff;
+        int32_t e = j->expert[ei];
+        const uint8_t *G = ex->gate[e], *U = ex->up[e];
+        for (int64_t r = r0; r < r1; r++) {
+            const void *gr = G + (size_t)r * ex->row_gate, *ur = U + (size_t)r * ex->row_up;
+            for (int64_t p = j->start[ei]; p < j->start[ei + 1]; p++) {
+                int32_t t = j->pair_tok[p];
+                float g = dg(ex->n_embd, gr, j->xq_gate + (size_t)t * j->xq_gate_row);
+                float v = du(ex->n_embd, ur, j->xq_up + (size_t)t * j->xq_up_row);
+                j->h[p * ex->n_ff + r] = g / (1.0f + expf(-g)) * v;
+            }
+        }
+    }
+}
+
+/* Quantises rows [ith-strided] of a float matrix into a dot type. */
+typedef struct {
+    const float *src;
+    int64_t n_rows, n_cols;
+    int type;
+    uint8_t *dst;
+    size_t dst_row;
+} quant_job;
+
+static void pass_quantize(void *ctx, int ith, int nth) {
+    quant_job *q = ctx;
+    for (int64_t r = ith; r < q->n_rows; r += nth)
+        nm_quantize_row(q->type, q->src + r * q->n_cols, q->dst + (size_t)r * q->dst_row, q->n_cols);
+}
+
+/* Pass 2: output rows are split between threads (units of ROW_CHUNK rows of
+ * n_embd), each unit walks every expert, so no two threads write one element. */
+static void pass_down(void *ctx, int ith, int nth) {
+    moe_job *j = ctx;
+    const nm_moe_experts *ex = j->ex;
+    nm_vec_dot_fn dd = nm_vec_dot(ex->type_down);
+    (void)ith, (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->units) break;
+        int64_t r0 = u * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
+        if (r1 > ex->n_embd) r1 = ex->n_embd;
+        for (int64_t ei = 0; ei < j->n_used; ei++) {
+            const uint8_t *D = ex->down[j->expert[ei]];
+            for (int64_t r = r0; r < r1; r++) {
+                const void *dr = D + (size_t)r * ex->row_down;
+                for (int64_t p = j->start[ei]; p < j->start[ei + 1]; p++)
+                    j->out[(size_t)j->pair_tok[p] * ex->n_embd + r] +=
+                        j->pair_w[p] * dd(ex->n_ff, dr, j->hq + (size_t)p * j->hq_row);
+            }
+        }
+    }
+}
+
+static void *carve(uint8_t **cur, size_t bytes) {
+    void *p = *cur;
+    *cur += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, int64_t n_tok, const float *x, int k,
+                   const int32_t *ids, const float *w, float *out, char *errbuf, size_t errlen) {
+    int64_t E = ex->n_expert, n_pairs = n_tok * k;
+    memset(out, 0, (size_t)(n_tok * ex->n_embd) * sizeof *out);
+    for (int64_t i = 0; i < n_pairs; i++)
+        if (ids[i] < 0 || ids[i] >= E) {
+            if (errbuf) snprintf(errbuf, errlen, "expert id %d out of range 0..%lld", ids[i], (long long)E - 1);
+            return -1;
+        }
+    int tg = nm_type_traits_of(ex->type_gate)->vec_dot_type, tu = nm_type_traits_of(ex->type_up)->vec_dot_type;
+    int td = nm_type_traits_of(ex->type_down)->vec_dot_type;
+    size_t xg_row = nm_row_size(tg, ex->n_embd), xu_row = nm_row_size(tu, ex->n_embd);
+    size_t hq_row = nm_row_size(td, ex->n_ff);
+    size_t need = 64 * 12 + (size_t)(E + 1) * sizeof(int64_t) * 2 + (size_t)E * sizeof(int32_t) +
+                  (size_t)n_pairs * (sizeof(int32_t) + sizeof(float) + (size_t)ex->n_ff * sizeof(float) + hq_row) +
+                  (size_t)n_tok * (xg_row + (tg == tu ? 0 : xu_row));
+    if (need > s->cap) {
+        void *nb = realloc(s->buf, need);
+        if (!nb) {
+            if (errbuf) snprintf(errbuf, errlen, "out of memory (%zu bytes of MoE scratch)", need);
+            return -1;
+        }
+        s->buf = nb, s->cap = need;
+    }
+    uint8_t *cur = s->buf;
+    int64_t *count = carve(&cur, (size_t)(E + 1) * sizeof *count);
+    int64_t *start = carve(&cur, (size_t)(E + 1) * sizeof *start);
+    int32_t *expert = carve(&cur, (size_t)E * sizeof *expert);
+    int32_t *pair_tok = carve(&cur, (size_t)n_pairs * sizeof *pair_tok);
+    float *pair_w = carve(&cur, (size_t)n_pairs * sizeof *pair_w);
+    float *h = carve(&cur, (size_t)(n_pairs * ex->n_ff) * sizeof *h);
+    uint8_t *hq = carve(&cur, (size_t)n_pairs * hq_row);
+    uint8_t *xq_gate = carve(&cur, (size_t)n_tok * xg_row);
+    uint8_t *xq_up = tg == tu ? xq_gate : carve(&cur, (size_t)n_tok * xu_row);
+
+    /* counting sort of (token, slot) pairs by expert, keeping only held experts */
+    memset(count, 0, (size_t)(E + 1) * sizeof *count);
+    for (int64_t i = 0; i < n_pairs; i++)
+        if (ex->gate[ids[i]]) count[ids[i]]++;
+    int n_used = 0;
+    int64_t acc = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (!count[e]) continue;
+        expert[n_used] = (int32_t)e;
+        start[n_used++] = acc;
+        acc += count[e];
+        count[e] = start[n_used - 1]; /* becomes the fill cursor */
+    }
+    start[n_used] = acc;
+    for (int64_t i = 0; i < n_pairs; i++) {
+        int32_t e = ids[i];
+        if (!ex->gate[e]) continue;
+        int64_t p = count[e]++;
+        pair_tok[p] = (int32_t)(i / k);
+        pair_w[p] = w[i];
+    }
+    if (n_used == 0) return 0;
+
+    quant_job qg = {x, n_tok, ex->n_embd, tg, xq_gate, xg_row};
+    nm_pool_run(pool, pass_quantize, &qg);
+    if (tg != tu) {
+        quant_job qu = {x, n_tok, ex->n_embd, tu, xq_up, xu_row};
+        nm_pool_run(pool, pass_quantize, &qu);
+    }
+    moe_job j = {.ex = ex, .n_tok = n_tok, .n_act = acc, .n_used = n_used, .expert = expert, .start = start,
+                 .pair_tok = pair_tok, .pair_w = pair_w, .x = x, .xq_gate = xq_gate, .xq_up = xq_up,
+                 .xq_gate_row = xg_row, .xq_up_row = xu_row, .h = h, .hq = hq, .hq_row = hq_row, .out = out};
+    atomic_init(&j.next, 0);
+    j.units = (int64_t)n_used * ((ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK);
+    nm_pool_run(pool, pass_gate_up, &j);
+
+    quant_job qh = {h, acc, ex->n_ff, td, hq, hq_row};
+    nm_pool_run(pool, pass_quantize, &qh);
+
+    atomic_store(&j.next, 0);
+    j.units = (ex->n_embd + ROW_CHUNK - 1) / ROW_CHUNK;
+    nm_pool_run(pool, pass_down, &j);
+    return 0;
+}

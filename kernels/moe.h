@@ -1,0 +1,46 @@
+/* moe.h - routed-expert FFN for a batch of tokens over the experts one
+ * process holds (the coordinator's in-process backend and every worker run
+ * this same code).
+ *
+ *   out[t] = sum_j w[t][j] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = ids[t][j]
+ *
+ * (DeepSeek-V2 eq. for the routed part of h'_t; the shared experts and the
+ * residual are the caller's.) Experts whose pointers are NULL are not held
+ * here and are skipped, so a worker computes a partial sum over its shard.
+ *
+ * Work is grouped by expert: each expert's weight rows are read once per call
+ * and applied to all the tokens routed to it, so prefill is matrix-matrix and
+ * decode is a few GEMVs, in two thread-pool passes per call (gate+up, down). */
+#ifndef NUMOE_KERNELS_MOE_H
+#define NUMOE_KERNELS_MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/threadpool.h"
+
+typedef struct {
+    int64_t n_embd;   /* model width: gate/up row length, down row count */
+    int64_t n_ff;     /* rows of gate/up (= row length of down) held per expert */
+    int64_t n_expert; /* size of the pointer tables */
+    int type_gate, type_up, type_down;
+    size_t row_gate, row_up, row_down;     /* bytes per row */
+    const void *const *gate, *const *up, *const *down; /* [n_expert]; NULL = not held here */
+} nm_moe_experts;
+
+/* Growable buffers reused across calls; the caller owns it (zero-init, then
+ * nm_moe_scratch_free). Not shared between concurrent calls. */
+typedef struct {
+    void *buf;
+    size_t cap;
+} nm_moe_scratch;
+
+void nm_moe_scratch_free(nm_moe_scratch *s);
+
+/* x, out: [n_tok][n_embd] float32; ids, w: [n_tok][k]. out is overwritten.
+ * Returns 0, or -1 if the scratch cannot grow or an expert id is out of range
+ * (message in errbuf when non-NULL). */
+int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, int64_t n_tok, const float *x, int k,
+                   const int32_t *ids, const float *w, float *out, char *errbuf, size_t errlen);
+
+#endif
