@@ -126,6 +126,18 @@ test: deps
 bench: all
 	$(BUILD)/bin/numoe bench kernels
 
+# The main job on an embedded default: a tiny synthetic DeepSeek-V3-style
+# model (made here if MODEL is not given), inspected and run.
+DEMO_MODEL := $(BUILD)/models/demo-v3-Q8_0.gguf
+MODEL ?= $(DEMO_MODEL)
+demo: deps
+	$(MAKE) all
+	@if [ "$(MODEL)" = "$(DEMO_MODEL)" ] && [ ! -f $(DEMO_MODEL) ]; then \
+	  mkdir -p $(dir $(DEMO_MODEL)) && \
+	  $(PYTHON) tests/gen_deepseek.py --style v3 --type Q8_0 -o $(DEMO_MODEL); fi
+	$(BUILD)/bin/numoe inspect $(MODEL) --no-tensors
+	$(BUILD)/bin/numoe generate --model $(MODEL) --tokens 0,17,200,45,3,99 -n 32
+
 clean:
 	rm -rf build build-asan
 

@@ -26,6 +26,8 @@ static int usage(FILE *f) {
             "      --dump-logits FILE  write raw little-endian float32 rows of n_vocab: one per prompt\n"
             "                          position (row i = logits after prompt token i), then one per\n"
             "                          generated token (the logits after feeding it)\n"
+            "      --dump-routing FILE write every routing decision as int32 records\n"
+            "                          {position, layer, expert ids...} (expert-used count per record)\n"
             "      --decode-from K     evaluate prompt tokens K.. one at a time (decode path) instead of\n"
             "                          in batches (default: whole prompt in chunks of --batch)\n"
             "%s",
@@ -65,7 +67,7 @@ static double now_s(void) {
 
 int nm_cmd_generate(int argc, char **argv) {
     nm_session_opts so = {0};
-    const char *tokens_arg = NULL, *dump = NULL;
+    const char *tokens_arg = NULL, *dump = NULL, *route = NULL;
     long long n_predict = 32, decode_from = -1, seed = 42;
     float temp = 0;
     for (int i = 1; i < argc; i++) {
@@ -81,6 +83,7 @@ int nm_cmd_generate(int argc, char **argv) {
         }
         if (!strcmp(a, "--tokens")) tokens_arg = v;
         else if (!strcmp(a, "--dump-logits")) dump = v;
+        else if (!strcmp(a, "--dump-routing")) route = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) n_predict = strtoll(v, &end, 10);
         else if (!strcmp(a, "--decode-from")) decode_from = strtoll(v, &end, 10);
         else if (!strcmp(a, "--seed")) seed = strtoll(v, &end, 10);
@@ -127,6 +130,10 @@ int nm_cmd_generate(int argc, char **argv) {
         fprintf(stderr, "numoe generate: cannot write %s: %s\n", dump, strerror(errno));
         goto done;
     }
+    if (route && !(s.fwd.route_log = fopen(route, "wb"))) {
+        fprintf(stderr, "numoe generate: cannot write %s: %s\n", route, strerror(errno));
+        goto done;
+    }
     if (decode_from < 0 || decode_from > n_prompt) decode_from = n_prompt;
     double t0 = now_s();
     float *last = logits;
@@ -167,6 +174,11 @@ done:
         fprintf(stderr, "numoe generate: writing %s failed\n", dump);
         rc = 1;
     }
+    if (s.fwd.route_log && fclose(s.fwd.route_log) && rc == 0) {
+        fprintf(stderr, "numoe generate: writing %s failed\n", route);
+        rc = 1;
+    }
+    s.fwd.route_log = NULL;
     free(logits);
     free(out);
     free(prompt);

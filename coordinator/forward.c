@@ -198,6 +198,13 @@ static int feed_forward(nm_forward *f, int il, int64_t n, nm_err *err) {
     float *scratch = f->rlog + n * E;
     for (int64_t t = 0; t < n; t++)
         nm_route(hp, k, f->rlog + t * E, L->probs_b, f->rid + t * k, f->rw + t * k, scratch);
+    if (f->route_log)
+        for (int64_t t = 0; t < n; t++) {
+            int32_t head[2] = {(int32_t)(f->kv.n_pos + t), il};
+            if (fwrite(head, sizeof head, 1, f->route_log) != 1 ||
+                fwrite(f->rid + t * k, sizeof *f->rid, (size_t)k, f->route_log) != (size_t)k)
+                return nm_errf(err, "writing the routing log failed");
+        }
     if (f->experts->moe(f->experts, il, n, f->a, k, f->rid, f->rw, f->moe, err)) return -1;
     if (hp->n_shared > 0) {
         ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->tmp);

@@ -9,6 +9,7 @@
 #define NUMOE_COORDINATOR_FORWARD_H
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "common/error.h"
 #include "coordinator/expert_backend.h"
@@ -30,6 +31,10 @@ typedef struct {
     float *buf; /* one allocation carved into the scratch below */
     float *x, *a, *q, *qa, *kv_new, *gath, *qabs, *oc, *ov, *o, *tmp, *hg, *hu, *rlog, *rw, *moe, *att;
     int32_t *rid;
+    /* When set, every routing decision is appended as int32 records
+     * {position, layer, k expert ids} (tests compare routing with a reference;
+     * later the expert-usage profile for placement is built from the same). */
+    FILE *route_log;
 } nm_forward;
 
 int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_backend *experts, int64_t n_ctx,

@@ -94,7 +94,11 @@ class Model:
         out[..., 1::2] = x0 * s + x1 * c
         return out
 
-    def route(self, f, w):
+    def route(self, f, w, layer=None, force=None, log=None):
+        """Top-k experts per token. force: {(layer, t): ids} overrides the choice
+        (weights still come from this reference's probabilities); log: list that
+        receives one dict per decision: layer, t, scores (before the group mask),
+        group_scores (None without groups), top (chosen ids)."""
         logits = f @ w["ffn_gate_inp.weight"].T
         if self.gating == 2:
             p = 1 / (1 + np.exp(-logits))
@@ -106,6 +110,7 @@ class Model:
         wts = np.zeros((len(f), self.k))
         for t in range(len(f)):
             st = s[t].copy()
+            pre, score = st.copy(), None
             if self.G > 1 and self.Gk < self.G:
                 grp = st.reshape(self.G, -1)
                 if self.gating == 2:
@@ -118,6 +123,10 @@ class Model:
                 fill = 0.0 if self.gating == 2 else -np.inf
                 st = np.where(np.repeat(mask, grp.shape[1]), st, fill)
             top = np.argsort(-st, kind="stable")[: self.k]
+            if log is not None:
+                log.append({"layer": layer, "t": t, "scores": pre, "group_scores": score, "top": top.copy()})
+            if force is not None and (layer, t) in force:
+                top = np.asarray(force[(layer, t)])
             ww = p[t, top]
             if self.norm_topk:
                 ww = ww / (ww.sum() + 1e-20)
@@ -129,7 +138,7 @@ class Model:
         a = x @ g.T
         return ((a / (1 + np.exp(-a))) * (x @ u.T)) @ d.T
 
-    def forward(self, tokens):
+    def forward(self, tokens, force=None, log=None):
         T = len(tokens)
         pos = np.arange(T, dtype=np.float64)
         x = self.t["token_embd.weight"][tokens].copy()
@@ -158,7 +167,7 @@ class Model:
             if i < self.n_dense:
                 x = x + self.ffn(f, w["ffn_gate.weight"], w["ffn_up.weight"], w["ffn_down.weight"])
                 continue
-            ids, wts = self.route(f, w)
+            ids, wts = self.route(f, w, i, force, log)
             y = np.zeros_like(x)
             G, U, D = w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"], w["ffn_down_exps.weight"]
             for t in range(T):
