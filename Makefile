@@ -99,7 +99,7 @@ $(BUILD)/bin/test_%: $(BUILD)/obj/tests/unit/test_%.o $(LIBS)
 ifneq ($(NVCC),)
 $(BUILD)/obj/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVFLAGS) -c $< -o $@
+	$(NVCC) $(NVFLAGS) -MMD -MP -c $< -o $@
 $(LIB_CUDA): $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(CUDA_SRC))
 $(BUILD)/bin/test_cuda_%: $(BUILD)/obj/tests/cuda/test_cuda_%.cu.o $(LIB_CUDA) $(LIB_KERNELS) $(LIB_COMMON)
 	@mkdir -p $(dir $@)

@@ -14,8 +14,13 @@
 #ifndef NUMOE_KERNELS_QUANT_H
 #define NUMOE_KERNELS_QUANT_H
 
+#include <assert.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /* ggml_type ids as stored in GGUF tensor infos. */
 typedef enum {
@@ -61,17 +66,17 @@ typedef struct { uint8_t ql[NM_QK_K / 2]; uint8_t qh[NM_QK_K / 4]; int8_t scales
 /* Activation-side only (mainline ggml layout, 292 bytes); never read from files. */
 typedef struct { float d; int8_t qs[NM_QK_K]; int16_t bsums[NM_QK_K / 16]; } block_q8_K;
 
-_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0 size");
-_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1 size");
-_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
-_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1 size");
-_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
-_Static_assert(sizeof(block_q2_K) == 84, "block_q2_K size");
-_Static_assert(sizeof(block_q3_K) == 110, "block_q3_K size");
-_Static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");
-_Static_assert(sizeof(block_q5_K) == 176, "block_q5_K size");
-_Static_assert(sizeof(block_q6_K) == 210, "block_q6_K size");
-_Static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
+static_assert(sizeof(block_q4_0) == 18, "block_q4_0 size");
+static_assert(sizeof(block_q4_1) == 20, "block_q4_1 size");
+static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
+static_assert(sizeof(block_q5_1) == 24, "block_q5_1 size");
+static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
+static_assert(sizeof(block_q2_K) == 84, "block_q2_K size");
+static_assert(sizeof(block_q3_K) == 110, "block_q3_K size");
+static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");
+static_assert(sizeof(block_q5_K) == 176, "block_q5_K size");
+static_assert(sizeof(block_q6_K) == 210, "block_q6_K size");
+static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
 
 /* Dot product of one weight row (n elements, type T) with one activation row
  * already in T's vec_dot_type. n is a multiple of T's block size. */
@@ -122,5 +127,9 @@ int nm_isa_supported(nm_isa isa);
 nm_vec_dot_fn nm_vec_dot_for(int type, nm_isa isa);
 /* nm_vec_dot_for(type, nm_isa_best()), cached. */
 nm_vec_dot_fn nm_vec_dot(int type);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

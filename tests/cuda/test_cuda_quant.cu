@@ -1,0 +1,483 @@
+/* test_cuda_quant.cu - GPU dequantisation and GEMV against the CPU reference.
+ *
+ * For every type the GPU kernels handle, on fresh random data in two forms
+ *   "quant": random floats through the CPU quantiser nm_quantize_row (the
+ *            blocks a real GGUF holds), and
+ *   "bytes": random bytes with sane fp16 scales written over the scale
+ *            fields (every bit pattern of quants/sub-scales, incl. ones the
+ *            quantiser never emits; for F32/F16/BF16 any bits, NaN and inf
+ *            included),
+ * and for the matrix placed both 256-aligned and at an offset of 2 bytes
+ * (the 2-byte-load kernel paths), it checks:
+ *   dequant: GPU nm_cuda_dequantize == CPU nm_dequantize_row bit for bit;
+ *   gemv:    |y_gpu - y_ref| <= 2e-5 * sum|w_i x_i| + 2e-6 * max|w| * sum|x_i|
+ *            per row, y_ref a double-precision dot of the CPU-dequantised
+ *            row with x (fp32 accumulation in a different order; the second
+ *            term covers the d*sc*sum(qx) - dmin*m*sum(x) factoring when the
+ *            two nearly cancel). "bytes" float rows (NaN/inf) are not
+ *            GEMV-tested.
+ * plus the API's argument checks. Then one timing line per type: GEMV over a
+ * 4096 x 14336 matrix, weights rotated through enough copies to exceed 4x
+ * the L2 cache, so the GB/s are from DRAM.
+ *
+ * Usage: test_cuda_quant [--no-bench] [--bench-only] [--bench-shape ROWS COLS]...
+ * (--bench-shape replaces the default 4096 x 14336; repeatable)
+ * Last line "<prog>: N passed, N failed"; exit 1 on failure, 77 when there
+ * is no CUDA device. */
+#include "kernels/cuda/cuda_quant.h"
+
+#include "kernels/fp16.h"
+#include "kernels/quant.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+static const char *g_prog = "test_cuda_quant";
+static int g_passed = 0, g_failed = 0;
+
+static void report(bool ok, const char *what) {
+    if (ok) g_passed++;
+    else g_failed++;
+    fprintf(stderr, "%s %s\n", ok ? "ok  " : "FAIL", what);
+}
+
+/* CUDA calls in the test itself: a failure here is a broken environment, not
+ * a kernel result; stop with a failing exit. */
+#define CK(call)                                                                                           \
+    do {                                                                                                   \
+        cudaError_t e_ = (call);                                                                           \
+        if (e_ != cudaSuccess) {                                                                           \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));         \
+            printf("%s: %d passed, %d failed\n", g_prog, g_passed, g_failed + 1);                          \
+            exit(1);                                                                                       \
+        }                                                                                                  \
+    } while (0)
+
+/* ---- random ------------------------------------------------------------- */
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static uint64_t rnd64(void) { /* splitmix64 */
+    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static double rnd_u(void) { return (double)(rnd64() >> 11) * 0x1p-53; } /* [0, 1) */
+static float rnd_pm1(void) { return (float)(2.0 * rnd_u() - 1.0); }
+/* Roughly normal, with an occasional outlier, like weights. */
+static float rnd_weight(void) {
+    float g = (rnd_pm1() + rnd_pm1() + rnd_pm1()) * 0.6f;
+    if ((rnd64() & 63) == 0) g *= 8.0f;
+    return g;
+}
+
+/* ---- types under test --------------------------------------------------- */
+struct tinfo {
+    int type;
+    const char *name;
+    int halves[2]; /* byte offsets of fp16 scale fields in a block, -1 = none */
+};
+static const tinfo k_types[] = {
+    {NM_TYPE_F32, "F32", {-1, -1}},    {NM_TYPE_F16, "F16", {-1, -1}},      {NM_TYPE_BF16, "BF16", {-1, -1}},
+    {NM_TYPE_Q4_0, "Q4_0", {0, -1}},   {NM_TYPE_Q4_1, "Q4_1", {0, 2}},      {NM_TYPE_Q5_0, "Q5_0", {0, -1}},
+    {NM_TYPE_Q5_1, "Q5_1", {0, 2}},    {NM_TYPE_Q8_0, "Q8_0", {0, -1}},     {NM_TYPE_Q2_K, "Q2_K", {80, 82}},
+    {NM_TYPE_Q3_K, "Q3_K", {108, -1}}, {NM_TYPE_Q4_K, "Q4_K", {0, 2}},      {NM_TYPE_Q5_K, "Q5_K", {0, 2}},
+    {NM_TYPE_Q6_K, "Q6_K", {208, -1}},
+};
+
+static bool is_float_type(int type) {
+    return type == NM_TYPE_F32 || type == NM_TYPE_F16 || type == NM_TYPE_BF16;
+}
+
+/* A sane fp16 scale: +-[2^-12, 2^-4], so products stay normal and finite. */
+static uint16_t sane_half(void) {
+    const float v = (float)std::ldexp(1.0 + rnd_u(), -4 - (int)(rnd64() % 9));
+    return nm_fp32_to_fp16((rnd64() & 1) ? -v : v);
+}
+
+/* rows x cols matrix of `type` in host memory; mode 0 = quantised floats,
+ * 1 = random bytes with sane scales. */
+static std::vector<uint8_t> make_matrix(const tinfo &t, int64_t rows, int64_t cols, int mode) {
+    const size_t rb = nm_row_size(t.type, cols);
+    std::vector<uint8_t> m(rb * (size_t)rows);
+    if (mode == 0) {
+        std::vector<float> src((size_t)cols);
+        for (int64_t r = 0; r < rows; r++) {
+            const float rs = (float)std::ldexp(1.0, (int)(rnd64() % 7) - 4);
+            for (auto &v : src) v = rnd_weight() * rs;
+            if (nm_quantize_row(t.type, src.data(), m.data() + rb * (size_t)r, cols) != 0) {
+                fprintf(stderr, "nm_quantize_row(%s) failed\n", t.name);
+                exit(1);
+            }
+        }
+    } else {
+        for (size_t i = 0; i < m.size(); i += 8) {
+            const uint64_t v = rnd64();
+            memcpy(&m[i], &v, std::min<size_t>(8, m.size() - i));
+        }
+        const nm_type_traits *tr = nm_type_traits_of(t.type);
+        const size_t nblocks = m.size() / tr->type_size;
+        for (size_t b = 0; b < nblocks; b++)
+            for (int h : t.halves)
+                if (h >= 0) {
+                    const uint16_t s = sane_half();
+                    memcpy(&m[b * tr->type_size + (size_t)h], &s, 2);
+                }
+    }
+    return m;
+}
+
+/* ---- correctness ------------------------------------------------------------ */
+
+struct gpu_buf {
+    void *p = nullptr;
+    explicit gpu_buf(size_t n) { CK(cudaMalloc(&p, n ? n : 1)); }
+    ~gpu_buf() { cudaFree(p); }
+    gpu_buf(const gpu_buf &) = delete;
+    gpu_buf &operator=(const gpu_buf &) = delete;
+    template <class T> T *as(size_t byte_off = 0) const { return reinterpret_cast<T *>((char *)p + byte_off); }
+};
+
+static uint32_t fbits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+struct case_result {
+    bool ok = true;
+    char detail[256] = "";
+    double worst = 0; /* largest err / bound seen (gemv) */
+};
+
+static void fail_case(case_result &cr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fail_case(case_result &cr, const char *fmt, ...) {
+    if (!cr.ok) return; /* keep the first message */
+    cr.ok = false;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cr.detail, sizeof cr.detail, fmt, ap);
+    va_end(ap);
+}
+
+/* One matrix, one placement: dequant and gemv checks. */
+static void run_case(const tinfo &t, int64_t rows, int64_t cols, int mode, size_t offset, cudaStream_t st,
+                     case_result &dq, case_result &gv) {
+    const std::vector<uint8_t> w = make_matrix(t, rows, cols, mode);
+    const int64_t n = rows * cols;
+    std::vector<float> ref((size_t)n);
+    const size_t rb = nm_row_size(t.type, cols);
+    for (int64_t r = 0; r < rows; r++)
+        if (nm_dequantize_row(t.type, w.data() + rb * (size_t)r, ref.data() + (size_t)(r * cols), cols) != 0) {
+            fprintf(stderr, "nm_dequantize_row(%s) failed\n", t.name);
+            exit(1);
+        }
+
+    gpu_buf dw(w.size() + offset), dy((size_t)n * 4 + 4), dx((size_t)cols * 4 + 16), dg((size_t)rows * 4);
+    CK(cudaMemcpy(dw.as<char>(offset), w.data(), w.size(), cudaMemcpyHostToDevice));
+
+    /* dequant: bit-exact */
+    std::vector<float> got((size_t)n);
+    /* dst 16-aligned with the aligned W, 4 bytes off with the shifted one
+     * (the scalar-store kernels) */
+    float *dst = dy.as<float>(offset ? 4 : 0);
+    CK(cudaMemset(dy.p, 0xff, (size_t)n * 4 + 4));
+    int rc = nm_cuda_dequantize(t.type, dw.as<char>(offset), dst, n, st);
+    if (rc != NM_CUDA_OK) {
+        fail_case(dq, "%dx%lld mode %d off %zu: rc %d: %s", (int)rows, (long long)cols, mode, offset, rc,
+                  nm_cuda_last_error());
+    } else {
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(got.data(), dst, (size_t)n * 4, cudaMemcpyDeviceToHost));
+        for (int64_t i = 0; i < n; i++)
+            if (fbits(got[(size_t)i]) != fbits(ref[(size_t)i])) {
+                fail_case(dq, "%dx%lld mode %d off %zu: element %lld (row %lld col %lld): gpu %.9g (0x%08x) cpu %.9g (0x%08x)",
+                          (int)rows, (long long)cols, mode, offset, (long long)i, (long long)(i / cols),
+                          (long long)(i % cols), got[(size_t)i], fbits(got[(size_t)i]), ref[(size_t)i],
+                          fbits(ref[(size_t)i]));
+                break;
+            }
+    }
+
+    /* gemv: vs a double dot over the CPU-dequantised rows */
+    if (mode == 1 && is_float_type(t.type)) return; /* NaN/inf rows */
+    std::vector<float> x((size_t)cols);
+    for (auto &v : x) v = rnd_pm1();
+    CK(cudaMemcpy(dx.p, x.data(), (size_t)cols * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dg.p, 0xff, (size_t)rows * 4));
+    rc = nm_cuda_gemv(t.type, dw.as<char>(offset), rows, cols, dx.as<float>(), dg.as<float>(), st);
+    if (rc != NM_CUDA_OK) {
+        fail_case(gv, "%dx%lld mode %d off %zu: rc %d: %s", (int)rows, (long long)cols, mode, offset, rc,
+                  nm_cuda_last_error());
+        return;
+    }
+    std::vector<float> y((size_t)rows);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(y.data(), dg.p, (size_t)rows * 4, cudaMemcpyDeviceToHost));
+    double sum_ax = 0;
+    for (float v : x) sum_ax += std::fabs((double)v);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *wr = ref.data() + (size_t)(r * cols);
+        double dot = 0, sum_awx = 0, maxw = 0;
+        for (int64_t c = 0; c < cols; c++) {
+            const double p = (double)wr[c] * (double)x[(size_t)c];
+            dot += p;
+            sum_awx += std::fabs(p);
+            maxw = std::max(maxw, std::fabs((double)wr[c]));
+        }
+        const double bound = 2e-5 * sum_awx + 2e-6 * maxw * sum_ax;
+        const double err = std::fabs((double)y[(size_t)r] - dot);
+        const double ratio = bound > 0 ? err / bound : (err > 0 ? INFINITY : 0);
+        if (!(ratio <= 1.0)) /* also catches NaN */
+            fail_case(gv, "%dx%lld mode %d off %zu: row %lld: gpu %.9g ref %.9g err %.3g bound %.3g", (int)rows,
+                      (long long)cols, mode, offset, (long long)r, y[(size_t)r], dot, err, bound);
+        if (ratio > gv.worst) gv.worst = ratio;
+    }
+}
+
+static void test_type(const tinfo &t, cudaStream_t st) {
+    const nm_type_traits *tr = nm_type_traits_of(t.type);
+    const int64_t qk = tr->block_size;
+    /* (rows, cols): odd row counts leave the last warp/CTA partly empty; the
+     * column counts give 1, an odd number, and many blocks per row (fewer
+     * blocks than a warp covers per step, and a ragged last step). */
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    if (qk == 1) {
+        shapes = {{67, 2304}, {5, 100}, {3, 12}, {33, 14336}}; /* 100, 12: the unaligned-row kernel */
+    } else {
+        shapes = {{67, 9 * 256}, {3, qk}, {5, 3 * qk}, {33, 14336}};
+    }
+    case_result dq, gv;
+    int ncases = 0;
+    for (int mode = 0; mode < 2; mode++)
+        for (size_t off : {(size_t)0, (size_t)2}) {
+            if (off == 2 && t.type == NM_TYPE_F32) off = 4; /* F32 needs 4-byte alignment */
+            for (auto &s : shapes) {
+                run_case(t, s.first, s.second, mode, off, st, dq, gv);
+                ncases++;
+            }
+        }
+    char what[512];
+    snprintf(what, sizeof what, "dequant %-4s bit-exact (%d cases)%s%s", t.name, ncases, dq.ok ? "" : ": ", dq.detail);
+    report(dq.ok, what);
+    snprintf(what, sizeof what, "gemv    %-4s (%d cases, worst err/bound %.3f)%s%s", t.name, ncases, gv.worst,
+             gv.ok ? "" : ": ", gv.detail);
+    report(gv.ok, what);
+}
+
+/* Exact values: F16 specials through the dequantiser. */
+static void test_f16_specials(cudaStream_t st) {
+    std::vector<uint16_t> h;
+    const uint16_t specials[] = {0x0000, 0x8000, 0x0001, 0x8001, 0x03ff, 0x0400, 0x7bff, 0xfbff,
+                                 0x7c00, 0xfc00, 0x7c01, 0x7e00, 0xfe01, 0x7fff, 0x3c00, 0x3555};
+    for (uint32_t v = 0; v < 65536; v++) h.push_back((uint16_t)v); /* every half */
+    for (uint16_t v : specials) h.push_back(v);
+    const int64_t n = (int64_t)h.size();
+    gpu_buf ds((size_t)n * 2), dd((size_t)n * 4);
+    CK(cudaMemcpy(ds.p, h.data(), (size_t)n * 2, cudaMemcpyHostToDevice));
+    bool ok = nm_cuda_dequantize(NM_TYPE_F16, ds.p, dd.as<float>(), n, st) == NM_CUDA_OK;
+    std::vector<float> got((size_t)n);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(got.data(), dd.p, (size_t)n * 4, cudaMemcpyDeviceToHost));
+    int bad = -1;
+    for (int64_t i = 0; ok && i < n; i++)
+        if (fbits(got[(size_t)i]) != fbits(nm_fp16_to_fp32(h[(size_t)i]))) {
+            bad = (int)i;
+            ok = false;
+        }
+    char what[256];
+    snprintf(what, sizeof what, "dequant F16 all 65536 halves bit-exact%s", bad >= 0 ? " (mismatch)" : "");
+    if (bad >= 0)
+        snprintf(what, sizeof what, "dequant F16 all halves: 0x%04x -> gpu 0x%08x cpu 0x%08x", h[(size_t)bad],
+                 fbits(got[(size_t)bad]), fbits(nm_fp16_to_fp32(h[(size_t)bad])));
+    report(ok, what);
+}
+
+static void test_api_errors(void) {
+    gpu_buf a(4096), b(4096);
+    float *f = a.as<float>();
+    bool ok = true;
+    char msg[256] = "";
+    auto expect = [&](int got, int want, const char *what) {
+        if (got != want && ok) {
+            ok = false;
+            snprintf(msg, sizeof msg, "%s: got %d (%s) want %d", what, got, nm_cuda_last_error(), want);
+        }
+    };
+    expect(nm_cuda_gemv(99, a.p, 4, 32, f, b.as<float>(), nullptr), NM_CUDA_ETYPE, "gemv unknown type");
+    expect(nm_cuda_gemv(NM_TYPE_Q8_K, a.p, 4, 256, f, b.as<float>(), nullptr), NM_CUDA_ETYPE, "gemv Q8_K");
+    expect(nm_cuda_gemv(NM_TYPE_Q4_K, a.p, 4, 100, f, b.as<float>(), nullptr), NM_CUDA_EINVAL, "gemv cols % 256");
+    expect(nm_cuda_gemv(NM_TYPE_Q8_0, a.p, -1, 32, f, b.as<float>(), nullptr), NM_CUDA_EINVAL, "gemv rows < 0");
+    expect(nm_cuda_gemv(NM_TYPE_Q8_0, a.p, 4, 32, nullptr, b.as<float>(), nullptr), NM_CUDA_EINVAL, "gemv NULL x");
+    expect(nm_cuda_gemv(NM_TYPE_Q8_0, a.p, 4, 32, f + 1, b.as<float>(), nullptr), NM_CUDA_EALIGN, "gemv x % 16");
+    expect(nm_cuda_gemv(NM_TYPE_Q8_0, a.as<char>(1), 4, 32, f, b.as<float>(), nullptr), NM_CUDA_EALIGN,
+           "gemv W odd");
+    expect(nm_cuda_gemv(NM_TYPE_F32, a.as<char>(2), 4, 32, f, b.as<float>(), nullptr), NM_CUDA_EALIGN,
+           "gemv F32 W % 4");
+    expect(nm_cuda_gemv(NM_TYPE_Q8_0, a.p, 0, 32, f, b.as<float>(), nullptr), NM_CUDA_OK, "gemv rows 0");
+    expect(nm_cuda_dequantize(NM_TYPE_Q6_K, a.p, f, 255, nullptr), NM_CUDA_EINVAL, "dequant n % 256");
+    expect(nm_cuda_dequantize(NM_TYPE_Q6_K, a.p, f, -256, nullptr), NM_CUDA_EINVAL, "dequant n < 0");
+    expect(nm_cuda_dequantize(NM_TYPE_Q6_K, a.p, f, 0, nullptr), NM_CUDA_OK, "dequant n 0");
+    expect(nm_cuda_dequantize(31, a.p, f, 32, nullptr), NM_CUDA_ETYPE, "dequant unknown type");
+    expect(nm_cuda_dequantize(NM_TYPE_Q4_0, nullptr, f, 32, nullptr), NM_CUDA_EINVAL, "dequant NULL");
+    /* cols = 0: y = 0 */
+    CK(cudaMemset(b.p, 0xff, 64));
+    expect(nm_cuda_gemv(NM_TYPE_Q4_K, a.p, 16, 0, f, b.as<float>(), nullptr), NM_CUDA_OK, "gemv cols 0");
+    float y0[16];
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(y0, b.p, sizeof y0, cudaMemcpyDeviceToHost));
+    for (float v : y0)
+        if (v != 0.0f && ok) {
+            ok = false;
+            snprintf(msg, sizeof msg, "gemv cols 0: y = %g, want 0", v);
+        }
+    if (ok && (!nm_cuda_strerror(NM_CUDA_EALIGN) || !*nm_cuda_last_error())) {
+        ok = false;
+        snprintf(msg, sizeof msg, "strerror/last_error empty");
+    }
+    for (const tinfo &t : k_types)
+        if (ok && (!nm_cuda_supports_gemv(t.type) || !nm_cuda_supports_dequantize(t.type))) {
+            ok = false;
+            snprintf(msg, sizeof msg, "supports(%s) = 0", t.name);
+        }
+    if (ok && (nm_cuda_supports_gemv(NM_TYPE_Q8_K) || nm_cuda_supports_dequantize(20))) {
+        ok = false;
+        snprintf(msg, sizeof msg, "supports(Q8_K / IQ4_NL) = 1");
+    }
+    char what[300];
+    snprintf(what, sizeof what, "api argument checks%s%s", ok ? "" : ": ", msg);
+    report(ok, what);
+}
+
+/* ---- benchmark ---------------------------------------------------------------- */
+
+static void bench_type(const tinfo &t, int64_t rows, int64_t cols, size_t l2) {
+    const size_t rb = nm_row_size(t.type, cols);
+    const size_t bytes = rb * (size_t)rows;
+    /* enough copies that a pass over all of them is >= 4x L2 (no cache hits) */
+    size_t copies = std::max<size_t>(1, (4 * l2 + bytes - 1) / bytes);
+    copies = std::min<size_t>(copies, 256);
+    const size_t stride = (bytes + 255) & ~(size_t)255;
+    std::vector<uint8_t> h;
+    if (is_float_type(t.type)) {
+        h.resize(bytes);
+        for (size_t i = 0; i < bytes / (t.type == NM_TYPE_F32 ? 4 : 2); i++) {
+            const float v = rnd_weight() * 0.05f;
+            if (t.type == NM_TYPE_F32) memcpy(&h[4 * i], &v, 4);
+            else {
+                const uint16_t b = t.type == NM_TYPE_F16 ? nm_fp32_to_fp16(v) : nm_fp32_to_bf16(v);
+                memcpy(&h[2 * i], &b, 2);
+            }
+        }
+    } else {
+        h = make_matrix(t, rows, cols, 1);
+    }
+    gpu_buf dw(stride * copies), dx((size_t)cols * 4), dy((size_t)rows * 4);
+    for (size_t c = 0; c < copies; c++) CK(cudaMemcpy(dw.as<char>(c * stride), h.data(), bytes, cudaMemcpyHostToDevice));
+    std::vector<float> x((size_t)cols);
+    for (auto &v : x) v = rnd_pm1();
+    CK(cudaMemcpy(dx.p, x.data(), (size_t)cols * 4, cudaMemcpyHostToDevice));
+
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 5; i++) /* warm-up: module load, clocks */
+        if (nm_cuda_gemv(t.type, dw.as<char>((i % copies) * stride), rows, cols, dx.as<float>(), dy.as<float>(),
+                         nullptr) != NM_CUDA_OK) {
+            char what[300];
+            snprintf(what, sizeof what, "bench gemv %s: %s", t.name, nm_cuda_last_error());
+            report(false, what);
+            return;
+        }
+    const int iters = 100, reps = 7;
+    std::vector<float> us;
+    for (int r = 0; r < reps; r++) {
+        CK(cudaEventRecord(e0));
+        for (int i = 0; i < iters; i++)
+            nm_cuda_gemv(t.type, dw.as<char>(((size_t)i % copies) * stride), rows, cols, dx.as<float>(),
+                         dy.as<float>(), nullptr);
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms = 0;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        us.push_back(ms * 1000.0f / iters);
+    }
+    std::sort(us.begin(), us.end());
+    const double med = us[us.size() / 2];
+
+    /* dequant of the same matrix: bytes read + float bytes written */
+    gpu_buf dd((size_t)rows * (size_t)cols * 4);
+    const int dq_iters = 10;
+    nm_cuda_dequantize(t.type, dw.p, dd.as<float>(), rows * cols, nullptr);
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < dq_iters; i++)
+        nm_cuda_dequantize(t.type, dw.as<char>(((size_t)i % copies) * stride), dd.as<float>(), rows * cols, nullptr);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float dq_ms = 0;
+    CK(cudaEventElapsedTime(&dq_ms, e0, e1));
+    const double dq_us = dq_ms * 1000.0 / dq_iters;
+    CK(cudaGetLastError());
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+
+    printf("bench gemv %-4s %lldx%lld: %7.2f MB weights, %8.2f us, %7.1f GB/s (median of %d x %d, %zu copies)"
+           "   | dequant %8.1f us, %7.1f GB/s in+out\n",
+           t.name, (long long)rows, (long long)cols, bytes / 1e6, med, bytes / (med * 1e-6) / 1e9, reps, iters, copies,
+           dq_us, (bytes + (double)rows * cols * 4) / (dq_us * 1e-6) / 1e9);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv) {
+    const char *s = strrchr(argv[0], '/');
+    g_prog = s ? s + 1 : argv[0];
+    bool bench = true, tests = true;
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--no-bench")) bench = false;
+        else if (!strcmp(argv[i], "--bench-only")) tests = false;
+        else if (!strcmp(argv[i], "--bench-shape") && i + 2 < argc && atoll(argv[i + 1]) > 0 &&
+                 atoll(argv[i + 2]) > 0 && atoll(argv[i + 2]) % 256 == 0) {
+            shapes.emplace_back(atoll(argv[i + 1]), atoll(argv[i + 2]));
+            i += 2;
+        } else {
+            fprintf(stderr, "usage: %s [--no-bench] [--bench-only] [--bench-shape ROWS COLS(multiple of 256)]...\n",
+                    g_prog);
+            return 2;
+        }
+    }
+    if (shapes.empty()) shapes.emplace_back(4096, 14336);
+    char msg[512];
+    if (nm_cuda_available(msg, sizeof msg) <= 0) {
+        printf("%s: no CUDA device: skipped (%s)\n", g_prog, msg);
+        return 77;
+    }
+    printf("%s: %s\n", g_prog, msg);
+    fflush(stdout);
+
+    if (tests) {
+        cudaStream_t st;
+        CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+        test_api_errors();
+        test_f16_specials(st);
+        for (const tinfo &t : k_types) test_type(t, st);
+        CK(cudaStreamDestroy(st));
+    }
+    if (bench) {
+        int dev = 0;
+        cudaDeviceProp p;
+        CK(cudaGetDevice(&dev));
+        CK(cudaGetDeviceProperties(&p, dev));
+        for (auto &sh : shapes)
+            for (const tinfo &t : k_types) bench_type(t, sh.first, sh.second, (size_t)p.l2CacheSize);
+    }
+    printf("%s: %d passed, %d failed\n", g_prog, g_passed, g_failed);
+    return g_failed ? 1 : 0;
+}
