@@ -3,8 +3,9 @@
  *                  a group scores its best expert).
  *   V3 (sigmoid):  p = sigmoid(logits); selection uses s = p + e_score_correction_bias;
  *                  "noaux_tc": a group scores the sum of its two best s, the best
- *                  topk_group groups stay, experts of other groups get s = 0 (HF's
- *                  masked_fill with 0.0, not -inf; identical unless s < 0), top-k of s.
+ *                  topk_group groups stay, experts of other groups get s = -inf
+ *                  (transformers >= 5 and mainline llama.cpp; DeepSeek's original
+ *                  remote code filled 0.0, which differs when a kept s < 0), top-k of s.
  *   weights = p[top] (never the biased s), optionally renormalised to sum 1, then
  *   times routed_scaling_factor (llama.cpp multiplies in every case; HF V2 skips it
  *   when renormalising, which no released V2 config does).
@@ -55,7 +56,7 @@ void nm_route(const nm_hparams *hp, int k, const float *logits, const float *bia
         }
         for (int g = 0; g < G; g++)
             if (!keep[g])
-                for (int i = 0; i < per; i++) s[g * per + i] = hp->gating == NM_GATE_SIGMOID ? 0.0f : -INFINITY;
+                for (int i = 0; i < per; i++) s[g * per + i] = -INFINITY;
     }
 
     uint8_t taken[1024] = {0}; /* n_expert <= 1024 is checked at load */

@@ -120,8 +120,7 @@ class Model:
                 keep = np.argsort(-score, kind="stable")[: self.Gk]
                 mask = np.zeros(self.G, bool)
                 mask[keep] = True
-                fill = 0.0 if self.gating == 2 else -np.inf
-                st = np.where(np.repeat(mask, grp.shape[1]), st, fill)
+                st = np.where(np.repeat(mask, grp.shape[1]), st, -np.inf)
             top = np.argsort(-st, kind="stable")[: self.k]
             if log is not None:
                 log.append({"layer": layer, "t": t, "scores": pre, "group_scores": score, "top": top.copy()})

@@ -7,7 +7,7 @@ set -euo pipefail
 
 APT_PKGS=(build-essential pkg-config python3 python3-pip clang libclang-rt-14-dev
           libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev)
-PIP_PKGS=(gguf numpy pytest safetensors)
+PIP_PKGS=(gguf numpy pytest safetensors regex tokenizers)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
