@@ -14,7 +14,6 @@
  * worker finished (pending == 0) the current one. */
 #include "kernels/threadpool.h"
 
-#include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
@@ -22,6 +21,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -69,15 +69,26 @@ static int64_t now_ns(void) {
 }
 
 /* Poll *word for up to spin_ns until (*word == value) == equal; returns
- * whether that happened. The clock is read only every 64 polls. */
+ * whether that happened. The clock is read only every 64 polls, and not
+ * before the first 64, so a quick hand-over costs no clock read. After the
+ * first few rounds each round also yields the CPU: when threads outnumber
+ * the CPUs free to run them (other processes, a busy machine), the thread
+ * being waited for may need this very CPU, and pure spinning would hold it
+ * for the rest of the time slice. */
 static int spin_for(atomic_uint *word, unsigned value, int equal, int spin_ns) {
-    const int64_t end = spin_ns > 0 ? now_ns() + spin_ns : 0;
-    for (;;) {
+    int64_t end = 0;
+    for (int round = 0;; round++) {
         for (int i = 0; i < 64; i++) {
             if ((atomic_load_explicit(word, memory_order_acquire) == value) == equal) return 1;
             cpu_relax();
         }
-        if (spin_ns <= 0 || now_ns() >= end) return 0;
+        if (spin_ns <= 0) return 0;
+        const int64_t t = now_ns();
+        if (!end)
+            end = t + spin_ns;
+        else if (t >= end)
+            return 0;
+        if (round >= 8) sched_yield();
     }
 }
 
@@ -122,8 +133,10 @@ static void stop_workers(struct nm_pool *pool, int started) {
 
 nm_pool *nm_pool_create(int n_threads) {
     if (n_threads <= 0) n_threads = usable_cpus();
-    struct nm_pool *pool = calloc(1, sizeof *pool);
+    /* aligned like its 64-byte-aligned members (calloc gives only 16) */
+    struct nm_pool *pool = aligned_alloc(64, (sizeof *pool + 63) & ~(size_t)63);
     if (!pool) return NULL;
+    memset(pool, 0, sizeof *pool);
     pool->n = n_threads;
     atomic_init(&pool->spin_ns, NM_POOL_SPIN_US * 1000);
     atomic_init(&pool->gen, 0);

@@ -1,0 +1,337 @@
+/* test_matmul.c - the thread pool and the multi-threaded GEMV/GEMM.
+ *
+ * Pool: every ith runs exactly once per nm_pool_run, with the right nth,
+ * over thousands of repeated runs, with spinning and with immediate
+ * sleeping (the futex paths), and with more threads than CPUs.
+ *
+ * Matmul: nm_matmul / nm_matmul_act against a naive loop of the scalar
+ * reference dot over the same quantised activations, for several weight
+ * types, 1-3 threads, n_tok 1, 3, 17, odd row counts (not divisible by the
+ * thread count, not a multiple of the chunk), padded ldx/ldy, every ISA
+ * level this CPU runs, token gathers and expert slabs; padding of Y must
+ * stay untouched.
+ *
+ * Bound: the kernels themselves are checked against the reference to their
+ * rounding bound in test_dot_simd (below 3.2e-5 * M at these lengths, where
+ * M = sum |w_i x_i|; observed ~1e-7 * M). Here the question is indexing: a
+ * wrong row, token, stride or chunk boundary gives an unrelated dot, off by
+ * the order of M itself. The check is |y - y_ref| <= 1e-4 * M per output. */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kernels/matmul.h"
+#include "kernels/quant.h"
+#include "kernels/threadpool.h"
+#include "tests/unit/check.h"
+
+static uint64_t rng_state;
+
+static uint64_t rng_next(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1DULL;
+}
+
+static float rng_sym(void) { return (float)(rng_next() >> 40) / (float)(1u << 23) - 1.0f; } /* [-1, 1) */
+
+/* ---- thread pool ---------------------------------------------------------- */
+
+#define MAX_T 8
+
+struct count_ctx {
+    atomic_int hits[MAX_T];
+    atomic_int bad_nth;
+    int expect_nth;
+    int slow_ith; /* this ith sleeps a little, so the caller has to wait */
+};
+
+static void count_task(void *p, int ith, int nth) {
+    struct count_ctx *c = p;
+    if (nth != c->expect_nth || ith < 0 || ith >= MAX_T) {
+        atomic_fetch_add(&c->bad_nth, 1);
+        return;
+    }
+    if (ith == c->slow_ith) usleep(200);
+    atomic_fetch_add(&c->hits[ith], 1);
+}
+
+static void pool_rounds(nm_pool *pool, int rounds, int slow_ith) {
+    struct count_ctx c;
+    memset(&c, 0, sizeof c);
+    c.expect_nth = nm_pool_size(pool);
+    c.slow_ith = slow_ith;
+    for (int r = 0; r < rounds; r++) {
+        nm_pool_run(pool, count_task, &c);
+        /* after each run every ith has run exactly r + 1 times */
+        for (int i = 0; i < c.expect_nth; i++)
+            if (atomic_load(&c.hits[i]) != r + 1) {
+                CHECK(0, "nth %d round %d: ith %d ran %d times", c.expect_nth, r, i, atomic_load(&c.hits[i]));
+                return;
+            }
+    }
+    CHECK(atomic_load(&c.bad_nth) == 0, "wrong nth or ith seen %d times", atomic_load(&c.bad_nth));
+}
+
+static void test_pool_runs_each_ith_once(void) {
+    pool_rounds(NULL, 10, -1);
+    CHECK(nm_pool_size(NULL) == 1, "NULL pool size");
+    for (int n = 1; n <= 5; n++) {
+        nm_pool *pool = nm_pool_create(n);
+        CHECK(pool != NULL, "create %d", n);
+        if (!pool) continue;
+        CHECK(nm_pool_size(pool) == n, "size %d", nm_pool_size(pool));
+        pool_rounds(pool, 2000, -1);       /* spinning */
+        pool_rounds(pool, 50, n - 1);      /* caller waits on a slow worker */
+        nm_pool_set_spin_us(pool, 0);      /* every wait goes to the futex */
+        pool_rounds(pool, 500, -1);
+        pool_rounds(pool, 20, 0);          /* slow caller: workers finish first */
+        usleep(2000);                      /* workers asleep before the next run */
+        pool_rounds(pool, 5, -1);
+        nm_pool_destroy(pool);
+    }
+    nm_pool *pool = nm_pool_create(0);
+    CHECK(pool && nm_pool_size(pool) >= 1, "create(0) uses the CPUs");
+    nm_pool_destroy(pool);
+    nm_pool_destroy(NULL);
+}
+
+/* ---- matmul ---------------------------------------------------------------- */
+
+static const int mm_types[] = {NM_TYPE_F32, NM_TYPE_F16, NM_TYPE_Q8_0, NM_TYPE_Q4_0,
+                               NM_TYPE_Q2_K, NM_TYPE_Q4_K, NM_TYPE_Q6_K};
+#define N_MM_TYPES ((int)(sizeof mm_types / sizeof mm_types[0]))
+
+/* Reference Y (n_tok x rows, dense) and per-output M from naive loops. */
+static void naive(int type, const void *W, int64_t rows, int64_t cols, const float *X, int64_t ldx, int64_t n_tok,
+                  float *yref, double *mag) {
+    const int vdt = nm_type_traits_of(type)->vec_dot_type;
+    const size_t rb = nm_row_size(type, cols), xb = nm_row_size(vdt, cols);
+    const nm_vec_dot_fn ref = nm_vec_dot_ref(type);
+    uint8_t *xq = malloc(xb);
+    float *wd = malloc(sizeof(float) * (size_t)cols), *xd = malloc(sizeof(float) * (size_t)cols);
+    for (int64_t t = 0; t < n_tok; t++) {
+        CHECK(nm_quantize_row(vdt, X + t * ldx, xq, cols) == 0, "quantize");
+        CHECK(nm_dequantize_row(vdt, xq, xd, cols) == 0, "dequantize act");
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *wr = (const uint8_t *)W + (size_t)r * rb;
+            yref[t * rows + r] = ref(cols, wr, xq);
+            CHECK(nm_dequantize_row(type, wr, wd, cols) == 0, "dequantize w");
+            double m = 0;
+            for (int64_t k = 0; k < cols; k++) m += fabs((double)wd[k] * xd[k]);
+            mag[t * rows + r] = m;
+        }
+    }
+    free(xq);
+    free(wd);
+    free(xd);
+}
+
+static void *random_weights(int type, int64_t rows, int64_t cols) {
+    const size_t rb = nm_row_size(type, cols);
+    uint8_t *w = malloc(rb * (size_t)rows);
+    float *f = malloc(sizeof(float) * (size_t)cols);
+    for (int64_t r = 0; r < rows; r++) {
+        const float s = 0.1f + (float)(rng_next() % 100) / 50.0f;
+        for (int64_t k = 0; k < cols; k++) f[k] = rng_sym() * s;
+        CHECK(nm_quantize_row(type, f, w + (size_t)r * rb, cols) == 0, "quantize weights %s", nm_type_name(type));
+    }
+    free(f);
+    return w;
+}
+
+static const float SENTINEL = -12345.0f;
+
+/* Y (n_sel rows, ldy apart) against yref rows picked by tok; padding columns
+ * [rows, ldy) must hold the sentinel. Returns failures. */
+static int compare(const char *what, const float *Y, int64_t ldy, const float *yref, const double *mag, int64_t rows,
+                   const int32_t *tok, int64_t n_sel) {
+    int bad = 0;
+    for (int64_t i = 0; i < n_sel; i++) {
+        const int64_t t = tok ? tok[i] : i;
+        for (int64_t r = 0; r < rows; r++) {
+            const double want = yref[t * rows + r], got = Y[i * ldy + r], tol = 1e-4 * mag[t * rows + r];
+            if (!(fabs(got - want) <= tol) && bad++ < 3)
+                CHECK(0, "%s: Y[%lld][%lld] = %.9g, reference %.9g (tol %.3g)", what, (long long)i, (long long)r, got,
+                      want, tol);
+        }
+        for (int64_t r = rows; r < ldy; r++)
+            if (Y[i * ldy + r] != SENTINEL && bad++ < 3) CHECK(0, "%s: padding Y[%lld][%lld] written", what, (long long)i, (long long)r);
+    }
+    return bad;
+}
+
+static void fill(float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = SENTINEL;
+}
+
+static void test_matmul_matches_naive(void) {
+    const int64_t shapes[][2] = {{37, 256}, {1001, 1024}}; /* rows, cols */
+    const int64_t ntoks[] = {1, 3, 17};
+    const int threads[] = {1, 2, 3};
+    nm_pool *pools[3];
+    for (int p = 0; p < 3; p++) pools[p] = nm_pool_create(threads[p]);
+    nm_matmul_ctx ctx;
+    nm_matmul_ctx_init(&ctx);
+    const nm_isa best = ctx.isa;
+    int checked = 0;
+    for (int ti = 0; ti < N_MM_TYPES; ti++) {
+        const int type = mm_types[ti];
+        for (int si = 0; si < 2; si++) {
+            const int64_t rows = shapes[si][0], cols = shapes[si][1];
+            const int64_t ldx = cols + 7, ldy = rows + 5, max_tok = 17;
+            void *W = random_weights(type, rows, cols);
+            float *X = malloc(sizeof(float) * (size_t)(ldx * max_tok));
+            for (int64_t i = 0; i < ldx * max_tok; i++) X[i] = rng_sym() * 3.0f;
+            float *yref = malloc(sizeof(float) * (size_t)(rows * max_tok));
+            double *mag = malloc(sizeof(double) * (size_t)(rows * max_tok));
+            float *Y = malloc(sizeof(float) * (size_t)(ldy * max_tok));
+            naive(type, W, rows, cols, X, ldx, max_tok, yref, mag);
+            for (int ni = 0; ni < 3; ni++)
+                for (int p = 0; p < 3; p++)
+                    for (int lvl = NM_ISA_SCALAR; lvl <= (int)best; lvl++) {
+                        /* every level on the GEMM case, the best one elsewhere */
+                        if (lvl != (int)best && !(ntoks[ni] == 17 && p == 2)) continue;
+                        char what[128];
+                        snprintf(what, sizeof what, "%s %lldx%lld n_tok %lld threads %d isa %s", nm_type_name(type),
+                                 (long long)rows, (long long)cols, (long long)ntoks[ni], threads[p],
+                                 nm_isa_name((nm_isa)lvl));
+                        ctx.isa = (nm_isa)lvl;
+                        fill(Y, (size_t)(ldy * max_tok));
+                        CHECK(nm_matmul(&ctx, pools[p], type, W, rows, cols, X, ldx, ntoks[ni], Y, ldy) == 0, "%s", what);
+                        compare(what, Y, ldy, yref, mag, rows, NULL, ntoks[ni]);
+                        checked++;
+                    }
+            ctx.isa = best;
+            free(W);
+            free(X);
+            free(yref);
+            free(mag);
+            free(Y);
+        }
+    }
+    fprintf(stderr, "  %d matmul configurations checked\n", checked);
+    nm_matmul_ctx_free(&ctx);
+    for (int p = 0; p < 3; p++) nm_pool_destroy(pools[p]);
+}
+
+/* One activation conversion shared by two weight matrices; a token gather
+ * with repeats; an expert slab and a row range of a stacked tensor. */
+static void test_prepared_gather_and_slabs(void) {
+    const int type = NM_TYPE_Q4_K;
+    const int64_t n_exp = 3, rows = 75, cols = 512, n_tok = 9;
+    const size_t rb = nm_row_size(type, cols);
+    uint8_t *stack = random_weights(type, n_exp * rows, cols);
+    float *X = malloc(sizeof(float) * (size_t)(n_tok * cols));
+    for (int64_t i = 0; i < n_tok * cols; i++) X[i] = rng_sym();
+    float *yref = malloc(sizeof(float) * (size_t)(n_exp * rows * n_tok));
+    double *mag = malloc(sizeof(double) * (size_t)(n_exp * rows * n_tok));
+    naive(type, stack, n_exp * rows, cols, X, cols, n_tok, yref, mag);
+
+    nm_pool *pool = nm_pool_create(3);
+    nm_matmul_ctx ctx;
+    nm_matmul_ctx_init(&ctx);
+    nm_act act;
+    CHECK(nm_act_prepare(&ctx, pool, type, X, cols, n_tok, cols, &act) == 0, "prepare");
+    CHECK(act.type == NM_TYPE_Q8_K && act.n_tok == n_tok && act.cols == cols, "act fields");
+
+    const int32_t tok[] = {8, 0, 3, 3, 5};
+    const int64_t n_sel = 5, ldy = rows + 3;
+    float *Y = malloc(sizeof(float) * (size_t)(n_sel * ldy));
+    for (int e = 0; e < n_exp; e++) {
+        fill(Y, (size_t)(n_sel * ldy));
+        CHECK(nm_matmul_act(&ctx, pool, type, stack + (size_t)e * rows * rb, rows, &act, tok, n_sel, Y, ldy) == 0,
+              "expert %d", e);
+        /* the reference for expert e is columns [e*rows, (e+1)*rows) of yref */
+        for (int64_t i = 0; i < n_sel; i++)
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t k = tok[i] * n_exp * rows + e * rows + r;
+                CHECK(fabs(Y[i * ldy + r] - yref[k]) <= 1e-4 * mag[k], "expert %d tok %d row %lld", e, tok[i],
+                      (long long)r);
+            }
+    }
+    /* row range [10, 40) of expert 2, written to the matching Y columns */
+    fill(Y, (size_t)(n_sel * ldy));
+    const int64_t r0 = 10, r1 = 40;
+    CHECK(nm_matmul_act(&ctx, pool, type, stack + (size_t)(2 * rows + r0) * rb, r1 - r0, &act, NULL, n_sel, Y + r0,
+                        ldy) == 0,
+          "row range");
+    for (int64_t i = 0; i < n_sel; i++)
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t k = i * n_exp * rows + 2 * rows + r;
+            if (r >= r0 && r < r1)
+                CHECK(fabs(Y[i * ldy + r] - yref[k]) <= 1e-4 * mag[k], "range tok %lld row %lld", (long long)i,
+                      (long long)r);
+            else
+                CHECK(Y[i * ldy + r] == SENTINEL, "outside the range written: %lld %lld", (long long)i, (long long)r);
+        }
+    /* the single-threaded core over the whole stack, as a pool task would */
+    float *Yall = malloc(sizeof(float) * (size_t)(n_tok * n_exp * rows));
+    nm_matmul_rows(nm_vec_dot_for(type, ctx.isa), stack, rb, 0, n_exp * rows, &act, NULL, n_tok, Yall, n_exp * rows);
+    compare("nm_matmul_rows", Yall, n_exp * rows, yref, mag, n_exp * rows, NULL, n_tok);
+
+    /* misuse is refused */
+    CHECK(nm_matmul_act(&ctx, pool, NM_TYPE_Q8_0, stack, rows, &act, NULL, 1, Y, ldy) == -1, "act type mismatch");
+    const int32_t bad_tok[] = {0, 9};
+    CHECK(nm_matmul_act(&ctx, pool, type, stack, rows, &act, bad_tok, 2, Y, ldy) == -1, "token out of range");
+    CHECK(nm_matmul_act(&ctx, pool, type, stack, rows, &act, NULL, n_tok + 1, Y, ldy) == -1, "too many tokens");
+    CHECK(nm_matmul_act(&ctx, pool, type, stack, rows, &act, NULL, 2, Y, rows - 1) == -1, "ldy < rows");
+    CHECK(nm_act_prepare(&ctx, pool, type, X, cols, n_tok, cols - 32, &act) == -1, "cols not a multiple of 256");
+    CHECK(nm_act_prepare(&ctx, pool, NM_TYPE_Q8_1, X, cols, n_tok, cols, &act) == -1, "type without a dot");
+    CHECK(nm_act_prepare(&ctx, pool, type, X, cols - 1, 2, cols, &act) == -1, "ldx < cols");
+
+    nm_matmul_ctx_free(&ctx);
+    nm_pool_destroy(pool);
+    free(stack);
+    free(X);
+    free(yref);
+    free(mag);
+    free(Y);
+    free(Yall);
+}
+
+/* The scratch grows with the batch and is reused; F32 weights read X in
+ * place. */
+static void test_scratch_reuse(void) {
+    nm_matmul_ctx ctx;
+    nm_matmul_ctx_init(&ctx);
+    const int64_t cols = 256;
+    float *X = malloc(sizeof(float) * (size_t)(64 * cols));
+    for (int64_t i = 0; i < 64 * cols; i++) X[i] = rng_sym();
+    nm_act act;
+    CHECK(nm_act_prepare(&ctx, NULL, NM_TYPE_Q8_0, X, cols, 2, cols, &act) == 0, "prepare 2");
+    const size_t cap2 = ctx.scratch_cap;
+    CHECK(cap2 >= 2 * nm_row_size(NM_TYPE_Q8_0, cols), "scratch holds 2 rows");
+    CHECK(((uintptr_t)act.data & 63) == 0 && act.stride % 64 == 0, "rows on cache lines");
+    CHECK(nm_act_prepare(&ctx, NULL, NM_TYPE_Q8_0, X, cols, 64, cols, &act) == 0, "prepare 64");
+    CHECK(ctx.scratch_cap >= 64 * nm_row_size(NM_TYPE_Q8_0, cols) && ctx.scratch_cap >= cap2, "scratch grew");
+    const size_t cap64 = ctx.scratch_cap;
+    CHECK(nm_act_prepare(&ctx, NULL, NM_TYPE_Q8_0, X, cols, 3, cols, &act) == 0, "prepare 3");
+    CHECK(ctx.scratch_cap == cap64, "scratch kept");
+    CHECK(nm_act_prepare(&ctx, NULL, NM_TYPE_BF16, X, cols, 3, cols, &act) == 0 && act.data == X &&
+              act.type == NM_TYPE_F32 && act.stride == cols * sizeof(float),
+          "F32 activations used in place");
+    nm_matmul_ctx_free(&ctx);
+    CHECK(ctx.scratch == NULL && ctx.scratch_cap == 0, "freed");
+    free(X);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    check_init(argv[0]);
+    const char *seed_env = getenv("NUMOE_TEST_SEED");
+    rng_state = seed_env ? strtoull(seed_env, NULL, 0) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
+    if (!rng_state) rng_state = 1;
+    fprintf(stderr, "seed %llu (NUMOE_TEST_SEED repeats it)\n", (unsigned long long)rng_state);
+    RUN(test_pool_runs_each_ith_once);
+    RUN(test_matmul_matches_naive);
+    RUN(test_prepared_gather_and_slabs);
+    RUN(test_scratch_reuse);
+    return check_summary();
+}
