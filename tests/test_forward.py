@@ -129,11 +129,14 @@ def check_quantised(exe, model, seq, tmp_path, extra=(), tag="q"):
     return ours
 
 
-@pytest.fixture(scope="module")
-def exe():
-    path = ROOT / "build" / "bin" / "numoe"
+@pytest.fixture(scope="module", params=["build", "build-asan"])
+def exe(request):
+    """numoe from the optimised tree and from the ASan/UBSan tree."""
+    path = ROOT / request.param / "bin" / "numoe"
     if not path.exists():
-        pytest.fail("build/bin/numoe not built")
+        if request.param == "build":
+            pytest.fail("build/bin/numoe not built")
+        pytest.skip("no sanitizer build")
     return path
 
 
