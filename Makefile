@@ -9,7 +9,7 @@ CC      ?= gcc
 NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
 PYTHON  ?= python3
 
-PKGS := libzmq libprotobuf-c hwloc numa
+PKGS := libzmq libprotobuf-c hwloc numa libpcre2-8
 PKG_OK := $(shell pkg-config --exists $(PKGS) && echo yes)
 ifneq ($(PKG_OK),yes)
   ifeq ($(filter deps clean,$(MAKECMDGOALS)),)
@@ -20,7 +20,7 @@ PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
-CFLAGS  ?= -O2 -g
+CFLAGS  ?= -O3 -g
 CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC $(WARN) -I. $(PKG_CFLAGS)
 LDLIBS  := -Wl,--as-needed $(PKG_LIBS) -lpthread -lm
 ifeq ($(SAN),1)

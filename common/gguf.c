@@ -633,7 +633,7 @@ static int get_int(const nm_gguf *g, const char *key, int64_t lo, uint64_t hi, u
 }
 
 int nm_gguf_get_u32(const nm_gguf *g, const char *key, uint32_t *out, nm_err *err) {
-    uint64_t v;
+    uint64_t v = 0;
     int r = get_int(g, key, 0, UINT32_MAX, &v, NULL, err);
     if (r == 0) *out = (uint32_t)v;
     return r;
@@ -644,7 +644,7 @@ int nm_gguf_get_i64(const nm_gguf *g, const char *key, int64_t *out, nm_err *err
 }
 
 int nm_gguf_get_bool(const nm_gguf *g, const char *key, int *out, nm_err *err) {
-    uint64_t v;
+    uint64_t v = 0;
     int r = get_int(g, key, 0, 1, &v, NULL, err);
     if (r == 0) *out = (int)v;
     return r;
@@ -657,7 +657,7 @@ int nm_gguf_get_f32(const nm_gguf *g, const char *key, float *out, nm_err *err) 
         *out = (float)kv->v.f64;
         return 0;
     }
-    int64_t i;
+    int64_t i = 0;
     int r = get_int(g, key, INT64_MIN, INT64_MAX, NULL, &i, err);
     if (r == 0) *out = (float)i;
     return r;

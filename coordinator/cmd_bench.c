@@ -93,20 +93,19 @@ int nm_cmd_bench_model(int argc, char **argv) {
     }
     /* warm-up: touches every page of the mapping used by one token */
     if (nm_forward_tokens(&s.fwd, tok, 1, logits, 0, &err)) goto fail;
-    for (long long r = 0; r < reps; r++) {
-        if (p) {
-            nm_forward_reset(&s.fwd);
-            double t0 = now_s();
-            if (nm_forward_tokens(&s.fwd, tok, p, logits, 0, &err)) goto fail;
-            pp[r] = (double)p / (now_s() - t0);
-        }
-        if (n) {
-            nm_forward_reset(&s.fwd);
-            double t0 = now_s();
-            for (long long i = 0; i < n; i++)
-                if (nm_forward_tokens(&s.fwd, tok + i, 1, logits, 0, &err)) goto fail;
-            tg[r] = (double)n / (now_s() - t0);
-        }
+    /* all prefill repetitions, then all decode ones, as llama-bench orders its tests */
+    for (long long r = 0; p && r < reps; r++) {
+        nm_forward_reset(&s.fwd);
+        double t0 = now_s();
+        if (nm_forward_tokens(&s.fwd, tok, p, logits, 0, &err)) goto fail;
+        pp[r] = (double)p / (now_s() - t0);
+    }
+    for (long long r = 0; n && r < reps; r++) {
+        nm_forward_reset(&s.fwd);
+        double t0 = now_s();
+        for (long long i = 0; i < n; i++)
+            if (nm_forward_tokens(&s.fwd, tok + i, 1, logits, 0, &err)) goto fail;
+        tg[r] = (double)n / (now_s() - t0);
     }
     double bytes = decode_bytes(&s.model, s.fwd.n_expert_used), m, sd;
     printf("| model | threads | experts used | test | tokens/s |\n|---|---|---|---|---|\n");

@@ -58,7 +58,7 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
     struct { float **p; int64_t n; } parts[] = {
         {&f->x, T * H}, {&f->a, T * H}, {&f->q, T * nh * dk}, {&f->qa, T * (hp->q_lora > 0 ? hp->q_lora : 1)},
         {&f->kv_new, T * f->kv.width}, {&f->gath, T * (hp->kv_lora > dk ? hp->kv_lora : dk)},
-        {&f->qabs, T * nh * hp->kv_lora}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
+        {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
         {&f->o, T * nh * hp->d_v}, {&f->tmp, T * H}, {&f->hg, T * ffw}, {&f->hu, T * ffw},
         {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->rw, T * hp->n_expert_used}, {&f->moe, T * H},
         {&f->att, (int64_t)nth * n_ctx},
@@ -104,22 +104,20 @@ static void attn_task(void *ctx, int ith, int nth) {
     attn_job *j = ctx;
     nm_forward *f = j->f;
     const nm_hparams *hp = &f->m->hp;
-    int64_t nh = hp->n_head, kr = hp->kv_lora, dr = hp->d_rope, dk = hp->d_nope + dr;
+    int64_t nh = hp->n_head, kr = hp->kv_lora, W = f->kv.width;
+    /* the query [q_abs | q_pe] and a cache row [c | k_pe] line up, so a score
+     * is one float dot of width kv_lora + d_rope (the SIMD F32 kernel) */
+    nm_vec_dot_fn dot = nm_vec_dot(NM_TYPE_F32);
     float *s = f->att + (size_t)ith * (size_t)f->kv.n_ctx;
     (void)nth;
     for (;;) {
         int64_t u = atomic_fetch_add(&j->next, 1);
         if (u >= j->n * nh) break;
         int64_t t = u / nh, h = u % nh, last = j->p0 + t;
-        const float *qa = f->qabs + (t * nh + h) * kr;
-        const float *qp = f->q + t * nh * dk + h * dk + hp->d_nope;
+        const float *qry = f->qabs + (t * nh + h) * W;
         float mx = -INFINITY;
         for (int64_t p = 0; p <= last; p++) {
-            const float *row = nm_kv_row(&f->kv, j->layer, p);
-            float acc = 0;
-            for (int64_t c = 0; c < kr; c++) acc += qa[c] * row[c];
-            for (int64_t c = 0; c < dr; c++) acc += qp[c] * row[kr + c];
-            s[p] = acc * hp->kq_scale;
+            s[p] = dot(W, nm_kv_row(&f->kv, j->layer, p), qry) * hp->kq_scale;
             mx = s[p] > mx ? s[p] : mx;
         }
         float sum = 0;
@@ -157,10 +155,14 @@ static void attention(nm_forward *f, int il, int64_t n, int64_t p0) {
         nm_rope_apply(&f->rope, row + kr, p0 + t);
         for (int64_t h = 0; h < nh; h++) nm_rope_apply(&f->rope, f->q + t * nh * dk + h * dk + dn, p0 + t);
     }
-    /* q_abs[t][h] = k_b[h] q_nope[t][h]: one matrix-matrix product per head */
+    /* q_abs[t][h] = k_b[h] q_nope[t][h]: one matrix-matrix product per head, written
+     * into [q_abs | q_pe] rows of the cache's width */
     for (int64_t h = 0; h < nh; h++) {
-        for (int64_t t = 0; t < n; t++) memcpy(f->gath + t * dn, f->q + t * nh * dk + h * dk, (size_t)dn * 4);
-        mm(f, &L->k_b, h, f->gath, n, f->qabs + h * kr, nh * kr);
+        for (int64_t t = 0; t < n; t++) {
+            memcpy(f->gath + t * dn, f->q + t * nh * dk + h * dk, (size_t)dn * 4);
+            memcpy(f->qabs + (t * nh + h) * W + kr, f->q + t * nh * dk + h * dk + dn, (size_t)dr * 4);
+        }
+        mm(f, &L->k_b, h, f->gath, n, f->qabs + h * W, nh * W);
     }
     attn_job j = {.f = f, .layer = il, .n = n, .p0 = p0};
     atomic_init(&j.next, 0);
