@@ -33,7 +33,14 @@ endif
 ISA_AVX2   := -mavx2 -mfma -mf16c
 ISA_AVX512 := -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni
 
+# protobuf-c messages: proto/*.proto -> $(BUILD)/gen/proto/*.pb-c.{c,h} at build time
+PROTO_SRC  := $(wildcard proto/*.proto)
+PROTO_C    := $(patsubst %.proto,$(BUILD)/gen/%.pb-c.c,$(PROTO_SRC))
+PROTO_H    := $(PROTO_C:.c=.h)
+CFLAGS     += -I$(BUILD)/gen
+
 COMMON_SRC := $(wildcard common/*.c)
+WORKER_SRC := $(wildcard worker/*.c)
 KERNEL_SRC := $(wildcard kernels/*.c)
 COORD_SRC  := $(filter-out coordinator/main.c,$(wildcard coordinator/*.c))
 LAUNCH_SRC := $(wildcard launch/*.c)
@@ -50,6 +57,7 @@ SO_KERNELS  := $(BUILD)/lib/libnumoe_kernels.so
 LIBS := $(LIB_COORD) $(LIB_KERNELS) $(LIB_COMMON)
 
 BIN_NUMOE  := $(BUILD)/bin/numoe
+BIN_WORKER := $(if $(WORKER_SRC),$(BUILD)/bin/numoe-worker)
 TEST_BINS  := $(patsubst tests/unit/%.c,$(BUILD)/bin/%,$(TEST_SRC))
 
 ifneq ($(NVCC),)
@@ -59,13 +67,21 @@ ifneq ($(NVCC),)
 endif
 
 .PHONY: all tests cuda test bench deps clean fuzz demo
-all: $(BIN_NUMOE) $(SO_KERNELS) tests cuda
+all: $(BIN_NUMOE) $(BIN_WORKER) $(SO_KERNELS) tests cuda
 tests: $(TEST_BINS)
 cuda: $(LIB_CUDA) $(CUDA_BINS)
 
-$(BUILD)/obj/%.o: %.c
+$(BUILD)/obj/%.o: %.c | $(PROTO_H)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/gen/%.pb-c.c $(BUILD)/gen/%.pb-c.h: %.proto
+	@mkdir -p $(BUILD)/gen
+	protoc-c --c_out=$(BUILD)/gen $<
+
+$(BUILD)/obj/gen/%.o: $(BUILD)/gen/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Wno-shadow -MMD -MP -c $< -o $@
 
 $(BUILD)/obj/%_avx2.o: %_avx2.c
 	@mkdir -p $(dir $@)
@@ -75,7 +91,8 @@ $(BUILD)/obj/%_avx512.o: %_avx512.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(ISA_AVX512) -MMD -MP -c $< -o $@
 
-$(LIB_COMMON): $(call obj,$(COMMON_SRC))
+PROTO_OBJ := $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(PROTO_C))
+$(LIB_COMMON): $(call obj,$(COMMON_SRC)) $(PROTO_OBJ)
 $(LIB_KERNELS): $(call obj,$(KERNEL_SRC))
 $(LIB_COORD): $(call obj,$(COORD_SRC))
 $(BUILD)/lib/%.a:
@@ -91,6 +108,10 @@ $(SO_KERNELS): $(call obj,$(KERNEL_SRC) $(COMMON_SRC))
 $(BIN_NUMOE): $(call obj,$(LAUNCH_SRC)) $(LIBS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $(call obj,$(LAUNCH_SRC)) $(LIBS) $(LDLIBS)
+
+$(BUILD)/bin/numoe-worker: $(call obj,$(WORKER_SRC)) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $(call obj,$(WORKER_SRC)) $(LIBS) $(LDLIBS)
 
 $(BUILD)/bin/test_%: $(BUILD)/obj/tests/unit/test_%.o $(LIBS)
 	@mkdir -p $(dir $@)
@@ -119,7 +140,7 @@ deps:
 
 test: deps
 	$(MAKE) all
-	$(MAKE) BUILD=build-asan SAN=1 tests build-asan/bin/numoe
+	$(MAKE) BUILD=build-asan SAN=1 tests build-asan/bin/numoe $(if $(WORKER_SRC),build-asan/bin/numoe-worker)
 	$(MAKE) fuzz
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
