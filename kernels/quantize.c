@@ -25,6 +25,15 @@ typedef void (*quant_fn)(const float *x, void *dst, int64_t nblocks);
 /* ggml's nearest_int: round to nearest, ties to even. */
 static int round_even(float v) { return (int)lrintf(v); }
 
+/* roundf (half away from zero) for |v| < 2^31 without a libm call: v - trunc(v)
+ * is exact in float, so comparing it with 0.5 decides exactly as roundf does.
+ * Activations go through this once per GEMV row, so it is on the decode path. */
+static int round_away(float v) {
+    int i = (int)v;
+    float f = v - (float)i;
+    return i + (f >= 0.5f) - (f <= -0.5f);
+}
+
 static int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 static void quant_f32(const float *x, void *dst, int64_t nb) { memcpy(dst, x, (size_t)nb * sizeof(float)); }
@@ -71,7 +80,7 @@ static void quant_q8_0(const float *x, void *dst, int64_t nb) {
         const float d = fabsf(signed_absmax(x, NM_QK8_0)) / 127;
         const float id = d != 0 ? 1.0f / d : 0.0f;
         y[i].d = nm_fp32_to_fp16(d);
-        for (int j = 0; j < NM_QK8_0; j++) y[i].qs[j] = (int8_t)roundf(x[j] * id);
+        for (int j = 0; j < NM_QK8_0; j++) y[i].qs[j] = (int8_t)round_away(x[j] * id);
     }
 }
 
