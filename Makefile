@@ -54,7 +54,7 @@ LIB_COMMON  := $(BUILD)/lib/libnumoe_common.a
 LIB_KERNELS := $(BUILD)/lib/libnumoe_kernels.a
 LIB_COORD   := $(BUILD)/lib/libnumoe_coordinator.a
 SO_KERNELS  := $(BUILD)/lib/libnumoe_kernels.so
-LIBS := $(LIB_COORD) $(LIB_KERNELS) $(LIB_COMMON)
+LIBS := $(LIB_COORD) $(LIB_KERNELS) $(LIB_COMMON) $(LIB_KERNELS)
 
 BIN_NUMOE  := $(BUILD)/bin/numoe
 BIN_WORKER := $(if $(WORKER_SRC),$(BUILD)/bin/numoe-worker)
@@ -92,9 +92,11 @@ $(BUILD)/obj/%_avx512.o: %_avx512.c
 	$(CC) $(CFLAGS) $(ISA_AVX512) -MMD -MP -c $< -o $@
 
 PROTO_OBJ := $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(PROTO_C))
-$(LIB_COMMON): $(call obj,$(COMMON_SRC)) $(PROTO_OBJ)
+# proto/*.c: the wire and shm-slot helpers both sides of numoe.proto use
+$(LIB_COMMON): $(call obj,$(COMMON_SRC) $(wildcard proto/*.c)) $(PROTO_OBJ)
 $(LIB_KERNELS): $(call obj,$(KERNEL_SRC))
-$(LIB_COORD): $(call obj,$(COORD_SRC))
+# worker/placement.c: the coordinator validates the placement before it spawns workers
+$(LIB_COORD): $(call obj,$(COORD_SRC) worker/placement.c)
 $(BUILD)/lib/%.a:
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^

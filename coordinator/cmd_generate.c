@@ -149,7 +149,10 @@ int nm_cmd_generate(int argc, char **argv) {
     }
     double t1 = now_s();
     for (int64_t j = 0; j < n_predict; j++) {
-        out[j] = nm_sampler_sample(&smp, last, V);
+        if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) {
+            fprintf(stderr, "numoe generate: out of memory in the sampler\n");
+            goto done;
+        }
         printf("%s%d", j ? "," : "", out[j]);
         fflush(stdout);
         if (!df && j + 1 == n_predict) break; /* the last token's logits are only needed for the dump */
@@ -179,6 +182,7 @@ done:
         rc = 1;
     }
     s.fwd.route_log = NULL;
+    nm_sampler_free(&smp);
     free(logits);
     free(out);
     free(prompt);
