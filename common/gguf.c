@@ -357,6 +357,8 @@ static int parse_part(const uint8_t *base, size_t size, const char *name, part *
         if (rd_tensor_info(&c, &p->tensors[i], i)) return -1;
     }
     size_t data = c.pos + (p->alignment - c.pos % p->alignment) % p->alignment;
+    /* writers omit the padding when no tensor data follows (vocabulary-only files) */
+    if (data > size && n_tensors == 0) data = size;
     if (data > size)
         return nm_errf(err, "%s: truncated: data section would start at %zu, file has %zu bytes", name, data, size);
     p->data_offset = data;

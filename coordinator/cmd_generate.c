@@ -1,8 +1,11 @@
-/* cmd_generate.c - `numoe generate`: token ids in, token ids out.
- * stdout carries only the generated ids (so two runs compare with diff);
- * load progress and timings go to stderr. */
+/* cmd_generate.c - `numoe generate`: a prompt in, a continuation out.
+ *
+ * With --tokens the prompt is token ids and stdout gets the generated ids
+ * (comma-separated, so two runs compare with diff); generation runs exactly
+ * -n tokens. With --prompt the text is tokenized with the model's tokenizer
+ * and the continuation is streamed as text, stopping at end-of-generation.
+ * Load summary and timings always go to stderr. Greedy unless --temp > 0. */
 #include <errno.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,33 +14,34 @@
 #include "coordinator/cli.h"
 #include "coordinator/sampler.h"
 #include "coordinator/session.h"
+#include "coordinator/tokenizer.h"
 
 static int usage(FILE *f) {
     fprintf(f,
-            "usage: numoe generate --model M.gguf --tokens 1,2,3 [-n 32] [options]\n"
+            "usage: numoe generate --model M.gguf (--tokens 1,2,3 | --prompt TEXT) [-n 32] [options]\n"
             "\n"
-            "Evaluates the prompt token ids and generates -n more; prints the generated ids,\n"
-            "comma-separated, on stdout.\n"
-            "\n"
-            "  --tokens LIST           prompt token ids, comma-separated (required)\n"
+            "  --tokens LIST           prompt token ids, comma-separated; prints generated ids, runs exactly -n\n"
+            "  --prompt TEXT           prompt text (BOS as the GGUF says; special-token text is matched);\n"
+            "                          prints the continuation as text, stops at end-of-generation\n"
+            "  --print-ids             with --prompt: print ids instead of text\n"
+            "  --ignore-eos            with --prompt: do not stop at end-of-generation\n"
             "  -n, --n-predict N       tokens to generate (default 32; 0 = only evaluate the prompt)\n"
-            "      --temp T            sampling temperature; 0 = greedy (default 0)\n"
-            "      --seed N            sampler seed (default 42)\n"
-            "      --dump-logits FILE  write raw little-endian float32 rows of n_vocab: one per prompt\n"
+            "  --dump-logits FILE      write raw little-endian float32 rows of n_vocab: one per prompt\n"
             "                          position (row i = logits after prompt token i), then one per\n"
             "                          generated token (the logits after feeding it)\n"
-            "      --dump-routing FILE write every routing decision as int32 records\n"
+            "  --dump-routing FILE     write every routing decision as int32 records\n"
             "                          {position, layer, expert ids...} (expert-used count per record)\n"
-            "      --decode-from K     evaluate prompt tokens K.. one at a time (decode path) instead of\n"
+            "  --decode-from K         evaluate prompt tokens K.. one at a time (decode path) instead of\n"
             "                          in batches (default: whole prompt in chunks of --batch)\n"
-            "%s",
-            nm_session_opts_help);
+            "%s"
+            "sampling (generate defaults to greedy, --temp 0):\n%s",
+            nm_session_opts_help, nm_sampler_opts_help);
     return f == stdout ? 0 : 2;
 }
 
-static int parse_tokens(const char *s, int32_t **out, int64_t *n) {
-    int64_t cap = 16, k = 0;
-    int32_t *v = malloc((size_t)cap * sizeof *v);
+static int parse_tokens(const char *s, int32_t **out, size_t *n) {
+    size_t cap = 16, k = 0;
+    int32_t *v = malloc(cap * sizeof *v);
     if (!v) return -1;
     while (*s) {
         char *end;
@@ -48,7 +52,7 @@ static int parse_tokens(const char *s, int32_t **out, int64_t *n) {
             return -1;
         }
         if (k == cap) {
-            int32_t *nv = realloc(v, (size_t)(cap *= 2) * sizeof *v);
+            int32_t *nv = realloc(v, (cap *= 2) * sizeof *v);
             if (!nv) return free(v), -1;
             v = nv;
         }
@@ -67,74 +71,89 @@ static double now_s(void) {
 
 int nm_cmd_generate(int argc, char **argv) {
     nm_session_opts so = {0};
-    const char *tokens_arg = NULL, *dump = NULL, *route = NULL;
-    long long n_predict = 32, decode_from = -1, seed = 42;
-    float temp = 0;
+    nm_sampler_params sp = nm_sampler_params_default();
+    sp.temp = 0; /* reproducible by default; --temp turns sampling on */
+    const char *tokens_arg = NULL, *text = NULL, *dump = NULL, *route = NULL;
+    long long n_predict = 32, decode_from = -1;
+    int print_ids = 0, ignore_eos = 0;
     for (int i = 1; i < argc; i++) {
         int r = nm_session_parse_opt(&so, argc, argv, &i, "numoe generate");
+        if (!r) r = nm_sampler_parse_opt(&sp, argc, argv, &i, "numoe generate");
         if (r < 0) return 2;
         if (r) continue;
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(stdout);
+        if (!strcmp(a, "--print-ids")) { print_ids = 1; continue; }
+        if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
         if (!v) {
             fprintf(stderr, "numoe generate: unknown option or missing value: %s\n", a);
             return usage(stderr);
         }
         if (!strcmp(a, "--tokens")) tokens_arg = v;
+        else if (!strcmp(a, "--prompt")) text = v;
         else if (!strcmp(a, "--dump-logits")) dump = v;
         else if (!strcmp(a, "--dump-routing")) route = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) n_predict = strtoll(v, &end, 10);
         else if (!strcmp(a, "--decode-from")) decode_from = strtoll(v, &end, 10);
-        else if (!strcmp(a, "--seed")) seed = strtoll(v, &end, 10);
-        else if (!strcmp(a, "--temp")) temp = strtof(v, &end);
         else {
             fprintf(stderr, "numoe generate: unknown option %s\n", a);
             return usage(stderr);
         }
-        if (end && (*end || end == v || n_predict < 0 || temp < 0 || !isfinite(temp))) {
+        if (end && (*end || end == v || n_predict < 0)) {
             fprintf(stderr, "numoe generate: bad value '%s' for %s\n", v, a);
             return 2;
         }
         i++;
     }
-    int32_t *prompt;
-    int64_t n_prompt;
-    if (!tokens_arg) {
-        fprintf(stderr, "numoe generate: --tokens is required (text prompts come with the tokenizer)\n");
+    if (!tokens_arg == !text) {
+        fprintf(stderr, "numoe generate: give exactly one of --tokens and --prompt\n");
         return usage(stderr);
     }
-    if (parse_tokens(tokens_arg, &prompt, &n_prompt)) {
+    int32_t *prompt = NULL;
+    size_t n_prompt = 0;
+    if (tokens_arg && parse_tokens(tokens_arg, &prompt, &n_prompt)) {
         fprintf(stderr, "numoe generate: --tokens must be comma-separated integers, got '%s'\n", tokens_arg);
         return 2;
     }
     nm_session s;
     nm_err err;
+    nm_tokenizer *tk = NULL;
+    nm_detok_stream *ds = NULL;
+    nm_sampler smp = {0};
+    float *logits = NULL;
+    int32_t *out = NULL;
+    FILE *df = NULL;
+    int rc = 1;
     if (nm_session_open(&s, &so, &err)) {
         fprintf(stderr, "numoe generate: %s\n", err.msg);
         free(prompt);
         return 1;
     }
     int64_t V = s.model.hp.n_vocab;
-    int rc = 1;
-    FILE *df = NULL;
-    float *logits = malloc((size_t)(n_prompt > 1 ? n_prompt : 1) * (size_t)V * sizeof *logits);
-    int32_t *out = malloc((size_t)(n_predict + 1) * sizeof *out);
-    nm_sampler smp;
-    nm_sampler_init(&smp, temp, (uint64_t)seed);
-    if (!logits || !out) {
-        fprintf(stderr, "numoe generate: out of memory\n");
-        goto done;
+    if (text) {
+        if (nm_tokenizer_load(&tk, s.gguf, &err) ||
+            nm_tokenize(tk, text, strlen(text), nm_tokenizer_add_bos(tk), 1, &prompt, &n_prompt, &err))
+            goto fail;
+        if (n_prompt == 0) {
+            nm_errf(&err, "the prompt tokenized to nothing");
+            goto fail;
+        }
+        if (!print_ids && !(ds = nm_detok_stream_new(tk, 0))) goto oom;
     }
+    if (nm_sampler_init_params(&smp, &sp, V, &err)) goto fail;
+    logits = malloc(n_prompt * (size_t)V * sizeof *logits);
+    out = malloc((size_t)(n_predict + 1) * sizeof *out);
+    if (!logits || !out) goto oom;
     if (dump && !(df = fopen(dump, "wb"))) {
-        fprintf(stderr, "numoe generate: cannot write %s: %s\n", dump, strerror(errno));
-        goto done;
+        nm_errf(&err, "cannot write %s: %s", dump, strerror(errno));
+        goto fail;
     }
     if (route && !(s.fwd.route_log = fopen(route, "wb"))) {
-        fprintf(stderr, "numoe generate: cannot write %s: %s\n", route, strerror(errno));
-        goto done;
+        nm_errf(&err, "cannot write %s: %s", route, strerror(errno));
+        goto fail;
     }
-    if (decode_from < 0 || decode_from > n_prompt) decode_from = n_prompt;
+    if (decode_from < 0 || decode_from > (long long)n_prompt) decode_from = (long long)n_prompt;
     double t0 = now_s();
     float *last = logits;
     if (decode_from > 0) {
@@ -142,34 +161,48 @@ int nm_cmd_generate(int argc, char **argv) {
         last = df ? logits + (decode_from - 1) * V : logits;
         if (df && fwrite(logits, sizeof *logits * (size_t)V, (size_t)decode_from, df) != (size_t)decode_from) goto wfail;
     }
-    for (int64_t t = decode_from; t < n_prompt; t++) {
+    for (size_t t = (size_t)decode_from; t < n_prompt; t++) {
         if (nm_forward_tokens(&s.fwd, prompt + t, 1, logits, 0, &err)) goto fail;
         last = logits;
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
+    for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
     double t1 = now_s();
-    for (int64_t j = 0; j < n_predict; j++) {
-        if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) {
-            fprintf(stderr, "numoe generate: out of memory in the sampler\n");
-            goto done;
+    long long j = 0;
+    for (; j < n_predict; j++) {
+        if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) goto oom;
+        if (text && !ignore_eos && nm_tokenizer_is_eog(tk, out[j])) break;
+        if (ds) {
+            const char *piece;
+            size_t len;
+            if (nm_detok_stream_feed(ds, out[j], &piece, &len, &err)) goto fail;
+            fwrite(piece, 1, len, stdout);
+        } else {
+            printf("%s%d", j ? "," : "", out[j]);
         }
-        printf("%s%d", j ? "," : "", out[j]);
         fflush(stdout);
-        if (!df && j + 1 == n_predict) break; /* the last token's logits are only needed for the dump */
+        if (!df && j + 1 == n_predict) { j++; break; } /* the last token's logits are only needed for the dump */
         if (nm_forward_tokens(&s.fwd, out + j, 1, logits, 0, &err)) goto fail;
         last = logits;
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
-    if (n_predict) putchar('\n');
+    if (ds) {
+        size_t len;
+        const char *tail = nm_detok_stream_flush(ds, &len);
+        fwrite(tail, 1, len, stdout);
+    }
+    if (j || ds) putchar('\n');
     double t2 = now_s();
-    fprintf(stderr, "numoe: prompt %lld tokens in %.3f s (%.2f tok/s), generated %lld tokens in %.3f s (%.2f tok/s)\n",
-            (long long)n_prompt, t1 - t0, n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), n_predict, t2 - t1,
-            n_predict / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
+    fprintf(stderr, "numoe: prompt %zu tokens in %.3f s (%.2f tok/s), generated %lld tokens in %.3f s (%.2f tok/s)\n",
+            n_prompt, t1 - t0, (double)n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), j, t2 - t1,
+            (double)j / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
     rc = 0;
     goto done;
+oom:
+    nm_errf(&err, "out of memory");
+    goto fail;
 wfail:
-    fprintf(stderr, "numoe generate: writing %s failed: %s\n", dump, strerror(errno));
-    goto done;
+    nm_errf(&err, "writing %s failed: %s", dump, strerror(errno));
 fail:
     fprintf(stderr, "numoe generate: %s\n", err.msg);
 done:
@@ -182,6 +215,8 @@ done:
         rc = 1;
     }
     s.fwd.route_log = NULL;
+    nm_detok_stream_free(ds);
+    nm_tokenizer_free(tk);
     nm_sampler_free(&smp);
     free(logits);
     free(out);

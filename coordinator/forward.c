@@ -91,6 +91,10 @@ void nm_forward_free(nm_forward *f) {
 
 void nm_forward_reset(nm_forward *f) { f->kv.n_pos = 0; }
 
+void nm_forward_rewind(nm_forward *f, int64_t n) {
+    if (n >= 0 && n < f->kv.n_pos) f->kv.n_pos = n;
+}
+
 /* Attention scores and the latent-space output for every (token, head):
  * work split over heads x tokens; each thread has its own score row. */
 typedef struct {

@@ -48,5 +48,8 @@ int nm_forward_tokens(nm_forward *f, const int32_t *tokens, int64_t n, float *lo
 
 /* Forgets the cache (a new sequence starts at position 0). */
 void nm_forward_reset(nm_forward *f);
+/* Keeps only the first n cached positions (n <= cached), so a conversation
+ * re-evaluates just what changed after its common prefix. */
+void nm_forward_rewind(nm_forward *f, int64_t n);
 
 #endif

