@@ -96,7 +96,7 @@ PROTO_OBJ := $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(PROTO_C))
 $(LIB_COMMON): $(call obj,$(COMMON_SRC) $(wildcard proto/*.c)) $(PROTO_OBJ)
 $(LIB_KERNELS): $(call obj,$(KERNEL_SRC))
 # worker/placement.c: the coordinator validates the placement before it spawns workers
-$(LIB_COORD): $(call obj,$(COORD_SRC) worker/placement.c)
+$(LIB_COORD): $(call obj,$(COORD_SRC) $(wildcard worker/placement.c))
 $(BUILD)/lib/%.a:
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
