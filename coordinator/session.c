@@ -6,14 +6,25 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "coordinator/cli_workers.h"
 #include "kernels/quant.h"
+#include "proto/numoe.pb-c.h"
 
 const char nm_session_opts_help[] =
     "  -m, --model FILE        GGUF model (first part of a split model)\n"
     "  -t, --threads N         CPU threads (default: all online CPUs)\n"
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
-    "      --experts-used K    routed experts per token, at most the model's count (default: the model's)\n";
+    "      --experts-used K    routed experts per token, at most the model's count (default: the model's)\n"
+    "      --workers N         routed experts in N numoe-worker processes (shm + ZeroMQ), each holding\n"
+    "                          its share once; 0 = in this process (default)\n"
+    "      --placement P       how the workers share the experts: split (1/N of every expert's ff\n"
+    "                          dimension each; default), experts (whole experts, contiguous ids),\n"
+    "                          experts-rr (whole experts, round-robin)\n"
+    "      --worker-threads N  compute threads per worker (default: its node's CPUs / workers on it)\n"
+    "      --worker-nodes L    NUMA node of each worker, comma-separated, repeated cyclically\n"
+    "                          (default: round-robin over the nodes when there are several)\n"
+    "      --worker-timeout S  a worker that does not answer a layer within S seconds is an error (300)\n";
 
 static int parse_int(const char *cmd, const char *opt, const char *v, long long lo, long long hi, long long *out) {
     char *end;
@@ -44,6 +55,37 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
     } else if (!strcmp(a, "--experts-used")) {
         if (parse_int(cmd, a, v, 1, 1024, &x)) return -1;
         o->experts_used = (int)x;
+    } else if (!strcmp(a, "--workers")) {
+        if (parse_int(cmd, a, v, 0, NM_MAX_WORKERS, &x)) return -1;
+        o->workers = (int)x;
+    } else if (!strcmp(a, "--placement")) {
+        if (!v || (strcmp(v, "split") && strcmp(v, "experts") && strcmp(v, "experts-rr")))
+            return fprintf(stderr, "%s: --placement must be split, experts or experts-rr (got '%s')\n", cmd,
+                           v ? v : ""), -1;
+        o->placement = v;
+    } else if (!strcmp(a, "--worker-threads")) {
+        if (parse_int(cmd, a, v, 1, 4096, &x)) return -1;
+        o->worker_threads = (int)x;
+    } else if (!strcmp(a, "--worker-nodes")) {
+        const char *p = v;
+        o->n_worker_nodes = 0;
+        while (p && *p) {
+            char *end;
+            long n = strtol(p, &end, 10);
+            if (end == p || n < 0 || n > 1 << 20 || (*end && *end != ',') ||
+                o->n_worker_nodes == (int)(sizeof o->worker_nodes / sizeof *o->worker_nodes)) {
+                p = NULL;
+                break;
+            }
+            o->worker_nodes[o->n_worker_nodes++] = (int)n;
+            p = *end ? end + 1 : end;
+        }
+        if (!p || !o->n_worker_nodes)
+            return fprintf(stderr, "%s: --worker-nodes needs comma-separated NUMA node numbers (got '%s')\n", cmd,
+                           v ? v : ""), -1;
+    } else if (!strcmp(a, "--worker-timeout")) {
+        if (parse_int(cmd, a, v, 1, 1 << 24, &x)) return -1;
+        o->worker_timeout = (double)x;
     } else {
         return 0;
     }
@@ -77,7 +119,18 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return nm_errf(err, "cannot start %d threads", o->threads);
     }
-    if (!(s->experts = nm_experts_local_create(&s->model, s->pool, err)) ||
+    if (o->workers > 0) {
+        nm_remote_opts ro = {.model_path = o->model_path, .n_workers = o->workers,
+                             .placement = o->placement ? o->placement : "split", .threads = o->worker_threads,
+                             .nodes = o->worker_nodes, .n_nodes = o->n_worker_nodes, .timeout_s = o->worker_timeout,
+                             .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1};
+        const char *h = getenv("NUMOE_HANDOFF"); /* developer knob: zmq = per-layer hand-off over ZeroMQ */
+        ro.handoff = h && !strcmp(h, "zmq") ? NUMOE__HANDOFF__HANDOFF_ZMQ : NUMOE__HANDOFF__HANDOFF_DOORBELL;
+        s->experts = nm_experts_remote_create(&s->model, &ro, err);
+    } else {
+        s->experts = nm_experts_local_create(&s->model, s->pool, err);
+    }
+    if (!s->experts ||
         nm_forward_init(&s->fwd, &s->model, s->pool, s->experts, ctx, o->batch ? o->batch : 512, o->experts_used,
                         err)) {
         nm_session_close(s);
@@ -85,11 +138,12 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     }
     fprintf(stderr,
             "numoe: %s: deepseek2, %lld layers (%lld dense), embd %lld, %lld heads, q_lora %lld, kv_lora %lld, "
-            "%lld experts (%d used, %lld shared), vocab %lld; ctx %lld, %d threads, %s; loaded in %.2f s\n",
+            "%lld experts (%d used, %lld shared), vocab %lld; ctx %lld, %d threads, %s%s; loaded in %.2f s\n",
             o->model_path, (long long)hp->n_layer, (long long)hp->n_dense, (long long)hp->n_embd,
             (long long)hp->n_head, (long long)hp->q_lora, (long long)hp->kv_lora, (long long)hp->n_expert,
             s->fwd.n_expert_used, (long long)hp->n_shared, (long long)hp->n_vocab, (long long)ctx,
-            nm_pool_size(s->pool), nm_isa_name(nm_isa_best()), now_s() - t0);
+            nm_pool_size(s->pool), nm_isa_name(nm_isa_best()), o->workers > 0 ? ", routed experts in workers" : "",
+            now_s() - t0);
     return 0;
 }
 

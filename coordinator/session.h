@@ -16,6 +16,13 @@ typedef struct {
     int64_t ctx_size;   /* 0: min(model context, 4096) */
     int64_t batch;      /* prefill chunk, default 512 */
     int experts_used;   /* 0: the model's expert_used_count */
+    /* routed experts in worker processes (coordinator/cli_workers.h) */
+    int workers;              /* 0: in this process (default) */
+    const char *placement;    /* NULL: "split" */
+    int worker_threads;       /* 0: the CPUs of a worker's node shared by the workers on it */
+    int worker_nodes[64];     /* --worker-nodes LIST: node of worker i = worker_nodes[i % n_worker_nodes] */
+    int n_worker_nodes;       /* 0: round-robin over the machine's nodes when it has several, else unbound */
+    double worker_timeout;    /* seconds; 0: 300 */
 } nm_session_opts;
 
 typedef struct {

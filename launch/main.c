@@ -6,6 +6,7 @@
 
 #include "coordinator/cli.h"
 #include "coordinator/cli_text.h"
+#include "coordinator/cli_workers.h"
 #include "launch/commands.h"
 
 #define NUMOE_VERSION "0.1.0"
@@ -25,6 +26,7 @@ static void usage(FILE *f) {
             "  detokenize              token ids to text\n"
             "  bench                   prefill and decode tokens/s of a model (`numoe bench --help`)\n"
             "  bench kernels           quantised GEMV throughput per weight type vs memory bandwidth\n"
+            "  bench ipc               per-layer hand-off round trip to expert workers (doorbell, ZeroMQ)\n"
             "  help                    this text; `numoe <command> --help` for a command's options\n"
             "  version                 print the version\n",
             NUMOE_VERSION);
@@ -51,6 +53,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "detokenize")) return nm_cmd_detokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) {
         if (argc >= 3 && !strcmp(argv[2], "kernels")) return nm_cmd_bench_kernels(argc - 2, argv + 2);
+        if (argc >= 3 && !strcmp(argv[2], "ipc")) return nm_cmd_bench_ipc(argc - 2, argv + 2);
         return nm_cmd_bench_model(argc - 1, argv + 1);
     }
     fprintf(stderr, "numoe: unknown command '%s'\n\n", cmd);

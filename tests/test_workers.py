@@ -1,0 +1,387 @@
+"""Routed experts in numoe-worker processes (`--workers N`, coordinator/experts_remote.c,
+worker/, proto/).
+
+* Logits with N = 1, 2, 3 workers equal the in-process logits (--workers 0) to a max
+  relative difference <= 1e-5 of each row's max, for both placement families (split,
+  experts; experts-rr once), on the V2- and V3-style fixtures (F32 and Q8_0), prefill
+  (one batch), decode (--decode-from 0) and chunked prefill then decode (-b 4). The stock fixtures' experts are 32 wide, one
+  Q8_0 block, so `split` over 2-3 workers is impossible there (a clear error is checked);
+  Q8_0 and Q4_K models with wider experts (96 = 3 Q8_0 blocks, 512 = 2 Q4_K blocks) are
+  generated on the fly for the split comparisons of quantised weights.
+* The workers' shard bytes (reported in Register, printed by numoe) add up to the model's
+  routed-expert bytes as `numoe inspect` counts them.
+* Bad input gets a clear error: wrong protocol version, a node that does not exist, an
+  impossible placement, a worker that dies / fails / hangs mid-run.
+* No worker process and no /dev/shm/numoe-* object outlives a run, a failed run, a SIGINT
+  or a SIGKILL of the coordinator.
+The placement validator's own unit tests are tests/unit/test_placement.c."""
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_clean, run, sanitizer_env
+
+FIX = ROOT / "tests" / "fixtures" / "models"
+MODELS = {
+    "v2-F32": FIX / "deepseek-v2-tiny-F32-legacy.gguf",
+    "v2-Q8_0": FIX / "deepseek-v2-tiny-Q8_0-legacy.gguf",
+    "v3-F32": FIX / "deepseek-v3-tiny-F32-mla.gguf",
+    "v3-Q8_0": FIX / "deepseek-v3-tiny-Q8_0-mla.gguf",
+}
+SEQ = [0, 17, 200, 45, 3, 99, 150, 12, 8, 77, 240, 31, 5, 64, 128, 250, 33, 2, 190, 101]
+MODES = {"prefill": [], "decode": ["--decode-from", "0"], "chunked": ["--decode-from", "10", "-b", "4"]}
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["build", "build-asan"])
+def exe(request):
+    path = ROOT / request.param / "bin" / "numoe"
+    if not path.exists() or not (path.parent / "numoe-worker").exists():
+        if request.param == "build":
+            pytest.fail("build/bin/numoe and build/bin/numoe-worker are not built: run `make`")
+        pytest.skip("no sanitizer build of numoe + numoe-worker")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory):
+    """Models whose experts are several quantisation blocks wide, so `split` can cut them:
+    tiny V2/V3 shapes with expert ff 96 (Q8_0: 3 blocks) and a V3 with ff 512 (Q4_K down
+    rows: 2 blocks of 256)."""
+    pytest.importorskip("gguf")
+    import gen_deepseek
+    d = tmp_path_factory.mktemp("wide")
+    out = {}
+    for key, base, ff, typ, layout in (("v2-ff96-Q8_0", "tiny-v2", 96, "Q8_0", "legacy"),
+                                       ("v3-ff96-Q8_0", "tiny-v3", 96, "Q8_0", "mla"),
+                                       ("v3-ff512-Q4_K", "tiny-v3", 512, "Q4_K", "mla")):
+        name = f"{base}-ff{ff}"
+        if name not in gen_deepseek.SHAPES:
+            gen_deepseek.SHAPES[name] = dataclasses.replace(gen_deepseek.SHAPES[base], name=name, n_ff_exp=ff)
+        path = d / f"{key}.gguf"
+        rc = gen_deepseek.main(["--shape", name, "--type", typ, "--attn-layout", layout, "-q", "-o", str(path)])
+        assert rc in (0, None) and path.exists()
+        out[key] = path
+    return out
+
+
+def worker_pids(stderr):
+    return [int(p) for p in re.findall(r"^numoe: worker \d+: pid (\d+),", stderr, re.M)]
+
+
+def alive(pid):
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def shm_of(pid):
+    return sorted(Path("/dev/shm").glob(f"numoe-{pid}-*"))
+
+
+def assert_no_leftovers(coord_pid, pids, wait=10.0):
+    t0 = time.time()
+    while any(alive(p) for p in pids) and time.time() - t0 < wait:
+        time.sleep(0.02)
+    assert not [p for p in pids if alive(p)], f"worker processes left behind: {[p for p in pids if alive(p)]}"
+    assert not shm_of(coord_pid), f"shm objects left behind: {shm_of(coord_pid)}"
+
+
+def generate(exe, model, extra=(), env=None, tokens=SEQ, n=0, tmp_path=None, tag="x"):
+    """Runs numoe generate with workers in its own process (Popen, so we know its pid
+    for the shm check); returns (logits or None, returncode, stderr)."""
+    dump = tmp_path / f"{model.stem}-{tag}.bin"
+    if dump.exists():
+        dump.unlink()
+    e = sanitizer_env()
+    e.update(env or {})
+    cmd = [str(exe), "generate", "-m", str(model), "--tokens", ",".join(map(str, tokens)), "-n", str(n), "-t", "2",
+           "--dump-logits", str(dump), *map(str, extra)]
+    if "--worker-timeout" not in cmd:
+        cmd += ["--worker-timeout", "60"]  # a hang fails in a minute, not five
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=e)
+    out, err = p.communicate(timeout=600)
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    assert_clean(proc)
+    assert_no_leftovers(p.pid, worker_pids(err))
+    logits = None
+    if p.returncode == 0:
+        logits = np.fromfile(dump, dtype=np.float32).reshape(len(tokens) + n, -1).astype(np.float64)
+    return logits, p.returncode, err
+
+
+_base = {}
+
+
+def baseline(exe, model, mode, tmp_path):
+    key = (str(exe), str(model), mode)
+    if key not in _base:
+        logits, rc, err = generate(exe, model, MODES[mode], tmp_path=tmp_path, tag=f"w0-{mode}")
+        assert rc == 0, err
+        _base[key] = logits
+    return _base[key]
+
+
+def rel_diff(a, b):
+    return float((np.abs(a - b).max(1) / np.abs(a).max(1)).max())
+
+
+def compare(exe, model, n, placement, mode, tmp_path, env=None):
+    ref = baseline(exe, model, mode, tmp_path)
+    got, rc, err = generate(exe, model, [*MODES[mode], "--workers", n, "--placement", placement], env=env,
+                            tmp_path=tmp_path, tag=f"w{n}-{placement}-{mode}")
+    assert rc == 0, err
+    assert len(worker_pids(err)) == n, err
+    d = rel_diff(ref, got)
+    assert d <= TOL, (model.name, n, placement, mode, d)
+    return err
+
+
+def split_blocks(model):
+    """Blocks of 32 in an expert's ff dimension of the stock fixtures (F32: no blocks)."""
+    return None if "F32" in model.name else 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("placement", ["split", "experts"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("key", MODELS)
+def test_logits_equal_in_process(exe, key, n, placement, mode, tmp_path):
+    model = MODELS[key]
+    if placement == "split" and split_blocks(model) is not None and n > split_blocks(model):
+        # one Q8_0 block per expert row: cannot be cut; clear error, no worker started
+        _, rc, err = generate(exe, model, [*MODES[mode], "--workers", n, "--placement", "split"], tmp_path=tmp_path)
+        assert rc == 1, err
+        assert "cannot be split between" in err and "use --placement experts or at most 1 worker" in err, err
+        assert not worker_pids(err), err
+        return
+    compare(exe, model, n, placement, mode, tmp_path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("key", ["v2-ff96-Q8_0", "v3-ff96-Q8_0"])
+def test_split_quantised_wide_experts(exe, wide, key, n, mode, tmp_path):
+    """Q8_0 down rows cut at block boundaries (3 blocks over 2 workers: 2 + 1) and repacked."""
+    compare(exe, wide[key], n, "split", mode, tmp_path)
+
+
+def test_split_k_quant(exe, wide, tmp_path):
+    """Q4_K down rows of 512 = 2 super-blocks: 2 workers split them, 3 cannot.
+
+    Split changes the order of float additions inside each expert (two partial dots
+    added instead of one dot over 512 columns): ~1e-7 of the MoE output. In this model
+    every matrix after the MoE (attention, the Q6_K output head) quantises its input to
+    Q8_K, and where a value sits on a rounding boundary that 1e-7 moves it by one
+    quantisation step (1/127 of its block's max), i.e. up to ~1% of a logit row at a
+    few positions (measured on an 8-token prompt: the routed-expert outputs of the two
+    runs agree to 1e-5 at every position and layer, the logits differ by 0.8% and 1.0%
+    at 2 positions). So here: one worker (same order) equal to 1e-5, two workers equal
+    to 1e-5 at most positions and within about a quantisation step at all; a wrong cut
+    or repack of the K-quant blocks is off by far more everywhere."""
+    model = wide["v3-ff512-Q4_K"]
+    for mode in MODES:
+        compare(exe, model, 1, "split", mode, tmp_path)
+        ref = baseline(exe, model, mode, tmp_path)
+        got, rc, err = generate(exe, model, [*MODES[mode], "--workers", 2, "--placement", "split"],
+                                tmp_path=tmp_path, tag=f"k2-{mode}")
+        assert rc == 0, err
+        rel = np.abs(ref - got).max(1) / np.abs(ref).max(1)
+        assert (rel <= TOL).mean() >= 0.75 and rel.max() <= 2e-2, (mode, rel)
+    _, rc, err = generate(exe, model, ["--workers", 3, "--placement", "split"], tmp_path=tmp_path)
+    assert rc == 1 and "blocks of 256" in err and "at most 2 workers" in err, err
+
+
+def test_round_robin_and_zmq_handoff(exe, tmp_path):
+    model = MODELS["v3-F32"]
+    compare(exe, model, 3, "experts-rr", "decode", tmp_path)
+    # the per-layer hand-off over ZeroMQ messages instead of the doorbell: same numbers
+    err = compare(exe, model, 2, "split", "prefill", tmp_path, env={"NUMOE_HANDOFF": "zmq"})
+    assert "ZeroMQ hand-off" in err
+
+
+def test_experts_used_lowered(exe, tmp_path):
+    """--experts-used below the model's count: fewer ids per token in the slot rows."""
+    model = MODELS["v3-Q8_0"]
+    ref, rc, err = generate(exe, model, ["--experts-used", 2], tmp_path=tmp_path, tag="k2-local")
+    assert rc == 0, err
+    got, rc, err = generate(exe, model, ["--experts-used", 2, "--workers", 2, "--placement", "experts-rr"],
+                            tmp_path=tmp_path, tag="k2-workers")
+    assert rc == 0, err
+    assert rel_diff(ref, got) <= TOL
+
+
+def test_bound_to_node_0(exe, tmp_path):
+    """--worker-nodes 0 (a node that exists everywhere): workers bound with hwloc, same logits."""
+    model = MODELS["v3-F32"]
+    ref = baseline(exe, model, "prefill", tmp_path)
+    got, rc, err = generate(exe, model, ["--workers", 2, "--worker-nodes", 0], tmp_path=tmp_path, tag="node0")
+    assert rc == 0, err
+    assert len(re.findall(r"^numoe: worker \d+: pid \d+, node 0,", err, re.M)) == 2, err
+    assert rel_diff(ref, got) <= TOL
+
+
+def test_generated_tokens_equal(exe, tmp_path):
+    """Greedy generation (prefill, then decode steps through the workers) gives the same ids."""
+    model = MODELS["v2-F32"]
+    outs = []
+    for extra in ([], ["--workers", "2", "--placement", "split"], ["--workers", "3", "--placement", "experts"]):
+        proc = run([exe, "generate", "-m", model, "--tokens", "5,6,7,8", "-n", "24", "-t", "2", *extra])
+        assert_clean(proc)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout.strip())
+    assert outs[0] == outs[1] == outs[2], outs
+
+
+def inspect_routed_bytes(exe, model):
+    proc = run([exe, "inspect", model, "--no-tensors"])
+    assert proc.returncode == 0, proc.stderr
+    return int(re.search(r"routed experts :\s+(\d+) bytes", proc.stdout).group(1))
+
+
+@pytest.mark.parametrize("placement,n", [("split", 1), ("split", 2), ("split", 3), ("experts", 2), ("experts", 3),
+                                         ("experts-rr", 3)])
+def test_shard_bytes_add_up(exe, placement, n, tmp_path):
+    model = MODELS["v3-F32"]
+    routed = inspect_routed_bytes(exe, model)
+    _, rc, err = generate(exe, model, ["--workers", n, "--placement", placement], tmp_path=tmp_path, tokens=[1])
+    assert rc == 0, err
+    shards = [int(b) for b in re.findall(r"^numoe: worker \d+: pid \d+, .* shard (\d+) bytes", err, re.M)]
+    assert len(shards) == n, err
+    assert sum(shards) == routed, (shards, routed)
+    assert all(s > 0 for s in shards)
+    total = re.search(r"hold (\d+) bytes of routed experts; the model has (\d+)", err)
+    assert total and int(total.group(1)) == int(total.group(2)) == routed, err
+    if placement == "split" and n > 1:
+        assert max(shards) - min(shards) <= routed // 32, shards  # 32 ff columns in F32: near-equal slices
+
+
+def test_shard_bytes_quantised(exe, wide, tmp_path):
+    model = wide["v3-ff96-Q8_0"]
+    routed = inspect_routed_bytes(exe, model)
+    _, rc, err = generate(exe, model, ["--workers", 2, "--placement", "split"], tmp_path=tmp_path, tokens=[1])
+    assert rc == 0, err
+    shards = [int(b) for b in re.findall(r"shard (\d+) bytes", err)]
+    assert sum(shards) == routed and len(shards) == 2, (shards, routed)
+
+
+def test_protocol_version_mismatch(exe, tmp_path):
+    _, rc, err = generate(exe, MODELS["v3-Q8_0"], ["--workers", 2, "--placement", "experts"], tmp_path=tmp_path,
+                          env={"NUMOE_FAKE_PROTOCOL_VERSION": "99"})
+    assert rc == 1, err
+    assert re.search(r"worker \d speaks numoe protocol version 99, this coordinator speaks version 1", err), err
+
+
+def test_node_that_does_not_exist(exe, tmp_path):
+    _, rc, err = generate(exe, MODELS["v3-F32"], ["--workers", 2, "--worker-nodes", "0,77"], tmp_path=tmp_path)
+    assert rc == 1, err
+    assert "worker 1: NUMA node 77 does not exist; this machine has" in err, err
+
+
+def test_worker_binary_node_error_and_usage(exe):
+    worker = exe.parent / "numoe-worker"
+    proc = run([worker, "--model", MODELS["v3-F32"], "--worker-id", "0", "--workers", "1", "--placement", "split",
+                "--node", "77", "--endpoint", "ipc://@numoe-test-nobody-listens"], timeout=60)
+    assert_clean(proc)
+    assert proc.returncode == 1 and "numoe-worker 0: NUMA node 77 does not exist" in proc.stderr, proc.stderr
+    proc = run([worker, "--model", MODELS["v3-F32"], "--worker-id", "0", "--workers", "1", "--placement", "split"])
+    assert proc.returncode == 2 and "--endpoint is required" in proc.stderr, proc.stderr
+    proc = run([worker, "--model", "x", "--worker-id", "2", "--workers", "2", "--placement", "split",
+                "--endpoint", "ipc://@x"])
+    assert proc.returncode == 2 and "--worker-id 2 is not below --workers 2" in proc.stderr, proc.stderr
+    proc = run([worker, "--placement", "diagonal"])
+    assert proc.returncode == 2 and "bad value 'diagonal' for --placement" in proc.stderr, proc.stderr
+
+
+def test_bad_options(exe, tmp_path):
+    model = MODELS["v3-F32"]
+    proc = run([exe, "generate", "-m", model, "--tokens", "1", "--placement", "diagonal"])
+    assert proc.returncode == 2 and "--placement must be split, experts or experts-rr" in proc.stderr
+    proc = run([exe, "generate", "-m", model, "--tokens", "1", "--workers", "-1"])
+    assert proc.returncode == 2 and "--workers needs an integer" in proc.stderr
+    proc = run([exe, "generate", "-m", model, "--tokens", "1", "--worker-nodes", "0,x"])
+    assert proc.returncode == 2 and "--worker-nodes needs comma-separated" in proc.stderr
+    _, rc, err = generate(exe, model, ["--workers", 9, "--placement", "experts"], tmp_path=tmp_path, tokens=[1])
+    assert rc == 1 and "8 experts per layer cannot be placed whole on 9 workers" in err, err
+    env = {"NUMOE_WORKER": str(tmp_path / "no-such-worker")}
+    _, rc, err = generate(exe, model, ["--workers", 1], tmp_path=tmp_path, tokens=[1], env=env)
+    assert rc == 1 and "cannot run the worker binary" in err and "no-such-worker" in err, err
+
+
+@pytest.mark.parametrize("fault,expect", [
+    ("1:2:die", r"worker 1 \(pid \d+\) killed by signal 9 \(Killed\) while computing layer 2"),
+    ("0:1:error", r"worker 0 \(pid \d+\) failed layer 1: injected failure"),
+    ("2:2:hang", r"worker 2 \(pid \d+\) did not answer layer 2 within 2 s \(--worker-timeout\)"),
+])
+def test_worker_failures_are_named(exe, fault, expect, tmp_path):
+    t0 = time.time()
+    _, rc, err = generate(exe, MODELS["v3-F32"], ["--workers", 3, "--worker-timeout", 2], tmp_path=tmp_path,
+                          env={"NUMOE_TEST_FAULT": fault}, n=4)
+    assert rc == 1, err
+    assert re.search(expect, err), err
+    assert time.time() - t0 < 30
+
+
+def start_long_run(exe, tmp_path, n_workers=3):
+    """A bench that runs for minutes; returns (Popen, stderr path, worker pids) once the
+    workers are up and the model loaded."""
+    log = tmp_path / "stderr.txt"
+    f = open(log, "w")
+    p = subprocess.Popen([str(exe), "bench", "-m", str(MODELS["v3-F32"]), "-p", "32", "-n", "64", "-r", "1000000",
+                          "-t", "1", "--workers", str(n_workers)], stdout=subprocess.DEVNULL, stderr=f,
+                         env=sanitizer_env())
+    f.close()
+    t0 = time.time()
+    while "routed experts in workers" not in log.read_text() and time.time() - t0 < 120:
+        assert p.poll() is None, log.read_text()
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into the measured repetitions
+    pids = worker_pids(log.read_text())
+    assert len(pids) == n_workers, log.read_text()
+    assert all(alive(q) for q in pids)
+    return p, log, pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_no_leftovers_after_signal(exe, sig, tmp_path):
+    """The coordinator dies of a signal mid-run: its workers end (PR_SET_PDEATHSIG) and no
+    shm object is left (the workers unlinked the names when they mapped the slots)."""
+    p, log, pids = start_long_run(exe, tmp_path)
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    assert p.returncode == -sig
+    assert_no_leftovers(p.pid, pids)
+    assert "Sanitizer" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_sigint_reaches_only_the_coordinator(exe, tmp_path):
+    """Workers run in their own process group: a terminal's Ctrl-C (SIGINT to the
+    foreground group) is the coordinator's to handle."""
+    p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
+    assert all(os.getpgid(q) != os.getpgid(p.pid) for q in pids)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=60)
+    assert_no_leftovers(p.pid, pids)
+
+
+def test_bench_ipc(exe):
+    """`numoe bench ipc` (once launch/main.c dispatches it)."""
+    probe = run([exe, "bench", "ipc", "--help"])
+    if probe.returncode != 0 or "round trip" not in probe.stdout.lower():
+        pytest.skip("`numoe bench ipc` is not wired into launch/main.c yet")
+    proc = run([exe, "bench", "ipc", "-n", "300", "-m", MODELS["v3-F32"], "--workers", "2", "-t", "1"])
+    assert_clean(proc)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("zmq REQ/REP", "zmq DEALER/ROUTER", "shm doorbell, polling", "shm doorbell, futex",
+                "backend, 2 workers, doorbell, empty layer", "backend, 2 workers, zmq, empty layer"):
+        assert row in proc.stdout, proc.stdout

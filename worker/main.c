@@ -1,0 +1,399 @@
+/* main.c - numoe-worker: holds one shard of the routed experts and computes
+ * partial MoE outputs for the coordinator.
+ *
+ *   numoe-worker --model M.gguf --worker-id I --workers N --placement split|experts|experts-rr
+ *                [--node N] [--threads T] --endpoint ipc://...
+ *
+ * Start-up: connect to the coordinator's endpoint (ZeroMQ DEALER), bind to
+ * the NUMA node, open the model, build and validate the whole placement,
+ * copy this worker's pieces into its own memory (shard.c) and let go of the
+ * mapping, then Register. Once accepted it maps the shm slot named in the
+ * reply and serves: per layer the coordinator rings the slot's doorbell (or
+ * sends MoeRequest in the ZeroMQ hand-off mode), the worker computes its
+ * partial sums into the slot and answers. Shutdown, SIGTERM or SIGINT end it
+ * cleanly (exit 0). Any start-up failure is sent to the coordinator as an
+ * Error message (and printed) before the worker exits 1.
+ *
+ * Test hooks (environment): NUMOE_FAKE_PROTOCOL_VERSION=V registers with
+ * version V; NUMOE_TEST_FAULT=W:L:die|hang|error makes worker W fail at its
+ * first request for layer L. */
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "common/gguf.h"
+#include "coordinator/model.h"
+#include "kernels/threadpool.h"
+#include "proto/shm_slot.h"
+#include "proto/wire.h"
+#include "worker/numa_bind.h"
+#include "worker/placement.h"
+#include "worker/shard.h"
+
+enum { FAULT_NONE, FAULT_DIE, FAULT_HANG, FAULT_ERROR };
+
+typedef struct {
+    const char *model, *endpoint, *placement;
+    int id, n_workers, node, threads, quiet;
+    int kind;
+    void *zctx, *sock;
+    nm_pool *pool;
+    nm_shard shard;
+    int64_t n_layer;
+    uint8_t *is_moe;
+    nm_slot slot;
+    int handoff;
+    int64_t spin_ns;
+    uint64_t requests;
+    int fault_layer, fault_mode;
+} worker;
+
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig) { g_stop = sig; }
+
+static int usage(FILE *f) {
+    fprintf(f,
+            "usage: numoe-worker --model M.gguf --worker-id I --workers N --placement split|experts|experts-rr\n"
+            "                    --endpoint ipc://... [--node N] [--threads T] [--quiet]\n"
+            "\n"
+            "Holds worker I's share of the routed experts of M.gguf (as the placement divides them\n"
+            "between N workers) and computes partial MoE outputs for the coordinator listening at the\n"
+            "endpoint. `numoe generate --workers N` starts these itself.\n"
+            "\n"
+            "  --node N      bind threads and memory to NUMA node N (default: not bound)\n"
+            "  --threads T   compute threads (default: every CPU it may run on)\n"
+            "  --quiet       do not print start-up errors, only send them to the coordinator\n");
+    return f == stdout ? 0 : 2;
+}
+
+static void cleanup(worker *w) {
+    nm_slot_unmap(&w->slot);
+    nm_shard_free(&w->shard);
+    nm_pool_destroy(w->pool);
+    free(w->is_moe);
+    if (w->sock) zmq_close(w->sock);
+    if (w->zctx) zmq_ctx_term(w->zctx);
+}
+
+/* Prints the error, sends it to the coordinator, exits 1. */
+static int fail(worker *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(worker *w, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (!w->quiet || !w->sock) fprintf(stderr, "numoe-worker %d: %s\n", w->id, msg);
+    if (w->sock) {
+        Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
+        Numoe__Error e = NUMOE__ERROR__INIT;
+        e.worker_id = (uint32_t)w->id;
+        e.message = msg;
+        env.msg_case = NUMOE__ENVELOPE__MSG_ERROR;
+        env.error = &e;
+        nm_wire_send(w->sock, NULL, &env, NULL);
+        int linger = 2000; /* deliver it before the context goes */
+        zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
+    }
+    cleanup(w);
+    exit(1);
+}
+
+static int parse_int(const char *v, long lo, long hi, int *out) {
+    char *end;
+    long x = v ? strtol(v, &end, 10) : 0;
+    if (!v || *end || end == v || x < lo || x > hi) return -1;
+    *out = (int)x;
+    return 0;
+}
+
+static int parse_args(worker *w, int argc, char **argv) {
+    w->id = w->n_workers = w->node = -1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int bad = 0;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) exit(usage(stdout));
+        if (!strcmp(a, "--quiet")) {
+            w->quiet = 1;
+            continue;
+        }
+        if (!v) {
+            fprintf(stderr, "numoe-worker: unknown option or missing value: %s\n", a);
+            return -1;
+        }
+        if (!strcmp(a, "--model") || !strcmp(a, "-m")) w->model = v;
+        else if (!strcmp(a, "--endpoint")) w->endpoint = v;
+        else if (!strcmp(a, "--placement")) w->placement = v, bad = !(w->kind = nm_placement_parse_kind(v));
+        else if (!strcmp(a, "--worker-id")) bad = parse_int(v, 0, 4095, &w->id);
+        else if (!strcmp(a, "--workers")) bad = parse_int(v, 1, 4096, &w->n_workers);
+        else if (!strcmp(a, "--node")) bad = parse_int(v, 0, 1 << 20, &w->node);
+        else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) bad = parse_int(v, 1, 4096, &w->threads);
+        else {
+            fprintf(stderr, "numoe-worker: unknown option %s\n", a);
+            return -1;
+        }
+        if (bad) {
+            fprintf(stderr, "numoe-worker: bad value '%s' for %s\n", v, a);
+            return -1;
+        }
+        i++;
+    }
+    const char *miss = !w->model ? "--model" : !w->endpoint ? "--endpoint" : !w->placement ? "--placement"
+                       : w->id < 0 ? "--worker-id" : w->n_workers < 0 ? "--workers" : NULL;
+    if (miss) {
+        fprintf(stderr, "numoe-worker: %s is required\n", miss);
+        return -1;
+    }
+    if (w->id >= w->n_workers) {
+        fprintf(stderr, "numoe-worker: --worker-id %d is not below --workers %d\n", w->id, w->n_workers);
+        return -1;
+    }
+    return 0;
+}
+
+static void read_fault(worker *w) {
+    const char *f = getenv("NUMOE_TEST_FAULT");
+    int id, layer;
+    char mode[16];
+    if (!f || sscanf(f, "%d:%d:%15s", &id, &layer, mode) != 3 || id != w->id) return;
+    w->fault_layer = layer;
+    w->fault_mode = !strcmp(mode, "die") ? FAULT_DIE : !strcmp(mode, "hang") ? FAULT_HANG
+                    : !strcmp(mode, "error") ? FAULT_ERROR : FAULT_NONE;
+}
+
+/* Computes one request out of the slot; 0 or -1 with msg filled. */
+static int compute(worker *w, int layer, int64_t n_tok, int k, char *msg, size_t len) {
+    const nm_slot_header *h = w->slot.h;
+    if (w->fault_mode && layer == w->fault_layer) {
+        if (w->fault_mode == FAULT_DIE) raise(SIGKILL);
+        if (w->fault_mode == FAULT_HANG)
+            while (!g_stop) pause();
+        if (w->fault_mode == FAULT_ERROR) return snprintf(msg, len, "injected failure (NUMOE_TEST_FAULT)"), -1;
+    }
+    if (layer < 0 || layer >= w->n_layer || !w->is_moe[layer])
+        return snprintf(msg, len, "not a MoE layer of this model"), -1;
+    if (n_tok < 0 || n_tok > h->max_tok || k < 1 || k > h->max_k)
+        return snprintf(msg, len, "request of %lld tokens x %d experts exceeds the slot (%lld x %lld)",
+                        (long long)n_tok, k, (long long)h->max_tok, (long long)h->max_k), -1;
+    if (n_tok == 0) return 0;
+    nm_err err;
+    if (nm_shard_moe(&w->shard, w->pool, layer, n_tok, w->slot.x, k, w->slot.ids, w->slot.w, w->slot.out, &err))
+        return snprintf(msg, len, "%.480s", err.msg), -1;
+    return 0;
+}
+
+static void send_env(worker *w, Numoe__Envelope *env) { nm_wire_send(w->sock, NULL, env, NULL); }
+
+/* Handles pending control messages without waiting (timeout_ms 0) or
+ * waiting up to timeout_ms; returns 1 on Shutdown. In the ZeroMQ hand-off
+ * mode MoeRequests arrive here too. */
+static int poll_control(worker *w, int timeout_ms) {
+    for (;;) {
+        Numoe__Envelope *env;
+        nm_err err;
+        int r = nm_wire_recv(w->sock, timeout_ms, NULL, &env, &err);
+        if (r) return 0; /* nothing (or a malformed message, dropped) */
+        timeout_ms = 0;
+        int stop = 0;
+        Numoe__Envelope out = NUMOE__ENVELOPE__INIT;
+        switch (env->msg_case) {
+        case NUMOE__ENVELOPE__MSG_SHUTDOWN: stop = 1; break;
+        case NUMOE__ENVELOPE__MSG_HEARTBEAT: {
+            Numoe__Heartbeat hb = NUMOE__HEARTBEAT__INIT;
+            hb.seq = env->heartbeat->seq;
+            hb.time_ns = (uint64_t)nm_wire_now_ns();
+            hb.slot_bytes = w->slot.bytes;
+            hb.requests = w->requests;
+            out.msg_case = NUMOE__ENVELOPE__MSG_HEARTBEAT, out.heartbeat = &hb;
+            send_env(w, &out);
+            break;
+        }
+        case NUMOE__ENVELOPE__MSG_MOE_REQUEST: {
+            Numoe__MoeRequest *rq = env->moe_request;
+            Numoe__MoeReply rp = NUMOE__MOE_REPLY__INIT;
+            char msg[NM_SLOT_ERROR_LEN] = "";
+            int64_t t0 = nm_wire_now_ns();
+            rp.seq = rq->seq, rp.layer = rq->layer;
+            if (rq->x.len || rq->ids.len || rq->weights.len)
+                snprintf(msg, sizeof msg, "inline activations (tcp workers) are not implemented yet");
+            else if (w->handoff != NUMOE__HANDOFF__HANDOFF_ZMQ)
+                snprintf(msg, sizeof msg, "MoeRequest over ZeroMQ, but this worker was registered for the doorbell");
+            else if (rq->slot != 0)
+                snprintf(msg, sizeof msg, "slot %u does not exist", rq->slot);
+            else if (rq->layer != UINT32_MAX) /* UINT32_MAX: an empty round trip (`numoe bench ipc`) */
+                compute(w, (int)rq->layer, (int64_t)rq->n_tok, (int)rq->k, msg, sizeof msg);
+            w->requests++;
+            rp.status = msg[0] ? NUMOE__STATUS__STATUS_ERROR : NUMOE__STATUS__STATUS_OK;
+            rp.error = msg;
+            rp.compute_ns = (uint64_t)(nm_wire_now_ns() - t0);
+            out.msg_case = NUMOE__ENVELOPE__MSG_MOE_REPLY, out.moe_reply = &rp;
+            send_env(w, &out);
+            break;
+        }
+        default:
+            fprintf(stderr, "numoe-worker %d: ignoring an unexpected %s\n", w->id, nm_wire_msg_name(env));
+        }
+        numoe__envelope__free_unpacked(env, NULL);
+        if (stop) return 1;
+    }
+}
+
+static void serve_doorbell(worker *w) {
+    nm_slot_header *h = w->slot.h;
+    /* the last request answered, not the current req: the coordinator may ring
+     * the first one as soon as our Heartbeat arrives, before we get here */
+    unsigned last = atomic_load(&h->done.seq);
+    while (!g_stop) {
+        if (nm_doorbell_wait(&h->req, last, w->spin_ns, 100 * 1000000LL)) {
+            if (poll_control(w, 0)) return;
+            continue;
+        }
+        unsigned req = atomic_load_explicit(&h->req.seq, memory_order_acquire);
+        last = req;
+        int64_t t0 = nm_wire_now_ns();
+        int stop = 0, status = 0;
+        char msg[NM_SLOT_ERROR_LEN] = "";
+        switch (h->op) {
+        case NM_SLOT_OP_MOE:
+            status = compute(w, (int)h->layer, h->n_tok, h->k, msg, sizeof msg);
+            w->requests++;
+            break;
+        case NM_SLOT_OP_PING: break;
+        case NM_SLOT_OP_CONTROL: stop = poll_control(w, 1000); break; /* the message may still be on its way */
+        default: status = -1, snprintf(msg, sizeof msg, "unknown doorbell op %u", h->op);
+        }
+        h->status = status;
+        if (status) memcpy(h->error, msg, sizeof h->error);
+        h->compute_ns = (uint64_t)(nm_wire_now_ns() - t0);
+        nm_doorbell_ring(&h->done, req);
+        if (stop) return;
+    }
+}
+
+static void serve_zmq(worker *w) {
+    while (!g_stop)
+        if (poll_control(w, 100)) return;
+}
+
+int main(int argc, char **argv) {
+    worker w = {0};
+    if (parse_args(&w, argc, argv)) return usage(stderr);
+    read_fault(&w);
+    nm_err err;
+
+    /* the control socket first, so every later failure reaches the coordinator */
+    if (!(w.zctx = zmq_ctx_new()) || !(w.sock = zmq_socket(w.zctx, ZMQ_DEALER))) {
+        fprintf(stderr, "numoe-worker %d: ZeroMQ: %s\n", w.id, zmq_strerror(zmq_errno()));
+        return 1;
+    }
+    int linger = 0, sndtimeo = 10000;
+    zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(w.sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+    if (zmq_connect(w.sock, w.endpoint)) {
+        zmq_close(w.sock);
+        w.sock = NULL;
+        fail(&w, "cannot connect to %s: %s", w.endpoint, zmq_strerror(zmq_errno()));
+    }
+
+    nm_binding bind;
+    if (nm_bind_node(w.node, &bind, &err)) fail(&w, "%s", err.msg);
+
+    nm_gguf *g = NULL;
+    nm_model m = {0};
+    nm_placement p = {0};
+    if (nm_gguf_open(w.model, &g, &err)) fail(&w, "%s", err.msg);
+    if (nm_model_load(&m, g, &err)) {
+        nm_gguf_close(g);
+        fail(&w, "%s", err.msg);
+    }
+    Numoe__ModelIdentity mid = NUMOE__MODEL_IDENTITY__INIT;
+    nm_model_identity(g, &mid.file_bytes, &mid.header_hash);
+    mid.n_layer = (uint32_t)m.hp.n_layer, mid.n_expert = (uint32_t)m.hp.n_expert;
+    mid.n_embd = (uint32_t)m.hp.n_embd, mid.n_ff_exp = (uint32_t)m.hp.n_ff_exp;
+    w.n_layer = m.hp.n_layer;
+    if (!(w.is_moe = calloc((size_t)w.n_layer, 1))) fail(&w, "out of memory");
+    for (int64_t l = 0; l < w.n_layer; l++) w.is_moe[l] = (uint8_t)m.layers[l].is_moe;
+    int rc = nm_placement_for_model(&p, &m, w.kind, w.n_workers, &err);
+    if (!rc && !(w.pool = nm_pool_create(w.threads))) rc = nm_errf(&err, "cannot start %d threads", w.threads);
+    if (!rc) rc = nm_shard_build(&w.shard, &m, &p, w.id, bind.node, w.pool, &err);
+    uint64_t place_hash = rc ? 0 : nm_placement_hash(&p);
+    nm_placement_free(&p);
+    nm_model_free(&m);
+    nm_gguf_close(g); /* the shard is a copy: the mapping goes */
+    if (rc) fail(&w, "%s", err.msg);
+
+    /* register */
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    Numoe__Register reg = NUMOE__REGISTER__INIT;
+    const char *fake = getenv("NUMOE_FAKE_PROTOCOL_VERSION");
+    reg.protocol_version = fake ? (uint32_t)strtoul(fake, NULL, 10) : NM_PROTOCOL_VERSION;
+    reg.build_id = (char *)nm_build_id();
+    reg.worker_id = (uint32_t)w.id, reg.n_workers = (uint32_t)w.n_workers;
+    reg.node = bind.node, reg.cores = (uint32_t)bind.cpus, reg.threads = (uint32_t)nm_pool_size(w.pool);
+    reg.model = &mid;
+    reg.placement = (Numoe__PlacementKind)w.kind, reg.placement_hash = place_hash;
+    reg.shard_bytes = w.shard.weight_bytes;
+    reg.pid = (uint64_t)getpid();
+    reg.host = host;
+    Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
+    env.msg_case = NUMOE__ENVELOPE__MSG_REGISTER, env.register_ = &reg;
+    if (nm_wire_send(w.sock, NULL, &env, &err)) fail(&w, "%s", err.msg);
+
+    Numoe__Envelope *in = NULL;
+    for (int waited = 0; !in; waited++) {
+        int r = nm_wire_recv(w.sock, 1000, NULL, &in, &err);
+        if (r < 0) fail(&w, "%s", err.msg);
+        if (r == 0 && in->msg_case == NUMOE__ENVELOPE__MSG_SHUTDOWN) {
+            numoe__envelope__free_unpacked(in, NULL);
+            cleanup(&w);
+            return 0;
+        }
+        if (r == 0 && in->msg_case != NUMOE__ENVELOPE__MSG_REGISTER_REPLY) {
+            numoe__envelope__free_unpacked(in, NULL);
+            in = NULL;
+        }
+        if (!in && waited >= 120) fail(&w, "no answer from the coordinator at %s within 120 s", w.endpoint);
+    }
+    Numoe__RegisterReply *rr = in->register_reply;
+    if (!rr->accepted) {
+        fprintf(stderr, "numoe-worker %d: refused by the coordinator: %s\n", w.id, rr->reason);
+        numoe__envelope__free_unpacked(in, NULL);
+        cleanup(&w);
+        return 1;
+    }
+    if (rr->protocol_version != NM_PROTOCOL_VERSION) {
+        uint32_t v = rr->protocol_version;
+        numoe__envelope__free_unpacked(in, NULL);
+        fail(&w, "the coordinator speaks numoe protocol version %u, this worker version %u", v, NM_PROTOCOL_VERSION);
+    }
+    w.handoff = rr->handoff;
+    w.spin_ns = (int64_t)rr->spin_us * 1000;
+    rc = nm_slot_attach(&w.slot, rr->slot_name, rr->slot_bytes, (int64_t)mid.n_embd, &err);
+    numoe__envelope__free_unpacked(in, NULL);
+    if (rc) fail(&w, "%s", err.msg);
+    Numoe__Heartbeat hb = NUMOE__HEARTBEAT__INIT;
+    hb.time_ns = (uint64_t)nm_wire_now_ns();
+    hb.slot_bytes = w.slot.bytes;
+    Numoe__Envelope henv = NUMOE__ENVELOPE__INIT;
+    henv.msg_case = NUMOE__ENVELOPE__MSG_HEARTBEAT, henv.heartbeat = &hb;
+    if (nm_wire_send(w.sock, NULL, &henv, &err)) fail(&w, "%s", err.msg);
+
+    /* serve until Shutdown or a signal */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal; /* no SA_RESTART: waits return EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    if (w.handoff == NUMOE__HANDOFF__HANDOFF_ZMQ) serve_zmq(&w);
+    else serve_doorbell(&w);
+    cleanup(&w);
+    return 0;
+}

@@ -1,0 +1,208 @@
+/* shard.c - a worker's expert weights: copy-out, repacking, compute (shard.h). */
+#include "worker/shard.h"
+
+#include <numa.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "kernels/quant.h"
+
+#define ALIGN 64
+
+typedef struct {
+    uint8_t *dst;
+    const uint8_t *src;
+    size_t rows, row_bytes, src_stride, dst_stride;
+} copy_op;
+
+typedef struct {
+    copy_op *ops;
+    size_t n;
+    atomic_size_t next;
+} copy_job;
+
+static void run_copies(void *ctx, int ith, int nth) {
+    copy_job *j = ctx;
+    (void)ith, (void)nth;
+    for (;;) {
+        size_t i = atomic_fetch_add(&j->next, 1);
+        if (i >= j->n) break;
+        const copy_op *o = &j->ops[i];
+        for (size_t r = 0; r < o->rows; r++) memcpy(o->dst + r * o->dst_stride, o->src + r * o->src_stride, o->row_bytes);
+    }
+}
+
+static size_t up64(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
+
+/* The piece of expert e in layer l that worker holds, or NULL. */
+static const nm_piece *piece_of(const nm_placement *p, int64_t l, int64_t e, int worker) {
+    size_t c = (size_t)(l * p->n_expert + e);
+    for (int i = 0; i < p->n_pieces[c]; i++)
+        if (p->pieces[c * (size_t)p->n_workers + (size_t)i].worker == worker)
+            return &p->pieces[c * (size_t)p->n_workers + (size_t)i];
+    return NULL;
+}
+
+void nm_shard_free(nm_shard *s) {
+    if (s->layers)
+        for (int64_t l = 0; l < s->n_layer; l++) free(s->layers[l].groups);
+    free(s->layers);
+    free(s->ptrs);
+    if (s->mem) munmap(s->mem, s->mem_bytes);
+    free(s->tmp);
+    nm_moe_scratch_free(&s->scratch);
+    memset(s, 0, sizeof *s);
+}
+
+int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int worker, int node, nm_pool *pool,
+                   nm_err *err) {
+    const nm_hparams *hp = &m->hp;
+    const int64_t E = hp->n_expert, H = hp->n_embd;
+    memset(s, 0, sizeof *s);
+    s->n_layer = hp->n_layer, s->n_embd = H, s->n_expert = E;
+    if (p->n_layer != hp->n_layer || p->n_expert != E || p->n_ff != hp->n_ff_exp)
+        return nm_errf(err, "shard: the placement's shape does not match the model");
+    int64_t *widths = malloc((size_t)(E > 0 ? E : 1) * sizeof *widths);
+    s->layers = calloc((size_t)hp->n_layer, sizeof *s->layers);
+    if (!widths || !s->layers) {
+        free(widths);
+        nm_shard_free(s);
+        return nm_errf(err, "shard: out of memory");
+    }
+    /* pass 1: groups (distinct piece widths per layer, widest first) and sizes */
+    size_t bytes = 0, n_ptr = 0, n_ops = 0;
+    for (int64_t l = 0; l < hp->n_layer; l++) {
+        const nm_layer *L = &m->layers[l];
+        if (!L->is_moe) continue;
+        int nw = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const nm_piece *q = piece_of(p, l, e, worker);
+            if (!q) continue;
+            int64_t wd = q->f1 - q->f0;
+            int seen = 0;
+            for (int i = 0; i < nw; i++) seen |= widths[i] == wd;
+            if (!seen) widths[nw++] = wd;
+            size_t down_row = nm_row_size(L->down_exps.type, wd);
+            if (!down_row) {
+                free(widths);
+                nm_shard_free(s);
+                return nm_errf(err, "shard: layer %lld expert %lld: %lld ff columns are not whole %s blocks",
+                               (long long)l, (long long)e, (long long)wd, nm_type_name(L->down_exps.type));
+            }
+            bytes += up64((size_t)wd * L->gate_exps.row_bytes) + up64((size_t)wd * L->up_exps.row_bytes) +
+                     up64((size_t)H * down_row);
+            s->weight_bytes += (uint64_t)wd * (L->gate_exps.row_bytes + L->up_exps.row_bytes) + (uint64_t)H * down_row;
+            n_ops += 3;
+        }
+        for (int i = 0; i < nw; i++) /* widest first */
+            for (int j = i + 1; j < nw; j++)
+                if (widths[j] > widths[i]) {
+                    int64_t t = widths[i];
+                    widths[i] = widths[j], widths[j] = t;
+                }
+        nm_shard_layer *SL = &s->layers[l];
+        SL->n_groups = nw;
+        if (nw && !(SL->groups = calloc((size_t)nw, sizeof *SL->groups))) {
+            free(widths);
+            nm_shard_free(s);
+            return nm_errf(err, "shard: out of memory");
+        }
+        for (int i = 0; i < nw; i++)
+            SL->groups[i] = (nm_moe_experts){
+                .n_embd = H, .n_ff = widths[i], .n_expert = E, .type_gate = L->gate_exps.type,
+                .type_up = L->up_exps.type, .type_down = L->down_exps.type, .row_gate = L->gate_exps.row_bytes,
+                .row_up = L->up_exps.row_bytes, .row_down = nm_row_size(L->down_exps.type, widths[i])};
+        n_ptr += (size_t)nw * 3 * (size_t)E;
+    }
+    free(widths);
+    copy_op *ops = calloc(n_ops ? n_ops : 1, sizeof *ops);
+    s->ptrs = calloc(n_ptr ? n_ptr : 1, sizeof *s->ptrs);
+    if (!ops || !s->ptrs) {
+        free(ops);
+        nm_shard_free(s);
+        return nm_errf(err, "shard: out of memory");
+    }
+    if (bytes) {
+        s->mem_bytes = bytes;
+        void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED) {
+            s->mem_bytes = 0;
+            free(ops);
+            nm_shard_free(s);
+            return nm_errf(err, "shard: cannot allocate %zu bytes for the expert weights", bytes);
+        }
+        s->mem = mem;
+        if (bytes >= (2u << 20)) madvise(mem, bytes, MADV_HUGEPAGE);
+        if (node >= 0) numa_tonode_memory(mem, bytes, node); /* before the first touch */
+    }
+    /* pass 2: pointer tables and copy operations */
+    uint8_t *cur = s->mem;
+    const void **pt = s->ptrs;
+    size_t k = 0;
+    for (int64_t l = 0; l < hp->n_layer; l++) {
+        const nm_layer *L = &m->layers[l];
+        nm_shard_layer *SL = &s->layers[l];
+        for (int g = 0; g < SL->n_groups; g++) {
+            nm_moe_experts *G = &SL->groups[g];
+            const void **gate = pt, **up = pt + E, **down = pt + 2 * E;
+            pt += 3 * E;
+            G->gate = gate, G->up = up, G->down = down;
+            for (int64_t e = 0; e < E; e++) {
+                const nm_piece *q = piece_of(p, l, e, worker);
+                if (!q || q->f1 - q->f0 != G->n_ff) continue;
+                size_t wd = (size_t)G->n_ff, gb = wd * G->row_gate, ub = wd * G->row_up;
+                /* gate/up: rows [f0, f1), contiguous in the file */
+                ops[k++] = (copy_op){cur, nm_mat_row(&L->gate_exps, e, q->f0), 1, gb, 0, 0};
+                gate[e] = cur, cur += up64(gb);
+                ops[k++] = (copy_op){cur, nm_mat_row(&L->up_exps, e, q->f0), 1, ub, 0, 0};
+                up[e] = cur, cur += up64(ub);
+                /* down: columns [f0, f1) of each of the n_embd rows, repacked */
+                size_t col0 = nm_row_size(L->down_exps.type, q->f0); /* bytes before column f0 (whole blocks) */
+                if (q->f0 && !col0) {
+                    free(ops);
+                    nm_shard_free(s);
+                    return nm_errf(err, "shard: layer %lld expert %lld: column %lld is not on a %s block boundary",
+                                   (long long)l, (long long)e, (long long)q->f0, nm_type_name(L->down_exps.type));
+                }
+                ops[k++] = (copy_op){cur, (const uint8_t *)nm_mat_row(&L->down_exps, e, 0) + col0, (size_t)H,
+                                     G->row_down, L->down_exps.row_bytes, G->row_down};
+                down[e] = cur, cur += up64((size_t)H * G->row_down);
+            }
+        }
+    }
+    copy_job job = {.ops = ops, .n = k};
+    atomic_init(&job.next, 0);
+    nm_pool_run(pool, run_copies, &job);
+    free(ops);
+    return 0;
+}
+
+int nm_shard_moe(nm_shard *s, nm_pool *pool, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
+                 const float *w, float *out, nm_err *err) {
+    if (layer < 0 || layer >= s->n_layer) return nm_errf(err, "no such layer (%lld layers)", (long long)s->n_layer);
+    const nm_shard_layer *SL = &s->layers[layer];
+    size_t n = (size_t)n_tok * (size_t)s->n_embd;
+    for (int64_t i = 0; i < n_tok * k; i++)
+        if (ids[i] < 0 || ids[i] >= s->n_expert)
+            return nm_errf(err, "expert id %d out of range 0..%lld", ids[i], (long long)s->n_expert - 1);
+    if (SL->n_groups == 0) {
+        memset(out, 0, n * sizeof *out);
+        return 0;
+    }
+    if (SL->n_groups > 1 && s->tmp_tok < n_tok) {
+        float *t = realloc(s->tmp, n * sizeof *t);
+        if (!t) return nm_errf(err, "out of memory");
+        s->tmp = t, s->tmp_tok = n_tok;
+    }
+    char msg[256];
+    for (int g = 0; g < SL->n_groups; g++) {
+        float *dst = g == 0 ? out : s->tmp;
+        if (nm_moe_forward(pool, &s->scratch, &SL->groups[g], n_tok, x, k, ids, w, dst, msg, sizeof msg))
+            return nm_errf(err, "%s", msg);
+        if (g > 0)
+            for (size_t i = 0; i < n; i++) out[i] += dst[i];
+    }
+    return 0;
+}
