@@ -115,3 +115,26 @@ nm_vec_dot_fn nm_vec_dot_for(int type, nm_isa isa) {
 }
 
 nm_vec_dot_fn nm_vec_dot(int type) { return nm_vec_dot_for(type, nm_isa_best()); }
+
+/* Same walk as nm_vec_dot_for: every level's multi table has an entry for
+ * exactly the types its single table has, so both stop at the same level
+ * and a multi result equals the single dot's, row by row. */
+nm_vec_dot_multi_fn nm_vec_dot_multi_for(int type, nm_isa isa) {
+    if ((int)isa > (int)hw_max()) isa = hw_max();
+    nm_vec_dot_multi_fn fn = NULL;
+    switch (isa) {
+    case NM_ISA_AVX512_VNNI:
+        if ((fn = nm_dot_multi_table_avx512vnni(type))) return fn;
+        /* fall through */
+    case NM_ISA_AVX512:
+        if ((fn = nm_dot_multi_table_avx512(type))) return fn;
+        /* fall through */
+    case NM_ISA_AVX2:
+        if ((fn = nm_dot_multi_table_avx2(type))) return fn;
+        /* fall through */
+    default:
+        return nm_vec_dot_multi_ref(type);
+    }
+}
+
+nm_vec_dot_multi_fn nm_vec_dot_multi(int type) { return nm_vec_dot_multi_for(type, nm_isa_best()); }

@@ -9,6 +9,7 @@
  * 16 sub-blocks * 128 (|scale|) * 16 * 32 * 128 < 2^28.
  *
  * Float weights are dotted with float activations in double. */
+#include "kernels/dot_simd.h"
 #include "kernels/fp16.h"
 #include "kernels/quant.h"
 #include "kernels/quant_unpack.h"
@@ -229,6 +230,43 @@ nm_vec_dot_fn nm_vec_dot_ref(int type) {
     case NM_TYPE_Q5_K: return dot_q5_K;
     case NM_TYPE_Q6_K: return dot_q6_K;
     case NM_TYPE_Q8_K: return dot_q8_K;
+    default: return NULL;
+    }
+}
+
+/* The scalar level has no multi-row kernels of its own: it is the ground
+ * truth, so its multi dots are plain loops over the reference. */
+NM_DOT_MULTI_BY_LOOP(multi_f32, dot_f32)
+NM_DOT_MULTI_BY_LOOP(multi_f16, dot_f16)
+NM_DOT_MULTI_BY_LOOP(multi_bf16, dot_bf16)
+NM_DOT_MULTI_BY_LOOP(multi_q4_0, dot_q4_0)
+NM_DOT_MULTI_BY_LOOP(multi_q4_1, dot_q4_1)
+NM_DOT_MULTI_BY_LOOP(multi_q5_0, dot_q5_0)
+NM_DOT_MULTI_BY_LOOP(multi_q5_1, dot_q5_1)
+NM_DOT_MULTI_BY_LOOP(multi_q8_0, dot_q8_0)
+NM_DOT_MULTI_BY_LOOP(multi_q2_K, dot_q2_K)
+NM_DOT_MULTI_BY_LOOP(multi_q3_K, dot_q3_K)
+NM_DOT_MULTI_BY_LOOP(multi_q4_K, dot_q4_K)
+NM_DOT_MULTI_BY_LOOP(multi_q5_K, dot_q5_K)
+NM_DOT_MULTI_BY_LOOP(multi_q6_K, dot_q6_K)
+NM_DOT_MULTI_BY_LOOP(multi_q8_K, dot_q8_K)
+
+nm_vec_dot_multi_fn nm_vec_dot_multi_ref(int type) {
+    switch (type) {
+    case NM_TYPE_F32: return multi_f32;
+    case NM_TYPE_F16: return multi_f16;
+    case NM_TYPE_BF16: return multi_bf16;
+    case NM_TYPE_Q4_0: return multi_q4_0;
+    case NM_TYPE_Q4_1: return multi_q4_1;
+    case NM_TYPE_Q5_0: return multi_q5_0;
+    case NM_TYPE_Q5_1: return multi_q5_1;
+    case NM_TYPE_Q8_0: return multi_q8_0;
+    case NM_TYPE_Q2_K: return multi_q2_K;
+    case NM_TYPE_Q3_K: return multi_q3_K;
+    case NM_TYPE_Q4_K: return multi_q4_K;
+    case NM_TYPE_Q5_K: return multi_q5_K;
+    case NM_TYPE_Q6_K: return multi_q6_K;
+    case NM_TYPE_Q8_K: return multi_q8_K;
     default: return NULL;
     }
 }

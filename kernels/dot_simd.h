@@ -19,6 +19,20 @@ nm_vec_dot_fn nm_dot_table_avx2(int type);       /* AVX2 + FMA + F16C */
 nm_vec_dot_fn nm_dot_table_avx512(int type);     /* AVX-512 F/BW/VL/DQ */
 nm_vec_dot_fn nm_dot_table_avx512vnni(int type); /* + AVX512-VNNI */
 
+/* The multi-row dots (quant.h) of each level: for every type its single
+ * table above has, either a kernel of its own or NM_DOT_MULTI_BY_LOOP over
+ * that level's single dot, and NULL for the others, so the fallback in
+ * nm_vec_dot_multi_for stops at the same level as nm_vec_dot_for. */
+nm_vec_dot_multi_fn nm_dot_multi_table_avx2(int type);
+nm_vec_dot_multi_fn nm_dot_multi_table_avx512(int type);
+nm_vec_dot_multi_fn nm_dot_multi_table_avx512vnni(int type);
+
+/* Defines `multi` as nx calls of the single dot `single`. */
+#define NM_DOT_MULTI_BY_LOOP(multi, single)                                                                  \
+    static void multi(int64_t n, const void *w, const void *const *x, int nx, float *out) {                  \
+        for (int j_ = 0; j_ < nx; j_++) out[j_] = single(n, w, x[j_]);                                       \
+    }
+
 #if defined(__AVX2__) && defined(__F16C__)
 /* Helpers shared by the SIMD files (both compiled with at least AVX2 + F16C;
  * this part is invisible to files without those flags). */
@@ -58,10 +72,16 @@ static inline __m128i nm_k4_scales_mins(__m128i head) {
 /* sum_j min_j * (activation sum of 32-element sub-block j), as 8 int32
  * partial sums: the min is constant over a sub-block, so its part of the dot
  * is min * (sum of the sub-block's activations), which Q8_K already holds
- * as two 16-element bsums per sub-block; each min is paired with both. */
-static inline __m256i nm_k4_min_dot(__m128i scm, const int16_t bsums[16]) {
+ * as two 16-element bsums per sub-block; each min is paired with both.
+ * nm_k4_mins16 is the weight half (each min twice, as int16), shared by the
+ * multi-row kernels across rows. */
+static inline __m256i nm_k4_mins16(__m128i scm) {
     const __m128i dup = _mm_shuffle_epi8(scm, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
-    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(dup), _mm256_loadu_si256((const __m256i *)bsums));
+    return _mm256_cvtepu8_epi16(dup);
+}
+
+static inline __m256i nm_k4_min_dot(__m128i scm, const int16_t bsums[16]) {
+    return _mm256_madd_epi16(nm_k4_mins16(scm), _mm256_loadu_si256((const __m256i *)bsums));
 }
 
 /* Q3_K: the 16 signed 6-bit scales (see nm_unpack_q3_K) from 16 bytes whose

@@ -90,8 +90,38 @@ int nm_act_prepare(nm_matmul_ctx *ctx, nm_pool *pool, int weight_type, const flo
 
 void nm_matmul_rows(nm_vec_dot_fn dot, const void *W, size_t row_bytes, int64_t r0, int64_t r1, const nm_act *act,
                     const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy) {
+    nm_matmul_rows_multi(dot, NULL, W, row_bytes, r0, r1, act, tok, n_sel, Y, ldy);
+}
+
+void nm_matmul_rows_multi(nm_vec_dot_fn dot, nm_vec_dot_multi_fn multi, const void *W, size_t row_bytes, int64_t r0,
+                          int64_t r1, const nm_act *act, const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy) {
     const char *w = W, *x = act->data;
     const int64_t cols = act->cols;
+    if (multi && n_sel > 1) {
+        /* Groups of NM_DOT_MULTI_MAX tokens, each against every row of the
+         * range: the group's activation rows stay in L1 for all the rows,
+         * and the range (a chunk of NM_MATMUL_CHUNK_BYTES) comes back from
+         * L2 once per group; per (row, token) that is row_bytes / group
+         * bytes from L2 instead of a whole activation row. A lone last
+         * token takes the single dot. */
+        for (int64_t t = 0; t < n_sel;) {
+            const int g = n_sel - t < NM_DOT_MULTI_MAX ? (int)(n_sel - t) : NM_DOT_MULTI_MAX;
+            const void *xs[NM_DOT_MULTI_MAX];
+            for (int j = 0; j < g; j++) xs[j] = x + (size_t)(tok ? tok[t + j] : t + j) * act->stride;
+            for (int64_t r = r0; r < r1; r++) {
+                const void *wr = w + (size_t)r * row_bytes;
+                if (g == 1) {
+                    Y[t * ldy + r] = dot(cols, wr, xs[0]);
+                    continue;
+                }
+                float out[NM_DOT_MULTI_MAX];
+                multi(cols, wr, xs, g, out);
+                for (int j = 0; j < g; j++) Y[(t + j) * ldy + r] = out[j];
+            }
+            t += g;
+        }
+        return;
+    }
     int64_t tile = (int64_t)(NM_MATMUL_TILE_BYTES / act->stride);
     if (tile < 1) tile = 1;
     for (int64_t t0 = 0; t0 < n_sel; t0 += tile) {
@@ -108,6 +138,7 @@ void nm_matmul_rows(nm_vec_dot_fn dot, const void *W, size_t row_bytes, int64_t 
 
 struct mm_job {
     nm_vec_dot_fn dot;
+    nm_vec_dot_multi_fn multi;
     const void *W;
     size_t row_bytes;
     int64_t rows, rows_per_chunk, n_chunks;
@@ -124,7 +155,7 @@ static void mm_task(void *p, int ith, int nth) {
     for (int64_t c = ith; c < j->n_chunks; c = atomic_fetch_add(&j->next, 1)) {
         const int64_t r0 = c * j->rows_per_chunk;
         const int64_t r1 = r0 + j->rows_per_chunk < j->rows ? r0 + j->rows_per_chunk : j->rows;
-        nm_matmul_rows(j->dot, j->W, j->row_bytes, r0, r1, j->act, j->tok, j->n_sel, j->Y, j->ldy);
+        nm_matmul_rows_multi(j->dot, j->multi, j->W, j->row_bytes, r0, r1, j->act, j->tok, j->n_sel, j->Y, j->ldy);
     }
 }
 
@@ -141,12 +172,13 @@ int nm_matmul_act(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void 
         return -1;
     }
     const nm_vec_dot_fn dot = nm_vec_dot_for(type, ctx->isa);
-    if (!dot) return -1;
+    const nm_vec_dot_multi_fn multi = nm_vec_dot_multi_for(type, ctx->isa);
+    if (!dot || !multi) return -1;
     if (rows == 0 || n_sel == 0) return 0;
 
     const int nth = nm_pool_size(pool);
     if (nth == 1 || (double)rows * (double)row_bytes * (double)n_sel < SERIAL_WORK_BYTES) {
-        nm_matmul_rows(dot, W, row_bytes, 0, rows, act, tok, n_sel, Y, ldy);
+        nm_matmul_rows_multi(dot, multi, W, row_bytes, 0, rows, act, tok, n_sel, Y, ldy);
         return 0;
     }
     /* chunks of ~CHUNK_BYTES, but at least one per thread; multiples of 16
@@ -156,7 +188,7 @@ int nm_matmul_act(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void 
     if (per > even) per = even;
     if (per >= 32) per &= ~(int64_t)15;
     if (per < 1) per = 1;
-    struct mm_job j = {dot, W, row_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy, nth};
+    struct mm_job j = {dot, multi, W, row_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy, nth};
     nm_pool_run(pool, mm_task, &j);
     return 0;
 }

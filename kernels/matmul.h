@@ -27,12 +27,16 @@
  *
  * Threads: rows are split into chunks of about NM_MATMUL_CHUNK_BYTES of
  * weights, handed out dynamically (each thread starts on its own chunk, then
- * takes the next free one). Within a chunk, tokens are processed in tiles
- * of about NM_MATMUL_TILE_BYTES of activations, and the tile loop is outside
- * the row loop: a weight row is read from memory once per call and reused
- * from L1 for every token of the tile, the chunk is reused from L2 by the
- * next tile. A NULL pool runs on the caller. Small problems run on the
- * caller too, where a dispatch would cost more than the work. */
+ * takes the next free one). Within a chunk, several tokens (a GEMM) go in
+ * groups of NM_DOT_MULTI_MAX through the multi-row dot (quant.h), the
+ * group loop outside the row loop: a row's blocks are unpacked once per
+ * group rather than once per token, the group's activation rows stay in L1
+ * for all the chunk's rows, and the chunk is read from memory once per call
+ * and from L2 by the next groups. One token (decode) takes the single dot,
+ * row by row; so does a NULL multi (nm_matmul_rows), with tokens in tiles
+ * of about NM_MATMUL_TILE_BYTES of activations outside the row loop. A NULL
+ * pool runs on the caller. Small problems run on the caller too, where a
+ * dispatch would cost more than the work. */
 #ifndef NUMOE_KERNELS_MATMUL_H
 #define NUMOE_KERNELS_MATMUL_H
 
@@ -83,8 +87,15 @@ int nm_matmul(nm_matmul_ctx *ctx, nm_pool *pool, int type, const void *W, int64_
 /* The single-threaded core, for callers that split work themselves (for
  * example one pool task per expert): rows [r0, r1) of W (row_bytes apart)
  * against the selected tokens, Y[i * ldy + r] for absolute row r. No
- * argument checks: dot must be the weight type's dot (nm_vec_dot_for) and
- * act in its vec_dot_type. */
+ * argument checks: dot must be the weight type's dot (nm_vec_dot_for),
+ * multi its multi-row dot at the same level (nm_vec_dot_multi_for) and act
+ * in their vec_dot_type. Tokens go in groups of NM_DOT_MULTI_MAX through
+ * multi, each group against all rows (see the top of this file); a lone
+ * token goes through dot. Results equal one dot per (row, token) bit for
+ * bit (see quant.h). A NULL multi uses dot throughout, which is all
+ * nm_matmul_rows does. */
+void nm_matmul_rows_multi(nm_vec_dot_fn dot, nm_vec_dot_multi_fn multi, const void *W, size_t row_bytes, int64_t r0,
+                          int64_t r1, const nm_act *act, const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy);
 void nm_matmul_rows(nm_vec_dot_fn dot, const void *W, size_t row_bytes, int64_t r0, int64_t r1, const nm_act *act,
                     const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy);
 

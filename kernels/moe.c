@@ -36,11 +36,18 @@ typedef struct {
 } moe_job;
 
 /* Pass 1: for each (expert, row chunk) unit, h[pair][r] = silu(g) * u for all
- * the expert's tokens; weights rows are read once per unit. */
+ * the expert's tokens; weights rows are read from memory once per unit.
+ * The expert's pairs go in groups of NM_DOT_MULTI_MAX, each group against
+ * every row of the unit through the multi-row dot: a row's blocks are
+ * unpacked once per group instead of once per token (prefill is bound by
+ * that unpacking), and the group's activation rows stay in L1 across the
+ * unit's rows while the unit's weight rows come back from L2. A lone pair
+ * (every pair at decode) takes the single dot; both give the same bits. */
 static void pass_gate_up(void *ctx, int ith, int nth) {
     moe_job *j = ctx;
     const nm_moe_experts *ex = j->ex;
     nm_vec_dot_fn dg = nm_vec_dot(ex->type_gate), du = nm_vec_dot(ex->type_up);
+    nm_vec_dot_multi_fn mg = nm_vec_dot_multi(ex->type_gate), mu = nm_vec_dot_multi(ex->type_up);
     int64_t chunks = (ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK;
     (void)ith, (void)nth;
     for (;;) {
@@ -50,14 +57,27 @@ static void pass_gate_up(void *ctx, int ith, int nth) {
         if (r1 > ex->n_ff) r1 = ex->n_ff;
         int32_t e = j->expert[ei];
         const uint8_t *G = ex->gate[e], *U = ex->up[e];
-        for (int64_t r = r0; r < r1; r++) {
-            const void *gr = G + (size_t)r * ex->row_gate, *ur = U + (size_t)r * ex->row_up;
-            for (int64_t p = j->start[ei]; p < j->start[ei + 1]; p++) {
-                int32_t t = j->pair_tok[p];
-                float g = dg(ex->n_embd, gr, j->xq_gate + (size_t)t * j->xq_gate_row);
-                float v = du(ex->n_embd, ur, j->xq_up + (size_t)t * j->xq_up_row);
-                j->h[p * ex->n_ff + r] = g / (1.0f + expf(-g)) * v;
+        for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
+            int n = j->start[ei + 1] - p < NM_DOT_MULTI_MAX ? (int)(j->start[ei + 1] - p) : NM_DOT_MULTI_MAX;
+            const void *xg[NM_DOT_MULTI_MAX], *xu[NM_DOT_MULTI_MAX];
+            for (int k = 0; k < n; k++) {
+                int32_t t = j->pair_tok[p + k];
+                xg[k] = j->xq_gate + (size_t)t * j->xq_gate_row;
+                xu[k] = j->xq_up + (size_t)t * j->xq_up_row;
             }
+            for (int64_t r = r0; r < r1; r++) {
+                const void *gr = G + (size_t)r * ex->row_gate, *ur = U + (size_t)r * ex->row_up;
+                float g[NM_DOT_MULTI_MAX], v[NM_DOT_MULTI_MAX];
+                if (n == 1) {
+                    g[0] = dg(ex->n_embd, gr, xg[0]);
+                    v[0] = du(ex->n_embd, ur, xu[0]);
+                } else {
+                    mg(ex->n_embd, gr, xg, n, g);
+                    mu(ex->n_embd, ur, xu, n, v);
+                }
+                for (int k = 0; k < n; k++) j->h[(p + k) * ex->n_ff + r] = g[k] / (1.0f + expf(-g[k])) * v[k];
+            }
+            p += n;
         }
     }
 }
@@ -78,11 +98,15 @@ static void pass_quantize(void *ctx, int ith, int nth) {
 }
 
 /* Pass 2: output rows are split between threads (units of ROW_CHUNK rows of
- * n_embd), each unit walks every expert, so no two threads write one element. */
+ * n_embd), each unit walks every expert, so no two threads write one element.
+ * Pairs go through the multi-row dot in groups as in pass 1; each output
+ * element still receives its products in (expert, pair) order, as one dot
+ * at a time gave them. */
 static void pass_down(void *ctx, int ith, int nth) {
     moe_job *j = ctx;
     const nm_moe_experts *ex = j->ex;
     nm_vec_dot_fn dd = nm_vec_dot(ex->type_down);
+    nm_vec_dot_multi_fn md = nm_vec_dot_multi(ex->type_down);
     (void)ith, (void)nth;
     for (;;) {
         int64_t u = atomic_fetch_add(&j->next, 1);
@@ -91,11 +115,21 @@ static void pass_down(void *ctx, int ith, int nth) {
         if (r1 > ex->n_embd) r1 = ex->n_embd;
         for (int64_t ei = 0; ei < j->n_used; ei++) {
             const uint8_t *D = ex->down[j->expert[ei]];
-            for (int64_t r = r0; r < r1; r++) {
-                const void *dr = D + (size_t)r * ex->row_down;
-                for (int64_t p = j->start[ei]; p < j->start[ei + 1]; p++)
-                    j->out[(size_t)j->pair_tok[p] * ex->n_embd + r] +=
-                        j->pair_w[p] * dd(ex->n_ff, dr, j->hq + (size_t)p * j->hq_row);
+            for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
+                int n = j->start[ei + 1] - p < NM_DOT_MULTI_MAX ? (int)(j->start[ei + 1] - p) : NM_DOT_MULTI_MAX;
+                const void *xs[NM_DOT_MULTI_MAX];
+                for (int k = 0; k < n; k++) xs[k] = j->hq + (size_t)(p + k) * j->hq_row;
+                for (int64_t r = r0; r < r1; r++) {
+                    const void *dr = D + (size_t)r * ex->row_down;
+                    float d[NM_DOT_MULTI_MAX];
+                    if (n == 1)
+                        d[0] = dd(ex->n_ff, dr, xs[0]);
+                    else
+                        md(ex->n_ff, dr, xs, n, d);
+                    for (int k = 0; k < n; k++)
+                        j->out[(size_t)j->pair_tok[p + k] * ex->n_embd + r] += j->pair_w[p + k] * d[k];
+                }
+                p += n;
             }
         }
     }

@@ -128,6 +128,31 @@ nm_vec_dot_fn nm_vec_dot_for(int type, nm_isa isa);
 /* nm_vec_dot_for(type, nm_isa_best()), cached. */
 nm_vec_dot_fn nm_vec_dot(int type);
 
+/* Several activation rows per weight row: out[j] = dot(w, x[j]) for j < nx,
+ * 1 <= nx <= NM_DOT_MULTI_MAX, each x[j] a row in the weight type's
+ * vec_dot_type (anywhere at its fields' natural alignment; rows may repeat,
+ * as the single dot allows). A GEMM spends most of its
+ * time unpacking weight blocks (nibbles, 6-bit scales and mins, fp16
+ * scales); the multi kernels unpack each block once and apply it to all nx
+ * rows, keeping one accumulator per row in registers.
+ *
+ * Results are bit-identical to nx calls of the single dot that
+ * nm_vec_dot_for returns for the same type and level: the integer parts are
+ * exact, and the float operations per row are the same ones in the same
+ * order (test_dot_simd checks this). Where a level has no specialised
+ * kernel for a type, its multi is a loop over that level's single dot, so
+ * nm_vec_dot_multi_for(type, isa) exists exactly when nm_vec_dot_for(type,
+ * isa) does. For one row the single dot is the fast path (decode). */
+#define NM_DOT_MULTI_MAX 8
+typedef void (*nm_vec_dot_multi_fn)(int64_t n, const void *w, const void *const *x, int nx, float *out);
+
+/* Scalar reference: a loop over nm_vec_dot_ref (NULL if the type has none). */
+nm_vec_dot_multi_fn nm_vec_dot_multi_ref(int type);
+/* The multi dot matching nm_vec_dot_for(type, isa); NULL where that is NULL. */
+nm_vec_dot_multi_fn nm_vec_dot_multi_for(int type, nm_isa isa);
+/* nm_vec_dot_multi_for(type, nm_isa_best()). */
+nm_vec_dot_multi_fn nm_vec_dot_multi(int type);
+
 #ifdef __cplusplus
 }
 #endif

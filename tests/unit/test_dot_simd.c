@@ -26,7 +26,10 @@
  * n = 4096 (128 blocks), 3.2e-5 * M for F32 at n = 4096, 1.5e-6 * M for a
  * single K-quant block. A wrong quant bit moves the result by about
  * M / n or more (2.4e-4 * M at n = 4096), well outside. The observed
- * largest relative errors are printed. */
+ * largest relative errors are printed.
+ *
+ * The multi-row dots (several activation rows per call) are checked against
+ * the single dot of the same level, bit for bit; see test_multi_matches_single. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -184,6 +187,8 @@ static const int64_t lens_256[] = {256, 512, 768, 256 * 11, 4096};
 
 static const char *level_name(int lvl) { return nm_isa_name((nm_isa)lvl); }
 
+static const float SENTINEL_OUT = -98765.0f;
+
 static nm_vec_dot_fn level_table(int lvl, int type) {
     switch (lvl) {
     case NM_ISA_AVX2: return nm_dot_table_avx2(type);
@@ -257,6 +262,118 @@ static void test_dots_match_reference(void) {
                 fprintf(stderr, " %s %.1e", nm_type_name(all_types[i]), worst_rel[lvl][all_types[i]]);
         fputc('\n', stderr);
     }
+}
+
+/* ---- multi-row dots ----------------------------------------------------------
+ *
+ * nm_vec_dot_multi_for(type, lvl) against nx calls of nm_vec_dot_for(type,
+ * lvl), for every type, every level this CPU runs (scalar included) and
+ * every nx = 1..NM_DOT_MULTI_MAX, on fresh weights (both kinds above) and nx
+ * fresh activation rows per case. The rows are packed at the alignment
+ * their fields need, off cache lines (as moe.c's rows are), and one case
+ * repeats a row.
+ *
+ * Bound: 0. The multi kernels compute the same exact integer sums and, per
+ * row, the same float operations in the same order as the single dot (see
+ * quant.h), so every output must equal the single dot's bit for bit; any
+ * difference, even in the last place, means a row got another row's data
+ * or a different scale product. */
+
+static const int64_t multi_lens_float[] = {1, 17, 33, 257, 1000};
+static const int64_t multi_lens_32[] = {32, 64, 96, 32 * 37, 1408};
+static const int64_t multi_lens_256[] = {256, 768, 2048};
+
+static void check_multi_type(int type, int *cases) {
+    const nm_type_traits *tr = nm_type_traits_of(type);
+    const int act_type = tr->vec_dot_type;
+    const int64_t *lens = tr->block_size == 1    ? multi_lens_float
+                          : tr->block_size == 32 ? multi_lens_32
+                                                 : multi_lens_256;
+    const int n_lens = tr->block_size == 1    ? (int)(sizeof multi_lens_float / sizeof *multi_lens_float)
+                       : tr->block_size == 32 ? (int)(sizeof multi_lens_32 / sizeof *multi_lens_32)
+                                              : (int)(sizeof multi_lens_256 / sizeof *multi_lens_256);
+    for (int li = 0; li < n_lens; li++) {
+        const int64_t n = lens[li];
+        const size_t wbytes = nm_row_size(type, n), xbytes = nm_row_size(act_type, n);
+        /* row j at offset a + j * (xbytes + a), a the alignment the row's
+         * fields need (fp16 d of Q8_0: 2; floats: 4): packed like moe.c's
+         * rows, not on cache lines */
+        const size_t a = act_type == NM_TYPE_Q8_0 ? 2 : 4, xstride = (xbytes + a - 1) / a * a + a;
+        void *w = malloc(wbytes);
+        uint8_t *xbuf = malloc(xstride * NM_DOT_MULTI_MAX + a);
+        float *f = malloc(sizeof(float) * (size_t)n);
+        const void *xs[NM_DOT_MULTI_MAX];
+        for (int nx = 1; nx <= NM_DOT_MULTI_MAX; nx++) {
+            const int from_bytes = !is_float_type(type) && (nx & 1);
+            if (from_bytes) {
+                random_block_bytes(type, w, n / tr->block_size);
+            } else {
+                random_floats(f, n, nx & 2);
+                CHECK(nm_quantize_row(type, f, w, n) == 0, "quantize %s", tr->name);
+            }
+            for (int j = 0; j < nx; j++) {
+                random_floats(f, n, 0);
+                xs[j] = xbuf + (size_t)j * xstride + a;
+                CHECK(nm_quantize_row(act_type, f, xbuf + (size_t)j * xstride + a, n) == 0, "quantize act");
+            }
+            if (nx == 5) xs[3] = xs[1]; /* a repeated row */
+            for (int lvl = NM_ISA_SCALAR; lvl < NM_ISA_COUNT; lvl++) {
+                if (!nm_isa_supported((nm_isa)lvl)) continue;
+                const nm_vec_dot_fn one = nm_vec_dot_for(type, (nm_isa)lvl);
+                const nm_vec_dot_multi_fn multi = nm_vec_dot_multi_for(type, (nm_isa)lvl);
+                CHECK(one && multi, "%s %s: dot %p multi %p", level_name(lvl), tr->name, (void *)one, (void *)multi);
+                if (!one || !multi) continue;
+                float got[NM_DOT_MULTI_MAX + 1];
+                got[nx] = SENTINEL_OUT;
+                multi(n, w, xs, nx, got);
+                CHECK(got[nx] == SENTINEL_OUT, "%s %s nx=%d wrote past out[nx - 1]", level_name(lvl), tr->name, nx);
+                for (int j = 0; j < nx; j++) {
+                    const float want = one(n, w, xs[j]);
+                    (*cases)++;
+                    CHECK(memcmp(&got[j], &want, sizeof want) == 0,
+                          "%s %s n=%lld nx=%d row %d (%s): multi %.9g single %.9g", level_name(lvl), tr->name,
+                          (long long)n, nx, j, from_bytes ? "random bytes" : "quantised", got[j], want);
+                }
+            }
+        }
+        free(w);
+        free(xbuf);
+        free(f);
+    }
+}
+
+static void test_multi_matches_single(void) {
+    int cases = 0;
+    for (int i = 0; i < N_TYPES; i++) check_multi_type(all_types[i], &cases);
+    fprintf(stderr, "  %d multi-row outputs, all bit-identical to the single dot\n", cases);
+}
+
+/* A multi dot exists exactly where a single one does, and the formats real
+ * DeepSeek mixes use most have kernels of their own at AVX-512 (not the
+ * loops, which would show up as the same function in both flavours). */
+static void test_multi_tables(void) {
+    for (int i = 0; i < N_TYPES; i++) {
+        const int t = all_types[i];
+        for (int lvl = NM_ISA_SCALAR; lvl < NM_ISA_COUNT; lvl++)
+            CHECK((nm_vec_dot_multi_for(t, (nm_isa)lvl) != NULL) == (nm_vec_dot_for(t, (nm_isa)lvl) != NULL),
+                  "multi and single disagree on %s at %s", nm_type_name(t), level_name(lvl));
+        CHECK(nm_vec_dot_multi_for(t, NM_ISA_SCALAR) == nm_vec_dot_multi_ref(t), "scalar multi of %s", nm_type_name(t));
+        if (nm_isa_supported(NM_ISA_AVX2))
+            CHECK(nm_dot_multi_table_avx2(t) != NULL, "avx2 multi lacks %s", nm_type_name(t));
+        if (nm_isa_supported(NM_ISA_AVX512))
+            CHECK(nm_dot_multi_table_avx512(t) != NULL, "avx512 multi lacks %s", nm_type_name(t));
+        if (nm_isa_supported(NM_ISA_AVX512_VNNI))
+            CHECK((nm_dot_multi_table_avx512vnni(t) != NULL) == (nm_dot_table_avx512vnni(t) != NULL),
+                  "avx512vnni multi entry for %s", nm_type_name(t));
+    }
+    static const int own[] = {NM_TYPE_Q4_0, NM_TYPE_Q5_0, NM_TYPE_Q8_0, NM_TYPE_Q4_K, NM_TYPE_Q5_K, NM_TYPE_Q6_K};
+    if (nm_isa_supported(NM_ISA_AVX512_VNNI))
+        for (size_t i = 0; i < sizeof own / sizeof *own; i++)
+            CHECK(nm_dot_multi_table_avx512vnni(own[i]) != nm_dot_multi_table_avx512(own[i]),
+                  "%s has no multi kernel of its own", nm_type_name(own[i]));
+    CHECK(nm_vec_dot_multi_for(NM_TYPE_Q8_1, NM_ISA_AVX512_VNNI) == NULL, "Q8_1 has no multi dot");
+    CHECK(nm_vec_dot_multi_for(999, NM_ISA_AVX2) == NULL, "unknown type has no multi dot");
+    CHECK(nm_vec_dot_multi(NM_TYPE_Q4_K) == nm_vec_dot_multi_for(NM_TYPE_Q4_K, nm_isa_best()), "nm_vec_dot_multi");
 }
 
 /* Every weight type has its own path at AVX2 and AVX-512; VNNI has one for
@@ -358,5 +475,7 @@ int main(int argc, char **argv) {
     RUN(test_isa_levels);
     RUN(test_tables_complete);
     RUN(test_dots_match_reference);
+    RUN(test_multi_tables);
+    RUN(test_multi_matches_single);
     return check_summary();
 }

@@ -9,7 +9,9 @@
  * types, 1-3 threads, n_tok 1, 3, 17, odd row counts (not divisible by the
  * thread count, not a multiple of the chunk), padded ldx/ldy, every ISA
  * level this CPU runs, token gathers and expert slabs; padding of Y must
- * stay untouched.
+ * stay untouched. The GEMM path (multi-row dots) must also equal one
+ * single dot per (row, token) bit for bit (test_gemm_equals_single_dots),
+ * and so must the routed-expert FFN (test_moe_equals_single_dots).
  *
  * Bound: the kernels themselves are checked against the reference to their
  * rounding bound in test_dot_simd (below 3.2e-5 * M at these lengths, where
@@ -26,6 +28,7 @@
 #include <unistd.h>
 
 #include "kernels/matmul.h"
+#include "kernels/moe.h"
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
 #include "tests/unit/check.h"
@@ -271,10 +274,14 @@ static void test_prepared_gather_and_slabs(void) {
             else
                 CHECK(Y[i * ldy + r] == SENTINEL, "outside the range written: %lld %lld", (long long)i, (long long)r);
         }
-    /* the single-threaded core over the whole stack, as a pool task would */
+    /* the single-threaded core over the whole stack, as a pool task would,
+     * with one dot per (row, token) and with the multi-row dots */
     float *Yall = malloc(sizeof(float) * (size_t)(n_tok * n_exp * rows));
     nm_matmul_rows(nm_vec_dot_for(type, ctx.isa), stack, rb, 0, n_exp * rows, &act, NULL, n_tok, Yall, n_exp * rows);
     compare("nm_matmul_rows", Yall, n_exp * rows, yref, mag, n_exp * rows, NULL, n_tok);
+    nm_matmul_rows_multi(nm_vec_dot_for(type, ctx.isa), nm_vec_dot_multi_for(type, ctx.isa), stack, rb, 0,
+                         n_exp * rows, &act, NULL, n_tok, Yall, n_exp * rows);
+    compare("nm_matmul_rows_multi", Yall, n_exp * rows, yref, mag, n_exp * rows, NULL, n_tok);
 
     /* misuse is refused */
     CHECK(nm_matmul_act(&ctx, pool, NM_TYPE_Q8_0, stack, rows, &act, NULL, 1, Y, ldy) == -1, "act type mismatch");
@@ -294,6 +301,157 @@ static void test_prepared_gather_and_slabs(void) {
     free(mag);
     free(Y);
     free(Yall);
+}
+
+/* The GEMM path (n_sel > 1) goes through the multi-row dots, tokens in
+ * groups of NM_DOT_MULTI_MAX against every row of a chunk, the lone last
+ * token through the single dot. Its outputs must equal one single dot per
+ * (row, token) at the same level bit for bit (see quant.h): n_sel 2..19
+ * covers every partial group size and the lone token, a gather repeats and
+ * reorders tokens, 1-3 threads split the rows. Bound: 0. */
+static void test_gemm_equals_single_dots(void) {
+    static const int types[] = {NM_TYPE_Q8_0, NM_TYPE_Q4_0, NM_TYPE_Q5_0, NM_TYPE_Q4_1, NM_TYPE_Q4_K,
+                                NM_TYPE_Q5_K, NM_TYPE_Q6_K, NM_TYPE_Q2_K, NM_TYPE_F16,  NM_TYPE_BF16};
+    const int64_t rows = 45, cols = 512, max_tok = 19;
+    const int32_t gather[] = {4, 18, 0, 4, 7, 7, 1, 12, 3, 9, 2}; /* 11 = 8 + 3 */
+    const int64_t n_gather = (int64_t)(sizeof gather / sizeof *gather);
+    nm_pool *pools[3] = {NULL, nm_pool_create(2), nm_pool_create(3)};
+    nm_matmul_ctx ctx;
+    nm_matmul_ctx_init(&ctx);
+    const nm_isa best = ctx.isa;
+    float *X = malloc(sizeof(float) * (size_t)(cols * max_tok));
+    float *Y = malloc(sizeof(float) * (size_t)(rows * max_tok));
+    int checked = 0, bad = 0;
+    for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++) {
+        const int type = types[ti];
+        const size_t rb = nm_row_size(type, cols);
+        uint8_t *W = random_weights(type, rows, cols);
+        for (int64_t i = 0; i < cols * max_tok; i++) X[i] = rng_sym() * 2.0f;
+        nm_act act;
+        CHECK(nm_act_prepare(&ctx, pools[1], type, X, cols, max_tok, cols, &act) == 0, "prepare %s",
+              nm_type_name(type));
+        for (int lvl = NM_ISA_SCALAR; lvl <= (int)best; lvl++) {
+            ctx.isa = (nm_isa)lvl;
+            const nm_vec_dot_fn dot = nm_vec_dot_for(type, (nm_isa)lvl);
+            for (int64_t n_sel = 2; n_sel <= max_tok + 1; n_sel++) {
+                /* n_sel == max_tok + 1 stands for the gather */
+                const int32_t *tok = n_sel > max_tok ? gather : NULL;
+                const int64_t n = tok ? n_gather : n_sel;
+                nm_pool *pool = pools[n_sel % 3];
+                CHECK(nm_matmul_act(&ctx, pool, type, W, rows, &act, tok, n, Y, rows) == 0, "%s", nm_type_name(type));
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t r = 0; r < rows; r++) {
+                        const int64_t t = tok ? tok[i] : i;
+                        const char *xr = (const char *)act.data + (size_t)t * act.stride;
+                        const float want = dot(cols, W + (size_t)r * rb, xr);
+                        checked++;
+                        if (memcmp(&Y[i * rows + r], &want, sizeof want) != 0 && bad++ < 5)
+                            CHECK(0, "%s isa %s n_sel %lld%s: Y[%lld][%lld] = %.9g, single dot %.9g",
+                                  nm_type_name(type), nm_isa_name((nm_isa)lvl), (long long)n, tok ? " (gather)" : "",
+                                  (long long)i, (long long)r, Y[i * rows + r], want);
+                    }
+            }
+        }
+        ctx.isa = best;
+        free(W);
+    }
+    CHECK(bad == 0, "%d outputs differ from the single dot", bad);
+    fprintf(stderr, "  %d GEMM outputs, all bit-identical to the single dot\n", checked);
+    nm_matmul_ctx_free(&ctx);
+    for (int p = 1; p < 3; p++) nm_pool_destroy(pools[p]);
+    free(X);
+    free(Y);
+}
+
+/* nm_moe_forward hands each expert's (token, slot) pairs to the multi-row
+ * dots in groups; the result must equal, bit for bit, the same computation
+ * done one pair and one single dot at a time: h = silu(gate . x) * (up . x)
+ * per pair, h quantised for down, out[t] += w * (down . h), added in
+ * (expert, pair) order. Two type mixes (V2-Lite's Q4_K/Q4_K/Q5_0 and an
+ * all-Q8_0 one, and one with gate and up of different types), experts not
+ * held here (NULL), a token routed twice to one expert, skewed routing (an
+ * expert with many pairs, some with one), 1 and 3 threads, and a 1-token
+ * batch (every group a lone pair: the decode path). Bound: 0. */
+static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
+    const int64_t n_embd = 512, n_ff = 224, E = 7;
+    const int k = 3;
+    const size_t rg = nm_row_size(tg, n_embd), ru = nm_row_size(tu, n_embd), rd = nm_row_size(td, n_ff);
+    void *gate[7], *up[7], *down[7];
+    for (int e = 0; e < E; e++) {
+        gate[e] = random_weights(tg, n_ff, n_embd);
+        up[e] = random_weights(tu, n_ff, n_embd);
+        down[e] = random_weights(td, n_embd, n_ff);
+    }
+    const void *G[7], *U[7], *D[7];
+    for (int e = 0; e < E; e++) {
+        const int held = e != 2 && e != 5; /* a worker's shard */
+        G[e] = held ? gate[e] : NULL, U[e] = held ? up[e] : NULL, D[e] = held ? down[e] : NULL;
+    }
+    nm_moe_experts ex = {n_embd, n_ff, E, tg, tu, td, rg, ru, rd, G, U, D};
+    float *x = malloc(sizeof(float) * (size_t)(n_tok * n_embd));
+    float *out = malloc(sizeof(float) * (size_t)(n_tok * n_embd));
+    float *ref = calloc((size_t)(n_tok * n_embd), sizeof(float));
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(n_tok * k));
+    float *w = malloc(sizeof(float) * (size_t)(n_tok * k));
+    for (int64_t i = 0; i < n_tok * n_embd; i++) x[i] = rng_sym();
+    for (int64_t i = 0; i < n_tok * k; i++) {
+        /* skewed, so some experts get many tokens and some one or none */
+        const uint64_t r = rng_next() % 16;
+        ids[i] = (int32_t)(r < 8 ? 0 : r < 11 ? 3 : r < 13 ? 1 : (int64_t)(r % (uint64_t)E));
+        w[i] = 0.1f + (float)(rng_next() % 100) / 100.0f;
+    }
+    if (n_tok > 1) ids[1] = ids[0]; /* token 0 routed to one expert twice */
+    CHECK(rg && ru && rd, "row sizes");
+
+    char err[128];
+    nm_moe_scratch sc = {0};
+    CHECK(nm_moe_forward(pool, &sc, &ex, n_tok, x, k, ids, w, out, err, sizeof err) == 0, "moe: %s", err);
+
+    /* the reference: one pair, one single dot at a time */
+    const int vg = nm_type_traits_of(tg)->vec_dot_type, vu = nm_type_traits_of(tu)->vec_dot_type;
+    const int vd = nm_type_traits_of(td)->vec_dot_type;
+    const nm_vec_dot_fn dg = nm_vec_dot(tg), du = nm_vec_dot(tu), dd = nm_vec_dot(td);
+    uint8_t *xg = malloc(nm_row_size(vg, n_embd)), *xu = malloc(nm_row_size(vu, n_embd));
+    uint8_t *hq = malloc(nm_row_size(vd, n_ff));
+    float *h = malloc(sizeof(float) * (size_t)n_ff);
+    for (int e = 0; e < E; e++) {
+        if (!G[e]) continue;
+        for (int64_t i = 0; i < n_tok * k; i++) {
+            if (ids[i] != e) continue;
+            const int64_t t = i / k;
+            nm_quantize_row(vg, x + t * n_embd, xg, n_embd);
+            nm_quantize_row(vu, x + t * n_embd, xu, n_embd);
+            for (int64_t r = 0; r < n_ff; r++) {
+                const float g = dg(n_embd, (const uint8_t *)G[e] + (size_t)r * rg, xg);
+                const float v = du(n_embd, (const uint8_t *)U[e] + (size_t)r * ru, xu);
+                h[r] = g / (1.0f + expf(-g)) * v;
+            }
+            nm_quantize_row(vd, h, hq, n_ff);
+            for (int64_t r = 0; r < n_embd; r++)
+                ref[t * n_embd + r] += w[i] * dd(n_ff, (const uint8_t *)D[e] + (size_t)r * rd, hq);
+        }
+    }
+    int bad = 0;
+    for (int64_t i = 0; i < n_tok * n_embd; i++)
+        if (memcmp(&out[i], &ref[i], sizeof out[i]) != 0 && bad++ < 3)
+            CHECK(0, "moe %s/%s/%s n_tok %lld threads %d: out[%lld][%lld] = %.9g, per-pair %.9g", nm_type_name(tg),
+                  nm_type_name(tu), nm_type_name(td), (long long)n_tok, nm_pool_size(pool), (long long)(i / n_embd),
+                  (long long)(i % n_embd), out[i], ref[i]);
+    nm_moe_scratch_free(&sc);
+    for (int e = 0; e < E; e++) free(gate[e]), free(up[e]), free(down[e]);
+    free(x), free(out), free(ref), free(ids), free(w), free(xg), free(xu), free(hq), free(h);
+}
+
+static void test_moe_equals_single_dots(void) {
+    nm_pool *pool = nm_pool_create(3);
+    const int64_t ntoks[] = {1, 2, 29};
+    for (int i = 0; i < 3; i++) {
+        moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, ntoks[i], NULL);
+        moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, ntoks[i], pool);
+        moe_check(NM_TYPE_Q8_0, NM_TYPE_Q8_0, NM_TYPE_Q8_0, ntoks[i], pool);
+    }
+    moe_check(NM_TYPE_Q6_K, NM_TYPE_Q5_K, NM_TYPE_Q4_0, 29, pool); /* gate and up of different types */
+    nm_pool_destroy(pool);
 }
 
 /* The scratch grows with the batch and is reused; F32 weights read X in
@@ -332,6 +490,8 @@ int main(int argc, char **argv) {
     RUN(test_pool_runs_each_ith_once);
     RUN(test_matmul_matches_naive);
     RUN(test_prepared_gather_and_slabs);
+    RUN(test_gemm_equals_single_dots);
+    RUN(test_moe_equals_single_dots);
     RUN(test_scratch_reuse);
     return check_summary();
 }
