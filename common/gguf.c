@@ -18,7 +18,12 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
 
 #include "kernels/quant.h"
 
@@ -673,4 +678,31 @@ int nm_gguf_get_str(const nm_gguf *g, const char *key, nm_str *out, nm_err *err)
                        nm_gguf_vtype_name(kv->type));
     *out = kv->str;
     return 0;
+}
+
+double nm_gguf_prefault(const nm_gguf *g, int progress) {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    size_t total = 0, done = 0, step = (size_t)1 << 30;
+    for (int i = 0; i < g->n_files; i++) total += g->files[i].map ? g->files[i].size : 0;
+    long page = sysconf(_SC_PAGESIZE);
+    for (int i = 0; i < g->n_files; i++) {
+        const nm_gguf_file *f = &g->files[i];
+        if (!f->map) continue; /* parsed from a caller's buffer */
+        for (size_t off = 0; off < f->size; off += step) {
+            size_t len = f->size - off < step ? f->size - off : step;
+            char *p = (char *)f->map + off;
+            if (madvise(p, len, MADV_POPULATE_READ) != 0) {
+                volatile char sink = 0;
+                for (size_t b = 0; b < len; b += (size_t)page) sink ^= p[b];
+                (void)sink;
+            }
+            done += len;
+            if (progress && total > step)
+                fprintf(stderr, "\rnumoe: reading the model: %.1f / %.1f GiB", done / 1073741824.0, total / 1073741824.0);
+        }
+    }
+    if (progress && total > step) fputc('\n', stderr);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
 }

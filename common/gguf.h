@@ -88,6 +88,11 @@ int nm_gguf_open(const char *path, nm_gguf **out, nm_err *err);
 int nm_gguf_parse_buffer(const void *buf, size_t size, const char *name,
                          nm_gguf **out, nm_err *err);
 void nm_gguf_close(nm_gguf *g);
+/* Reads every page of the mapping in now (MADV_POPULATE_READ, or touching
+ * each page on kernels without it), so the first tokens do not pay for page
+ * faults; llama.cpp does the same with MAP_POPULATE. With progress set, files
+ * over 1 GiB report their progress on stderr. Returns seconds spent. */
+double nm_gguf_prefault(const nm_gguf *g, int progress);
 
 const nm_gguf_kv *nm_gguf_find(const nm_gguf *g, const char *key);
 const nm_gguf_tensor *nm_gguf_tensor_find(const nm_gguf *g, const char *name);

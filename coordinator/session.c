@@ -16,6 +16,7 @@ const char nm_session_opts_help[] =
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
     "      --experts-used K    routed experts per token, at most the model's count (default: the model's)\n"
+    "      --no-prefault       page the model in lazily instead of reading it all at start-up\n"
     "      --workers N         routed experts in N numoe-worker processes (shm + ZeroMQ), each holding\n"
     "                          its share once; 0 = in this process (default)\n"
     "      --placement P       how the workers share the experts: split (1/N of every expert's ff\n"
@@ -52,6 +53,9 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
     } else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) {
         if (parse_int(cmd, a, v, 1, 1 << 16, &x)) return -1;
         o->batch = x;
+    } else if (!strcmp(a, "--no-prefault")) {
+        o->no_prefault = 1;
+        return 1; /* a flag: no value to skip */
     } else if (!strcmp(a, "--experts-used")) {
         if (parse_int(cmd, a, v, 1, 1024, &x)) return -1;
         o->experts_used = (int)x;
@@ -108,6 +112,8 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return -1;
     }
+    /* in-process experts read the whole file; workers copy their own shards */
+    if (!o->no_prefault && o->workers == 0) nm_gguf_prefault(s->gguf, 1);
     const nm_hparams *hp = &s->model.hp;
     int64_t ctx = o->ctx_size ? o->ctx_size : (hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     if (o->experts_used > hp->n_expert_used) {

@@ -16,6 +16,7 @@ typedef struct {
     int64_t ctx_size;   /* 0: min(model context, 4096) */
     int64_t batch;      /* prefill chunk, default 512 */
     int experts_used;   /* 0: the model's expert_used_count */
+    int no_prefault;    /* leave the mapping to page in lazily */
     /* routed experts in worker processes (coordinator/cli_workers.h) */
     int workers;              /* 0: in this process (default) */
     const char *placement;    /* NULL: "split" */
