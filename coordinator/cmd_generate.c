@@ -25,6 +25,8 @@ static int usage(FILE *f) {
             "                          prints the continuation as text, stops at end-of-generation\n"
             "  --print-ids             with --prompt: print ids instead of text\n"
             "  --ignore-eos            with --prompt: do not stop at end-of-generation\n"
+            "  --stop STRING           with --prompt: stop when the output ends with STRING, which is not\n"
+            "                          printed (repeatable)\n"
             "  -n, --n-predict N       tokens to generate (default 32; 0 = only evaluate the prompt)\n"
             "  --dump-logits FILE      write raw little-endian float32 rows of n_vocab: one per prompt\n"
             "                          position (row i = logits after prompt token i), then one per\n"
@@ -75,7 +77,8 @@ int nm_cmd_generate(int argc, char **argv) {
     sp.temp = 0; /* reproducible by default; --temp turns sampling on */
     const char *tokens_arg = NULL, *text = NULL, *dump = NULL, *route = NULL;
     long long n_predict = 32, decode_from = -1;
-    int print_ids = 0, ignore_eos = 0;
+    int print_ids = 0, ignore_eos = 0, n_stops = 0;
+    const char *stops[16];
     for (int i = 1; i < argc; i++) {
         int r = nm_session_parse_opt(&so, argc, argv, &i, "numoe generate");
         if (!r) r = nm_sampler_parse_opt(&sp, argc, argv, &i, "numoe generate");
@@ -91,6 +94,10 @@ int nm_cmd_generate(int argc, char **argv) {
             return usage(stderr);
         }
         if (!strcmp(a, "--tokens")) tokens_arg = v;
+        else if (!strcmp(a, "--stop")) {
+            if (n_stops == 16) return fprintf(stderr, "numoe generate: at most 16 --stop strings\n"), 2;
+            stops[n_stops++] = v;
+        }
         else if (!strcmp(a, "--prompt")) text = v;
         else if (!strcmp(a, "--dump-logits")) dump = v;
         else if (!strcmp(a, "--dump-routing")) route = v;
@@ -125,6 +132,8 @@ int nm_cmd_generate(int argc, char **argv) {
     int32_t *out = NULL;
     FILE *df = NULL;
     int rc = 1;
+    char *hold = NULL; /* text not yet printed: it could be the start of a stop string */
+    size_t hold_len = 0, hold_cap = 0, max_stop = 0;
     if (nm_session_open(&s, &so, &err)) {
         fprintf(stderr, "numoe generate: %s\n", err.msg);
         free(prompt);
@@ -169,6 +178,7 @@ int nm_cmd_generate(int argc, char **argv) {
     for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
     double t1 = now_s();
     long long j = 0;
+    for (int k = 0; k < n_stops; k++) max_stop = strlen(stops[k]) > max_stop ? strlen(stops[k]) : max_stop;
     for (; j < n_predict; j++) {
         if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) goto oom;
         if (text && !ignore_eos && nm_tokenizer_is_eog(tk, out[j])) break;
@@ -176,7 +186,28 @@ int nm_cmd_generate(int argc, char **argv) {
             const char *piece;
             size_t len;
             if (nm_detok_stream_feed(ds, out[j], &piece, &len, &err)) goto fail;
-            fwrite(piece, 1, len, stdout);
+            if (hold_len + len + 1 > hold_cap) {
+                char *nh = realloc(hold, hold_cap = 2 * (hold_len + len + 1));
+                if (!nh) goto oom;
+                hold = nh;
+            }
+            memcpy(hold + hold_len, piece, len);
+            hold_len += len;
+            int stopped = 0;
+            for (int k = 0; k < n_stops && !stopped; k++) {
+                const char *hit = memmem(hold, hold_len, stops[k], strlen(stops[k]));
+                if (hit && *stops[k]) hold_len = (size_t)(hit - hold), stopped = 1;
+            }
+            /* print all but a tail that might still become a stop string */
+            size_t keep = stopped ? 0 : max_stop > 0 ? max_stop - 1 : 0;
+            if (keep > hold_len) keep = hold_len;
+            fwrite(hold, 1, hold_len - keep, stdout);
+            memmove(hold, hold + hold_len - keep, keep);
+            hold_len = keep;
+            if (stopped) {
+                j++;
+                break;
+            }
         } else {
             printf("%s%d", j ? "," : "", out[j]);
         }
@@ -187,9 +218,12 @@ int nm_cmd_generate(int argc, char **argv) {
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
     if (ds) {
-        size_t len;
-        const char *tail = nm_detok_stream_flush(ds, &len);
-        fwrite(tail, 1, len, stdout);
+        fwrite(hold, 1, hold_len, stdout);
+        if (j == n_predict || !n_stops) {
+            size_t len;
+            const char *tail = nm_detok_stream_flush(ds, &len);
+            fwrite(tail, 1, len, stdout);
+        }
     }
     if (j || ds) putchar('\n');
     double t2 = now_s();
@@ -215,6 +249,7 @@ done:
         rc = 1;
     }
     s.fwd.route_log = NULL;
+    free(hold);
     nm_detok_stream_free(ds);
     nm_tokenizer_free(tk);
     nm_sampler_free(&smp);
