@@ -150,7 +150,8 @@ bench: all
 	$(BUILD)/bin/numoe bench kernels
 
 # The main job on an embedded default: a tiny synthetic DeepSeek-V3-style
-# model (made here if MODEL is not given), inspected and run.
+# model (made here if MODEL is not given), inspected and run on a text prompt
+# (random weights: the continuation is gibberish, the pipeline is real).
 DEMO_MODEL := $(BUILD)/models/demo-v3-Q8_0.gguf
 MODEL ?= $(DEMO_MODEL)
 demo: deps
@@ -159,7 +160,7 @@ demo: deps
 	  mkdir -p $(dir $(DEMO_MODEL)) && \
 	  $(PYTHON) tests/gen_deepseek.py --style v3 --type Q8_0 -o $(DEMO_MODEL); fi
 	$(BUILD)/bin/numoe inspect $(MODEL) --no-tensors
-	$(BUILD)/bin/numoe generate --model $(MODEL) --tokens 0,17,200,45,3,99 -n 32
+	$(BUILD)/bin/numoe generate --model $(MODEL) --prompt "The quick brown fox" -n 48
 
 clean:
 	rm -rf build build-asan
