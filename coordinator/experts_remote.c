@@ -8,8 +8,23 @@
  * doorbell right away (so worker 0 computes while worker 1's slot is being
  * filled), wait for all of them, then sum the partial outputs in worker
  * order 0, 1, ..., N-1 (fixed, so results are deterministic). A worker that
- * reports an error, dies or does not answer within the timeout fails the
- * call with a message naming it; the backend then refuses further calls.
+ * reports an error fails the call with a message naming it; the backend then
+ * refuses further calls.
+ *
+ * Supervision (doorbell hand-off): a worker that dies (seen by waitpid while
+ * waiting for its doorbell) or does not answer within the timeout (it is
+ * killed) is restarted with back-off (10, 50, 250, 1000, 2000 ms; at most
+ * NUMOE_WORKER_RESTARTS attempts per failure, default 4, 0 = never). The
+ * layer in flight waits: once the new process has registered and mapped its
+ * new slot, the inputs (still in the caller's buffers) are copied in again
+ * and its doorbell rung; the other workers' answers stay in their slots. So
+ * no request fails and the sums are the same. "worker I restarted in X ms
+ * (attempt k, pid P)" goes to stderr. A restart is quick because the shard
+ * outlives the worker: each worker keeps it in /dev/shm/numoe-<our pid>-
+ * shard-<id> (worker/shard.h) and a restarted one re-maps it read-only. Those
+ * names are removed in destroy; if this process is killed, the workers get
+ * SIGTERM (PR_SET_PDEATHSIG) and remove their own; and a later coordinator
+ * sweeps names whose pid is dead (nm_slot_sweep_stale).
  *
  * Start-up and shutdown: the workers are forked/exec'ed here (the binary
  * next to /proc/self/exe), in their own process group (a terminal's Ctrl-C
@@ -23,11 +38,10 @@
  * later coordinator removes the names of one that was killed mid-start.
  *
  * Later (not here yet): connecting to workers started by the launcher,
- * tcp:// workers with inline data, supervision (restart a dead worker with
- * back-off, re-send the in-flight layer), shard kept in a segment that
- * survives the worker, one shared input region instead of a copy per
- * worker, and a submit/wait split so the shared experts overlap the routed
- * ones. */
+ * tcp:// workers with inline data, restarts in the ZeroMQ hand-off mode
+ * (there a dead worker still fails the call), one shared input region
+ * instead of a copy per worker, and a submit/wait split so the shared
+ * experts overlap the routed ones. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -53,6 +67,8 @@
 
 #define SPIN_US_DEFAULT 250
 #define START_TIMEOUT_S 600.0 /* copying a shard of a big model out of the page cache takes a while */
+#define RESTART_TIMEOUT_S 60.0 /* a restart re-maps the shard: seconds at most */
+#define RESTARTS_DEFAULT 4
 
 typedef struct {
     int id;
@@ -65,8 +81,16 @@ typedef struct {
     uint64_t shard_bytes;
     int node, threads, cpus;
     unsigned req;
-    char *argv_buf[24];
+    char shard_name[96];   /* its persistent shard segment (worker/shard.h) */
+    int attempt_arg;       /* index in argv_buf of the --attempt value */
+    int restarts;          /* restarts so far */
+    char *argv_buf[28];
 } rworker;
+
+typedef struct {
+    uint64_t file_bytes, header_hash, placement_hash;
+    int placement;
+} expect_t;
 
 typedef struct {
     nm_expert_backend base;
@@ -82,6 +106,8 @@ typedef struct {
     int broken;
     char broken_msg[sizeof(nm_err)];
     uint64_t seq;
+    expect_t ex;
+    int max_restarts;
 } remote_backend;
 
 static double now_s(void) { return (double)nm_wire_now_ns() * 1e-9; }
@@ -170,6 +196,12 @@ static void remote_destroy(nm_expert_backend *b) {
             fprintf(stderr, "numoe: worker %d (pid %d) %s at shutdown\n", i, w->pid, how);
         }
         if (w->shm_name[0]) shm_unlink(w->shm_name); /* normally already gone (the worker unlinks it) */
+        if (w->shard_name[0]) {
+            char tmp[128];
+            shm_unlink(w->shard_name);
+            snprintf(tmp, sizeof tmp, "%s.tmp", w->shard_name);
+            shm_unlink(tmp);
+        }
         nm_slot_unmap(&w->slot);
         for (int j = 0; w->argv_buf[j]; j++) free(w->argv_buf[j]);
     }
@@ -212,9 +244,12 @@ static char *xstrdup_printf(const char *fmt, ...) {
     return strdup(buf);
 }
 
+static int fork_exec(rworker *w, nm_err *err);
+
 static int spawn(remote_backend *rb, rworker *w, const char *exe, const nm_remote_opts *o, nm_err *err) {
     int a = 0;
     char **v = w->argv_buf;
+    snprintf(w->shard_name, sizeof w->shard_name, "/numoe-%d-shard-%d", (int)getpid(), w->id);
     v[a++] = strdup(exe);
     v[a++] = strdup("--model"), v[a++] = strdup(o->model_path);
     v[a++] = strdup("--worker-id"), v[a++] = xstrdup_printf("%d", w->id);
@@ -223,10 +258,19 @@ static int spawn(remote_backend *rb, rworker *w, const char *exe, const nm_remot
     v[a++] = strdup("--endpoint"), v[a++] = strdup(rb->endpoint);
     v[a++] = strdup("--threads"), v[a++] = xstrdup_printf("%d", w->threads);
     if (w->node >= 0) v[a++] = strdup("--node"), v[a++] = xstrdup_printf("%d", w->node);
+    v[a++] = strdup("--shard-shm"), v[a++] = strdup(w->shard_name);
+    v[a++] = strdup("--attempt"), w->attempt_arg = a, v[a++] = strdup("0");
     v[a++] = strdup("--quiet"); /* its errors come here as Error messages, and we print them */
     v[a] = NULL;
     for (int i = 0; i < a; i++)
         if (!v[i]) return nm_errf(err, "out of memory");
+    (void)rb;
+    return fork_exec(w, err);
+}
+
+static int fork_exec(rworker *w, nm_err *err) {
+    char **v = w->argv_buf;
+    const char *exe = v[0];
     pid_t parent = getpid();
     fflush(NULL);
     pid_t pid = fork();
@@ -267,11 +311,6 @@ static int refuse(remote_backend *rb, const nm_routing_id *rid, const char *reas
     env.msg_case = NUMOE__ENVELOPE__MSG_REGISTER_REPLY, env.register_reply = &rr;
     return send_to(rb, rid, &env, NULL);
 }
-
-typedef struct {
-    uint64_t file_bytes, header_hash, placement_hash;
-    int placement;
-} expect_t;
 
 /* Checks one Register; on success creates the worker's slot and accepts it. */
 static int on_register(remote_backend *rb, const nm_routing_id *rid, const Numoe__Register *r, expect_t *ex,
@@ -346,6 +385,7 @@ static int await_workers(remote_backend *rb, int kind, uint64_t placement_hash, 
     expect_t ex = {0};
     nm_model_identity(rb->m->gguf, &ex.file_bytes, &ex.header_hash);
     ex.placement = kind, ex.placement_hash = placement_hash;
+    rb->ex = ex;
     double t0 = now_s();
     const char *tmo = getenv("NUMOE_WORKER_START_TIMEOUT_S");
     double limit = tmo && atof(tmo) > 0 ? atof(tmo) : START_TIMEOUT_S;
@@ -401,22 +441,140 @@ static int fail_backend(remote_backend *rb, nm_err *err) {
     return -1;
 }
 
-/* Waits for worker w's answer to request number w->req (doorbell). */
-static int await_doorbell(remote_backend *rb, rworker *w, int layer, nm_err *err) {
-    nm_slot_header *h = w->slot.h;
-    unsigned old = w->req - 1;
-    double t0 = now_s();
-    int64_t spin = (int64_t)rb->spin_us * 1000;
-    while (nm_doorbell_wait(&h->done, old, spin, 50 * 1000000LL)) {
-        spin = 0;
-        if (check_gone(w)) return worker_gone_error(rb, w, "while computing layer", layer, err);
-        if (now_s() - t0 > rb->timeout_s)
-            return nm_errf(err, "worker %d (pid %d) did not answer layer %d within %.0f s (--worker-timeout)", w->id,
-                           w->pid, layer, rb->timeout_s);
+/* Kills (if needed) and reaps a worker we gave up on. */
+static void put_down(rworker *w) {
+    if (w->pid <= 0 || w->reaped) return;
+    kill(w->pid, SIGKILL);
+    int st;
+    if (waitpid(w->pid, &st, 0) == w->pid) w->wstatus = st;
+    w->reaped = 1;
+}
+
+/* One restart of worker w (restart number `attempt`, 1-based): back-off,
+ * a new process with the same arguments, its registration and a new slot.
+ * t0: when the failure was seen (for the recovery time printed). */
+static int restart_worker(remote_backend *rb, rworker *w, int attempt, double t0, nm_err *err) {
+    static const int backoff_ms[] = {10, 50, 250, 1000, 2000};
+    int nb = (int)(sizeof backoff_ms / sizeof *backoff_ms);
+    put_down(w);
+    int ms = backoff_ms[attempt - 1 < nb ? attempt - 1 : nb - 1];
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) && errno == EINTR) {}
+    nm_slot_unmap(&w->slot);
+    if (w->shm_name[0]) shm_unlink(w->shm_name); /* normally gone already */
+    w->shm_name[0] = 0;
+    w->registered = w->attached = 0, w->req = 0, w->reaped = 0, w->wstatus = 0;
+    w->restarts++;
+    free(w->argv_buf[w->attempt_arg]);
+    if (!(w->argv_buf[w->attempt_arg] = xstrdup_printf("%d", w->restarts))) return nm_errf(err, "out of memory");
+    if (fork_exec(w, err)) return -1;
+    const char *tmo = getenv("NUMOE_WORKER_START_TIMEOUT_S");
+    double limit = tmo && atof(tmo) > 0 ? atof(tmo) : RESTART_TIMEOUT_S, t_start = now_s();
+    while (!w->attached) {
+        Numoe__Envelope *env;
+        nm_routing_id rid;
+        int r = nm_wire_recv(rb->sock, 10, &rid, &env, err);
+        if (r < 0) return -1;
+        if (r == 1) {
+            if (check_gone(w)) return worker_gone_error(rb, w, w->registered ? "before mapping its slot" : "before registering", -1, err);
+            if (now_s() - t_start > limit) return nm_errf(err, "worker %d (pid %d) did not register within %.0f s", w->id, w->pid, limit);
+            continue;
+        }
+        int rc = 0;
+        switch (env->msg_case) {
+        case NUMOE__ENVELOPE__MSG_REGISTER:
+            if (env->register_->worker_id == (uint32_t)w->id) rc = on_register(rb, &rid, env->register_, &rb->ex, err);
+            else refuse(rb, &rid, "this worker id is registered already");
+            break;
+        case NUMOE__ENVELOPE__MSG_ERROR:
+            if (env->error->worker_id == (uint32_t)w->id)
+                rc = nm_errf(err, "worker %u: %s", env->error->worker_id, env->error->message);
+            break;
+        case NUMOE__ENVELOPE__MSG_HEARTBEAT: {
+            rworker *x = by_rid(rb, &rid);
+            if (x == w && env->heartbeat->slot_bytes == w->slot.bytes) w->attached = 1;
+            break;
+        }
+        default: break; /* left over from the worker that died */
+        }
+        numoe__envelope__free_unpacked(env, NULL);
+        if (rc) return -1;
     }
-    if (atomic_load_explicit(&h->done.seq, memory_order_acquire) != w->req)
+    fprintf(stderr, "numoe: worker %d restarted in %.1f ms (attempt %d, pid %d)\n", w->id, (now_s() - t0) * 1e3,
+            attempt, w->pid);
+    return 0;
+}
+
+/* What is in flight: enough to hand the request to a restarted worker again. */
+typedef struct {
+    int layer, k;
+    int64_t n_tok;
+    const float *x, *wt;
+    const int32_t *ids;
+    uint64_t seq;
+} inflight;
+
+/* Copies the request into w's slot and rings its doorbell. */
+static void post(remote_backend *rb, rworker *w, const inflight *q) {
+    nm_slot_header *h = w->slot.h;
+    if (q->n_tok) {
+        size_t xb = (size_t)(q->n_tok * rb->n_embd) * sizeof(float), kb = (size_t)(q->n_tok * q->k) * sizeof(int32_t);
+        memcpy(w->slot.x, q->x, xb);
+        memcpy(w->slot.ids, q->ids, kb);
+        memcpy(w->slot.w, q->wt, kb);
+    }
+    h->op = q->layer < 0 ? NM_SLOT_OP_PING : NM_SLOT_OP_MOE;
+    h->layer = (uint32_t)q->layer, h->n_tok = q->n_tok, h->k = q->k, h->seq = q->seq;
+    nm_doorbell_ring(&h->req, ++w->req);
+}
+
+/* Waits for worker w's answer to request number w->req (doorbell); a worker
+ * that dies or times out is restarted and given the request again. */
+static int await_doorbell(remote_backend *rb, rworker *w, const inflight *q, nm_err *err) {
+    int layer = q->layer, attempt = 0;
+    for (;;) {
+        nm_slot_header *h = w->slot.h;
+        unsigned old = w->req - 1;
+        double t0 = now_s();
+        int64_t spin = (int64_t)rb->spin_us * 1000;
+        nm_err why;
+        int failed = 0;
+        while (nm_doorbell_wait(&h->done, old, spin, 50 * 1000000LL)) {
+            spin = 0;
+            if (check_gone(w)) {
+                worker_gone_error(rb, w, "while computing layer", layer, &why);
+                failed = 1;
+                break;
+            }
+            if (now_s() - t0 > rb->timeout_s) {
+                nm_errf(&why, "worker %d (pid %d) did not answer layer %d within %.0f s (--worker-timeout)", w->id,
+                        w->pid, layer, rb->timeout_s);
+                failed = 1;
+                break;
+            }
+        }
+        if (!failed) break;
+        /* restart it (the failed attempts count) until it answers or we run out */
+        double t_fail = now_s();
+        for (;;) {
+            if (attempt >= rb->max_restarts) {
+                if (!attempt) {
+                    *err = why;
+                    return -1;
+                }
+                return nm_errf(err, "%s; gave up after %d restart attempt%s", why.msg, attempt, attempt > 1 ? "s" : "");
+            }
+            attempt++;
+            if (!restart_worker(rb, w, attempt, t_fail, &why)) break;
+            fprintf(stderr, "numoe: restart %d of worker %d failed: %s\n", attempt, w->id, why.msg);
+            nm_err_prefix(&why, "restart %d of worker %d", attempt, w->id);
+        }
+        post(rb, w, q);
+    }
+    if (atomic_load_explicit(&w->slot.h->done.seq, memory_order_acquire) != w->req)
         return nm_errf(err, "worker %d (pid %d) answered request %u while %u was expected", w->id, w->pid,
-                       atomic_load(&h->done.seq), w->req);
+                       atomic_load(&w->slot.h->done.seq), w->req);
+    nm_slot_header *h = w->slot.h;
     if (h->status) {
         char msg[NM_SLOT_ERROR_LEN + 1];
         memcpy(msg, h->error, NM_SLOT_ERROR_LEN);
@@ -479,19 +637,16 @@ static int zmq_round(remote_backend *rb, int layer, int64_t n_tok, int k, nm_err
 static int moe_chunk(remote_backend *rb, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
                      const float *wt, float *out, nm_err *err) {
     const int64_t H = rb->n_embd;
-    size_t xb = (size_t)(n_tok * H) * sizeof(float), kb = (size_t)(n_tok * k) * sizeof(int32_t);
+    inflight q = {.layer = layer, .k = k, .n_tok = n_tok, .x = x, .wt = wt, .ids = ids, .seq = rb->seq + 1};
     for (int i = 0; i < rb->n; i++) {
         rworker *w = &rb->w[i];
-        nm_slot_header *h = w->slot.h;
-        if (n_tok) {
+        if (rb->handoff == NUMOE__HANDOFF__HANDOFF_DOORBELL) {
+            post(rb, w, &q);
+        } else if (n_tok) {
+            size_t xb = (size_t)(n_tok * H) * sizeof(float), kb = (size_t)(n_tok * k) * sizeof(int32_t);
             memcpy(w->slot.x, x, xb);
             memcpy(w->slot.ids, ids, kb);
             memcpy(w->slot.w, wt, kb);
-        }
-        if (rb->handoff == NUMOE__HANDOFF__HANDOFF_DOORBELL) {
-            h->op = layer < 0 ? NM_SLOT_OP_PING : NM_SLOT_OP_MOE;
-            h->layer = (uint32_t)layer, h->n_tok = n_tok, h->k = k, h->seq = rb->seq + 1;
-            nm_doorbell_ring(&h->req, ++w->req);
         }
     }
     rb->seq++;
@@ -502,7 +657,7 @@ static int moe_chunk(remote_backend *rb, int layer, int64_t n_tok, const float *
         int rc = 0;
         nm_err first;
         for (int i = 0; i < rb->n; i++)
-            if (await_doorbell(rb, &rb->w[i], layer, rc ? NULL : &first) && !rc) rc = -1;
+            if (await_doorbell(rb, &rb->w[i], &q, rc ? NULL : &first) && !rc) rc = -1;
         if (rc) {
             *err = first;
             return -1;
@@ -594,6 +749,9 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
     const char *spin = getenv("NUMOE_WORKER_SPIN_US");
     rb->spin_us = spin ? atoi(spin) : SPIN_US_DEFAULT;
     if (rb->spin_us < 0) rb->spin_us = 0;
+    const char *rs = getenv("NUMOE_WORKER_RESTARTS");
+    rb->max_restarts = rs && *rs ? atoi(rs) : RESTARTS_DEFAULT;
+    if (rb->max_restarts < 0 || rb->handoff == NUMOE__HANDOFF__HANDOFF_ZMQ) rb->max_restarts = 0;
     nm_slot_sweep_stale();
 
     /* nodes and threads per worker */

@@ -14,6 +14,11 @@ worker/, proto/).
   impossible placement, a worker that dies / fails / hangs mid-run.
 * No worker process and no /dev/shm/numoe-* object outlives a run, a failed run, a SIGINT
   or a SIGKILL of the coordinator.
+* Supervision: a worker killed (SIGKILL) in the middle of a greedy generation, or crashing
+  in the middle of a layer (NUMOE_TEST_FAULT=W:L:die-once), is restarted; the generation
+  gives the same tokens / logits, the restart takes < 1 s and re-maps the worker's
+  persistent shard segment (/dev/shm/numoe-<pid>-shard-<id>) instead of re-reading the
+  model; the segments are gone after the run and after SIGINT.
 The placement validator's own unit tests are tests/unit/test_placement.c."""
 import dataclasses
 import os
@@ -319,9 +324,11 @@ def test_bad_options(exe, tmp_path):
 
 
 @pytest.mark.parametrize("fault,expect", [
-    ("1:2:die", r"worker 1 \(pid \d+\) killed by signal 9 \(Killed\) while computing layer 2"),
+    ("1:2:die", r"worker 1 \(pid \d+\) killed by signal 9 \(Killed\) while computing layer 2; "
+                r"gave up after 4 restart attempts"),
     ("0:1:error", r"worker 0 \(pid \d+\) failed layer 1: injected failure"),
-    ("2:2:hang", r"worker 2 \(pid \d+\) did not answer layer 2 within 2 s \(--worker-timeout\)"),
+    ("2:2:hang", r"worker 2 \(pid \d+\) did not answer layer 2 within 2 s \(--worker-timeout\); "
+                 r"gave up after 4 restart attempts"),
 ])
 def test_worker_failures_are_named(exe, fault, expect, tmp_path):
     t0 = time.time()
@@ -330,6 +337,9 @@ def test_worker_failures_are_named(exe, fault, expect, tmp_path):
     assert rc == 1, err
     assert re.search(expect, err), err
     assert time.time() - t0 < 30
+    # restarts of a worker that fails every time: each new pid is gone too
+    restarted = [int(q) for q in re.findall(r"^numoe: worker \d+ restarted in [\d.]+ ms \(attempt \d+, pid (\d+)\)", err, re.M)]
+    assert not [q for q in restarted if alive(q)]
 
 
 def start_long_run(exe, tmp_path, n_workers=3):
@@ -385,3 +395,107 @@ def test_bench_ipc(exe):
     for row in ("zmq REQ/REP", "zmq DEALER/ROUTER", "shm doorbell, polling", "shm doorbell, futex",
                 "backend, 2 workers, doorbell, empty layer", "backend, 2 workers, zmq, empty layer"):
         assert row in proc.stdout, proc.stdout
+
+
+def restarted_pids(stderr):
+    return [int(p) for p in re.findall(r"^numoe: worker \d+ restarted in [\d.]+ ms \(attempt \d+, pid (\d+)\)$",
+                                       stderr, re.M)]
+
+
+@pytest.mark.parametrize("placement,mode", [("experts", "decode"), ("experts", "chunked"), ("split", "prefill")])
+def test_crash_mid_layer_same_logits(exe, placement, mode, tmp_path):
+    """A worker dies (SIGKILL, NUMOE_TEST_FAULT=...:die-once) in the middle of a MoE layer:
+    it is restarted from its persistent shard, the layer is re-sent, the logits are those
+    of the undisturbed run."""
+    model = MODELS["v3-F32"]
+    n = 2 if placement == "experts" else 1
+    err = compare(exe, model, n, placement, mode, tmp_path, env={"NUMOE_TEST_FAULT": f"{n - 1}:2:die-once"})
+    m = re.search(rf"^numoe: worker {n - 1} restarted in ([\d.]+) ms \(attempt 1, pid \d+\)$", err, re.M)
+    assert m and float(m.group(1)) < 1000, err
+    assert f"numoe-worker {n - 1}: re-mapped its persistent shard /dev/shm/numoe-" in err, err
+    assert not [q for q in restarted_pids(err) if alive(q)]
+
+
+def read_until(stream, pred, timeout=120):
+    buf = b""
+    t0 = time.time()
+    while not pred(buf):
+        c = os.read(stream.fileno(), 1)
+        assert c and time.time() - t0 < timeout, buf
+        buf += c
+    return buf.decode()
+
+
+def children_named(ppid, name):
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[1]) == ppid and comm == name and rest[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def test_kill_worker_mid_generation(exe, tmp_path):
+    """kill -9 of a worker while a 64-token greedy generation runs: same tokens as an
+    undisturbed run, restart < 1 s from the persistent shard, nothing left behind."""
+    model = MODELS["v3-F32"]
+    args = [str(exe), "generate", "-m", str(model), "--tokens", "5,6,7,8,9", "-n", "64", "-t", "2"]
+    ref = run(args)
+    assert_clean(ref)
+    assert ref.returncode == 0, ref.stderr
+    env = sanitizer_env()
+    env["NUMOE_TEST_DELAY_US"] = "3000"  # ~6 ms a token: time to kill it mid-way
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as f:
+        p = subprocess.Popen([*args, "--workers", "2", "--placement", "experts"], stdout=subprocess.PIPE, stderr=f,
+                             env=env)
+    first = read_until(p.stdout, lambda b: b.count(b",") >= 3)  # the first tokens are out
+    kids = children_named(p.pid, "numoe-worker")
+    pids = worker_pids(log.read_text())
+    assert len(pids) == 2 and sorted(kids) == sorted(pids), (kids, log.read_text())
+    assert p.poll() is None
+    segs = [s.name for s in shm_of(p.pid)]
+    assert f"numoe-{p.pid}-shard-0" in segs and f"numoe-{p.pid}-shard-1" in segs, segs
+    os.kill(pids[1], signal.SIGKILL)
+    rest = p.stdout.read().decode()
+    p.wait(timeout=120)
+    err = log.read_text()
+    assert p.returncode == 0, err
+    assert "Sanitizer" not in err, err[-3000:]
+    out = first + rest
+    assert out.count(",") == 63 and first.count(",") < 40, (first, out)
+    assert out.strip() == ref.stdout.strip(), (out, ref.stdout)
+    m = re.search(r"^numoe: worker 1 restarted in ([\d.]+) ms \(attempt 1, pid \d+\)$", err, re.M)
+    assert m, err
+    print(f"recovery after kill -9: {m.group(1)} ms")
+    assert float(m.group(1)) < 1000, err
+    assert re.search(r"^numoe-worker 1: re-mapped its persistent shard /dev/shm/numoe-%d-shard-1 read-only" % p.pid,
+                     err, re.M), err
+    assert_no_leftovers(p.pid, pids + restarted_pids(err))
+
+
+def test_sigint_after_restart_leaves_nothing(exe, tmp_path):
+    """A restarted worker, then Ctrl-C of the coordinator: every worker (the new one too)
+    ends and no slot or shard segment is left in /dev/shm."""
+    p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
+    try:
+        assert len([s for s in shm_of(p.pid) if "-shard-" in s.name]) == 2, shm_of(p.pid)
+        os.kill(pids[0], signal.SIGKILL)
+        t0 = time.time()
+        while not restarted_pids(log.read_text()) and time.time() - t0 < 60:
+            assert p.poll() is None, log.read_text()
+            time.sleep(0.02)
+        new = restarted_pids(log.read_text())
+        assert len(new) == 1 and alive(new[0]), log.read_text()
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    p.wait(timeout=60)
+    assert_no_leftovers(p.pid, pids + new)
+    assert "Sanitizer" not in log.read_text(), log.read_text()[-3000:]

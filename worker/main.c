@@ -2,7 +2,7 @@
  * partial MoE outputs for the coordinator.
  *
  *   numoe-worker --model M.gguf --worker-id I --workers N --placement split|experts|experts-rr
- *                [--node N] [--threads T] --endpoint ipc://...
+ *                [--node N] [--threads T] [--shard-shm NAME] [--attempt K] --endpoint ipc://...
  *
  * Start-up: connect to the coordinator's endpoint (ZeroMQ DEALER), bind to
  * the NUMA node, open the model, build and validate the whole placement,
@@ -14,9 +14,18 @@
  * cleanly (exit 0). Any start-up failure is sent to the coordinator as an
  * Error message (and printed) before the worker exits 1.
  *
+ * --shard-shm NAME: the shard lives in /dev/shm/NAME (worker/shard.h), which
+ * outlives this process; a restarted worker (--attempt K > 0, same name)
+ * re-maps it read-only and says so on stderr. The coordinator removes it at
+ * exit; if the coordinator is gone when this worker ends (it was killed and
+ * PR_SET_PDEATHSIG sent us SIGTERM), the worker removes it itself.
+ *
  * Test hooks (environment): NUMOE_FAKE_PROTOCOL_VERSION=V registers with
  * version V; NUMOE_TEST_FAULT=W:L:die|hang|error makes worker W fail at its
- * first request for layer L. */
+ * first request for layer L; W:L:die-once dies only in the first start
+ * (--attempt 0), so a restarted worker computes the layer;
+ * NUMOE_TEST_DELAY_US=U sleeps U us before each MoE request (so a test can
+ * act in the middle of a generation). */
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -51,6 +60,10 @@ typedef struct {
     int64_t spin_ns;
     uint64_t requests;
     int fault_layer, fault_mode;
+    const char *shard_shm;
+    int attempt;
+    pid_t parent;
+    long delay_us;
 } worker;
 
 static volatile sig_atomic_t g_stop;
@@ -68,11 +81,50 @@ static int usage(FILE *f) {
             "\n"
             "  --node N      bind threads and memory to NUMA node N (default: not bound)\n"
             "  --threads T   compute threads (default: every CPU it may run on)\n"
+            "  --shard-shm NAME  keep the shard in /dev/shm/NAME, re-map it if it is already there\n"
+            "  --attempt K   this is restart K of this worker (0: first start)\n"
             "  --quiet       do not print start-up errors, only send them to the coordinator\n");
     return f == stdout ? 0 : 2;
 }
 
+/* The coordinator owns the shard segment; if it is gone, nobody else will remove it. */
+static int parent_gone(worker *w) {
+    if (getppid() != w->parent) return 1;
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)w->parent);
+    FILE *f = fopen(path, "r");
+    if (!f) return 1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *rp = strrchr(buf, ')');
+    return !rp || rp[1] != ' ' || rp[2] == 'Z' || rp[2] == 'X';
+}
+
+/* A signal stopped us: the coordinator may be dying (PR_SET_PDEATHSIG comes
+ * when the thread that forked us ends, maybe before its other threads, so
+ * the process can look alive for a moment); give it a little time. */
+static int coordinator_gone(worker *w) {
+    if (!g_stop) return parent_gone(w);
+    for (int i = 0; i < 100; i++) {
+        if (parent_gone(w)) return 1;
+        usleep(2000);
+    }
+    return 0;
+}
+
+static void drop_orphan_segment(worker *w) {
+    if (!w->shard_shm || !coordinator_gone(w)) return;
+    char path[600];
+    const char *n = w->shard_shm[0] == '/' ? w->shard_shm + 1 : w->shard_shm;
+    snprintf(path, sizeof path, "/dev/shm/%s", n);
+    unlink(path);
+    snprintf(path, sizeof path, "/dev/shm/%s.tmp", n);
+    unlink(path);
+}
+
 static void cleanup(worker *w) {
+    drop_orphan_segment(w);
     nm_slot_unmap(&w->slot);
     nm_shard_free(&w->shard);
     nm_pool_destroy(w->pool);
@@ -134,6 +186,8 @@ static int parse_args(worker *w, int argc, char **argv) {
         else if (!strcmp(a, "--workers")) bad = parse_int(v, 1, 4096, &w->n_workers);
         else if (!strcmp(a, "--node")) bad = parse_int(v, 0, 1 << 20, &w->node);
         else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) bad = parse_int(v, 1, 4096, &w->threads);
+        else if (!strcmp(a, "--shard-shm")) w->shard_shm = v, bad = !*v || strchr(v + 1, '/') != NULL || strlen(v) > 200;
+        else if (!strcmp(a, "--attempt")) bad = parse_int(v, 0, 1 << 20, &w->attempt);
         else {
             fprintf(stderr, "numoe-worker: unknown option %s\n", a);
             return -1;
@@ -158,12 +212,15 @@ static int parse_args(worker *w, int argc, char **argv) {
 }
 
 static void read_fault(worker *w) {
+    const char *d = getenv("NUMOE_TEST_DELAY_US");
+    if (d) w->delay_us = atol(d);
     const char *f = getenv("NUMOE_TEST_FAULT");
     int id, layer;
     char mode[16];
     if (!f || sscanf(f, "%d:%d:%15s", &id, &layer, mode) != 3 || id != w->id) return;
     w->fault_layer = layer;
-    w->fault_mode = !strcmp(mode, "die") ? FAULT_DIE : !strcmp(mode, "hang") ? FAULT_HANG
+    if (!strcmp(mode, "die-once") && w->attempt > 0) return;
+    w->fault_mode = !strcmp(mode, "die") || !strcmp(mode, "die-once") ? FAULT_DIE : !strcmp(mode, "hang") ? FAULT_HANG
                     : !strcmp(mode, "error") ? FAULT_ERROR : FAULT_NONE;
 }
 
@@ -182,6 +239,7 @@ static int compute(worker *w, int layer, int64_t n_tok, int k, char *msg, size_t
         return snprintf(msg, len, "request of %lld tokens x %d experts exceeds the slot (%lld x %lld)",
                         (long long)n_tok, k, (long long)h->max_tok, (long long)h->max_k), -1;
     if (n_tok == 0) return 0;
+    if (w->delay_us > 0) usleep((useconds_t)w->delay_us);
     nm_err err;
     if (nm_shard_moe(&w->shard, w->pool, layer, n_tok, w->slot.x, k, w->slot.ids, w->slot.w, w->slot.out, &err))
         return snprintf(msg, len, "%.480s", err.msg), -1;
@@ -283,6 +341,7 @@ static void serve_zmq(worker *w) {
 
 int main(int argc, char **argv) {
     worker w = {0};
+    w.parent = getppid();
     if (parse_args(&w, argc, argv)) return usage(stderr);
     read_fault(&w);
     nm_err err;
@@ -319,10 +378,20 @@ int main(int argc, char **argv) {
     w.n_layer = m.hp.n_layer;
     if (!(w.is_moe = calloc((size_t)w.n_layer, 1))) fail(&w, "out of memory");
     for (int64_t l = 0; l < w.n_layer; l++) w.is_moe[l] = (uint8_t)m.layers[l].is_moe;
+    int64_t t_build = nm_wire_now_ns();
     int rc = nm_placement_for_model(&p, &m, w.kind, w.n_workers, &err);
-    if (!rc && !(w.pool = nm_pool_create(w.threads))) rc = nm_errf(&err, "cannot start %d threads", w.threads);
-    if (!rc) rc = nm_shard_build(&w.shard, &m, &p, w.id, bind.node, w.pool, &err);
     uint64_t place_hash = rc ? 0 : nm_placement_hash(&p);
+    nm_shard_seg seg = {.name = w.shard_shm, .file_bytes = mid.file_bytes, .header_hash = mid.header_hash,
+                        .placement_hash = place_hash, .n_workers = (uint32_t)w.n_workers, .kind = (uint32_t)w.kind};
+    if (!rc && !(w.pool = nm_pool_create(w.threads))) rc = nm_errf(&err, "cannot start %d threads", w.threads);
+    if (!rc) rc = nm_shard_build(&w.shard, &m, &p, w.id, bind.node, w.pool, w.shard_shm ? &seg : NULL, &err);
+    if (!rc && w.shard.reused)
+        fprintf(stderr, "numoe-worker %d: re-mapped its persistent shard /dev/shm%s%s read-only (%llu bytes, in %.1f ms; "
+                "nothing copied from the model)\n", w.id, w.shard_shm[0] == '/' ? "" : "/", w.shard_shm,
+                (unsigned long long)w.shard.weight_bytes, (double)(nm_wire_now_ns() - t_build) * 1e-6);
+    else if (!rc && w.shard_shm && w.attempt > 0)
+        fprintf(stderr, "numoe-worker %d: no persistent shard %s to re-map: rebuilt it from the model\n", w.id,
+                w.shard_shm);
     nm_placement_free(&p);
     nm_model_free(&m);
     nm_gguf_close(g); /* the shard is a copy: the mapping goes */

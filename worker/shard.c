@@ -1,15 +1,65 @@
 /* shard.c - a worker's expert weights: copy-out, repacking, compute (shard.h). */
 #include "worker/shard.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <numa.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kernels/quant.h"
 
 #define ALIGN 64
+#define SEG_MAGIC 0x44524148534d4e4eull /* "NNMSHARD" */
+#define SEG_VERSION 1
+#define SEG_HEAD 4096
+
+/* The first page of a persistent shard segment; written last. */
+typedef struct {
+    uint64_t magic;
+    uint32_t version, worker_id, n_workers, kind;
+    uint64_t file_bytes, header_hash, placement_hash;
+    uint64_t data_bytes, weight_bytes;
+} seg_header;
+
+static void seg_path(char *out, size_t len, const char *name, const char *suffix) {
+    snprintf(out, len, "/dev/shm/%s%s", name[0] == '/' ? name + 1 : name, suffix);
+}
+
+static void seg_expect(seg_header *h, const nm_shard_seg *seg, int worker, uint64_t data_bytes,
+                       uint64_t weight_bytes) {
+    memset(h, 0, sizeof *h);
+    h->magic = SEG_MAGIC, h->version = SEG_VERSION, h->worker_id = (uint32_t)worker;
+    h->n_workers = seg->n_workers, h->kind = seg->kind;
+    h->file_bytes = seg->file_bytes, h->header_hash = seg->header_hash, h->placement_hash = seg->placement_hash;
+    h->data_bytes = data_bytes, h->weight_bytes = weight_bytes;
+}
+
+/* Maps an existing, matching segment read-only: 1 mapped, 0 none usable
+ * (a mismatching one is removed), -1 error. */
+static int seg_map_existing(nm_shard *s, const char *path, const seg_header *want, nm_err *err) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT ? 0 : nm_errf(err, "shard: cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    seg_header h;
+    size_t total = SEG_HEAD + (size_t)want->data_bytes;
+    if (fstat(fd, &st) || (size_t)st.st_size != total || pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h ||
+        memcmp(&h, want, sizeof h)) {
+        close(fd);
+        unlink(path);
+        return 0;
+    }
+    void *map = mmap(NULL, total, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return nm_errf(err, "shard: cannot map %s: %s", path, strerror(errno));
+    s->map = map, s->map_bytes = total;
+    return 1;
+}
 
 typedef struct {
     uint8_t *dst;
@@ -50,14 +100,15 @@ void nm_shard_free(nm_shard *s) {
         for (int64_t l = 0; l < s->n_layer; l++) free(s->layers[l].groups);
     free(s->layers);
     free(s->ptrs);
-    if (s->mem) munmap(s->mem, s->mem_bytes);
+    if (s->map) munmap(s->map, s->map_bytes);
+    else if (s->mem) munmap(s->mem, s->mem_bytes);
     free(s->tmp);
     nm_moe_scratch_free(&s->scratch);
     memset(s, 0, sizeof *s);
 }
 
 int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int worker, int node, nm_pool *pool,
-                   nm_err *err) {
+                   const nm_shard_seg *seg, nm_err *err) {
     const nm_hparams *hp = &m->hp;
     const int64_t E = hp->n_expert, H = hp->n_embd;
     memset(s, 0, sizeof *s);
@@ -124,7 +175,44 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
         nm_shard_free(s);
         return nm_errf(err, "shard: out of memory");
     }
-    if (bytes) {
+    char path[512] = "", tmp[520] = "";
+    int seg_fd = -1;
+    if (seg) {
+        seg_header want;
+        seg_expect(&want, seg, worker, bytes, s->weight_bytes);
+        seg_path(path, sizeof path, seg->name, "");
+        seg_path(tmp, sizeof tmp, seg->name, ".tmp");
+        int r = seg_map_existing(s, path, &want, err);
+        if (r < 0) {
+            free(ops);
+            nm_shard_free(s);
+            return -1;
+        }
+        if (r == 1) {
+            s->reused = 1;
+            s->mem = s->map + SEG_HEAD, s->mem_bytes = bytes;
+        } else {
+            seg_fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+            if (seg_fd < 0 || ftruncate(seg_fd, (off_t)(SEG_HEAD + bytes))) {
+                int e = errno;
+                if (seg_fd >= 0) close(seg_fd), unlink(tmp);
+                free(ops);
+                nm_shard_free(s);
+                return nm_errf(err, "shard: cannot create %s (%zu bytes): %s", tmp, SEG_HEAD + bytes, strerror(e));
+            }
+            void *map = mmap(NULL, SEG_HEAD + bytes, PROT_READ | PROT_WRITE, MAP_SHARED, seg_fd, 0);
+            if (map == MAP_FAILED) {
+                int e = errno;
+                close(seg_fd), unlink(tmp);
+                free(ops);
+                nm_shard_free(s);
+                return nm_errf(err, "shard: cannot map %s: %s", tmp, strerror(e));
+            }
+            s->map = map, s->map_bytes = SEG_HEAD + bytes;
+            s->mem = s->map + SEG_HEAD, s->mem_bytes = bytes;
+            if (bytes && node >= 0) numa_tonode_memory(s->mem, bytes, node); /* before the first touch */
+        }
+    } else if (bytes) {
         s->mem_bytes = bytes;
         void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (mem == MAP_FAILED) {
@@ -162,6 +250,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
                 size_t col0 = nm_row_size(L->down_exps.type, q->f0); /* bytes before column f0 (whole blocks) */
                 if (q->f0 && !col0) {
                     free(ops);
+                    if (seg_fd >= 0) close(seg_fd), unlink(tmp);
                     nm_shard_free(s);
                     return nm_errf(err, "shard: layer %lld expert %lld: column %lld is not on a %s block boundary",
                                    (long long)l, (long long)e, (long long)q->f0, nm_type_name(L->down_exps.type));
@@ -172,10 +261,33 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
             }
         }
     }
+    if (s->reused) { /* already there: nothing to copy */
+        free(ops);
+        return 0;
+    }
     copy_job job = {.ops = ops, .n = k};
     atomic_init(&job.next, 0);
     nm_pool_run(pool, run_copies, &job);
     free(ops);
+    if (seg_fd >= 0) {
+        /* header last, then the name, then re-map the finished segment read-only */
+        seg_header h;
+        seg_expect(&h, seg, worker, bytes, s->weight_bytes);
+        memcpy(s->map, &h, sizeof h);
+        close(seg_fd);
+        /* the same address, so the pointer tables stay valid; the writable mapping goes */
+        int e = rename(tmp, path) ? errno : 0;
+        int ro = e ? -1 : open(path, O_RDONLY | O_CLOEXEC);
+        if (!e && ro < 0) e = errno;
+        void *map = e ? MAP_FAILED : mmap(s->map, s->map_bytes, PROT_READ, MAP_SHARED | MAP_FIXED, ro, 0);
+        if (map == MAP_FAILED && !e) e = errno;
+        if (ro >= 0) close(ro);
+        if (e) {
+            unlink(tmp), unlink(path);
+            nm_shard_free(s);
+            return nm_errf(err, "shard: cannot publish %s: %s", path, strerror(e));
+        }
+    }
     return 0;
 }
 

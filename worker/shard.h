@@ -11,9 +11,14 @@
  * so the shared kernel (kernels/moe.h) computes it unchanged. Groups are
  * summed in a fixed order.
  *
- * Later: the shard in a node-bound shared segment (or hugetlbfs file) that
- * outlives the worker process, so a restarted worker re-maps it instead of
- * re-reading the model. */
+ * Persistence: with a segment name (nm_shard_seg) the weights live in a
+ * file under /dev/shm that outlives the worker process: the first start
+ * builds it under "<name>.tmp", writes a header (magic, model identity,
+ * placement hash, sizes) last and renames it into place; every start then
+ * maps it READ-ONLY. A restarted worker whose header matches re-maps it
+ * without copying anything out of the model (s->reused = 1). The
+ * coordinator removes the name at exit; a worker whose coordinator is gone
+ * removes it too (worker/main.c). */
 #ifndef NUMOE_WORKER_SHARD_H
 #define NUMOE_WORKER_SHARD_H
 
@@ -35,18 +40,30 @@ typedef struct {
     int64_t n_layer, n_embd, n_expert;
     nm_shard_layer *layers;    /* [n_layer]; n_groups 0 = nothing held in that layer */
     const void **ptrs;         /* pointer tables of all groups */
-    uint8_t *mem;              /* owned weights (mmap) */
+    uint8_t *mem;              /* the weights (anonymous mmap, or inside map) */
     size_t mem_bytes;
+    uint8_t *map;              /* persistent segment: header page + weights, mapped read-only */
+    size_t map_bytes;
+    int reused;                /* 1: an existing segment was re-mapped, nothing copied */
     uint64_t weight_bytes;     /* bytes of weights held (what the model's routed bytes split into) */
     float *tmp;                /* group partial sums */
     int64_t tmp_tok;
     nm_moe_scratch scratch;
 } nm_shard;
 
+/* Where and for what a persistent shard is kept (all fields go into its header). */
+typedef struct {
+    const char *name;          /* POSIX shm style name, "/numoe-<coordinator pid>-shard-<id>" */
+    uint64_t file_bytes, header_hash, placement_hash;
+    uint32_t n_workers, kind;
+} nm_shard_seg;
+
 /* Copies worker's pieces of p out of the mapped model using pool's threads.
- * node >= 0: the memory is bound to that NUMA node. */
+ * node >= 0: the memory is bound to that NUMA node. seg != NULL: keep the
+ * weights in that persistent segment (re-map it read-only if it is already
+ * there and its header matches). */
 int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int worker, int node, nm_pool *pool,
-                   nm_err *err);
+                   const nm_shard_seg *seg, nm_err *err);
 /* out[t] = this worker's part of the layer's routed-expert output for the
  * tokens (x: [n_tok][n_embd]; ids, w: [n_tok][k]). */
 int nm_shard_moe(nm_shard *s, nm_pool *pool, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
