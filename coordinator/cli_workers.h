@@ -24,6 +24,10 @@ typedef struct {
     int max_k;              /* largest number of experts per token */
     int handoff;            /* numoe.proto Handoff: 0 doorbell (default), 1 ZeroMQ messages */
     int verbose;            /* print per-worker lines on stderr (shard bytes etc.) */
+    const char *endpoints;  /* "tcp://h1:p1,tcp://h2:p2": connect to workers started by hand
+                               (`numoe-worker --listen`, worker i = i-th endpoint) instead of
+                               spawning any; data inline, no shm, no restarts. n_workers: 0 or
+                               the number of endpoints */
 } nm_remote_opts;
 
 /* Spawns n_workers numoe-worker processes (found next to this executable,

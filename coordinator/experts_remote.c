@@ -37,8 +37,21 @@
  * whatever slot name is left. Slot names carry this process's pid, so a
  * later coordinator removes the names of one that was killed mid-start.
  *
+ * Workers started by hand (--worker-endpoints tcp://h1:p1,...; worker i is
+ * the i-th endpoint, started as `numoe-worker --worker-id i --listen ...`):
+ * nothing is spawned. Each endpoint gets its own DEALER socket (connected;
+ * the worker binds a ROUTER) and a socket monitor; the coordinator sends a
+ * Heartbeat as hello, the worker answers with its Register, which is checked
+ * as above (plus: its worker id is the endpoint's position). Per layer the
+ * MoeRequest carries x / ids / weights and the MoeReply the partial output
+ * (HANDOFF_INLINE); the sum is again in worker order. No shm, and no
+ * supervision: a worker whose connection drops (monitor: DISCONNECTED) or
+ * that does not answer in time fails the call with its endpoint named. An
+ * endpoint nothing accepts a connection on within
+ * NUMOE_WORKER_CONNECT_TIMEOUT_S (default 10 s) is an error.
+ *
  * Later (not here yet): connecting to workers started by the launcher,
- * tcp:// workers with inline data, restarts in the ZeroMQ hand-off mode
+ * restarts in the ZeroMQ hand-off mode
  * (there a dead worker still fails the call), one shared input region
  * instead of a copy per worker, and a submit/wait split so the shared
  * experts overlap the routed ones. */
@@ -85,6 +98,12 @@ typedef struct {
     int attempt_arg;       /* index in argv_buf of the --attempt value */
     int restarts;          /* restarts so far */
     char *argv_buf[28];
+    /* --worker-endpoints */
+    char ep[256];
+    void *dsock, *mon;
+    int connected, lost;
+    char host[64];
+    uint64_t rpid;
 } rworker;
 
 typedef struct {
@@ -108,6 +127,7 @@ typedef struct {
     uint64_t seq;
     expect_t ex;
     int max_restarts;
+    int tcp;               /* --worker-endpoints */
 } remote_backend;
 
 static double now_s(void) { return (double)nm_wire_now_ns() * 1e-9; }
@@ -204,6 +224,20 @@ static void remote_destroy(nm_expert_backend *b) {
         }
         nm_slot_unmap(&w->slot);
         for (int j = 0; w->argv_buf[j]; j++) free(w->argv_buf[j]);
+    }
+    for (int i = 0; rb->tcp && i < rb->n; i++) {
+        rworker *w = &rb->w[i];
+        if (w->dsock && w->registered && !w->lost) {
+            int linger = 500; /* let the Shutdown go out */
+            zmq_setsockopt(w->dsock, ZMQ_LINGER, &linger, sizeof linger);
+            Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
+            Numoe__Shutdown sd = NUMOE__SHUTDOWN__INIT;
+            sd.reason = "coordinator exiting";
+            env.msg_case = NUMOE__ENVELOPE__MSG_SHUTDOWN, env.shutdown = &sd;
+            nm_wire_send(w->dsock, NULL, &env, NULL);
+        }
+        if (w->mon) zmq_close(w->mon);
+        if (w->dsock) zmq_close(w->dsock);
     }
     if (rb->sock) zmq_close(rb->sock);
     if (rb->zctx) zmq_ctx_term(rb->zctx);
@@ -312,39 +346,45 @@ static int refuse(remote_backend *rb, const nm_routing_id *rid, const char *reas
     return send_to(rb, rid, &env, NULL);
 }
 
-/* Checks one Register; on success creates the worker's slot and accepts it. */
-static int on_register(remote_backend *rb, const nm_routing_id *rid, const Numoe__Register *r, expect_t *ex,
-                       nm_err *err) {
-    char reason[700];
+/* Why a Register does not fit (reason[0] == 0: it does). */
+static void register_reason(remote_backend *rb, const Numoe__Register *r, const expect_t *ex, char *reason,
+                            size_t rlen) {
     reason[0] = 0;
     const Numoe__ModelIdentity *mi = r->model;
     if (r->protocol_version != NM_PROTOCOL_VERSION)
-        snprintf(reason, sizeof reason,
+        snprintf(reason, rlen,
                  "worker %u speaks numoe protocol version %u, this coordinator speaks version %u; run a numoe and "
                  "numoe-worker built from the same tree (worker build: %s)",
                  r->worker_id, r->protocol_version, NM_PROTOCOL_VERSION, r->build_id);
     else if (r->worker_id >= (uint32_t)rb->n || r->n_workers != (uint32_t)rb->n)
-        snprintf(reason, sizeof reason, "worker %u of %u does not fit this coordinator's %d workers", r->worker_id,
+        snprintf(reason, rlen, "worker %u of %u does not fit this coordinator's %d workers", r->worker_id,
                  r->n_workers, rb->n);
     else if (rb->w[r->worker_id].registered)
-        snprintf(reason, sizeof reason, "worker id %u registered twice", r->worker_id);
+        snprintf(reason, rlen, "worker id %u registered twice", r->worker_id);
     else if (rb->w[r->worker_id].pid > 0 && r->pid != (uint64_t)rb->w[r->worker_id].pid)
-        snprintf(reason, sizeof reason, "worker %u reports pid %llu, but this coordinator started pid %d for it",
+        snprintf(reason, rlen, "worker %u reports pid %llu, but this coordinator started pid %d for it",
                  r->worker_id, (unsigned long long)r->pid, rb->w[r->worker_id].pid);
     else if (!mi || mi->file_bytes != ex->file_bytes || mi->header_hash != ex->header_hash)
-        snprintf(reason, sizeof reason,
+        snprintf(reason, rlen,
                  "worker %u opened a different model (%llu bytes, identity %016llx) than the coordinator (%llu bytes, "
                  "identity %016llx)",
                  r->worker_id, mi ? (unsigned long long)mi->file_bytes : 0ull,
                  mi ? (unsigned long long)mi->header_hash : 0ull, (unsigned long long)ex->file_bytes,
                  (unsigned long long)ex->header_hash);
     else if ((int)r->placement != ex->placement)
-        snprintf(reason, sizeof reason, "worker %u uses placement kind %d, the coordinator asked for %d", r->worker_id,
+        snprintf(reason, rlen, "worker %u uses placement kind %d, the coordinator asked for %d", r->worker_id,
                  (int)r->placement, ex->placement);
     else if (r->placement_hash != ex->placement_hash)
-        snprintf(reason, sizeof reason,
+        snprintf(reason, rlen,
                  "worker %u computed a different placement map (hash %016llx, coordinator %016llx)", r->worker_id,
                  (unsigned long long)r->placement_hash, (unsigned long long)ex->placement_hash);
+}
+
+/* Checks one Register; on success creates the worker's slot and accepts it. */
+static int on_register(remote_backend *rb, const nm_routing_id *rid, const Numoe__Register *r, expect_t *ex,
+                       nm_err *err) {
+    char reason[700];
+    register_reason(rb, r, ex, reason, sizeof reason);
     if (reason[0]) {
         refuse(rb, rid, reason);
         return nm_errf(err, "%s", reason);
@@ -633,9 +673,218 @@ static int zmq_round(remote_backend *rb, int layer, int64_t n_tok, int k, nm_err
     return rc;
 }
 
+/* --- workers started by hand (--worker-endpoints): inline data over tcp --- */
+
+/* Reads what w's socket monitor saw (connected / disconnected). */
+static void drain_monitor(rworker *w) {
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, w->mon, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            return;
+        }
+        uint16_t ev = 0;
+        if (zmq_msg_size(&m) >= 2) memcpy(&ev, zmq_msg_data(&m), 2);
+        int more = zmq_msg_more(&m);
+        zmq_msg_close(&m);
+        if (more) { /* the endpoint frame */
+            zmq_msg_init(&m);
+            zmq_msg_recv(&m, w->mon, 0);
+            zmq_msg_close(&m);
+        }
+        if (ev == ZMQ_EVENT_CONNECTED) w->connected = 1;
+        if (ev == ZMQ_EVENT_DISCONNECTED) w->lost = 1;
+    }
+}
+
+static int tcp_lost_error(rworker *w, const char *when, int layer, nm_err *err) {
+    char at[48] = "";
+    if (layer >= 0) snprintf(at, sizeof at, " %d", layer);
+    return nm_errf(err, "lost the connection to worker %d at %s %s%s (workers given with --worker-endpoints are "
+                   "not restarted; start it again and rerun)", w->id, w->ep, when, at);
+}
+
+/* Connects to every endpoint, says hello, checks the Registers. */
+static int tcp_connect_all(remote_backend *rb, const expect_t *ex, nm_err *err) {
+    const char *ct = getenv("NUMOE_WORKER_CONNECT_TIMEOUT_S");
+    const char *st = getenv("NUMOE_WORKER_START_TIMEOUT_S");
+    double climit = ct && atof(ct) > 0 ? atof(ct) : 10.0, slimit = st && atof(st) > 0 ? atof(st) : START_TIMEOUT_S;
+    for (int i = 0; i < rb->n; i++) {
+        rworker *w = &rb->w[i];
+        char mon[64];
+        snprintf(mon, sizeof mon, "inproc://numoe-monitor-%d", i);
+        int zero = 0, sndtimeo = 5000;
+        if (!(w->dsock = zmq_socket(rb->zctx, ZMQ_DEALER)) ||
+            zmq_setsockopt(w->dsock, ZMQ_LINGER, &zero, sizeof zero) ||
+            zmq_setsockopt(w->dsock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo) ||
+            zmq_socket_monitor(w->dsock, mon, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED) ||
+            !(w->mon = zmq_socket(rb->zctx, ZMQ_PAIR)) || zmq_connect(w->mon, mon) ||
+            zmq_connect(w->dsock, w->ep))
+            return nm_errf(err, "worker %d: cannot connect to %s: %s", i, w->ep, zmq_strerror(zmq_errno()));
+        Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
+        Numoe__Heartbeat hb = NUMOE__HEARTBEAT__INIT;
+        hb.time_ns = (uint64_t)nm_wire_now_ns();
+        env.msg_case = NUMOE__ENVELOPE__MSG_HEARTBEAT, env.heartbeat = &hb;
+        if (nm_wire_send(w->dsock, NULL, &env, err)) return nm_err_prefix(err, "worker %d at %s", i, w->ep);
+    }
+    double t0 = now_s();
+    zmq_pollitem_t *it = calloc((size_t)rb->n, sizeof *it);
+    if (!it) return nm_errf(err, "out of memory");
+    int rc = 0;
+    for (;;) {
+        int ready = 0;
+        for (int i = 0; i < rb->n; i++) ready += rb->w[i].registered;
+        if (ready == rb->n) break;
+        for (int i = 0; i < rb->n; i++) it[i] = (zmq_pollitem_t){rb->w[i].dsock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(it, rb->n, 50) < 0 && zmq_errno() != EINTR) {
+            rc = nm_errf(err, "waiting for the workers: %s", zmq_strerror(zmq_errno()));
+            break;
+        }
+        double t = now_s() - t0;
+        for (int i = 0; i < rb->n && !rc; i++) {
+            rworker *w = &rb->w[i];
+            drain_monitor(w);
+            if (w->registered) continue;
+            if (!w->connected && t > climit)
+                rc = nm_errf(err, "worker %d: nothing accepted a connection at %s within %.0f s; start `numoe-worker "
+                             "--worker-id %d --workers %d ... --listen %s` there first (or set "
+                             "NUMOE_WORKER_CONNECT_TIMEOUT_S)", i, w->ep, climit, i, rb->n, w->ep);
+            else if (w->lost)
+                rc = tcp_lost_error(w, "before it registered", -1, err);
+            else if (t > slimit)
+                rc = nm_errf(err, "worker %d at %s did not register within %.0f s (set NUMOE_WORKER_START_TIMEOUT_S)",
+                             i, w->ep, slimit);
+            while (!rc && !w->registered) {
+                Numoe__Envelope *env;
+                if (nm_wire_recv(w->dsock, 0, NULL, &env, NULL)) break;
+                if (env->msg_case == NUMOE__ENVELOPE__MSG_REGISTER) {
+                    const Numoe__Register *r = env->register_;
+                    char reason[800];
+                    if (r->protocol_version == NM_PROTOCOL_VERSION && r->n_workers == (uint32_t)rb->n &&
+                        r->worker_id != (uint32_t)i)
+                        snprintf(reason, sizeof reason, "the worker at %s is worker %u of %u, but it is endpoint %d of "
+                                 "--worker-endpoints (worker i must be the i-th endpoint)", w->ep, r->worker_id,
+                                 r->n_workers, i);
+                    else
+                        register_reason(rb, r, ex, reason, sizeof reason);
+                    Numoe__Envelope out = NUMOE__ENVELOPE__INIT;
+                    Numoe__RegisterReply rr = NUMOE__REGISTER_REPLY__INIT;
+                    rr.accepted = !reason[0];
+                    rr.reason = reason;
+                    rr.protocol_version = NM_PROTOCOL_VERSION;
+                    rr.handoff = NUMOE__HANDOFF__HANDOFF_INLINE;
+                    out.msg_case = NUMOE__ENVELOPE__MSG_REGISTER_REPLY, out.register_reply = &rr;
+                    nm_wire_send(w->dsock, NULL, &out, NULL);
+                    if (reason[0]) {
+                        rc = nm_errf(err, "worker at %s refused: %s", w->ep, reason);
+                    } else {
+                        if (strcmp(r->build_id, nm_build_id()))
+                            fprintf(stderr, "numoe: note: worker %d at %s was built differently (%s; coordinator: %s)\n",
+                                    i, w->ep, r->build_id, nm_build_id());
+                        w->registered = w->attached = 1;
+                        w->shard_bytes = r->shard_bytes;
+                        w->node = r->node, w->threads = (int)r->threads, w->cpus = (int)r->cores;
+                        w->rpid = r->pid;
+                        snprintf(w->host, sizeof w->host, "%s", r->host);
+                    }
+                } else if (env->msg_case == NUMOE__ENVELOPE__MSG_ERROR) {
+                    rc = nm_errf(err, "worker %d at %s: %s", i, w->ep, env->error->message);
+                }
+                numoe__envelope__free_unpacked(env, NULL);
+            }
+        }
+        if (rc) break;
+    }
+    free(it);
+    return rc;
+}
+
+/* One chunk over tcp: the data goes out in every MoeRequest, the partial
+ * sums come back in the MoeReplies and are added in worker order. */
+static int inline_round(remote_backend *rb, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
+                        const float *wt, float *out, nm_err *err) {
+    const int64_t H = rb->n_embd;
+    uint64_t seq = ++rb->seq;
+    size_t xb = (size_t)(n_tok * H) * sizeof(float), kb = (size_t)(n_tok * k) * sizeof(int32_t);
+    for (int i = 0; i < rb->n; i++) {
+        rworker *w = &rb->w[i];
+        drain_monitor(w);
+        if (w->lost) return tcp_lost_error(w, "before layer", layer, err);
+        Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
+        Numoe__MoeRequest rq = NUMOE__MOE_REQUEST__INIT;
+        rq.seq = seq, rq.layer = layer < 0 ? UINT32_MAX : (uint32_t)layer, rq.n_tok = (uint32_t)n_tok,
+        rq.k = (uint32_t)k;
+        rq.x.data = (uint8_t *)x, rq.x.len = xb;
+        rq.ids.data = (uint8_t *)ids, rq.ids.len = kb;
+        rq.weights.data = (uint8_t *)wt, rq.weights.len = kb;
+        env.msg_case = NUMOE__ENVELOPE__MSG_MOE_REQUEST, env.moe_request = &rq;
+        if (nm_wire_send(w->dsock, NULL, &env, err)) return nm_err_prefix(err, "worker %d at %s", i, w->ep);
+    }
+    Numoe__Envelope **rep = calloc((size_t)rb->n, sizeof *rep);
+    zmq_pollitem_t *it = calloc((size_t)rb->n, sizeof *it);
+    if (!rep || !it) {
+        free(rep), free(it);
+        return nm_errf(err, "out of memory");
+    }
+    int got = 0, rc = 0;
+    double t0 = now_s();
+    while (got < rb->n && !rc) {
+        for (int i = 0; i < rb->n; i++) it[i] = (zmq_pollitem_t){rb->w[i].dsock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(it, rb->n, 50) < 0 && zmq_errno() != EINTR) {
+            rc = nm_errf(err, "waiting for the workers: %s", zmq_strerror(zmq_errno()));
+            break;
+        }
+        for (int i = 0; i < rb->n && !rc; i++) {
+            rworker *w = &rb->w[i];
+            Numoe__Envelope *env;
+            while (!rep[i] && !rc && nm_wire_recv(w->dsock, 0, NULL, &env, NULL) == 0) {
+                const Numoe__MoeReply *r = env->moe_reply;
+                if (env->msg_case == NUMOE__ENVELOPE__MSG_MOE_REPLY && r->seq == seq) {
+                    if (r->status != NUMOE__STATUS__STATUS_OK)
+                        rc = nm_errf(err, "worker %d at %s failed layer %d: %s", i, w->ep, layer, r->error);
+                    else if (r->out.len != xb)
+                        rc = nm_errf(err, "worker %d at %s answered layer %d with %zu bytes, %zu expected", i, w->ep,
+                                     layer, r->out.len, xb);
+                    else {
+                        rep[i] = env, got++;
+                        continue;
+                    }
+                } else if (env->msg_case == NUMOE__ENVELOPE__MSG_ERROR) {
+                    rc = nm_errf(err, "worker %d at %s: %s", i, w->ep, env->error->message);
+                }
+                numoe__envelope__free_unpacked(env, NULL);
+            }
+            if (rc || rep[i]) continue;
+            drain_monitor(w);
+            if (w->lost) rc = tcp_lost_error(w, "while it computed layer", layer, err);
+            else if (now_s() - t0 > rb->timeout_s)
+                rc = nm_errf(err, "worker %d at %s did not answer layer %d within %.0f s (--worker-timeout)", i, w->ep,
+                             layer, rb->timeout_s);
+        }
+    }
+    if (!rc && n_tok) {
+        size_t n = (size_t)(n_tok * H);
+        float *p = malloc(xb);
+        if (!p) rc = nm_errf(err, "out of memory");
+        for (int i = 0; i < rb->n && !rc; i++) {
+            memcpy(p, rep[i]->moe_reply->out.data, xb); /* the message's bytes need not be aligned */
+            if (i == 0) memcpy(out, p, xb);
+            else
+                for (size_t j = 0; j < n; j++) out[j] += p[j];
+        }
+        free(p);
+    }
+    for (int i = 0; i < rb->n; i++)
+        if (rep[i]) numoe__envelope__free_unpacked(rep[i], NULL);
+    free(rep), free(it);
+    return rc;
+}
+
 /* One chunk of at most max_tok tokens. */
 static int moe_chunk(remote_backend *rb, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
                      const float *wt, float *out, nm_err *err) {
+    if (rb->tcp) return inline_round(rb, layer, n_tok, x, k, ids, wt, out, err);
     const int64_t H = rb->n_embd;
     inflight q = {.layer = layer, .k = k, .n_tok = n_tok, .x = x, .wt = wt, .ids = ids, .seq = rb->seq + 1};
     for (int i = 0; i < rb->n; i++) {
@@ -711,28 +960,44 @@ static int cpus_of_node(int node) {
 }
 
 nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_opts *o, nm_err *err) {
-    if (o->n_workers < 1 || o->n_workers > NM_MAX_WORKERS) {
-        nm_errf(err, "--workers %d: between 1 and %d", o->n_workers, NM_MAX_WORKERS);
+    int n_workers = o->n_workers;
+    if (o->endpoints) {
+        int n_ep = 1;
+        for (const char *c = o->endpoints; *c; c++) n_ep += *c == ',';
+        for (const char *c = o->endpoints; c;) {
+            const char *e = strchr(c, ',');
+            size_t len = e ? (size_t)(e - c) : strlen(c);
+            if (len <= 6 || len >= sizeof ((rworker *)0)->ep || strncmp(c, "tcp://", 6)) {
+                nm_errf(err, "--worker-endpoints: '%.*s' is not a tcp://HOST:PORT endpoint", (int)len, c);
+                return NULL;
+            }
+            c = e ? e + 1 : NULL;
+        }
+        if (n_workers > 0 && n_workers != n_ep) {
+            nm_errf(err, "--workers %d, but --worker-endpoints names %d worker%s", n_workers, n_ep, n_ep > 1 ? "s" : "");
+            return NULL;
+        }
+        n_workers = n_ep;
+    }
+    if (n_workers < 1 || n_workers > NM_MAX_WORKERS) {
+        nm_errf(err, "--workers %d: between 1 and %d", n_workers, NM_MAX_WORKERS);
         return NULL;
     }
     if (!o->model_path || !o->placement) {
         nm_errf(err, "expert workers need the model path and a placement");
         return NULL;
     }
-    int kind = nm_placement_parse_kind(o->placement);
-    if (!kind) {
-        nm_errf(err, "unknown placement '%s' (split, experts or experts-rr)", o->placement);
-        return NULL;
-    }
-    /* the same map every worker builds: fails here, once, if it cannot be made */
+    /* the same map every worker builds (a family name or a map file): fails here,
+     * once, if it cannot be made */
     nm_placement pl;
-    if (nm_placement_for_model(&pl, m, kind, o->n_workers, err)) return NULL;
+    if (nm_placement_for_model_spec(&pl, m, o->placement, n_workers, err)) return NULL;
+    int kind = pl.kind;
     uint64_t placement_hash = nm_placement_hash(&pl);
     nm_placement_free(&pl);
     char exe[PATH_MAX];
-    if (find_worker_exe(exe, sizeof exe, err)) return NULL;
+    if (!o->endpoints && find_worker_exe(exe, sizeof exe, err)) return NULL;
     remote_backend *rb = calloc(1, sizeof *rb);
-    if (!rb || !(rb->w = calloc((size_t)o->n_workers, sizeof *rb->w))) {
+    if (!rb || !(rb->w = calloc((size_t)n_workers, sizeof *rb->w))) {
         free(rb);
         nm_errf(err, "out of memory");
         return NULL;
@@ -740,8 +1005,9 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
     rb->base.moe = remote_moe;
     rb->base.destroy = remote_destroy;
     rb->m = m;
-    rb->n = o->n_workers;
+    rb->n = n_workers;
     rb->handoff = o->handoff;
+    if (o->endpoints) rb->tcp = 1, rb->handoff = NUMOE__HANDOFF__HANDOFF_INLINE;
     rb->timeout_s = o->timeout_s > 0 ? o->timeout_s : 300;
     rb->n_embd = m->hp.n_embd;
     rb->max_tok = o->max_tok > 0 ? o->max_tok : 512;
@@ -751,7 +1017,7 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
     if (rb->spin_us < 0) rb->spin_us = 0;
     const char *rs = getenv("NUMOE_WORKER_RESTARTS");
     rb->max_restarts = rs && *rs ? atoi(rs) : RESTARTS_DEFAULT;
-    if (rb->max_restarts < 0 || rb->handoff == NUMOE__HANDOFF__HANDOFF_ZMQ) rb->max_restarts = 0;
+    if (rb->max_restarts < 0 || rb->handoff != NUMOE__HANDOFF__HANDOFF_DOORBELL) rb->max_restarts = 0;
     nm_slot_sweep_stale();
 
     /* nodes and threads per worker */
@@ -769,11 +1035,33 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
         w->threads = t > 0 ? t : 1;
     }
 
+    if (rb->tcp) {
+        const char *c = o->endpoints;
+        for (int i = 0; i < rb->n; i++) {
+            const char *e = strchr(c, ',');
+            int len = e ? (int)(e - c) : (int)strlen(c);
+            snprintf(rb->w[i].ep, sizeof rb->w[i].ep, "%.*s", len, c);
+            c = e ? e + 1 : c + len;
+        }
+        nm_model_identity(m->gguf, &rb->ex.file_bytes, &rb->ex.header_hash);
+        rb->ex.placement = kind, rb->ex.placement_hash = placement_hash;
+        if (!(rb->zctx = zmq_ctx_new())) {
+            nm_errf(err, "ZeroMQ: %s", zmq_strerror(zmq_errno()));
+            remote_destroy(&rb->base);
+            return NULL;
+        }
+        if (tcp_connect_all(rb, &rb->ex, err)) {
+            rb->broken = 1;
+            remote_destroy(&rb->base);
+            return NULL;
+        }
+    }
     uint32_t rnd = 0;
     if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != sizeof rnd) rnd = (uint32_t)nm_wire_now_ns();
     snprintf(rb->endpoint, sizeof rb->endpoint, "ipc://@numoe-%d-%08x", (int)getpid(), rnd); /* abstract: no file */
     int one = 1, zero = 0, sndtimeo = 5000;
-    if (!(rb->zctx = zmq_ctx_new()) || !(rb->sock = zmq_socket(rb->zctx, ZMQ_ROUTER)) ||
+    if (rb->tcp) {
+    } else if (!(rb->zctx = zmq_ctx_new()) || !(rb->sock = zmq_socket(rb->zctx, ZMQ_ROUTER)) ||
         zmq_setsockopt(rb->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one) ||
         zmq_setsockopt(rb->sock, ZMQ_LINGER, &zero, sizeof zero) ||
         zmq_setsockopt(rb->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo) || zmq_bind(rb->sock, rb->endpoint)) {
@@ -781,12 +1069,12 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
         remote_destroy(&rb->base);
         return NULL;
     }
-    for (int i = 0; i < rb->n; i++)
+    for (int i = 0; i < rb->n && !rb->tcp; i++)
         if (spawn(rb, &rb->w[i], exe, o, err)) {
             remote_destroy(&rb->base);
             return NULL;
         }
-    if (await_workers(rb, kind, placement_hash, err)) {
+    if (!rb->tcp && await_workers(rb, kind, placement_hash, err)) {
         rb->broken = 1; /* no "exited at shutdown" notes on top of the error */
         remote_destroy(&rb->base);
         return NULL;
@@ -795,7 +1083,12 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
     for (int i = 0; i < rb->n; i++) {
         rworker *w = &rb->w[i];
         total += w->shard_bytes;
-        if (o->verbose) {
+        if (o->verbose && rb->tcp) {
+            char node[16] = "-";
+            if (w->node >= 0) snprintf(node, sizeof node, "%d", w->node);
+            fprintf(stderr, "numoe: worker %d: %s (host %s, pid %llu), node %s, %d threads, shard %llu bytes\n", i,
+                    w->ep, w->host, (unsigned long long)w->rpid, node, w->threads, (unsigned long long)w->shard_bytes);
+        } else if (o->verbose) {
             char node[16] = "-";
             if (w->node >= 0) snprintf(node, sizeof node, "%d", w->node);
             fprintf(stderr, "numoe: worker %d: pid %d, node %s, %d threads, shard %llu bytes, slot %zu bytes\n", i,
@@ -804,7 +1097,7 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
     }
     if (o->verbose)
         fprintf(stderr, "numoe: %d workers (placement %s, %s hand-off) hold %llu bytes of routed experts; the model has %llu\n",
-                rb->n, o->placement, rb->handoff == NUMOE__HANDOFF__HANDOFF_ZMQ ? "ZeroMQ" : "doorbell",
+                rb->n, o->placement, rb->tcp ? "tcp inline" : rb->handoff == NUMOE__HANDOFF__HANDOFF_ZMQ ? "ZeroMQ" : "doorbell",
                 (unsigned long long)total, (unsigned long long)routed);
     if (total != routed) {
         nm_errf(err, "the workers hold %llu bytes of routed experts, the model has %llu: the placement lost or "

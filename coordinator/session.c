@@ -21,11 +21,18 @@ const char nm_session_opts_help[] =
     "                          its share once; 0 = in this process (default)\n"
     "      --placement P       how the workers share the experts: split (1/N of every expert's ff\n"
     "                          dimension each; default), experts (whole experts, contiguous ids),\n"
-    "                          experts-rr (whole experts, round-robin)\n"
+    "                          experts-rr (whole experts, round-robin), or a map FILE (configs/README.md;\n"
+    "                          `numoe placement --profile` balances one from a --dump-routing file)\n"
     "      --worker-threads N  compute threads per worker (default: its node's CPUs / workers on it)\n"
     "      --worker-nodes L    NUMA node of each worker, comma-separated, repeated cyclically\n"
     "                          (default: round-robin over the nodes when there are several)\n"
-    "      --worker-timeout S  a worker that does not answer a layer within S seconds is an error (300)\n";
+    "      --worker-timeout S  a worker that does not answer a layer within S seconds is an error (300)\n"
+    "      --worker-endpoints tcp://H1:P1,tcp://H2:P2,...\n"
+    "                          use workers started by hand (maybe on other hosts) instead of spawning\n"
+    "                          them: worker i is `numoe-worker --worker-id i --workers N --placement P\n"
+    "                          --listen` at the i-th endpoint, with its own copy of the model file;\n"
+    "                          activations travel inline over tcp (no shm). They are not supervised:\n"
+    "                          a lost one is an error naming its endpoint, never restarted\n";
 
 static int parse_int(const char *cmd, const char *opt, const char *v, long long lo, long long hi, long long *out) {
     char *end;
@@ -63,9 +70,9 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
         if (parse_int(cmd, a, v, 0, NM_MAX_WORKERS, &x)) return -1;
         o->workers = (int)x;
     } else if (!strcmp(a, "--placement")) {
-        if (!v || (strcmp(v, "split") && strcmp(v, "experts") && strcmp(v, "experts-rr")))
-            return fprintf(stderr, "%s: --placement must be split, experts or experts-rr (got '%s')\n", cmd,
-                           v ? v : ""), -1;
+        if (!v || (strcmp(v, "split") && strcmp(v, "experts") && strcmp(v, "experts-rr") && access(v, R_OK)))
+            return fprintf(stderr, "%s: --placement must be split, experts, experts-rr or a readable map file (got '%s')\n",
+                           cmd, v ? v : ""), -1;
         o->placement = v;
     } else if (!strcmp(a, "--worker-threads")) {
         if (parse_int(cmd, a, v, 1, 4096, &x)) return -1;
@@ -87,6 +94,11 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
         if (!p || !o->n_worker_nodes)
             return fprintf(stderr, "%s: --worker-nodes needs comma-separated NUMA node numbers (got '%s')\n", cmd,
                            v ? v : ""), -1;
+    } else if (!strcmp(a, "--worker-endpoints")) {
+        if (!v || strncmp(v, "tcp://", 6))
+            return fprintf(stderr, "%s: --worker-endpoints needs comma-separated tcp://HOST:PORT endpoints (got '%s')\n",
+                           cmd, v ? v : ""), -1;
+        o->worker_endpoints = v;
     } else if (!strcmp(a, "--worker-timeout")) {
         if (parse_int(cmd, a, v, 1, 1 << 24, &x)) return -1;
         o->worker_timeout = (double)x;
@@ -113,7 +125,8 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         return -1;
     }
     /* in-process experts read the whole file; workers copy their own shards */
-    if (!o->no_prefault && o->workers == 0) nm_gguf_prefault(s->gguf, 1);
+    int remote = o->workers > 0 || o->worker_endpoints;
+    if (!o->no_prefault && !remote) nm_gguf_prefault(s->gguf, 1);
     const nm_hparams *hp = &s->model.hp;
     int64_t ctx = o->ctx_size ? o->ctx_size : (hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
     if (o->experts_used > hp->n_expert_used) {
@@ -125,11 +138,12 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return nm_errf(err, "cannot start %d threads", o->threads);
     }
-    if (o->workers > 0) {
+    if (remote) {
         nm_remote_opts ro = {.model_path = o->model_path, .n_workers = o->workers,
                              .placement = o->placement ? o->placement : "split", .threads = o->worker_threads,
                              .nodes = o->worker_nodes, .n_nodes = o->n_worker_nodes, .timeout_s = o->worker_timeout,
-                             .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1};
+                             .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,
+                             .endpoints = o->worker_endpoints};
         const char *h = getenv("NUMOE_HANDOFF"); /* developer knob: zmq = per-layer hand-off over ZeroMQ */
         ro.handoff = h && !strcmp(h, "zmq") ? NUMOE__HANDOFF__HANDOFF_ZMQ : NUMOE__HANDOFF__HANDOFF_DOORBELL;
         s->experts = nm_experts_remote_create(&s->model, &ro, err);
@@ -148,7 +162,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
             o->model_path, (long long)hp->n_layer, (long long)hp->n_dense, (long long)hp->n_embd,
             (long long)hp->n_head, (long long)hp->q_lora, (long long)hp->kv_lora, (long long)hp->n_expert,
             s->fwd.n_expert_used, (long long)hp->n_shared, (long long)hp->n_vocab, (long long)ctx,
-            nm_pool_size(s->pool), nm_isa_name(nm_isa_best()), o->workers > 0 ? ", routed experts in workers" : "",
+            nm_pool_size(s->pool), nm_isa_name(nm_isa_best()), remote ? ", routed experts in workers" : "",
             now_s() - t0);
     return 0;
 }

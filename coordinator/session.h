@@ -24,6 +24,7 @@ typedef struct {
     int worker_nodes[64];     /* --worker-nodes LIST: node of worker i = worker_nodes[i % n_worker_nodes] */
     int n_worker_nodes;       /* 0: round-robin over the machine's nodes when it has several, else unbound */
     double worker_timeout;    /* seconds; 0: 300 */
+    const char *worker_endpoints; /* --worker-endpoints tcp://h:p,...: workers started by hand (no spawn) */
 } nm_session_opts;
 
 typedef struct {

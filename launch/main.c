@@ -24,6 +24,8 @@ static void usage(FILE *f) {
             "  chat                    interactive conversation with the model's chat template\n"
             "  tokenize                text to token ids with the model's tokenizer (vocab-only GGUFs too)\n"
             "  detokenize              token ids to text\n"
+            "  topology                NUMA nodes, cores, memory, GPUs and numactl lines per worker\n"
+            "  placement               check a placement map, or balance one from a --dump-routing profile\n"
             "  bench                   prefill and decode tokens/s of a model (`numoe bench --help`)\n"
             "  bench kernels           quantised GEMV throughput per weight type vs memory bandwidth\n"
             "  bench ipc               per-layer hand-off round trip to expert workers (doorbell, ZeroMQ)\n"
@@ -47,6 +49,8 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "inspect")) return nm_cmd_inspect(argc - 1, argv + 1);
+    if (!strcmp(cmd, "topology")) return nm_cmd_topology(argc - 1, argv + 1);
+    if (!strcmp(cmd, "placement")) return nm_cmd_placement(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return nm_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "chat")) return nm_cmd_chat(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return nm_cmd_tokenize(argc - 1, argv + 1);

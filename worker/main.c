@@ -3,6 +3,7 @@
  *
  *   numoe-worker --model M.gguf --worker-id I --workers N --placement split|experts|experts-rr
  *                [--node N] [--threads T] [--shard-shm NAME] [--attempt K] --endpoint ipc://...
+ *   numoe-worker --model M.gguf --worker-id I --workers N --placement P --listen tcp://ADDR:PORT
  *
  * Start-up: connect to the coordinator's endpoint (ZeroMQ DEALER), bind to
  * the NUMA node, open the model, build and validate the whole placement,
@@ -25,7 +26,20 @@
  * first request for layer L; W:L:die-once dies only in the first start
  * (--attempt 0), so a restarted worker computes the layer;
  * NUMOE_TEST_DELAY_US=U sleeps U us before each MoE request (so a test can
- * act in the middle of a generation). */
+ * act in the middle of a generation).
+ *
+ * --listen tcp://ADDR:PORT (a worker started by hand, maybe on another host;
+ * `numoe generate --worker-endpoints`): the worker binds a ROUTER socket
+ * there before it loads anything, so a coordinator can connect (and queue its
+ * hello) while the shard is still being built. It serves any number of
+ * coordinator sessions, one after the other or at once, until SIGTERM/SIGINT:
+ *   coord  -> Heartbeat      (hello)
+ *   worker -> Register       (as above; the coordinator checks it)
+ *   coord  -> RegisterReply  (accepted with HANDOFF_INLINE, or the refusal, printed here)
+ *   coord  -> MoeRequest     x / ids / weights inline; worker -> MoeReply with `out` inline
+ *   coord  -> Shutdown       (end of that session; the worker keeps listening)
+ * No shared memory is used; requests are independent of each other, so the
+ * worker keeps no per-session state. Nobody restarts such a worker. */
 #include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -47,7 +61,10 @@
 enum { FAULT_NONE, FAULT_DIE, FAULT_HANG, FAULT_ERROR };
 
 typedef struct {
-    const char *model, *endpoint, *placement;
+    const char *model, *endpoint, *placement, *listen;
+    Numoe__Register *reg;     /* --listen: what we answer a hello with */
+    float *ibuf;              /* --listen: x | ids | weights | out of one inline request */
+    size_t ibuf_bytes;
     int id, n_workers, node, threads, quiet;
     int kind;
     void *zctx, *sock;
@@ -74,10 +91,16 @@ static int usage(FILE *f) {
     fprintf(f,
             "usage: numoe-worker --model M.gguf --worker-id I --workers N --placement split|experts|experts-rr\n"
             "                    --endpoint ipc://... [--node N] [--threads T] [--quiet]\n"
+            "       numoe-worker ... --listen tcp://ADDR:PORT\n"
             "\n"
             "Holds worker I's share of the routed experts of M.gguf (as the placement divides them\n"
             "between N workers) and computes partial MoE outputs for the coordinator listening at the\n"
             "endpoint. `numoe generate --workers N` starts these itself.\n"
+            "\n"
+            "  --listen tcp://ADDR:PORT  instead of --endpoint: wait for coordinators there (a worker on\n"
+            "                another host, `numoe generate --worker-endpoints tcp://HOST:PORT,...`); the data\n"
+            "                travels inline in the messages (no shared memory). Serves one coordinator\n"
+            "                after another until SIGTERM/SIGINT; nobody restarts it if it dies\n"
             "\n"
             "  --node N      bind threads and memory to NUMA node N (default: not bound)\n"
             "  --threads T   compute threads (default: every CPU it may run on)\n"
@@ -129,6 +152,7 @@ static void cleanup(worker *w) {
     nm_shard_free(&w->shard);
     nm_pool_destroy(w->pool);
     free(w->is_moe);
+    free(w->ibuf);
     if (w->sock) zmq_close(w->sock);
     if (w->zctx) zmq_ctx_term(w->zctx);
 }
@@ -141,8 +165,8 @@ static int fail(worker *w, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (!w->quiet || !w->sock) fprintf(stderr, "numoe-worker %d: %s\n", w->id, msg);
-    if (w->sock) {
+    if (!w->quiet || !w->sock || w->listen) fprintf(stderr, "numoe-worker %d: %s\n", w->id, msg);
+    if (w->sock && !w->listen) {
         Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
         Numoe__Error e = NUMOE__ERROR__INIT;
         e.worker_id = (uint32_t)w->id;
@@ -181,7 +205,8 @@ static int parse_args(worker *w, int argc, char **argv) {
         }
         if (!strcmp(a, "--model") || !strcmp(a, "-m")) w->model = v;
         else if (!strcmp(a, "--endpoint")) w->endpoint = v;
-        else if (!strcmp(a, "--placement")) w->placement = v, bad = !(w->kind = nm_placement_parse_kind(v));
+        else if (!strcmp(a, "--listen")) w->listen = v, bad = strncmp(v, "tcp://", 6) != 0;
+        else if (!strcmp(a, "--placement")) w->placement = v; /* a family name or a map file */
         else if (!strcmp(a, "--worker-id")) bad = parse_int(v, 0, 4095, &w->id);
         else if (!strcmp(a, "--workers")) bad = parse_int(v, 1, 4096, &w->n_workers);
         else if (!strcmp(a, "--node")) bad = parse_int(v, 0, 1 << 20, &w->node);
@@ -198,7 +223,12 @@ static int parse_args(worker *w, int argc, char **argv) {
         }
         i++;
     }
-    const char *miss = !w->model ? "--model" : !w->endpoint ? "--endpoint" : !w->placement ? "--placement"
+    if (w->endpoint && w->listen) {
+        fprintf(stderr, "numoe-worker: give either --endpoint or --listen, not both\n");
+        return -1;
+    }
+    const char *miss = !w->model ? "--model" : !w->endpoint && !w->listen ? "--endpoint"
+                       : !w->placement ? "--placement"
                        : w->id < 0 ? "--worker-id" : w->n_workers < 0 ? "--workers" : NULL;
     if (miss) {
         fprintf(stderr, "numoe-worker: %s is required\n", miss);
@@ -224,9 +254,9 @@ static void read_fault(worker *w) {
                     : !strcmp(mode, "error") ? FAULT_ERROR : FAULT_NONE;
 }
 
-/* Computes one request out of the slot; 0 or -1 with msg filled. */
-static int compute(worker *w, int layer, int64_t n_tok, int k, char *msg, size_t len) {
-    const nm_slot_header *h = w->slot.h;
+/* Computes one request (test faults, layer check); 0 or -1 with msg filled. */
+static int compute_into(worker *w, int layer, int64_t n_tok, int k, const float *x, const int32_t *ids,
+                        const float *wt, float *out, char *msg, size_t len) {
     if (w->fault_mode && layer == w->fault_layer) {
         if (w->fault_mode == FAULT_DIE) raise(SIGKILL);
         if (w->fault_mode == FAULT_HANG)
@@ -235,15 +265,50 @@ static int compute(worker *w, int layer, int64_t n_tok, int k, char *msg, size_t
     }
     if (layer < 0 || layer >= w->n_layer || !w->is_moe[layer])
         return snprintf(msg, len, "not a MoE layer of this model"), -1;
-    if (n_tok < 0 || n_tok > h->max_tok || k < 1 || k > h->max_k)
-        return snprintf(msg, len, "request of %lld tokens x %d experts exceeds the slot (%lld x %lld)",
-                        (long long)n_tok, k, (long long)h->max_tok, (long long)h->max_k), -1;
     if (n_tok == 0) return 0;
     if (w->delay_us > 0) usleep((useconds_t)w->delay_us);
     nm_err err;
-    if (nm_shard_moe(&w->shard, w->pool, layer, n_tok, w->slot.x, k, w->slot.ids, w->slot.w, w->slot.out, &err))
+    if (nm_shard_moe(&w->shard, w->pool, layer, n_tok, x, k, ids, wt, out, &err))
         return snprintf(msg, len, "%.480s", err.msg), -1;
     return 0;
+}
+
+/* Computes one request out of the slot; 0 or -1 with msg filled. */
+static int compute(worker *w, int layer, int64_t n_tok, int k, char *msg, size_t len) {
+    const nm_slot_header *h = w->slot.h;
+    if (n_tok < 0 || n_tok > h->max_tok || k < 1 || k > h->max_k)
+        return snprintf(msg, len, "request of %lld tokens x %d experts exceeds the slot (%lld x %lld)",
+                        (long long)n_tok, k, (long long)h->max_tok, (long long)h->max_k), -1;
+    return compute_into(w, layer, n_tok, k, w->slot.x, w->slot.ids, w->slot.w, w->slot.out, msg, len);
+}
+
+/* --listen: one request with the data inline; on success *out_bytes bytes of
+ * the answer lie at *out (in w->ibuf). */
+static int compute_inline(worker *w, const Numoe__MoeRequest *rq, uint8_t **out, size_t *out_bytes, char *msg,
+                          size_t len) {
+    const int64_t H = (int64_t)w->shard.n_embd;
+    int64_t n_tok = rq->n_tok;
+    int k = (int)rq->k;
+    if (k < 1 || k > 4096 || n_tok > (1 << 24))
+        return snprintf(msg, len, "request of %lld tokens x %d experts is out of range", (long long)n_tok, k), -1;
+    size_t xb = (size_t)(n_tok * H) * sizeof(float), kb = (size_t)(n_tok * k) * sizeof(int32_t);
+    if (rq->x.len != xb || rq->ids.len != kb || rq->weights.len != kb)
+        return snprintf(msg, len, "inline data of %zu / %zu / %zu bytes, %lld tokens x %lld x %d experts need "
+                        "%zu / %zu / %zu", rq->x.len, rq->ids.len, rq->weights.len, (long long)n_tok, (long long)H, k,
+                        xb, kb, kb), -1;
+    size_t need = 2 * xb + 2 * kb;
+    if (need > w->ibuf_bytes) {
+        float *nb = realloc(w->ibuf, need);
+        if (!nb) return snprintf(msg, len, "out of memory (%zu bytes for a request)", need), -1;
+        w->ibuf = nb, w->ibuf_bytes = need;
+    }
+    /* copies: the message's bytes need not be aligned for float / int32 */
+    uint8_t *b = (uint8_t *)w->ibuf;
+    if (xb) memcpy(b, rq->x.data, xb);
+    if (kb) memcpy(b + xb, rq->ids.data, kb), memcpy(b + xb + kb, rq->weights.data, kb);
+    *out = b + xb + 2 * kb, *out_bytes = xb;
+    return compute_into(w, (int)rq->layer, n_tok, k, (const float *)b, (const int32_t *)(b + xb),
+                        (const float *)(b + xb + kb), (float *)*out, msg, len);
 }
 
 static void send_env(worker *w, Numoe__Envelope *env) { nm_wire_send(w->sock, NULL, env, NULL); }
@@ -334,6 +399,52 @@ static void serve_doorbell(worker *w) {
     }
 }
 
+/* --listen: answers hellos with our Register and inline MoeRequests with
+ * MoeReplies, to whichever coordinator sent them, until a signal. */
+static void serve_listen(worker *w) {
+    while (!g_stop) {
+        Numoe__Envelope *env;
+        nm_routing_id rid;
+        nm_err err;
+        if (nm_wire_recv(w->sock, 100, &rid, &env, &err)) continue;
+        Numoe__Envelope out = NUMOE__ENVELOPE__INIT;
+        switch (env->msg_case) {
+        case NUMOE__ENVELOPE__MSG_HEARTBEAT: /* a coordinator's hello */
+            out.msg_case = NUMOE__ENVELOPE__MSG_REGISTER, out.register_ = w->reg;
+            nm_wire_send(w->sock, &rid, &out, NULL);
+            break;
+        case NUMOE__ENVELOPE__MSG_REGISTER_REPLY:
+            if (!env->register_reply->accepted)
+                fprintf(stderr, "numoe-worker %d: refused by a coordinator: %s\n", w->id, env->register_reply->reason);
+            else if (!w->quiet)
+                fprintf(stderr, "numoe-worker %d: serving a coordinator\n", w->id);
+            break;
+        case NUMOE__ENVELOPE__MSG_MOE_REQUEST: {
+            Numoe__MoeRequest *rq = env->moe_request;
+            Numoe__MoeReply rp = NUMOE__MOE_REPLY__INIT;
+            char msg[NM_SLOT_ERROR_LEN] = "";
+            int64_t t0 = nm_wire_now_ns();
+            uint8_t *o = NULL;
+            size_t ob = 0;
+            rp.seq = rq->seq, rp.layer = rq->layer;
+            if (rq->layer != UINT32_MAX) compute_inline(w, rq, &o, &ob, msg, sizeof msg);
+            w->requests++;
+            rp.status = msg[0] ? NUMOE__STATUS__STATUS_ERROR : NUMOE__STATUS__STATUS_OK;
+            rp.error = msg;
+            if (!msg[0]) rp.out.data = o, rp.out.len = ob;
+            rp.compute_ns = (uint64_t)(nm_wire_now_ns() - t0);
+            out.msg_case = NUMOE__ENVELOPE__MSG_MOE_REPLY, out.moe_reply = &rp;
+            nm_wire_send(w->sock, &rid, &out, NULL);
+            break;
+        }
+        case NUMOE__ENVELOPE__MSG_SHUTDOWN: break; /* that coordinator is done; we keep listening */
+        default:
+            fprintf(stderr, "numoe-worker %d: ignoring an unexpected %s\n", w->id, nm_wire_msg_name(env));
+        }
+        numoe__envelope__free_unpacked(env, NULL);
+    }
+}
+
 static void serve_zmq(worker *w) {
     while (!g_stop)
         if (poll_control(w, 100)) return;
@@ -346,15 +457,22 @@ int main(int argc, char **argv) {
     read_fault(&w);
     nm_err err;
 
-    /* the control socket first, so every later failure reaches the coordinator */
-    if (!(w.zctx = zmq_ctx_new()) || !(w.sock = zmq_socket(w.zctx, ZMQ_DEALER))) {
+    /* the control socket first, so every later failure reaches the coordinator
+     * (--listen: so coordinators can connect while we load) */
+    if (!(w.zctx = zmq_ctx_new()) || !(w.sock = zmq_socket(w.zctx, w.listen ? ZMQ_ROUTER : ZMQ_DEALER))) {
         fprintf(stderr, "numoe-worker %d: ZeroMQ: %s\n", w.id, zmq_strerror(zmq_errno()));
         return 1;
     }
     int linger = 0, sndtimeo = 10000;
     zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(w.sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
-    if (zmq_connect(w.sock, w.endpoint)) {
+    if (w.listen && zmq_bind(w.sock, w.listen)) {
+        int e = zmq_errno();
+        zmq_close(w.sock);
+        w.sock = NULL;
+        fail(&w, "cannot listen on %s: %s", w.listen, zmq_strerror(e));
+    }
+    if (!w.listen && zmq_connect(w.sock, w.endpoint)) {
         zmq_close(w.sock);
         w.sock = NULL;
         fail(&w, "cannot connect to %s: %s", w.endpoint, zmq_strerror(zmq_errno()));
@@ -379,7 +497,8 @@ int main(int argc, char **argv) {
     if (!(w.is_moe = calloc((size_t)w.n_layer, 1))) fail(&w, "out of memory");
     for (int64_t l = 0; l < w.n_layer; l++) w.is_moe[l] = (uint8_t)m.layers[l].is_moe;
     int64_t t_build = nm_wire_now_ns();
-    int rc = nm_placement_for_model(&p, &m, w.kind, w.n_workers, &err);
+    int rc = nm_placement_for_model_spec(&p, &m, w.placement, w.n_workers, &err);
+    w.kind = p.kind;
     uint64_t place_hash = rc ? 0 : nm_placement_hash(&p);
     nm_shard_seg seg = {.name = w.shard_shm, .file_bytes = mid.file_bytes, .header_hash = mid.header_hash,
                         .placement_hash = place_hash, .n_workers = (uint32_t)w.n_workers, .kind = (uint32_t)w.kind};
@@ -413,6 +532,20 @@ int main(int argc, char **argv) {
     reg.host = host;
     Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
     env.msg_case = NUMOE__ENVELOPE__MSG_REGISTER, env.register_ = &reg;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal; /* no SA_RESTART: waits return EINTR */
+    sigemptyset(&sa.sa_mask);
+    if (w.listen) {
+        w.reg = &reg;
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGINT, &sa, NULL);
+        fprintf(stderr, "numoe-worker %d: listening on %s (worker %d of %d, placement %s, shard %llu bytes)\n", w.id,
+                w.listen, w.id, w.n_workers, w.placement, (unsigned long long)w.shard.weight_bytes);
+        serve_listen(&w);
+        cleanup(&w);
+        return 0;
+    }
     if (nm_wire_send(w.sock, NULL, &env, &err)) fail(&w, "%s", err.msg);
 
     Numoe__Envelope *in = NULL;
@@ -455,10 +588,6 @@ int main(int argc, char **argv) {
     if (nm_wire_send(w.sock, NULL, &henv, &err)) fail(&w, "%s", err.msg);
 
     /* serve until Shutdown or a signal */
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal; /* no SA_RESTART: waits return EINTR */
-    sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     if (w.handoff == NUMOE__HANDOFF__HANDOFF_ZMQ) serve_zmq(&w);

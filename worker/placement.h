@@ -19,9 +19,11 @@
  *               batch 1; one partial sum per worker)
  *   experts     whole experts, contiguous blocks of expert ids
  *   experts-rr  whole experts, round-robin over expert ids
- * Later: a usage-profile-balanced map and explicit per-layer map files
- * (PLACEMENT_MAP in numoe.proto); they produce the same structure, so the
- * validator, the hash and the worker's shard builder take them as they are.
+ *   map         an explicit map file (configs/README.md: "layer L: w w ..."
+ *               lines for whole experts, "L E W F0 F1" lines for pieces;
+ *               `numoe placement --profile` writes usage-balanced ones). It
+ *               produces the same structure, so the validator, the hash and
+ *               the worker's shard builder take it as it is.
  *
  * Every worker builds the whole map (all workers' pieces), validates it and
  * sends its hash at registration; the coordinator refuses workers whose
@@ -30,12 +32,13 @@
 #define NUMOE_WORKER_PLACEMENT_H
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "common/error.h"
 #include "coordinator/model.h"
 
 /* Values equal numoe.proto's PlacementKind. */
-enum { NM_PLACE_SPLIT = 1, NM_PLACE_EXPERTS = 2, NM_PLACE_EXPERTS_RR = 3 };
+enum { NM_PLACE_SPLIT = 1, NM_PLACE_EXPERTS = 2, NM_PLACE_EXPERTS_RR = 3, NM_PLACE_MAP = 4 };
 
 typedef struct {
     int32_t worker;
@@ -77,5 +80,34 @@ void nm_placement_free(nm_placement *p);
 /* init + fill + validate for a loaded model (align = the block size of each
  * layer's ffn_down_exps type). */
 int nm_placement_for_model(nm_placement *p, const nm_model *m, int kind, int n_workers, nm_err *err);
+
+/* The placement shape of a loaded model: is_moe and align per layer
+ * (malloc'd, the caller frees both). */
+int nm_placement_model_shape(const nm_model *m, uint8_t **is_moe, int64_t **align, nm_err *err);
+
+/* Map files (configs/README.md, "numoe placement v1"):
+ *   # comment                      anywhere; blank lines are skipped
+ *   workers N                      optional; must come before any placement line
+ *   layer L: W0 W1 ... W(E-1)      whole experts: expert e of layer L on worker We
+ *   L E W F0 F1                    one piece: ff rows [F0, F1) of expert E (F1 "-": n_ff)
+ * Every MoE layer must be listed (by either form). n_workers 0 takes the
+ * count from the "workers" line, else the largest worker id + 1; a non-zero
+ * n_workers must agree with the file's "workers" line. Errors name
+ * file:line (expert missing or listed twice, worker id out of range, layer
+ * not a MoE layer, overlapping pieces); the result is validated
+ * (nm_placement_validate) and has kind NM_PLACE_MAP. name labels errors. */
+int nm_placement_parse_map(nm_placement *p, const char *text, size_t len, const char *name, int n_workers,
+                           int64_t n_layer, const uint8_t *is_moe, const int64_t *align, int64_t n_expert,
+                           int64_t n_ff, nm_err *err);
+int nm_placement_load_map(nm_placement *p, const char *path, int n_workers, int64_t n_layer, const uint8_t *is_moe,
+                          const int64_t *align, int64_t n_expert, int64_t n_ff, nm_err *err);
+/* Writes p as a map file: "layer L:" lines where every expert of the layer
+ * is whole on one worker, piece lines otherwise. Returns 0, or -1 on a
+ * write error. */
+int nm_placement_write_map(const nm_placement *p, FILE *f);
+/* What `--placement SPEC` means for a model: a family name (split, experts,
+ * experts-rr) or else the path of a map file. n_workers as in
+ * nm_placement_load_map for files (0: from the file). The map is validated. */
+int nm_placement_for_model_spec(nm_placement *p, const nm_model *m, const char *spec, int n_workers, nm_err *err);
 
 #endif

@@ -214,6 +214,86 @@ static void test_parse_kind(void) {
     CHECK(nm_placement_parse_kind("balanced") == 0 && nm_placement_parse_kind(NULL) == 0, "unknown accepted");
 }
 
+static int parse(nm_placement *p, const char *text, int n_workers, nm_err *err) {
+    int64_t al[L] = {32, 32, 32, 32};
+    return nm_placement_parse_map(p, text, strlen(text), "m.txt", n_workers, L, IS_MOE, al, E, 64, err);
+}
+
+static void test_map_file(void) {
+    nm_placement p, q;
+    nm_err err = {{0}};
+    /* whole experts as "layer L:" lines give the same map (and hash) as the
+     * experts family, apart from the kind */
+    const char *txt = "# blocks\nlayer 1: 0 0 0 0 1 1 1 1\nlayer 2: 0 0 0 0 1 1 1 1   # comment\n\n"
+                      "3 0 0 0 -\n3 1 0 0 -\n3 2 0 0 -\n3 3 0 0 -\n3 4 1 0 -\n3 5 1 0 -\n3 6 1 0 -\n3 7 1 0 -\n";
+    CHECK(parse(&p, txt, 0, &err) == 0, "%s", err.msg);
+    CHECK(p.n_workers == 2 && p.kind == NM_PLACE_MAP, "workers %d kind %d", p.n_workers, p.kind);
+    CHECK(init(&q, NM_PLACE_EXPERTS, 2, 64, 32, &err) == 0 && nm_placement_fill(&q, &err) == 0, "%s", err.msg);
+    q.kind = NM_PLACE_MAP;
+    CHECK(nm_placement_hash(&p) == nm_placement_hash(&q), "map differs from contiguous blocks");
+    /* write + parse round trip */
+    char *buf = NULL;
+    size_t n = 0;
+    FILE *f = open_memstream(&buf, &n);
+    CHECK(f && nm_placement_write_map(&p, f) == 0, "write");
+    fclose(f);
+    nm_placement r;
+    CHECK(parse(&r, buf, 2, &err) == 0, "%s\n%s", err.msg, buf);
+    CHECK(nm_placement_hash(&r) == nm_placement_hash(&p), "round trip changed the map");
+    nm_placement_free(&r);
+    free(buf);
+    nm_placement_free(&p);
+    nm_placement_free(&q);
+    /* pieces: expert 1 of layer 3 split at 32 */
+    const char *sp = "workers 2\nlayer 1: 0 1 0 1 0 1 0 1\nlayer 2: 1 0 1 0 1 0 1 0\nlayer 3: 0 1 0 1 0 1 0 1\n";
+    CHECK(parse(&p, sp, 2, &err) == 0, "%s", err.msg);
+    nm_placement_free(&p);
+    const char *pieces = "layer 1: 0 1 0 1 0 1 0 1\nlayer 2: 1 0 1 0 1 0 1 0\n3 0 0 0 -\n3 1 1 0 32\n3 1 0 32 -\n"
+                         "3 2 1 0 -\n3 3 1 0 -\n3 4 1 0 -\n3 5 1 0 -\n3 6 1 0 -\n3 7 1 0 -\n";
+    CHECK(parse(&p, pieces, 2, &err) == 0, "%s", err.msg);
+    CHECK(p.n_pieces[3 * E + 1] == 2, "pieces %d", p.n_pieces[3 * E + 1]);
+    nm_placement_free(&p);
+    /* errors name file:line */
+    static const struct {
+        const char *text, *msg;
+        int n;
+    } bad[] = {
+        {"layer 1: 0 1 0 1 0 1 0\n", "m.txt:1: layer 1 lists 7 experts, the model has 8: expert 7 is missing", 0},
+        {"layer 1: 0 1 0 1 0 1 0 1 0\n", "m.txt:1: layer 1 lists more than 8 experts", 0},
+        {"workers 2\nlayer 1: 0 1 0 1 0 1 0 3\n", "m.txt:2: layer 1 expert 7: worker 3 does not exist (2 workers)", 0},
+        {"layer 1: 0 1 0 1 0 1 0 1\n", "m.txt:1: layer 1 expert 1: worker 1 does not exist (1 workers)", 1},
+        {"workers 3\n", "m.txt:1: the map is for 3 workers, 2 were asked for", 2},
+        {"layer 0: 0 0 0 0 0 0 0 0\n", "m.txt:1: layer 0 is not a MoE layer", 0},
+        {"layer 9: 0 0 0 0 0 0 0 0\n", "m.txt:1: layer 9 does not exist", 0},
+        {"layer 1: 0 0 0 0 0 0 0 0\nlayer 2: 0 0 0 0 0 0 0 0\n", "m.txt: MoE layer 3 is not in the map", 0},
+        {"3 1 0 0 -\nlayer 3: 0 0 0 0 0 0 0 0\n", "m.txt:2: layer 3 expert 1 is placed twice (first at line 1)", 0},
+        {"3 1 0 0 40\n3 1 1 32 -\n", "m.txt:2: layer 3 expert 1: ff rows [32, 64) overlap [0, 40) on worker 0 (line 1)",
+         0},
+        {"3 1 0 0\n", "m.txt:1: 4 fields, expected 5", 0},
+        {"3 1 0 0 - 7\n", "m.txt:1: too many fields", 0},
+        {"3 1 0 0 65\n", "m.txt:1: layer 3 expert 1: ff range [0, 65) is empty or outside [0, 64)", 0},
+        {"layer 1: 0 0 0 0 0 0 0 0\nlayer 2: 0 0 0 0 0 0 0 0\n3 0 0 0 -\n", "m.txt: layer 3 expert 1 is missing", 0},
+        {"layer 1: 0 0 0 0 0 0 0 0\nlayer 2: 0 0 0 0 0 0 0 0\nlayer 3: 0 0 0 0 0 0 0 0\n",
+         "m.txt: placement: worker 1 holds no expert weights", 2},
+        {"layer 1: 0 0 0 0 0 0 0 0\nlayer 2: 0 0 0 0 0 0 0 0\nlayer 3: 0 0 0 0 0 0 0 0\n3 0 1 0 -\n",
+         "m.txt:4: layer 3 expert 0 is placed twice (first at line 3)", 2},
+        {"layer 1: 0 0 0 0 0 0 0 0\nlayer 2: 0 0 0 0 0 0 0 0\n3 0 0 0 16\n3 0 1 16 -\n3 1 0 0 -\n3 2 0 0 -\n"
+         "3 3 0 0 -\n3 4 0 0 -\n3 5 0 0 -\n3 6 0 0 -\n3 7 0 0 -\n",
+         "does not start and end on 32-column blocks", 2},
+        {"workers 2\nworkers 2\n", "m.txt:2: \"workers\" must come once", 0},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err.msg[0] = 0;
+        int rc = parse(&p, bad[i].text, bad[i].n, &err);
+        CHECK(rc == -1 && strstr(err.msg, bad[i].msg), "case %zu: rc %d, got '%s', want '%s'", i, rc, err.msg,
+              bad[i].msg);
+        if (!rc) nm_placement_free(&p);
+    }
+    /* a file that is not there */
+    CHECK(nm_placement_load_map(&p, "/nonexistent/map.txt", 0, L, IS_MOE, NULL, E, 64, &err) == -1 &&
+              strstr(err.msg, "/nonexistent/map.txt"), "%s", err.msg);
+}
+
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
@@ -227,5 +307,6 @@ int main(int argc, char **argv) {
     RUN(test_validator_bad_pieces);
     RUN(test_hash);
     RUN(test_parse_kind);
+    RUN(test_map_file);
     return check_summary();
 }

@@ -1,0 +1,334 @@
+/* cmd_placement.c - `numoe placement`: check a placement map file, or build
+ * one that balances the routed experts' expected load per worker from a
+ * routing profile (`numoe generate --dump-routing FILE`).
+ *
+ * The profile is int32 records {position, layer, k expert ids}, one per
+ * token and MoE layer. Per layer it counts how often each expert is active
+ * (f_e, per token) and how often two experts are active for the same token
+ * (c_ab). With whole experts per worker, worker w computes sum_{e on w} f_e
+ * active experts per token on average, but a token waits for the busiest
+ * worker, so co-activated experts belong on different workers. The greedy:
+ * experts by decreasing f_e, each to the worker (with room: E/N experts
+ * each) minimising  load_w + sum_{a on w} c_ea / tokens. The figure of merit,
+ * printed before (contiguous blocks, `--placement experts`) and after, is
+ * the mean over the profile's records of the busiest worker's active experts
+ * (a split expert counts by the share of its ff rows). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/gguf.h"
+#include "coordinator/model.h"
+#include "launch/commands.h"
+#include "worker/placement.h"
+
+static int usage(FILE *f) {
+    fprintf(f,
+            "usage: numoe placement (--model M.gguf | SHAPE) --workers N --profile ROUTING.bin -o MAP.txt\n"
+            "       numoe placement (--model M.gguf | SHAPE) [--workers N] --check MAP.txt [--profile ROUTING.bin]\n"
+            "\n"
+            "  --profile FILE   routing records from `numoe generate --dump-routing FILE`\n"
+            "  -o FILE          write a map that balances the expected active experts per worker and\n"
+            "                   spreads co-activated experts (whole experts, E/N per worker)\n"
+            "  --check FILE     parse and validate a map file (configs/README.md); prints its hash\n"
+            "                   and, with --profile, its expected busiest-worker load\n"
+            "  --workers N      number of workers (with --check: default from the map)\n"
+            "  SHAPE (instead of --model, for tests): --n-layer L --n-expert E --k K\n"
+            "                   [--n-dense D (first D layers dense, default 0)] [--n-ff F (default 1)]\n");
+    return f == stdout ? 0 : 2;
+}
+
+typedef struct {
+    int64_t n_layer, n_expert, k, n_ff;
+    uint8_t *is_moe;
+    int64_t *align;
+} shape;
+
+typedef struct {
+    int32_t *rec; /* n records of k + 2 int32 */
+    size_t n;
+} profile;
+
+static int load_profile(profile *pr, const char *path, const shape *sh, nm_err *err) {
+    memset(pr, 0, sizeof *pr);
+    FILE *f = fopen(path, "rb");
+    if (!f) return nm_errf(err, "cannot read %s: %s", path, strerror(errno));
+    size_t rl = (size_t)(sh->k + 2) * sizeof(int32_t), cap = 0, n = 0;
+    int32_t *v = NULL;
+    for (;;) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 4096;
+            int32_t *nv = realloc(v, cap * rl);
+            if (!nv) {
+                free(v), fclose(f);
+                return nm_errf(err, "%s: out of memory", path);
+            }
+            v = nv;
+        }
+        size_t r = fread((char *)v + n * rl, 1, rl, f);
+        if (r == 0) break;
+        if (r != rl) {
+            free(v), fclose(f);
+            return nm_errf(err, "%s: ends inside a record (records are %zu bytes: position, layer and %lld expert "
+                           "ids; is --k / the model's expert_used_count right?)", path, rl, (long long)sh->k);
+        }
+        const int32_t *q = v + n * (size_t)(sh->k + 2);
+        if (q[1] < 0 || q[1] >= sh->n_layer || !sh->is_moe[q[1]]) {
+            nm_errf(err, "%s: record %zu (position %d): layer %d is not a MoE layer of this model", path, n, q[0],
+                    q[1]);
+            free(v), fclose(f);
+            return -1;
+        }
+        for (int64_t j = 0; j < sh->k; j++)
+            if (q[2 + j] < 0 || q[2 + j] >= sh->n_expert) {
+                nm_errf(err, "%s: record %zu (position %d, layer %d): expert %d is outside [0, %lld)", path, n, q[0],
+                        q[1], q[2 + j], (long long)sh->n_expert);
+                free(v), fclose(f);
+                return -1;
+            }
+        n++;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(v);
+        return nm_errf(err, "%s: read error", path);
+    }
+    if (!n) {
+        free(v);
+        return nm_errf(err, "%s: no routing records", path);
+    }
+    pr->rec = v, pr->n = n;
+    return 0;
+}
+
+/* Mean over records of the busiest worker's active experts; *per_layer_worst
+ * gets the worst layer's mean. */
+static double expected_max(const nm_placement *p, const profile *pr, int64_t k, double *worst_layer) {
+    const int N = p->n_workers;
+    double *load = calloc((size_t)N, sizeof *load);
+    double *lsum = calloc((size_t)p->n_layer, sizeof *lsum);
+    size_t *lcnt = calloc((size_t)p->n_layer, sizeof *lcnt);
+    double total = 0;
+    if (!load || !lsum || !lcnt) {
+        free(load), free(lsum), free(lcnt);
+        return -1;
+    }
+    for (size_t r = 0; r < pr->n; r++) {
+        const int32_t *q = pr->rec + r * (size_t)(k + 2);
+        int64_t l = q[1];
+        memset(load, 0, (size_t)N * sizeof *load);
+        for (int64_t j = 0; j < k; j++) {
+            size_t c = (size_t)(l * p->n_expert + q[2 + j]);
+            for (int i = 0; i < p->n_pieces[c]; i++) {
+                const nm_piece *pc = &p->pieces[c * (size_t)N + (size_t)i];
+                load[pc->worker] += (double)(pc->f1 - pc->f0) / (double)p->n_ff;
+            }
+        }
+        double mx = 0;
+        for (int w = 0; w < N; w++)
+            if (load[w] > mx) mx = load[w];
+        total += mx, lsum[l] += mx, lcnt[l]++;
+    }
+    double worst = 0;
+    for (int64_t l = 0; l < p->n_layer; l++)
+        if (lcnt[l] && lsum[l] / (double)lcnt[l] > worst) worst = lsum[l] / (double)lcnt[l];
+    if (worst_layer) *worst_layer = worst;
+    free(load), free(lsum), free(lcnt);
+    return total / (double)pr->n;
+}
+
+static const double *sort_key;
+static int cmp_freq_desc(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    if (sort_key[x] != sort_key[y]) return sort_key[x] > sort_key[y] ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+static int balance(nm_placement *p, const shape *sh, const profile *pr, int N, nm_err *err) {
+    const int64_t E = sh->n_expert, k = sh->k;
+    if (E < N)
+        return nm_errf(err, "%lld experts per layer cannot be placed whole on %d workers", (long long)E, N);
+    if (nm_placement_init(p, NM_PLACE_MAP, N, sh->n_layer, sh->is_moe, sh->align, E, sh->n_ff, err)) return -1;
+    double *freq = calloc((size_t)E, sizeof *freq);
+    double *co = calloc((size_t)(E * E), sizeof *co);
+    double *load = calloc((size_t)N, sizeof *load);
+    int64_t *room = calloc((size_t)N, sizeof *room);
+    int64_t *order = calloc((size_t)E, sizeof *order);
+    int32_t *where = calloc((size_t)E, sizeof *where);
+    int rc = -1;
+    if (!freq || !co || !load || !room || !order || !where) {
+        nm_errf(err, "out of memory");
+        goto out;
+    }
+    for (int64_t l = 0; l < sh->n_layer; l++) {
+        if (!sh->is_moe[l]) continue;
+        memset(freq, 0, (size_t)E * sizeof *freq);
+        memset(co, 0, (size_t)(E * E) * sizeof *co);
+        size_t tokens = 0;
+        for (size_t r = 0; r < pr->n; r++) {
+            const int32_t *q = pr->rec + r * (size_t)(k + 2);
+            if (q[1] != l) continue;
+            tokens++;
+            for (int64_t a = 0; a < k; a++) {
+                freq[q[2 + a]] += 1;
+                for (int64_t b = 0; b < k; b++)
+                    if (q[2 + b] != q[2 + a]) co[q[2 + a] * E + q[2 + b]] += 1;
+            }
+        }
+        double inv = tokens ? 1.0 / (double)tokens : 0;
+        for (int64_t e = 0; e < E; e++) freq[e] *= inv, order[e] = e, where[e] = -1;
+        for (int64_t i = 0; i < E * E; i++) co[i] *= inv;
+        sort_key = freq;
+        qsort(order, (size_t)E, sizeof *order, cmp_freq_desc);
+        for (int w = 0; w < N; w++) load[w] = 0, room[w] = E * (w + 1) / N - E * w / N;
+        for (int64_t i = 0; i < E; i++) {
+            int64_t e = order[i];
+            int best = -1;
+            double best_s = 0;
+            for (int w = 0; w < N; w++) {
+                if (!room[w]) continue;
+                double s = load[w];
+                for (int64_t a = 0; a < E; a++)
+                    if (where[a] == w) s += co[e * E + a];
+                if (best < 0 || s < best_s - 1e-12) best = w, best_s = s;
+            }
+            where[e] = best, room[best]--, load[best] += freq[e];
+        }
+        for (int64_t e = 0; e < E; e++)
+            if (nm_placement_add(p, l, e, where[e], 0, sh->n_ff, err)) goto out;
+    }
+    rc = nm_placement_validate(p, err);
+out:
+    if (rc) nm_placement_free(p);
+    free(freq), free(co), free(load), free(room), free(order), free(where);
+    return rc;
+}
+
+int nm_cmd_placement(int argc, char **argv) {
+    const char *model = NULL, *prof_path = NULL, *out_path = NULL, *check = NULL;
+    long long workers = 0, n_layer = 0, n_expert = 0, k = 0, n_dense = 0, n_ff = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(stdout);
+        if (i + 1 >= argc) {
+            fprintf(stderr, "numoe placement: %s needs a value\n", a);
+            return usage(stderr);
+        }
+        const char *v = argv[++i];
+        char *end = NULL;
+        long long *num = NULL;
+        if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "--profile")) prof_path = v;
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out_path = v;
+        else if (!strcmp(a, "--check")) check = v;
+        else if (!strcmp(a, "--workers")) num = &workers;
+        else if (!strcmp(a, "--n-layer")) num = &n_layer;
+        else if (!strcmp(a, "--n-expert")) num = &n_expert;
+        else if (!strcmp(a, "--k")) num = &k;
+        else if (!strcmp(a, "--n-dense")) num = &n_dense;
+        else if (!strcmp(a, "--n-ff")) num = &n_ff;
+        else {
+            fprintf(stderr, "numoe placement: unknown option %s\n", a);
+            return usage(stderr);
+        }
+        if (num) {
+            *num = strtoll(v, &end, 10);
+            if (*end || end == v || *num < 0 || *num > (1 << 24)) {
+                fprintf(stderr, "numoe placement: bad value '%s' for %s\n", v, a);
+                return 2;
+            }
+        }
+    }
+    if (!!check == !!out_path || (out_path && (!prof_path || workers < 1)) || (!model && (!n_layer || !n_expert)) ||
+        (model && n_layer)) {
+        fprintf(stderr, "numoe placement: give --model or a SHAPE, and either --check MAP or --profile, --workers "
+                        "and -o\n");
+        return usage(stderr);
+    }
+    nm_err err = {{0}};
+    shape sh = {0};
+    nm_gguf *g = NULL;
+    nm_model m;
+    int have_model = 0, rc = 1;
+    nm_placement p = {0};
+    profile pr = {0};
+    if (model) {
+        if (nm_gguf_open(model, &g, &err) || nm_model_load(&m, g, &err)) goto out;
+        have_model = 1;
+        if (!m.hp.n_expert) {
+            nm_errf(&err, "%s has no routed experts", model);
+            goto out;
+        }
+        sh.n_layer = m.hp.n_layer, sh.n_expert = m.hp.n_expert, sh.k = k ? k : m.hp.n_expert_used,
+        sh.n_ff = m.hp.n_ff_exp;
+        if (nm_placement_model_shape(&m, &sh.is_moe, &sh.align, &err)) goto out;
+    } else {
+        sh.n_layer = n_layer, sh.n_expert = n_expert, sh.k = k, sh.n_ff = n_ff ? n_ff : 1;
+        sh.is_moe = calloc((size_t)n_layer, 1);
+        sh.align = calloc((size_t)n_layer, sizeof *sh.align);
+        if (!sh.is_moe || !sh.align) {
+            nm_errf(&err, "out of memory");
+            goto out;
+        }
+        for (int64_t l = 0; l < n_layer; l++) sh.is_moe[l] = l >= n_dense, sh.align[l] = 1;
+    }
+    if (prof_path) {
+        if (sh.k < 1) {
+            nm_errf(&err, "the routing profile needs --k (experts per token)");
+            goto out;
+        }
+        if (load_profile(&pr, prof_path, &sh, &err)) goto out;
+    }
+    if (check) {
+        if (nm_placement_load_map(&p, check, (int)workers, sh.n_layer, sh.is_moe, sh.align, sh.n_expert, sh.n_ff,
+                                  &err))
+            goto out;
+        printf("%s: valid placement map for %d workers (%lld layers, %lld experts), hash %016llx\n", check,
+               p.n_workers, (long long)sh.n_layer, (long long)sh.n_expert,
+               (unsigned long long)nm_placement_hash(&p));
+        if (prof_path) {
+            double worst, mean = expected_max(&p, &pr, sh.k, &worst);
+            printf("expected busiest-worker active experts per token: %.3f (worst layer %.3f; ideal %.3f)\n", mean,
+                   worst, (double)sh.k / p.n_workers);
+        }
+        rc = 0;
+        goto out;
+    }
+    nm_placement before;
+    if (nm_placement_init(&before, NM_PLACE_EXPERTS, (int)workers, sh.n_layer, sh.is_moe, sh.align, sh.n_expert,
+                          sh.n_ff, &err) ||
+        nm_placement_fill(&before, &err))
+        goto out;
+    double wb, b = expected_max(&before, &pr, sh.k, &wb);
+    nm_placement_free(&before);
+    if (balance(&p, &sh, &pr, (int)workers, &err)) goto out;
+    double wa, a = expected_max(&p, &pr, sh.k, &wa);
+    FILE *f = fopen(out_path, "w");
+    if (!f) {
+        nm_errf(&err, "cannot write %s: %s", out_path, strerror(errno));
+        goto out;
+    }
+    int werr = nm_placement_write_map(&p, f);
+    if (fclose(f) || werr) {
+        nm_errf(&err, "writing %s failed", out_path);
+        goto out;
+    }
+    printf("profile %s: %zu routing records (k=%lld, %lld experts, %d workers)\n", prof_path, pr.n, (long long)sh.k,
+           (long long)sh.n_expert, (int)workers);
+    printf("expected busiest-worker active experts per token (ideal %.3f):\n", (double)sh.k / (double)workers);
+    printf("  contiguous blocks: %.3f (worst layer %.3f)\n", b, wb);
+    printf("  balanced:          %.3f (worst layer %.3f)\n", a, wa);
+    printf("wrote %s (hash %016llx); use it with --placement %s\n", out_path,
+           (unsigned long long)nm_placement_hash(&p), out_path);
+    rc = 0;
+out:
+    if (rc) fprintf(stderr, "numoe placement: %s\n", err.msg);
+    nm_placement_free(&p);
+    free(pr.rec);
+    free(sh.is_moe), free(sh.align);
+    if (have_model) nm_model_free(&m);
+    if (g) nm_gguf_close(g);
+    return rc;
+}
