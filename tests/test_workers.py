@@ -311,7 +311,7 @@ def test_worker_binary_node_error_and_usage(exe):
 def test_bad_options(exe, tmp_path):
     model = MODELS["v3-F32"]
     proc = run([exe, "generate", "-m", model, "--tokens", "1", "--placement", "diagonal"])
-    assert proc.returncode == 2 and "--placement must be split, experts or experts-rr" in proc.stderr
+    assert proc.returncode == 2 and "--placement must be split, experts, experts-rr or a readable map file" in proc.stderr
     proc = run([exe, "generate", "-m", model, "--tokens", "1", "--workers", "-1"])
     assert proc.returncode == 2 and "--workers needs an integer" in proc.stderr
     proc = run([exe, "generate", "-m", model, "--tokens", "1", "--worker-nodes", "0,x"])

@@ -206,7 +206,8 @@ static int parse_args(worker *w, int argc, char **argv) {
         if (!strcmp(a, "--model") || !strcmp(a, "-m")) w->model = v;
         else if (!strcmp(a, "--endpoint")) w->endpoint = v;
         else if (!strcmp(a, "--listen")) w->listen = v, bad = strncmp(v, "tcp://", 6) != 0;
-        else if (!strcmp(a, "--placement")) w->placement = v; /* a family name or a map file */
+        else if (!strcmp(a, "--placement")) /* a family name or a readable map file */
+            w->placement = v, bad = !nm_placement_parse_kind(v) && access(v, R_OK) != 0;
         else if (!strcmp(a, "--worker-id")) bad = parse_int(v, 0, 4095, &w->id);
         else if (!strcmp(a, "--workers")) bad = parse_int(v, 1, 4096, &w->n_workers);
         else if (!strcmp(a, "--node")) bad = parse_int(v, 0, 1 << 20, &w->node);
