@@ -298,6 +298,13 @@ static int spawn(remote_backend *rb, rworker *w, const char *exe, const nm_remot
     v[a] = NULL;
     for (int i = 0; i < a; i++)
         if (!v[i]) return nm_errf(err, "out of memory");
+    /* the command a user would type to start this worker by hand, binding included */
+    if (o->verbose) {
+        fprintf(stderr, "numoe: worker %d:", w->id);
+        if (w->node >= 0) fprintf(stderr, " numactl --cpunodebind=%d --membind=%d", w->node, w->node);
+        for (int i = 0; i < a; i++) fprintf(stderr, " %s", v[i]);
+        fputc('\n', stderr);
+    }
     (void)rb;
     return fork_exec(w, err);
 }

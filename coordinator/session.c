@@ -3,6 +3,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <numa.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,7 +21,8 @@ const char nm_session_opts_help[] =
     "      --experts-used K    routed experts per token, at most the model's count (default: the model's)\n"
     "      --no-prefault       page the model in lazily instead of reading it all at start-up\n"
     "      --workers N         routed experts in N numoe-worker processes (shm + ZeroMQ), each holding\n"
-    "                          its share once; 0 = in this process (default)\n"
+    "                          its share once; 0 = in this process. Default: one per NUMA node when\n"
+    "                          there are several, else 0 (one worker on one node only adds the hand-off)\n"
     "      --placement P       how the workers share the experts: split (1/N of every expert's ff\n"
     "                          dimension each; default), experts (whole experts, contiguous ids),\n"
     "                          experts-rr (whole experts, round-robin), or a map FILE (configs/README.md;\n"
@@ -69,6 +73,7 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
     } else if (!strcmp(a, "--workers")) {
         if (parse_int(cmd, a, v, 0, NM_MAX_WORKERS, &x)) return -1;
         o->workers = (int)x;
+        o->workers_set = 1;
     } else if (!strcmp(a, "--placement")) {
         if (!v || (strcmp(v, "split") && strcmp(v, "experts") && strcmp(v, "experts-rr") && access(v, R_OK)))
             return fprintf(stderr, "%s: --placement must be split, experts, experts-rr or a readable map file (got '%s')\n",
@@ -124,8 +129,14 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return -1;
     }
+    int n_workers = o->workers;
+    if (!o->workers_set && !o->worker_endpoints) {
+        int nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
+        n_workers = nodes > 1 ? nodes : 0;
+    }
     /* in-process experts read the whole file; workers copy their own shards */
-    int remote = o->workers > 0 || o->worker_endpoints;
+    int remote = n_workers > 0 || o->worker_endpoints;
+    if (remote) prctl(PR_SET_NAME, "numoe-coordinator"); /* the kernel keeps 15 bytes: numoe-coordinat */
     if (!o->no_prefault && !remote) nm_gguf_prefault(s->gguf, 1);
     const nm_hparams *hp = &s->model.hp;
     int64_t ctx = o->ctx_size ? o->ctx_size : (hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
@@ -139,7 +150,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         return nm_errf(err, "cannot start %d threads", o->threads);
     }
     if (remote) {
-        nm_remote_opts ro = {.model_path = o->model_path, .n_workers = o->workers,
+        nm_remote_opts ro = {.model_path = o->model_path, .n_workers = n_workers,
                              .placement = o->placement ? o->placement : "split", .threads = o->worker_threads,
                              .nodes = o->worker_nodes, .n_nodes = o->n_worker_nodes, .timeout_s = o->worker_timeout,
                              .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,
@@ -147,6 +158,16 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         const char *h = getenv("NUMOE_HANDOFF"); /* developer knob: zmq = per-layer hand-off over ZeroMQ */
         ro.handoff = h && !strcmp(h, "zmq") ? NUMOE__HANDOFF__HANDOFF_ZMQ : NUMOE__HANDOFF__HANDOFF_DOORBELL;
         s->experts = nm_experts_remote_create(&s->model, &ro, err);
+        /* the workers hold the routed experts: drop any expert pages this process
+         * touched (identity hash, fault-around) so its RSS has no second copy */
+        long page = sysconf(_SC_PAGESIZE);
+        for (uint64_t i = 0; s->experts && i < s->gguf->n_tensors; i++) {
+            const nm_gguf_tensor *t = &s->gguf->tensors[i];
+            if (!strstr(t->name, "_exps.")) continue;
+            uintptr_t a = ((uintptr_t)t->data + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+            uintptr_t b = ((uintptr_t)t->data + t->nbytes) & ~((uintptr_t)page - 1);
+            if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        }
     } else {
         s->experts = nm_experts_local_create(&s->model, s->pool, err);
     }

@@ -499,3 +499,36 @@ def test_sigint_after_restart_leaves_nothing(exe, tmp_path):
     p.wait(timeout=60)
     assert_no_leftovers(p.pid, pids + new)
     assert "Sanitizer" not in log.read_text(), log.read_text()[-3000:]
+
+
+def smaps_rss(pid, match):
+    """Resident bytes of the mappings of pid whose path contains `match`."""
+    total, cur = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            cur = match in line
+        elif cur and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_rss_no_expert_copied_twice(exe, tmp_path):
+    """While 3 workers serve a run: each worker's resident shard segment is its
+    reported shard size, the shards add up to the model's routed-expert bytes, and
+    the coordinator keeps no resident copy of the expert weights (its mapping of
+    the model file stays far below the routed-expert bytes)."""
+    p, log, pids = start_long_run(exe, tmp_path, n_workers=3)
+    try:
+        err = log.read_text()
+        shard = {int(w): int(b) for w, b in re.findall(r"^numoe: worker (\d+): pid \d+,.* shard (\d+) bytes", err, re.M)}
+        routed = int(re.search(r"hold (\d+) bytes of routed experts; the model has (\d+)", err).group(2))
+        assert sum(shard.values()) == routed, (shard, routed)
+        for w, pid in enumerate(pids):
+            resident = smaps_rss(pid, f"numoe-{p.pid}-shard-{w}")
+            assert shard[w] <= resident <= shard[w] + 2 * 4096, (w, resident, shard[w])
+        coord_model = smaps_rss(p.pid, MODELS["v3-F32"].name)
+        dense = MODELS["v3-F32"].stat().st_size - routed
+        assert coord_model <= dense + routed // 10, (coord_model, dense, routed)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
