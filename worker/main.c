@@ -345,7 +345,7 @@ static int poll_control(worker *w, int timeout_ms) {
             int64_t t0 = nm_wire_now_ns();
             rp.seq = rq->seq, rp.layer = rq->layer;
             if (rq->x.len || rq->ids.len || rq->weights.len)
-                snprintf(msg, sizeof msg, "inline activations (tcp workers) are not implemented yet");
+                snprintf(msg, sizeof msg, "inline activations go to --listen (tcp) workers; this spawned worker reads its shm slot");
             else if (w->handoff != NUMOE__HANDOFF__HANDOFF_ZMQ)
                 snprintf(msg, sizeof msg, "MoeRequest over ZeroMQ, but this worker was registered for the doorbell");
             else if (rq->slot != 0)
