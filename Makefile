@@ -9,11 +9,11 @@ CC      ?= gcc
 NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
 PYTHON  ?= python3
 
-PKGS := libzmq libprotobuf-c hwloc numa libpcre2-8
+PKGS := libzmq libprotobuf-c hwloc numa libpcre2-8 libmicrohttpd libcjson
 PKG_OK := $(shell pkg-config --exists $(PKGS) && echo yes)
 ifneq ($(PKG_OK),yes)
   ifeq ($(filter deps clean,$(MAKECMDGOALS)),)
-    $(error pkg-config cannot find all of: $(PKGS). Run 'make deps' (or tests/setup.sh) as root to install libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev)
+    $(error pkg-config cannot find all of: $(PKGS). Run 'make deps' (or tests/setup.sh) as root to install libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev libmicrohttpd-dev libcjson-dev)
   endif
 endif
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)

