@@ -487,7 +487,7 @@ int nm_sched_create(nm_sched **out, nm_session *ses, const nm_tokenizer *tk, con
     if (s->o.cache_lens <= 0) s->o.cache_lens = s->o.n_ctx * s->o.max_batch;
     int bad = 0;
     if (s->o.chunk > ses->fwd.n_batch)
-        bad = nm_errf(err, "--chunk-size %lld exceeds the batch the forward state was made for (%lld: raise --batch-size)",
+        bad = nm_errf(err, "--chunk-size %lld exceeds the batch the forward state was made for (%lld: raise -b/--batch)",
                       (long long)s->o.chunk, (long long)ses->fwd.n_batch);
     else if (s->o.chunk < s->o.max_batch)
         bad = nm_errf(err, "--chunk-size %lld is smaller than --max-batch-size %lld: every running request needs its "

