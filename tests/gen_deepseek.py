@@ -998,6 +998,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--style", choices=["v2", "v3"], help="tiny model style (default v3; implied by --shape)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default tiny-<style>)")
+    ap.add_argument("--layers", type=int, help="override the shape's layer count (a shorter model with the same "
+                    "per-layer work, for quick benchmarks)")
     ap.add_argument("--type", default="F32", choices=TYPE_NAMES, help="tensor type of the matrices")
     ap.add_argument("--attn-layout", default="mla", choices=["legacy", "ik", "mla"])
     ap.add_argument("--seed", type=int, default=1234)
@@ -1016,6 +1018,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape is None:
         args.shape = f"tiny-{args.style or 'v3'}"
     shape = SHAPES[args.shape]
+    if args.layers:
+        if args.layers <= shape.n_dense:
+            ap.error(f"--layers must exceed the {shape.n_dense} leading dense layer(s)")
+        shape = dataclasses.replace(shape, n_layer=args.layers)
     if args.style and args.style != shape.style:
         ap.error(f"--style {args.style} contradicts --shape {args.shape}")
     want = QT[args.type]
