@@ -136,7 +136,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     }
     /* in-process experts read the whole file; workers copy their own shards */
     int remote = n_workers > 0 || o->worker_endpoints;
-    if (remote) prctl(PR_SET_NAME, "numoe-coordinator"); /* the kernel keeps 15 bytes: numoe-coordinat */
+    prctl(PR_SET_NAME, "numoe-coordinator"); /* the kernel keeps 15 bytes: numoe-coordinat */
     if (!o->no_prefault && !remote) nm_gguf_prefault(s->gguf, 1);
     const nm_hparams *hp = &s->model.hp;
     int64_t ctx = o->ctx_size ? o->ctx_size : (hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);

@@ -1,8 +1,11 @@
 /* main.c - `numoe`, the one command users run. It dispatches to a
  * subcommand; later issues add generate / chat / serve and the worker
  * launcher behind the same front. */
+#include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "coordinator/cli.h"
 #include "coordinator/cli_text.h"
@@ -35,12 +38,35 @@ static void usage(FILE *f) {
             NUMOE_VERSION);
 }
 
+/* The commands that run a model are the coordinator of the design card: they
+ * show as `numoe-coordinator ...` in ps, top and `pgrep -f`, and the workers
+ * they start as `numoe-worker ...`. argv[0] cannot grow in place, so the
+ * process re-executes itself once under that name (same pid, same
+ * descriptors). The kernel's 15-byte thread name is set in session.c. A
+ * failed exec is harmless: the command runs on under its old name. */
+static void become_coordinator(int argc, char **argv) {
+    const char *base = strrchr(argv[0], '/');
+    if (!strcmp(base ? base + 1 : argv[0], "numoe-coordinator")) return;
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    char **nargv = calloc((size_t)argc + 1, sizeof *nargv);
+    if (n <= 0 || !nargv) return free(nargv);
+    self[n] = 0;
+    nargv[0] = "numoe-coordinator";
+    for (int i = 1; i < argc; i++) nargv[i] = argv[i];
+    execv(self, nargv);
+    free(nargv);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
     const char *cmd = argv[1];
+    int runs_model = !strcmp(cmd, "generate") || !strcmp(cmd, "chat") || !strcmp(cmd, "serve") ||
+                     (!strcmp(cmd, "bench") && !(argc >= 3 && (!strcmp(argv[2], "kernels") || !strcmp(argv[2], "ipc"))));
+    if (runs_model) become_coordinator(argc, argv);
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
         usage(stdout);
         return 0;

@@ -532,3 +532,29 @@ def test_rss_no_expert_copied_twice(exe, tmp_path):
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+def test_process_names(numoe):
+    """ps / pgrep -f show `numoe-coordinator` and `numoe-worker`; the kernel's
+    15-byte thread names are numoe-coordinat and numoe-worker."""
+    p = subprocess.Popen([str(numoe), "chat", "-m", str(FIX / "deepseek-v3-tiny-F32-mla.gguf"), "--workers", "2"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sanitizer_env())
+    try:
+        kids = []
+        for _ in range(300):
+            try:
+                kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            except OSError:
+                kids = []
+            if len(kids) == 2:
+                break
+            time.sleep(0.05)
+        assert len(kids) == 2, "the coordinator did not start 2 workers"
+        assert Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe-coordinat"
+        assert Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[0] == b"numoe-coordinator"
+        for k in kids:
+            assert Path(f"/proc/{k}/comm").read_text().strip() == "numoe-worker"
+            assert Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")[0].endswith(b"numoe-worker")
+    finally:
+        out, err = p.communicate(b"", timeout=60)
+    assert p.returncode == 0, err.decode(errors="replace")[-2000:]
