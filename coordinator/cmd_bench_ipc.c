@@ -13,10 +13,11 @@
  *                 other side rang from its own CPU and sleeps at once
  * The two processes are pinned to two different CPUs (the first two this
  * process may use) except in the last case.
- * With --model M.gguf --workers N: the remote expert backend itself, N real
- * workers, n_tok = 0 on a MoE layer (copy, ring, wait, sum - no expert work)
- * for both hand-off modes, then one decode token's layer, against the
- * in-process backend. */
+ * With --model M.gguf (--workers N, default one per node; the launcher starts
+ * them): the remote expert backend itself, n_tok = 0 on a MoE layer (copy,
+ * ring, wait, sum - no expert work) in the hand-off NUMOE_HANDOFF names
+ * (doorbell, or zmq), then one decode token's layer, against the in-process
+ * backend. */
 #include <errno.h>
 #include <math.h>
 #include <sched.h>
@@ -69,8 +70,9 @@ static int usage(FILE *f) {
             "\n"
             "Round trip of a per-layer hand-off with empty work: ZeroMQ REQ/REP and DEALER/ROUTER\n"
             "(protobuf Envelopes) over ipc://, and the shm slot doorbell polling and sleeping, between\n"
-            "two processes. With --model and --workers, also the remote expert backend with N real\n"
-            "workers (empty layer and one decode token) against the in-process backend.\n"
+            "two processes. With --model, also the remote expert backend with its real workers (--workers\n"
+            "N, default one per NUMA node; empty layer and one decode token) against the in-process\n"
+            "backend; NUMOE_HANDOFF=zmq measures the ZeroMQ hand-off instead of the doorbell.\n"
             "\n"
             "  -n ITERS          round trips per measurement (default 20000)\n"
             "      --spin-us US  doorbell polling budget of the spinning variant (default 1000000)\n"
@@ -292,9 +294,9 @@ int nm_cmd_bench_ipc(int argc, char **argv) {
     }
     unpin();
 
-    if (so.model_path && so.workers > 0) {
-        int n_workers = so.workers;
-        so.workers = 0; /* the session gets the in-process backend; the remote ones are made below */
+    if (so.model_path) {
+        /* the launcher started the workers (--workers N, default one per node);
+         * the session attaches to them in the hand-off NUMOE_HANDOFF names */
         nm_session s;
         nm_err err;
         if (nm_session_open(&s, &so, &err)) {
@@ -307,30 +309,22 @@ int nm_cmd_bench_ipc(int argc, char **argv) {
             if (s.model.layers[l].is_moe) layer = l;
         int k = (int)s.model.hp.n_expert_used;
         int it = (int)(iters / 4 > 100 ? iters / 4 : 100);
+        const char *launched = getenv("NUMOE_LAUNCH_WORKERS"), *h = getenv("NUMOE_HANDOFF");
         char name[96];
-        for (int mode = 0; mode < 2 && !rc; mode++) {
-            nm_remote_opts ro = {.model_path = so.model_path, .n_workers = n_workers,
-                                 .placement = so.placement ? so.placement : "split", .threads = so.worker_threads,
-                                 .nodes = so.worker_nodes, .n_nodes = so.n_worker_nodes,
-                                 .timeout_s = so.worker_timeout, .max_tok = 1, .max_k = k,
-                                 .handoff = mode ? NUMOE__HANDOFF__HANDOFF_ZMQ : NUMOE__HANDOFF__HANDOFF_DOORBELL};
-            nm_expert_backend *rbk = nm_experts_remote_create(&s.model, &ro, &err);
-            if (!rbk) {
-                fprintf(stderr, "numoe bench ipc: %s\n", err.msg);
-                rc = 1;
-                break;
-            }
-            const char *mn = mode ? "zmq" : "doorbell";
-            snprintf(name, sizeof name, "backend, %d workers, %s, empty layer", n_workers, mn);
-            if (bench_backend(rbk, &s.model, layer, 0, k, it, us, &err) == 0) report(name, us, it);
+        if (launched) {
+            const char *mn = h && !strcmp(h, "zmq") ? "zmq" : "doorbell";
+            snprintf(name, sizeof name, "backend, %s workers, %s, empty layer", launched, mn);
+            if (bench_backend(s.experts, &s.model, layer, 0, k, it, us, &err) == 0) report(name, us, it);
             else fprintf(stderr, "numoe bench ipc: %s\n", err.msg), rc = 1;
-            snprintf(name, sizeof name, "backend, %d workers, %s, 1 token", n_workers, mn);
-            if (!rc && bench_backend(rbk, &s.model, layer, 1, k, it, us, &err) == 0) report(name, us, it);
+            snprintf(name, sizeof name, "backend, %s workers, %s, 1 token", launched, mn);
+            if (!rc && bench_backend(s.experts, &s.model, layer, 1, k, it, us, &err) == 0) report(name, us, it);
             else if (!rc) fprintf(stderr, "numoe bench ipc: %s\n", err.msg), rc = 1;
-            rbk->destroy(rbk);
         }
-        if (!rc && bench_backend(s.experts, &s.model, layer, 1, k, it, us, &err) == 0)
+        nm_expert_backend *local = launched ? nm_experts_local_create(&s.model, s.pool, &err) : s.experts;
+        if (!local) fprintf(stderr, "numoe bench ipc: %s\n", err.msg), rc = 1;
+        if (!rc && bench_backend(local, &s.model, layer, 1, k, it, us, &err) == 0)
             report("in-process backend, 1 token", us, it);
+        if (local && local != s.experts) local->destroy(local);
         nm_session_close(&s);
     }
     free(us);

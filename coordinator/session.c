@@ -21,8 +21,9 @@ const char nm_session_opts_help[] =
     "      --experts-used K    routed experts per token, at most the model's count (default: the model's)\n"
     "      --no-prefault       page the model in lazily instead of reading it all at start-up\n"
     "      --workers N         routed experts in N numoe-worker processes (shm + ZeroMQ), each holding\n"
-    "                          its share once; 0 = in this process. Default: one per NUMA node when\n"
-    "                          there are several, else 0 (one worker on one node only adds the hand-off)\n"
+    "                          its share once, started and restarted by numoe; 0 = in this process\n"
+    "                          (fastest on a one-node machine: no hand-off). Default: one per NUMA node;\n"
+    "                          more workers than nodes split each node's cores\n"
     "      --placement P       how the workers share the experts: split (1/N of every expert's ff\n"
     "                          dimension each; default), experts (whole experts, contiguous ids),\n"
     "                          experts-rr (whole experts, round-robin), or a map FILE (configs/README.md;\n"
@@ -30,13 +31,15 @@ const char nm_session_opts_help[] =
     "      --worker-threads N  compute threads per worker (default: its node's CPUs / workers on it)\n"
     "      --worker-nodes L    NUMA node of each worker, comma-separated, repeated cyclically\n"
     "                          (default: round-robin over the nodes when there are several)\n"
-    "      --worker-timeout S  a worker that does not answer a layer within S seconds is an error (300)\n"
+    "      --worker-timeout S  a worker that does not answer a layer within S seconds is killed and\n"
+    "                          restarted, and gets the layer again (300)\n"
     "      --worker-endpoints tcp://H1:P1,tcp://H2:P2,...\n"
     "                          use workers started by hand (maybe on other hosts) instead of spawning\n"
     "                          them: worker i is `numoe-worker --worker-id i --workers N --placement P\n"
     "                          --listen` at the i-th endpoint, with its own copy of the model file;\n"
-    "                          activations travel inline over tcp (no shm). They are not supervised:\n"
-    "                          a lost one is an error naming its endpoint, never restarted\n";
+    "                          activations travel inline over tcp (no shm). Nobody here restarts them;\n"
+    "                          one that is lost is waited for (NUMOE_WORKER_RECONNECT_S, default 60) to\n"
+    "                          come back at its endpoint, then sent the layer again\n";
 
 static int parse_int(const char *cmd, const char *opt, const char *v, long long lo, long long hi, long long *out) {
     char *end;
@@ -129,10 +132,12 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return -1;
     }
-    int n_workers = o->workers;
-    if (!o->workers_set && !o->worker_endpoints) {
+    /* the launcher (launch/launcher.h) started the workers and says how many */
+    const char *launched = getenv("NUMOE_LAUNCH_WORKERS");
+    int n_workers = launched ? atoi(launched) : o->workers;
+    if (!launched && !o->workers_set && !o->worker_endpoints) {
         int nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
-        n_workers = nodes > 1 ? nodes : 0;
+        n_workers = nodes > 0 ? nodes : 1;
     }
     /* in-process experts read the whole file; workers copy their own shards */
     int remote = n_workers > 0 || o->worker_endpoints;
@@ -150,10 +155,8 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         return nm_errf(err, "cannot start %d threads", o->threads);
     }
     if (remote) {
-        nm_remote_opts ro = {.model_path = o->model_path, .n_workers = n_workers,
-                             .placement = o->placement ? o->placement : "split", .threads = o->worker_threads,
-                             .nodes = o->worker_nodes, .n_nodes = o->n_worker_nodes, .timeout_s = o->worker_timeout,
-                             .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,
+        nm_remote_opts ro = {.n_workers = n_workers, .placement = o->placement ? o->placement : "split",
+                             .timeout_s = o->worker_timeout, .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,
                              .endpoints = o->worker_endpoints};
         const char *h = getenv("NUMOE_HANDOFF"); /* developer knob: zmq = per-layer hand-off over ZeroMQ */
         ro.handoff = h && !strcmp(h, "zmq") ? NUMOE__HANDOFF__HANDOFF_ZMQ : NUMOE__HANDOFF__HANDOFF_DOORBELL;

@@ -19,9 +19,9 @@ typedef struct {
     int no_prefault;    /* leave the mapping to page in lazily */
     /* routed experts in worker processes (coordinator/cli_workers.h) */
     int workers;              /* 0: in this process; see workers_set */
-    int workers_set;          /* --workers given; otherwise one worker per NUMA node when there are
-                               * several, in-process on a single node (a lone worker only adds the
-                               * hand-off: docs/BENCHMARKS.md) */
+    int workers_set;          /* --workers given; otherwise one worker per NUMA node. The launcher
+                               * (launch/launcher.h) starts them and names their count in
+                               * NUMOE_LAUNCH_WORKERS, which then wins */
     const char *placement;    /* NULL: "split" */
     int worker_threads;       /* 0: the CPUs of a worker's node shared by the workers on it */
     int worker_nodes[64];     /* --worker-nodes LIST: node of worker i = worker_nodes[i % n_worker_nodes] */

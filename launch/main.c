@@ -1,6 +1,8 @@
 /* main.c - `numoe`, the one command users run. It dispatches to a
- * subcommand; later issues add generate / chat / serve and the worker
- * launcher behind the same front. */
+ * subcommand. A command that runs a model with expert workers makes this
+ * process the launcher (launch/launcher.h): it starts the workers and the
+ * numoe-coordinator and supervises them; without workers the command runs
+ * here, renamed numoe-coordinator. */
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +13,7 @@
 #include "coordinator/cli_text.h"
 #include "coordinator/cli_workers.h"
 #include "launch/commands.h"
+#include "launch/launcher.h"
 
 #define NUMOE_VERSION "0.1.0"
 
@@ -65,7 +68,13 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     int runs_model = !strcmp(cmd, "generate") || !strcmp(cmd, "chat") || !strcmp(cmd, "serve") ||
-                     (!strcmp(cmd, "bench") && !(argc >= 3 && (!strcmp(argv[2], "kernels") || !strcmp(argv[2], "ipc"))));
+                     (!strcmp(cmd, "bench") && !(argc >= 3 && !strcmp(argv[2], "kernels")));
+    if (runs_model && !getenv("NUMOE_LAUNCH_ENDPOINT")) {
+        /* with workers this process stays the launcher, and the coordinator is its child */
+        nm_session_opts so;
+        int n_workers = nm_launch_plan(argc, argv, &so);
+        if (n_workers > 0) return nm_launch(argc, argv, &so, n_workers);
+    }
     if (runs_model) become_coordinator(argc, argv);
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
         usage(stdout);

@@ -15,6 +15,12 @@
 /* The protocol this tree speaks (numoe.proto: Protocol.PROTOCOL_CURRENT). */
 #define NM_PROTOCOL_VERSION ((uint32_t)NUMOE__PROTOCOL__PROTOCOL_CURRENT)
 
+/* numoe-worker's exit status after an error it reported to the coordinator
+ * (an Error message, or the refusal it got): restarting it would fail the
+ * same way, so the launcher does not. 0 is a clean shutdown, 2 a usage
+ * error; anything else (a crash, a signal) is restarted. */
+#define NM_WORKER_EXIT_ERROR 3
+
 /* "numoe proto N, <compiler>, built <date time>": informational, printed
  * when the two sides differ (the protocol version is the contract). */
 const char *nm_build_id(void);

@@ -298,7 +298,7 @@ def test_worker_binary_node_error_and_usage(exe):
     proc = run([worker, "--model", MODELS["v3-F32"], "--worker-id", "0", "--workers", "1", "--placement", "split",
                 "--node", "77", "--endpoint", "ipc://@numoe-test-nobody-listens"], timeout=60)
     assert_clean(proc)
-    assert proc.returncode == 1 and "numoe-worker 0: NUMA node 77 does not exist" in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "numoe-worker 0: NUMA node 77 does not exist" in proc.stderr, proc.stderr
     proc = run([worker, "--model", MODELS["v3-F32"], "--worker-id", "0", "--workers", "1", "--placement", "split"])
     assert proc.returncode == 2 and "--endpoint is required" in proc.stderr, proc.stderr
     proc = run([worker, "--model", "x", "--worker-id", "2", "--workers", "2", "--placement", "split",
@@ -324,11 +324,11 @@ def test_bad_options(exe, tmp_path):
 
 
 @pytest.mark.parametrize("fault,expect", [
-    ("1:2:die", r"worker 1 \(pid \d+\) killed by signal 9 \(Killed\) while computing layer 2; "
-                r"gave up after 4 restart attempts"),
+    ("1:2:die", r"worker 1 \(pid \d+\) died while computing layer 2; "
+                r"worker 1 \(pid \d+\) killed by signal 9 \(Killed\); gave up after 4 restart attempts"),
     ("0:1:error", r"worker 0 \(pid \d+\) failed layer 1: injected failure"),
     ("2:2:hang", r"worker 2 \(pid \d+\) did not answer layer 2 within 2 s \(--worker-timeout\); "
-                 r"gave up after 4 restart attempts"),
+                 r"worker 2 \(pid \d+\) killed by signal 9 \(Killed\); gave up after 4 restart attempts"),
 ])
 def test_worker_failures_are_named(exe, fault, expect, tmp_path):
     t0 = time.time()
@@ -374,6 +374,42 @@ def test_no_leftovers_after_signal(exe, sig, tmp_path):
     assert "Sanitizer" not in log.read_text(), log.read_text()[-3000:]
 
 
+def test_coordinator_crash_cleans_up(exe, tmp_path):
+    """The coordinator dies (kill -9) mid-run: the launcher ends the workers, removes
+    every /dev/shm name of the run and dies of the same signal."""
+    p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
+    coord, = children_named(p.pid, "numoe-coordinat")
+    assert sorted(children_named(p.pid, "numoe-worker")) == sorted(pids)
+    os.kill(coord, signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert_no_leftovers(p.pid, pids + [coord], wait=1.0)
+
+
+def test_restarts_off(exe, tmp_path):
+    """NUMOE_WORKER_RESTARTS=0: a worker that dies is not restarted and the run fails
+    naming it, at once."""
+    t0 = time.time()
+    _, rc, err = generate(exe, MODELS["v3-F32"], ["--workers", 2], tmp_path=tmp_path, n=4,
+                          env={"NUMOE_TEST_FAULT": "1:2:die", "NUMOE_WORKER_RESTARTS": "0"})
+    assert rc == 1, err
+    assert re.search(r"worker 1 \(pid \d+\) died while computing layer 2; worker 1 \(pid \d+\) killed by signal 9 "
+                     r"\(Killed\); not restarted \(NUMOE_WORKER_RESTARTS=0\)", err), err
+    assert "restarting it" not in err, err
+    assert time.time() - t0 < 20
+
+
+def test_launcher_prints_worker_command_lines(exe, tmp_path):
+    """Each worker's command line, as a user would start it by hand, is printed (with the
+    numactl binding when the worker is bound to a node)."""
+    _, rc, err = generate(exe, MODELS["v3-F32"], ["--workers", 2, "--worker-nodes", "0"], tmp_path=tmp_path)
+    assert rc == 0, err
+    for i in range(2):
+        m = re.search(rf"^numoe: worker {i}: numactl --cpunodebind=0 --membind=0 (\S+numoe-worker) .*--worker-id {i} "
+                      r"--workers 2 .*--node 0 ", err, re.M)
+        assert m, err
+
+
 def test_sigint_reaches_only_the_coordinator(exe, tmp_path):
     """Workers run in their own process group: a terminal's Ctrl-C (SIGINT to the
     foreground group) is the coordinator's to handle."""
@@ -389,12 +425,15 @@ def test_bench_ipc(exe):
     probe = run([exe, "bench", "ipc", "--help"])
     if probe.returncode != 0 or "round trip" not in probe.stdout.lower():
         pytest.skip("`numoe bench ipc` is not wired into launch/main.c yet")
-    proc = run([exe, "bench", "ipc", "-n", "300", "-m", MODELS["v3-F32"], "--workers", "2", "-t", "1"])
-    assert_clean(proc)
-    assert proc.returncode == 0, proc.stderr
-    for row in ("zmq REQ/REP", "zmq DEALER/ROUTER", "shm doorbell, polling", "shm doorbell, futex",
-                "backend, 2 workers, doorbell, empty layer", "backend, 2 workers, zmq, empty layer"):
-        assert row in proc.stdout, proc.stdout
+    for handoff in ("doorbell", "zmq"):
+        proc = run([exe, "bench", "ipc", "-n", "300", "-m", MODELS["v3-F32"], "--workers", "2", "-t", "1"],
+                   env={**sanitizer_env(), "NUMOE_HANDOFF": handoff})
+        assert_clean(proc)
+        assert proc.returncode == 0, proc.stderr
+        for row in ("zmq REQ/REP", "zmq DEALER/ROUTER", "shm doorbell, polling", "shm doorbell, futex",
+                    f"backend, 2 workers, {handoff}, empty layer", f"backend, 2 workers, {handoff}, 1 token",
+                    "in-process backend, 1 token"):
+            assert row in proc.stdout, proc.stdout
 
 
 def restarted_pids(stderr):
@@ -526,7 +565,8 @@ def test_rss_no_expert_copied_twice(exe, tmp_path):
         for w, pid in enumerate(pids):
             resident = smaps_rss(pid, f"numoe-{p.pid}-shard-{w}")
             assert shard[w] <= resident <= shard[w] + 2 * 4096, (w, resident, shard[w])
-        coord_model = smaps_rss(p.pid, MODELS["v3-F32"].name)
+        coord, = children_named(p.pid, "numoe-coordinat")
+        coord_model = smaps_rss(coord, MODELS["v3-F32"].name)
         dense = MODELS["v3-F32"].stat().st_size - routed
         assert coord_model <= dense + routed // 10, (coord_model, dense, routed)
     finally:
@@ -535,8 +575,9 @@ def test_rss_no_expert_copied_twice(exe, tmp_path):
 
 
 def test_process_names(numoe):
-    """ps / pgrep -f show `numoe-coordinator` and `numoe-worker`; the kernel's
-    15-byte thread names are numoe-coordinat and numoe-worker."""
+    """ps / pgrep -f show the launcher `numoe`, its children `numoe-coordinator` and
+    `numoe-worker`; the kernel's 15-byte thread names are numoe,
+    numoe-coordinat and numoe-worker."""
     p = subprocess.Popen([str(numoe), "chat", "-m", str(FIX / "deepseek-v3-tiny-F32-mla.gguf"), "--workers", "2"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sanitizer_env())
     try:
@@ -546,15 +587,32 @@ def test_process_names(numoe):
                 kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
             except OSError:
                 kids = []
-            if len(kids) == 2:
+            if len(kids) == 3:
                 break
             time.sleep(0.05)
-        assert len(kids) == 2, "the coordinator did not start 2 workers"
-        assert Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe-coordinat"
-        assert Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[0] == b"numoe-coordinator"
+        assert len(kids) == 3, "the launcher did not start a coordinator and 2 workers"
+        assert Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe"
+        comms = sorted(Path(f"/proc/{k}/comm").read_text().strip() for k in kids)
+        assert comms == ["numoe-coordinat", "numoe-worker", "numoe-worker"], comms
         for k in kids:
-            assert Path(f"/proc/{k}/comm").read_text().strip() == "numoe-worker"
-            assert Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")[0].endswith(b"numoe-worker")
+            argv0 = Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")[0]
+            assert argv0 == b"numoe-coordinator" or argv0.endswith(b"numoe-worker"), argv0
+    finally:
+        out, err = p.communicate(b"", timeout=60)
+    assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+
+
+def test_in_process_is_one_process(numoe):
+    """--workers 0: no launcher, the command itself is numoe-coordinator."""
+    p = subprocess.Popen([str(numoe), "chat", "-m", str(FIX / "deepseek-v3-tiny-F32-mla.gguf"), "--workers", "0"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sanitizer_env())
+    try:
+        for _ in range(300):
+            if Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe-coordinat":
+                break
+            time.sleep(0.05)
+        assert Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[0] == b"numoe-coordinator"
+        assert not Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
     finally:
         out, err = p.communicate(b"", timeout=60)
     assert p.returncode == 0, err.decode(errors="replace")[-2000:]

@@ -12,6 +12,7 @@ partial output inline in MoeReply; no shared memory.
   does not match the endpoint count.
 * Every process started here is ended (try/finally); the workers exit 0 on SIGTERM."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -212,9 +213,11 @@ def test_lost_worker_is_named(exe, workers, tmp_path):
     model = MODELS["v3-F32"]
     eps = workers.start(model, 2, "experts", env={"NUMOE_TEST_FAULT": "1:2:die"})
     t0 = time.time()
-    _, rc, err = generate(exe, model, ["--placement", "experts", "--worker-endpoints", ",".join(eps)], tmp_path)
+    _, rc, err = generate(exe, model, ["--placement", "experts", "--worker-endpoints", ",".join(eps)], tmp_path,
+                          env={"NUMOE_WORKER_RECONNECT_S": "2"})
     assert rc == 1, err
-    assert f"lost the connection to worker 1 at {eps[1]}" in err and "not restarted" in err, err
+    assert f"lost the connection to worker 1 at {eps[1]} while it computed layer 2" in err, err
+    assert "it did not come back" in err, err
     assert time.time() - t0 < 25  # seen through the connection, not the 30 s --worker-timeout
     logs = workers.stop()
     assert logs[1][0] == -signal.SIGKILL  # the injected death
@@ -232,6 +235,44 @@ def test_bad_endpoint_options(exe, tmp_path):
     p = subprocess.run([str(worker), "--model", str(model), "--worker-id", "0", "--workers", "1", "--placement",
                         "split", "--listen", "tcp://256.1.1.1:1"], capture_output=True, text=True, timeout=60,
                        env=sanitizer_env())
-    assert p.returncode == 1 and "cannot listen on tcp://256.1.1.1:1" in p.stderr, p.stderr
+    assert p.returncode == 3 and "cannot listen on tcp://256.1.1.1:1" in p.stderr, p.stderr
     p = subprocess.run([str(exe), "generate", "--help"], capture_output=True, text=True, timeout=60)
-    assert "--worker-endpoints" in p.stdout + p.stderr and "not supervised" in p.stdout + p.stderr
+    assert "--worker-endpoints" in p.stdout + p.stderr and "NUMOE_WORKER_RECONNECT_S" in p.stdout + p.stderr
+
+
+def test_worker_restarted_by_hand_is_reconnected(exe, workers, tmp_path):
+    """A tcp worker dies mid-layer and whoever runs it starts it again at the same
+    endpoint: the coordinator reconnects, the new process registers, gets the layer
+    again, and the logits equal the in-process ones."""
+    model = MODELS["v3-F32"]
+    ref, rc, err = generate(exe, model, [], tmp_path, tag="w0")
+    assert rc == 0, err
+    eps = workers.start(model, 2, "experts", ids=[0])
+    eps += workers.start(model, 2, "experts", ids=[1], env={"NUMOE_TEST_FAULT": "1:2:die"})
+    dump = tmp_path / "reconnect.bin"
+    cmd = [str(exe), "generate", "-m", str(model), "--tokens", ",".join(map(str, SEQ)), "-n", "0", "-t", "2",
+           "--dump-logits", str(dump), "--placement", "experts", "--worker-endpoints", ",".join(eps)]
+    log = tmp_path / "coord.log"
+    with open(log, "w") as f:
+        coord = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=sanitizer_env())
+    try:
+        dead, _, _ = workers.procs[1]
+        dead.wait(timeout=60)  # the injected death at layer 2
+        assert dead.returncode == -signal.SIGKILL
+        w = workers.worker
+        wlog = tmp_path / "worker-1-again.log"
+        with open(wlog, "w") as f:  # the same worker, started again by hand (no fault this time)
+            again = subprocess.Popen([str(w), "--model", str(model), "--worker-id", "1", "--workers", "2",
+                                      "--placement", "experts", "--threads", "1", "--listen", eps[1]],
+                                     stdout=subprocess.DEVNULL, stderr=f, env=sanitizer_env())
+        workers.procs.append((again, eps[1], wlog))
+        assert coord.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if coord.poll() is None:
+            coord.kill()
+            coord.wait()
+    err = log.read_text()
+    assert f"lost the connection to worker 1 at {eps[1]} while it computed layer 2" in err, err
+    assert re.search(rf"worker 1 at {re.escape(eps[1])} is back after [\d.]+ ms", err), err
+    got = np.fromfile(dump, dtype=np.float32).reshape(len(SEQ), -1).astype(np.float64)
+    assert rel_diff(ref, got) <= TOL

@@ -95,7 +95,7 @@ static int usage(FILE *f) {
             "\n"
             "Holds worker I's share of the routed experts of M.gguf (as the placement divides them\n"
             "between N workers) and computes partial MoE outputs for the coordinator listening at the\n"
-            "endpoint. `numoe generate --workers N` starts these itself.\n"
+            "endpoint. The numoe launcher (`numoe generate --workers N`, ...) starts these itself.\n"
             "\n"
             "  --listen tcp://ADDR:PORT  instead of --endpoint: wait for coordinators there (a worker on\n"
             "                another host, `numoe generate --worker-endpoints tcp://HOST:PORT,...`); the data\n"
@@ -106,7 +106,10 @@ static int usage(FILE *f) {
             "  --threads T   compute threads (default: every CPU it may run on)\n"
             "  --shard-shm NAME  keep the shard in /dev/shm/NAME, re-map it if it is already there\n"
             "  --attempt K   this is restart K of this worker (0: first start)\n"
-            "  --quiet       do not print start-up errors, only send them to the coordinator\n");
+            "  --quiet       do not print start-up errors, only send them to the coordinator\n"
+            "\n"
+            "Exit status: 0 after Shutdown or SIGTERM, 2 for a usage error, 3 after an error it reported\n"
+            "to the coordinator (the launcher does not restart it: it would fail the same way).\n");
     return f == stdout ? 0 : 2;
 }
 
@@ -157,7 +160,9 @@ static void cleanup(worker *w) {
     if (w->zctx) zmq_ctx_term(w->zctx);
 }
 
-/* Prints the error, sends it to the coordinator, exits 1. */
+/* Prints the error, sends it to the coordinator, exits NM_WORKER_EXIT_ERROR:
+ * the coordinator has the reason, and the launcher does not restart a worker
+ * that ended this way (it would fail the same way again). */
 static int fail(worker *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int fail(worker *w, const char *fmt, ...) {
     char msg[1024];
@@ -178,7 +183,7 @@ static int fail(worker *w, const char *fmt, ...) {
         zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
     }
     cleanup(w);
-    exit(1);
+    exit(NM_WORKER_EXIT_ERROR);
 }
 
 static int parse_int(const char *v, long lo, long hi, int *out) {
@@ -531,6 +536,7 @@ int main(int argc, char **argv) {
     reg.shard_bytes = w.shard.weight_bytes;
     reg.pid = (uint64_t)getpid();
     reg.host = host;
+    reg.attempt = (uint32_t)w.attempt;
     Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
     env.msg_case = NUMOE__ENVELOPE__MSG_REGISTER, env.register_ = &reg;
     struct sigaction sa;
@@ -569,7 +575,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "numoe-worker %d: refused by the coordinator: %s\n", w.id, rr->reason);
         numoe__envelope__free_unpacked(in, NULL);
         cleanup(&w);
-        return 1;
+        return NM_WORKER_EXIT_ERROR;
     }
     if (rr->protocol_version != NM_PROTOCOL_VERSION) {
         uint32_t v = rr->protocol_version;

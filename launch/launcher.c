@@ -1,0 +1,464 @@
+/* launcher.c - start, bind and supervise the workers and the coordinator
+ * (launcher.h).
+ *
+ * The launcher blocks the signals it cares about and takes them one at a
+ * time from sigtimedwait, so there is no handler and no race between "a
+ * child died" and "schedule its restart". Its loop:
+ *   - a worker ended while the coordinator runs: unless it exited 0 (it was
+ *     told to shut down), restart it after a back-off of 10, 50, 250, 1000,
+ *     2000 ms, with the same arguments and --attempt K. The new process
+ *     re-maps its persistent shard (/dev/shm/numoe-<launcher pid>-shard-<id>,
+ *     worker/shard.h) and registers again; the coordinator, which saw the
+ *     old one die, re-sends it the layer in flight. At most
+ *     NUMOE_WORKER_RESTARTS (default 4; 0 = never) restarts in a row: a
+ *     worker that then still dies within RESTART_RESET_S of its start is
+ *     given up, and so is one that exited NM_WORKER_EXIT_ERROR (it told
+ *     the coordinator why; it would fail again). The coordinator is told (an Error message on its
+ *     control socket) and fails the request with that reason.
+ *   - the coordinator ended: every worker gets a few seconds to follow its
+ *     Shutdown, then SIGTERM, then SIGKILL; every shared-memory name of
+ *     the run (/dev/shm/numoe-<launcher pid>-*) is removed; the launcher
+ *     exits as the coordinator did.
+ *   - SIGTERM, SIGHUP, SIGQUIT, or SIGINT sent with kill(): passed on to the
+ *     coordinator, which shuts down in order. A SIGINT from the terminal
+ *     (Ctrl-C) is not passed on: it already reached the coordinator, which
+ *     shares the launcher's process group; the workers have their own.
+ * Every child gets PR_SET_PDEATHSIG = SIGTERM, so a launcher killed with
+ * SIGKILL still takes them down (a worker whose launcher is gone removes
+ * its own shard segment). */
+#include "launch/launcher.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <numa.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "coordinator/cli_workers.h"
+#include "launch/topology.h"
+#include "proto/shm_slot.h"
+#include "proto/wire.h"
+
+#define RESTARTS_DEFAULT 4
+#define RESTART_RESET_S 30.0 /* a worker that ran this long before dying starts a new count */
+#define MAX_ARGS 28
+
+typedef struct {
+    int id;
+    pid_t pid;             /* 0: not running */
+    int node, threads;
+    char binding[256];     /* numactl options of the line printed for it */
+    char *argv[MAX_ARGS];  /* owned */
+    int attempt_arg;       /* index in argv of the --attempt value */
+    int restarts;          /* restarts so far, for --attempt */
+    int in_row;            /* restarts since it last ran RESTART_RESET_S */
+    double started;        /* when the running process was started */
+    double restart_at;     /* > 0: start it again at this time */
+    int finished;          /* exited 0, or given up: not to be started again */
+} lworker;
+
+typedef struct {
+    lworker *w;
+    int n;
+    pid_t coord;
+    int coord_status, coord_done;
+    char endpoint[128];
+    int max_restarts;
+    void *zctx, *zsock;    /* made on first use: telling the coordinator a worker was given up */
+} launcher;
+
+static double now_s(void) { return (double)nm_wire_now_ns() * 1e-9; }
+
+static void describe_exit(int st, char *buf, size_t len) {
+    if (WIFSIGNALED(st)) snprintf(buf, len, "killed by signal %d (%s)", WTERMSIG(st), strsignal(WTERMSIG(st)));
+    else if (WIFEXITED(st)) snprintf(buf, len, "exited with status %d", WEXITSTATUS(st));
+    else snprintf(buf, len, "ended (wait status %#x)", st);
+}
+
+static char *xprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *xprintf(const char *fmt, ...) {
+    char buf[PATH_MAX + 64];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return strdup(buf);
+}
+
+int nm_launch_plan(int argc, char **argv, nm_session_opts *o) {
+    memset(o, 0, sizeof *o);
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return 0;
+        int r = nm_session_parse_opt(o, argc, argv, &i, "numoe");
+        if (r < 0) return 0; /* the command prints the same complaint in context */
+    }
+    /* an unreadable model: the coordinator alone says so, without workers failing too */
+    if (!o->model_path || o->worker_endpoints || access(o->model_path, R_OK)) return 0;
+    if (o->workers_set) return o->workers;
+    int nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
+    return nodes > 0 ? nodes : 1;
+}
+
+/* Path of numoe-worker: $NUMOE_WORKER, else next to this executable. */
+static int find_worker_exe(char *out, size_t len) {
+    const char *env = getenv("NUMOE_WORKER");
+    if (env && *env) {
+        snprintf(out, len, "%s", env);
+    } else {
+        char self[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+        if (n <= 0) return fprintf(stderr, "numoe: cannot read /proc/self/exe to find numoe-worker: %s\n", strerror(errno)), -1;
+        self[n] = 0;
+        char *slash = strrchr(self, '/');
+        if (slash) *slash = 0;
+        size_t n_self = strlen(self);
+        if (n_self + sizeof "/numoe-worker" > len) return fprintf(stderr, "numoe: path of this executable too long\n"), -1;
+        memcpy(out, self, n_self);
+        memcpy(out + n_self, "/numoe-worker", sizeof "/numoe-worker");
+    }
+    if (access(out, X_OK))
+        return fprintf(stderr, "numoe: cannot run the worker binary %s: %s (build it with `make`, or set NUMOE_WORKER)\n",
+                       out, strerror(errno)), -1;
+    return 0;
+}
+
+static int cpus_of_node(int node) {
+    if (node < 0 || numa_available() < 0) {
+        cpu_set_t cs;
+        return sched_getaffinity(0, sizeof cs, &cs) ? 1 : CPU_COUNT(&cs);
+    }
+    struct bitmask *bm = numa_allocate_cpumask();
+    int n = 0;
+    if (bm && numa_node_to_cpus(node, bm) == 0) n = (int)numa_bitmask_weight(bm);
+    if (bm) numa_free_cpumask(bm);
+    return n > 0 ? n : 1;
+}
+
+/* fork + exec with the launcher's signal mask undone; own process group
+ * (pgrp) for workers, so a terminal's Ctrl-C reaches only the coordinator. */
+static pid_t start(const char *exe, char **argv, int own_pgrp) {
+    pid_t parent = getpid();
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid != 0) return pid;
+    /* child: async-signal-safe calls only until exec */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (own_pgrp) setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1); /* the launcher is already gone */
+    execv(exe, argv);
+    static const char msg[] = "numoe: cannot exec a child process\n";
+    ssize_t r = write(2, msg, sizeof msg - 1);
+    (void)r;
+    _exit(127);
+}
+
+static int start_worker(launcher *L, lworker *w) {
+    w->pid = start(w->argv[0], w->argv, 1);
+    if (w->pid < 0) {
+        fprintf(stderr, "numoe: cannot start worker %d: fork: %s\n", w->id, strerror(errno));
+        w->pid = 0;
+        return -1;
+    }
+    w->started = now_s();
+    w->restart_at = 0;
+    (void)L;
+    return 0;
+}
+
+/* Worker w's arguments, and the command line a user would type to start it
+ * by hand (binding included), printed once. */
+static int build_worker(launcher *L, lworker *w, const char *exe, const nm_session_opts *o, const nm_topology *t) {
+    int a = 0;
+    char **v = w->argv;
+    v[a++] = strdup(exe);
+    v[a++] = strdup("--model"), v[a++] = strdup(o->model_path);
+    v[a++] = strdup("--worker-id"), v[a++] = xprintf("%d", w->id);
+    v[a++] = strdup("--workers"), v[a++] = xprintf("%d", L->n);
+    v[a++] = strdup("--placement"), v[a++] = strdup(o->placement ? o->placement : "split");
+    v[a++] = strdup("--endpoint"), v[a++] = strdup(L->endpoint);
+    v[a++] = strdup("--threads"), v[a++] = xprintf("%d", w->threads);
+    if (w->node >= 0) v[a++] = strdup("--node"), v[a++] = xprintf("%d", w->node);
+    v[a++] = strdup("--shard-shm"), v[a++] = xprintf("/numoe-%d-shard-%d", (int)getpid(), w->id);
+    v[a++] = strdup("--attempt"), w->attempt_arg = a, v[a++] = strdup("0");
+    v[a++] = strdup("--quiet"); /* its errors reach the coordinator as Error messages, printed there */
+    v[a] = NULL;
+    for (int i = 0; i < a; i++)
+        if (!v[i]) return fprintf(stderr, "numoe: out of memory\n"), -1;
+    /* the binding numactl would give: one worker per node, or a share of a
+     * node's cores when there are more workers than nodes */
+    w->binding[0] = 0;
+    if (w->node >= 0) {
+        int node = -1;
+        nm_err err;
+        int from_topo = !o->n_worker_nodes && t &&
+                        !nm_topology_worker_binding(t, L->n, w->id, w->binding, sizeof w->binding, &node, &err) &&
+                        node == w->node;
+        if (!from_topo) snprintf(w->binding, sizeof w->binding, "--cpunodebind=%d --membind=%d", w->node, w->node);
+    }
+    fprintf(stderr, "numoe: worker %d:%s%s", w->id, w->binding[0] ? " numactl " : "", w->binding);
+    for (int i = 0; i < a; i++) fprintf(stderr, " %s", v[i]);
+    fputc('\n', stderr);
+    return 0;
+}
+
+/* The coordinator is told through its control socket that worker w will not
+ * come back; it fails the layer it waits for with this reason. */
+static void tell_coordinator(launcher *L, lworker *w, const char *msg) {
+    if (!L->zctx) {
+        int linger = 2000;
+        if (!(L->zctx = zmq_ctx_new()) || !(L->zsock = zmq_socket(L->zctx, ZMQ_DEALER)) ||
+            zmq_setsockopt(L->zsock, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(L->zsock, L->endpoint)) {
+            fprintf(stderr, "numoe: cannot reach the coordinator at %s: %s\n", L->endpoint, zmq_strerror(zmq_errno()));
+            return;
+        }
+    }
+    Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
+    Numoe__Error e = NUMOE__ERROR__INIT;
+    e.worker_id = (uint32_t)w->id;
+    e.message = (char *)msg;
+    e.from_launcher = 1;
+    env.msg_case = NUMOE__ENVELOPE__MSG_ERROR, env.error = &e;
+    nm_err err;
+    if (nm_wire_send(L->zsock, NULL, &env, &err)) fprintf(stderr, "numoe: %s\n", err.msg);
+}
+
+static void on_worker_exit(launcher *L, lworker *w, int st) {
+    char how[96], msg[400];
+    pid_t pid = w->pid;
+    w->pid = 0;
+    describe_exit(st, how, sizeof how);
+    if (L->coord_done) {
+        w->finished = 1;
+        /* status 3: an error it reported, and the coordinator's own error came first */
+        if (!WIFEXITED(st) || (WEXITSTATUS(st) && WEXITSTATUS(st) != NM_WORKER_EXIT_ERROR))
+            fprintf(stderr, "numoe: worker %d (pid %d) %s at shutdown\n", w->id, (int)pid, how);
+        return;
+    }
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) { /* it was told to shut down */
+        w->finished = 1;
+        return;
+    }
+    if (now_s() - w->started >= RESTART_RESET_S) w->in_row = 0;
+    int reported = WIFEXITED(st) && WEXITSTATUS(st) == NM_WORKER_EXIT_ERROR;
+    if (reported || w->in_row >= L->max_restarts) {
+        w->finished = 1;
+        if (reported)
+            snprintf(msg, sizeof msg, "worker %d (pid %d) %s after an error it reported; not restarted", w->id,
+                     (int)pid, how);
+        else if (L->max_restarts == 0)
+            snprintf(msg, sizeof msg, "worker %d (pid %d) %s; not restarted (NUMOE_WORKER_RESTARTS=0)", w->id, (int)pid, how);
+        else
+            snprintf(msg, sizeof msg, "worker %d (pid %d) %s; gave up after %d restart attempt%s", w->id, (int)pid, how,
+                     w->in_row, w->in_row > 1 ? "s" : "");
+        if (!reported) fprintf(stderr, "numoe: %s\n", msg); /* the coordinator prints the reported one */
+        tell_coordinator(L, w, msg);
+        return;
+    }
+    static const int backoff_ms[] = {10, 50, 250, 1000, 2000};
+    int nb = (int)(sizeof backoff_ms / sizeof *backoff_ms);
+    int ms = backoff_ms[w->in_row < nb ? w->in_row : nb - 1];
+    w->in_row++;
+    w->restart_at = now_s() + ms * 1e-3;
+    fprintf(stderr, "numoe: worker %d (pid %d) %s; restarting it in %d ms (attempt %d of %d)\n", w->id, (int)pid, how,
+            ms, w->in_row, L->max_restarts);
+}
+
+static void do_restarts(launcher *L) {
+    double t = now_s();
+    for (int i = 0; i < L->n; i++) {
+        lworker *w = &L->w[i];
+        if (w->finished || w->pid || w->restart_at <= 0 || w->restart_at > t) continue;
+        w->restarts++;
+        free(w->argv[w->attempt_arg]);
+        w->argv[w->attempt_arg] = xprintf("%d", w->restarts);
+        if (!w->argv[w->attempt_arg] || start_worker(L, w)) {
+            char msg[200];
+            snprintf(msg, sizeof msg, "worker %d could not be restarted", w->id);
+            w->finished = 1;
+            tell_coordinator(L, w, msg);
+        }
+    }
+}
+
+static void reap(launcher *L) {
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+        if (pid == L->coord) {
+            L->coord_status = st, L->coord_done = 1, L->coord = 0;
+            continue;
+        }
+        for (int i = 0; i < L->n; i++)
+            if (L->w[i].pid == pid) on_worker_exit(L, &L->w[i], st);
+    }
+}
+
+/* After the coordinator: the workers follow its Shutdown, or are made to. */
+static void wind_down(launcher *L, int coordinator_crashed) {
+    double t0 = now_s();
+    for (int phase = 0; phase < 3; phase++) {
+        double grace = phase == 0 ? (coordinator_crashed ? 0.0 : 5.0) : 2.0;
+        for (;;) {
+            reap(L);
+            int left = 0;
+            for (int i = 0; i < L->n; i++) left += L->w[i].pid > 0;
+            if (!left || now_s() - t0 >= grace) break;
+            struct timespec ts = {0, 2000000};
+            nanosleep(&ts, NULL);
+        }
+        for (int i = 0; i < L->n; i++) {
+            lworker *w = &L->w[i];
+            if (w->pid <= 0) continue;
+            if (phase == 0 && !coordinator_crashed)
+                fprintf(stderr, "numoe: worker %d (pid %d) did not shut down; sending SIGTERM\n", i, (int)w->pid);
+            if (phase < 2) kill(w->pid, phase == 0 ? SIGTERM : SIGKILL);
+        }
+        t0 = now_s();
+    }
+}
+
+/* Every name of this run starts /numoe-<launcher pid>-: the workers' shard
+ * segments and the slots the coordinator made (the workers unlink those once
+ * mapped, so only a start that failed half-way leaves one). */
+static void remove_segments(void) {
+    DIR *d = opendir("/dev/shm");
+    char prefix[32];
+    int np = snprintf(prefix, sizeof prefix, "numoe-%d-", (int)getpid());
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        if (strncmp(de->d_name, prefix, (size_t)np)) continue;
+        char name[300];
+        snprintf(name, sizeof name, "/%s", de->d_name);
+        shm_unlink(name);
+    }
+    if (d) closedir(d);
+}
+
+int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
+    launcher L = {0};
+    char exe[PATH_MAX], self[PATH_MAX];
+    if (n_workers < 1 || n_workers > NM_MAX_WORKERS)
+        return fprintf(stderr, "numoe: --workers %d: between 0 and %d\n", n_workers, NM_MAX_WORKERS), 2;
+    if (find_worker_exe(exe, sizeof exe)) return 1;
+    ssize_t ns = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (ns <= 0) return fprintf(stderr, "numoe: cannot read /proc/self/exe: %s\n", strerror(errno)), 1;
+    self[ns] = 0;
+    const char *rs = getenv("NUMOE_WORKER_RESTARTS");
+    L.max_restarts = rs && *rs ? atoi(rs) : RESTARTS_DEFAULT;
+    if (L.max_restarts < 0) L.max_restarts = 0;
+    const char *h = getenv("NUMOE_HANDOFF");
+    if (h && !strcmp(h, "zmq")) L.max_restarts = 0; /* the ZeroMQ hand-off cannot re-send a layer */
+    nm_slot_sweep_stale();
+    uint32_t rnd = 0;
+    if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != sizeof rnd) rnd = (uint32_t)nm_wire_now_ns();
+    snprintf(L.endpoint, sizeof L.endpoint, "ipc://@numoe-%d-%08x", (int)getpid(), rnd); /* abstract: no file */
+    char nbuf[16];
+    snprintf(nbuf, sizeof nbuf, "%d", n_workers);
+    if (setenv("NUMOE_LAUNCH_ENDPOINT", L.endpoint, 1) || setenv("NUMOE_LAUNCH_WORKERS", nbuf, 1))
+        return fprintf(stderr, "numoe: setenv: %s\n", strerror(errno)), 1;
+
+    if (!(L.w = calloc((size_t)n_workers, sizeof *L.w))) return fprintf(stderr, "numoe: out of memory\n"), 1;
+    L.n = n_workers;
+    int machine_nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
+    /* the topology only words the numactl lines of bound workers (hwloc's
+     * PCI discovery costs time, and leaks in libpciaccess under LSan) */
+    nm_topology topo, *t = NULL;
+    nm_err err;
+    if (machine_nodes > 1 && !o->n_worker_nodes && !nm_topology_discover(&topo, NULL, &err)) t = &topo;
+    for (int i = 0; i < L.n; i++) {
+        lworker *w = &L.w[i];
+        w->id = i;
+        w->node = o->n_worker_nodes > 0 ? o->worker_nodes[i % o->n_worker_nodes] : machine_nodes > 1 ? i % machine_nodes : -1;
+    }
+    int rc = 0;
+    for (int i = 0; i < L.n && !rc; i++) {
+        lworker *w = &L.w[i];
+        int sharing = 0;
+        for (int j = 0; j < L.n; j++) sharing += L.w[j].node == w->node;
+        int th = o->worker_threads > 0 ? o->worker_threads : cpus_of_node(w->node) / sharing;
+        w->threads = th > 0 ? th : 1;
+        rc = build_worker(&L, w, exe, o, t);
+    }
+    if (t) nm_topology_free(t);
+
+    /* the signals are taken synchronously below; children get them back */
+    sigset_t set;
+    sigemptyset(&set);
+    int sigs[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+    for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) sigaddset(&set, sigs[i]);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    for (int i = 0; i < L.n && !rc; i++) rc = start_worker(&L, &L.w[i]);
+    char **cargv = rc ? NULL : calloc((size_t)argc + 1, sizeof *cargv);
+    if (cargv) {
+        cargv[0] = "numoe-coordinator";
+        for (int i = 1; i < argc; i++) cargv[i] = argv[i];
+        L.coord = start(self, cargv, 0);
+        if (L.coord < 0) fprintf(stderr, "numoe: cannot start the coordinator: fork: %s\n", strerror(errno)), L.coord = 0;
+        free(cargv);
+    }
+    if (!L.coord) {
+        rc = 1;
+        L.coord_done = 1;
+        L.coord_status = 1 << 8;
+    }
+
+    int forwarded = 0;
+    while (!L.coord_done) {
+        double next = 0;
+        for (int i = 0; i < L.n; i++)
+            if (!L.w[i].finished && !L.w[i].pid && L.w[i].restart_at > 0 && (!next || L.w[i].restart_at < next))
+                next = L.w[i].restart_at;
+        double wait = next ? next - now_s() : 1.0;
+        if (wait < 0) wait = 0;
+        struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+        siginfo_t si;
+        int sig = sigtimedwait(&set, &si, &ts);
+        if (sig == SIGCHLD) {
+            reap(&L);
+        } else if (sig > 0 && L.coord) {
+            /* a terminal's Ctrl-C went to the coordinator already */
+            int from_tty = sig == SIGINT && si.si_code == SI_KERNEL;
+            if (!from_tty) {
+                kill(L.coord, forwarded >= 2 ? SIGKILL : sig);
+                forwarded++;
+            }
+        }
+        reap(&L);
+        if (!L.coord_done) do_restarts(&L);
+    }
+    int crashed = rc || !WIFEXITED(L.coord_status);
+    wind_down(&L, crashed);
+    remove_segments();
+    if (L.zsock) zmq_close(L.zsock);
+    if (L.zctx) zmq_ctx_term(L.zctx);
+    for (int i = 0; i < L.n; i++)
+        for (int j = 0; L.w[i].argv[j]; j++) free(L.w[i].argv[j]);
+    free(L.w);
+    if (rc) return rc;
+    if (WIFSIGNALED(L.coord_status)) {
+        int sig = WTERMSIG(L.coord_status);
+        signal(sig, SIG_DFL);
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, sig);
+        sigprocmask(SIG_UNBLOCK, &one, NULL);
+        raise(sig);
+        return 128 + sig;
+    }
+    return WIFEXITED(L.coord_status) ? WEXITSTATUS(L.coord_status) : 1;
+}
