@@ -17,6 +17,7 @@
 #include "coordinator/cli.h"
 #include "coordinator/sampler.h"
 #include "coordinator/session.h"
+#include "coordinator/stop_text.h"
 #include "coordinator/tokenizer.h"
 
 typedef enum { REASON_SHOW, REASON_HIDE, REASON_SEPARATE } reason_mode;
@@ -147,24 +148,14 @@ static void emit(chat *c, const char *text, size_t len, size_t *shown_reason, si
     }
 }
 
-static int ends_with_stop(chat *c, const char *text, size_t len, size_t *cut) {
-    for (int i = 0; i < c->n_stops; i++) {
-        size_t k = strlen(c->stops[i]);
-        if (k && len >= k && memcmp(text + len - k, c->stops[i], k) == 0) {
-            *cut = len - k;
-            return 1;
-        }
-    }
-    return 0;
-}
-
 /* One user turn: render, evaluate the new suffix, generate and stream the answer. */
 static int turn(chat *c, nm_err *err) {
-    char *prompt = NULL, *answer = NULL;
+    char *prompt = NULL;
     int32_t *ids = NULL;
-    size_t n_ids = 0, alen = 0, acap = 0;
+    size_t n_ids = 0;
     int rc = -1;
     nm_detok_stream *ds = NULL;
+    nm_stop_text ans = {0}; /* the answer; shown up to ans.released */
     if (nm_chat_render(c->tmpl, c->msgs.v, c->msgs.n, 1, c->force_think, NULL, NULL, &prompt, err) ||
         nm_tokenize(c->tk, prompt, strlen(prompt), 0, 1, &ids, &n_ids, err))
         goto out;
@@ -188,8 +179,8 @@ static int turn(chat *c, nm_err *err) {
     memcpy(c->cached, ids, n_ids * sizeof *ids);
     c->n_cached = n_ids;
     for (size_t i = keep; i < n_ids; i++) nm_sampler_accept(&c->smp, ids[i]);
-    if (!(ds = nm_detok_stream_new(c->tk, 0))) goto oom;
-    size_t shown_r = 0, shown_a = 0, cut = 0;
+    if (!(ds = nm_detok_stream_new(c->tk, 0)) || nm_stop_text_init(&ans, c->stops, c->n_stops)) goto oom;
+    size_t shown_r = 0, shown_a = 0;
     long long n_gen = 0;
     int stopped = 0;
     while (n_gen < c->max_new) {
@@ -199,36 +190,18 @@ static int turn(chat *c, nm_err *err) {
         const char *piece;
         size_t plen;
         if (nm_detok_stream_feed(ds, t, &piece, &plen, err)) goto out;
-        if (alen + plen + 1 > acap) {
-            acap = (alen + plen + 1) * 2;
-            char *na = realloc(answer, acap);
-            if (!na) goto oom;
-            answer = na;
-        }
-        memcpy(answer + alen, piece, plen);
-        alen += plen;
-        answer[alen] = 0;
-        if (ends_with_stop(c, answer, alen, &cut)) {
-            alen = cut;
-            answer[alen] = 0;
-            stopped = 1;
-        }
-        emit(c, answer ? answer : "", alen, &shown_r, &shown_a);
+        if ((stopped = nm_stop_text_append(&ans, piece, plen)) < 0) goto oom;
+        /* shown as far as it cannot still turn into a stop string */
+        emit(c, ans.buf, nm_stop_text_release(&ans, 0), &shown_r, &shown_a);
         if (stopped) break;
         if (c->n_cached < c->cap_cached) c->cached[c->n_cached++] = t;
         if (nm_forward_tokens(&c->s.fwd, &t, 1, c->logits, 0, err)) goto out;
     }
+    /* what the stream still holds ends the answer, unless a stop string did */
     size_t tail_len;
     const char *tail = nm_detok_stream_flush(ds, &tail_len);
-    if (tail_len && !stopped) {
-        char *na = realloc(answer, alen + tail_len + 1);
-        if (!na) goto oom;
-        answer = na;
-        memcpy(answer + alen, tail, tail_len);
-        alen += tail_len;
-        answer[alen] = 0;
-        emit(c, answer, alen, &shown_r, &shown_a);
-    }
+    if (nm_stop_text_append(&ans, tail, tail_len) < 0) goto oom;
+    emit(c, ans.buf, nm_stop_text_release(&ans, 1), &shown_r, &shown_a);
     double t2 = now_s();
     fputc('\n', stdout);
     fflush(stdout);
@@ -237,7 +210,7 @@ static int turn(chat *c, nm_err *err) {
             (double)n_gen / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
     /* history keeps the answer only: the V3/R1 templates drop earlier reasoning */
     nm_chat_reasoning r;
-    nm_chat_split_reasoning(answer ? answer : "", alen, c->force_think, &r);
+    nm_chat_split_reasoning(ans.buf, ans.len, c->force_think, &r);
     char *keep_text = strndup(r.answer ? r.answer : "", r.answer_len);
     if (!keep_text || push_msg(&c->msgs, "assistant", keep_text)) {
         free(keep_text);
@@ -252,7 +225,7 @@ out:
     nm_detok_stream_free(ds);
     free(prompt);
     free(ids);
-    free(answer);
+    nm_stop_text_free(&ans);
     return rc;
 }
 

@@ -14,6 +14,7 @@
 #include "coordinator/cli.h"
 #include "coordinator/sampler.h"
 #include "coordinator/session.h"
+#include "coordinator/stop_text.h"
 #include "coordinator/tokenizer.h"
 
 static int usage(FILE *f) {
@@ -132,8 +133,8 @@ int nm_cmd_generate(int argc, char **argv) {
     int32_t *out = NULL;
     FILE *df = NULL;
     int rc = 1;
-    char *hold = NULL; /* text not yet printed: it could be the start of a stop string */
-    size_t hold_len = 0, hold_cap = 0, max_stop = 0;
+    nm_stop_text st = {0}; /* the continuation; printed up to st.released */
+    size_t printed = 0;
     if (nm_session_open(&s, &so, &err)) {
         fprintf(stderr, "numoe generate: %s\n", err.msg);
         free(prompt);
@@ -148,7 +149,7 @@ int nm_cmd_generate(int argc, char **argv) {
             nm_errf(&err, "the prompt tokenized to nothing");
             goto fail;
         }
-        if (!print_ids && !(ds = nm_detok_stream_new(tk, 0))) goto oom;
+        if (!print_ids && (!(ds = nm_detok_stream_new(tk, 0)) || nm_stop_text_init(&st, stops, n_stops))) goto oom;
     }
     if (nm_sampler_init_params(&smp, &sp, V, &err)) goto fail;
     logits = malloc(n_prompt * (size_t)V * sizeof *logits);
@@ -178,7 +179,6 @@ int nm_cmd_generate(int argc, char **argv) {
     for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
     double t1 = now_s();
     long long j = 0;
-    for (int k = 0; k < n_stops; k++) max_stop = strlen(stops[k]) > max_stop ? strlen(stops[k]) : max_stop;
     for (; j < n_predict; j++) {
         if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) goto oom;
         if (text && !ignore_eos && nm_tokenizer_is_eog(tk, out[j])) break;
@@ -186,24 +186,12 @@ int nm_cmd_generate(int argc, char **argv) {
             const char *piece;
             size_t len;
             if (nm_detok_stream_feed(ds, out[j], &piece, &len, &err)) goto fail;
-            if (hold_len + len + 1 > hold_cap) {
-                char *nh = realloc(hold, hold_cap = 2 * (hold_len + len + 1));
-                if (!nh) goto oom;
-                hold = nh;
-            }
-            memcpy(hold + hold_len, piece, len);
-            hold_len += len;
-            int stopped = 0;
-            for (int k = 0; k < n_stops && !stopped; k++) {
-                const char *hit = memmem(hold, hold_len, stops[k], strlen(stops[k]));
-                if (hit && *stops[k]) hold_len = (size_t)(hit - hold), stopped = 1;
-            }
+            int stopped = nm_stop_text_append(&st, piece, len);
+            if (stopped < 0) goto oom;
             /* print all but a tail that might still become a stop string */
-            size_t keep = stopped ? 0 : max_stop > 0 ? max_stop - 1 : 0;
-            if (keep > hold_len) keep = hold_len;
-            fwrite(hold, 1, hold_len - keep, stdout);
-            memmove(hold, hold + hold_len - keep, keep);
-            hold_len = keep;
+            nm_stop_text_release(&st, 0);
+            fwrite(st.buf + printed, 1, st.released - printed, stdout);
+            printed = st.released;
             if (stopped) {
                 j++;
                 break;
@@ -218,12 +206,12 @@ int nm_cmd_generate(int argc, char **argv) {
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
     if (ds) {
-        fwrite(hold, 1, hold_len, stdout);
-        if (j == n_predict || !n_stops) {
-            size_t len;
-            const char *tail = nm_detok_stream_flush(ds, &len);
-            fwrite(tail, 1, len, stdout);
-        }
+        /* what the stream still holds ends the text, unless a stop string did */
+        size_t len;
+        const char *tail = nm_detok_stream_flush(ds, &len);
+        if (nm_stop_text_append(&st, tail, len) < 0) goto oom;
+        nm_stop_text_release(&st, 1);
+        fwrite(st.buf + printed, 1, st.released - printed, stdout);
     }
     if (j || ds) putchar('\n');
     double t2 = now_s();
@@ -249,7 +237,7 @@ done:
         rc = 1;
     }
     s.fwd.route_log = NULL;
-    free(hold);
+    nm_stop_text_free(&st);
     nm_detok_stream_free(ds);
     nm_tokenizer_free(tk);
     nm_sampler_free(&smp);

@@ -19,6 +19,7 @@
 
 #include "coordinator/forward.h"
 #include "coordinator/kv_cache.h"
+#include "coordinator/stop_text.h"
 
 #define MAX_STOPS 16
 
@@ -127,9 +128,6 @@ struct nm_req {
     /* fixed at submit */
     int32_t *prompt;
     int64_t n_prompt, max_tokens, reserve;
-    char *stops[MAX_STOPS];
-    int n_stops;
-    size_t max_stop;
     int ignore_eos;
     nm_sampler sampler;
     /* the engine's alone */
@@ -140,9 +138,8 @@ struct nm_req {
     int32_t next_tok; /* sampled, to be fed at the next step */
     nm_req *next;     /* queue link (scheduler lock) */
     /* shared with the client (request lock) */
-    nm_text text;     /* generated text so far, cut at a stop string */
-    size_t released;  /* bytes the client may see */
-    size_t delivered; /* bytes it has seen */
+    nm_stop_text text; /* generated text so far, cut at a stop string; text.released: what the client may see */
+    size_t delivered;  /* bytes it has seen */
     int cancelled;
     int admitted; /* holds its reserve of the cache budget */
     nm_req_state st;
@@ -150,12 +147,11 @@ struct nm_req {
 
 static void req_free(nm_req *r) {
     free(r->prompt);
-    for (int i = 0; i < r->n_stops; i++) free(r->stops[i]);
+    nm_stop_text_free(&r->text);
     nm_sampler_free(&r->sampler);
     nm_kv_cache_free(&r->kv);
     free(r->logits);
     if (r->detok) nm_detok_stream_free(r->detok);
-    free(r->text.buf);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
     free(r);
@@ -204,7 +200,7 @@ static void finish(nm_sched *s, nm_req *r, nm_finish f, const char *error) {
         r->st.queued = 0;
         if (error) snprintf(r->st.error, sizeof r->st.error, "%s", error);
     }
-    r->released = r->text.len;
+    nm_stop_text_release(&r->text, 1);
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     if (r->admitted) s->cache_used -= r->reserve, r->admitted = 0;
@@ -286,36 +282,18 @@ static int setup(nm_sched *s, nm_req *r, nm_err *err) {
     return 0;
 }
 
-/* Appends a sampled token's text, looks for stop strings in the part that
- * could newly contain one, and moves the release mark up to what can no
- * longer become the start of a stop string. Returns 1 when a stop string
- * ended the request. Engine thread; takes the request lock. */
+/* Appends a sampled token's text (cut at a stop string) and releases to the
+ * client what can no longer become the start of a stop string, or all of it
+ * when FINAL. Returns 1 when a stop string ended the request; sets *oom when
+ * the piece could not be kept. Engine thread; takes the request lock. */
 static int take_text(nm_req *r, const char *piece, size_t len, int final, int *oom) {
-    int stopped = 0;
     pthread_mutex_lock(&r->mu);
-    size_t old = r->text.len;
-    if (len && nm_text_append(&r->text, piece, len)) *oom = 1;
-    for (int i = 0; i < r->n_stops; i++) {
-        size_t k = strlen(r->stops[i]);
-        size_t from = old >= k - 1 ? old - (k - 1) : 0;
-        const char *hit = memmem(r->text.buf + from, r->text.len - from, r->stops[i], k);
-        if (hit) {
-            r->text.len = (size_t)(hit - r->text.buf);
-            r->text.buf[r->text.len] = 0;
-            stopped = 1;
-        }
-    }
-    size_t rel = r->text.len;
-    if (!stopped && !final && r->max_stop > 1) {
-        rel = r->text.len > r->max_stop - 1 ? r->text.len - (r->max_stop - 1) : 0;
-        /* never cut a UTF-8 character in two */
-        while (rel > 0 && rel < r->text.len && ((unsigned char)r->text.buf[rel] & 0xC0) == 0x80) rel--;
-    }
-    if (rel > r->released) r->released = rel;
-    if (stopped && r->released > r->text.len) r->released = r->text.len;
+    int hit = nm_stop_text_append(&r->text, piece, len);
+    if (hit < 0) *oom = 1;
+    nm_stop_text_release(&r->text, final);
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
-    return stopped;
+    return hit == 1;
 }
 
 /* The token sampled for R: text out, end conditions checked. Returns the
@@ -565,17 +543,7 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
     r->ignore_eos = p->ignore_eos;
     r->prompt = malloc((size_t)p->n_prompt * sizeof *r->prompt);
     r->detok = nm_detok_stream_new(s->tk, 0);
-    int oom = !r->prompt || !r->detok;
-    for (int i = 0; i < p->n_stops && !oom; i++) {
-        if (!p->stops[i][0]) continue; /* an empty stop string would end every request at once */
-        if (!(r->stops[r->n_stops] = strdup(p->stops[i]))) oom = 1;
-        else {
-            size_t k = strlen(p->stops[i]);
-            r->max_stop = k > r->max_stop ? k : r->max_stop;
-            r->n_stops++;
-        }
-    }
-    if (oom) {
+    if (!r->prompt || !r->detok || nm_stop_text_init(&r->text, p->stops, p->n_stops)) {
         req_free(r);
         *server_fault = 1;
         return nm_errf(err, "out of memory");
@@ -609,16 +577,16 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
 
 int nm_req_wait(nm_req *r, int timeout_ms, nm_text *out, nm_req_state *st) {
     pthread_mutex_lock(&r->mu);
-    if (timeout_ms > 0 && r->delivered == r->released && r->st.finish == NM_FINISH_NONE) {
+    if (timeout_ms > 0 && r->delivered == r->text.released && r->st.finish == NM_FINISH_NONE) {
         struct timespec ts;
         deadline_in(&ts, timeout_ms);
-        while (r->delivered == r->released && r->st.finish == NM_FINISH_NONE)
+        while (r->delivered == r->text.released && r->st.finish == NM_FINISH_NONE)
             if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) == ETIMEDOUT) break;
     }
     int ok = 1;
-    if (r->released > r->delivered) {
-        ok = nm_text_append(out, r->text.buf + r->delivered, r->released - r->delivered) == 0;
-        if (ok) r->delivered = r->released;
+    if (r->text.released > r->delivered) {
+        ok = nm_text_append(out, r->text.buf + r->delivered, r->text.released - r->delivered) == 0;
+        if (ok) r->delivered = r->text.released;
     }
     if (st) *st = r->st;
     int done = ok && r->st.finish != NM_FINISH_NONE && r->delivered == r->text.len;
