@@ -119,6 +119,26 @@ static int usable_cpus(void) {
     return n > 0 ? (int)n : 1;
 }
 
+/* NUMOE_PIN_THREADS=1 (an experiment, docs/NUMA.md): thread ith of the pool
+ * stays on the ith CPU it may use, instead of wandering where the scheduler
+ * puts it. Returns the CPU for ith, or -1 (not pinning, or no such CPU). */
+static int pin_cpu(int ith) {
+    const char *v = getenv("NUMOE_PIN_THREADS");
+    cpu_set_t set;
+    if (!v || strcmp(v, "1") || sched_getaffinity(0, sizeof set, &set)) return -1;
+    for (int c = 0, k = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &set) && k++ == ith) return c;
+    return -1;
+}
+
+static void pin_thread(pthread_t th, int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    pthread_setaffinity_np(th, sizeof one, &one);
+}
+
 /* Wake every sleeping worker after gen was bumped. */
 static void publish(struct nm_pool *pool) {
     atomic_fetch_add(&pool->gen, 1);
@@ -150,6 +170,8 @@ nm_pool *nm_pool_create(int n_threads) {
             return NULL;
         }
     }
+    int cpus[n_threads > 0 ? n_threads : 1]; /* read before anything is pinned */
+    for (int i = 0; i < n_threads; i++) cpus[i] = pin_cpu(i);
     for (int i = 0; i < n_threads - 1; i++) {
         pool->workers[i].pool = pool;
         pool->workers[i].ith = i + 1;
@@ -159,7 +181,9 @@ nm_pool *nm_pool_create(int n_threads) {
             free(pool);
             return NULL;
         }
+        pin_thread(pool->workers[i].thread, cpus[i + 1]);
     }
+    pin_thread(pthread_self(), cpus[0]);
     return pool;
 }
 

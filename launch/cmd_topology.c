@@ -54,7 +54,7 @@ int nm_cmd_topology(int argc, char **argv) {
     }
     nm_topology t;
     nm_err err = {{0}};
-    if (nm_topology_discover(&t, synthetic, &err)) {
+    if (nm_topology_discover(&t, synthetic, 1, &err)) {
         fprintf(stderr, "numoe topology: %s\n", err.msg);
         return 1;
     }

@@ -60,6 +60,8 @@ typedef struct {
     pid_t pid;             /* 0: not running */
     int node, threads;
     char binding[256];     /* numactl options of the line printed for it */
+    int pinned;            /* shares its node with other workers: runs on cpus only */
+    cpu_set_t cpus;
     char *argv[MAX_ARGS];  /* owned */
     int attempt_arg;       /* index in argv of the --attempt value */
     int restarts;          /* restarts so far, for --attempt */
@@ -148,7 +150,7 @@ static int cpus_of_node(int node) {
 
 /* fork + exec with the launcher's signal mask undone; own process group
  * (pgrp) for workers, so a terminal's Ctrl-C reaches only the coordinator. */
-static pid_t start(const char *exe, char **argv, int own_pgrp) {
+static pid_t start(const char *exe, char **argv, int own_pgrp, const cpu_set_t *cpus) {
     pid_t parent = getpid();
     fflush(NULL);
     pid_t pid = fork();
@@ -158,6 +160,7 @@ static pid_t start(const char *exe, char **argv, int own_pgrp) {
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     if (own_pgrp) setpgid(0, 0);
+    if (cpus) sched_setaffinity(0, sizeof *cpus, cpus); /* numactl --physcpubind; threads inherit it */
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1); /* the launcher is already gone */
     execv(exe, argv);
@@ -168,7 +171,7 @@ static pid_t start(const char *exe, char **argv, int own_pgrp) {
 }
 
 static int start_worker(launcher *L, lworker *w) {
-    w->pid = start(w->argv[0], w->argv, 1);
+    w->pid = start(w->argv[0], w->argv, 1, w->pinned ? &w->cpus : NULL);
     if (w->pid < 0) {
         fprintf(stderr, "numoe: cannot start worker %d: fork: %s\n", w->id, strerror(errno));
         w->pid = 0;
@@ -182,7 +185,7 @@ static int start_worker(launcher *L, lworker *w) {
 
 /* Worker w's arguments, and the command line a user would type to start it
  * by hand (binding included), printed once. */
-static int build_worker(launcher *L, lworker *w, const char *exe, const nm_session_opts *o, const nm_topology *t) {
+static int build_worker(launcher *L, lworker *w, const char *exe, const nm_session_opts *o) {
     int a = 0;
     char **v = w->argv;
     v[a++] = strdup(exe);
@@ -199,17 +202,10 @@ static int build_worker(launcher *L, lworker *w, const char *exe, const nm_sessi
     v[a] = NULL;
     for (int i = 0; i < a; i++)
         if (!v[i]) return fprintf(stderr, "numoe: out of memory\n"), -1;
-    /* the binding numactl would give: one worker per node, or a share of a
-     * node's cores when there are more workers than nodes */
-    w->binding[0] = 0;
-    if (w->node >= 0) {
-        int node = -1;
-        nm_err err;
-        int from_topo = !o->n_worker_nodes && t &&
-                        !nm_topology_worker_binding(t, L->n, w->id, w->binding, sizeof w->binding, &node, &err) &&
-                        node == w->node;
-        if (!from_topo) snprintf(w->binding, sizeof w->binding, "--cpunodebind=%d --membind=%d", w->node, w->node);
-    }
+    /* the line numactl would run it with: w->binding from the topology, or the
+     * node named by --worker-nodes */
+    if (!w->binding[0] && w->node >= 0)
+        snprintf(w->binding, sizeof w->binding, "--cpunodebind=%d --membind=%d", w->node, w->node);
     fprintf(stderr, "numoe: worker %d:%s%s", w->id, w->binding[0] ? " numactl " : "", w->binding);
     for (int i = 0; i < a; i++) fprintf(stderr, " %s", v[i]);
     fputc('\n', stderr);
@@ -375,26 +371,43 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     if (!(L.w = calloc((size_t)n_workers, sizeof *L.w))) return fprintf(stderr, "numoe: out of memory\n"), 1;
     L.n = n_workers;
     int machine_nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
-    /* the topology only words the numactl lines of bound workers (hwloc's
-     * PCI discovery costs time, and leaks in libpciaccess under LSan) */
-    nm_topology topo, *t = NULL;
+    /* Placement on the machine (unless --worker-nodes names the nodes): the
+     * topology's, as `numoe topology --workers N` prints it - whole nodes per
+     * worker, or, with more workers than nodes, a contiguous share of a node's
+     * cores each (the workers pinned there, so they never compete for a core).
+     * hwloc without its PCI discovery: it costs time, and leaks under LSan. */
+    nm_topology topo;
     nm_err err;
-    if (machine_nodes > 1 && !o->n_worker_nodes && !nm_topology_discover(&topo, NULL, &err)) t = &topo;
+    int have_topo = !o->n_worker_nodes && !nm_topology_discover(&topo, NULL, 0, &err);
     for (int i = 0; i < L.n; i++) {
         lworker *w = &L.w[i];
         w->id = i;
         w->node = o->n_worker_nodes > 0 ? o->worker_nodes[i % o->n_worker_nodes] : machine_nodes > 1 ? i % machine_nodes : -1;
+        int node = -1, cpus[CPU_SETSIZE];
+        if (!have_topo || nm_topology_worker_binding(&topo, L.n, i, w->binding, sizeof w->binding, &node, &err)) {
+            w->binding[0] = 0;
+            continue;
+        }
+        if (machine_nodes > 1) w->node = node;
+        int n = nm_topology_worker_cpus(&topo, L.n, i, cpus, CPU_SETSIZE, &node, &err);
+        CPU_ZERO(&w->cpus);
+        for (int c = 0; c < n; c++)
+            if (cpus[c] >= 0 && cpus[c] < CPU_SETSIZE) CPU_SET(cpus[c], &w->cpus);
+        w->pinned = n > 0 && CPU_COUNT(&w->cpus) > 0;
+        if (!w->pinned && machine_nodes == 1) w->binding[0] = 0; /* one node, whole machine: nothing to bind */
     }
+    if (have_topo) nm_topology_free(&topo);
     int rc = 0;
     for (int i = 0; i < L.n && !rc; i++) {
         lworker *w = &L.w[i];
         int sharing = 0;
         for (int j = 0; j < L.n; j++) sharing += L.w[j].node == w->node;
-        int th = o->worker_threads > 0 ? o->worker_threads : cpus_of_node(w->node) / sharing;
+        int th = o->worker_threads > 0 ? o->worker_threads
+                 : w->pinned             ? CPU_COUNT(&w->cpus)
+                                         : cpus_of_node(w->node) / sharing;
         w->threads = th > 0 ? th : 1;
-        rc = build_worker(&L, w, exe, o, t);
+        rc = build_worker(&L, w, exe, o);
     }
-    if (t) nm_topology_free(t);
 
     /* the signals are taken synchronously below; children get them back */
     sigset_t set;
@@ -407,7 +420,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     if (cargv) {
         cargv[0] = "numoe-coordinator";
         for (int i = 1; i < argc; i++) cargv[i] = argv[i];
-        L.coord = start(self, cargv, 0);
+        L.coord = start(self, cargv, 0, NULL);
         if (L.coord < 0) fprintf(stderr, "numoe: cannot start the coordinator: fork: %s\n", strerror(errno)), L.coord = 0;
         free(cargv);
     }

@@ -27,7 +27,7 @@ static int add_gpu(nm_numa_node *n, const char *name) {
     return 0;
 }
 
-int nm_topology_discover(nm_topology *t, const char *synthetic, nm_err *err) {
+int nm_topology_discover(nm_topology *t, const char *synthetic, int with_gpus, nm_err *err) {
     memset(t, 0, sizeof *t);
     hwloc_topology_t topo;
     if (hwloc_topology_init(&topo)) return nm_errf(err, "hwloc: cannot initialise a topology");
@@ -39,7 +39,7 @@ int nm_topology_discover(nm_topology *t, const char *synthetic, nm_err *err) {
         }
         t->synthetic = 1;
     }
-    hwloc_topology_set_io_types_filter(topo, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
+    hwloc_topology_set_io_types_filter(topo, with_gpus ? HWLOC_TYPE_FILTER_KEEP_IMPORTANT : HWLOC_TYPE_FILTER_KEEP_NONE);
     if (hwloc_topology_load(topo)) {
         hwloc_topology_destroy(topo);
         return nm_errf(err, "hwloc: cannot load the topology");
@@ -145,18 +145,32 @@ int nm_topology_worker_binding(const nm_topology *t, int n_workers, int w, char 
         *node = t->nodes[a].os_index;
         return 0;
     }
-    /* more workers than nodes: node i runs workers [N*i/nn, N*(i+1)/nn) */
+    int cpus[4096], n = nm_topology_worker_cpus(t, n_workers, w, cpus, 4096, node, err);
+    if (n < 0) return -1;
+    char list[4096];
+    list_ranges(cpus, n, list, sizeof list);
+    snprintf(buf, size, "--physcpubind=%s --membind=%d", list, *node);
+    return 0;
+}
+
+int nm_topology_worker_cpus(const nm_topology *t, int n_workers, int w, int *cpus, int max, int *node, nm_err *err) {
+    const int nn = t->n_nodes;
+    if (n_workers < 1 || w < 0 || w >= n_workers || nn < 1)
+        return nm_errf(err, "topology: worker %d of %d on %d NUMA nodes", w, n_workers, nn);
+    if (n_workers <= nn) return 0;
+    /* more workers than nodes: node i runs workers [N*i/nn, N*(i+1)/nn), each on
+     * a contiguous share of its cores (whole cores: hyper-threads stay together) */
     int i = 0;
     while (i + 1 < nn && w >= (int)((int64_t)n_workers * (i + 1) / nn)) i++;
     int w0 = (int)((int64_t)n_workers * i / nn), w1 = (int)((int64_t)n_workers * (i + 1) / nn), per = w1 - w0;
-    const nm_numa_node *n = &t->nodes[i];
-    if (n->n_cores < per)
-        return nm_errf(err, "topology: NUMA node %d has %d cores, fewer than its %d workers", n->os_index,
-                       n->n_cores, per);
-    int c0 = n->n_cores * (w - w0) / per, c1 = n->n_cores * (w - w0 + 1) / per;
-    char cpus[4096];
-    list_ranges(n->pus + n->core_pu0[c0], n->core_pu0[c1] - n->core_pu0[c0], cpus, sizeof cpus);
-    snprintf(buf, size, "--physcpubind=%s --membind=%d", cpus, n->os_index);
-    *node = n->os_index;
-    return 0;
+    const nm_numa_node *nd = &t->nodes[i];
+    if (nd->n_cores < per)
+        return nm_errf(err, "topology: NUMA node %d has %d cores, fewer than its %d workers", nd->os_index,
+                       nd->n_cores, per);
+    int c0 = nd->n_cores * (w - w0) / per, c1 = nd->n_cores * (w - w0 + 1) / per;
+    int n = nd->core_pu0[c1] - nd->core_pu0[c0];
+    if (n > max) n = max;
+    memcpy(cpus, nd->pus + nd->core_pu0[c0], (size_t)n * sizeof *cpus);
+    *node = nd->os_index;
+    return n;
 }

@@ -26,8 +26,9 @@ typedef struct {
     int synthetic;     /* built from a synthetic description */
 } nm_topology;
 
-/* synthetic NULL: the machine (or $HWLOC_SYNTHETIC / $HWLOC_XMLFILE when set). */
-int nm_topology_discover(nm_topology *t, const char *synthetic, nm_err *err);
+/* synthetic NULL: the machine (or $HWLOC_SYNTHETIC / $HWLOC_XMLFILE when set).
+ * with_gpus 0 skips the I/O (PCI) discovery: no GPU lists, and faster. */
+int nm_topology_discover(nm_topology *t, const char *synthetic, int with_gpus, nm_err *err);
 void nm_topology_free(nm_topology *t);
 
 /* The numactl options binding worker w of n_workers: one worker per node
@@ -37,5 +38,11 @@ void nm_topology_free(nm_topology *t);
  * into buf; *node gets the worker's first node. */
 int nm_topology_worker_binding(const nm_topology *t, int n_workers, int w, char *buf, size_t size, int *node,
                                nm_err *err);
+
+/* The CPUs (PUs, OS numbering) of worker w when there are more workers than
+ * nodes and it shares its node: a contiguous share of the node's whole
+ * cores. Returns how many were written to cpus[max] (0: the worker gets
+ * whole nodes, see above), or -1 with err set; *node gets its node. */
+int nm_topology_worker_cpus(const nm_topology *t, int n_workers, int w, int *cpus, int max, int *node, nm_err *err);
 
 #endif

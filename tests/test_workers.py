@@ -410,6 +410,35 @@ def test_launcher_prints_worker_command_lines(exe, tmp_path):
         assert m, err
 
 
+def cpus_allowed(pid):
+    text = Path(f"/proc/{pid}/status").read_text()
+    spec = re.search(r"^Cpus_allowed_list:\s*(\S+)", text, re.M).group(1)
+    out = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def test_workers_sharing_a_node_split_its_cores(exe, tmp_path):
+    """More workers than NUMA nodes: each worker runs on its own share of the node's
+    cores (numactl --physcpubind=... in the printed line), so they never compete."""
+    if len(os.sched_getaffinity(0)) < 2 or len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) != 1:
+        pytest.skip("needs one NUMA node with at least 2 CPUs")
+    p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
+    try:
+        sets = [cpus_allowed(q) for q in pids]
+        assert sets[0] and sets[1] and not sets[0] & sets[1], sets
+        err = log.read_text()
+        for i in range(2):
+            assert re.search(rf"^numoe: worker {i}: numactl --physcpubind=\S+ --membind=0 ", err, re.M), err
+        threads = [int(t) for t in re.findall(r"^numoe: worker \d+: pid \d+, node -, (\d+) threads", err, re.M)]
+        assert threads == [len(sets[0]), len(sets[1])], (threads, sets)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
 def test_sigint_reaches_only_the_coordinator(exe, tmp_path):
     """Workers run in their own process group: a terminal's Ctrl-C (SIGINT to the
     foreground group) is the coordinator's to handle."""

@@ -42,7 +42,19 @@ int nm_bind_node(int node, nm_binding *b, nm_err *err) {
             nm_errf(err, "NUMA node %d has no CPUs (memory-only node); bind workers to a node with cores", node);
             goto out;
         }
-        if (hwloc_set_cpubind(t, o->cpuset, HWLOC_CPUBIND_PROCESS)) {
+        /* a launcher that pinned us to a share of the node (several workers on
+         * it) keeps that share: bind to the node's CPUs we may already use */
+        hwloc_bitmap_t cpus = hwloc_bitmap_dup(o->cpuset), cur = hwloc_bitmap_alloc();
+        if (cpus && cur && !hwloc_get_cpubind(t, cur, HWLOC_CPUBIND_PROCESS) && hwloc_bitmap_intersects(cpus, cur))
+            hwloc_bitmap_and(cpus, cpus, cur);
+        if (cur) hwloc_bitmap_free(cur);
+        if (!cpus) {
+            nm_errf(err, "out of memory");
+            goto out;
+        }
+        int bad = hwloc_set_cpubind(t, cpus, HWLOC_CPUBIND_PROCESS);
+        hwloc_bitmap_free(cpus);
+        if (bad) {
             nm_errf(err, "cannot bind to the CPUs of NUMA node %d: %s", node, strerror(errno));
             goto out;
         }
