@@ -40,6 +40,7 @@ struct nm_pool {
     nm_pool_fn fn;
     void *ctx;
     int stop;
+    int caller_cpu; /* nm_pool_pin: where the calling thread runs its share; -1 none */
     /* each futex word on its own cache line: workers poll gen while they
      * decrement pending */
     _Alignas(64) atomic_uint gen;
@@ -119,24 +120,24 @@ static int usable_cpus(void) {
     return n > 0 ? (int)n : 1;
 }
 
-/* NUMOE_PIN_THREADS=1 (an experiment, docs/NUMA.md): thread ith of the pool
- * stays on the ith CPU it may use, instead of wandering where the scheduler
- * puts it. Returns the CPU for ith, or -1 (not pinning, or no such CPU). */
-static int pin_cpu(int ith) {
-    const char *v = getenv("NUMOE_PIN_THREADS");
-    cpu_set_t set;
-    if (!v || strcmp(v, "1") || sched_getaffinity(0, sizeof set, &set)) return -1;
-    for (int c = 0, k = 0; c < CPU_SETSIZE; c++)
-        if (CPU_ISSET(c, &set) && k++ == ith) return c;
-    return -1;
-}
-
 static void pin_thread(pthread_t th, int cpu) {
-    if (cpu < 0) return;
     cpu_set_t one;
     CPU_ZERO(&one);
     CPU_SET(cpu, &one);
     pthread_setaffinity_np(th, sizeof one, &one);
+}
+
+int nm_pool_pin(nm_pool *pool) {
+    cpu_set_t set;
+    if (!pool || sched_getaffinity(0, sizeof set, &set) || CPU_COUNT(&set) < pool->n) return 0;
+    int ith = 0;
+    for (int c = 0; c < CPU_SETSIZE && ith < pool->n; c++) {
+        if (!CPU_ISSET(c, &set)) continue;
+        if (ith == 0) pool->caller_cpu = c;
+        else pin_thread(pool->workers[ith - 1].thread, c);
+        ith++;
+    }
+    return 1;
 }
 
 /* Wake every sleeping worker after gen was bumped. */
@@ -158,6 +159,7 @@ nm_pool *nm_pool_create(int n_threads) {
     if (!pool) return NULL;
     memset(pool, 0, sizeof *pool);
     pool->n = n_threads;
+    pool->caller_cpu = -1;
     atomic_init(&pool->spin_ns, NM_POOL_SPIN_US * 1000);
     atomic_init(&pool->gen, 0);
     atomic_init(&pool->pending, 0);
@@ -170,8 +172,6 @@ nm_pool *nm_pool_create(int n_threads) {
             return NULL;
         }
     }
-    int cpus[n_threads > 0 ? n_threads : 1]; /* read before anything is pinned */
-    for (int i = 0; i < n_threads; i++) cpus[i] = pin_cpu(i);
     for (int i = 0; i < n_threads - 1; i++) {
         pool->workers[i].pool = pool;
         pool->workers[i].ith = i + 1;
@@ -181,9 +181,7 @@ nm_pool *nm_pool_create(int n_threads) {
             free(pool);
             return NULL;
         }
-        pin_thread(pool->workers[i].thread, cpus[i + 1]);
     }
-    pin_thread(pthread_self(), cpus[0]);
     return pool;
 }
 
@@ -201,6 +199,13 @@ void nm_pool_set_spin_us(nm_pool *pool, int us) {
 }
 
 void nm_pool_run(nm_pool *pool, nm_pool_fn fn, void *ctx) {
+    /* a pinned pool pins whichever thread calls it, once (a syscall per run
+     * would cost more than a small GEMV) */
+    static _Thread_local const nm_pool *pinned_for;
+    if (pool && pool->caller_cpu >= 0 && pinned_for != pool) {
+        pin_thread(pthread_self(), pool->caller_cpu);
+        pinned_for = pool;
+    }
     if (!pool || pool->n == 1) {
         fn(ctx, 0, 1);
         return;

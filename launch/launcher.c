@@ -61,6 +61,7 @@ typedef struct {
     int node, threads;
     char binding[256];     /* numactl options of the line printed for it */
     int pinned;            /* shares its node with other workers: runs on cpus only */
+    int pin_threads;       /* its CPUs are its own (pinned, or alone on its node): --pin-threads */
     cpu_set_t cpus;
     char *argv[MAX_ARGS];  /* owned */
     int attempt_arg;       /* index in argv of the --attempt value */
@@ -198,6 +199,7 @@ static int build_worker(launcher *L, lworker *w, const char *exe, const nm_sessi
     if (w->node >= 0) v[a++] = strdup("--node"), v[a++] = xprintf("%d", w->node);
     v[a++] = strdup("--shard-shm"), v[a++] = xprintf("/numoe-%d-shard-%d", (int)getpid(), w->id);
     v[a++] = strdup("--attempt"), w->attempt_arg = a, v[a++] = strdup("0");
+    if (w->pin_threads) v[a++] = strdup("--pin-threads");
     v[a++] = strdup("--quiet"); /* its errors reach the coordinator as Error messages, printed there */
     v[a] = NULL;
     for (int i = 0; i < a; i++)
@@ -406,6 +408,8 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
                  : w->pinned             ? CPU_COUNT(&w->cpus)
                                          : cpus_of_node(w->node) / sharing;
         w->threads = th > 0 ? th : 1;
+        const char *pin = getenv("NUMOE_PIN_THREADS");
+        w->pin_threads = (w->pinned || sharing == 1) && !(pin && !strcmp(pin, "0"));
         rc = build_worker(&L, w, exe, o);
     }
 

@@ -411,6 +411,7 @@ def test_launcher_prints_worker_command_lines(exe, tmp_path):
 
 
 def cpus_allowed(pid):
+    """CPUs pid (or "pid/task/tid") may run on."""
     text = Path(f"/proc/{pid}/status").read_text()
     spec = re.search(r"^Cpus_allowed_list:\s*(\S+)", text, re.M).group(1)
     out = set()
@@ -434,6 +435,49 @@ def test_workers_sharing_a_node_split_its_cores(exe, tmp_path):
             assert re.search(rf"^numoe: worker {i}: numactl --physcpubind=\S+ --membind=0 ", err, re.M), err
         threads = [int(t) for t in re.findall(r"^numoe: worker \d+: pid \d+, node -, (\d+) threads", err, re.M)]
         assert threads == [len(sets[0]), len(sets[1])], (threads, sets)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def pinned_threads(pid):
+    """CPU of each thread of pid that may run on exactly one CPU."""
+    out = []
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            cpus = cpus_allowed(f"{pid}/task/{t.name}")
+        except (OSError, AttributeError):
+            continue
+        if len(cpus) == 1:
+            out += list(cpus)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("pin", ["default", "0"])
+def test_compute_threads_pinned(exe, pin, tmp_path):
+    """The coordinator's and a lone worker's compute threads each stay on one CPU of
+    their own (thread i on CPU i); NUMOE_PIN_THREADS=0 leaves them to the scheduler."""
+    n = len(os.sched_getaffinity(0))
+    if n < 2:
+        pytest.skip("needs 2 CPUs")
+    env = {} if pin == "default" else {"NUMOE_PIN_THREADS": "0"}
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as f:
+        p = subprocess.Popen([str(exe), "bench", "-m", str(MODELS["v3-F32"]), "-p", "8", "-n", "64", "-r", "1000000",
+                              "-t", "2", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=f,
+                             env={**sanitizer_env(), **env})
+    try:
+        t0 = time.time()
+        while "routed experts in workers" not in log.read_text() and time.time() - t0 < 120:
+            assert p.poll() is None, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        coord, = children_named(p.pid, "numoe-coordinat")
+        worker, = children_named(p.pid, "numoe-worker")
+        want = sorted(os.sched_getaffinity(0))[:2] if pin == "default" else []
+        assert pinned_threads(coord) == want, log.read_text()
+        assert pinned_threads(worker) == want, log.read_text()
+        assert ("--pin-threads" in log.read_text()) == (pin == "default")
     finally:
         p.terminate()
         p.wait(timeout=30)

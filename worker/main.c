@@ -65,7 +65,7 @@ typedef struct {
     Numoe__Register *reg;     /* --listen: what we answer a hello with */
     float *ibuf;              /* --listen: x | ids | weights | out of one inline request */
     size_t ibuf_bytes;
-    int id, n_workers, node, threads, quiet;
+    int id, n_workers, node, threads, quiet, pin;
     int kind;
     void *zctx, *sock;
     nm_pool *pool;
@@ -106,6 +106,8 @@ static int usage(FILE *f) {
             "  --threads T   compute threads (default: every CPU it may run on)\n"
             "  --shard-shm NAME  keep the shard in /dev/shm/NAME, re-map it if it is already there\n"
             "  --attempt K   this is restart K of this worker (0: first start)\n"
+            "  --pin-threads keep compute thread i on the i-th CPU it may use (the launcher asks for it\n"
+            "                when the worker has its CPUs to itself)\n"
             "  --quiet       do not print start-up errors, only send them to the coordinator\n"
             "\n"
             "Exit status: 0 after Shutdown or SIGTERM, 2 for a usage error, 3 after an error it reported\n"
@@ -202,6 +204,10 @@ static int parse_args(worker *w, int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) exit(usage(stdout));
         if (!strcmp(a, "--quiet")) {
             w->quiet = 1;
+            continue;
+        }
+        if (!strcmp(a, "--pin-threads")) {
+            w->pin = 1;
             continue;
         }
         if (!v) {
@@ -509,6 +515,7 @@ int main(int argc, char **argv) {
     nm_shard_seg seg = {.name = w.shard_shm, .file_bytes = mid.file_bytes, .header_hash = mid.header_hash,
                         .placement_hash = place_hash, .n_workers = (uint32_t)w.n_workers, .kind = (uint32_t)w.kind};
     if (!rc && !(w.pool = nm_pool_create(w.threads))) rc = nm_errf(&err, "cannot start %d threads", w.threads);
+    if (!rc && w.pin) nm_pool_pin(w.pool); /* after the node binding: its CPUs */
     if (!rc) rc = nm_shard_build(&w.shard, &m, &p, w.id, bind.node, w.pool, w.shard_shm ? &seg : NULL, &err);
     if (!rc && w.shard.reused)
         fprintf(stderr, "numoe-worker %d: re-mapped its persistent shard /dev/shm%s%s read-only (%llu bytes, in %.1f ms; "
