@@ -23,6 +23,7 @@ typedef struct {
     const char *endpoints;  /* "tcp://h1:p1,tcp://h2:p2": connect to workers started by hand
                                (`numoe-worker --listen`, worker i = i-th endpoint) instead of the
                                launcher's; data inline, no shm, no restarts */
+    const char *key_path;   /* with endpoints: CURVE key file shared with the workers (proto/wire_key.h) */
 } nm_remote_opts;
 
 /* Binds the control endpoint the launcher named (NUMOE_LAUNCH_ENDPOINT;

@@ -69,6 +69,7 @@
 #include "coordinator/cli_workers.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
+#include "proto/wire_key.h"
 #include "worker/placement.h"
 
 #define SPIN_US_DEFAULT 250
@@ -91,6 +92,7 @@ typedef struct {
     char ep[256];
     void *dsock, *mon;
     int connected, lost;
+    int handshake_failed;  /* the ZMQ_EVENT_HANDSHAKE_FAILED_* seen, 0: none */
     unsigned generation;   /* sockets opened so far (names each one's monitor) */
     char host[64];
     uint64_t rpid;
@@ -117,6 +119,8 @@ typedef struct {
     uint64_t seq;
     expect_t ex;
     int tcp;               /* --worker-endpoints */
+    int keyed;             /* --worker-key: CURVE */
+    nm_wire_key key;
 } remote_backend;
 
 static double now_s(void) { return (double)nm_wire_now_ns() * 1e-9; }
@@ -195,6 +199,7 @@ static void remote_destroy(nm_expert_backend *b) {
         if (w->mon) zmq_close(w->mon);
         if (w->dsock) zmq_close(w->dsock);
     }
+    memset(&rb->key, 0, sizeof rb->key);
     if (rb->sock) {
         int linger = 500; /* the Shutdowns */
         zmq_setsockopt(rb->sock, ZMQ_LINGER, &linger, sizeof linger);
@@ -499,6 +504,9 @@ static void drain_monitor(rworker *w) {
         }
         if (ev == ZMQ_EVENT_CONNECTED) w->connected = 1;
         if (ev == ZMQ_EVENT_DISCONNECTED) w->lost = 1;
+        if (ev & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                  ZMQ_EVENT_HANDSHAKE_FAILED_AUTH))
+            w->handshake_failed = ev;
     }
 }
 
@@ -513,14 +521,19 @@ static int tcp_open(remote_backend *rb, rworker *w, nm_err *err) {
     if (w->mon) zmq_close(w->mon);
     if (w->dsock) zmq_close(w->dsock);
     w->mon = w->dsock = NULL;
-    w->connected = w->lost = w->registered = w->attached = 0;
+    w->connected = w->lost = w->registered = w->attached = w->handshake_failed = 0;
     char mon[64];
     snprintf(mon, sizeof mon, "inproc://numoe-monitor-%d-%u", w->id, w->generation++);
     int zero = 0, sndtimeo = 5000;
     if (!(w->dsock = zmq_socket(rb->zctx, ZMQ_DEALER)) || zmq_setsockopt(w->dsock, ZMQ_LINGER, &zero, sizeof zero) ||
         zmq_setsockopt(w->dsock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo) ||
-        zmq_socket_monitor(w->dsock, mon, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED) ||
-        !(w->mon = zmq_socket(rb->zctx, ZMQ_PAIR)) || zmq_connect(w->mon, mon) || zmq_connect(w->dsock, w->ep))
+        zmq_socket_monitor(w->dsock, mon, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED |
+                                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) ||
+        !(w->mon = zmq_socket(rb->zctx, ZMQ_PAIR)) || zmq_connect(w->mon, mon))
+        return nm_errf(err, "worker %d: cannot connect to %s: %s", w->id, w->ep, zmq_strerror(zmq_errno()));
+    if (rb->keyed && nm_wire_key_client(w->dsock, &rb->key, err)) return nm_err_prefix(err, "worker %d", w->id);
+    if (zmq_connect(w->dsock, w->ep))
         return nm_errf(err, "worker %d: cannot connect to %s: %s", w->id, w->ep, zmq_strerror(zmq_errno()));
     Numoe__Envelope env = NUMOE__ENVELOPE__INIT;
     Numoe__Heartbeat hb = NUMOE__HEARTBEAT__INIT;
@@ -581,7 +594,14 @@ static int tcp_await(remote_backend *rb, int only, double climit, double slimit,
             rworker *w = &rb->w[i];
             drain_monitor(w);
             if (w->registered) continue;
-            if (!w->connected && t > climit)
+            if (w->handshake_failed)
+                rc = nm_errf(err, "worker %d at %s: the %s handshake failed (%s): both sides need the same key file "
+                             "(--worker-key here, --key on the worker) or neither", i, w->ep,
+                             rb->keyed ? "CURVE" : "ZeroMQ",
+                             w->handshake_failed == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH ? "the worker refused our key"
+                             : w->handshake_failed == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "security mechanisms differ"
+                                                                                          : "no detail");
+            else if (!w->connected && t > climit)
                 rc = nm_errf(err, "worker %d: nothing accepted a connection at %s within %.0f s; start `numoe-worker "
                              "--worker-id %d --workers %d ... --listen %s` there first (or set "
                              "NUMOE_WORKER_CONNECT_TIMEOUT_S)", i, w->ep, climit, i, rb->n, w->ep);
@@ -814,6 +834,10 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
             return NULL;
         }
         n_workers = n_ep;
+    } else if (o->key_path) {
+        nm_errf(err, "--worker-key is for --worker-endpoints (tcp) workers; the launcher's workers talk over "
+                "local ipc and shared memory");
+        return NULL;
     } else if (!launch_ep || !launch_n) {
         nm_errf(err, "routed experts in workers need the numoe launcher, which starts them: run `numoe <command> "
                 "--workers N ...`, not numoe-coordinator directly");
@@ -873,6 +897,11 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
             snprintf(rb->w[i].ep, sizeof rb->w[i].ep, "%.*s", len, c);
             c = e ? e + 1 : c + len;
         }
+        if (o->key_path && nm_wire_key_load(o->key_path, &rb->key, err)) {
+            remote_destroy(&rb->base);
+            return NULL;
+        }
+        rb->keyed = o->key_path != NULL;
         if (tcp_connect_all(rb, err)) {
             rb->broken = 1;
             remote_destroy(&rb->base);

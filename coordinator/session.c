@@ -39,7 +39,9 @@ const char nm_session_opts_help[] =
     "                          --listen` at the i-th endpoint, with its own copy of the model file;\n"
     "                          activations travel inline over tcp (no shm). Nobody here restarts them;\n"
     "                          one that is lost is waited for (NUMOE_WORKER_RECONNECT_S, default 60) to\n"
-    "                          come back at its endpoint, then sent the layer again\n";
+    "                          come back at its endpoint, then sent the layer again\n"
+    "      --worker-key FILE   encrypt and authenticate the tcp workers' traffic (ZeroMQ CURVE) with this\n"
+    "                          key file, the one the workers got as --key (`numoe keygen FILE` makes one)\n";
 
 static int parse_int(const char *cmd, const char *opt, const char *v, long long lo, long long hi, long long *out) {
     char *end;
@@ -107,6 +109,9 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
             return fprintf(stderr, "%s: --worker-endpoints needs comma-separated tcp://HOST:PORT endpoints (got '%s')\n",
                            cmd, v ? v : ""), -1;
         o->worker_endpoints = v;
+    } else if (!strcmp(a, "--worker-key")) {
+        if (!v) return fprintf(stderr, "%s: --worker-key needs a key file (`numoe keygen FILE`)\n", cmd), -1;
+        o->worker_key = v;
     } else if (!strcmp(a, "--worker-timeout")) {
         if (parse_int(cmd, a, v, 1, 1 << 24, &x)) return -1;
         o->worker_timeout = (double)x;
@@ -161,7 +166,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     if (!pin || strcmp(pin, "0")) nm_pool_pin(s->pool);
     if (remote) {
         nm_remote_opts ro = {.n_workers = n_workers, .placement = o->placement ? o->placement : "split",
-                             .timeout_s = o->worker_timeout, .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,
+                             .timeout_s = o->worker_timeout, .key_path = o->worker_key, .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,
                              .endpoints = o->worker_endpoints};
         const char *h = getenv("NUMOE_HANDOFF"); /* developer knob: zmq = per-layer hand-off over ZeroMQ */
         ro.handoff = h && !strcmp(h, "zmq") ? NUMOE__HANDOFF__HANDOFF_ZMQ : NUMOE__HANDOFF__HANDOFF_DOORBELL;

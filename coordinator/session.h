@@ -28,6 +28,7 @@ typedef struct {
     int n_worker_nodes;       /* 0: round-robin over the machine's nodes when it has several, else unbound */
     double worker_timeout;    /* seconds; 0: 300 */
     const char *worker_endpoints; /* --worker-endpoints tcp://h:p,...: workers started by hand (no spawn) */
+    const char *worker_key;       /* --worker-key FILE: CURVE key shared with those workers */
 } nm_session_opts;
 
 typedef struct {

@@ -8,5 +8,6 @@ int nm_cmd_inspect(int argc, char **argv);
 int nm_cmd_bench_kernels(int argc, char **argv);
 int nm_cmd_topology(int argc, char **argv);
 int nm_cmd_placement(int argc, char **argv);
+int nm_cmd_keygen(int argc, char **argv);
 
 #endif

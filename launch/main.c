@@ -33,6 +33,7 @@ static void usage(FILE *f) {
             "  detokenize              token ids to text\n"
             "  topology                NUMA nodes, cores, memory, GPUs and numactl lines per worker\n"
             "  placement               check a placement map, or balance one from a --dump-routing profile\n"
+            "  keygen FILE             a key file that encrypts and authenticates tcp workers (--worker-key)\n"
             "  bench                   prefill and decode tokens/s of a model (`numoe bench --help`)\n"
             "  bench kernels           quantised GEMV throughput per weight type vs memory bandwidth\n"
             "  bench ipc               per-layer hand-off round trip to expert workers (doorbell, ZeroMQ)\n"
@@ -87,6 +88,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "inspect")) return nm_cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "topology")) return nm_cmd_topology(argc - 1, argv + 1);
     if (!strcmp(cmd, "placement")) return nm_cmd_placement(argc - 1, argv + 1);
+    if (!strcmp(cmd, "keygen")) return nm_cmd_keygen(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return nm_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "chat")) return nm_cmd_chat(argc - 1, argv + 1);
     if (!strcmp(cmd, "serve")) return nm_cmd_serve(argc - 1, argv + 1);

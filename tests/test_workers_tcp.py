@@ -61,7 +61,7 @@ class Workers:
         self.tmp = tmp_path
         self.procs = []  # (Popen, endpoint, log path)
 
-    def start(self, model, n, placement, ids=None, env=None, wait=True):
+    def start(self, model, n, placement, ids=None, env=None, wait=True, extra=()):
         eps = []
         for wid in ids if ids is not None else range(n):
             ep = f"tcp://127.0.0.1:{free_port()}"
@@ -70,7 +70,8 @@ class Workers:
             e.update(env or {})
             with open(log, "w") as f:
                 p = subprocess.Popen([str(self.worker), "--model", str(model), "--worker-id", str(wid), "--workers",
-                                      str(n), "--placement", placement, "--threads", "1", "--listen", ep],
+                                      str(n), "--placement", placement, "--threads", "1", "--listen", ep,
+                                      *map(str, extra)],
                                      stdout=subprocess.DEVNULL, stderr=f, env=e)
             self.procs.append((p, ep, log))
             eps.append(ep)
@@ -276,3 +277,39 @@ def test_worker_restarted_by_hand_is_reconnected(exe, workers, tmp_path):
     assert re.search(rf"worker 1 at {re.escape(eps[1])} is back after [\d.]+ ms", err), err
     got = np.fromfile(dump, dtype=np.float32).reshape(len(SEQ), -1).astype(np.float64)
     assert rel_diff(ref, got) <= TOL
+
+
+def test_curve_key(exe, workers, tmp_path):
+    """`numoe keygen` + `--key` / `--worker-key`: the same key file on both sides works
+    (logits as in-process); another key, or none, fails fast with a message saying so; a
+    key file others may read is refused; keygen does not overwrite a key."""
+    model = MODELS["v3-F32"]
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    for k in (k1, k2):
+        p = subprocess.run([str(exe), "keygen", str(k)], capture_output=True, text=True, env=sanitizer_env())
+        assert p.returncode == 0, p.stderr
+        assert (k.stat().st_mode & 0o777) == 0o600
+    p = subprocess.run([str(exe), "keygen", str(k1)], capture_output=True, text=True, env=sanitizer_env())
+    assert p.returncode == 1 and "cannot create" in p.stderr, p.stderr
+    ref, rc, err = generate(exe, model, [], tmp_path, tag="w0")
+    assert rc == 0, err
+    eps = workers.start(model, 1, "split", extra=["--key", k1])
+    got, rc, err = generate(exe, model, ["--worker-endpoints", eps[0], "--worker-key", k1], tmp_path, tag="k1")
+    assert rc == 0, err
+    assert rel_diff(ref, got) <= TOL
+    for extra in (["--worker-key", k2], []):
+        t0 = time.time()
+        _, rc, err = generate(exe, model, ["--worker-endpoints", eps[0], *extra], tmp_path, tag="bad")
+        assert rc == 1, err
+        assert f"worker 0 at {eps[0]}: the" in err and "handshake failed" in err and "same key file" in err, err
+        assert time.time() - t0 < 20
+    check_worker_logs(workers.stop())
+    k1.chmod(0o644)
+    _, rc, err = generate(exe, model, ["--worker-endpoints", eps[0], "--worker-key", k1], tmp_path, tag="mode")
+    assert rc == 1 and "may be read by others (mode 644); chmod 600 it" in err, err
+    # a worker without a key says it is open, and a coordinator with one will not use it
+    eps = workers.start(model, 1, "split")
+    _, rc, err = generate(exe, model, ["--worker-endpoints", eps[0], "--worker-key", k2], tmp_path, tag="open")
+    assert rc == 1 and "handshake failed" in err, err
+    logs = workers.stop()
+    assert "warning: no --key: anyone who can reach" in logs[0][1], logs

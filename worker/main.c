@@ -54,6 +54,7 @@
 #include "kernels/threadpool.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
+#include "proto/wire_key.h"
 #include "worker/numa_bind.h"
 #include "worker/placement.h"
 #include "worker/shard.h"
@@ -61,7 +62,9 @@
 enum { FAULT_NONE, FAULT_DIE, FAULT_HANG, FAULT_ERROR };
 
 typedef struct {
-    const char *model, *endpoint, *placement, *listen;
+    const char *model, *endpoint, *placement, *listen, *key_path;
+    nm_wire_key key;          /* --key: CURVE (proto/wire_key.h) */
+    void *zap;                /* its ZAP handler socket, polled with sock */
     Numoe__Register *reg;     /* --listen: what we answer a hello with */
     float *ibuf;              /* --listen: x | ids | weights | out of one inline request */
     size_t ibuf_bytes;
@@ -97,6 +100,8 @@ static int usage(FILE *f) {
             "between N workers) and computes partial MoE outputs for the coordinator listening at the\n"
             "endpoint. The numoe launcher (`numoe generate --workers N`, ...) starts these itself.\n"
             "\n"
+            "  --key FILE    with --listen: encrypt and authenticate with this key file (ZeroMQ CURVE; make\n"
+            "                one with `numoe keygen FILE` and give the coordinator the same --worker-key)\n"
             "  --listen tcp://ADDR:PORT  instead of --endpoint: wait for coordinators there (a worker on\n"
             "                another host, `numoe generate --worker-endpoints tcp://HOST:PORT,...`); the data\n"
             "                travels inline in the messages (no shared memory). Serves one coordinator\n"
@@ -158,6 +163,8 @@ static void cleanup(worker *w) {
     nm_pool_destroy(w->pool);
     free(w->is_moe);
     free(w->ibuf);
+    memset(&w->key, 0, sizeof w->key);
+    if (w->zap) zmq_close(w->zap);
     if (w->sock) zmq_close(w->sock);
     if (w->zctx) zmq_ctx_term(w->zctx);
 }
@@ -217,6 +224,7 @@ static int parse_args(worker *w, int argc, char **argv) {
         if (!strcmp(a, "--model") || !strcmp(a, "-m")) w->model = v;
         else if (!strcmp(a, "--endpoint")) w->endpoint = v;
         else if (!strcmp(a, "--listen")) w->listen = v, bad = strncmp(v, "tcp://", 6) != 0;
+        else if (!strcmp(a, "--key")) w->key_path = v;
         else if (!strcmp(a, "--placement")) /* a family name or a readable map file */
             w->placement = v, bad = !nm_placement_parse_kind(v) && access(v, R_OK) != 0;
         else if (!strcmp(a, "--worker-id")) bad = parse_int(v, 0, 4095, &w->id);
@@ -237,6 +245,10 @@ static int parse_args(worker *w, int argc, char **argv) {
     }
     if (w->endpoint && w->listen) {
         fprintf(stderr, "numoe-worker: give either --endpoint or --listen, not both\n");
+        return -1;
+    }
+    if (w->key_path && !w->listen) {
+        fprintf(stderr, "numoe-worker: --key is for --listen (tcp) workers\n");
         return -1;
     }
     const char *miss = !w->model ? "--model" : !w->endpoint && !w->listen ? "--endpoint"
@@ -418,7 +430,14 @@ static void serve_listen(worker *w) {
         Numoe__Envelope *env;
         nm_routing_id rid;
         nm_err err;
-        if (nm_wire_recv(w->sock, 100, &rid, &env, &err)) continue;
+        if (w->zap) { /* handshakes (--key) and requests on one thread */
+            zmq_pollitem_t it[2] = {{w->sock, 0, ZMQ_POLLIN, 0}, {w->zap, 0, ZMQ_POLLIN, 0}};
+            if (zmq_poll(it, 2, 100) <= 0) continue;
+            if ((it[1].revents & ZMQ_POLLIN) && nm_wire_zap_answer(w->zap, &w->key) == 1)
+                fprintf(stderr, "numoe-worker %d: refused a connection whose key is not this worker's --key\n", w->id);
+            if (!(it[0].revents & ZMQ_POLLIN)) continue;
+        }
+        if (nm_wire_recv(w->sock, w->zap ? 0 : 100, &rid, &env, &err)) continue;
         Numoe__Envelope out = NUMOE__ENVELOPE__INIT;
         switch (env->msg_case) {
         case NUMOE__ENVELOPE__MSG_HEARTBEAT: /* a coordinator's hello */
@@ -478,6 +497,19 @@ int main(int argc, char **argv) {
     int linger = 0, sndtimeo = 10000;
     zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(w.sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+    if (w.key_path) {
+        int forever = 0; /* the handshake waits while the shard loads: ZAP is answered once we serve */
+        if (nm_wire_key_load(w.key_path, &w.key, &err) || nm_wire_key_server(w.sock, &w.key, &err) ||
+            !(w.zap = nm_wire_zap_open(w.zctx, &err))) {
+            zmq_close(w.sock);
+            w.sock = NULL;
+            fail(&w, "%s", err.msg);
+        }
+        zmq_setsockopt(w.sock, ZMQ_HANDSHAKE_IVL, &forever, sizeof forever);
+    } else if (w.listen) {
+        fprintf(stderr, "numoe-worker %d: warning: no --key: anyone who can reach %s can use this worker and read "
+                "its traffic (make a key with `numoe keygen FILE`)\n", w.id, w.listen);
+    }
     if (w.listen && zmq_bind(w.sock, w.listen)) {
         int e = zmq_errno();
         zmq_close(w.sock);
