@@ -79,6 +79,7 @@ typedef struct {
     int coord_status, coord_done;
     char endpoint[128];
     int max_restarts;
+    int stopping;          /* a termination signal was passed on: no more restarts */
     void *zctx, *zsock;    /* made on first use: telling the coordinator a worker was given up */
 } launcher;
 
@@ -218,7 +219,7 @@ static int build_worker(launcher *L, lworker *w, const char *exe, const nm_sessi
  * come back; it fails the layer it waits for with this reason. */
 static void tell_coordinator(launcher *L, lworker *w, const char *msg) {
     if (!L->zctx) {
-        int linger = 2000;
+        int linger = 200; /* a coordinator that is gone will not read it: do not hold the exit up */
         if (!(L->zctx = zmq_ctx_new()) || !(L->zsock = zmq_socket(L->zctx, ZMQ_DEALER)) ||
             zmq_setsockopt(L->zsock, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(L->zsock, L->endpoint)) {
             fprintf(stderr, "numoe: cannot reach the coordinator at %s: %s\n", L->endpoint, zmq_strerror(zmq_errno()));
@@ -247,8 +248,14 @@ static void on_worker_exit(launcher *L, lworker *w, int st) {
             fprintf(stderr, "numoe: worker %d (pid %d) %s at shutdown\n", w->id, (int)pid, how);
         return;
     }
-    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) { /* it was told to shut down */
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) { /* the coordinator's Shutdown */
         w->finished = 1;
+        return;
+    }
+    if (L->stopping) { /* e.g. systemd's SIGTERM to the whole group: no restarts now */
+        w->finished = 1;
+        snprintf(msg, sizeof msg, "worker %d (pid %d) %s while numoe was shutting down", w->id, (int)pid, how);
+        tell_coordinator(L, w, msg); /* so a layer waiting for it ends now */
         return;
     }
     if (now_s() - w->started >= RESTART_RESET_S) w->in_row = 0;
@@ -453,6 +460,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
             if (!from_tty) {
                 kill(L.coord, forwarded >= 2 ? SIGKILL : sig);
                 forwarded++;
+                L.stopping = 1;
             }
         }
         reap(&L);

@@ -483,6 +483,21 @@ def test_compute_threads_pinned(exe, pin, tmp_path):
         p.wait(timeout=30)
 
 
+def test_sigterm_to_every_process(exe, tmp_path):
+    """SIGTERM to the launcher, the coordinator and the workers at once (what systemd
+    does to a service's cgroup): no worker is restarted, everything ends within seconds,
+    nothing is left in /dev/shm."""
+    p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
+    coord, = children_named(p.pid, "numoe-coordinat")
+    t0 = time.time()
+    for q in [p.pid, coord, *pids]:
+        os.kill(q, signal.SIGTERM)
+    p.wait(timeout=30)
+    assert time.time() - t0 < 15, log.read_text()[-2000:]
+    assert "restarting it" not in log.read_text(), log.read_text()[-2000:]
+    assert_no_leftovers(p.pid, pids + [coord], wait=2.0)
+
+
 def test_sigint_reaches_only_the_coordinator(exe, tmp_path):
     """Workers run in their own process group: a terminal's Ctrl-C (SIGINT to the
     foreground group) is the coordinator's to handle."""
@@ -553,9 +568,11 @@ def children_named(ppid, name):
     return out
 
 
-def test_kill_worker_mid_generation(exe, tmp_path):
-    """kill -9 of a worker while a 64-token greedy generation runs: same tokens as an
-    undisturbed run, restart < 1 s from the persistent shard, nothing left behind."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_kill_worker_mid_generation(exe, sig, tmp_path):
+    """kill -9 (or a plain kill) of a worker while a 64-token greedy generation runs: same
+    tokens as an undisturbed run, restart < 1 s from the persistent shard, nothing left
+    behind."""
     model = MODELS["v3-F32"]
     args = [str(exe), "generate", "-m", str(model), "--tokens", "5,6,7,8,9", "-n", "64", "-t", "2"]
     ref = run(args)
@@ -574,7 +591,7 @@ def test_kill_worker_mid_generation(exe, tmp_path):
     assert p.poll() is None
     segs = [s.name for s in shm_of(p.pid)]
     assert f"numoe-{p.pid}-shard-0" in segs and f"numoe-{p.pid}-shard-1" in segs, segs
-    os.kill(pids[1], signal.SIGKILL)
+    os.kill(pids[1], sig)
     rest = p.stdout.read().decode()
     p.wait(timeout=120)
     err = log.read_text()

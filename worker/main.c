@@ -11,9 +11,11 @@
  * mapping, then Register. Once accepted it maps the shm slot named in the
  * reply and serves: per layer the coordinator rings the slot's doorbell (or
  * sends MoeRequest in the ZeroMQ hand-off mode), the worker computes its
- * partial sums into the slot and answers. Shutdown, SIGTERM or SIGINT end it
- * cleanly (exit 0). Any start-up failure is sent to the coordinator as an
- * Error message (and printed) before the worker exits 1.
+ * partial sums into the slot and answers. Shutdown ends it (exit 0); SIGTERM
+ * or SIGINT end it cleanly too, with 128 + the signal (so the launcher knows
+ * it was not the coordinator's doing). Any failure is sent to the
+ * coordinator as an Error message (and printed) before the worker exits
+ * NM_WORKER_EXIT_ERROR (3).
  *
  * --shard-shm NAME: the shard lives in /dev/shm/NAME (worker/shard.h), which
  * outlives this process; a restarted worker (--attempt K > 0, same name)
@@ -115,8 +117,9 @@ static int usage(FILE *f) {
             "                when the worker has its CPUs to itself)\n"
             "  --quiet       do not print start-up errors, only send them to the coordinator\n"
             "\n"
-            "Exit status: 0 after Shutdown or SIGTERM, 2 for a usage error, 3 after an error it reported\n"
-            "to the coordinator (the launcher does not restart it: it would fail the same way).\n");
+            "Exit status: 0 after the coordinator's Shutdown (and, with --listen, after SIGTERM/SIGINT),\n"
+            "128 + N after signal N, 2 for a usage error, 3 after an error it reported to the coordinator\n"
+            "(the launcher does not restart it: it would fail the same way).\n");
     return f == stdout ? 0 : 2;
 }
 
@@ -639,5 +642,7 @@ int main(int argc, char **argv) {
     if (w.handoff == NUMOE__HANDOFF__HANDOFF_ZMQ) serve_zmq(&w);
     else serve_doorbell(&w);
     cleanup(&w);
-    return 0;
+    /* a signal is not the coordinator's Shutdown: 128 + signal, as a shell
+     * reports it, so the launcher restarts a worker someone else stopped */
+    return g_stop ? 128 + (int)g_stop : 0;
 }
