@@ -144,7 +144,7 @@ test: deps
 	$(MAKE) all
 	$(MAKE) BUILD=build-asan SAN=1 tests build-asan/bin/numoe $(if $(WORKER_SRC),build-asan/bin/numoe-worker)
 	$(MAKE) fuzz
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=10 tests
 
 bench: all
 	$(BUILD)/bin/numoe bench kernels

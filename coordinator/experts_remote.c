@@ -88,6 +88,7 @@ typedef struct {
     int node, threads, cpus;
     unsigned req;
     unsigned attempt;      /* its restarts before this start (Register.attempt) */
+    double t_posted;       /* when its current request was handed to it */
     /* --worker-endpoints */
     char ep[256];
     void *dsock, *mon;
@@ -348,7 +349,9 @@ static int fail_backend(remote_backend *rb, nm_err *err) {
 }
 
 /* Worker w failed (why): waits for the launcher's new process to register
- * and map its slot. t0: when the failure was seen (for the time printed). */
+ * and map its slot. t0: when w was handed the request it did not answer, so
+ * the time printed is what the failure cost that request (noticing it,
+ * back-off, restart, re-mapping the shard). */
 static int await_restart(remote_backend *rb, rworker *w, const nm_err *why, double t0, nm_err *err) {
     if (!check_gone(w)) kill(w->pid, SIGKILL); /* hung: the launcher restarts what dies */
     forget(w);
@@ -385,6 +388,7 @@ static void post(remote_backend *rb, rworker *w, const inflight *q) {
     }
     h->op = q->layer < 0 ? NM_SLOT_OP_PING : NM_SLOT_OP_MOE;
     h->layer = (uint32_t)q->layer, h->n_tok = q->n_tok, h->k = q->k, h->seq = q->seq;
+    w->t_posted = now_s();
     nm_doorbell_ring(&h->req, ++w->req);
 }
 
@@ -400,7 +404,8 @@ static int await_doorbell(remote_backend *rb, rworker *w, const inflight *q, nm_
         int64_t spin = (int64_t)rb->spin_us * 1000;
         nm_err why;
         int failed = 0;
-        while (nm_doorbell_wait(&h->done, old, spin, 50 * 1000000LL)) {
+        /* after the spin, wake every 10 ms to see whether it is still alive */
+        while (nm_doorbell_wait(&h->done, old, spin, 10 * 1000000LL)) {
             spin = 0;
             if (check_gone(w)) {
                 nm_errf(&why, "worker %d (pid %d) died while computing layer %d", w->id, (int)w->pid, layer);
@@ -415,7 +420,7 @@ static int await_doorbell(remote_backend *rb, rworker *w, const inflight *q, nm_
             }
         }
         if (!failed) break;
-        if (await_restart(rb, w, &why, now_s(), err)) return -1;
+        if (await_restart(rb, w, &why, w->t_posted, err)) return -1;
         post(rb, w, q);
     }
     if (atomic_load_explicit(&w->slot.h->done.seq, memory_order_acquire) != w->req)
