@@ -159,11 +159,13 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return nm_errf(err, "cannot start %d threads", o->threads);
     }
-    /* thread i stays on CPU i: with workers polling on the same cores, migrating
-     * threads made decode speed swing by 2x (docs/NUMA.md); NUMOE_PIN_THREADS=0
-     * leaves placement to the scheduler (e.g. several numoe on one machine) */
+    /* With workers polling on the same cores, thread i stays on CPU i: migrating
+     * threads made decode swing by 2x and cost 20-30% under server load; alone
+     * (in-process) pinning measured neutral to 10% worse under load, where the
+     * scheduler does better moving threads off cores the HTTP side is using
+     * (docs/NUMA.md). NUMOE_PIN_THREADS=0 / 1 overrides either way. */
     const char *pin = getenv("NUMOE_PIN_THREADS");
-    if (!pin || strcmp(pin, "0")) nm_pool_pin(s->pool);
+    if (pin ? !strcmp(pin, "1") : launched != NULL) nm_pool_pin(s->pool);
     if (remote) {
         nm_remote_opts ro = {.n_workers = n_workers, .placement = o->placement ? o->placement : "split",
                              .timeout_s = o->worker_timeout, .key_path = o->worker_key, .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,

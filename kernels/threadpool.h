@@ -36,7 +36,8 @@ void nm_pool_set_spin_us(nm_pool *pool, int us);
  * not migrate onto a core another polling thread holds: with a coordinator
  * and workers polling on the same node this turned 44-111 tok/s of decode
  * into a steady 88-112 (docs/NUMA.md). Does nothing (returns 0) when the
- * process may use fewer CPUs than the pool has threads. */
+ * process may use fewer CPUs than the pool has threads. The caller decides
+ * when it pays (coordinator/session.c). */
 int nm_pool_pin(nm_pool *pool);
 
 #endif

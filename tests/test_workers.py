@@ -455,8 +455,9 @@ def pinned_threads(pid):
 
 @pytest.mark.parametrize("pin", ["default", "0"])
 def test_compute_threads_pinned(exe, pin, tmp_path):
-    """The coordinator's and a lone worker's compute threads each stay on one CPU of
-    their own (thread i on CPU i); NUMOE_PIN_THREADS=0 leaves them to the scheduler."""
+    """With a worker, the coordinator's and the worker's compute threads each stay on one
+    CPU of their own (thread i on CPU i); NUMOE_PIN_THREADS=0 leaves them to the
+    scheduler, and so does the in-process backend by default."""
     n = len(os.sched_getaffinity(0))
     if n < 2:
         pytest.skip("needs 2 CPUs")
@@ -478,6 +479,21 @@ def test_compute_threads_pinned(exe, pin, tmp_path):
         assert pinned_threads(coord) == want, log.read_text()
         assert pinned_threads(worker) == want, log.read_text()
         assert ("--pin-threads" in log.read_text()) == (pin == "default")
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    if pin != "default":
+        return
+    with open(log, "w") as f:  # in-process: not pinned unless asked
+        p = subprocess.Popen([str(exe), "bench", "-m", str(MODELS["v3-F32"]), "-p", "8", "-n", "64", "-r", "1000000",
+                              "-t", "2", "--workers", "0"], stdout=subprocess.DEVNULL, stderr=f, env=sanitizer_env())
+    try:
+        t0 = time.time()
+        while "loaded in" not in log.read_text() and time.time() - t0 < 120:
+            assert p.poll() is None, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert pinned_threads(p.pid) == [], log.read_text()
     finally:
         p.terminate()
         p.wait(timeout=30)
