@@ -70,6 +70,7 @@ typedef struct {
     double started;        /* when the running process was started */
     double restart_at;     /* > 0: start it again at this time */
     int finished;          /* exited 0, or given up: not to be started again */
+    int told_to_end;       /* the launcher sent it SIGTERM / SIGKILL at shutdown */
 } lworker;
 
 typedef struct {
@@ -244,7 +245,7 @@ static void on_worker_exit(launcher *L, lworker *w, int st) {
     if (L->coord_done) {
         w->finished = 1;
         /* status 3: an error it reported, and the coordinator's own error came first */
-        if (!WIFEXITED(st) || (WEXITSTATUS(st) && WEXITSTATUS(st) != NM_WORKER_EXIT_ERROR))
+        if (!w->told_to_end && (!WIFEXITED(st) || (WEXITSTATUS(st) && WEXITSTATUS(st) != NM_WORKER_EXIT_ERROR)))
             fprintf(stderr, "numoe: worker %d (pid %d) %s at shutdown\n", w->id, (int)pid, how);
         return;
     }
@@ -317,7 +318,7 @@ static void reap(launcher *L) {
 static void wind_down(launcher *L, int coordinator_crashed) {
     double t0 = now_s();
     for (int phase = 0; phase < 3; phase++) {
-        double grace = phase == 0 ? (coordinator_crashed ? 0.0 : 5.0) : 2.0;
+        double grace = phase == 0 ? (coordinator_crashed ? 0.0 : 3.0) : 2.0;
         for (;;) {
             reap(L);
             int left = 0;
@@ -331,7 +332,7 @@ static void wind_down(launcher *L, int coordinator_crashed) {
             if (w->pid <= 0) continue;
             if (phase == 0 && !coordinator_crashed)
                 fprintf(stderr, "numoe: worker %d (pid %d) did not shut down; sending SIGTERM\n", i, (int)w->pid);
-            if (phase < 2) kill(w->pid, phase == 0 ? SIGTERM : SIGKILL);
+            if (phase < 2) kill(w->pid, phase == 0 ? SIGTERM : SIGKILL), w->told_to_end = 1;
         }
         t0 = now_s();
     }
@@ -466,7 +467,9 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
         reap(&L);
         if (!L.coord_done) do_restarts(&L);
     }
-    int crashed = rc || !WIFEXITED(L.coord_status);
+    /* a coordinator that failed may not have sent Shutdown (say, it stopped at a
+     * bad model before the workers registered): do not wait for them then */
+    int crashed = rc || !WIFEXITED(L.coord_status) || WEXITSTATUS(L.coord_status);
     wind_down(&L, crashed);
     remove_segments();
     if (L.zsock) zmq_close(L.zsock);
