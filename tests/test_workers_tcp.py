@@ -10,6 +10,10 @@ partial output inline in MoeReply; no shared memory.
   wrong worker id for its endpoint position, nothing listening at an endpoint, a worker
   that fails a layer, a worker that dies mid-run (its endpoint named), --workers that
   does not match the endpoint count.
+* Restarted by hand at its endpoint, a worker is reconnected and sent the layer again.
+* `numoe keygen` + --key / --worker-key (ZeroMQ CURVE): the same key works, another key or
+  a key on one side only fails at once; a key file others may read is refused.
+* A worker in another network namespace, over a veth link (when root can make one).
 * Every process started here is ended (try/finally); the workers exit 0 on SIGTERM."""
 import os
 import re
@@ -313,3 +317,61 @@ def test_curve_key(exe, workers, tmp_path):
     assert rc == 1 and "handshake failed" in err, err
     logs = workers.stop()
     assert "warning: no --key: anyone who can reach" in logs[0][1], logs
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: 10.213.N.1 here, 10.213.N.2
+    there (root and iproute2 needed; skipped otherwise). Yields (name, worker address)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    n = os.getpid() % 200 + 20
+    name, host_if, ns_if = f"numoe-t{n}", f"nmh{n}", f"nmn{n}"
+    setup = [["ip", "netns", "add", name],
+             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", name],
+             ["ip", "addr", "add", f"10.213.{n}.1/24", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "netns", "exec", name, "ip", "addr", "add", f"10.213.{n}.2/24", "dev", ns_if],
+             ["ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up"],
+             ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
+    try:
+        for cmd in setup:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                pytest.skip(f"cannot set up a network namespace ({' '.join(cmd)}: {p.stderr.strip()})")
+        yield name, f"10.213.{n}.2"
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_worker_in_another_network_namespace(exe, netns, tmp_path):
+    """A keyed worker in its own network namespace (another host, as far as the network
+    goes), reached over a veth link: logits equal the in-process ones."""
+    name, addr = netns
+    model = MODELS["v3-F32"]
+    key = tmp_path / "cluster.key"
+    assert subprocess.run([str(exe), "keygen", str(key)], capture_output=True).returncode == 0
+    ref, rc, err = generate(exe, model, [], tmp_path, tag="w0")
+    assert rc == 0, err
+    ep = f"tcp://{addr}:{free_port()}"
+    log = tmp_path / "ns-worker.log"
+    with open(log, "w") as f:
+        w = subprocess.Popen(["ip", "netns", "exec", name, str(exe.parent / "numoe-worker"), "--model", str(model),
+                              "--worker-id", "0", "--workers", "1", "--placement", "split", "--threads", "1",
+                              "--listen", ep, "--key", str(key)], stdout=subprocess.DEVNULL, stderr=f,
+                             env=sanitizer_env())
+    try:
+        t0 = time.time()
+        while "listening on" not in log.read_text():
+            assert w.poll() is None and time.time() - t0 < 60, log.read_text()
+            time.sleep(0.02)
+        got, rc, err = generate(exe, model, ["--worker-endpoints", ep, "--worker-key", key], tmp_path, tag="ns")
+        assert rc == 0, err
+        assert f"numoe: worker 0: {ep} (host" in err, err
+        assert rel_diff(ref, got) <= TOL
+    finally:
+        w.send_signal(signal.SIGTERM)
+        w.wait(timeout=15)
+    check_worker_logs([(w.returncode, log.read_text())])
