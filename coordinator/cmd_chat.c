@@ -192,7 +192,7 @@ static int turn(chat *c, nm_err *err) {
         if (nm_detok_stream_feed(ds, t, &piece, &plen, err)) goto out;
         if ((stopped = nm_stop_text_append(&ans, piece, plen)) < 0) goto oom;
         /* shown as far as it cannot still turn into a stop string */
-        emit(c, ans.buf, nm_stop_text_release(&ans, 0), &shown_r, &shown_a);
+        emit(c, ans.text.buf, nm_stop_text_release(&ans, 0), &shown_r, &shown_a);
         if (stopped) break;
         if (c->n_cached < c->cap_cached) c->cached[c->n_cached++] = t;
         if (nm_forward_tokens(&c->s.fwd, &t, 1, c->logits, 0, err)) goto out;
@@ -201,7 +201,7 @@ static int turn(chat *c, nm_err *err) {
     size_t tail_len;
     const char *tail = nm_detok_stream_flush(ds, &tail_len);
     if (nm_stop_text_append(&ans, tail, tail_len) < 0) goto oom;
-    emit(c, ans.buf, nm_stop_text_release(&ans, 1), &shown_r, &shown_a);
+    emit(c, ans.text.buf, nm_stop_text_release(&ans, 1), &shown_r, &shown_a);
     double t2 = now_s();
     fputc('\n', stdout);
     fflush(stdout);
@@ -210,7 +210,7 @@ static int turn(chat *c, nm_err *err) {
             (double)n_gen / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
     /* history keeps the answer only: the V3/R1 templates drop earlier reasoning */
     nm_chat_reasoning r;
-    nm_chat_split_reasoning(ans.buf, ans.len, c->force_think, &r);
+    nm_chat_split_reasoning(ans.text.buf, ans.text.len, c->force_think, &r);
     char *keep_text = strndup(r.answer ? r.answer : "", r.answer_len);
     if (!keep_text || push_msg(&c->msgs, "assistant", keep_text)) {
         free(keep_text);

@@ -190,7 +190,7 @@ int nm_cmd_generate(int argc, char **argv) {
             if (stopped < 0) goto oom;
             /* print all but a tail that might still become a stop string */
             nm_stop_text_release(&st, 0);
-            fwrite(st.buf + printed, 1, st.released - printed, stdout);
+            fwrite(st.text.buf + printed, 1, st.released - printed, stdout);
             printed = st.released;
             if (stopped) {
                 j++;
@@ -211,7 +211,7 @@ int nm_cmd_generate(int argc, char **argv) {
         const char *tail = nm_detok_stream_flush(ds, &len);
         if (nm_stop_text_append(&st, tail, len) < 0) goto oom;
         nm_stop_text_release(&st, 1);
-        fwrite(st.buf + printed, 1, st.released - printed, stdout);
+        fwrite(st.text.buf + printed, 1, st.released - printed, stdout);
     }
     if (j || ds) putchar('\n');
     double t2 = now_s();

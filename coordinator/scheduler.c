@@ -23,40 +23,6 @@
 
 #define MAX_STOPS 16
 
-/* ---- text buffers ---- */
-
-int nm_text_append(nm_text *t, const char *s, size_t len) {
-    if (t->len + len + 1 > t->cap) {
-        size_t cap = t->cap ? t->cap : 256;
-        while (cap < t->len + len + 1) cap *= 2;
-        char *nb = realloc(t->buf, cap);
-        if (!nb) return -1;
-        t->buf = nb, t->cap = cap;
-    }
-    if (len) memcpy(t->buf + t->len, s, len);
-    t->len += len;
-    t->buf[t->len] = 0;
-    return 0;
-}
-
-int nm_text_printf(nm_text *t, const char *fmt, ...) {
-    char small[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(small, sizeof small, fmt, ap);
-    va_end(ap);
-    if (n < 0) return -1;
-    if ((size_t)n < sizeof small) return nm_text_append(t, small, (size_t)n);
-    char *big = malloc((size_t)n + 1);
-    if (!big) return -1;
-    va_start(ap, fmt);
-    vsnprintf(big, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    int r = nm_text_append(t, big, (size_t)n);
-    free(big);
-    return r;
-}
-
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -138,7 +104,7 @@ struct nm_req {
     int32_t next_tok; /* sampled, to be fed at the next step */
     nm_req *next;     /* queue link (scheduler lock) */
     /* shared with the client (request lock) */
-    nm_stop_text text; /* generated text so far, cut at a stop string; text.released: what the client may see */
+    nm_stop_text stop; /* generated text so far, cut at a stop string; stop.released: what the client may see */
     size_t delivered;  /* bytes it has seen */
     int cancelled;
     int admitted; /* holds its reserve of the cache budget */
@@ -147,7 +113,7 @@ struct nm_req {
 
 static void req_free(nm_req *r) {
     free(r->prompt);
-    nm_stop_text_free(&r->text);
+    nm_stop_text_free(&r->stop);
     nm_sampler_free(&r->sampler);
     nm_kv_cache_free(&r->kv);
     free(r->logits);
@@ -200,7 +166,7 @@ static void finish(nm_sched *s, nm_req *r, nm_finish f, const char *error) {
         r->st.queued = 0;
         if (error) snprintf(r->st.error, sizeof r->st.error, "%s", error);
     }
-    nm_stop_text_release(&r->text, 1);
+    nm_stop_text_release(&r->stop, 1);
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     if (r->admitted) s->cache_used -= r->reserve, r->admitted = 0;
@@ -288,9 +254,9 @@ static int setup(nm_sched *s, nm_req *r, nm_err *err) {
  * the piece could not be kept. Engine thread; takes the request lock. */
 static int take_text(nm_req *r, const char *piece, size_t len, int final, int *oom) {
     pthread_mutex_lock(&r->mu);
-    int hit = nm_stop_text_append(&r->text, piece, len);
+    int hit = nm_stop_text_append(&r->stop, piece, len);
     if (hit < 0) *oom = 1;
-    nm_stop_text_release(&r->text, final);
+    nm_stop_text_release(&r->stop, final);
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     return hit == 1;
@@ -543,7 +509,7 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
     r->ignore_eos = p->ignore_eos;
     r->prompt = malloc((size_t)p->n_prompt * sizeof *r->prompt);
     r->detok = nm_detok_stream_new(s->tk, 0);
-    if (!r->prompt || !r->detok || nm_stop_text_init(&r->text, p->stops, p->n_stops)) {
+    if (!r->prompt || !r->detok || nm_stop_text_init(&r->stop, p->stops, p->n_stops)) {
         req_free(r);
         *server_fault = 1;
         return nm_errf(err, "out of memory");
@@ -577,19 +543,19 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
 
 int nm_req_wait(nm_req *r, int timeout_ms, nm_text *out, nm_req_state *st) {
     pthread_mutex_lock(&r->mu);
-    if (timeout_ms > 0 && r->delivered == r->text.released && r->st.finish == NM_FINISH_NONE) {
+    if (timeout_ms > 0 && r->delivered == r->stop.released && r->st.finish == NM_FINISH_NONE) {
         struct timespec ts;
         deadline_in(&ts, timeout_ms);
-        while (r->delivered == r->text.released && r->st.finish == NM_FINISH_NONE)
+        while (r->delivered == r->stop.released && r->st.finish == NM_FINISH_NONE)
             if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) == ETIMEDOUT) break;
     }
     int ok = 1;
-    if (r->text.released > r->delivered) {
-        ok = nm_text_append(out, r->text.buf + r->delivered, r->text.released - r->delivered) == 0;
-        if (ok) r->delivered = r->text.released;
+    if (r->stop.released > r->delivered) {
+        ok = nm_text_append(out, r->stop.text.buf + r->delivered, r->stop.released - r->delivered) == 0;
+        if (ok) r->delivered = r->stop.released;
     }
     if (st) *st = r->st;
-    int done = ok && r->st.finish != NM_FINISH_NONE && r->delivered == r->text.len;
+    int done = ok && r->st.finish != NM_FINISH_NONE && r->delivered == r->stop.text.len;
     pthread_mutex_unlock(&r->mu);
     return done;
 }

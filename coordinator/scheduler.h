@@ -34,6 +34,7 @@
 #include "common/error.h"
 #include "coordinator/sampler.h"
 #include "coordinator/session.h"
+#include "coordinator/text.h"
 #include "coordinator/tokenizer.h"
 
 typedef struct nm_sched nm_sched;
@@ -77,12 +78,6 @@ typedef struct {
     char error[512];     /* with NM_FINISH_ERROR */
 } nm_req_state;
 
-/* A growable byte buffer the caller owns (zero-init; free(buf) when done). */
-typedef struct {
-    char *buf;
-    size_t len, cap;
-} nm_text;
-
 /* Starts the engine thread. 0, or -1 with err (bad options, out of memory). */
 int nm_sched_create(nm_sched **out, nm_session *s, const nm_tokenizer *tk, const nm_sched_opts *o, nm_err *err);
 /* Cancels every request, waits for the engine thread, frees the scheduler.
@@ -121,10 +116,5 @@ void nm_sched_get_stats(nm_sched *s, nm_sched_stats *st);
  * histograms: queue wait, time to first token, per-step time, time per
  * output token) to *out. 0, or -1 when out of memory. */
 int nm_sched_metrics(nm_sched *s, nm_text *out);
-
-/* Appends LEN bytes to T; 0 or -1 (out of memory). */
-int nm_text_append(nm_text *t, const char *s, size_t len);
-/* printf-style append; 0 or -1. */
-int nm_text_printf(nm_text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -25,9 +25,7 @@ static size_t char_start(const char *s, size_t len, size_t pos) {
 
 int nm_stop_text_init(nm_stop_text *t, const char *const *stops, int n) {
     *t = (nm_stop_text){0};
-    t->cap = 256;
-    if (!(t->buf = malloc(t->cap))) goto oom;
-    t->buf[0] = 0;
+    if (nm_text_append(&t->text, "", 0)) goto oom; /* buf is a valid string from here on */
     if (n > 0 && !(t->stops = calloc((size_t)n, sizeof *t->stops))) goto oom;
     for (int i = 0; i < n; i++) {
         size_t k = strlen(stops[i]);
@@ -44,17 +42,9 @@ oom:
 
 int nm_stop_text_append(nm_stop_text *t, const char *piece, size_t len) {
     if (t->stopped) return 1;
-    if (t->len + len + 1 > t->cap) {
-        size_t cap = t->cap ? t->cap : 256;
-        while (cap < t->len + len + 1) cap *= 2;
-        char *nb = realloc(t->buf, cap);
-        if (!nb) return -1;
-        t->buf = nb, t->cap = cap;
-    }
-    size_t old = t->len;
-    if (len) memcpy(t->buf + old, piece, len);
-    t->len += len;
-    t->buf[t->len] = 0;
+    nm_text *x = &t->text;
+    size_t old = x->len;
+    if (nm_text_append(x, piece, len)) return -1;
     /* The text before this piece held no stop string, so one found now ends in
      * the piece: a stop string of K bytes starts at old - (K - 1) or later.
      * Nor can it start in text already released (that is final; the hold-back
@@ -64,22 +54,23 @@ int nm_stop_text_append(nm_stop_text *t, const char *piece, size_t len) {
         size_t k = strlen(t->stops[i]);
         size_t from = old >= k - 1 ? old - (k - 1) : 0;
         if (from < t->released) from = t->released;
-        const char *hit = memmem(t->buf + from, t->len - from, t->stops[i], k);
+        const char *hit = memmem(x->buf + from, x->len - from, t->stops[i], k);
         if (hit && (!first || hit < first)) first = hit;
     }
     if (!first) return 0;
-    t->len = (size_t)(first - t->buf);
-    t->buf[t->len] = 0;
+    x->len = (size_t)(first - x->buf);
+    x->buf[x->len] = 0;
     t->stopped = 1;
     return 1;
 }
 
 size_t nm_stop_text_release(nm_stop_text *t, int final) {
-    size_t rel = t->len;
+    const nm_text *x = &t->text;
+    size_t rel = x->len;
     if (!final && !t->stopped) {
         /* the last max_stop - 1 bytes could be the start of a stop string */
         size_t hold = t->max_stop > 0 ? t->max_stop - 1 : 0;
-        rel = char_start(t->buf, t->len, t->len > hold ? t->len - hold : 0);
+        rel = char_start(x->buf, x->len, x->len > hold ? x->len - hold : 0);
     }
     if (rel > t->released) t->released = rel;
     return t->released;
@@ -88,6 +79,6 @@ size_t nm_stop_text_release(nm_stop_text *t, int final) {
 void nm_stop_text_free(nm_stop_text *t) {
     for (int i = 0; i < t->n_stops; i++) free(t->stops[i]);
     free(t->stops);
-    free(t->buf);
+    free(t->text.buf);
     *t = (nm_stop_text){0};
 }

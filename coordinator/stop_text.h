@@ -22,10 +22,11 @@
 
 #include <stddef.h>
 
+#include "coordinator/text.h"
+
 typedef struct {
-    char *buf;       /* the text so far, NUL-terminated (cut before a stop string once one is hit) */
-    size_t len, cap;
-    size_t released; /* buf[0..released) is final: it can no longer change */
+    nm_text text;    /* the text so far, NUL-terminated (cut before a stop string once one is hit) */
+    size_t released; /* text.buf[0..released) is final: it can no longer change */
     char **stops;    /* copies of the non-empty stop strings */
     int n_stops;
     size_t max_stop; /* the longest one's length */

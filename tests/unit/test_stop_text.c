@@ -6,7 +6,7 @@
 
 static int init(nm_stop_text *t, const char *const *stops, int n) {
     int r = nm_stop_text_init(t, stops, n);
-    CHECK(r == 0 && t->buf && !t->buf[0] && t->len == 0 && t->released == 0, "init: %d", r);
+    CHECK(r == 0 && t->text.buf && !t->text.buf[0] && t->text.len == 0 && t->released == 0, "init: %d", r);
     return r;
 }
 
@@ -15,9 +15,9 @@ static void feed(nm_stop_text *t, const char *piece, int want_hit, const char *w
     int hit = nm_stop_text_append(t, piece, strlen(piece));
     CHECK(hit == want_hit, "append '%s': hit %d, want %d", piece, hit, want_hit);
     size_t rel = nm_stop_text_release(t, 0);
-    CHECK(rel == t->released && rel <= t->len, "release %zu, len %zu", rel, t->len);
-    CHECK(rel == strlen(want_released) && !memcmp(t->buf, want_released, rel),
-          "after '%s': released '%.*s', want '%s'", piece, (int)rel, t->buf, want_released);
+    CHECK(rel == t->released && rel <= t->text.len, "release %zu, len %zu", rel, t->text.len);
+    CHECK(rel == strlen(want_released) && !memcmp(t->text.buf, want_released, rel),
+          "after '%s': released '%.*s', want '%s'", piece, (int)rel, t->text.buf, want_released);
 }
 
 static void test_stop_across_pieces(void) {
@@ -27,7 +27,7 @@ static void test_stop_across_pieces(void) {
     feed(&t, "hello S", 0, "hell");
     feed(&t, "T", 0, "hello");
     feed(&t, "OP and more", 1, "hello ");
-    CHECK(!strcmp(t.buf, "hello ") && t.len == 6 && t.stopped, "text '%s'", t.buf);
+    CHECK(!strcmp(t.text.buf, "hello ") && t.text.len == 6 && t.stopped, "text '%s'", t.text.buf);
     /* after a hit further pieces are ignored and the end adds nothing */
     feed(&t, "STOP again", 1, "hello ");
     CHECK(nm_stop_text_release(&t, 1) == 6, "final %zu", t.released);
@@ -44,7 +44,7 @@ static void test_hold_back_partial_prefix(void) {
     feed(&t, "</en", 0, "abcdef");
     /* a near miss: "</enX" cannot be the stop string, but its tail is held back */
     feed(&t, "X", 0, "abcdefg");
-    CHECK(!t.stopped && t.len == 12, "len %zu", t.len);
+    CHECK(!t.stopped && t.text.len == 12, "len %zu", t.text.len);
     nm_stop_text_free(&t);
 }
 
@@ -55,10 +55,10 @@ static void test_release_at_final(void) {
     feed(&t, "answer #", 0, "answer");
     feed(&t, "#", 0, "answer ");
     /* no more pieces: the held "##" was not a stop string after all */
-    CHECK(nm_stop_text_release(&t, 1) == t.len && !strcmp(t.buf, "answer ##"), "final '%s'", t.buf);
+    CHECK(nm_stop_text_release(&t, 1) == t.text.len && !strcmp(t.text.buf, "answer ##"), "final '%s'", t.text.buf);
     CHECK(!t.stopped, "stopped");
     /* the mark never moves back */
-    CHECK(nm_stop_text_release(&t, 0) == t.len, "moved back to %zu", t.released);
+    CHECK(nm_stop_text_release(&t, 0) == t.text.len, "moved back to %zu", t.released);
     nm_stop_text_free(&t);
 
     /* no stop strings: everything is released at once */
@@ -86,7 +86,7 @@ static void test_utf8_not_split(void) {
     feed(&t, "\xc3\xa9t\xc3", 0, "\xc3\xa9t");
     feed(&t, "\xa9", 0, "\xc3\xa9t\xc3\xa9");
     feed(&t, "\xe2\x82", 0, "\xc3\xa9t\xc3\xa9");
-    CHECK(nm_stop_text_release(&t, 1) == t.len, "final %zu of %zu", t.released, t.len);
+    CHECK(nm_stop_text_release(&t, 1) == t.text.len, "final %zu of %zu", t.released, t.text.len);
     nm_stop_text_free(&t);
 
     /* a multibyte stop string split across pieces */
@@ -142,7 +142,7 @@ static void test_stop_at_start_and_growth(void) {
     nm_stop_text t;
     if (init(&t, stops, 1)) return;
     feed(&t, "<|eot|>tail", 1, "");
-    CHECK(t.len == 0 && !t.buf[0], "len %zu", t.len);
+    CHECK(t.text.len == 0 && !t.text.buf[0], "len %zu", t.text.len);
     nm_stop_text_free(&t);
     nm_stop_text_free(&t); /* safe twice */
 
@@ -155,7 +155,7 @@ static void test_stop_at_start_and_growth(void) {
     }
     CHECK(nm_stop_text_release(&t, 0) == 1000 - 6, "released %zu", t.released);
     CHECK(nm_stop_text_append(&t, "<|eo", 4) == 0 && nm_stop_text_append(&t, "t|>", 3) == 1, "late stop");
-    CHECK(t.len == 1000 && nm_stop_text_release(&t, 0) == 1000, "len %zu released %zu", t.len, t.released);
+    CHECK(t.text.len == 1000 && nm_stop_text_release(&t, 0) == 1000, "len %zu released %zu", t.text.len, t.released);
     nm_stop_text_free(&t);
 }
 
