@@ -54,3 +54,27 @@ def numoe(request):
             pytest.fail("build/bin/numoe is not built: run `make`")
         pytest.skip("no sanitizer build (make BUILD=build-asan SAN=1)")
     return path
+
+
+# The tiny fixture models the worker tests run (tests/test_workers*.py), the prompt they
+# feed, and how close their logits must be to the in-process ones.
+FIX_MODELS = ROOT / "tests" / "fixtures" / "models"
+WORKER_MODELS = {
+    "v2-F32": FIX_MODELS / "deepseek-v2-tiny-F32-legacy.gguf",
+    "v2-Q8_0": FIX_MODELS / "deepseek-v2-tiny-Q8_0-legacy.gguf",
+    "v3-F32": FIX_MODELS / "deepseek-v3-tiny-F32-mla.gguf",
+    "v3-Q8_0": FIX_MODELS / "deepseek-v3-tiny-Q8_0-mla.gguf",
+}
+WORKER_SEQ = [0, 17, 200, 45, 3, 99, 150, 12, 8, 77, 240, 31, 5, 64, 128, 250, 33, 2, 190, 101]
+WORKER_TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["build", "build-asan"])
+def exe_and_worker(request):
+    """numoe of a build tree that also has numoe-worker."""
+    path = ROOT / request.param / "bin" / "numoe"
+    if not path.exists() or not (path.parent / "numoe-worker").exists():
+        if request.param == "build":
+            pytest.fail("build/bin/numoe and build/bin/numoe-worker are not built: run `make`")
+        pytest.skip("no sanitizer build of numoe + numoe-worker")
+    return path

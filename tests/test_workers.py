@@ -31,28 +31,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_clean, run, sanitizer_env
+from conftest import FIX_MODELS as FIX, WORKER_MODELS as MODELS, WORKER_SEQ as SEQ, WORKER_TOL as TOL
+from conftest import assert_clean, run, sanitizer_env
 
-FIX = ROOT / "tests" / "fixtures" / "models"
-MODELS = {
-    "v2-F32": FIX / "deepseek-v2-tiny-F32-legacy.gguf",
-    "v2-Q8_0": FIX / "deepseek-v2-tiny-Q8_0-legacy.gguf",
-    "v3-F32": FIX / "deepseek-v3-tiny-F32-mla.gguf",
-    "v3-Q8_0": FIX / "deepseek-v3-tiny-Q8_0-mla.gguf",
-}
-SEQ = [0, 17, 200, 45, 3, 99, 150, 12, 8, 77, 240, 31, 5, 64, 128, 250, 33, 2, 190, 101]
 MODES = {"prefill": [], "decode": ["--decode-from", "0"], "chunked": ["--decode-from", "10", "-b", "4"]}
-TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["build", "build-asan"])
-def exe(request):
-    path = ROOT / request.param / "bin" / "numoe"
-    if not path.exists() or not (path.parent / "numoe-worker").exists():
-        if request.param == "build":
-            pytest.fail("build/bin/numoe and build/bin/numoe-worker are not built: run `make`")
-        pytest.skip("no sanitizer build of numoe + numoe-worker")
-    return path
+@pytest.fixture(scope="module")
+def exe(exe_and_worker):
+    return exe_and_worker
 
 
 @pytest.fixture(scope="session")
