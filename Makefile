@@ -10,9 +10,14 @@ NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v n
 PYTHON  ?= python3
 
 PKGS := libzmq libprotobuf-c hwloc numa libpcre2-8 libmicrohttpd libcjson
+# The two README commands (`make demo`, `make test`) install the packages
+# first and then build in a sub-make, so this check must not stop them while
+# the Makefile is parsed: it runs only for goals that build directly.
+SETUP ?= tests/setup.sh
+NO_PKG_GOALS := deps clean test demo help
 PKG_OK := $(shell pkg-config --exists $(PKGS) && echo yes)
 ifneq ($(PKG_OK),yes)
-  ifeq ($(filter deps clean,$(MAKECMDGOALS)),)
+  ifneq ($(filter-out $(NO_PKG_GOALS),$(or $(MAKECMDGOALS),all)),)
     $(error pkg-config cannot find all of: $(PKGS). Run 'make deps' (or tests/setup.sh) as root to install libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libhwloc-dev libnuma-dev libpcre2-dev libmicrohttpd-dev libcjson-dev)
   endif
 endif
@@ -138,7 +143,7 @@ $(FUZZ_BIN): tests/fuzz/fuzz_gguf.c $(COMMON_SRC) kernels/quant_types.c
 	clang -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined $^ -o $@
 
 deps:
-	tests/setup.sh
+	$(SETUP)
 
 test: deps
 	$(MAKE) all
