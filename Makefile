@@ -44,10 +44,14 @@ PROTO_C    := $(patsubst %.proto,$(BUILD)/gen/%.pb-c.c,$(PROTO_SRC))
 PROTO_H    := $(PROTO_C:.c=.h)
 CFLAGS     += -I$(BUILD)/gen
 
+# One library per layer, each using only the ones below it (docs/LAYOUT.md):
+# common (+ proto) < kernels < model < coordinator < launch; worker uses
+# model and below.
 COMMON_SRC := $(wildcard common/*.c)
 WORKER_SRC := $(wildcard worker/*.c)
 KERNEL_SRC := $(wildcard kernels/*.c)
-COORD_SRC  := $(filter-out coordinator/main.c,$(wildcard coordinator/*.c))
+MODEL_SRC  := $(wildcard model/*.c)
+COORD_SRC  := $(wildcard coordinator/*/*.c coordinator/*/*/*.c)
 LAUNCH_SRC := $(wildcard launch/*.c)
 TEST_SRC   := $(wildcard tests/unit/test_*.c)
 CUDA_SRC   := $(wildcard kernels/cuda/*.cu)
@@ -57,9 +61,11 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
 LIB_COMMON  := $(BUILD)/lib/libnumoe_common.a
 LIB_KERNELS := $(BUILD)/lib/libnumoe_kernels.a
+LIB_MODEL   := $(BUILD)/lib/libnumoe_model.a
 LIB_COORD   := $(BUILD)/lib/libnumoe_coordinator.a
 SO_KERNELS  := $(BUILD)/lib/libnumoe_kernels.so
-LIBS := $(LIB_COORD) $(LIB_KERNELS) $(LIB_COMMON) $(LIB_KERNELS)
+LIBS := $(LIB_COORD) $(LIB_MODEL) $(LIB_KERNELS) $(LIB_COMMON)
+WORKER_LIBS := $(LIB_MODEL) $(LIB_KERNELS) $(LIB_COMMON)
 
 BIN_NUMOE  := $(BUILD)/bin/numoe
 BIN_WORKER := $(if $(WORKER_SRC),$(BUILD)/bin/numoe-worker)
@@ -100,8 +106,8 @@ PROTO_OBJ := $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(PROTO_C))
 # proto/*.c: the wire and shm-slot helpers both sides of numoe.proto use
 $(LIB_COMMON): $(call obj,$(COMMON_SRC) $(wildcard proto/*.c)) $(PROTO_OBJ)
 $(LIB_KERNELS): $(call obj,$(KERNEL_SRC))
-# worker/placement.c: the coordinator validates the placement before it spawns workers
-$(LIB_COORD): $(call obj,$(COORD_SRC) $(wildcard worker/placement.c))
+$(LIB_MODEL): $(call obj,$(MODEL_SRC))
+$(LIB_COORD): $(call obj,$(COORD_SRC))
 $(BUILD)/lib/%.a:
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
@@ -116,9 +122,9 @@ $(BIN_NUMOE): $(call obj,$(LAUNCH_SRC)) $(LIBS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $(call obj,$(LAUNCH_SRC)) $(LIBS) $(LDLIBS)
 
-$(BUILD)/bin/numoe-worker: $(call obj,$(WORKER_SRC)) $(LIBS)
+$(BUILD)/bin/numoe-worker: $(call obj,$(WORKER_SRC)) $(WORKER_LIBS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $(call obj,$(WORKER_SRC)) $(LIBS) $(LDLIBS)
+	$(CC) $(LDFLAGS) -o $@ $(call obj,$(WORKER_SRC)) $(WORKER_LIBS) $(LDLIBS)
 
 $(BUILD)/bin/test_%: $(BUILD)/obj/tests/unit/test_%.o $(LIBS)
 	@mkdir -p $(dir $@)
@@ -137,8 +143,8 @@ endif
 # libFuzzer target for the GGUF reader (clang only; see tests/fuzz/).
 FUZZ_BIN := $(BUILD)/fuzz/fuzz_gguf
 fuzz: $(FUZZ_BIN)
-# The reader needs only the type table from kernels/.
-$(FUZZ_BIN): tests/fuzz/fuzz_gguf.c $(COMMON_SRC) kernels/quant_types.c
+# The reader and what it uses are all in common/.
+$(FUZZ_BIN): tests/fuzz/fuzz_gguf.c $(COMMON_SRC)
 	@mkdir -p $(dir $@)
 	clang -std=c11 -D_GNU_SOURCE -g -O1 -I. -fsanitize=fuzzer,address,undefined $^ -o $@
 

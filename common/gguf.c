@@ -25,7 +25,8 @@
 #define MADV_POPULATE_READ 22
 #endif
 
-#include "kernels/quant.h"
+#include "common/clock.h"
+#include "common/ggml_type.h"
 
 #define GGUF_MAGIC 0x46554747u /* "GGUF" read as little-endian u32 */
 #define MAX_NAME_LEN 255       /* ggml allows 63; be a little generous */
@@ -681,8 +682,7 @@ int nm_gguf_get_str(const nm_gguf *g, const char *key, nm_str *out, nm_err *err)
 }
 
 double nm_gguf_prefault(const nm_gguf *g, int progress) {
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    double t0 = nm_now_s();
     size_t total = 0, done = 0, step = (size_t)1 << 30;
     for (int i = 0; i < g->n_files; i++) total += g->files[i].map ? g->files[i].size : 0;
     long page = sysconf(_SC_PAGESIZE);
@@ -703,6 +703,5 @@ double nm_gguf_prefault(const nm_gguf *g, int progress) {
         }
     }
     if (progress && total > step) fputc('\n', stderr);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    return (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    return nm_now_s() - t0;
 }

@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
+
 struct nm_worker {
     struct nm_pool *pool;
     int ith;
@@ -63,12 +65,6 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* Poll *word for up to spin_ns until (*word == value) == equal; returns
  * whether that happened. The clock is read only every 64 polls, and not
  * before the first 64, so a quick hand-over costs no clock read. After the
@@ -84,7 +80,7 @@ static int spin_for(atomic_uint *word, unsigned value, int equal, int spin_ns) {
             cpu_relax();
         }
         if (spin_ns <= 0) return 0;
-        const int64_t t = now_ns();
+        const int64_t t = nm_now_ns();
         if (!end)
             end = t + spin_ns;
         else if (t >= end)

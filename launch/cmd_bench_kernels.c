@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "kernels/matmul.h"
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
@@ -53,12 +54,6 @@ static void usage(FILE *f) {
             "  --reps N        timed repetitions per figure, best kept (default 5)\n"
             "  --gemm-tok N    tokens of the GEMM column, 0 to skip it (default 32)\n"
             "  --gemm-mb SIZE  MiB of weights the GEMM runs over (default 32)\n");
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 static int parse_long(const char *s, long lo, long hi, long *out) {
@@ -134,9 +129,9 @@ static double best_time(nm_pool *pool, nm_pool_fn fn, void *ctx, int reps, void 
     double best = 1e30;
     for (int r = 0; r < reps; r++) {
         if (reset) reset(ctx, nm_pool_size(pool));
-        const double t0 = now_s();
+        const double t0 = nm_now_s();
         nm_pool_run(pool, fn, ctx);
-        const double t = now_s() - t0;
+        const double t = nm_now_s() - t0;
         if (t < best) best = t;
     }
     return best;

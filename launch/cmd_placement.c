@@ -19,9 +19,9 @@
 #include <string.h>
 
 #include "common/gguf.h"
-#include "coordinator/model.h"
+#include "model/model.h"
 #include "launch/commands.h"
-#include "worker/placement.h"
+#include "model/placement.h"
 
 static int usage(FILE *f) {
     fprintf(f,

@@ -46,7 +46,8 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "coordinator/cli_workers.h"
+#include "common/clock.h"
+#include "coordinator/experts/remote.h"
 #include "launch/topology.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
@@ -83,8 +84,6 @@ typedef struct {
     int stopping;          /* a termination signal was passed on: no more restarts */
     void *zctx, *zsock;    /* made on first use: telling the coordinator a worker was given up */
 } launcher;
-
-static double now_s(void) { return (double)nm_wire_now_ns() * 1e-9; }
 
 static void describe_exit(int st, char *buf, size_t len) {
     if (WIFSIGNALED(st)) snprintf(buf, len, "killed by signal %d (%s)", WTERMSIG(st), strsignal(WTERMSIG(st)));
@@ -180,7 +179,7 @@ static int start_worker(launcher *L, lworker *w) {
         w->pid = 0;
         return -1;
     }
-    w->started = now_s();
+    w->started = nm_now_s();
     w->restart_at = 0;
     (void)L;
     return 0;
@@ -259,7 +258,7 @@ static void on_worker_exit(launcher *L, lworker *w, int st) {
         tell_coordinator(L, w, msg); /* so a layer waiting for it ends now */
         return;
     }
-    if (now_s() - w->started >= RESTART_RESET_S) w->in_row = 0;
+    if (nm_now_s() - w->started >= RESTART_RESET_S) w->in_row = 0;
     int reported = WIFEXITED(st) && WEXITSTATUS(st) == NM_WORKER_EXIT_ERROR;
     if (reported || w->in_row >= L->max_restarts) {
         w->finished = 1;
@@ -279,13 +278,13 @@ static void on_worker_exit(launcher *L, lworker *w, int st) {
     int nb = (int)(sizeof backoff_ms / sizeof *backoff_ms);
     int ms = backoff_ms[w->in_row < nb ? w->in_row : nb - 1];
     w->in_row++;
-    w->restart_at = now_s() + ms * 1e-3;
+    w->restart_at = nm_now_s() + ms * 1e-3;
     fprintf(stderr, "numoe: worker %d (pid %d) %s; restarting it in %d ms (attempt %d of %d)\n", w->id, (int)pid, how,
             ms, w->in_row, L->max_restarts);
 }
 
 static void do_restarts(launcher *L) {
-    double t = now_s();
+    double t = nm_now_s();
     for (int i = 0; i < L->n; i++) {
         lworker *w = &L->w[i];
         if (w->finished || w->pid || w->restart_at <= 0 || w->restart_at > t) continue;
@@ -316,14 +315,14 @@ static void reap(launcher *L) {
 
 /* After the coordinator: the workers follow its Shutdown, or are made to. */
 static void wind_down(launcher *L, int coordinator_crashed) {
-    double t0 = now_s();
+    double t0 = nm_now_s();
     for (int phase = 0; phase < 3; phase++) {
         double grace = phase == 0 ? (coordinator_crashed ? 0.0 : 3.0) : 2.0;
         for (;;) {
             reap(L);
             int left = 0;
             for (int i = 0; i < L->n; i++) left += L->w[i].pid > 0;
-            if (!left || now_s() - t0 >= grace) break;
+            if (!left || nm_now_s() - t0 >= grace) break;
             struct timespec ts = {0, 2000000};
             nanosleep(&ts, NULL);
         }
@@ -334,7 +333,7 @@ static void wind_down(launcher *L, int coordinator_crashed) {
                 fprintf(stderr, "numoe: worker %d (pid %d) did not shut down; sending SIGTERM\n", i, (int)w->pid);
             if (phase < 2) kill(w->pid, phase == 0 ? SIGTERM : SIGKILL), w->told_to_end = 1;
         }
-        t0 = now_s();
+        t0 = nm_now_s();
     }
 }
 
@@ -371,7 +370,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     if (h && !strcmp(h, "zmq")) L.max_restarts = 0; /* the ZeroMQ hand-off cannot re-send a layer */
     nm_slot_sweep_stale();
     uint32_t rnd = 0;
-    if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != sizeof rnd) rnd = (uint32_t)nm_wire_now_ns();
+    if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != sizeof rnd) rnd = (uint32_t)nm_now_ns();
     snprintf(L.endpoint, sizeof L.endpoint, "ipc://@numoe-%d-%08x", (int)getpid(), rnd); /* abstract: no file */
     char nbuf[16];
     snprintf(nbuf, sizeof nbuf, "%d", n_workers);
@@ -448,7 +447,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
         for (int i = 0; i < L.n; i++)
             if (!L.w[i].finished && !L.w[i].pid && L.w[i].restart_at > 0 && (!next || L.w[i].restart_at < next))
                 next = L.w[i].restart_at;
-        double wait = next ? next - now_s() : 1.0;
+        double wait = next ? next - nm_now_s() : 1.0;
         if (wait < 0) wait = 0;
         struct timespec ts = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
         siginfo_t si;

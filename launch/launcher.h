@@ -16,7 +16,7 @@
 #ifndef NUMOE_LAUNCH_LAUNCHER_H
 #define NUMOE_LAUNCH_LAUNCHER_H
 
-#include "coordinator/session.h"
+#include "coordinator/cli/session.h"
 
 /* Whether argv (the whole `numoe <command> ...` line of a command that runs
  * a model) needs worker processes, and how many: fills *o from the shared

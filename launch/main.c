@@ -9,9 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "coordinator/cli.h"
-#include "coordinator/cli_text.h"
-#include "coordinator/cli_workers.h"
+#include "coordinator/cli/commands.h"
 #include "launch/commands.h"
 #include "launch/launcher.h"
 

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "proto/wire.h"
 
 static uint64_t page_up(uint64_t n) { return (n + NM_SLOT_PAGE - 1) & ~(uint64_t)(NM_SLOT_PAGE - 1); }
@@ -131,12 +132,6 @@ void nm_slot_unmap(nm_slot *s) {
 
 /* ---- doorbell ---- */
 
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -162,18 +157,18 @@ int nm_doorbell_wait(nm_doorbell *d, unsigned old, int64_t spin_ns, int64_t time
             cpu_relax();
         }
         if (spin_ns <= 0) break;
-        int64_t t = now_ns();
+        int64_t t = nm_now_ns();
         if (!t0) t0 = t, end_spin = t + spin_ns;
         else if (t >= end_spin) break;
         if (round >= 8) sched_yield();
     }
-    if (!t0) t0 = now_ns();
+    if (!t0) t0 = nm_now_ns();
     atomic_store(&d->sleeping, 1);
     int rc = 0;
     while (atomic_load(word) == old) {
         struct timespec ts, *tp = NULL;
         if (timeout_ns >= 0) {
-            int64_t left = t0 + timeout_ns - now_ns();
+            int64_t left = t0 + timeout_ns - nm_now_ns();
             if (left <= 0) {
                 rc = 1;
                 break;

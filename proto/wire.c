@@ -1,12 +1,10 @@
-/* wire.c - Envelope framing over ZeroMQ and the identity checks of
- * registration (wire.h). */
+/* wire.c - Envelope framing over ZeroMQ (wire.h). */
 #include "proto/wire.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <zmq.h>
 
 const char *nm_build_id(void) {
@@ -15,12 +13,6 @@ const char *nm_build_id(void) {
         snprintf(id, sizeof id, "numoe proto %u, gcc %s, built %s %s", NM_PROTOCOL_VERSION, __VERSION__, __DATE__,
                  __TIME__);
     return id;
-}
-
-int64_t nm_wire_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 int nm_wire_send(void *sock, const nm_routing_id *rid, const Numoe__Envelope *env, nm_err *err) {
@@ -102,37 +94,4 @@ const char *nm_wire_msg_name(const Numoe__Envelope *env) {
     case NUMOE__ENVELOPE__MSG_ERROR: return "Error";
     default: return "an empty Envelope";
     }
-}
-
-uint64_t nm_fnv1a64(uint64_t h, const void *data, size_t n) {
-    const uint8_t *p = data;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
-    return h;
-}
-
-static int is_routed(const char *name) { return strstr(name, "_exps.") != NULL; }
-
-void nm_model_identity(const nm_gguf *g, uint64_t *file_bytes, uint64_t *header_hash) {
-    uint64_t bytes = 0, h = NM_FNV_OFFSET;
-    for (int i = 0; i < g->n_files; i++) bytes += g->files[i].size;
-    /* the whole header of the first part: metadata and every tensor's name, type, shape, offset */
-    h = nm_fnv1a64(h, g->files[0].map, g->files[0].data_offset);
-    /* and a sample of the routed weights themselves (files of one generator
-     * with different seeds share the header) */
-    for (uint64_t i = 0; i < g->n_tensors; i++) {
-        const nm_gguf_tensor *t = &g->tensors[i];
-        if (!is_routed(t->name)) continue;
-        size_t n = t->nbytes < 4096 ? t->nbytes : 4096;
-        h = nm_fnv1a64(h, t->data, n);
-        h = nm_fnv1a64(h, (const uint8_t *)t->data + t->nbytes - n, n);
-    }
-    *file_bytes = bytes;
-    *header_hash = h;
-}
-
-uint64_t nm_routed_expert_bytes(const nm_gguf *g) {
-    uint64_t b = 0;
-    for (uint64_t i = 0; i < g->n_tensors; i++)
-        if (is_routed(g->tensors[i].name)) b += g->tensors[i].nbytes;
-    return b;
 }

@@ -1,7 +1,8 @@
 /* wire.h - numoe.proto messages over ZeroMQ, shared by the coordinator, the
  * workers and `numoe bench ipc`: one Envelope per frame (a ROUTER peer
- * prefixes the frame with the peer's routing id), the protocol version, the
- * build id and the model identity both sides compare at registration. */
+ * prefixes the frame with the peer's routing id), the protocol version and
+ * the build id. What both sides compare about the model at registration is
+ * model/identity.h. */
 #ifndef NUMOE_PROTO_WIRE_H
 #define NUMOE_PROTO_WIRE_H
 
@@ -9,7 +10,6 @@
 #include <stdint.h>
 
 #include "common/error.h"
-#include "common/gguf.h"
 #include "proto/numoe.pb-c.h"
 
 /* The protocol this tree speaks (numoe.proto: Protocol.PROTOCOL_CURRENT). */
@@ -42,16 +42,5 @@ int nm_wire_recv(void *sock, int timeout_ms, nm_routing_id *rid, Numoe__Envelope
 
 /* Name of the message in an Envelope ("Register", ...), for errors. */
 const char *nm_wire_msg_name(const Numoe__Envelope *env);
-
-/* Fills file_bytes and header_hash (see numoe.proto: ModelIdentity). */
-void nm_model_identity(const nm_gguf *g, uint64_t *file_bytes, uint64_t *header_hash);
-
-/* Bytes of every routed-expert tensor (ffn_{gate,up,down}_exps) of a model. */
-uint64_t nm_routed_expert_bytes(const nm_gguf *g);
-
-uint64_t nm_fnv1a64(uint64_t h, const void *data, size_t n);
-#define NM_FNV_OFFSET 0xcbf29ce484222325ull
-
-int64_t nm_wire_now_ns(void);
 
 #endif

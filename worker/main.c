@@ -51,14 +51,16 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "common/clock.h"
 #include "common/gguf.h"
-#include "coordinator/model.h"
+#include "model/identity.h"
+#include "model/model.h"
 #include "kernels/threadpool.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
 #include "proto/wire_key.h"
 #include "worker/numa_bind.h"
-#include "worker/placement.h"
+#include "model/placement.h"
 #include "worker/shard.h"
 
 enum { FAULT_NONE, FAULT_DIE, FAULT_HANG, FAULT_ERROR };
@@ -357,7 +359,7 @@ static int poll_control(worker *w, int timeout_ms) {
         case NUMOE__ENVELOPE__MSG_HEARTBEAT: {
             Numoe__Heartbeat hb = NUMOE__HEARTBEAT__INIT;
             hb.seq = env->heartbeat->seq;
-            hb.time_ns = (uint64_t)nm_wire_now_ns();
+            hb.time_ns = (uint64_t)nm_now_ns();
             hb.slot_bytes = w->slot.bytes;
             hb.requests = w->requests;
             out.msg_case = NUMOE__ENVELOPE__MSG_HEARTBEAT, out.heartbeat = &hb;
@@ -368,7 +370,7 @@ static int poll_control(worker *w, int timeout_ms) {
             Numoe__MoeRequest *rq = env->moe_request;
             Numoe__MoeReply rp = NUMOE__MOE_REPLY__INIT;
             char msg[NM_SLOT_ERROR_LEN] = "";
-            int64_t t0 = nm_wire_now_ns();
+            int64_t t0 = nm_now_ns();
             rp.seq = rq->seq, rp.layer = rq->layer;
             if (rq->x.len || rq->ids.len || rq->weights.len)
                 snprintf(msg, sizeof msg, "inline activations go to --listen (tcp) workers; this spawned worker reads its shm slot");
@@ -381,7 +383,7 @@ static int poll_control(worker *w, int timeout_ms) {
             w->requests++;
             rp.status = msg[0] ? NUMOE__STATUS__STATUS_ERROR : NUMOE__STATUS__STATUS_OK;
             rp.error = msg;
-            rp.compute_ns = (uint64_t)(nm_wire_now_ns() - t0);
+            rp.compute_ns = (uint64_t)(nm_now_ns() - t0);
             out.msg_case = NUMOE__ENVELOPE__MSG_MOE_REPLY, out.moe_reply = &rp;
             send_env(w, &out);
             break;
@@ -406,7 +408,7 @@ static void serve_doorbell(worker *w) {
         }
         unsigned req = atomic_load_explicit(&h->req.seq, memory_order_acquire);
         last = req;
-        int64_t t0 = nm_wire_now_ns();
+        int64_t t0 = nm_now_ns();
         int stop = 0, status = 0;
         char msg[NM_SLOT_ERROR_LEN] = "";
         switch (h->op) {
@@ -420,7 +422,7 @@ static void serve_doorbell(worker *w) {
         }
         h->status = status;
         if (status) memcpy(h->error, msg, sizeof h->error);
-        h->compute_ns = (uint64_t)(nm_wire_now_ns() - t0);
+        h->compute_ns = (uint64_t)(nm_now_ns() - t0);
         nm_doorbell_ring(&h->done, req);
         if (stop) return;
     }
@@ -457,7 +459,7 @@ static void serve_listen(worker *w) {
             Numoe__MoeRequest *rq = env->moe_request;
             Numoe__MoeReply rp = NUMOE__MOE_REPLY__INIT;
             char msg[NM_SLOT_ERROR_LEN] = "";
-            int64_t t0 = nm_wire_now_ns();
+            int64_t t0 = nm_now_ns();
             uint8_t *o = NULL;
             size_t ob = 0;
             rp.seq = rq->seq, rp.layer = rq->layer;
@@ -466,7 +468,7 @@ static void serve_listen(worker *w) {
             rp.status = msg[0] ? NUMOE__STATUS__STATUS_ERROR : NUMOE__STATUS__STATUS_OK;
             rp.error = msg;
             if (!msg[0]) rp.out.data = o, rp.out.len = ob;
-            rp.compute_ns = (uint64_t)(nm_wire_now_ns() - t0);
+            rp.compute_ns = (uint64_t)(nm_now_ns() - t0);
             out.msg_case = NUMOE__ENVELOPE__MSG_MOE_REPLY, out.moe_reply = &rp;
             nm_wire_send(w->sock, &rid, &out, NULL);
             break;
@@ -543,7 +545,7 @@ int main(int argc, char **argv) {
     w.n_layer = m.hp.n_layer;
     if (!(w.is_moe = calloc((size_t)w.n_layer, 1))) fail(&w, "out of memory");
     for (int64_t l = 0; l < w.n_layer; l++) w.is_moe[l] = (uint8_t)m.layers[l].is_moe;
-    int64_t t_build = nm_wire_now_ns();
+    int64_t t_build = nm_now_ns();
     int rc = nm_placement_for_model_spec(&p, &m, w.placement, w.n_workers, &err);
     w.kind = p.kind;
     uint64_t place_hash = rc ? 0 : nm_placement_hash(&p);
@@ -555,7 +557,7 @@ int main(int argc, char **argv) {
     if (!rc && w.shard.reused)
         fprintf(stderr, "numoe-worker %d: re-mapped its persistent shard /dev/shm%s%s read-only (%llu bytes, in %.1f ms; "
                 "nothing copied from the model)\n", w.id, w.shard_shm[0] == '/' ? "" : "/", w.shard_shm,
-                (unsigned long long)w.shard.weight_bytes, (double)(nm_wire_now_ns() - t_build) * 1e-6);
+                (unsigned long long)w.shard.weight_bytes, (double)(nm_now_ns() - t_build) * 1e-6);
     else if (!rc && w.shard_shm && w.attempt > 0)
         fprintf(stderr, "numoe-worker %d: no persistent shard %s to re-map: rebuilt it from the model\n", w.id,
                 w.shard_shm);
@@ -630,7 +632,7 @@ int main(int argc, char **argv) {
     numoe__envelope__free_unpacked(in, NULL);
     if (rc) fail(&w, "%s", err.msg);
     Numoe__Heartbeat hb = NUMOE__HEARTBEAT__INIT;
-    hb.time_ns = (uint64_t)nm_wire_now_ns();
+    hb.time_ns = (uint64_t)nm_now_ns();
     hb.slot_bytes = w.slot.bytes;
     Numoe__Envelope henv = NUMOE__ENVELOPE__INIT;
     henv.msg_case = NUMOE__ENVELOPE__MSG_HEARTBEAT, henv.heartbeat = &hb;

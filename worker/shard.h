@@ -26,10 +26,10 @@
 #include <stdint.h>
 
 #include "common/error.h"
-#include "coordinator/model.h"
+#include "model/model.h"
 #include "kernels/moe.h"
 #include "kernels/threadpool.h"
-#include "worker/placement.h"
+#include "model/placement.h"
 
 typedef struct {
     int n_groups;

@@ -14,8 +14,8 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "coordinator/scheduler.h"
-#include "coordinator/session.h"
+#include "coordinator/serve/scheduler.h"
+#include "coordinator/cli/session.h"
 
 static const char *MODELS[] = {
     "tests/fixtures/models/deepseek-v3-tiny-F32-mla.gguf",

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 
 #include "common/gguf.h"
-#include "coordinator/chat_template.h"
+#include "coordinator/text/chat_template.h"
 #include "kernels/quant.h"
 #include "tests/unit/check.h"
 

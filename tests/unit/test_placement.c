@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "tests/unit/check.h"
-#include "worker/placement.h"
+#include "model/placement.h"
 
 #define L 4 /* layers: 0 dense, 1..3 MoE */
 #define E 8

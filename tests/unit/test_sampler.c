@@ -6,7 +6,8 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "coordinator/sampler.h"
+#include "common/clock.h"
+#include "coordinator/text/sampler.h"
 #include "tests/unit/check.h"
 
 #define DEEPSEEK_VOCAB 129280
@@ -493,12 +494,6 @@ static void test_distribution(void) {
     }
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* timings on a DeepSeek-sized vocabulary (printed, not asserted: ASan runs here too) */
 static void test_speed(void) {
     int64_t n = DEEPSEEK_VOCAB;
@@ -515,10 +510,10 @@ static void test_speed(void) {
         if (open_s(&s, &v[j].p, n)) break;
         for (int i = 0; i < 64; i++) nm_sampler_accept(&s, (int32_t)(i * 977 % n));
         int reps = 50;
-        double t0 = now_s();
+        double t0 = nm_now_s();
         int32_t sink = 0;
         for (int r = 0; r < reps; r++) sink ^= nm_sampler_sample(&s, l, n);
-        double dt = (now_s() - t0) / reps;
+        double dt = (nm_now_s() - t0) / reps;
         CHECK(sink >= 0, "ids");
         fprintf(stderr, "     %-22s %8.1f us per token (vocab %lld)\n", v[j].name, dt * 1e6, (long long)n);
         nm_sampler_free(&s);

@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "coordinator/serve_api.h"
+#include "coordinator/serve/api.h"
 #include "tests/unit/check.h"
 
 #define OAI_CHAT NM_API_OPENAI_CHAT

@@ -4,7 +4,7 @@
 #include <stdint.h>
 
 #include "common/gguf.h"
-#include "coordinator/serve_info.h"
+#include "coordinator/serve/info.h"
 #include "tests/unit/check.h"
 
 static void name_is(const char *path, const char *want) {

@@ -1,7 +1,7 @@
 /* test_stop_text.c - stop strings over streamed text: found across pieces,
  * a possible start held back and released at the end, UTF-8 characters never
  * split, the earliest of several stop strings wins, empty ones ignored. */
-#include "coordinator/stop_text.h"
+#include "coordinator/text/stop_text.h"
 #include "tests/unit/check.h"
 
 static int init(nm_stop_text *t, const char *const *stops, int n) {

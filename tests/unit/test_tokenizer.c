@@ -13,7 +13,7 @@
 #include <string.h>
 
 #include "common/gguf.h"
-#include "coordinator/tokenizer.h"
+#include "coordinator/text/tokenizer.h"
 #include "tests/unit/check.h"
 
 #define TINY_MODEL "tests/fixtures/models/deepseek-v3-tiny-Q8_0-mla.gguf"

@@ -1,0 +1,128 @@
+/* cmd_bench.c - `numoe bench --model M.gguf -p 512 -n 128`: prefill and
+ * decode tokens/s, measured like llama-bench (pp: one batch of p tokens into
+ * an empty cache; tg: n single-token steps from an empty cache), so the two
+ * tables can be put side by side. Also prints the decode bound: the bytes a
+ * decode step must read (dense weights + the routed experts actually used)
+ * over a measured memory-copy bandwidth. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+
+#include "common/clock.h"
+#include "coordinator/cli/commands.h"
+#include "coordinator/cli/session.h"
+#include "kernels/quant.h"
+
+static int usage(FILE *f) {
+    fprintf(f,
+            "usage: numoe bench --model M.gguf [-p 512] [-n 128] [-r 1] [options]\n"
+            "  -p N                    prefill test: N tokens in one batch (0 = skip)\n"
+            "  -n N                    decode test: N single-token steps (0 = skip)\n"
+            "  -r N                    repetitions; the table shows mean and spread (default 1)\n"
+            "%s"
+            "`numoe bench kernels` benchmarks the GEMV kernels instead.\n",
+            nm_session_opts_help);
+    return f == stdout ? 0 : 2;
+}
+
+/* Bytes one decode step reads: every non-expert matrix once (embedding: one row)
+ * plus k of n_expert experts per MoE layer. */
+static double decode_bytes(const nm_model *m, int k) {
+    double b = 0;
+    const nm_gguf *g = m->gguf;
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        const nm_gguf_tensor *t = &g->tensors[i];
+        if (strstr(t->name, "_exps.")) b += (double)t->nbytes * k / (double)m->hp.n_expert;
+        else if (!strcmp(t->name, "token_embd.weight")) b += (double)t->nbytes / (double)t->ne[1];
+        else b += (double)t->nbytes;
+    }
+    return b;
+}
+
+static void stats(const double *v, int n, double *mean, double *sd) {
+    double s = 0, q = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    *mean = s / n;
+    for (int i = 0; i < n; i++) q += (v[i] - *mean) * (v[i] - *mean);
+    *sd = n > 1 ? sqrt(q / (n - 1)) : 0;
+}
+
+int nm_cmd_bench_model(int argc, char **argv) {
+    nm_session_opts so = {0};
+    long long p = 512, n = 128, reps = 1;
+    for (int i = 1; i < argc; i++) {
+        int r = nm_session_parse_opt(&so, argc, argv, &i, "numoe bench");
+        if (r < 0) return 2;
+        if (r) continue;
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return usage(stdout);
+        long long *dst = !strcmp(argv[i], "-p") ? &p : !strcmp(argv[i], "-n") ? &n : !strcmp(argv[i], "-r") ? &reps : NULL;
+        char *end;
+        if (!dst || i + 1 >= argc || (*dst = strtoll(argv[i + 1], &end, 10), *end) || *dst < 0) {
+            fprintf(stderr, "numoe bench: bad option or value: %s\n", argv[i]);
+            return usage(stderr);
+        }
+        i++;
+    }
+    if (reps < 1) reps = 1;
+    if (!so.ctx_size) so.ctx_size = (p > n ? p : n) + 8;
+    if (!so.batch) so.batch = p > 0 ? p : 1;
+    nm_session s;
+    nm_err err;
+    if (nm_session_open(&s, &so, &err)) {
+        fprintf(stderr, "numoe bench: %s\n", err.msg);
+        return 1;
+    }
+    const nm_hparams *hp = &s.model.hp;
+    int64_t len = p > n ? p : n;
+    int32_t *tok = malloc((size_t)(len + 1) * sizeof *tok);
+    float *logits = malloc((size_t)hp->n_vocab * sizeof *logits);
+    double *pp = calloc((size_t)reps, sizeof *pp), *tg = calloc((size_t)reps, sizeof *tg);
+    int rc = 1;
+    if (!tok || !logits || !pp || !tg) goto done;
+    uint64_t x = 12345;
+    for (int64_t i = 0; i <= len; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tok[i] = (int32_t)((x >> 33) % (uint64_t)hp->n_vocab);
+    }
+    /* warm-up: touches every page of the mapping used by one token */
+    if (nm_forward_tokens(&s.fwd, tok, 1, logits, 0, &err)) goto fail;
+    /* all prefill repetitions, then all decode ones, as llama-bench orders its tests */
+    for (long long r = 0; p && r < reps; r++) {
+        nm_forward_reset(&s.fwd);
+        double t0 = nm_now_s();
+        if (nm_forward_tokens(&s.fwd, tok, p, logits, 0, &err)) goto fail;
+        pp[r] = (double)p / (nm_now_s() - t0);
+    }
+    for (long long r = 0; n && r < reps; r++) {
+        nm_forward_reset(&s.fwd);
+        double t0 = nm_now_s();
+        for (long long i = 0; i < n; i++)
+            if (nm_forward_tokens(&s.fwd, tok + i, 1, logits, 0, &err)) goto fail;
+        tg[r] = (double)n / (nm_now_s() - t0);
+    }
+    double bytes = decode_bytes(&s.model, s.fwd.n_expert_used), m, sd;
+    printf("| model | threads | experts used | test | tokens/s |\n|---|---|---|---|---|\n");
+    if (p) {
+        stats(pp, (int)reps, &m, &sd);
+        printf("| %s | %d | %d | pp%lld | %.2f ± %.2f |\n", so.model_path, nm_pool_size(s.pool), s.fwd.n_expert_used, p,
+               m, sd);
+    }
+    if (n) {
+        stats(tg, (int)reps, &m, &sd);
+        printf("| %s | %d | %d | tg%lld | %.2f ± %.2f |\n", so.model_path, nm_pool_size(s.pool), s.fwd.n_expert_used, n,
+               m, sd);
+        printf("\ndecode reads %.1f MB of weights per token (dense + %d of %lld experts per MoE layer): "
+               "%.2f GB/s effective at the measured rate\n",
+               bytes / 1e6, s.fwd.n_expert_used, (long long)hp->n_expert, bytes * m / 1e9);
+    }
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "numoe bench: %s\n", err.msg);
+done:
+    free(tok), free(logits), free(pp), free(tg);
+    nm_session_close(&s);
+    return rc;
+}

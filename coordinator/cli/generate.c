@@ -1,0 +1,244 @@
+/* cmd_generate.c - `numoe generate`: a prompt in, a continuation out.
+ *
+ * With --tokens the prompt is token ids and stdout gets the generated ids
+ * (comma-separated, so two runs compare with diff); generation runs exactly
+ * -n tokens. With --prompt the text is tokenized with the model's tokenizer
+ * and the continuation is streamed as text, stopping at end-of-generation.
+ * Load summary and timings always go to stderr. Greedy unless --temp > 0. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/clock.h"
+#include "coordinator/cli/commands.h"
+#include "coordinator/text/sampler.h"
+#include "coordinator/cli/session.h"
+#include "coordinator/text/stop_text.h"
+#include "coordinator/text/tokenizer.h"
+
+static int usage(FILE *f) {
+    fprintf(f,
+            "usage: numoe generate --model M.gguf (--tokens 1,2,3 | --prompt TEXT) [-n 32] [options]\n"
+            "\n"
+            "  --tokens LIST           prompt token ids, comma-separated; prints generated ids, runs exactly -n\n"
+            "  --prompt TEXT           prompt text (BOS as the GGUF says; special-token text is matched);\n"
+            "                          prints the continuation as text, stops at end-of-generation\n"
+            "  --print-ids             with --prompt: print ids instead of text\n"
+            "  --ignore-eos            with --prompt: do not stop at end-of-generation\n"
+            "  --stop STRING           with --prompt: stop when the output ends with STRING, which is not\n"
+            "                          printed (repeatable)\n"
+            "  -n, --n-predict N       tokens to generate (default 32; 0 = only evaluate the prompt)\n"
+            "  --dump-logits FILE      write raw little-endian float32 rows of n_vocab: one per prompt\n"
+            "                          position (row i = logits after prompt token i), then one per\n"
+            "                          generated token (the logits after feeding it)\n"
+            "  --dump-routing FILE     write every routing decision as int32 records\n"
+            "                          {position, layer, expert ids...} (expert-used count per record)\n"
+            "  --decode-from K         evaluate prompt tokens K.. one at a time (decode path) instead of\n"
+            "                          in batches (default: whole prompt in chunks of --batch)\n"
+            "%s"
+            "sampling (generate defaults to greedy, --temp 0):\n%s",
+            nm_session_opts_help, nm_sampler_opts_help);
+    return f == stdout ? 0 : 2;
+}
+
+static int parse_tokens(const char *s, int32_t **out, size_t *n) {
+    size_t cap = 16, k = 0;
+    int32_t *v = malloc(cap * sizeof *v);
+    if (!v) return -1;
+    while (*s) {
+        char *end;
+        errno = 0;
+        long x = strtol(s, &end, 10);
+        if (end == s || errno || x < INT32_MIN || x > INT32_MAX || (*end && *end != ',')) {
+            free(v);
+            return -1;
+        }
+        if (k == cap) {
+            int32_t *nv = realloc(v, (cap *= 2) * sizeof *v);
+            if (!nv) return free(v), -1;
+            v = nv;
+        }
+        v[k++] = (int32_t)x;
+        s = *end ? end + 1 : end;
+    }
+    *out = v, *n = k;
+    return k > 0 ? 0 : (free(v), -1);
+}
+
+int nm_cmd_generate(int argc, char **argv) {
+    nm_session_opts so = {0};
+    nm_sampler_params sp = nm_sampler_params_default();
+    sp.temp = 0; /* reproducible by default; --temp turns sampling on */
+    const char *tokens_arg = NULL, *text = NULL, *dump = NULL, *route = NULL;
+    long long n_predict = 32, decode_from = -1;
+    int print_ids = 0, ignore_eos = 0, n_stops = 0;
+    const char *stops[16];
+    for (int i = 1; i < argc; i++) {
+        int r = nm_session_parse_opt(&so, argc, argv, &i, "numoe generate");
+        if (!r) r = nm_sampler_parse_opt(&sp, argc, argv, &i, "numoe generate");
+        if (r < 0) return 2;
+        if (r) continue;
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end = NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(stdout);
+        if (!strcmp(a, "--print-ids")) { print_ids = 1; continue; }
+        if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
+        if (!v) {
+            fprintf(stderr, "numoe generate: unknown option or missing value: %s\n", a);
+            return usage(stderr);
+        }
+        if (!strcmp(a, "--tokens")) tokens_arg = v;
+        else if (!strcmp(a, "--stop")) {
+            if (n_stops == 16) return fprintf(stderr, "numoe generate: at most 16 --stop strings\n"), 2;
+            stops[n_stops++] = v;
+        }
+        else if (!strcmp(a, "--prompt")) text = v;
+        else if (!strcmp(a, "--dump-logits")) dump = v;
+        else if (!strcmp(a, "--dump-routing")) route = v;
+        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) n_predict = strtoll(v, &end, 10);
+        else if (!strcmp(a, "--decode-from")) decode_from = strtoll(v, &end, 10);
+        else {
+            fprintf(stderr, "numoe generate: unknown option %s\n", a);
+            return usage(stderr);
+        }
+        if (end && (*end || end == v || n_predict < 0)) {
+            fprintf(stderr, "numoe generate: bad value '%s' for %s\n", v, a);
+            return 2;
+        }
+        i++;
+    }
+    if (!tokens_arg == !text) {
+        fprintf(stderr, "numoe generate: give exactly one of --tokens and --prompt\n");
+        return usage(stderr);
+    }
+    int32_t *prompt = NULL;
+    size_t n_prompt = 0;
+    if (tokens_arg && parse_tokens(tokens_arg, &prompt, &n_prompt)) {
+        fprintf(stderr, "numoe generate: --tokens must be comma-separated integers, got '%s'\n", tokens_arg);
+        return 2;
+    }
+    nm_session s;
+    nm_err err;
+    nm_tokenizer *tk = NULL;
+    nm_detok_stream *ds = NULL;
+    nm_sampler smp = {0};
+    float *logits = NULL;
+    int32_t *out = NULL;
+    FILE *df = NULL;
+    int rc = 1;
+    nm_stop_text st = {0}; /* the continuation; printed up to st.released */
+    size_t printed = 0;
+    if (nm_session_open(&s, &so, &err)) {
+        fprintf(stderr, "numoe generate: %s\n", err.msg);
+        free(prompt);
+        return 1;
+    }
+    int64_t V = s.model.hp.n_vocab;
+    if (text) {
+        if (nm_tokenizer_load(&tk, s.gguf, &err) ||
+            nm_tokenize(tk, text, strlen(text), nm_tokenizer_add_bos(tk), 1, &prompt, &n_prompt, &err))
+            goto fail;
+        if (n_prompt == 0) {
+            nm_errf(&err, "the prompt tokenized to nothing");
+            goto fail;
+        }
+        if (!print_ids && (!(ds = nm_detok_stream_new(tk, 0)) || nm_stop_text_init(&st, stops, n_stops))) goto oom;
+    }
+    if (nm_sampler_init_params(&smp, &sp, V, &err)) goto fail;
+    logits = malloc(n_prompt * (size_t)V * sizeof *logits);
+    out = malloc((size_t)(n_predict + 1) * sizeof *out);
+    if (!logits || !out) goto oom;
+    if (dump && !(df = fopen(dump, "wb"))) {
+        nm_errf(&err, "cannot write %s: %s", dump, strerror(errno));
+        goto fail;
+    }
+    if (route && !(s.fwd.route_log = fopen(route, "wb"))) {
+        nm_errf(&err, "cannot write %s: %s", route, strerror(errno));
+        goto fail;
+    }
+    if (decode_from < 0 || decode_from > (long long)n_prompt) decode_from = (long long)n_prompt;
+    double t0 = nm_now_s();
+    float *last = logits;
+    if (decode_from > 0) {
+        if (nm_forward_tokens(&s.fwd, prompt, decode_from, logits, df != NULL, &err)) goto fail;
+        last = df ? logits + (decode_from - 1) * V : logits;
+        if (df && fwrite(logits, sizeof *logits * (size_t)V, (size_t)decode_from, df) != (size_t)decode_from) goto wfail;
+    }
+    for (size_t t = (size_t)decode_from; t < n_prompt; t++) {
+        if (nm_forward_tokens(&s.fwd, prompt + t, 1, logits, 0, &err)) goto fail;
+        last = logits;
+        if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
+    }
+    for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
+    double t1 = nm_now_s();
+    long long j = 0;
+    for (; j < n_predict; j++) {
+        if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) goto oom;
+        if (text && !ignore_eos && nm_tokenizer_is_eog(tk, out[j])) break;
+        if (ds) {
+            const char *piece;
+            size_t len;
+            if (nm_detok_stream_feed(ds, out[j], &piece, &len, &err)) goto fail;
+            int stopped = nm_stop_text_append(&st, piece, len);
+            if (stopped < 0) goto oom;
+            /* print all but a tail that might still become a stop string */
+            nm_stop_text_release(&st, 0);
+            fwrite(st.text.buf + printed, 1, st.released - printed, stdout);
+            printed = st.released;
+            if (stopped) {
+                j++;
+                break;
+            }
+        } else {
+            printf("%s%d", j ? "," : "", out[j]);
+        }
+        fflush(stdout);
+        if (!df && j + 1 == n_predict) { j++; break; } /* the last token's logits are only needed for the dump */
+        if (nm_forward_tokens(&s.fwd, out + j, 1, logits, 0, &err)) goto fail;
+        last = logits;
+        if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
+    }
+    if (ds) {
+        /* what the stream still holds ends the text, unless a stop string did */
+        size_t len;
+        const char *tail = nm_detok_stream_flush(ds, &len);
+        if (nm_stop_text_append(&st, tail, len) < 0) goto oom;
+        nm_stop_text_release(&st, 1);
+        fwrite(st.text.buf + printed, 1, st.released - printed, stdout);
+    }
+    if (j || ds) putchar('\n');
+    double t2 = nm_now_s();
+    fprintf(stderr, "numoe: prompt %zu tokens in %.3f s (%.2f tok/s), generated %lld tokens in %.3f s (%.2f tok/s)\n",
+            n_prompt, t1 - t0, (double)n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), j, t2 - t1,
+            (double)j / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
+    rc = 0;
+    goto done;
+oom:
+    nm_errf(&err, "out of memory");
+    goto fail;
+wfail:
+    nm_errf(&err, "writing %s failed: %s", dump, strerror(errno));
+fail:
+    fprintf(stderr, "numoe generate: %s\n", err.msg);
+done:
+    if (df && fclose(df) && rc == 0) {
+        fprintf(stderr, "numoe generate: writing %s failed\n", dump);
+        rc = 1;
+    }
+    if (s.fwd.route_log && fclose(s.fwd.route_log) && rc == 0) {
+        fprintf(stderr, "numoe generate: writing %s failed\n", route);
+        rc = 1;
+    }
+    s.fwd.route_log = NULL;
+    nm_stop_text_free(&st);
+    nm_detok_stream_free(ds);
+    nm_tokenizer_free(tk);
+    nm_sampler_free(&smp);
+    free(logits);
+    free(out);
+    free(prompt);
+    nm_session_close(&s);
+    return rc;
+}

@@ -1,0 +1,52 @@
+/* session.h - everything one model run needs, opened from command-line
+ * style options: the mapped GGUF, the bound model, a thread pool, the expert
+ * backend and the forward state. Shared by `numoe generate` and `numoe bench`
+ * (and later chat / serve), so option handling and load reporting live in
+ * one place. */
+#ifndef NUMOE_COORDINATOR_CLI_SESSION_H
+#define NUMOE_COORDINATOR_CLI_SESSION_H
+
+#include "common/gguf.h"
+#include "coordinator/engine/cpu/forward.h"
+#include "model/model.h"
+
+typedef struct {
+    const char *model_path;
+    int threads;        /* <= 0: all online CPUs */
+    int64_t ctx_size;   /* 0: min(model context, 4096) */
+    int64_t batch;      /* prefill chunk, default 512 */
+    int experts_used;   /* 0: the model's expert_used_count */
+    int no_prefault;    /* leave the mapping to page in lazily */
+    /* routed experts in worker processes (coordinator/cli_workers.h) */
+    int workers;              /* 0: in this process; see workers_set */
+    int workers_set;          /* --workers given; otherwise one worker per NUMA node. The launcher
+                               * (launch/launcher.h) starts them and names their count in
+                               * NUMOE_LAUNCH_WORKERS, which then wins */
+    const char *placement;    /* NULL: "split" */
+    int worker_threads;       /* 0: the CPUs of a worker's node shared by the workers on it */
+    int worker_nodes[64];     /* --worker-nodes LIST: node of worker i = worker_nodes[i % n_worker_nodes] */
+    int n_worker_nodes;       /* 0: round-robin over the machine's nodes when it has several, else unbound */
+    double worker_timeout;    /* seconds; 0: 300 */
+    const char *worker_endpoints; /* --worker-endpoints tcp://h:p,...: workers started by hand (no spawn) */
+    const char *worker_key;       /* --worker-key FILE: CURVE key shared with those workers */
+} nm_session_opts;
+
+typedef struct {
+    nm_gguf *gguf;
+    nm_model model;
+    nm_pool *pool;
+    nm_expert_backend *experts;
+    nm_forward fwd;
+} nm_session;
+
+/* Parses one shared option at argv[*i] (advancing *i past its value).
+ * Returns 1 if consumed, 0 if not a session option, -1 on a bad value
+ * (message printed to stderr, prefixed with cmd). */
+int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, const char *cmd);
+/* The option lines for --help. */
+extern const char nm_session_opts_help[];
+
+int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err);
+void nm_session_close(nm_session *s);
+
+#endif

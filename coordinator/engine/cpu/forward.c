@@ -1,0 +1,326 @@
+/* forward.c - one batch of tokens through the model. The math follows
+ * reference §5 (= HF modeling_deepseek): names below are the paper's.
+ *
+ *   a      = RMSNorm(x)                        c_KV = RMSNorm(W_DKV a)   k_pe = RoPE(W_KR a)
+ *   q      = W_UQ RMSNorm(W_DQ a)  (or W_Q a)  q_nope | q_pe = split per head, q_pe = RoPE(q_pe)
+ *   absorbed MLA: q_abs = W_UK^T q_nope (per head, kv_lora wide), so
+ *   score(t,u) = kq_scale * (q_abs . c_KV[u] + q_pe . k_pe[u]),  o_c = sum_u softmax . c_KV[u],
+ *   o = W_UV o_c per head,  x += W_O o
+ *   x += FFN(RMSNorm(x)) with FFN dense, or routed MoE + shared experts.
+ * The cache holds only c_KV and k_pe; the same absorbed path serves prefill
+ * (matrix-matrix over the batch) and decode. */
+#include "coordinator/engine/cpu/forward.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coordinator/engine/router.h"
+#include "kernels/quant.h"
+
+/* Y[t][0..W->rows) = W_e X[t] for t < n; X rows are W->cols wide (contiguous),
+ * Y rows are y_stride apart. e selects a matrix of a stack (heads of k_b / v_b). */
+static void mm(nm_forward *f, const nm_mat *W, int64_t e, const float *X, int64_t n, float *Y, int64_t y_stride) {
+    nm_matmul(&f->mm, f->pool, W->type, nm_mat_row(W, e, 0), W->rows, W->cols, X, W->cols, n, Y, y_stride);
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static float silu(float v) { return v / (1.0f + expf(-v)); }
+
+int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_backend *experts, int64_t n_ctx,
+                    int64_t n_batch, int n_expert_used, nm_err *err) {
+    const nm_hparams *hp = &m->hp;
+    memset(f, 0, sizeof *f);
+    f->m = m, f->pool = pool, f->experts = experts;
+    f->n_batch = n_batch < 1 ? 1 : n_batch;
+    nm_matmul_ctx_init(&f->mm);
+    f->n_expert_used = n_expert_used > 0 ? n_expert_used : (int)hp->n_expert_used;
+    if (f->n_expert_used > hp->n_expert)
+        return nm_errf(err, "--experts-used %d exceeds the model's %lld experts", f->n_expert_used,
+                       (long long)hp->n_expert);
+    if (n_ctx < 1) return nm_errf(err, "context size must be positive");
+    int64_t T = f->n_batch, H = hp->n_embd, nh = hp->n_head, dk = hp->d_nope + hp->d_rope;
+    int64_t ffw = hp->n_ff > hp->n_ff_exp * hp->n_shared ? hp->n_ff : hp->n_ff_exp * hp->n_shared;
+    int nth = nm_pool_size(pool);
+    f->n_ctx = n_ctx;
+    f->kv = (nm_kv_cache){hp->n_layer, n_ctx, hp->kv_lora + hp->d_rope, 0, NULL, 0};
+    struct { float **p; int64_t n; } parts[] = {
+        {&f->x, T * H}, {&f->a, T * H}, {&f->q, T * nh * dk}, {&f->qa, T * (hp->q_lora > 0 ? hp->q_lora : 1)},
+        {&f->kv_new, T * f->kv.width}, {&f->gath, T * (hp->kv_lora > dk ? hp->kv_lora : dk)},
+        {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
+        {&f->o, T * nh * hp->d_v}, {&f->tmp, T * H}, {&f->hg, T * ffw}, {&f->hu, T * ffw},
+        {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->rw, T * hp->n_expert_used}, {&f->moe, T * H},
+        {&f->att, (int64_t)nth * n_ctx},
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) total += (size_t)parts[i].n + 16;
+    total += (size_t)(T * hp->n_expert_used) + 16; /* rid as int32 */
+    total += (size_t)T * 5 + 64;                  /* tkv (pointers), tpos (int64), tok (int32) */
+    if (!(f->buf = malloc(total * sizeof(float)))) {
+        nm_forward_free(f);
+        return nm_errf(err, "cannot allocate %zu MB of scratch for batches of %lld", total * 4 >> 20, (long long)T);
+    }
+    float *cur = f->buf;
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) *parts[i].p = cur, cur += parts[i].n + 16;
+    f->rid = (int32_t *)cur;
+    cur += T * hp->n_expert_used + 16;
+    f->tkv = (nm_kv_cache **)cur;
+    cur += 2 * T + 16;
+    f->tpos = (int64_t *)cur;
+    cur += 2 * T + 16;
+    f->tok = (int32_t *)cur;
+    if (nm_rope_init(&f->rope, (int)hp->d_rope, hp->rope_base, hp->rope_freq_scale, hp->yarn_ext_factor,
+                     hp->rope_n_ctx_orig)) {
+        nm_forward_free(f);
+        return nm_errf(err, "out of memory");
+    }
+    return 0;
+}
+
+void nm_forward_free(nm_forward *f) {
+    nm_kv_cache_free(&f->kv);
+    free(f->buf);
+    free(f->lbuf);
+    nm_rope_free(&f->rope);
+    nm_matmul_ctx_free(&f->mm);
+    memset(f, 0, sizeof *f);
+}
+
+void nm_forward_reset(nm_forward *f) { f->kv.n_pos = 0; }
+
+void nm_forward_rewind(nm_forward *f, int64_t n) {
+    if (n >= 0 && n < f->kv.n_pos) f->kv.n_pos = n;
+}
+
+/* Attention scores and the latent-space output for every (token, head):
+ * work split over heads x tokens; each thread has its own score row. */
+typedef struct {
+    nm_forward *f;
+    int layer;
+    int64_t n;
+    atomic_long next;
+} attn_job;
+
+static void attn_task(void *ctx, int ith, int nth) {
+    attn_job *j = ctx;
+    nm_forward *f = j->f;
+    const nm_hparams *hp = &f->m->hp;
+    int64_t nh = hp->n_head, kr = hp->kv_lora, W = f->kv.width;
+    /* the query [q_abs | q_pe] and a cache row [c | k_pe] line up, so a score
+     * is one float dot of width kv_lora + d_rope (the SIMD F32 kernel) */
+    nm_vec_dot_fn dot = nm_vec_dot(NM_TYPE_F32);
+    float *s = f->att + (size_t)ith * (size_t)f->n_ctx;
+    (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->n * nh) break;
+        int64_t t = u / nh, h = u % nh, last = f->tpos[t];
+        const nm_kv_cache *kv = f->tkv[t];
+        const float *qry = f->qabs + (t * nh + h) * W;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p <= last; p++) {
+            s[p] = dot(W, nm_kv_row(kv, j->layer, p), qry) * hp->kq_scale;
+            mx = s[p] > mx ? s[p] : mx;
+        }
+        float sum = 0;
+        for (int64_t p = 0; p <= last; p++) sum += s[p] = expf(s[p] - mx);
+        float *oc = f->oc + (t * nh + h) * kr;
+        memset(oc, 0, (size_t)kr * sizeof *oc);
+        for (int64_t p = 0; p <= last; p++) {
+            const float *row = nm_kv_row(kv, j->layer, p);
+            float pw = s[p] / sum;
+            for (int64_t c = 0; c < kr; c++) oc[c] += pw * row[c];
+        }
+    }
+}
+
+static void attention(nm_forward *f, int il, int64_t n) {
+    const nm_model *m = f->m;
+    const nm_hparams *hp = &m->hp;
+    const nm_layer *L = &m->layers[il];
+    int64_t H = hp->n_embd, nh = hp->n_head, dn = hp->d_nope, dr = hp->d_rope, dk = dn + dr, kr = hp->kv_lora;
+    int64_t W = kr + dr;
+    for (int64_t t = 0; t < n; t++) rmsnorm(f->a + t * H, f->x + t * H, L->attn_norm, H, hp->rms_eps);
+    if (L->q.data) {
+        mm(f, &L->q, 0, f->a, n, f->q, nh * dk);
+    } else {
+        mm(f, &L->q_a, 0, f->a, n, f->qa, hp->q_lora);
+        for (int64_t t = 0; t < n; t++)
+            rmsnorm(f->qa + t * hp->q_lora, f->qa + t * hp->q_lora, L->q_a_norm, hp->q_lora, hp->rms_eps);
+        mm(f, &L->q_b, 0, f->qa, n, f->q, nh * dk);
+    }
+    mm(f, &L->kv_a, 0, f->a, n, f->kv_new, W);
+    for (int64_t t = 0; t < n; t++) {
+        int64_t pos = f->tpos[t];
+        float *row = nm_kv_row(f->tkv[t], il, pos), *src = f->kv_new + t * W;
+        rmsnorm(row, src, L->kv_a_norm, kr, hp->rms_eps);
+        memcpy(row + kr, src + kr, (size_t)dr * sizeof *row);
+        nm_rope_apply(&f->rope, row + kr, pos);
+        for (int64_t h = 0; h < nh; h++) nm_rope_apply(&f->rope, f->q + t * nh * dk + h * dk + dn, pos);
+    }
+    /* q_abs[t][h] = k_b[h] q_nope[t][h]: one matrix-matrix product per head, written
+     * into [q_abs | q_pe] rows of the cache's width */
+    for (int64_t h = 0; h < nh; h++) {
+        for (int64_t t = 0; t < n; t++) {
+            memcpy(f->gath + t * dn, f->q + t * nh * dk + h * dk, (size_t)dn * 4);
+            memcpy(f->qabs + (t * nh + h) * W + kr, f->q + t * nh * dk + h * dk + dn, (size_t)dr * 4);
+        }
+        mm(f, &L->k_b, h, f->gath, n, f->qabs + h * W, nh * W);
+    }
+    attn_job j = {.f = f, .layer = il, .n = n};
+    atomic_init(&j.next, 0);
+    nm_pool_run(f->pool, attn_task, &j);
+    /* o[t][h] = v_b[h] o_c[t][h] */
+    for (int64_t h = 0; h < nh; h++) {
+        for (int64_t t = 0; t < n; t++) memcpy(f->gath + t * kr, f->oc + (t * nh + h) * kr, (size_t)kr * 4);
+        mm(f, &L->v_b, h, f->gath, n, f->o + h * hp->d_v, nh * hp->d_v);
+    }
+    mm(f, &L->out, 0, f->o, n, f->tmp, H);
+    for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
+}
+
+/* down(silu(gate a) * up a) into out; ff = the matrices' hidden width */
+static void ffn(nm_forward *f, const nm_mat *g, const nm_mat *u, const nm_mat *d, int64_t n, float *out) {
+    int64_t ff = g->rows;
+    mm(f, g, 0, f->a, n, f->hg, ff);
+    mm(f, u, 0, f->a, n, f->hu, ff);
+    for (int64_t i = 0; i < n * ff; i++) f->hg[i] = silu(f->hg[i]) * f->hu[i];
+    mm(f, d, 0, f->hg, n, out, d->rows);
+}
+
+static int feed_forward(nm_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const nm_layer *L = &f->m->layers[il];
+    int64_t H = hp->n_embd, E = hp->n_expert;
+    for (int64_t t = 0; t < n; t++) rmsnorm(f->a + t * H, f->x + t * H, L->ffn_norm, H, hp->rms_eps);
+    if (!L->is_moe) {
+        ffn(f, &L->gate, &L->up, &L->down, n, f->tmp);
+        for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
+        return 0;
+    }
+    int k = f->n_expert_used;
+    mm(f, &L->gate_inp, 0, f->a, n, f->rlog, E);
+    float *scratch = f->rlog + n * E;
+    for (int64_t t = 0; t < n; t++)
+        nm_route(hp, k, f->rlog + t * E, L->probs_b, f->rid + t * k, f->rw + t * k, scratch);
+    if (f->route_log)
+        for (int64_t t = 0; t < n; t++) {
+            int32_t head[2] = {(int32_t)f->tpos[t], il};
+            if (fwrite(head, sizeof head, 1, f->route_log) != 1 ||
+                fwrite(f->rid + t * k, sizeof *f->rid, (size_t)k, f->route_log) != (size_t)k)
+                return nm_errf(err, "writing the routing log failed");
+        }
+    if (f->experts->moe(f->experts, il, n, f->a, k, f->rid, f->rw, f->moe, err)) return -1;
+    if (hp->n_shared > 0) {
+        ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->tmp);
+        for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
+    }
+    for (int64_t i = 0; i < n * H; i++) f->x[i] += f->moe[i];
+    return 0;
+}
+
+/* The n tokens in f->tok, at the caches and positions of f->tkv / f->tpos,
+ * through every layer. Caches are not advanced here. */
+static int run_layers(nm_forward *f, int64_t n, nm_err *err) {
+    const nm_model *m = f->m;
+    const nm_hparams *hp = &m->hp;
+    int64_t H = hp->n_embd;
+    for (int64_t t = 0; t < n; t++)
+        nm_dequantize_row(m->tok_embd.type, nm_mat_row(&m->tok_embd, 0, f->tok[t]), f->x + t * H, H);
+    for (int il = 0; il < hp->n_layer; il++) {
+        attention(f, il, n);
+        if (feed_forward(f, il, n, err)) return -1;
+    }
+    return 0;
+}
+
+/* Final norm and output head for rows[0..n_rows) of x into dst (n_rows x n_vocab). */
+static void head(nm_forward *f, const int64_t *rows, int64_t n_rows, float *dst) {
+    const nm_model *m = f->m;
+    int64_t H = m->hp.n_embd;
+    for (int64_t i = 0; i < n_rows; i++) rmsnorm(f->a + i * H, f->x + rows[i] * H, m->out_norm, H, m->hp.rms_eps);
+    mm(f, &m->output, 0, f->a, n_rows, dst, m->hp.n_vocab);
+}
+
+static int check_tokens(const nm_forward *f, const int32_t *tokens, int64_t n, nm_err *err) {
+    for (int64_t t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= f->m->hp.n_vocab)
+            return nm_errf(err, "token id %d at input position %lld is outside the vocabulary (0..%lld)", tokens[t],
+                           (long long)t, (long long)f->m->hp.n_vocab - 1);
+    return 0;
+}
+
+int nm_forward_tokens(nm_forward *f, const int32_t *tokens, int64_t n, float *logits, int all_logits, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    if (n < 1) return nm_errf(err, "no tokens to evaluate");
+    if (!f->kv.data && nm_kv_cache_alloc(&f->kv, hp->n_layer, f->n_ctx, hp->kv_lora + hp->d_rope, err)) return -1;
+    if (f->kv.n_pos + n > f->kv.n_ctx)
+        return nm_errf(err, "context full: %lld cached + %lld new tokens exceed the context size %lld (raise --ctx-size)",
+                       (long long)f->kv.n_pos, (long long)n, (long long)f->kv.n_ctx);
+    if (check_tokens(f, tokens, n, err)) return -1;
+    for (int64_t done = 0; done < n; done += f->n_batch) {
+        int64_t c = n - done < f->n_batch ? n - done : f->n_batch;
+        int last_chunk = done + c == n;
+        for (int64_t t = 0; t < c; t++) f->tok[t] = tokens[done + t], f->tkv[t] = &f->kv, f->tpos[t] = f->kv.n_pos + t;
+        if (run_layers(f, c, err)) return -1;
+        f->kv.n_pos += c;
+        /* intermediate chunks only fill the cache unless every row's logits are wanted */
+        if (!logits || (!all_logits && !last_chunk)) continue;
+        int64_t first = all_logits ? 0 : c - 1;
+        for (int64_t t = first; t < c; t++) f->tpos[t - first] = t; /* tpos is free now: reuse as row list */
+        head(f, f->tpos, c - first, all_logits ? logits + done * hp->n_vocab : logits);
+    }
+    return 0;
+}
+
+int nm_forward_batch(nm_forward *f, nm_forward_seq *seqs, int n_seqs, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    int64_t n = 0, n_out = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        nm_forward_seq *q = &seqs[i];
+        if (q->n < 1) return nm_errf(err, "batch segment %d has no tokens", i);
+        if (q->kv->n_ctx > f->n_ctx || q->kv->width != hp->kv_lora + hp->d_rope || q->kv->n_layer != hp->n_layer)
+            return nm_errf(err, "batch segment %d: its cache does not fit this model / context", i);
+        if (q->kv->n_pos + q->n > q->kv->n_ctx)
+            return nm_errf(err, "batch segment %d: %lld cached + %lld new tokens exceed its context %lld", i,
+                           (long long)q->kv->n_pos, (long long)q->n, (long long)q->kv->n_ctx);
+        if (check_tokens(f, q->tokens, q->n, err)) return nm_err_prefix(err, "batch segment %d", i);
+        n += q->n;
+        n_out += q->logits != NULL;
+    }
+    if (n < 1) return nm_errf(err, "no tokens to evaluate");
+    if (n > f->n_batch)
+        return nm_errf(err, "a batch of %lld tokens exceeds the %lld the state was made for", (long long)n,
+                       (long long)f->n_batch);
+    if ((size_t)n_out > f->lbuf_rows) {
+        float *nb = realloc(f->lbuf, (size_t)n_out * (size_t)hp->n_vocab * sizeof *nb);
+        if (!nb) return nm_errf(err, "out of memory for %lld rows of logits", (long long)n_out);
+        f->lbuf = nb, f->lbuf_rows = (size_t)n_out;
+    }
+    int64_t t = 0;
+    for (int i = 0; i < n_seqs; i++)
+        for (int64_t k = 0; k < seqs[i].n; k++, t++)
+            f->tok[t] = seqs[i].tokens[k], f->tkv[t] = seqs[i].kv, f->tpos[t] = seqs[i].kv->n_pos + k;
+    if (run_layers(f, n, err)) return -1;
+    /* the last token of each segment that wants logits; tpos is reused as the row list */
+    int64_t r = 0;
+    t = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        t += seqs[i].n;
+        seqs[i].kv->n_pos += seqs[i].n;
+        if (seqs[i].logits) f->tpos[r++] = t - 1;
+    }
+    if (n_out) head(f, f->tpos, n_out, f->lbuf);
+    r = 0;
+    for (int i = 0; i < n_seqs; i++)
+        if (seqs[i].logits)
+            memcpy(seqs[i].logits, f->lbuf + (size_t)r++ * (size_t)hp->n_vocab, (size_t)hp->n_vocab * sizeof(float));
+    return 0;
+}

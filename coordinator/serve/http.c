@@ -1,0 +1,556 @@
+/* serve_http.c - the daemon, routing, auth, CORS, request bodies, metrics,
+ * the request log and the endpoints that need no generation (see
+ * serve_http.h; the generation endpoints are in serve_gen.c). */
+#include "coordinator/serve/http.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "coordinator/serve/http_int.h"
+
+static const char *const route_path[R_COUNT] = {
+    [R_ROOT] = "/",
+    [R_HEALTH] = "/health",
+    [R_METRICS] = "/metrics",
+    [R_V1_MODELS] = "/v1/models",
+    [R_V1_CHAT] = "/v1/chat/completions",
+    [R_V1_COMPLETIONS] = "/v1/completions",
+    [R_API_TAGS] = "/api/tags",
+    [R_API_CHAT] = "/api/chat",
+    [R_API_GENERATE] = "/api/generate",
+    [R_API_VERSION] = "/api/version",
+    [R_OTHER] = "other",
+};
+
+static const double buckets[NM_HTTP_N_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                   2.5,   5,    10,    30,   60,  120,  300, 600};
+
+int nm_http_ollama_style(const nm_http_req *r) {
+    return !strncmp(r->url, "/api/", 5); /* unknown /api/ paths too: Ollama clients read {"error": "..."} */
+}
+
+static nm_route route_of(const char *url) {
+    for (int r = 0; r < R_OTHER; r++)
+        if (!strcmp(url, route_path[r])) return (nm_route)r;
+    return R_OTHER;
+}
+
+static int is_post_route(nm_route r) {
+    return r == R_V1_CHAT || r == R_V1_COMPLETIONS || r == R_API_CHAT || r == R_API_GENERATE;
+}
+
+/* ---- responses ---- */
+
+void nm_http_add_cors(struct MHD_Response *resp) {
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", "*");
+}
+
+/* Logs and counts R once. Done when the answer is queued rather than when
+ * the daemon reports it complete, so a client that reads the answer and then
+ * scrapes /metrics always finds its request counted. */
+static void record_req(nm_http *h, nm_http_req *r, int status, int gone, const char *note) {
+    if (r->recorded) return;
+    r->recorded = 1;
+    nm_http_record(h, r->method, r->url, r->route, status, r->n_prompt, r->n_gen, nm_now_s() - r->t0, gone, note);
+}
+
+static enum MHD_Result queue(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status,
+                             struct MHD_Response *resp) {
+    nm_http_add_cors(resp);
+    enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    r->status = status;
+    if (ok == MHD_YES) record_req(h, r, status, r->gone, r->error);
+    return ok;
+}
+
+enum MHD_Result nm_http_reply(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status, const char *ctype,
+                              char *body, size_t len) {
+    static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}";
+    struct MHD_Response *resp;
+    if (!body) {
+        status = 500, ctype = "application/json";
+        resp = MHD_create_response_from_buffer(sizeof oom - 1, (void *)oom, MHD_RESPMEM_PERSISTENT);
+    } else {
+        resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    }
+    if (!resp) {
+        free(body);
+        return MHD_NO; /* the daemon closes the connection */
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    return queue(h, c, r, status, resp);
+}
+
+enum MHD_Result nm_http_reply_error(nm_http *h, struct MHD_Connection *c, nm_http_req *r, const nm_api_error *e) {
+    char *js = nm_api_error_json(e, nm_http_ollama_style(r));
+    snprintf(r->error, sizeof r->error, "%.*s", (int)sizeof r->error - 1, e->message); /* truncated on purpose */
+    return nm_http_reply(h, c, r, e->status, "application/json", js, js ? strlen(js) : 0);
+}
+
+enum MHD_Result nm_http_fail(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status, const char *type,
+                             const char *fmt, ...) {
+    nm_api_error e = {.status = status};
+    snprintf(e.type, sizeof e.type, "%s", type);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    va_end(ap);
+    return nm_http_reply_error(h, c, r, &e);
+}
+
+static enum MHD_Result reply_str(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status, const char *ctype,
+                                 const char *s) {
+    char *b = strdup(s);
+    return nm_http_reply(h, c, r, status, ctype, b, b ? strlen(b) : 0);
+}
+
+/* ---- the request log and metrics ---- */
+
+void nm_http_record(nm_http *h, const char *method, const char *url, nm_route route, int status, int64_t n_prompt,
+                    int64_t n_gen, double seconds, int gone, const char *note) {
+    nm_http_metrics *m = &h->met;
+    pthread_mutex_lock(&m->mu);
+    int i = 0;
+    while (i < m->n_status && (m->by_status[i].route != (int)route || m->by_status[i].status != status)) i++;
+    if (i == m->n_status && m->n_status < (int)(sizeof m->by_status / sizeof *m->by_status)) {
+        m->by_status[i].route = (int)route, m->by_status[i].status = status, m->by_status[i].n = 0;
+        m->n_status++;
+    }
+    if (i < m->n_status) m->by_status[i].n++;
+    for (int b = 0; b < NM_HTTP_N_BUCKETS; b++)
+        if (seconds <= buckets[b]) m->bucket[route][b]++;
+    m->count[route]++;
+    m->sum[route] += seconds;
+    if (n_prompt > 0) m->prompt_tokens += (uint64_t)n_prompt;
+    if (n_gen > 0) m->gen_tokens += (uint64_t)n_gen;
+    if (gone) m->client_gone++;
+    pthread_mutex_unlock(&m->mu);
+    atomic_fetch_sub(&h->reqs_in_flight, 1);
+    if (!h->o.log_requests) return;
+    /* one fprintf per line: stdio locks the stream, so lines of concurrent
+     * requests never interleave */
+    if (n_prompt || n_gen)
+        fprintf(stderr, "numoe serve: %s %s %d prompt %lld gen %lld tokens %.1f ms%s%s\n", method, url, status,
+                (long long)n_prompt, (long long)n_gen, seconds * 1e3, note && *note ? " - " : "", note ? note : "");
+    else
+        fprintf(stderr, "numoe serve: %s %s %d %.1f ms%s%s\n", method, url, status, seconds * 1e3,
+                note && *note ? " - " : "", note ? note : "");
+}
+
+static int render_metrics(nm_http *h, nm_text *o) {
+    nm_http_metrics *m = &h->met;
+    int bad = 0;
+    bad |= nm_text_printf(o,
+                          "# HELP numoe_up Whether the model is loaded and the server takes requests (0 while loading "
+                          "or shutting down).\n# TYPE numoe_up gauge\nnumoe_up %d\n",
+                          atomic_load(&h->state) == ST_READY);
+    bad |= nm_text_printf(o, "# HELP numoe_http_connections_open HTTP connections currently open.\n"
+                             "# TYPE numoe_http_connections_open gauge\nnumoe_http_connections_open %lld\n",
+                          (long long)atomic_load(&h->conns_open));
+    bad |= nm_text_printf(o, "# HELP numoe_http_requests_in_flight HTTP requests being answered.\n"
+                             "# TYPE numoe_http_requests_in_flight gauge\nnumoe_http_requests_in_flight %lld\n",
+                          (long long)atomic_load(&h->reqs_in_flight));
+    pthread_mutex_lock(&m->mu);
+    bad |= nm_text_printf(o, "# HELP numoe_http_requests_total HTTP requests answered, by route and status.\n"
+                             "# TYPE numoe_http_requests_total counter\n");
+    for (int i = 0; i < m->n_status; i++)
+        bad |= nm_text_printf(o, "numoe_http_requests_total{path=\"%s\",status=\"%d\"} %llu\n",
+                              route_path[m->by_status[i].route], m->by_status[i].status,
+                              (unsigned long long)m->by_status[i].n);
+    bad |= nm_text_printf(o, "# HELP numoe_http_request_duration_seconds Time from a request's arrival to the end of "
+                             "its response (streams included).\n"
+                             "# TYPE numoe_http_request_duration_seconds histogram\n");
+    for (int r = 0; r < R_COUNT; r++) {
+        if (!m->count[r]) continue;
+        for (int b = 0; b < NM_HTTP_N_BUCKETS; b++)
+            bad |= nm_text_printf(o, "numoe_http_request_duration_seconds_bucket{path=\"%s\",le=\"%g\"} %llu\n",
+                                  route_path[r], buckets[b], (unsigned long long)m->bucket[r][b]);
+        bad |= nm_text_printf(o,
+                              "numoe_http_request_duration_seconds_bucket{path=\"%s\",le=\"+Inf\"} %llu\n"
+                              "numoe_http_request_duration_seconds_sum{path=\"%s\"} %.6f\n"
+                              "numoe_http_request_duration_seconds_count{path=\"%s\"} %llu\n",
+                              route_path[r], (unsigned long long)m->count[r], route_path[r], m->sum[r], route_path[r],
+                              (unsigned long long)m->count[r]);
+    }
+    bad |= nm_text_printf(o,
+                          "# HELP numoe_http_prompt_tokens_total Prompt tokens of answered HTTP requests.\n"
+                          "# TYPE numoe_http_prompt_tokens_total counter\nnumoe_http_prompt_tokens_total %llu\n"
+                          "# HELP numoe_http_generated_tokens_total Tokens generated for answered HTTP requests.\n"
+                          "# TYPE numoe_http_generated_tokens_total counter\nnumoe_http_generated_tokens_total %llu\n"
+                          "# HELP numoe_http_client_gone_total Requests whose client went away before the end.\n"
+                          "# TYPE numoe_http_client_gone_total counter\nnumoe_http_client_gone_total %llu\n",
+                          (unsigned long long)m->prompt_tokens, (unsigned long long)m->gen_tokens,
+                          (unsigned long long)m->client_gone);
+    pthread_mutex_unlock(&m->mu);
+    pthread_rwlock_rdlock(&h->sched_lock);
+    if (h->m.sched) bad |= nm_sched_metrics(h->m.sched, o);
+    pthread_rwlock_unlock(&h->sched_lock);
+    return bad ? -1 : 0;
+}
+
+/* ---- the small endpoints ---- */
+
+static enum MHD_Result get_endpoint(nm_http *h, struct MHD_Connection *c, nm_http_req *r) {
+    int st = atomic_load(&h->state);
+    switch (r->route) {
+    case R_ROOT: return reply_str(h, c, r, 200, "text/plain; charset=utf-8", "numoe is running\n");
+    case R_HEALTH:
+        if (st == ST_READY) return reply_str(h, c, r, 200, "application/json", "{\"status\":\"ok\"}");
+        return reply_str(h, c, r, 503, "application/json",
+                         st == ST_LOADING ? "{\"status\":\"loading\"}" : "{\"status\":\"shutting down\"}");
+    case R_API_VERSION: return reply_str(h, c, r, 200, "application/json", "{\"version\":\"0.1.0\"}");
+    case R_METRICS: {
+        nm_text t = {0};
+        if (render_metrics(h, &t)) {
+            free(t.buf);
+            return nm_http_reply(h, c, r, 500, "", NULL, 0);
+        }
+        return nm_http_reply(h, c, r, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
+    }
+    default: break;
+    }
+    if (st == ST_LOADING) return nm_http_fail(h, c, r, 503, "server_error", "the model is still loading");
+    char *js = NULL;
+    if (r->route == R_V1_MODELS) {
+        js = nm_api_models_json(h->model_name, h->created);
+    } else if (r->route == R_API_TAGS) {
+        char params[32];
+        nm_serve_params_str(h->m.facts.n_params, params, sizeof params);
+        js = nm_api_tags_json(h->model_name, h->m.facts.size_bytes, h->m.facts.family, h->m.facts.quant, params,
+                              h->m.modified);
+    }
+    return nm_http_reply(h, c, r, 200, "application/json", js, js ? strlen(js) : 0);
+}
+
+/* ---- request dispatch ---- */
+
+/* Constant-time comparison, so response timing does not reveal how much of a
+ * guessed key was right. */
+static int key_ok(const char *want, const char *header) {
+    static const char bearer[] = "Bearer ";
+    if (!header || strncasecmp(header, bearer, sizeof bearer - 1)) return 0;
+    const char *got = header + sizeof bearer - 1;
+    while (*got == ' ') got++;
+    size_t lw = strlen(want), lg = strlen(got);
+    unsigned char diff = (unsigned char)(lw != lg);
+    for (size_t i = 0; i < lw; i++) diff |= (unsigned char)(want[i] ^ got[i < lg ? i : 0]);
+    return diff == 0;
+}
+
+static int needs_key(nm_route r) {
+    /* health and metrics stay open for probes and scrapers; the version and
+     * root answers say nothing about the model */
+    return r != R_HEALTH && r != R_METRICS && r != R_API_VERSION && r != R_ROOT;
+}
+
+/* Answers on the first call, before any body is read: preflight, unknown
+ * path, wrong method, missing key, declared body too large. 1 when answered. */
+static int early_answer(nm_http *h, struct MHD_Connection *c, nm_http_req *r, enum MHD_Result *res) {
+    const char *m = r->method;
+    if (!strcmp(m, "OPTIONS")) {
+        struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        if (!resp) return *res = MHD_NO, 1;
+        MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        const char *want = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Headers");
+        MHD_add_response_header(resp, "Access-Control-Allow-Headers", want ? want : "Authorization, Content-Type");
+        MHD_add_response_header(resp, "Access-Control-Max-Age", "86400");
+        *res = queue(h, c, r, 204, resp);
+        return 1;
+    }
+    if (r->route == R_OTHER) {
+        *res = nm_http_fail(h, c, r, 404, "not_found_error", "no endpoint %s %s", m, r->url);
+        return 1;
+    }
+    int post = is_post_route(r->route);
+    if (post ? strcmp(m, "POST") : strcmp(m, "GET") && strcmp(m, "HEAD")) {
+        nm_api_error e = {.status = 405};
+        snprintf(e.type, sizeof e.type, "invalid_request_error");
+        snprintf(e.message, sizeof e.message, "%s takes %s, not %s", r->url, post ? "POST" : "GET", m);
+        char *js = nm_api_error_json(&e, nm_http_ollama_style(r));
+        struct MHD_Response *resp =
+            js ? MHD_create_response_from_buffer(strlen(js), js, MHD_RESPMEM_MUST_FREE) : NULL;
+        if (!resp) return free(js), *res = MHD_NO, 1;
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS");
+        *res = queue(h, c, r, 405, resp);
+        return 1;
+    }
+    if (h->api_key && needs_key(r->route) &&
+        !key_ok(h->api_key, MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))) {
+        nm_api_error e = {.status = 401};
+        snprintf(e.type, sizeof e.type, "invalid_request_error");
+        snprintf(e.message, sizeof e.message, "missing or wrong API key: send 'Authorization: Bearer KEY'");
+        char *js = nm_api_error_json(&e, nm_http_ollama_style(r));
+        struct MHD_Response *resp =
+            js ? MHD_create_response_from_buffer(strlen(js), js, MHD_RESPMEM_MUST_FREE) : NULL;
+        if (!resp) return free(js), *res = MHD_NO, 1;
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+        *res = queue(h, c, r, 401, resp);
+        return 1;
+    }
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (post && cl && strtoull(cl, NULL, 10) > NM_HTTP_MAX_BODY) {
+        *res = nm_http_fail(h, c, r, 413, "invalid_request_error", "the request body (%s bytes) exceeds the limit of %u bytes",
+                            cl, NM_HTTP_MAX_BODY);
+        return 1;
+    }
+    return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls) {
+    nm_http *h = cls;
+    nm_http_req *r = *con_cls;
+    (void)version;
+    if (!r) {
+        if (!(r = calloc(1, sizeof *r))) return MHD_NO;
+        r->t0 = nm_now_s();
+        r->route = route_of(url);
+        snprintf(r->method, sizeof r->method, "%s", method);
+        snprintf(r->url, sizeof r->url, "%s", url);
+        *con_cls = r;
+        atomic_fetch_add(&h->reqs_in_flight, 1);
+        /* With a body on the way, refuse now rather than read megabytes we
+         * would throw away (the daemon then closes the connection). Without
+         * one, answer on the next call, which keeps the connection alive. */
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        int has_body = (cl && strtoull(cl, NULL, 10) > 0) ||
+                       MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+        enum MHD_Result res;
+        if (has_body && early_answer(h, c, r, &res)) return res;
+        r->checked = has_body;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        /* the body arrives in pieces; keep it unless it is already answered or
+         * too large (then it is read and dropped, and 413 goes at the end) */
+        if (!r->status && !r->too_large) {
+            if (r->body.len + *upload_size > NM_HTTP_MAX_BODY) {
+                r->too_large = 1;
+                free(r->body.buf);
+                r->body = (nm_text){0};
+            } else if (nm_text_append(&r->body, upload, *upload_size)) {
+                return MHD_NO;
+            }
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (r->status) return MHD_YES; /* answered on the first call */
+    if (!r->checked) {
+        r->checked = 1;
+        enum MHD_Result res;
+        if (early_answer(h, c, r, &res)) return res;
+    }
+    if (r->too_large)
+        return nm_http_fail(h, c, r, 413, "invalid_request_error", "the request body exceeds the limit of %u bytes",
+                            NM_HTTP_MAX_BODY);
+    if (!is_post_route(r->route)) return get_endpoint(h, c, r);
+    int st = atomic_load(&h->state);
+    if (st != ST_READY)
+        return nm_http_fail(h, c, r, 503, "server_error", "%s",
+                            st == ST_LOADING ? "the model is still loading" : "the server is shutting down");
+    nm_api_kind kind = r->route == R_V1_CHAT          ? NM_API_OPENAI_CHAT
+                       : r->route == R_V1_COMPLETIONS ? NM_API_OPENAI_COMPLETION
+                       : r->route == R_API_CHAT       ? NM_API_OLLAMA_CHAT
+                                                      : NM_API_OLLAMA_GENERATE;
+    return nm_gen_handle(h, c, r, kind);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
+    nm_http *h = cls;
+    nm_http_req *r = *con_cls;
+    (void)c;
+    if (!r) return;
+    *con_cls = NULL;
+    if (r->live) atomic_fetch_sub(&h->gen_live, 1);
+    if (!r->handed_off && !r->recorded) {
+        /* no answer was queued: the client left (or the connection broke)
+         * before the request was complete */
+        int gone = toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT || toe == MHD_REQUEST_TERMINATED_READ_ERROR;
+        record_req(h, r, r->status ? r->status : 499 /* nginx's "client closed request" */, gone,
+                   gone ? "client went away" : "connection closed");
+    }
+    free(r->body.buf);
+    free(r);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_ctx, enum MHD_ConnectionNotificationCode code) {
+    nm_http *h = cls;
+    (void)c, (void)socket_ctx;
+    atomic_fetch_add(&h->conns_open, code == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
+    /* A client that goes away mid-answer is routine, and the request's own
+     * log line says so: drop the daemon's messages about it (our stream
+     * callback ending with an error, a send to a closed socket). */
+    if (strstr(msg, "application error generating response") || strstr(msg, "no longer available for sending"))
+        return;
+    fprintf(stderr, "numoe serve: http: %s\n", msg);
+}
+
+/* ---- sockets ---- */
+
+int nm_http_conn_fd(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return ci ? ci->connect_fd : -1;
+}
+
+int nm_http_client_gone(int fd) {
+    if (fd < 0) return 0;
+    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&p, 1, 0) <= 0) return 0;
+    if (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) return 1;
+    if (p.revents & POLLIN) {
+        /* readable: either more bytes (a pipelined request: still there) or EOF */
+        char b;
+        ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    }
+    return 0;
+}
+
+/* Our own listening socket rather than the daemon's, for an error that names
+ * the address and errno, and SOCK_CLOEXEC so the worker processes started
+ * during loading do not inherit it (and keep the port after we exit). */
+static int listen_on(const char *host, int port, int *fd_out, int *port_out, nm_err *err) {
+    char ps[16];
+    snprintf(ps, sizeof ps, "%d", port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *ai, *a;
+    int rc = getaddrinfo(host, ps, &hints, &ai);
+    if (rc) return nm_errf(err, "cannot resolve --host %s: %s", host, gai_strerror(rc));
+    int fd = -1, e = 0;
+    for (a = ai; a; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) {
+            e = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one); /* restart right after a stop (TIME_WAIT) */
+        if (!bind(fd, a->ai_addr, a->ai_addrlen) && !listen(fd, 128)) break;
+        e = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(ai);
+    if (fd < 0) return nm_errf(err, "cannot listen on %s:%d: %s", host, port, strerror(e));
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    *port_out = port;
+    if (!getsockname(fd, (struct sockaddr *)&ss, &sl))
+        *port_out = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                   : ((struct sockaddr_in *)&ss)->sin_port);
+    *fd_out = fd;
+    return 0;
+}
+
+/* ---- life cycle ---- */
+
+int nm_http_start(nm_http **out, const nm_http_opts *o, nm_err *err) {
+    *out = NULL;
+    nm_http *h = calloc(1, sizeof *h);
+    if (!h) return nm_errf(err, "out of memory");
+    h->o = *o;
+    h->listen_fd = -1;
+    h->model_name = strdup(o->model_name);
+    h->host = strdup(o->host);
+    h->api_key = o->api_key ? strdup(o->api_key) : NULL;
+    pthread_mutex_init(&h->met.mu, NULL);
+    pthread_rwlock_init(&h->sched_lock, NULL);
+    atomic_init(&h->state, ST_LOADING);
+    if (getrandom(&h->salt, sizeof h->salt, 0) != sizeof h->salt) h->salt = (uint64_t)time(NULL) ^ (uint64_t)getpid();
+    if (!h->model_name || !h->host || (o->api_key && !h->api_key)) {
+        nm_errf(err, "out of memory");
+        goto fail;
+    }
+    if (listen_on(o->host, o->port, &h->listen_fd, &h->port, err)) goto fail;
+    if (!MHD_is_feature_supported(MHD_FEATURE_AUTOSUPPRESS_SIGPIPE)) signal(SIGPIPE, SIG_IGN);
+    /* Thread per connection: handlers block in nm_req_wait. MHD_USE_AUTO picks
+     * poll() over select(), whose FD_SETSIZE a busy process can pass. ITC is
+     * what MHD_quiesce_daemon needs. No idle timeout: a non-streamed answer
+     * can take many minutes with nothing on the wire. */
+    h->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG |
+                                MHD_USE_ITC | MHD_USE_AUTO,
+                            0, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
+                            MHD_OPTION_LISTEN_SOCKET, h->listen_fd, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_NOTIFY_CONNECTION, on_connection,
+                            h, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)0, MHD_OPTION_END);
+    if (!h->d) {
+        nm_errf(err, "cannot start the HTTP daemon on %s:%d (libmicrohttpd %s)", o->host, h->port, MHD_get_version());
+        goto fail;
+    }
+    *out = h;
+    return 0;
+fail:
+    if (h->listen_fd >= 0) close(h->listen_fd);
+    pthread_mutex_destroy(&h->met.mu);
+    pthread_rwlock_destroy(&h->sched_lock);
+    free(h->model_name), free(h->host), free(h->api_key);
+    free(h);
+    return -1;
+}
+
+int nm_http_port(const nm_http *h) { return h->port; }
+
+void nm_http_set_model(nm_http *h, const nm_http_model *m) {
+    pthread_rwlock_wrlock(&h->sched_lock);
+    h->m = *m;
+    h->created = (int64_t)time(NULL);
+    pthread_rwlock_unlock(&h->sched_lock);
+    atomic_store(&h->state, ST_READY);
+}
+
+nm_sched *nm_http_close_gate(nm_http *h) {
+    if (!h->quiesced) {
+        MHD_quiesce_daemon(h->d); /* hands back our listening socket; closed in nm_http_stop */
+        h->quiesced = 1;
+    }
+    atomic_store(&h->state, ST_STOPPING);
+    pthread_rwlock_wrlock(&h->sched_lock);
+    nm_sched *s = h->m.sched;
+    h->m.sched = NULL;
+    pthread_rwlock_unlock(&h->sched_lock);
+    return s;
+}
+
+void nm_http_stop(nm_http *h) {
+    if (!h) return;
+    if (!h->quiesced) MHD_quiesce_daemon(h->d), h->quiesced = 1;
+    /* The scheduler is gone, so every submitted request has ended and its
+     * handler is queueing or sending the last of its answer (a 503, the end
+     * of a stream). Stopping the daemon shuts every socket at once, so let
+     * those answers reach their clients first (bounded: a client that does
+     * not read must not hold the exit up). */
+    for (int i = 0; i < 1000 && atomic_load(&h->gen_live) > 0; i++) {
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    MHD_stop_daemon(h->d);
+    if (h->listen_fd >= 0) close(h->listen_fd);
+    pthread_mutex_destroy(&h->met.mu);
+    pthread_rwlock_destroy(&h->sched_lock);
+    free(h->model_name), free(h->host), free(h->api_key);
+    free(h);
+}

@@ -1,0 +1,66 @@
+/* serve_http.h - the HTTP server of `numoe serve` (libmicrohttpd): the
+ * OpenAI and Ollama endpoints, health, metrics, auth and CORS over one
+ * continuous-batching scheduler.
+ *
+ * Life cycle, as coordinator/cmd_serve.c drives it:
+ *   nm_http_start       binds and listens at once, so /health can answer 503
+ *                       {"status":"loading"} while the model loads (which may
+ *                       take minutes) and a port in use fails before any of it;
+ *   nm_http_set_model   hands over the loaded model side; /health turns 200;
+ *   nm_http_close_gate  stops accepting connections and new work and gives
+ *                       the scheduler back for the caller to destroy, which
+ *                       ends every request so blocked handlers return;
+ *   nm_http_stop        waits for the connection threads and frees it all.
+ *
+ * Threads: libmicrohttpd runs one thread per connection, so a handler may
+ * block in nm_req_wait (non-streamed answers wait in the request handler,
+ * streamed ones in the response's reader callback). */
+#ifndef NUMOE_COORDINATOR_SERVE_HTTP_H
+#define NUMOE_COORDINATOR_SERVE_HTTP_H
+
+#include <stdint.h>
+
+#include "common/error.h"
+#include "coordinator/text/chat_template.h"
+#include "coordinator/text/sampler.h"
+#include "coordinator/serve/scheduler.h"
+#include "coordinator/serve/info.h"
+#include "coordinator/text/tokenizer.h"
+
+typedef struct nm_http nm_http;
+
+typedef struct {
+    const char *host;       /* address or name to bind */
+    int port;               /* 0: any free port (nm_http_port says which) */
+    const char *api_key;    /* NULL: no authentication */
+    const char *model_name; /* the served name (copied) */
+    int log_requests;       /* one stderr line per request */
+} nm_http_opts;
+
+/* What the generation endpoints need; borrowed until nm_http_stop. */
+typedef struct {
+    nm_sched *sched;
+    const nm_tokenizer *tk;
+    nm_chat_tmpl tmpl;          /* NM_CHAT_TMPL_NONE: chat endpoints refuse */
+    int force_think;            /* prompts end inside "<think>\n" */
+    int reasoning;              /* split <think> blocks into reasoning fields (--reasoning-format deepseek) */
+    nm_sampler_params defaults; /* the server's sampler settings; requests override them */
+    nm_serve_model_facts facts; /* for /api/tags */
+    char modified[40];          /* model file mtime, ISO 8601 */
+} nm_http_model;
+
+/* Binds host:port and starts the daemon. 0, or -1 with err ("cannot listen
+ * on 127.0.0.1:10002: Address already in use"). */
+int nm_http_start(nm_http **out, const nm_http_opts *o, nm_err *err);
+/* The port actually bound. */
+int nm_http_port(const nm_http *h);
+/* The model is loaded: generation endpoints open, /health says ok. */
+void nm_http_set_model(nm_http *h, const nm_http_model *m);
+/* Stops accepting connections; requests that have not submitted yet get 503.
+ * Returns the scheduler (NULL if none was set) for the caller to destroy. */
+nm_sched *nm_http_close_gate(nm_http *h);
+/* Ends the daemon (waits for every connection thread) and frees H. Call
+ * after the scheduler is destroyed so no handler still waits on it. */
+void nm_http_stop(nm_http *h);
+
+#endif
