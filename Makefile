@@ -78,6 +78,9 @@ ifneq ($(NVCC),)
 endif
 
 .PHONY: all tests cuda test bench deps clean fuzz demo
+# Keep chained intermediates (test objects, generated protobuf headers): without
+# this make deletes them after each build and rebuilds them the next time.
+.SECONDARY:
 all: $(BIN_NUMOE) $(BIN_WORKER) $(SO_KERNELS) tests cuda
 tests: $(TEST_BINS)
 cuda: $(LIB_CUDA) $(CUDA_BINS)

@@ -47,8 +47,11 @@
 #include <zmq.h>
 
 #include "common/clock.h"
+#include "common/gguf.h"
 #include "coordinator/experts/remote.h"
 #include "launch/topology.h"
+#include "model/model.h"
+#include "model/placement.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
 
@@ -80,6 +83,7 @@ typedef struct {
     pid_t coord;
     int coord_status, coord_done;
     char endpoint[128];
+    const char *placement; /* --placement, or the one chose_placement() picked */
     int max_restarts;
     int stopping;          /* a termination signal was passed on: no more restarts */
     void *zctx, *zsock;    /* made on first use: telling the coordinator a worker was given up */
@@ -194,7 +198,7 @@ static int build_worker(launcher *L, lworker *w, const char *exe, const nm_sessi
     v[a++] = strdup("--model"), v[a++] = strdup(o->model_path);
     v[a++] = strdup("--worker-id"), v[a++] = xprintf("%d", w->id);
     v[a++] = strdup("--workers"), v[a++] = xprintf("%d", L->n);
-    v[a++] = strdup("--placement"), v[a++] = strdup(o->placement ? o->placement : "split");
+    v[a++] = strdup("--placement"), v[a++] = strdup(L->placement);
     v[a++] = strdup("--endpoint"), v[a++] = strdup(L->endpoint);
     v[a++] = strdup("--threads"), v[a++] = xprintf("%d", w->threads);
     if (w->node >= 0) v[a++] = strdup("--node"), v[a++] = xprintf("%d", w->node);
@@ -213,6 +217,41 @@ static int build_worker(launcher *L, lworker *w, const char *exe, const nm_sessi
     for (int i = 0; i < a; i++) fprintf(stderr, " %s", v[i]);
     fputc('\n', stderr);
     return 0;
+}
+
+/* The placement when the command names none: split (every worker a 1/N
+ * slice of every expert) unless this model's experts cannot be cut between
+ * n workers (their down rows have fewer quantisation blocks than there are
+ * workers: small models, many workers); then whole experts, and one line
+ * says why. An explicit --placement is used as given, so `--placement split`
+ * still fails with the validator's error. A model that does not load keeps
+ * split: the coordinator reports the model's error itself. */
+static const char *choose_placement(const nm_session_opts *o, int n) {
+    if (o->placement) return o->placement;
+    const char *pick = "split";
+    nm_gguf *g = NULL;
+    nm_model m;
+    nm_placement p;
+    nm_err why, err;
+    if (nm_gguf_open(o->model_path, &g, &err)) return pick;
+    if (!nm_model_load(&m, g, &err)) {
+        if (!nm_placement_for_model(&p, &m, NM_PLACE_SPLIT, n, &why)) {
+            nm_placement_free(&p);
+        } else if (!nm_placement_for_model(&p, &m, NM_PLACE_EXPERTS, n, &err)) {
+            nm_placement_free(&p);
+            pick = "experts";
+            /* the validator's reason, without its "placement split: " label and
+             * its advice (to use experts, which is what happens here) */
+            const char *r = why.msg, *lbl = "placement split: ";
+            if (!strncmp(r, lbl, strlen(lbl))) r += strlen(lbl);
+            const char *advice = strstr(r, "; use --placement");
+            fprintf(stderr, "numoe: placement experts (whole experts per worker) instead of the default split, which "
+                    "cannot hold this model on %d workers: %.*s\n", n, advice ? (int)(advice - r) : (int)strlen(r), r);
+        } /* neither fits: split, whose error the coordinator prints */
+        nm_model_free(&m);
+    }
+    nm_gguf_close(g);
+    return pick;
 }
 
 /* The coordinator is told through its control socket that worker w will not
@@ -379,6 +418,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
 
     if (!(L.w = calloc((size_t)n_workers, sizeof *L.w))) return fprintf(stderr, "numoe: out of memory\n"), 1;
     L.n = n_workers;
+    L.placement = choose_placement(o, n_workers);
     int machine_nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
     /* Placement on the machine (unless --worker-nodes names the nodes): the
      * topology's, as `numoe topology --workers N` prints it - whole nodes per
@@ -427,10 +467,12 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) sigaddset(&set, sigs[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
     for (int i = 0; i < L.n && !rc; i++) rc = start_worker(&L, &L.w[i]);
-    char **cargv = rc ? NULL : calloc((size_t)argc + 1, sizeof *cargv);
+    char **cargv = rc ? NULL : calloc((size_t)argc + 3, sizeof *cargv);
     if (cargv) {
         cargv[0] = "numoe-coordinator";
         for (int i = 1; i < argc; i++) cargv[i] = argv[i];
+        if (!o->placement) /* the coordinator must expect the placement the workers were given */
+            cargv[argc] = "--placement", cargv[argc + 1] = (char *)L.placement;
         L.coord = start(self, cargv, 0, NULL);
         if (L.coord < 0) fprintf(stderr, "numoe: cannot start the coordinator: fork: %s\n", strerror(errno)), L.coord = 0;
         free(cargv);

@@ -3,6 +3,8 @@ and the NUMA topology / numactl lines (`numoe topology`) on hwloc synthetic
 machines. Until launch/main.c dispatches `placement` and `topology`, the
 commands are reached through a small driver linked from build/obj."""
 
+import re
+
 import pytest
 
 from conftest import ROOT, assert_clean, run, sanitizer_env
@@ -137,15 +139,99 @@ def test_topology_env_and_one_socket(numoe):
     assert p.returncode == 1 and "has 2 cores, fewer than its 3 workers" in p.stderr
 
 
+def cpu_list(text):
+    """CPUs of a kernel list such as "0-3,8,10-11"."""
+    out = set()
+    for part in text.strip().split(","):
+        if part:
+            a, _, b = part.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def cgroup_cpus():
+    """The CPUs this cgroup's cpuset lets its processes use (what hwloc calls allowed;
+    a process's own affinity, e.g. from taskset, does not restrict hwloc), or None."""
+    from pathlib import Path
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, ctrls, path = line.split(":", 2)
+        if hid == "0":
+            cand = [Path("/sys/fs/cgroup") / path.lstrip("/") / "cpuset.cpus.effective"]
+        elif "cpuset" in ctrls.split(","):
+            cand = [Path("/sys/fs/cgroup/cpuset") / path.lstrip("/") / "cpuset.effective_cpus"]
+        else:
+            continue
+        for f in cand:
+            if f.exists() and f.read_text().strip():
+                return cpu_list(f.read_text())
+    return None
+
+
+def machine_nodes():
+    """{node: (CPUs, cores, MemTotal bytes)} as Linux describes this machine, read without
+    hwloc: /sys/devices/system/node (online nodes this process may allocate on), each
+    node's cpulist, online CPUs the cgroup allows, a core per distinct thread-siblings
+    list, the node's MemTotal."""
+    from pathlib import Path
+    online = cpu_list(Path("/sys/devices/system/cpu/online").read_text())
+    allowed = cgroup_cpus()
+    cpus_ok = online & allowed if allowed else online
+    status = Path("/proc/self/status").read_text()
+    mems = cpu_list(re.search(r"^Mems_allowed_list:\s*(\S+)", status, re.M).group(1))
+    base = Path("/sys/devices/system/node")
+    out = {}
+    for node in sorted(cpu_list((base / "online").read_text()) & mems):
+        d = base / f"node{node}"
+        cpus = cpu_list(d.joinpath("cpulist").read_text()) & cpus_ok
+        cores = {Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+                 for c in cpus}
+        kb = int(re.search(r"MemTotal:\s+(\d+) kB", d.joinpath("meminfo").read_text()).group(1))
+        out[node] = (cpus, len(cores), kb * 1024)
+    return out
+
+
+def shown_bytes(b):
+    """Memory as numoe topology prints it."""
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def test_topology_this_machine(numoe):
+    """`numoe topology` on this machine: the nodes, cores, CPUs and memory that Linux
+    reports (read from /sys, not through hwloc), and one numactl line per node."""
+    if not __import__("pathlib").Path("/sys/devices/system/node/online").exists():
+        pytest.skip("this kernel has no /sys/devices/system/node (built without NUMA)")
     env = {k: v for k, v in sanitizer_env().items() if k != "HWLOC_SYNTHETIC"}
     # hwloc's pci plugin (libpciaccess, loaded with dlopen) leaks ~1 KB at exit, which
     # LeakSanitizer reports from an unloaded module; numoe's own code is what this checks
     env["HWLOC_COMPONENTS"] = "-pci"
+    before = machine_nodes()
     p = run([numoe, "topology"], env=env)
+    after = machine_nodes()  # a VM's balloon can move MemTotal while numoe runs
     assert_clean(p)
     assert p.returncode == 0, p.stderr
-    assert "numactl --cpunodebind=" in p.stdout
+    lines = p.stdout.splitlines()
+    nn = len(before)
+    assert nn >= 1 and before.keys() == after.keys(), (before, after)
+    cores = sum(c for _, c, _ in before.values())
+    cpus = sum(len(s) for s, _, _ in before.values())
+    assert lines[0] == f"this machine: {nn} NUMA node{'' if nn == 1 else 's'}, {cores} cores, {cpus} CPUs", p.stdout
+    for i, node in enumerate(before):
+        node_cpus, node_cores, _ = before[node]
+        m = re.fullmatch(rf"  node {node}: {node_cores} cores, {len(node_cpus)} CPUs \(([-,\d]*)\), (.+?)(; GPUs: .*)?",
+                         lines[1 + i])
+        assert m, (lines[1 + i], before[node])
+        # the CPUs themselves (numoe lists them core by core, so compare them as a set)
+        assert cpu_list(m.group(1)) == node_cpus, (m.group(1), node_cpus)
+        # exactly the node's MemTotal; where that moved during the run, between the two reads
+        lo, hi = sorted((before[node][2], after[node][2]))
+        shown = {shown_bytes(b) for b in (lo, hi)}
+        if len(shown) > 1 and all(x.endswith(" GiB") for x in shown | {m.group(2)}):
+            shown = {f"{x / 10:.1f} GiB" for x in range(round(lo / 2**30 * 10), round(hi / 2**30 * 10) + 1)}
+        assert m.group(2) in shown, (m.group(2), shown, lo, hi)
+    rest = lines[1 + nn:]
+    assert rest[0] == "" and rest[1] == f"{nn} worker{'' if nn == 1 else 's'} (one per NUMA node):", p.stdout
+    assert rest[2:] == [f"numactl --cpunodebind={node} --membind={node} numoe-worker --model M.gguf --worker-id {w} "
+                        f"--workers {nn} --placement split" for w, node in enumerate(before)], p.stdout
 
 
 def test_profiled_map_end_to_end(numoe, tmp_path):

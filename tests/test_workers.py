@@ -16,13 +16,19 @@ worker/, proto/).
   or a SIGKILL of the coordinator.
 * Supervision: a worker killed (SIGKILL) in the middle of a greedy generation, or crashing
   in the middle of a layer (NUMOE_TEST_FAULT=W:L:die-once), is restarted; the generation
-  gives the same tokens / logits, the restart takes < 1 s and re-maps the worker's
-  persistent shard segment (/dev/shm/numoe-<pid>-shard-<id>) instead of re-reading the
-  model; the segments are gone after the run and after SIGINT.
+  gives the same tokens / logits, the restart line is printed (its time is a figure for
+  docs/, not checked here) and the worker re-maps its persistent shard segment
+  (/dev/shm/numoe-<pid>-shard-<id>) instead of re-reading the model; the segments are
+  gone after the run and after SIGINT.
+* `--workers N` without --placement: split, or whole experts with one line saying why
+  when split cannot cut this model's experts; an explicit --placement split still fails.
+Whatever another process does is waited for (tests/waits.py), never read once after a
+sleep, and no test has a speed limit: a busy 2-core machine is slow, not wrong.
 The placement validator's own unit tests are tests/unit/test_placement.c."""
 import dataclasses
 import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -33,6 +39,7 @@ import pytest
 
 from conftest import FIX_MODELS as FIX, WORKER_MODELS as MODELS, WORKER_SEQ as SEQ, WORKER_TOL as TOL
 from conftest import assert_clean, run, sanitizer_env
+from waits import wait_until
 
 MODES = {"prefill": [], "decode": ["--decode-from", "0"], "chunked": ["--decode-from", "10", "-b", "4"]}
 
@@ -81,12 +88,12 @@ def shm_of(pid):
     return sorted(Path("/dev/shm").glob(f"numoe-{pid}-*"))
 
 
-def assert_no_leftovers(coord_pid, pids, wait=10.0):
-    t0 = time.time()
-    while any(alive(p) for p in pids) and time.time() - t0 < wait:
-        time.sleep(0.02)
-    assert not [p for p in pids if alive(p)], f"worker processes left behind: {[p for p in pids if alive(p)]}"
-    assert not shm_of(coord_pid), f"shm objects left behind: {shm_of(coord_pid)}"
+def assert_no_leftovers(coord_pid, pids, wait=60.0):
+    """Every process in pids ends and every /dev/shm/numoe-<coord_pid>-* name goes
+    (waited for: a process being torn down takes its time on a busy machine)."""
+    wait_until(lambda: not [p for p in pids if alive(p)], wait,
+               lambda: f"the processes {[p for p in pids if alive(p)]} to end (left behind?)")
+    wait_until(lambda: not shm_of(coord_pid), wait, lambda: f"shm objects {shm_of(coord_pid)} to be removed")
 
 
 def generate(exe, model, extra=(), env=None, tokens=SEQ, n=0, tmp_path=None, tag="x"):
@@ -102,7 +109,12 @@ def generate(exe, model, extra=(), env=None, tokens=SEQ, n=0, tmp_path=None, tag
     if "--worker-timeout" not in cmd:
         cmd += ["--worker-timeout", "60"]  # a hang fails in a minute, not five
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=e)
-    out, err = p.communicate(timeout=600)
+    try:
+        out, err = p.communicate(timeout=600)  # a hang, not a speed limit
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"numoe generate did not end within 600 s: {err[-3000:]}")
     proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     assert_clean(proc)
     assert_no_leftovers(p.pid, worker_pids(err))
@@ -310,6 +322,45 @@ def test_bad_options(exe, tmp_path):
     assert rc == 1 and "cannot run the worker binary" in err and "no-such-worker" in err, err
 
 
+FALLBACK = "numoe: placement experts (whole experts per worker) instead of the default split, which cannot hold"
+
+
+def test_default_placement_falls_back_to_whole_experts(exe, tmp_path):
+    """`--workers N` without --placement: split where it can cut the experts (F32:
+    32 columns), whole experts where it cannot (the stock Q8_0 experts are one block
+    wide), said in one line with the reason; logits as in-process either way. An
+    explicit --placement split is not overridden, and where neither fits the split
+    error stands."""
+    q8 = MODELS["v3-Q8_0"]
+    ref = baseline(exe, q8, "prefill", tmp_path)
+    got, rc, err = generate(exe, q8, ["--workers", 2], tmp_path=tmp_path, tag="default-q8")
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("numoe: placement experts")]
+    assert lines == [f"{FALLBACK} this model on 2 workers: layer 1: ffn_down_exps rows are 32 columns in blocks of "
+                     "32, so an expert's ff dimension has only 1 block and cannot be split between 2 workers at "
+                     "block boundaries"], err
+    assert len(re.findall(r"^numoe: worker \d: .*numoe-worker .* --placement experts --endpoint", err, re.M)) == 2, err
+    assert "numoe: 2 workers (placement experts, doorbell hand-off)" in err, err
+    assert rel_diff(ref, got) <= TOL
+
+    f32 = MODELS["v3-F32"]  # split can cut these: it stays the default, nothing said
+    ref = baseline(exe, f32, "prefill", tmp_path)
+    got, rc, err = generate(exe, f32, ["--workers", 2], tmp_path=tmp_path, tag="default-f32")
+    assert rc == 0, err
+    assert "numoe: 2 workers (placement split, doorbell hand-off)" in err and FALLBACK not in err, err
+    assert rel_diff(ref, got) <= TOL
+
+    _, rc, err = generate(exe, q8, ["--workers", 2, "--placement", "split"], tmp_path=tmp_path)
+    assert rc == 1 and FALLBACK not in err, err
+    assert "cannot be split between 2 workers" in err and "use --placement experts or at most 1 worker" in err, err
+    assert not worker_pids(err), err
+
+    # 9 workers, 8 experts: whole experts do not fit either; the split error is reported
+    _, rc, err = generate(exe, q8, ["--workers", 9], tmp_path=tmp_path, tokens=[1])
+    assert rc == 1 and FALLBACK not in err, err
+    assert "cannot be split between 9 workers" in err, err
+
+
 @pytest.mark.parametrize("fault,expect", [
     ("1:2:die", r"worker 1 \(pid \d+\) died while computing layer 2; "
                 r"worker 1 \(pid \d+\) killed by signal 9 \(Killed\); gave up after 4 restart attempts"),
@@ -318,31 +369,53 @@ def test_bad_options(exe, tmp_path):
                  r"worker 2 \(pid \d+\) killed by signal 9 \(Killed\); gave up after 4 restart attempts"),
 ])
 def test_worker_failures_are_named(exe, fault, expect, tmp_path):
-    t0 = time.time()
+    # the message names how each failure was seen (death, an Error message, the 2 s
+    # --worker-timeout); generate()'s deadline catches a hang
     _, rc, err = generate(exe, MODELS["v3-F32"], ["--workers", 3, "--worker-timeout", 2], tmp_path=tmp_path,
                           env={"NUMOE_TEST_FAULT": fault}, n=4)
     assert rc == 1, err
     assert re.search(expect, err), err
-    assert time.time() - t0 < 30
     # restarts of a worker that fails every time: each new pid is gone too
     restarted = [int(q) for q in re.findall(r"^numoe: worker \d+ restarted in [\d.]+ ms \(attempt \d+, pid (\d+)\)", err, re.M)]
     assert not [q for q in restarted if alive(q)]
 
 
+def wait_for_line(p, log, text, timeout=120):
+    """Waits until the stderr log of p has `text` (p must not end first)."""
+    def seen():
+        assert p.poll() is None, f"ended ({p.returncode}) before printing {text!r}: {log.read_text()[-3000:]}"
+        return text in log.read_text()
+    wait_until(seen, timeout, lambda: f"{text!r} in the log: {log.read_text()[-3000:]}")
+
+
+def cpu_seconds(pid):
+    """CPU time (user + system) pid has used, all its threads."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    f = stat[stat.rindex(")") + 2:].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_computing(pids, seconds=0.3, timeout=120):
+    """Waits until each process has used `seconds` more CPU time than now: after its
+    model loaded, that is time in the forward pass (its thread pool has run)."""
+    for pid in pids:
+        t0 = cpu_seconds(pid)
+        wait_until(lambda: cpu_seconds(pid) >= t0 + seconds, timeout, f"process {pid} to compute for {seconds} s")
+
+
 def start_long_run(exe, tmp_path, n_workers=3):
     """A bench that runs for minutes; returns (Popen, stderr path, worker pids) once the
-    workers are up and the model loaded."""
+    workers are up, the model loaded and the coordinator computing."""
     log = tmp_path / "stderr.txt"
     f = open(log, "w")
     p = subprocess.Popen([str(exe), "bench", "-m", str(MODELS["v3-F32"]), "-p", "32", "-n", "64", "-r", "1000000",
                           "-t", "1", "--workers", str(n_workers)], stdout=subprocess.DEVNULL, stderr=f,
                          env=sanitizer_env())
     f.close()
-    t0 = time.time()
-    while "routed experts in workers" not in log.read_text() and time.time() - t0 < 120:
-        assert p.poll() is None, log.read_text()
-        time.sleep(0.05)
-    time.sleep(0.3)  # well into the measured repetitions
+    wait_for_line(p, log, "routed experts in workers")
+    # the line is the coordinator's (named numoe-coordinat by then); into its repetitions
+    coord, = wait_until(lambda: children_named(p.pid, "numoe-coordinat"), 60, "the coordinator process")
+    wait_computing([coord])
     pids = worker_pids(log.read_text())
     assert len(pids) == n_workers, log.read_text()
     assert all(alive(q) for q in pids)
@@ -370,20 +443,18 @@ def test_coordinator_crash_cleans_up(exe, tmp_path):
     os.kill(coord, signal.SIGKILL)
     p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, log.read_text()[-2000:]
-    assert_no_leftovers(p.pid, pids + [coord], wait=1.0)
+    assert_no_leftovers(p.pid, pids + [coord])
 
 
 def test_restarts_off(exe, tmp_path):
     """NUMOE_WORKER_RESTARTS=0: a worker that dies is not restarted and the run fails
-    naming it, at once."""
-    t0 = time.time()
+    naming it: seen as a death ("died while computing"), not through --worker-timeout."""
     _, rc, err = generate(exe, MODELS["v3-F32"], ["--workers", 2], tmp_path=tmp_path, n=4,
                           env={"NUMOE_TEST_FAULT": "1:2:die", "NUMOE_WORKER_RESTARTS": "0"})
     assert rc == 1, err
     assert re.search(r"worker 1 \(pid \d+\) died while computing layer 2; worker 1 \(pid \d+\) killed by signal 9 "
                      r"\(Killed\); not restarted \(NUMOE_WORKER_RESTARTS=0\)", err), err
     assert "restarting it" not in err, err
-    assert time.time() - t0 < 20
 
 
 def test_launcher_prints_worker_command_lines(exe, tmp_path):
@@ -455,16 +526,17 @@ def test_compute_threads_pinned(exe, pin, tmp_path):
                               "-t", "2", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=f,
                              env={**sanitizer_env(), **env})
     try:
-        t0 = time.time()
-        while "routed experts in workers" not in log.read_text() and time.time() - t0 < 120:
-            assert p.poll() is None, log.read_text()
-            time.sleep(0.05)
-        time.sleep(0.5)
-        coord, = children_named(p.pid, "numoe-coordinat")
-        worker, = children_named(p.pid, "numoe-worker")
+        wait_for_line(p, log, "routed experts in workers")
+        coord, = wait_until(lambda: children_named(p.pid, "numoe-coordinat"), 60, "the coordinator process")
+        worker, = wait_until(lambda: children_named(p.pid, "numoe-worker"), 60, "the worker process")
         want = sorted(os.sched_getaffinity(0))[:2] if pin == "default" else []
-        assert pinned_threads(coord) == want, log.read_text()
-        assert pinned_threads(worker) == want, log.read_text()
+        if want:  # a thread is pinned when it first runs pool work: wait for that
+            for q in (coord, worker):
+                wait_until(lambda: pinned_threads(q) == want, 60,
+                           lambda: f"threads of {q} pinned to CPUs {want} (pinned now: {pinned_threads(q)})")
+        else:  # nothing to wait for: both compute a while, then nothing may be pinned
+            wait_computing([coord, worker])
+            assert pinned_threads(coord) == [] and pinned_threads(worker) == [], log.read_text()
         assert ("--pin-threads" in log.read_text()) == (pin == "default")
     finally:
         p.terminate()
@@ -475,11 +547,8 @@ def test_compute_threads_pinned(exe, pin, tmp_path):
         p = subprocess.Popen([str(exe), "bench", "-m", str(MODELS["v3-F32"]), "-p", "8", "-n", "64", "-r", "1000000",
                               "-t", "2", "--workers", "0"], stdout=subprocess.DEVNULL, stderr=f, env=sanitizer_env())
     try:
-        t0 = time.time()
-        while "loaded in" not in log.read_text() and time.time() - t0 < 120:
-            assert p.poll() is None, log.read_text()
-            time.sleep(0.05)
-        time.sleep(0.5)
+        wait_for_line(p, log, "loaded in")
+        wait_computing([p.pid])
         assert pinned_threads(p.pid) == [], log.read_text()
     finally:
         p.terminate()
@@ -488,20 +557,19 @@ def test_compute_threads_pinned(exe, pin, tmp_path):
 
 def test_sigterm_to_every_process(exe, tmp_path):
     """SIGTERM to the launcher, the coordinator and the workers at once (what systemd
-    does to a service's cgroup): no worker is restarted, everything ends within seconds,
-    nothing is left in /dev/shm."""
+    does to a service's cgroup): no worker is restarted, everything ends (no process
+    waits for another that is gone: the deadline is a hang's), nothing is left in
+    /dev/shm."""
     p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
     coord, = children_named(p.pid, "numoe-coordinat")
-    t0 = time.time()
     for q in [p.pid, coord, *pids]:
         try:
             os.kill(q, signal.SIGTERM)
         except ProcessLookupError:  # already ended by an earlier one's shutdown
             pass
-    p.wait(timeout=30)
-    assert time.time() - t0 < 15, log.read_text()[-2000:]
+    p.wait(timeout=120)
     assert "restarting it" not in log.read_text(), log.read_text()[-2000:]
-    assert_no_leftovers(p.pid, pids + [coord], wait=2.0)
+    assert_no_leftovers(p.pid, pids + [coord])
 
 
 def test_sigint_reaches_only_the_coordinator(exe, tmp_path):
@@ -544,17 +612,22 @@ def test_crash_mid_layer_same_logits(exe, placement, mode, tmp_path):
     n = 2 if placement == "experts" else 1
     err = compare(exe, model, n, placement, mode, tmp_path, env={"NUMOE_TEST_FAULT": f"{n - 1}:2:die-once"})
     m = re.search(rf"^numoe: worker {n - 1} restarted in ([\d.]+) ms \(attempt 1, pid \d+\)$", err, re.M)
-    assert m and float(m.group(1)) < 1000, err
+    assert m, err
+    print(f"restart after a crash mid-layer: {m.group(1)} ms")  # a figure, not a limit (docs/ has the benchmark)
     assert f"numoe-worker {n - 1}: re-mapped its persistent shard /dev/shm/numoe-" in err, err
     assert not [q for q in restarted_pids(err) if alive(q)]
 
 
 def read_until(stream, pred, timeout=120):
+    """Reads stream a byte at a time until pred(bytes read) holds; fails at EOF or
+    when nothing satisfying it came within the deadline."""
     buf = b""
-    t0 = time.time()
+    end = time.monotonic() + timeout
     while not pred(buf):
+        left = end - time.monotonic()
+        assert left > 0 and select.select([stream], [], [], left)[0], f"waited {timeout} s for output; got {buf!r}"
         c = os.read(stream.fileno(), 1)
-        assert c and time.time() - t0 < timeout, buf
+        assert c, f"output ended; got {buf!r}"
         buf += c
     return buf.decode()
 
@@ -577,15 +650,17 @@ def children_named(ppid, name):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_kill_worker_mid_generation(exe, sig, tmp_path):
     """kill -9 (or a plain kill) of a worker while a 64-token greedy generation runs: same
-    tokens as an undisturbed run, restart < 1 s from the persistent shard, nothing left
-    behind."""
+    tokens as an undisturbed run, the restart line printed, the persistent shard re-mapped,
+    nothing left behind."""
     model = MODELS["v3-F32"]
     args = [str(exe), "generate", "-m", str(model), "--tokens", "5,6,7,8,9", "-n", "64", "-t", "2"]
     ref = run(args)
     assert_clean(ref)
     assert ref.returncode == 0, ref.stderr
     env = sanitizer_env()
-    env["NUMOE_TEST_DELAY_US"] = "3000"  # ~6 ms a token: time to kill it mid-way
+    # >= 20 ms a token (2 MoE layers): the 61 tokens after the first 3 take over a second,
+    # time enough to kill a worker mid-way even when this process is slow to do it
+    env["NUMOE_TEST_DELAY_US"] = "10000"
     log = tmp_path / "stderr.txt"
     with open(log, "w") as f:
         p = subprocess.Popen([*args, "--workers", "2", "--placement", "experts"], stdout=subprocess.PIPE, stderr=f,
@@ -604,12 +679,11 @@ def test_kill_worker_mid_generation(exe, sig, tmp_path):
     assert p.returncode == 0, err
     assert "Sanitizer" not in err, err[-3000:]
     out = first + rest
-    assert out.count(",") == 63 and first.count(",") < 40, (first, out)
+    assert out.count(",") == 63 and first.count(",") == 3, (first, out)
     assert out.strip() == ref.stdout.strip(), (out, ref.stdout)
     m = re.search(r"^numoe: worker 1 restarted in ([\d.]+) ms \(attempt 1, pid \d+\)$", err, re.M)
     assert m, err
-    print(f"recovery after kill -9: {m.group(1)} ms")
-    assert float(m.group(1)) < 1000, err
+    print(f"recovery after {signal.Signals(sig).name}: {m.group(1)} ms")  # a figure, not a limit
     assert re.search(r"^numoe-worker 1: re-mapped its persistent shard /dev/shm/numoe-%d-shard-1 read-only" % p.pid,
                      err, re.M), err
     assert_no_leftovers(p.pid, pids + restarted_pids(err))
@@ -622,11 +696,11 @@ def test_sigint_after_restart_leaves_nothing(exe, tmp_path):
     try:
         assert len([s for s in shm_of(p.pid) if "-shard-" in s.name]) == 2, shm_of(p.pid)
         os.kill(pids[0], signal.SIGKILL)
-        t0 = time.time()
-        while not restarted_pids(log.read_text()) and time.time() - t0 < 60:
-            assert p.poll() is None, log.read_text()
-            time.sleep(0.02)
-        new = restarted_pids(log.read_text())
+
+        def restarted():
+            assert p.poll() is None, log.read_text()[-3000:]
+            return restarted_pids(log.read_text())
+        new = wait_until(restarted, 120, lambda: f"the restart of worker 0: {log.read_text()[-3000:]}")
         assert len(new) == 1 and alive(new[0]), log.read_text()
     finally:
         if p.poll() is None:
@@ -676,23 +750,23 @@ def test_process_names(numoe):
     numoe-coordinat and numoe-worker."""
     p = subprocess.Popen([str(numoe), "chat", "-m", str(FIX / "deepseek-v3-tiny-F32-mla.gguf"), "--workers", "2"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sanitizer_env())
+    want = ["numoe-coordinat", "numoe-worker", "numoe-worker"]
+
+    def names():
+        """(comm, argv[0]) of the launcher's children once they are what the test
+        expects; a child that has not yet exec'd (or, the coordinator, set its
+        name) still shows the launcher's."""
+        assert p.poll() is None, p.stderr.read().decode(errors="replace")[-2000:]
+        kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+        seen = sorted((Path(f"/proc/{k}/comm").read_text().strip(),
+                       Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")[0]) for k in kids)
+        return seen if [c for c, _ in seen] == want else None
     try:
-        kids = []
-        for _ in range(300):
-            try:
-                kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
-            except OSError:
-                kids = []
-            if len(kids) == 3:
-                break
-            time.sleep(0.05)
-        assert len(kids) == 3, "the launcher did not start a coordinator and 2 workers"
+        seen = wait_until(names, 120, "a coordinator and 2 workers under their own names")
         assert Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe"
-        comms = sorted(Path(f"/proc/{k}/comm").read_text().strip() for k in kids)
-        assert comms == ["numoe-coordinat", "numoe-worker", "numoe-worker"], comms
-        for k in kids:
-            argv0 = Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")[0]
-            assert argv0 == b"numoe-coordinator" or argv0.endswith(b"numoe-worker"), argv0
+        (_, coord_argv0), *workers = seen
+        assert coord_argv0 == b"numoe-coordinator", seen
+        assert all(a.endswith(b"/numoe-worker") for _, a in workers), seen
     finally:
         out, err = p.communicate(b"", timeout=60)
     assert p.returncode == 0, err.decode(errors="replace")[-2000:]
@@ -703,10 +777,8 @@ def test_in_process_is_one_process(numoe):
     p = subprocess.Popen([str(numoe), "chat", "-m", str(FIX / "deepseek-v3-tiny-F32-mla.gguf"), "--workers", "0"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=sanitizer_env())
     try:
-        for _ in range(300):
-            if Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe-coordinat":
-                break
-            time.sleep(0.05)
+        wait_until(lambda: Path(f"/proc/{p.pid}/comm").read_text().strip() == "numoe-coordinat", 120,
+                   "the command to rename itself numoe-coordinat")
         assert Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[0] == b"numoe-coordinator"
         assert not Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
     finally:

@@ -33,7 +33,10 @@
  * --listen tcp://ADDR:PORT (a worker started by hand, maybe on another host;
  * `numoe generate --worker-endpoints`): the worker binds a ROUTER socket
  * there before it loads anything, so a coordinator can connect (and queue its
- * hello) while the shard is still being built. It serves any number of
+ * hello) while the shard is still being built. PORT * or 0 lets the system
+ * pick a free port (no window in which another program takes a port chosen
+ * beforehand); the "listening on tcp://ADDR:PORT" line, printed once the
+ * shard is ready, names the endpoint actually bound. It serves any number of
  * coordinator sessions, one after the other or at once, until SIGTERM/SIGINT:
  *   coord  -> Heartbeat      (hello)
  *   worker -> Register       (as above; the coordinator checks it)
@@ -67,6 +70,7 @@ enum { FAULT_NONE, FAULT_DIE, FAULT_HANG, FAULT_ERROR };
 
 typedef struct {
     const char *model, *endpoint, *placement, *listen, *key_path;
+    char bound[256];          /* --listen: the endpoint bound (PORT * or 0 resolved) */
     nm_wire_key key;          /* --key: CURVE (proto/wire_key.h) */
     void *zap;                /* its ZAP handler socket, polled with sock */
     Numoe__Register *reg;     /* --listen: what we answer a hello with */
@@ -109,7 +113,9 @@ static int usage(FILE *f) {
             "  --listen tcp://ADDR:PORT  instead of --endpoint: wait for coordinators there (a worker on\n"
             "                another host, `numoe generate --worker-endpoints tcp://HOST:PORT,...`); the data\n"
             "                travels inline in the messages (no shared memory). Serves one coordinator\n"
-            "                after another until SIGTERM/SIGINT; nobody restarts it if it dies\n"
+            "                after another until SIGTERM/SIGINT; nobody restarts it if it dies. PORT * or 0:\n"
+            "                the system picks a free port. Once the shard is loaded it prints\n"
+            "                `numoe-worker I: listening on tcp://ADDR:PORT (...)` with the port it bound\n"
             "\n"
             "  --node N      bind threads and memory to NUMA node N (default: not bound)\n"
             "  --threads T   compute threads (default: every CPU it may run on)\n"
@@ -521,6 +527,15 @@ int main(int argc, char **argv) {
         w.sock = NULL;
         fail(&w, "cannot listen on %s: %s", w.listen, zmq_strerror(e));
     }
+    if (w.listen) { /* what was bound: PORT * or 0 becomes the port the system chose */
+        size_t len = sizeof w.bound;
+        if (zmq_getsockopt(w.sock, ZMQ_LAST_ENDPOINT, w.bound, &len) || !w.bound[0]) {
+            int e = zmq_errno();
+            zmq_close(w.sock);
+            w.sock = NULL;
+            fail(&w, "listening on %s, but cannot read back the endpoint bound: %s", w.listen, zmq_strerror(e));
+        }
+    }
     if (!w.listen && zmq_connect(w.sock, w.endpoint)) {
         zmq_close(w.sock);
         w.sock = NULL;
@@ -592,7 +607,7 @@ int main(int argc, char **argv) {
         sigaction(SIGTERM, &sa, NULL);
         sigaction(SIGINT, &sa, NULL);
         fprintf(stderr, "numoe-worker %d: listening on %s (worker %d of %d, placement %s, shard %llu bytes)\n", w.id,
-                w.listen, w.id, w.n_workers, w.placement, (unsigned long long)w.shard.weight_bytes);
+                w.bound, w.id, w.n_workers, w.placement, (unsigned long long)w.shard.weight_bytes);
         serve_listen(&w);
         cleanup(&w);
         return 0;
