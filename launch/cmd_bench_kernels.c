@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/opt.h"
 #include "kernels/matmul.h"
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
@@ -57,11 +58,9 @@ static void usage(FILE *f) {
 }
 
 static int parse_long(const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    const long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return -1;
-    *out = v;
+    long long v;
+    if (nm_parse_int(s, lo, hi, &v)) return -1;
+    *out = (long)v;
     return 0;
 }
 

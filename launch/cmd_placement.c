@@ -19,8 +19,9 @@
 #include <string.h>
 
 #include "common/gguf.h"
-#include "model/model.h"
+#include "common/opt.h"
 #include "launch/commands.h"
+#include "model/model.h"
 #include "model/placement.h"
 
 static int usage(FILE *f) {
@@ -217,7 +218,6 @@ int nm_cmd_placement(int argc, char **argv) {
             return usage(stderr);
         }
         const char *v = argv[++i];
-        char *end = NULL;
         long long *num = NULL;
         if (!strcmp(a, "--model")) model = v;
         else if (!strcmp(a, "--profile")) prof_path = v;
@@ -234,8 +234,7 @@ int nm_cmd_placement(int argc, char **argv) {
             return usage(stderr);
         }
         if (num) {
-            *num = strtoll(v, &end, 10);
-            if (*end || end == v || *num < 0 || *num > (1 << 24)) {
+            if (nm_parse_int(v, 0, 1 << 24, num)) {
                 fprintf(stderr, "numoe placement: bad value '%s' for %s\n", v, a);
                 return 2;
             }

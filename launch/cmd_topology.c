@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/opt.h"
 #include "launch/commands.h"
 #include "launch/topology.h"
 
@@ -41,12 +42,12 @@ int nm_cmd_topology(int argc, char **argv) {
         else if (!strcmp(a, "--model")) model = v;
         else if (!strcmp(a, "--placement")) placement = v;
         else if (!strcmp(a, "--workers")) {
-            char *end;
-            workers = strtol(v, &end, 10);
-            if (*end || end == v || workers < 1 || workers > 4096) {
+            long long x;
+            if (nm_parse_int(v, 1, 4096, &x)) {
                 fprintf(stderr, "numoe topology: bad value '%s' for --workers\n", v);
                 return 2;
             }
+            workers = (long)x;
         } else {
             fprintf(stderr, "numoe topology: unknown option %s\n", a);
             return usage(stderr);

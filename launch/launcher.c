@@ -48,6 +48,7 @@
 
 #include "common/clock.h"
 #include "common/gguf.h"
+#include "coordinator/cli/options.h"
 #include "coordinator/experts/remote.h"
 #include "launch/topology.h"
 #include "model/model.h"

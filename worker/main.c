@@ -56,14 +56,15 @@
 
 #include "common/clock.h"
 #include "common/gguf.h"
+#include "common/opt.h"
+#include "kernels/threadpool.h"
 #include "model/identity.h"
 #include "model/model.h"
-#include "kernels/threadpool.h"
+#include "model/placement.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
 #include "proto/wire_key.h"
 #include "worker/numa_bind.h"
-#include "model/placement.h"
 #include "worker/shard.h"
 
 enum { FAULT_NONE, FAULT_DIE, FAULT_HANG, FAULT_ERROR };
@@ -207,9 +208,8 @@ static int fail(worker *w, const char *fmt, ...) {
 }
 
 static int parse_int(const char *v, long lo, long hi, int *out) {
-    char *end;
-    long x = v ? strtol(v, &end, 10) : 0;
-    if (!v || *end || end == v || x < lo || x > hi) return -1;
+    long long x;
+    if (nm_parse_int(v, lo, hi, &x)) return -1;
     *out = (int)x;
     return 0;
 }

@@ -4,6 +4,7 @@
  * tables can be put side by side. Also prints the decode bound: the bytes a
  * decode step must read (dense weights + the routed experts actually used)
  * over a measured memory-copy bandwidth. */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,7 +12,9 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/opt.h"
 #include "coordinator/cli/commands.h"
+#include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
 #include "kernels/quant.h"
 
@@ -58,8 +61,7 @@ int nm_cmd_bench_model(int argc, char **argv) {
         if (r) continue;
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return usage(stdout);
         long long *dst = !strcmp(argv[i], "-p") ? &p : !strcmp(argv[i], "-n") ? &n : !strcmp(argv[i], "-r") ? &reps : NULL;
-        char *end;
-        if (!dst || i + 1 >= argc || (*dst = strtoll(argv[i + 1], &end, 10), *end) || *dst < 0) {
+        if (!dst || i + 1 >= argc || nm_parse_int(argv[i + 1], 0, LLONG_MAX, dst)) {
             fprintf(stderr, "numoe bench: bad option or value: %s\n", argv[i]);
             return usage(stderr);
         }

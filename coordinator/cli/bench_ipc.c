@@ -22,6 +22,7 @@
 #include <math.h>
 #include <sched.h>
 #include <signal.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,9 +33,11 @@
 #include <zmq.h>
 
 #include "common/clock.h"
+#include "common/opt.h"
 #include "coordinator/cli/commands.h"
-#include "coordinator/experts/remote.h"
+#include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
+#include "coordinator/experts/remote.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
 
@@ -263,8 +266,7 @@ int nm_cmd_bench_ipc(int argc, char **argv) {
         if (r) continue;
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return usage(stdout);
         long long *dst = !strcmp(argv[i], "-n") ? &iters : !strcmp(argv[i], "--spin-us") ? &spin_us : NULL;
-        char *end;
-        if (!dst || i + 1 >= argc || (*dst = strtoll(argv[i + 1], &end, 10), *end) || *dst < 0) {
+        if (!dst || i + 1 >= argc || nm_parse_int(argv[i + 1], 0, LLONG_MAX, dst)) {
             fprintf(stderr, "numoe bench ipc: bad option or value: %s\n", argv[i]);
             return usage(stderr);
         }

@@ -7,6 +7,7 @@
  * template, tokenizes it and evaluates only what follows the longest prefix
  * already in the KV cache, so earlier turns are not recomputed. */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,10 +15,12 @@
 #include <unistd.h>
 
 #include "common/clock.h"
-#include "coordinator/text/chat_template.h"
+#include "common/opt.h"
 #include "coordinator/cli/commands.h"
-#include "coordinator/text/sampler.h"
+#include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
+#include "coordinator/text/chat_template.h"
+#include "coordinator/text/sampler.h"
 #include "coordinator/text/stop_text.h"
 #include "coordinator/text/tokenizer.h"
 
@@ -271,9 +274,8 @@ int nm_cmd_chat(int argc, char **argv) {
         else if (!strcmp(a, "--chat-template")) tmpl_name = v;
         else if (!strcmp(a, "--stop")) c.stops[c.n_stops++] = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
-            char *end;
-            c.max_new = strtoll(v, &end, 10);
-            if (*end || c.max_new < 1) return fprintf(stderr, "numoe chat: bad -n %s\n", v), free(c.stops), 2;
+            if (nm_parse_int(v, 1, LLONG_MAX, &c.max_new))
+                return fprintf(stderr, "numoe chat: bad -n %s\n", v), free(c.stops), 2;
         } else if (!strcmp(a, "--reasoning")) {
             if (!strcmp(v, "show")) c.reason = REASON_SHOW;
             else if (!strcmp(v, "hide")) c.reason = REASON_HIDE;

@@ -6,15 +6,18 @@
  * and the continuation is streamed as text, stopping at end-of-generation.
  * Load summary and timings always go to stderr. Greedy unless --temp > 0. */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/opt.h"
 #include "coordinator/cli/commands.h"
-#include "coordinator/text/sampler.h"
+#include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
+#include "coordinator/text/sampler.h"
 #include "coordinator/text/stop_text.h"
 #include "coordinator/text/tokenizer.h"
 
@@ -48,10 +51,8 @@ static int parse_tokens(const char *s, int32_t **out, size_t *n) {
     int32_t *v = malloc(cap * sizeof *v);
     if (!v) return -1;
     while (*s) {
-        char *end;
-        errno = 0;
-        long x = strtol(s, &end, 10);
-        if (end == s || errno || x < INT32_MIN || x > INT32_MAX || (*end && *end != ',')) {
+        long long x;
+        if (nm_parse_int_at(&s, INT32_MIN, INT32_MAX, &x) || (*s && *s != ',')) {
             free(v);
             return -1;
         }
@@ -61,7 +62,7 @@ static int parse_tokens(const char *s, int32_t **out, size_t *n) {
             v = nv;
         }
         v[k++] = (int32_t)x;
-        s = *end ? end + 1 : end;
+        if (*s) s++;
     }
     *out = v, *n = k;
     return k > 0 ? 0 : (free(v), -1);
@@ -81,7 +82,7 @@ int nm_cmd_generate(int argc, char **argv) {
         if (r < 0) return 2;
         if (r) continue;
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        char *end = NULL;
+        int bad = 0;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(stdout);
         if (!strcmp(a, "--print-ids")) { print_ids = 1; continue; }
         if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
@@ -97,13 +98,13 @@ int nm_cmd_generate(int argc, char **argv) {
         else if (!strcmp(a, "--prompt")) text = v;
         else if (!strcmp(a, "--dump-logits")) dump = v;
         else if (!strcmp(a, "--dump-routing")) route = v;
-        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) n_predict = strtoll(v, &end, 10);
-        else if (!strcmp(a, "--decode-from")) decode_from = strtoll(v, &end, 10);
+        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) bad = nm_parse_int(v, 0, LLONG_MAX, &n_predict);
+        else if (!strcmp(a, "--decode-from")) bad = nm_parse_int(v, LLONG_MIN, LLONG_MAX, &decode_from);
         else {
             fprintf(stderr, "numoe generate: unknown option %s\n", a);
             return usage(stderr);
         }
-        if (end && (*end || end == v || n_predict < 0)) {
+        if (bad) {
             fprintf(stderr, "numoe generate: bad value '%s' for %s\n", v, a);
             return 2;
         }

@@ -17,13 +17,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "coordinator/text/chat_template.h"
+#include "common/opt.h"
 #include "coordinator/cli/commands.h"
-#include "coordinator/text/sampler.h"
-#include "coordinator/serve/scheduler.h"
+#include "coordinator/cli/options.h"
+#include "coordinator/cli/session.h"
 #include "coordinator/serve/http.h"
 #include "coordinator/serve/info.h"
-#include "coordinator/cli/session.h"
+#include "coordinator/serve/scheduler.h"
+#include "coordinator/text/chat_template.h"
+#include "coordinator/text/sampler.h"
 #include "coordinator/text/tokenizer.h"
 
 #define CMD "numoe serve"
@@ -126,18 +128,6 @@ typedef struct {
     nm_sched_opts sched;
 } serve_opts;
 
-static int parse_num(const char *opt, const char *v, long long lo, long long hi, long long *out) {
-    char *end;
-    errno = 0;
-    long long x = v ? strtoll(v, &end, 10) : 0;
-    if (!v || errno || *end || end == v || x < lo || x > hi) {
-        fprintf(stderr, CMD ": %s needs an integer in %lld..%lld (got '%s')\n", opt, lo, hi, v ? v : "");
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
 /* 0 ok, 1 --help given, 2 bad usage (message printed). */
 static int parse_args(serve_opts *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
@@ -171,7 +161,7 @@ static int parse_args(serve_opts *o, int argc, char **argv) {
         if (!strcmp(a, "--host")) {
             o->host = v;
         } else if (!strcmp(a, "--port")) {
-            if (parse_num(a, v, 0, 65535, &x)) return 2;
+            if (nm_opt_int(CMD, a, v, 0, 65535, &x)) return 2;
             o->port = (int)x;
         } else if (!strcmp(a, "--served-model-name")) {
             if (!*v) return fprintf(stderr, CMD ": --served-model-name must not be empty\n"), 2;
@@ -180,13 +170,13 @@ static int parse_args(serve_opts *o, int argc, char **argv) {
             if (!*v) return fprintf(stderr, CMD ": --api-key must not be empty\n"), 2;
             o->api_key = v;
         } else if (!strcmp(a, "--max-batch-size")) {
-            if (parse_num(a, v, 1, 4096, &x)) return 2;
+            if (nm_opt_int(CMD, a, v, 1, 4096, &x)) return 2;
             o->sched.max_batch = x;
         } else if (!strcmp(a, "--chunk-size")) {
-            if (parse_num(a, v, 1, 1 << 16, &x)) return 2;
+            if (nm_opt_int(CMD, a, v, 1, 1 << 16, &x)) return 2;
             o->sched.chunk = x;
         } else if (!strcmp(a, "--cache-lens")) {
-            if (parse_num(a, v, 2, (long long)1 << 40, &x)) return 2;
+            if (nm_opt_int(CMD, a, v, 2, (long long)1 << 40, &x)) return 2;
             o->sched.cache_lens = x;
         } else if (!strcmp(a, "--chat-template")) {
             nm_chat_tmpl t;
@@ -198,7 +188,7 @@ static int parse_args(serve_opts *o, int argc, char **argv) {
             else if (!strcmp(v, "none")) o->reasoning = 0;
             else return fprintf(stderr, CMD ": --reasoning-format must be deepseek or none (got '%s')\n", v), 2;
         } else if (!strcmp(a, "--log-requests")) {
-            if (parse_num(a, v, 0, 1, &x)) return 2;
+            if (nm_opt_int(CMD, a, v, 0, 1, &x)) return 2;
             o->log_requests = (int)x;
         } else {
             fprintf(stderr, CMD ": unknown option %s (see --help)\n", a);

@@ -39,13 +39,6 @@ typedef struct {
     nm_forward fwd;
 } nm_session;
 
-/* Parses one shared option at argv[*i] (advancing *i past its value).
- * Returns 1 if consumed, 0 if not a session option, -1 on a bad value
- * (message printed to stderr, prefixed with cmd). */
-int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, const char *cmd);
-/* The option lines for --help. */
-extern const char nm_session_opts_help[];
-
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err);
 void nm_session_close(nm_session *s);
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/gguf.h"
+#include "common/opt.h"
 #include "coordinator/cli/commands.h"
 #include "coordinator/text/tokenizer.h"
 
@@ -384,11 +385,9 @@ static int parse_ids(const char *s, int32_t **v, size_t *n, size_t *cap, int32_t
             s++;
             continue;
         }
-        char *end;
-        errno = 0;
-        long x = strtol(s, &end, 10);
-        if (end == s || errno || x < 0 || x >= n_vocab || (*end && *end != ',' && *end != ' ' && *end != '\t' &&
-                                                            *end != '\r'))
+        long long x;
+        if (nm_parse_int_at(&s, 0, (long long)n_vocab - 1, &x) || (*s && *s != ',' && *s != ' ' && *s != '\t' &&
+                                                                   *s != '\r'))
             return -1;
         if (*n == *cap) {
             size_t nc = *cap ? *cap * 2 : 64;
@@ -398,7 +397,6 @@ static int parse_ids(const char *s, int32_t **v, size_t *n, size_t *cap, int32_t
             *cap = nc;
         }
         (*v)[(*n)++] = (int32_t)x;
-        s = end;
     }
     return 0;
 }

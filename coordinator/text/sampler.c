@@ -8,17 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char nm_sampler_opts_help[] =
-    "      --temp T            sampling temperature; 0 = greedy\n"
-    "      --top-k N           keep the N most likely tokens (0 = off)\n"
-    "      --top-p P           keep the smallest set of tokens with probability mass >= P (1 = off)\n"
-    "      --min-p P           keep tokens with probability >= P * the largest (0 = off)\n"
-    "      --repeat-penalty F  divide positive / multiply negative logits of recent tokens by F (1 = off)\n"
-    "      --presence-penalty F     subtract F from the logits of recent tokens (0 = off)\n"
-    "      --frequency-penalty F    subtract F * count from the logits of recent tokens (0 = off)\n"
-    "      --repeat-last-n N   how many recent tokens the penalties look at (default 64; 0 = off)\n"
-    "      --seed N            sampler seed; the same seed gives the same tokens (default 42)\n";
-
 nm_sampler_params nm_sampler_params_default(void) {
     nm_sampler_params p = {
         .temp = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
@@ -350,67 +339,4 @@ int64_t nm_sampler_candidates(nm_sampler *s, const float *logits, int64_t n, con
     for (int64_t i = 0; i < k; i++) s->cand[i].p = (float)(s->cand[i].p / z);
     *out = s->cand;
     return k;
-}
-
-/* ---- command line ---- */
-
-static int opt_float(const char *cmd, const char *opt, const char *v, double lo, double hi, float *out) {
-    char *end;
-    errno = 0;
-    double x = v ? strtod(v, &end) : 0;
-    if (!v || *end || end == v || errno || !(x >= lo && x <= hi)) {
-        fprintf(stderr, "%s: %s needs a number in [%g, %g] (got '%s')\n", cmd, opt, lo, hi, v ? v : "");
-        return -1;
-    }
-    *out = (float)x;
-    return 0;
-}
-
-static int opt_int(const char *cmd, const char *opt, const char *v, long long lo, long long hi, long long *out) {
-    char *end;
-    errno = 0;
-    long long x = v ? strtoll(v, &end, 10) : 0;
-    if (!v || *end || end == v || errno || x < lo || x > hi) {
-        fprintf(stderr, "%s: %s needs an integer in %lld..%lld (got '%s')\n", cmd, opt, lo, hi, v ? v : "");
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
-int nm_sampler_parse_opt(nm_sampler_params *p, int argc, char **argv, int *i, const char *cmd) {
-    const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
-    long long x;
-    if (!strcmp(a, "--temp")) {
-        if (opt_float(cmd, a, v, 0, 1e6, &p->temp)) return -1;
-    } else if (!strcmp(a, "--top-k")) {
-        if (opt_int(cmd, a, v, 0, INT32_MAX, &x)) return -1;
-        p->top_k = (int32_t)x;
-    } else if (!strcmp(a, "--top-p")) {
-        if (opt_float(cmd, a, v, 0, 1, &p->top_p)) return -1;
-    } else if (!strcmp(a, "--min-p")) {
-        if (opt_float(cmd, a, v, 0, 1, &p->min_p)) return -1;
-    } else if (!strcmp(a, "--repeat-penalty")) {
-        if (opt_float(cmd, a, v, 1e-6, 1e6, &p->repeat_penalty)) return -1;
-    } else if (!strcmp(a, "--presence-penalty")) {
-        if (opt_float(cmd, a, v, -1e6, 1e6, &p->presence_penalty)) return -1;
-    } else if (!strcmp(a, "--frequency-penalty")) {
-        if (opt_float(cmd, a, v, -1e6, 1e6, &p->frequency_penalty)) return -1;
-    } else if (!strcmp(a, "--repeat-last-n")) {
-        if (opt_int(cmd, a, v, 0, 1 << 20, &x)) return -1;
-        p->penalty_last_n = (int32_t)x;
-    } else if (!strcmp(a, "--seed")) {
-        char *end;
-        errno = 0;
-        unsigned long long u = v && *v != '-' ? strtoull(v, &end, 10) : 0;
-        if (!v || *v == '-' || *end || end == v || errno) {
-            fprintf(stderr, "%s: %s needs a non-negative integer (got '%s')\n", cmd, a, v ? v : "");
-            return -1;
-        }
-        p->seed = u;
-    } else {
-        return 0;
-    }
-    (*i)++;
-    return 1;
 }

@@ -111,12 +111,4 @@ int32_t nm_sampler_sample(nm_sampler *s, const float *logits, int64_t n_vocab);
 int64_t nm_sampler_candidates(nm_sampler *s, const float *logits, int64_t n_vocab,
                               const nm_sampler_cand **out);
 
-/* Command-line options: --temp --top-k --top-p --min-p --repeat-penalty
- * --repeat-last-n --presence-penalty --frequency-penalty --seed. Parses the
- * option at argv[*i] (advancing *i past its value). 1 if consumed, 0 if not a
- * sampler option, -1 on a bad value (message on stderr, prefixed with cmd). */
-int nm_sampler_parse_opt(nm_sampler_params *p, int argc, char **argv, int *i, const char *cmd);
-/* The option lines for --help, with the defaults of nm_sampler_params_default. */
-extern const char nm_sampler_opts_help[];
-
 #endif

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "coordinator/cli/options.h"
 #include "coordinator/text/sampler.h"
 #include "tests/unit/check.h"
 
