@@ -77,47 +77,51 @@ int nm_cmd_bench_model(int argc, char **argv) {
         return 1;
     }
     const nm_hparams *hp = &s.model.hp;
+    nm_engine *e = s.engine;
     int64_t len = p > n ? p : n;
     int32_t *tok = malloc((size_t)(len + 1) * sizeof *tok);
     float *logits = malloc((size_t)hp->n_vocab * sizeof *logits);
     double *pp = calloc((size_t)reps, sizeof *pp), *tg = calloc((size_t)reps, sizeof *tg);
     int rc = 1;
+    nm_engine_seq *seq = NULL;
     if (!tok || !logits || !pp || !tg) goto done;
+    if (!(seq = nm_engine_seq_new(e, e->info.n_ctx, &err))) goto fail;
     uint64_t x = 12345;
     for (int64_t i = 0; i <= len; i++) {
         x = x * 6364136223846793005ull + 1442695040888963407ull;
         tok[i] = (int32_t)((x >> 33) % (uint64_t)hp->n_vocab);
     }
     /* warm-up: touches every page of the mapping used by one token */
-    if (nm_forward_tokens(&s.fwd, tok, 1, logits, 0, &err)) goto fail;
+    if (nm_engine_eval(e, seq, tok, 1, logits, 0, &err)) goto fail;
     /* all prefill repetitions, then all decode ones, as llama-bench orders its tests */
     for (long long r = 0; p && r < reps; r++) {
-        nm_forward_reset(&s.fwd);
+        nm_engine_seq_rewind(e, seq, 0);
         double t0 = nm_now_s();
-        if (nm_forward_tokens(&s.fwd, tok, p, logits, 0, &err)) goto fail;
+        if (nm_engine_eval(e, seq, tok, p, logits, 0, &err)) goto fail;
         pp[r] = (double)p / (nm_now_s() - t0);
     }
     for (long long r = 0; n && r < reps; r++) {
-        nm_forward_reset(&s.fwd);
+        nm_engine_seq_rewind(e, seq, 0);
         double t0 = nm_now_s();
         for (long long i = 0; i < n; i++)
-            if (nm_forward_tokens(&s.fwd, tok + i, 1, logits, 0, &err)) goto fail;
+            if (nm_engine_eval(e, seq, tok + i, 1, logits, 0, &err)) goto fail;
         tg[r] = (double)n / (nm_now_s() - t0);
     }
-    double bytes = decode_bytes(&s.model, s.fwd.n_expert_used), m, sd;
+    int k = e->info.n_expert_used;
+    double bytes = decode_bytes(&s.model, k), m, sd;
     printf("| model | threads | experts used | test | tokens/s |\n|---|---|---|---|---|\n");
     if (p) {
         stats(pp, (int)reps, &m, &sd);
-        printf("| %s | %d | %d | pp%lld | %.2f ± %.2f |\n", so.model_path, nm_pool_size(s.pool), s.fwd.n_expert_used, p,
+        printf("| %s | %d | %d | pp%lld | %.2f ± %.2f |\n", so.model_path, nm_pool_size(s.pool), k, p,
                m, sd);
     }
     if (n) {
         stats(tg, (int)reps, &m, &sd);
-        printf("| %s | %d | %d | tg%lld | %.2f ± %.2f |\n", so.model_path, nm_pool_size(s.pool), s.fwd.n_expert_used, n,
+        printf("| %s | %d | %d | tg%lld | %.2f ± %.2f |\n", so.model_path, nm_pool_size(s.pool), k, n,
                m, sd);
         printf("\ndecode reads %.1f MB of weights per token (dense + %d of %lld experts per MoE layer): "
                "%.2f GB/s effective at the measured rate\n",
-               bytes / 1e6, s.fwd.n_expert_used, (long long)hp->n_expert, bytes * m / 1e9);
+               bytes / 1e6, k, (long long)hp->n_expert, bytes * m / 1e9);
     }
     rc = 0;
     goto done;
@@ -125,6 +129,7 @@ fail:
     fprintf(stderr, "numoe bench: %s\n", err.msg);
 done:
     free(tok), free(logits), free(pp), free(tg);
+    nm_engine_seq_free(e, seq);
     nm_session_close(&s);
     return rc;
 }

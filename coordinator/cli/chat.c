@@ -20,8 +20,8 @@
 #include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
 #include "coordinator/text/chat_template.h"
+#include "coordinator/text/decode.h"
 #include "coordinator/text/sampler.h"
-#include "coordinator/text/stop_text.h"
 #include "coordinator/text/tokenizer.h"
 
 typedef enum { REASON_SHOW, REASON_HIDE, REASON_SEPARATE } reason_mode;
@@ -33,6 +33,7 @@ typedef struct {
 
 typedef struct {
     nm_session s;
+    nm_engine_seq *seq; /* the conversation's KV cache */
     nm_tokenizer *tk;
     nm_sampler smp;
     nm_chat_tmpl tmpl;
@@ -152,22 +153,22 @@ static int turn(chat *c, nm_err *err) {
     int32_t *ids = NULL;
     size_t n_ids = 0;
     int rc = -1;
-    nm_detok_stream *ds = NULL;
-    nm_stop_text ans = {0}; /* the answer; shown up to ans.released */
+    nm_decode ans = {0}; /* the answer; shown up to ans.text.released */
+    nm_engine *e = c->s.engine;
     if (nm_chat_render(c->tmpl, c->msgs.v, c->msgs.n, 1, c->force_think, NULL, NULL, &prompt, err) ||
         nm_tokenize(c->tk, prompt, strlen(prompt), 0, 1, &ids, &n_ids, err))
         goto out;
     size_t keep = 0;
     while (keep < n_ids && keep < c->n_cached && ids[keep] == c->cached[keep]) keep++;
     if (keep == n_ids) keep--; /* at least one token must be evaluated to get logits */
-    nm_forward_rewind(&c->s.fwd, (int64_t)keep);
-    if ((int64_t)n_ids + c->max_new > c->s.fwd.kv.n_ctx) {
+    nm_engine_seq_rewind(e, c->seq, (int64_t)keep);
+    if ((int64_t)n_ids + c->max_new > nm_engine_seq_ctx(e, c->seq)) {
         nm_errf(err, "the conversation (%zu tokens) plus up to %lld new ones exceeds the context (%lld); /reset or raise --ctx-size",
-                n_ids, c->max_new, (long long)c->s.fwd.kv.n_ctx);
+                n_ids, c->max_new, (long long)nm_engine_seq_ctx(e, c->seq));
         goto out;
     }
     double t0 = nm_now_s();
-    if (nm_forward_tokens(&c->s.fwd, ids + keep, (int64_t)(n_ids - keep), c->logits, 0, err)) goto out;
+    if (nm_engine_eval(e, c->seq, ids + keep, (int64_t)(n_ids - keep), c->logits, 0, err)) goto out;
     double t1 = nm_now_s();
     if (n_ids > c->cap_cached) {
         int32_t *nc = realloc(c->cached, (n_ids + (size_t)c->max_new + 1) * sizeof *nc);
@@ -177,29 +178,20 @@ static int turn(chat *c, nm_err *err) {
     memcpy(c->cached, ids, n_ids * sizeof *ids);
     c->n_cached = n_ids;
     for (size_t i = keep; i < n_ids; i++) nm_sampler_accept(&c->smp, ids[i]);
-    if (!(ds = nm_detok_stream_new(c->tk, 0)) || nm_stop_text_init(&ans, c->stops, c->n_stops)) goto oom;
+    if (nm_decode_init(&ans, c->tk, 1, c->stops, c->n_stops, c->max_new, 0, err)) goto out;
     size_t shown_r = 0, shown_a = 0;
-    long long n_gen = 0;
-    int stopped = 0;
-    while (n_gen < c->max_new) {
-        int32_t t = nm_sampler_sample(&c->smp, c->logits, c->s.model.hp.n_vocab);
-        n_gen++;
-        if (nm_tokenizer_is_eog(c->tk, t)) break;
-        const char *piece;
-        size_t plen;
-        if (nm_detok_stream_feed(ds, t, &piece, &plen, err)) goto out;
-        if ((stopped = nm_stop_text_append(&ans, piece, plen)) < 0) goto oom;
+    for (;;) {
+        int32_t t = nm_sampler_sample(&c->smp, c->logits, e->info.n_vocab);
+        if (t < 0) goto oom;
+        nm_finish f = nm_decode_token(&ans, t);
+        if (f == NM_FINISH_ERROR) goto oom;
         /* shown as far as it cannot still turn into a stop string */
-        emit(c, ans.text.buf, nm_stop_text_release(&ans, 0), &shown_r, &shown_a);
-        if (stopped) break;
+        emit(c, ans.text.text.buf, ans.text.released, &shown_r, &shown_a);
+        if (f != NM_FINISH_NONE) break;
         if (c->n_cached < c->cap_cached) c->cached[c->n_cached++] = t;
-        if (nm_forward_tokens(&c->s.fwd, &t, 1, c->logits, 0, err)) goto out;
+        if (nm_engine_eval(e, c->seq, &t, 1, c->logits, 0, err)) goto out;
     }
-    /* what the stream still holds ends the answer, unless a stop string did */
-    size_t tail_len;
-    const char *tail = nm_detok_stream_flush(ds, &tail_len);
-    if (nm_stop_text_append(&ans, tail, tail_len) < 0) goto oom;
-    emit(c, ans.text.buf, nm_stop_text_release(&ans, 1), &shown_r, &shown_a);
+    long long n_gen = ans.n_gen;
     double t2 = nm_now_s();
     fputc('\n', stdout);
     fflush(stdout);
@@ -208,7 +200,7 @@ static int turn(chat *c, nm_err *err) {
             (double)n_gen / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
     /* history keeps the answer only: the V3/R1 templates drop earlier reasoning */
     nm_chat_reasoning r;
-    nm_chat_split_reasoning(ans.text.buf, ans.text.len, c->force_think, &r);
+    nm_chat_split_reasoning(ans.text.text.buf, ans.text.text.len, c->force_think, &r);
     char *keep_text = strndup(r.answer ? r.answer : "", r.answer_len);
     if (!keep_text || push_msg(&c->msgs, "assistant", keep_text)) {
         free(keep_text);
@@ -220,10 +212,9 @@ static int turn(chat *c, nm_err *err) {
 oom:
     nm_errf(err, "out of memory");
 out:
-    nm_detok_stream_free(ds);
     free(prompt);
     free(ids);
-    nm_stop_text_free(&ans);
+    nm_decode_free(&ans);
     return rc;
 }
 
@@ -296,9 +287,10 @@ int nm_cmd_chat(int argc, char **argv) {
     nm_gguf_get_str(c.s.gguf, "tokenizer.chat_template", &tmpl, NULL);
     if (nm_tokenizer_load(&c.tk, c.s.gguf, &err) ||
         nm_chat_template_resolve(tmpl_name, tmpl.ptr, (size_t)tmpl.len, &c.tmpl, &err) ||
-        nm_sampler_init_params(&c.smp, &sp, c.s.model.hp.n_vocab, &err))
+        nm_sampler_init_params(&c.smp, &sp, c.s.engine->info.n_vocab, &err) ||
+        !(c.seq = nm_engine_seq_new(c.s.engine, c.s.engine->info.n_ctx, &err)))
         goto fail;
-    if (!(c.logits = malloc((size_t)c.s.model.hp.n_vocab * sizeof *c.logits))) {
+    if (!(c.logits = malloc((size_t)c.s.engine->info.n_vocab * sizeof *c.logits))) {
         nm_errf(&err, "out of memory");
         goto fail;
     }
@@ -323,7 +315,7 @@ int nm_cmd_chat(int argc, char **argv) {
             } else if (!strcmp(msg, "/reset")) {
                 clear_msgs(&c.msgs, base);
                 c.n_cached = 0;
-                nm_forward_reset(&c.s.fwd);
+                nm_engine_seq_rewind(c.s.engine, c.seq, 0);
                 nm_sampler_reset(&c.smp);
                 printf("[conversation reset]\n");
             } else {
@@ -355,6 +347,7 @@ done:
     free(c.logits);
     nm_sampler_free(&c.smp);
     nm_tokenizer_free(c.tk);
+    if (c.s.engine) nm_engine_seq_free(c.s.engine, c.seq);
     nm_session_close(&c.s);
     free(c.stops);
     free(first);

@@ -17,8 +17,8 @@
 #include "coordinator/cli/commands.h"
 #include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
+#include "coordinator/text/decode.h"
 #include "coordinator/text/sampler.h"
-#include "coordinator/text/stop_text.h"
 #include "coordinator/text/tokenizer.h"
 
 static int usage(FILE *f) {
@@ -123,20 +123,20 @@ int nm_cmd_generate(int argc, char **argv) {
     nm_session s;
     nm_err err;
     nm_tokenizer *tk = NULL;
-    nm_detok_stream *ds = NULL;
+    nm_engine_seq *seq = NULL;
     nm_sampler smp = {0};
+    nm_decode dec = {0}; /* the continuation; printed up to dec.text.released */
     float *logits = NULL;
-    int32_t *out = NULL;
-    FILE *df = NULL;
+    FILE *df = NULL, *rf = NULL;
     int rc = 1;
-    nm_stop_text st = {0}; /* the continuation; printed up to st.released */
     size_t printed = 0;
     if (nm_session_open(&s, &so, &err)) {
         fprintf(stderr, "numoe generate: %s\n", err.msg);
         free(prompt);
         return 1;
     }
-    int64_t V = s.model.hp.n_vocab;
+    nm_engine *e = s.engine;
+    int64_t V = e->info.n_vocab;
     if (text) {
         if (nm_tokenizer_load(&tk, s.gguf, &err) ||
             nm_tokenize(tk, text, strlen(text), nm_tokenizer_add_bos(tk), 1, &prompt, &n_prompt, &err))
@@ -145,71 +145,64 @@ int nm_cmd_generate(int argc, char **argv) {
             nm_errf(&err, "the prompt tokenized to nothing");
             goto fail;
         }
-        if (!print_ids && (!(ds = nm_detok_stream_new(tk, 0)) || nm_stop_text_init(&st, stops, n_stops))) goto oom;
     }
-    if (nm_sampler_init_params(&smp, &sp, V, &err)) goto fail;
+    /* token-id prompts run exactly -n tokens (no tokenizer: no end of
+     * generation); text prompts stop at it and print text unless --print-ids */
+    if (nm_decode_init(&dec, tk, !print_ids, stops, n_stops, n_predict > 0 ? n_predict : 1, ignore_eos, &err) ||
+        nm_sampler_init_params(&smp, &sp, V, &err) || !(seq = nm_engine_seq_new(e, e->info.n_ctx, &err)))
+        goto fail;
     logits = malloc(n_prompt * (size_t)V * sizeof *logits);
-    out = malloc((size_t)(n_predict + 1) * sizeof *out);
-    if (!logits || !out) goto oom;
+    if (!logits) goto oom;
     if (dump && !(df = fopen(dump, "wb"))) {
         nm_errf(&err, "cannot write %s: %s", dump, strerror(errno));
         goto fail;
     }
-    if (route && !(s.fwd.route_log = fopen(route, "wb"))) {
-        nm_errf(&err, "cannot write %s: %s", route, strerror(errno));
+    if (route && (!(rf = fopen(route, "wb")) || nm_engine_route_log(e, rf, &err))) {
+        if (!rf) nm_errf(&err, "cannot write %s: %s", route, strerror(errno));
         goto fail;
     }
     if (decode_from < 0 || decode_from > (long long)n_prompt) decode_from = (long long)n_prompt;
     double t0 = nm_now_s();
     float *last = logits;
     if (decode_from > 0) {
-        if (nm_forward_tokens(&s.fwd, prompt, decode_from, logits, df != NULL, &err)) goto fail;
+        if (nm_engine_eval(e, seq, prompt, decode_from, logits, df != NULL, &err)) goto fail;
         last = df ? logits + (decode_from - 1) * V : logits;
         if (df && fwrite(logits, sizeof *logits * (size_t)V, (size_t)decode_from, df) != (size_t)decode_from) goto wfail;
     }
     for (size_t t = (size_t)decode_from; t < n_prompt; t++) {
-        if (nm_forward_tokens(&s.fwd, prompt + t, 1, logits, 0, &err)) goto fail;
+        if (nm_engine_eval(e, seq, prompt + t, 1, logits, 0, &err)) goto fail;
         last = logits;
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
     for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
     double t1 = nm_now_s();
-    long long j = 0;
-    for (; j < n_predict; j++) {
-        if ((out[j] = nm_sampler_sample(&smp, last, V)) < 0) goto oom;
-        if (text && !ignore_eos && nm_tokenizer_is_eog(tk, out[j])) break;
-        if (ds) {
-            const char *piece;
-            size_t len;
-            if (nm_detok_stream_feed(ds, out[j], &piece, &len, &err)) goto fail;
-            int stopped = nm_stop_text_append(&st, piece, len);
-            if (stopped < 0) goto oom;
-            /* print all but a tail that might still become a stop string */
-            nm_stop_text_release(&st, 0);
-            fwrite(st.text.buf + printed, 1, st.released - printed, stdout);
-            printed = st.released;
-            if (stopped) {
-                j++;
-                break;
-            }
-        } else {
-            printf("%s%d", j ? "," : "", out[j]);
+    long long j = 0; /* tokens printed (an end-of-generation token is not) */
+    nm_finish fin = NM_FINISH_NONE;
+    while (n_predict > 0 && fin == NM_FINISH_NONE) {
+        int32_t tok = nm_sampler_sample(&smp, last, V);
+        if (tok < 0) goto oom;
+        fin = nm_decode_token(&dec, tok);
+        if (fin == NM_FINISH_ERROR) {
+            nm_errf(&err, "detokenizing token %d failed (out of memory)", tok);
+            goto fail;
         }
+        if (dec.hit_eog) break;
+        j++;
+        if (!dec.detok) printf("%s%d", j > 1 ? "," : "", tok);
+        /* the text as far as it can no longer become a stop string */
+        fwrite(dec.text.text.buf + printed, 1, dec.text.released - printed, stdout);
+        printed = dec.text.released;
         fflush(stdout);
-        if (!df && j + 1 == n_predict) { j++; break; } /* the last token's logits are only needed for the dump */
-        if (nm_forward_tokens(&s.fwd, out + j, 1, logits, 0, &err)) goto fail;
+        /* the last token's logits are needed only for the dump */
+        if (fin == NM_FINISH_STOP || (fin == NM_FINISH_LENGTH && !df)) break;
+        if (nm_engine_eval(e, seq, &tok, 1, logits, 0, &err)) goto fail;
         last = logits;
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
-    if (ds) {
-        /* what the stream still holds ends the text, unless a stop string did */
-        size_t len;
-        const char *tail = nm_detok_stream_flush(ds, &len);
-        if (nm_stop_text_append(&st, tail, len) < 0) goto oom;
-        nm_stop_text_release(&st, 1);
-        fwrite(st.text.buf + printed, 1, st.released - printed, stdout);
-    }
-    if (j || ds) putchar('\n');
+    /* what the detokenizer still holds ends the text (a no-op when the step ended it) */
+    if (nm_decode_end(&dec)) goto oom;
+    fwrite(dec.text.text.buf + printed, 1, dec.text.released - printed, stdout);
+    if (j || dec.detok) putchar('\n');
     double t2 = nm_now_s();
     fprintf(stderr, "numoe: prompt %zu tokens in %.3f s (%.2f tok/s), generated %lld tokens in %.3f s (%.2f tok/s)\n",
             n_prompt, t1 - t0, (double)n_prompt / (t1 - t0 > 0 ? t1 - t0 : 1e-9), j, t2 - t1,
@@ -228,17 +221,18 @@ done:
         fprintf(stderr, "numoe generate: writing %s failed\n", dump);
         rc = 1;
     }
-    if (s.fwd.route_log && fclose(s.fwd.route_log) && rc == 0) {
-        fprintf(stderr, "numoe generate: writing %s failed\n", route);
-        rc = 1;
+    if (rf) {
+        nm_engine_route_log(e, NULL, &err);
+        if (fclose(rf) && rc == 0) {
+            fprintf(stderr, "numoe generate: writing %s failed\n", route);
+            rc = 1;
+        }
     }
-    s.fwd.route_log = NULL;
-    nm_stop_text_free(&st);
-    nm_detok_stream_free(ds);
+    nm_decode_free(&dec);
+    nm_engine_seq_free(e, seq);
     nm_tokenizer_free(tk);
     nm_sampler_free(&smp);
     free(logits);
-    free(out);
     free(prompt);
     nm_session_close(&s);
     return rc;

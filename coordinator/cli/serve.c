@@ -238,7 +238,7 @@ static int load(loaded *l, const serve_opts *o, nm_http_model *m, nm_err *err) {
     int bad = nm_sampler_init_params(&smp, &o->sp, l->s.model.hp.n_vocab, err);
     nm_sampler_free(&smp);
     if (bad) return nm_err_prefix(err, "sampler options");
-    if (nm_sched_create(&l->sched, &l->s, l->tk, &o->sched, err)) return nm_err_prefix(err, "scheduler");
+    if (nm_sched_create(&l->sched, l->s.engine, l->tk, &o->sched, err)) return nm_err_prefix(err, "scheduler");
     memset(m, 0, sizeof *m);
     m->sched = l->sched;
     m->tk = l->tk;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "coordinator/engine/cpu/cpu_engine.h"
 #include "coordinator/experts/remote.h"
 #include "kernels/quant.h"
 #include "proto/numoe.pb-c.h"
@@ -72,9 +73,8 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     } else {
         s->experts = nm_experts_local_create(&s->model, s->pool, err);
     }
-    if (!s->experts ||
-        nm_forward_init(&s->fwd, &s->model, s->pool, s->experts, ctx, o->batch ? o->batch : 512, o->experts_used,
-                        err)) {
+    nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used};
+    if (!s->experts || !(s->engine = nm_engine_cpu_create(&s->model, s->pool, s->experts, &eo, err))) {
         nm_session_close(s);
         return -1;
     }
@@ -83,14 +83,14 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
             "%lld experts (%d used, %lld shared), vocab %lld; ctx %lld, %d threads, %s%s; loaded in %.2f s\n",
             o->model_path, (long long)hp->n_layer, (long long)hp->n_dense, (long long)hp->n_embd,
             (long long)hp->n_head, (long long)hp->q_lora, (long long)hp->kv_lora, (long long)hp->n_expert,
-            s->fwd.n_expert_used, (long long)hp->n_shared, (long long)hp->n_vocab, (long long)ctx,
+            s->engine->info.n_expert_used, (long long)hp->n_shared, (long long)hp->n_vocab, (long long)ctx,
             nm_pool_size(s->pool), nm_isa_name(nm_isa_best()), remote ? ", routed experts in workers" : "",
             nm_now_s() - t0);
     return 0;
 }
 
 void nm_session_close(nm_session *s) {
-    if (s->fwd.m) nm_forward_free(&s->fwd);
+    nm_engine_destroy(s->engine);
     if (s->experts) s->experts->destroy(s->experts);
     if (s->pool) nm_pool_destroy(s->pool);
     if (s->model.layers || s->model.owned) nm_model_free(&s->model);

@@ -1,13 +1,15 @@
 /* session.h - everything one model run needs, opened from command-line
- * style options: the mapped GGUF, the bound model, a thread pool, the expert
- * backend and the forward state. Shared by `numoe generate` and `numoe bench`
- * (and later chat / serve), so option handling and load reporting live in
- * one place. */
+ * style options (cli/options.h parses them): the mapped GGUF, the bound
+ * model, a thread pool, the expert backend and the engine that runs the
+ * forward pass. Shared by generate, chat, serve and bench, so start-up and
+ * load reporting live in one place. */
 #ifndef NUMOE_COORDINATOR_CLI_SESSION_H
 #define NUMOE_COORDINATOR_CLI_SESSION_H
 
 #include "common/gguf.h"
-#include "coordinator/engine/cpu/forward.h"
+#include "coordinator/engine/engine.h"
+#include "coordinator/experts/backend.h"
+#include "kernels/threadpool.h"
 #include "model/model.h"
 
 typedef struct {
@@ -17,7 +19,7 @@ typedef struct {
     int64_t batch;      /* prefill chunk, default 512 */
     int experts_used;   /* 0: the model's expert_used_count */
     int no_prefault;    /* leave the mapping to page in lazily */
-    /* routed experts in worker processes (coordinator/cli_workers.h) */
+    /* routed experts in worker processes (coordinator/experts/remote.h) */
     int workers;              /* 0: in this process; see workers_set */
     int workers_set;          /* --workers given; otherwise one worker per NUMA node. The launcher
                                * (launch/launcher.h) starts them and names their count in
@@ -36,7 +38,7 @@ typedef struct {
     nm_model model;
     nm_pool *pool;
     nm_expert_backend *experts;
-    nm_forward fwd;
+    nm_engine *engine;
 } nm_session;
 
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err);

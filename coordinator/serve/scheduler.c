@@ -18,9 +18,6 @@
 #include <time.h>
 
 #include "common/clock.h"
-#include "coordinator/engine/cpu/forward.h"
-#include "coordinator/engine/cpu/kv_cache.h"
-#include "coordinator/text/stop_text.h"
 
 #define MAX_STOPS 16
 
@@ -37,16 +34,6 @@ static void cond_init_monotonic(pthread_cond_t *cv) {
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(cv, &ca);
     pthread_condattr_destroy(&ca);
-}
-
-const char *nm_finish_name(nm_finish f) {
-    switch (f) {
-    case NM_FINISH_STOP: return "stop";
-    case NM_FINISH_LENGTH: return "length";
-    case NM_FINISH_CANCELLED: return "cancelled";
-    case NM_FINISH_ERROR: return "error";
-    default: return NULL;
-    }
 }
 
 /* ---- latency histograms (Prometheus cumulative buckets) ---- */
@@ -89,30 +76,29 @@ struct nm_req {
     /* fixed at submit */
     int32_t *prompt;
     int64_t n_prompt, max_tokens, reserve;
-    int ignore_eos;
     nm_sampler sampler;
-    /* the engine's alone */
-    nm_kv_cache kv;
-    float *logits;
-    nm_detok_stream *detok;
-    int64_t n_fed;    /* prompt tokens in the cache */
-    int32_t next_tok; /* sampled, to be fed at the next step */
-    nm_req *next;     /* queue link (scheduler lock) */
-    /* shared with the client (request lock) */
-    nm_stop_text stop; /* generated text so far, cut at a stop string; stop.released: what the client may see */
+    /* the engine thread's alone */
+    nm_engine_seq *seq; /* the request's KV cache, from admission to the end */
+    int64_t n_fed;      /* prompt tokens in the cache */
+    int32_t sampled;    /* the step's token */
+    int32_t next_tok;   /* the token to feed at the next step */
+    nm_req *next;       /* queue link (scheduler lock) */
+    /* shared with the client (request lock): dec.n_gen and the text so far,
+     * cut at a stop string (dec.text.released: what the client may see) */
+    nm_decode dec;
     size_t delivered;  /* bytes it has seen */
     int cancelled;
     int admitted; /* holds its reserve of the cache budget */
     nm_req_state st;
 };
 
+/* The sequence is gone by now: every admitted request is finished by the
+ * engine thread, which frees it (the engine may be gone when the client lets
+ * go last). */
 static void req_free(nm_req *r) {
     free(r->prompt);
-    nm_stop_text_free(&r->stop);
+    nm_decode_free(&r->dec);
     nm_sampler_free(&r->sampler);
-    nm_kv_cache_free(&r->kv);
-    free(r->logits);
-    if (r->detok) nm_detok_stream_free(r->detok);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
     free(r);
@@ -128,7 +114,7 @@ static void req_unref(nm_req *r) {
 /* ---- the scheduler ---- */
 
 struct nm_sched {
-    nm_session *s;
+    nm_engine *e;
     const nm_tokenizer *tk;
     nm_sched_opts o;
     int64_t n_vocab;
@@ -141,7 +127,7 @@ struct nm_sched {
     int64_t n_queued;
     nm_req **active;       /* in flight, in admission order (prefill goes oldest first) */
     int64_t n_active, cache_used;
-    nm_forward_seq *segs;   /* the step's batch, one segment per request */
+    nm_engine_segment *segs; /* the step's batch, one segment per request */
     nm_req **seg_req;
     nm_finish *seg_fin;
     int *seg_first;
@@ -161,17 +147,17 @@ static void finish(nm_sched *s, nm_req *r, nm_finish f, const char *error) {
         r->st.queued = 0;
         if (error) snprintf(r->st.error, sizeof r->st.error, "%s", error);
     }
-    nm_stop_text_release(&r->stop, 1);
+    nm_stop_text_release(&r->dec.text, 1);
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     if (r->admitted) s->cache_used -= r->reserve, r->admitted = 0;
-    nm_kv_cache_free(&r->kv);
-    free(r->logits), r->logits = NULL;
+    nm_engine_seq_free(s->e, r->seq);
+    r->seq = NULL;
     if (f == NM_FINISH_CANCELLED) s->stats.requests_cancelled++;
     else if (f == NM_FINISH_ERROR) s->stats.requests_failed++;
     else s->stats.requests_done++;
     hist_observe(&s->h_e2e, t - r->st.t_submit);
-    if (r->st.n_gen > 1 && r->st.t_first > 0) hist_observe(&s->h_tpot, (t - r->st.t_first) / (double)(r->st.n_gen - 1));
+    if (r->dec.n_gen > 1 && r->st.t_first > 0) hist_observe(&s->h_tpot, (t - r->st.t_first) / (double)(r->dec.n_gen - 1));
 }
 
 static void remove_active(nm_sched *s, int64_t i) {
@@ -229,12 +215,10 @@ static int64_t admit(nm_sched *s, nm_req **fresh) {
     return n;
 }
 
-/* Allocates an admitted request's cache and logits row (engine thread, no
- * lock: mapping memory can take a moment). */
+/* Reserves an admitted request's sequence (engine thread, no lock: mapping
+ * memory can take a moment). */
 static int setup(nm_sched *s, nm_req *r, nm_err *err) {
-    const nm_hparams *hp = &s->s->model.hp;
-    if (nm_kv_cache_alloc(&r->kv, hp->n_layer, r->reserve, hp->kv_lora + hp->d_rope, err)) return -1;
-    if (!(r->logits = malloc((size_t)s->n_vocab * sizeof *r->logits))) return nm_errf(err, "out of memory for logits");
+    if (!(r->seq = nm_engine_seq_new(s->e, r->reserve, err))) return -1;
     double t = nm_now_s();
     pthread_mutex_lock(&r->mu);
     r->st.queued = 0;
@@ -243,53 +227,19 @@ static int setup(nm_sched *s, nm_req *r, nm_err *err) {
     return 0;
 }
 
-/* Appends a sampled token's text (cut at a stop string) and releases to the
- * client what can no longer become the start of a stop string, or all of it
- * when FINAL. Returns 1 when a stop string ended the request; sets *oom when
- * the piece could not be kept. Engine thread; takes the request lock. */
-static int take_text(nm_req *r, const char *piece, size_t len, int final, int *oom) {
+/* The token the step sampled for R through the decode step (text/decode.h:
+ * text out under the request's lock, end conditions checked). Returns the
+ * finish reason, or NM_FINISH_NONE to go on with r->next_tok. Engine
+ * thread, without the scheduler lock. */
+static nm_finish on_token(nm_req *r, double t, int *first) {
+    if (r->sampled < 0) return NM_FINISH_ERROR;
     pthread_mutex_lock(&r->mu);
-    int hit = nm_stop_text_append(&r->stop, piece, len);
-    if (hit < 0) *oom = 1;
-    nm_stop_text_release(&r->stop, final);
-    pthread_cond_broadcast(&r->cv);
-    pthread_mutex_unlock(&r->mu);
-    return hit == 1;
-}
-
-/* The token sampled for R: text out, end conditions checked. Returns the
- * finish reason, or NM_FINISH_NONE to go on with r->next_tok. Engine thread,
- * without the scheduler lock (sampling a large vocabulary takes a while). */
-static nm_finish on_token(nm_sched *s, nm_req *r, double t, int *first) {
-    int32_t tok = nm_sampler_sample(&r->sampler, r->logits, s->n_vocab);
-    if (tok < 0) return NM_FINISH_ERROR;
-    pthread_mutex_lock(&r->mu);
-    r->st.n_gen++;
     *first = r->st.t_first == 0;
     if (*first) r->st.t_first = t;
-    int64_t n_gen = r->st.n_gen;
     pthread_mutex_unlock(&r->mu);
-    int oom = 0;
-    if (!r->ignore_eos && nm_tokenizer_is_eog(s->tk, tok)) {
-        size_t len;
-        const char *rest = nm_detok_stream_flush(r->detok, &len);
-        take_text(r, rest, len, 1, &oom);
-        return oom ? NM_FINISH_ERROR : NM_FINISH_STOP;
-    }
-    const char *piece;
-    size_t len;
-    nm_err err;
-    if (nm_detok_stream_feed(r->detok, tok, &piece, &len, &err)) return NM_FINISH_ERROR;
-    int at_limit = n_gen >= r->max_tokens;
-    if (take_text(r, piece, len, 0, &oom)) return NM_FINISH_STOP;
-    if (at_limit) {
-        const char *rest = nm_detok_stream_flush(r->detok, &len);
-        if (take_text(r, rest, len, 1, &oom)) return NM_FINISH_STOP;
-        return oom ? NM_FINISH_ERROR : NM_FINISH_LENGTH;
-    }
-    if (oom) return NM_FINISH_ERROR;
-    r->next_tok = tok;
-    return NM_FINISH_NONE;
+    nm_finish f = nm_decode_token(&r->dec, r->sampled);
+    if (f == NM_FINISH_NONE) r->next_tok = r->sampled;
+    return f;
 }
 
 /* One step over the active requests: decode tokens first (latency of
@@ -301,7 +251,8 @@ static int64_t build_batch(nm_sched *s, nm_req *const *active, int64_t n_active,
     for (int64_t i = 0; i < n_active; i++) {
         nm_req *r = active[i];
         if (r->n_fed < r->n_prompt || budget == 0) continue;
-        s->segs[n] = (nm_forward_seq){&r->kv, &r->next_tok, 1, r->logits};
+        s->segs[n] = (nm_engine_segment){.seq = r->seq, .tokens = &r->next_tok, .n = 1, .sampler = &r->sampler,
+                                         .token = &r->sampled};
         s->seg_req[n++] = r;
         budget--, used++;
     }
@@ -310,7 +261,8 @@ static int64_t build_batch(nm_sched *s, nm_req *const *active, int64_t n_active,
         if (r->n_fed >= r->n_prompt) continue;
         int64_t take = r->n_prompt - r->n_fed < budget ? r->n_prompt - r->n_fed : budget;
         int done = r->n_fed + take == r->n_prompt;
-        s->segs[n] = (nm_forward_seq){&r->kv, r->prompt + r->n_fed, take, done ? r->logits : NULL};
+        s->segs[n] = (nm_engine_segment){.seq = r->seq, .tokens = r->prompt + r->n_fed, .n = take,
+                                         .sampler = done ? &r->sampler : NULL, .token = &r->sampled};
         s->seg_req[n++] = r;
         budget -= take, used += take;
     }
@@ -345,7 +297,7 @@ static void *engine(void *arg) {
         double t0 = nm_now_s(), t1 = t0;
         if (!n_failed) {
             build_batch(s, snap, n_active, &n_segs);
-            rc = nm_forward_batch(&s->s->fwd, s->segs, n_segs, &err);
+            rc = nm_engine_step(s->e, s->segs, n_segs, &err);
             t1 = nm_now_s();
             /* prompt progress and sampling, still without the lock */
             for (int i = 0; i < n_segs; i++) {
@@ -356,13 +308,13 @@ static void *engine(void *arg) {
                     continue;
                 }
                 if (r->n_fed < r->n_prompt) r->n_fed += s->segs[i].n;
-                if (s->segs[i].logits) s->seg_fin[i] = on_token(s, r, t1, &s->seg_first[i]);
+                if (s->segs[i].sampler) s->seg_fin[i] = on_token(r, t1, &s->seg_first[i]);
             }
         }
 
         pthread_mutex_lock(&s->mu);
         for (int64_t i = 0; i < n_fresh; i++)
-            if (fresh[i]->kv.data) hist_observe(&s->h_queue, fresh[i]->st.t_admit - fresh[i]->st.t_submit);
+            if (fresh[i]->seq) hist_observe(&s->h_queue, fresh[i]->st.t_admit - fresh[i]->st.t_submit);
         if (n_failed) {
             /* a cache that cannot be had fails its request; the rest go on next round */
             for (int i = 0; i < n_failed; i++)
@@ -380,7 +332,7 @@ static void *engine(void *arg) {
         for (int i = 0; i < n_segs; i++) {
             nm_req *r = s->seg_req[i];
             if (!rc && s->segs[i].tokens != &r->next_tok) s->stats.prompt_tokens += (uint64_t)s->segs[i].n;
-            if (!rc && s->segs[i].logits) s->stats.gen_tokens++;
+            if (!rc && s->segs[i].sampler) s->stats.gen_tokens++;
             if (s->seg_first[i]) hist_observe(&s->h_ttft, t1 - r->st.t_submit);
             nm_finish f = s->seg_fin[i];
             if (f == NM_FINISH_NONE) continue;
@@ -414,20 +366,21 @@ static void *engine(void *arg) {
     return NULL;
 }
 
-int nm_sched_create(nm_sched **out, nm_session *ses, const nm_tokenizer *tk, const nm_sched_opts *o, nm_err *err) {
+int nm_sched_create(nm_sched **out, nm_engine *e, const nm_tokenizer *tk, const nm_sched_opts *o, nm_err *err) {
     *out = NULL;
     nm_sched *s = calloc(1, sizeof *s);
     if (!s) return nm_errf(err, "out of memory");
-    s->s = ses, s->tk = tk, s->o = *o;
-    s->n_vocab = ses->model.hp.n_vocab;
+    const nm_engine_info *in = nm_engine_info_of(e);
+    s->e = e, s->tk = tk, s->o = *o;
+    s->n_vocab = in->n_vocab;
     if (s->o.max_batch <= 0) s->o.max_batch = 4;
     if (s->o.chunk <= 0) s->o.chunk = 256;
-    if (s->o.n_ctx <= 0 || s->o.n_ctx > ses->fwd.n_ctx) s->o.n_ctx = ses->fwd.n_ctx;
+    if (s->o.n_ctx <= 0 || s->o.n_ctx > in->n_ctx) s->o.n_ctx = in->n_ctx;
     if (s->o.cache_lens <= 0) s->o.cache_lens = s->o.n_ctx * s->o.max_batch;
     int bad = 0;
-    if (s->o.chunk > ses->fwd.n_batch)
+    if (s->o.chunk > in->n_batch)
         bad = nm_errf(err, "--chunk-size %lld exceeds the batch the forward state was made for (%lld: raise -b/--batch)",
-                      (long long)s->o.chunk, (long long)ses->fwd.n_batch);
+                      (long long)s->o.chunk, (long long)in->n_batch);
     else if (s->o.chunk < s->o.max_batch)
         bad = nm_errf(err, "--chunk-size %lld is smaller than --max-batch-size %lld: every running request needs its "
                       "decode token in each step", (long long)s->o.chunk, (long long)s->o.max_batch);
@@ -501,14 +454,13 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
     cond_init_monotonic(&r->cv);
     r->refs = 2;
     r->n_prompt = p->n_prompt, r->max_tokens = max_tokens, r->reserve = p->n_prompt + max_tokens;
-    r->ignore_eos = p->ignore_eos;
     r->prompt = malloc((size_t)p->n_prompt * sizeof *r->prompt);
-    r->detok = nm_detok_stream_new(s->tk, 0);
-    if (!r->prompt || !r->detok || nm_stop_text_init(&r->stop, p->stops, p->n_stops)) {
+    if (!r->prompt || nm_decode_init(&r->dec, s->tk, 1, p->stops, p->n_stops, max_tokens, p->ignore_eos, err)) {
         req_free(r);
         *server_fault = 1;
         return nm_errf(err, "out of memory");
     }
+    r->dec.lock = &r->mu, r->dec.cv = &r->cv;
     memcpy(r->prompt, p->prompt, (size_t)p->n_prompt * sizeof *r->prompt);
     if (nm_sampler_init_params(&r->sampler, &p->sampling, s->n_vocab, err)) {
         req_free(r);
@@ -538,19 +490,20 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
 
 int nm_req_wait(nm_req *r, int timeout_ms, nm_text *out, nm_req_state *st) {
     pthread_mutex_lock(&r->mu);
-    if (timeout_ms > 0 && r->delivered == r->stop.released && r->st.finish == NM_FINISH_NONE) {
+    const nm_stop_text *text = &r->dec.text;
+    if (timeout_ms > 0 && r->delivered == text->released && r->st.finish == NM_FINISH_NONE) {
         struct timespec ts;
         deadline_in(&ts, timeout_ms);
-        while (r->delivered == r->stop.released && r->st.finish == NM_FINISH_NONE)
+        while (r->delivered == text->released && r->st.finish == NM_FINISH_NONE)
             if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) == ETIMEDOUT) break;
     }
     int ok = 1;
-    if (r->stop.released > r->delivered) {
-        ok = nm_text_append(out, r->stop.text.buf + r->delivered, r->stop.released - r->delivered) == 0;
-        if (ok) r->delivered = r->stop.released;
+    if (text->released > r->delivered) {
+        ok = nm_text_append(out, text->text.buf + r->delivered, text->released - r->delivered) == 0;
+        if (ok) r->delivered = text->released;
     }
-    if (st) *st = r->st;
-    int done = ok && r->st.finish != NM_FINISH_NONE && r->delivered == r->stop.text.len;
+    if (st) *st = r->st, st->n_gen = r->dec.n_gen;
+    int done = ok && r->st.finish != NM_FINISH_NONE && r->delivered == text->text.len;
     pthread_mutex_unlock(&r->mu);
     return done;
 }

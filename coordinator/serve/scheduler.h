@@ -19,8 +19,10 @@
  * Threads: nm_sched_submit / nm_req_* are called from any thread (the HTTP
  * server's); the engine thread does all model work.
  *
- * Ownership: nm_sched_create borrows the session (model, pool, experts) and
- * the tokenizer, which must outlive the scheduler; nm_sched_destroy cancels
+ * Ownership: nm_sched_create borrows the engine (coordinator/engine/engine.h)
+ * and the tokenizer, which must outlive the scheduler; each admitted request
+ * gets an engine sequence of prompt + max_tokens positions, freed when it
+ * ends; nm_sched_destroy cancels
  * what is left and joins the engine thread. A request is shared by the
  * engine and the client side: the client calls nm_req_release exactly once
  * when done with it (cancelling it first if it has not finished); the memory
@@ -32,8 +34,9 @@
 #include <stdint.h>
 
 #include "common/error.h"
+#include "coordinator/engine/engine.h"
+#include "coordinator/text/decode.h"
 #include "coordinator/text/sampler.h"
-#include "coordinator/cli/session.h"
 #include "coordinator/text/text.h"
 #include "coordinator/text/tokenizer.h"
 
@@ -44,7 +47,7 @@ typedef struct {
     int64_t max_batch;  /* --max-batch-size: requests in flight together; default 4 */
     int64_t chunk;      /* --chunk-size: tokens per step (decode tokens + prefill chunk); default 256 */
     int64_t cache_lens; /* --cache-lens: KV positions shared by all requests; default n_ctx * max_batch */
-    int64_t n_ctx;      /* per-request limit on prompt + generated tokens; default the session's context */
+    int64_t n_ctx;      /* per-request limit on prompt + generated tokens; default the engine's context */
 } nm_sched_opts;
 
 typedef struct {
@@ -57,16 +60,9 @@ typedef struct {
     int ignore_eos;           /* keep generating past end-of-generation tokens */
 } nm_req_params;
 
-typedef enum {
-    NM_FINISH_NONE = 0,  /* still queued or running */
-    NM_FINISH_STOP,      /* end-of-generation token or a stop string */
-    NM_FINISH_LENGTH,    /* max_tokens or the context reached */
-    NM_FINISH_CANCELLED, /* nm_req_cancel, or the scheduler shut down */
-    NM_FINISH_ERROR,     /* the engine failed; see error */
-} nm_finish;
-
-/* "stop", "length", "cancelled", "error" (or NULL for NM_FINISH_NONE). */
-const char *nm_finish_name(nm_finish f);
+/* How a request ended: nm_finish (text/decode.h); NM_FINISH_CANCELLED after
+ * nm_req_cancel or shutdown, NM_FINISH_ERROR when the engine failed (see
+ * nm_req_state.error). */
 
 typedef struct {
     int64_t n_prompt;    /* prompt tokens */
@@ -79,7 +75,7 @@ typedef struct {
 } nm_req_state;
 
 /* Starts the engine thread. 0, or -1 with err (bad options, out of memory). */
-int nm_sched_create(nm_sched **out, nm_session *s, const nm_tokenizer *tk, const nm_sched_opts *o, nm_err *err);
+int nm_sched_create(nm_sched **out, nm_engine *e, const nm_tokenizer *tk, const nm_sched_opts *o, nm_err *err);
 /* Cancels every request, waits for the engine thread, frees the scheduler.
  * Requests not yet released stay valid until nm_req_release. */
 void nm_sched_destroy(nm_sched *s);

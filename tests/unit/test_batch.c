@@ -1,7 +1,7 @@
 /* test_batch.c - continuous batching is invisible in the numbers:
- *   - nm_forward_batch over several sequences (mixed prefill chunks and
+ *   - an engine step over several sequences (mixed prefill chunks and
  *     decode tokens in one batch) gives each sequence the logits that
- *     nm_forward_tokens gives it alone;
+ *     running it alone (nm_engine_eval) gives it;
  *   - the scheduler, with more requests than batch slots and a cache budget
  *     that makes some of them queue, produces for every request the greedy
  *     text of running it alone, honours max_tokens, stop strings and
@@ -14,8 +14,8 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "coordinator/serve/scheduler.h"
 #include "coordinator/cli/session.h"
+#include "coordinator/serve/scheduler.h"
 
 static const char *MODELS[] = {
     "tests/fixtures/models/deepseek-v3-tiny-F32-mla.gguf",
@@ -60,32 +60,35 @@ static void test_forward_batch_equals_alone(void) {
     for (size_t mi = 0; mi < sizeof MODELS / sizeof *MODELS; mi++) {
         nm_session s;
         if (open_model(&s, MODELS[mi], 32)) continue;
-        int64_t V = s.model.hp.n_vocab;
+        nm_engine *e = s.engine;
+        int64_t V = e->info.n_vocab;
         nm_err err;
         float *alone = calloc((size_t)(NS * (DEC + 1) * V), sizeof(float));
         float *got = calloc((size_t)(NS * V), sizeof(float));
         int32_t prompt[NS][32], gen[NS][DEC + 1];
-        for (int q = 0; q < NS; q++) {
+        nm_engine_seq *one = nm_engine_seq_new(e, e->info.n_ctx, &err);
+        CHECK(one != NULL, "%s", err.msg);
+        for (int q = 0; q < NS && one; q++) {
             prompt_of(q, prompt[q], plen[q], V);
-            nm_forward_reset(&s.fwd);
+            nm_engine_seq_rewind(e, one, 0);
             float *row = alone + (size_t)q * (DEC + 1) * V;
-            CHECK(nm_forward_tokens(&s.fwd, prompt[q], plen[q], row, 0, &err) == 0, "%s", err.msg);
+            CHECK(nm_engine_eval(e, one, prompt[q], plen[q], row, 0, &err) == 0, "%s", err.msg);
             gen[q][0] = argmax(row, V);
             for (int d = 1; d <= DEC; d++) {
-                CHECK(nm_forward_tokens(&s.fwd, &gen[q][d - 1], 1, row + (size_t)d * V, 0, &err) == 0, "%s", err.msg);
+                CHECK(nm_engine_eval(e, one, &gen[q][d - 1], 1, row + (size_t)d * V, 0, &err) == 0, "%s", err.msg);
                 gen[q][d] = argmax(row + (size_t)d * V, V);
             }
         }
-        nm_kv_cache kv[NS];
-        for (int q = 0; q < NS; q++)
-            CHECK(nm_kv_cache_alloc(&kv[q], s.model.hp.n_layer, 64, s.model.hp.kv_lora + s.model.hp.d_rope, &err) == 0,
-                  "%s", err.msg);
+        nm_engine_seq_free(e, one);
+        nm_engine_seq *kv[NS];
+        for (int q = 0; q < NS; q++) CHECK((kv[q] = nm_engine_seq_new(e, 64, &err)) != NULL, "%s", err.msg);
         /* step 1: seq 0 whole prompt, seq 1 first 5 prompt tokens (no logits)
          * step 2: seq 0 decodes, seq 1 rest of its prompt, seq 2 whole prompt
          * then all decode together */
         int64_t fed1 = 5, dec[NS] = {0, 0, 0};
-        nm_forward_seq st1[2] = {{&kv[0], prompt[0], plen[0], got}, {&kv[1], prompt[1], fed1, NULL}};
-        CHECK(nm_forward_batch(&s.fwd, st1, 2, &err) == 0, "%s", err.msg);
+        nm_engine_segment st1[2] = {{.seq = kv[0], .tokens = prompt[0], .n = plen[0], .logits = got},
+                                    {.seq = kv[1], .tokens = prompt[1], .n = fed1}};
+        CHECK(nm_engine_step(e, st1, 2, &err) == 0, "%s", err.msg);
         double worst = 0;
         int mismatched = 0;
 #define COMPARE(q, d, buf)                                                                      \
@@ -98,18 +101,19 @@ static void test_forward_batch_equals_alone(void) {
         mismatched += argmax(buf, V) != gen[q][d];                                              \
     } while (0)
         COMPARE(0, 0, got);
-        nm_forward_seq st2[3] = {{&kv[0], &gen[0][0], 1, got},
-                                 {&kv[1], prompt[1] + fed1, plen[1] - fed1, got + V},
-                                 {&kv[2], prompt[2], plen[2], got + 2 * V}};
-        CHECK(nm_forward_batch(&s.fwd, st2, 3, &err) == 0, "%s", err.msg);
+        nm_engine_segment st2[3] = {{.seq = kv[0], .tokens = &gen[0][0], .n = 1, .logits = got},
+                                    {.seq = kv[1], .tokens = prompt[1] + fed1, .n = plen[1] - fed1, .logits = got + V},
+                                    {.seq = kv[2], .tokens = prompt[2], .n = plen[2], .logits = got + 2 * V}};
+        CHECK(nm_engine_step(e, st2, 3, &err) == 0, "%s", err.msg);
         COMPARE(0, 1, got);
         COMPARE(1, 0, got + V);
         COMPARE(2, 0, got + 2 * V);
         dec[0] = 2, dec[1] = 1, dec[2] = 1;
         for (int step = 0; step < 4; step++) {
-            nm_forward_seq sd[NS];
-            for (int q = 0; q < NS; q++) sd[q] = (nm_forward_seq){&kv[q], &gen[q][dec[q] - 1], 1, got + (size_t)q * V};
-            CHECK(nm_forward_batch(&s.fwd, sd, NS, &err) == 0, "%s", err.msg);
+            nm_engine_segment sd[NS];
+            for (int q = 0; q < NS; q++)
+                sd[q] = (nm_engine_segment){.seq = kv[q], .tokens = &gen[q][dec[q] - 1], .n = 1, .logits = got + (size_t)q * V};
+            CHECK(nm_engine_step(e, sd, NS, &err) == 0, "%s", err.msg);
             for (int q = 0; q < NS; q++) {
                 COMPARE(q, dec[q], got + (size_t)q * V);
                 dec[q]++;
@@ -120,10 +124,10 @@ static void test_forward_batch_equals_alone(void) {
         CHECK(mismatched == 0, "%s: %d greedy tokens differ", MODELS[mi], mismatched);
         /* a batch larger than the state was made for is refused, nothing advanced */
         int32_t many[40] = {0};
-        int64_t before = kv[0].n_pos;
-        nm_forward_seq big = {&kv[0], many, 40, NULL};
-        CHECK(nm_forward_batch(&s.fwd, &big, 1, &err) != 0 && kv[0].n_pos == before, "oversized batch accepted");
-        for (int q = 0; q < NS; q++) nm_kv_cache_free(&kv[q]);
+        int64_t before = nm_engine_seq_len(e, kv[0]);
+        nm_engine_segment big = {.seq = kv[0], .tokens = many, .n = 40};
+        CHECK(nm_engine_step(e, &big, 1, &err) != 0 && nm_engine_seq_len(e, kv[0]) == before, "oversized batch accepted");
+        for (int q = 0; q < NS; q++) nm_engine_seq_free(e, kv[q]);
         free(alone);
         free(got);
         nm_session_close(&s);
@@ -133,14 +137,16 @@ static void test_forward_batch_equals_alone(void) {
 /* Greedy text of one prompt run alone through the single-sequence path. */
 static char *alone_text(nm_session *s, const nm_tokenizer *tk, const int32_t *prompt, int64_t n, int n_new) {
     nm_err err;
-    int64_t V = s->model.hp.n_vocab;
+    nm_engine *e = s->engine;
+    int64_t V = e->info.n_vocab;
     float *logits = malloc((size_t)V * sizeof *logits);
     int32_t *ids = malloc((size_t)n_new * sizeof *ids);
-    nm_forward_reset(&s->fwd);
+    nm_engine_seq *seq = nm_engine_seq_new(e, e->info.n_ctx, &err);
+    CHECK(seq != NULL, "%s", err.msg);
     int32_t tok = -1;
-    for (int i = 0; i < n_new; i++) {
-        int rc = i == 0 ? nm_forward_tokens(&s->fwd, prompt, n, logits, 0, &err)
-                        : nm_forward_tokens(&s->fwd, &tok, 1, logits, 0, &err);
+    for (int i = 0; i < n_new && seq; i++) {
+        int rc = i == 0 ? nm_engine_eval(e, seq, prompt, n, logits, 0, &err)
+                        : nm_engine_eval(e, seq, &tok, 1, logits, 0, &err);
         CHECK(rc == 0, "%s", err.msg);
         ids[i] = tok = argmax(logits, V);
     }
@@ -158,6 +164,7 @@ static char *alone_text(nm_session *s, const nm_tokenizer *tk, const int32_t *pr
     const char *rest = nm_detok_stream_flush(ds, &len);
     nm_text_append(&text, rest, len);
     nm_detok_stream_free(ds);
+    nm_engine_seq_free(e, seq);
     free(logits);
     free(ids);
     return text.buf;
@@ -192,7 +199,7 @@ static void test_scheduler_matches_alone(void) {
     }
     nm_sched_opts so = {.max_batch = 4, .chunk = 16, .cache_lens = 3 * 40, .n_ctx = 64};
     nm_sched *sch = NULL;
-    CHECK(nm_sched_create(&sch, &s, tk, &so, &err) == 0, "%s", err.msg);
+    CHECK(nm_sched_create(&sch, s.engine, tk, &so, &err) == 0, "%s", err.msg);
     if (!sch) return nm_tokenizer_free(tk), nm_session_close(&s);
     nm_req *r[NR];
     int fault;

@@ -1,5 +1,5 @@
-/* forward.c - one batch of tokens through the model. The math follows
- * reference §5 (= HF modeling_deepseek): names below are the paper's.
+/* forward.c - one batch of tokens through the model. The math is
+ * docs/MODEL.md §3 (= HF modeling_deepseek): names below are the paper's.
  *
  *   a      = RMSNorm(x)                        c_KV = RMSNorm(W_DKV a)   k_pe = RoPE(W_KR a)
  *   q      = W_UQ RMSNorm(W_DQ a)  (or W_Q a)  q_nope | q_pe = split per head, q_pe = RoPE(q_pe)
@@ -50,10 +50,10 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
     int64_t ffw = hp->n_ff > hp->n_ff_exp * hp->n_shared ? hp->n_ff : hp->n_ff_exp * hp->n_shared;
     int nth = nm_pool_size(pool);
     f->n_ctx = n_ctx;
-    f->kv = (nm_kv_cache){hp->n_layer, n_ctx, hp->kv_lora + hp->d_rope, 0, NULL, 0};
+    int64_t width = hp->kv_lora + hp->d_rope;
     struct { float **p; int64_t n; } parts[] = {
         {&f->x, T * H}, {&f->a, T * H}, {&f->q, T * nh * dk}, {&f->qa, T * (hp->q_lora > 0 ? hp->q_lora : 1)},
-        {&f->kv_new, T * f->kv.width}, {&f->gath, T * (hp->kv_lora > dk ? hp->kv_lora : dk)},
+        {&f->kv_new, T * width}, {&f->gath, T * (hp->kv_lora > dk ? hp->kv_lora : dk)},
         {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
         {&f->o, T * nh * hp->d_v}, {&f->tmp, T * H}, {&f->hg, T * ffw}, {&f->hu, T * ffw},
         {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->rw, T * hp->n_expert_used}, {&f->moe, T * H},
@@ -85,18 +85,11 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
 }
 
 void nm_forward_free(nm_forward *f) {
-    nm_kv_cache_free(&f->kv);
     free(f->buf);
     free(f->lbuf);
     nm_rope_free(&f->rope);
     nm_matmul_ctx_free(&f->mm);
     memset(f, 0, sizeof *f);
-}
-
-void nm_forward_reset(nm_forward *f) { f->kv.n_pos = 0; }
-
-void nm_forward_rewind(nm_forward *f, int64_t n) {
-    if (n >= 0 && n < f->kv.n_pos) f->kv.n_pos = n;
 }
 
 /* Attention scores and the latent-space output for every (token, head):
@@ -112,7 +105,7 @@ static void attn_task(void *ctx, int ith, int nth) {
     attn_job *j = ctx;
     nm_forward *f = j->f;
     const nm_hparams *hp = &f->m->hp;
-    int64_t nh = hp->n_head, kr = hp->kv_lora, W = f->kv.width;
+    int64_t nh = hp->n_head, kr = hp->kv_lora, W = hp->kv_lora + hp->d_rope;
     /* the query [q_abs | q_pe] and a cache row [c | k_pe] line up, so a score
      * is one float dot of width kv_lora + d_rope (the SIMD F32 kernel) */
     nm_vec_dot_fn dot = nm_vec_dot(NM_TYPE_F32);
@@ -257,35 +250,16 @@ static int check_tokens(const nm_forward *f, const int32_t *tokens, int64_t n, n
     return 0;
 }
 
-int nm_forward_tokens(nm_forward *f, const int32_t *tokens, int64_t n, float *logits, int all_logits, nm_err *err) {
-    const nm_hparams *hp = &f->m->hp;
-    if (n < 1) return nm_errf(err, "no tokens to evaluate");
-    if (!f->kv.data && nm_kv_cache_alloc(&f->kv, hp->n_layer, f->n_ctx, hp->kv_lora + hp->d_rope, err)) return -1;
-    if (f->kv.n_pos + n > f->kv.n_ctx)
-        return nm_errf(err, "context full: %lld cached + %lld new tokens exceed the context size %lld (raise --ctx-size)",
-                       (long long)f->kv.n_pos, (long long)n, (long long)f->kv.n_ctx);
-    if (check_tokens(f, tokens, n, err)) return -1;
-    for (int64_t done = 0; done < n; done += f->n_batch) {
-        int64_t c = n - done < f->n_batch ? n - done : f->n_batch;
-        int last_chunk = done + c == n;
-        for (int64_t t = 0; t < c; t++) f->tok[t] = tokens[done + t], f->tkv[t] = &f->kv, f->tpos[t] = f->kv.n_pos + t;
-        if (run_layers(f, c, err)) return -1;
-        f->kv.n_pos += c;
-        /* intermediate chunks only fill the cache unless every row's logits are wanted */
-        if (!logits || (!all_logits && !last_chunk)) continue;
-        int64_t first = all_logits ? 0 : c - 1;
-        for (int64_t t = first; t < c; t++) f->tpos[t - first] = t; /* tpos is free now: reuse as row list */
-        head(f, f->tpos, c - first, all_logits ? logits + done * hp->n_vocab : logits);
-    }
-    return 0;
-}
-
 int nm_forward_batch(nm_forward *f, nm_forward_seq *seqs, int n_seqs, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     int64_t n = 0, n_out = 0;
     for (int i = 0; i < n_seqs; i++) {
         nm_forward_seq *q = &seqs[i];
+        q->logits = NULL;
         if (q->n < 1) return nm_errf(err, "batch segment %d has no tokens", i);
+        if (q->rows != 0 && q->rows != 1 && q->rows != q->n)
+            return nm_errf(err, "batch segment %d: %lld rows of logits for %lld tokens", i, (long long)q->rows,
+                           (long long)q->n);
         if (q->kv->n_ctx > f->n_ctx || q->kv->width != hp->kv_lora + hp->d_rope || q->kv->n_layer != hp->n_layer)
             return nm_errf(err, "batch segment %d: its cache does not fit this model / context", i);
         if (q->kv->n_pos + q->n > q->kv->n_ctx)
@@ -293,7 +267,7 @@ int nm_forward_batch(nm_forward *f, nm_forward_seq *seqs, int n_seqs, nm_err *er
                            (long long)q->kv->n_pos, (long long)q->n, (long long)q->kv->n_ctx);
         if (check_tokens(f, q->tokens, q->n, err)) return nm_err_prefix(err, "batch segment %d", i);
         n += q->n;
-        n_out += q->logits != NULL;
+        n_out += q->rows;
     }
     if (n < 1) return nm_errf(err, "no tokens to evaluate");
     if (n > f->n_batch)
@@ -309,18 +283,21 @@ int nm_forward_batch(nm_forward *f, nm_forward_seq *seqs, int n_seqs, nm_err *er
         for (int64_t k = 0; k < seqs[i].n; k++, t++)
             f->tok[t] = seqs[i].tokens[k], f->tkv[t] = seqs[i].kv, f->tpos[t] = seqs[i].kv->n_pos + k;
     if (run_layers(f, n, err)) return -1;
-    /* the last token of each segment that wants logits; tpos is reused as the row list */
+    /* the rows each segment wants (its last token, or all of them); tpos is
+     * free now and becomes the row list */
     int64_t r = 0;
     t = 0;
     for (int i = 0; i < n_seqs; i++) {
-        t += seqs[i].n;
         seqs[i].kv->n_pos += seqs[i].n;
-        if (seqs[i].logits) f->tpos[r++] = t - 1;
+        for (int64_t k = seqs[i].n - seqs[i].rows; k < seqs[i].n; k++) f->tpos[r++] = t + k;
+        t += seqs[i].n;
     }
     if (n_out) head(f, f->tpos, n_out, f->lbuf);
     r = 0;
     for (int i = 0; i < n_seqs; i++)
-        if (seqs[i].logits)
-            memcpy(seqs[i].logits, f->lbuf + (size_t)r++ * (size_t)hp->n_vocab, (size_t)hp->n_vocab * sizeof(float));
+        if (seqs[i].rows) {
+            seqs[i].logits = f->lbuf + (size_t)r * (size_t)hp->n_vocab;
+            r += seqs[i].rows;
+        }
     return 0;
 }
