@@ -24,6 +24,8 @@ static int usage(FILE *f) {
             "  -p N                    prefill test: N tokens in one batch (0 = skip)\n"
             "  -n N                    decode test: N single-token steps (0 = skip)\n"
             "  -r N                    repetitions; the table shows mean and spread (default 1)\n"
+            "  --experts-sync          wait for the routed experts before computing the shared ones\n"
+            "                          (the default overlaps them: compare the two)\n"
             "%s"
             "`numoe bench kernels` benchmarks the GEMV kernels instead.\n",
             nm_session_opts_help);
@@ -60,6 +62,10 @@ int nm_cmd_bench_model(int argc, char **argv) {
         if (r < 0) return 2;
         if (r) continue;
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return usage(stdout);
+        if (!strcmp(argv[i], "--experts-sync")) {
+            so.sync_experts = 1;
+            continue;
+        }
         long long *dst = !strcmp(argv[i], "-p") ? &p : !strcmp(argv[i], "-n") ? &n : !strcmp(argv[i], "-r") ? &reps : NULL;
         if (!dst || i + 1 >= argc || nm_parse_int(argv[i + 1], 0, LLONG_MAX, dst)) {
             fprintf(stderr, "numoe bench: bad option or value: %s\n", argv[i]);

@@ -37,6 +37,7 @@
 #include "coordinator/cli/commands.h"
 #include "coordinator/cli/options.h"
 #include "coordinator/cli/session.h"
+#include "coordinator/experts/local.h"
 #include "coordinator/experts/remote.h"
 #include "proto/shm_slot.h"
 #include "proto/wire.h"
@@ -250,7 +251,7 @@ static int bench_backend(nm_expert_backend *b, const nm_model *m, int layer, int
     int total = iters + WARMUP / 5;
     for (int i = 0; i < total && !rc; i++) {
         int64_t t0 = nm_now_ns();
-        rc = b->moe(b, layer, n_tok, x, k, ids, w, out, err);
+        rc = nm_experts_run(b, layer, n_tok, x, k, ids, w, out, err);
         if (i >= WARMUP / 5) us[i - WARMUP / 5] = (double)(nm_now_ns() - t0) * 1e-3;
     }
     free(x), free(out), free(w), free(ids);
@@ -324,7 +325,7 @@ int nm_cmd_bench_ipc(int argc, char **argv) {
             if (!rc && bench_backend(s.experts, &s.model, layer, 1, k, it, us, &err) == 0) report(name, us, it);
             else if (!rc) fprintf(stderr, "numoe bench ipc: %s\n", err.msg), rc = 1;
         }
-        nm_expert_backend *local = launched ? nm_experts_local_create(&s.model, s.pool, &err) : s.experts;
+        nm_expert_backend *local = launched ? nm_experts_local_create(&s.model, s.pool, 1, k, &err) : s.experts;
         if (!local) fprintf(stderr, "numoe bench ipc: %s\n", err.msg), rc = 1;
         if (!rc && bench_backend(local, &s.model, layer, 1, k, it, us, &err) == 0)
             report("in-process backend, 1 token", us, it);

@@ -11,6 +11,7 @@
 
 #include "common/clock.h"
 #include "coordinator/engine/cpu/cpu_engine.h"
+#include "coordinator/experts/local.h"
 #include "coordinator/experts/remote.h"
 #include "kernels/quant.h"
 #include "proto/numoe.pb-c.h"
@@ -71,9 +72,10 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
             if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
         }
     } else {
-        s->experts = nm_experts_local_create(&s->model, s->pool, err);
+        s->experts = nm_experts_local_create(&s->model, s->pool, o->batch ? o->batch : 512, (int)hp->n_expert_used, err);
     }
-    nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used};
+    nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used,
+                             .sync_experts = o->sync_experts};
     if (!s->experts || !(s->engine = nm_engine_cpu_create(&s->model, s->pool, s->experts, &eo, err))) {
         nm_session_close(s);
         return -1;

@@ -31,6 +31,7 @@ typedef struct {
     double worker_timeout;    /* seconds; 0: 300 */
     const char *worker_endpoints; /* --worker-endpoints tcp://h:p,...: workers started by hand (no spawn) */
     const char *worker_key;       /* --worker-key FILE: CURVE key shared with those workers */
+    int sync_experts;             /* wait for the routed experts before the shared ones (bench --experts-sync) */
 } nm_session_opts;
 
 typedef struct {

@@ -1,8 +1,12 @@
-/* experts_local.c - the in-process expert backend (`--workers 0`): points the
- * shared MoE kernel at each layer's stacked expert tensors in the mapping. */
+/* local.c - the in-process expert backend (local.h): points the shared MoE
+ * kernel at each layer's stacked expert tensors in the mapping. The pool is
+ * the engine's own, so nothing can run beside the experts: submit only takes
+ * the layer down and wait computes it (after the engine computed its shared
+ * experts, which changes no result: they go to separate buffers). */
+#include "coordinator/experts/local.h"
+
 #include <stdlib.h>
 
-#include "coordinator/experts/backend.h"
 #include "kernels/moe.h"
 
 typedef struct {
@@ -12,28 +16,41 @@ typedef struct {
     nm_moe_experts *layers;  /* [n_layer], valid for MoE layers */
     const void **ptrs;       /* 3 * n_expert pointers per layer */
     nm_moe_scratch scratch;
+    int layer, k;           /* what was submitted; layer -1: nothing */
+    int64_t n_tok;
 } local_backend;
 
-static int local_moe(nm_expert_backend *b, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
-                     const float *w, float *out, nm_err *err) {
+static int local_submit(nm_expert_backend *b, int layer, int64_t n_tok, int k, nm_err *err) {
     local_backend *lb = (local_backend *)b;
-    char msg[256];
     if (layer < 0 || layer >= lb->m->hp.n_layer || !lb->m->layers[layer].is_moe)
         return nm_errf(err, "expert backend: layer %d is not a MoE layer", layer);
-    if (nm_moe_forward(lb->pool, &lb->scratch, &lb->layers[layer], n_tok, x, k, ids, w, out, msg, sizeof msg))
+    if (nm_experts_check(b, n_tok, k, err)) return -1;
+    lb->layer = layer, lb->n_tok = n_tok, lb->k = k;
+    return 0;
+}
+
+static int local_wait(nm_expert_backend *b, float *out, nm_err *err) {
+    local_backend *lb = (local_backend *)b;
+    int layer = lb->layer;
+    char msg[256];
+    if (layer < 0) return nm_errf(err, "expert backend: wait without a submit");
+    lb->layer = -1;
+    if (nm_moe_forward(lb->pool, &lb->scratch, &lb->layers[layer], lb->n_tok, b->in.x, lb->k, b->in.ids, b->in.w, out,
+                       msg, sizeof msg))
         return nm_errf(err, "layer %d: routed experts: %s", layer, msg);
     return 0;
 }
 
 static void local_destroy(nm_expert_backend *b) {
     local_backend *lb = (local_backend *)b;
+    nm_expert_input_free(&b->in);
     nm_moe_scratch_free(&lb->scratch);
     free(lb->layers);
     free(lb->ptrs);
     free(lb);
 }
 
-nm_expert_backend *nm_experts_local_create(const nm_model *m, nm_pool *pool, nm_err *err) {
+nm_expert_backend *nm_experts_local_create(const nm_model *m, nm_pool *pool, int64_t max_tok, int max_k, nm_err *err) {
     const nm_hparams *hp = &m->hp;
     int64_t E = hp->n_expert;
     local_backend *lb = calloc(1, sizeof *lb);
@@ -43,10 +60,16 @@ nm_expert_backend *nm_experts_local_create(const nm_model *m, nm_pool *pool, nm_
         nm_errf(err, "out of memory creating the expert backend");
         return NULL;
     }
-    lb->base.moe = local_moe;
+    lb->base.submit = local_submit;
+    lb->base.wait = local_wait;
     lb->base.destroy = local_destroy;
     lb->m = m;
     lb->pool = pool;
+    lb->layer = -1;
+    if (nm_expert_input_alloc(&lb->base.in, hp->n_embd, max_tok, max_k, err)) {
+        local_destroy(&lb->base);
+        return NULL;
+    }
     for (int il = 0; il < hp->n_layer; il++) {
         const nm_layer *L = &m->layers[il];
         if (!L->is_moe) continue;

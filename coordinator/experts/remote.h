@@ -1,5 +1,5 @@
 /* remote.h - the coordinator's side of the expert workers: the remote
- * expert backend (remote.c). */
+ * expert backend (remote.c and its transports). */
 #ifndef NUMOE_COORDINATOR_EXPERTS_REMOTE_H
 #define NUMOE_COORDINATOR_EXPERTS_REMOTE_H
 
@@ -16,7 +16,7 @@ typedef struct {
                                or their number */
     const char *placement;  /* "split" | "experts" | "experts-rr" | map file (worker/placement.h) */
     double timeout_s;       /* a worker that does not answer a layer within this is restarted (<= 0: 300) */
-    int64_t max_tok;        /* largest batch the backend will be given (slot size) */
+    int64_t max_tok;        /* largest batch the backend will be given (input region and slot size) */
     int max_k;              /* largest number of experts per token */
     int handoff;            /* numoe.proto Handoff: 0 doorbell (default), 1 ZeroMQ messages */
     int verbose;            /* print per-worker lines on stderr (shard bytes etc.) */

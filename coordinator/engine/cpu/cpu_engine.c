@@ -112,6 +112,7 @@ nm_engine *nm_engine_cpu_create(const nm_model *m, nm_pool *pool, nm_expert_back
         free(ce);
         return NULL;
     }
+    ce->fwd.sync_experts = o->sync_experts;
     ce->base = (nm_engine){
         .info = {.name = "cpu", .n_vocab = m->hp.n_vocab, .n_ctx = ce->fwd.n_ctx, .n_batch = ce->fwd.n_batch,
                  .n_layer = m->hp.n_layer, .n_expert_used = ce->fwd.n_expert_used},

@@ -17,6 +17,7 @@ typedef struct {
     int64_t n_ctx;     /* the longest context a sequence may reserve (>= 1) */
     int64_t n_batch;   /* tokens per step (<= 0: 512) */
     int n_expert_used; /* <= 0: the model's expert_used_count; lower values are allowed */
+    int sync_experts;  /* wait for the routed experts before computing the shared ones (measurements) */
 } nm_engine_cpu_opts;
 
 /* Borrows m, pool and experts (they outlive the engine). NULL with err. */

@@ -46,6 +46,10 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
         return nm_errf(err, "--experts-used %d exceeds the model's %lld experts", f->n_expert_used,
                        (long long)hp->n_expert);
     if (n_ctx < 1) return nm_errf(err, "context size must be positive");
+    if (experts->in.max_tok < f->n_batch || experts->in.max_k < f->n_expert_used || experts->in.n_embd != hp->n_embd)
+        return nm_errf(err, "the expert backend takes %lld tokens of %d experts per layer, the engine's batch is %lld "
+                       "tokens of %d", (long long)experts->in.max_tok, experts->in.max_k, (long long)f->n_batch,
+                       f->n_expert_used);
     int64_t T = f->n_batch, H = hp->n_embd, nh = hp->n_head, dk = hp->d_nope + hp->d_rope;
     int64_t ffw = hp->n_ff > hp->n_ff_exp * hp->n_shared ? hp->n_ff : hp->n_ff_exp * hp->n_shared;
     int nth = nm_pool_size(pool);
@@ -56,12 +60,11 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
         {&f->kv_new, T * width}, {&f->gath, T * (hp->kv_lora > dk ? hp->kv_lora : dk)},
         {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
         {&f->o, T * nh * hp->d_v}, {&f->tmp, T * H}, {&f->hg, T * ffw}, {&f->hu, T * ffw},
-        {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->rw, T * hp->n_expert_used}, {&f->moe, T * H},
+        {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->moe, T * H},
         {&f->att, (int64_t)nth * n_ctx},
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) total += (size_t)parts[i].n + 16;
-    total += (size_t)(T * hp->n_expert_used) + 16; /* rid as int32 */
     total += (size_t)T * 5 + 64;                  /* tkv (pointers), tpos (int64), tok (int32) */
     if (!(f->buf = malloc(total * sizeof(float)))) {
         nm_forward_free(f);
@@ -69,8 +72,6 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
     }
     float *cur = f->buf;
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) *parts[i].p = cur, cur += parts[i].n + 16;
-    f->rid = (int32_t *)cur;
-    cur += T * hp->n_expert_used + 16;
     f->tkv = (nm_kv_cache **)cur;
     cur += 2 * T + 16;
     f->tpos = (int64_t *)cur;
@@ -179,42 +180,57 @@ static void attention(nm_forward *f, int il, int64_t n) {
     for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
 }
 
-/* down(silu(gate a) * up a) into out; ff = the matrices' hidden width */
-static void ffn(nm_forward *f, const nm_mat *g, const nm_mat *u, const nm_mat *d, int64_t n, float *out) {
+/* down(silu(gate a) * up a) into out for the n rows of a; ff = the
+ * matrices' hidden width */
+static void ffn(nm_forward *f, const nm_mat *g, const nm_mat *u, const nm_mat *d, const float *a, int64_t n,
+                float *out) {
     int64_t ff = g->rows;
-    mm(f, g, 0, f->a, n, f->hg, ff);
-    mm(f, u, 0, f->a, n, f->hu, ff);
+    mm(f, g, 0, a, n, f->hg, ff);
+    mm(f, u, 0, a, n, f->hu, ff);
     for (int64_t i = 0; i < n * ff; i++) f->hg[i] = silu(f->hg[i]) * f->hu[i];
     mm(f, d, 0, f->hg, n, out, d->rows);
 }
 
+/* Dense layers: x += FFN(RMSNorm(x)). MoE layers: the normalised rows go
+ * straight into the expert backend's input region, the router writes each
+ * token's experts and weights there too, the routed experts are submitted,
+ * the shared experts run while they are computed elsewhere, and only then
+ * does the layer wait for them: x += shared + routed (in that order, as
+ * before the split, so the sums are the same bits). */
 static int feed_forward(nm_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const nm_layer *L = &f->m->layers[il];
     int64_t H = hp->n_embd, E = hp->n_expert;
-    for (int64_t t = 0; t < n; t++) rmsnorm(f->a + t * H, f->x + t * H, L->ffn_norm, H, hp->rms_eps);
     if (!L->is_moe) {
-        ffn(f, &L->gate, &L->up, &L->down, n, f->tmp);
+        for (int64_t t = 0; t < n; t++) rmsnorm(f->a + t * H, f->x + t * H, L->ffn_norm, H, hp->rms_eps);
+        ffn(f, &L->gate, &L->up, &L->down, f->a, n, f->tmp);
         for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
         return 0;
     }
+    nm_expert_input *in = &f->experts->in;
+    float *a = in->x;
     int k = f->n_expert_used;
-    mm(f, &L->gate_inp, 0, f->a, n, f->rlog, E);
+    int32_t *rid = in->ids;
+    for (int64_t t = 0; t < n; t++) rmsnorm(a + t * H, f->x + t * H, L->ffn_norm, H, hp->rms_eps);
+    mm(f, &L->gate_inp, 0, a, n, f->rlog, E);
     float *scratch = f->rlog + n * E;
-    for (int64_t t = 0; t < n; t++)
-        nm_route(hp, k, f->rlog + t * E, L->probs_b, f->rid + t * k, f->rw + t * k, scratch);
+    for (int64_t t = 0; t < n; t++) nm_route(hp, k, f->rlog + t * E, L->probs_b, rid + t * k, in->w + t * k, scratch);
     if (f->route_log)
         for (int64_t t = 0; t < n; t++) {
             int32_t head[2] = {(int32_t)f->tpos[t], il};
             if (fwrite(head, sizeof head, 1, f->route_log) != 1 ||
-                fwrite(f->rid + t * k, sizeof *f->rid, (size_t)k, f->route_log) != (size_t)k)
+                fwrite(rid + t * k, sizeof *rid, (size_t)k, f->route_log) != (size_t)k)
                 return nm_errf(err, "writing the routing log failed");
         }
-    if (f->experts->moe(f->experts, il, n, f->a, k, f->rid, f->rw, f->moe, err)) return -1;
-    if (hp->n_shared > 0) {
-        ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->tmp);
+    if (nm_experts_submit(f->experts, il, n, k, err)) return -1;
+    /* the waiting is the only thing that can fail from here: after a submit
+     * the backend gets its wait whatever happens */
+    int rc = f->sync_experts ? nm_experts_wait(f->experts, f->moe, err) : 0;
+    if (hp->n_shared > 0) ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, a, n, f->tmp);
+    if (!f->sync_experts) rc = nm_experts_wait(f->experts, f->moe, err);
+    if (rc) return -1;
+    if (hp->n_shared > 0)
         for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
-    }
     for (int64_t i = 0; i < n * H; i++) f->x[i] += f->moe[i];
     return 0;
 }

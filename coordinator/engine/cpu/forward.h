@@ -36,8 +36,7 @@ typedef struct {
     int64_t n_batch;
     nm_matmul_ctx mm;
     float *buf; /* one allocation carved into the scratch below */
-    float *x, *a, *q, *qa, *kv_new, *gath, *qabs, *oc, *ov, *o, *tmp, *hg, *hu, *rlog, *rw, *moe, *att;
-    int32_t *rid;
+    float *x, *a, *q, *qa, *kv_new, *gath, *qabs, *oc, *ov, *o, *tmp, *hg, *hu, *rlog, *moe, *att;
     /* per token of the batch: its sequence's cache and its position there */
     nm_kv_cache **tkv;
     int64_t *tpos;
@@ -48,6 +47,10 @@ typedef struct {
      * {position, layer, k expert ids} (tests compare routing with a reference;
      * later the expert-usage profile for placement is built from the same). */
     FILE *route_log;
+    /* Wait for the routed experts before computing the shared ones (the
+     * order before the submit/wait split; the same results): `numoe bench
+     * --experts-sync` measures what the overlap gives. */
+    int sync_experts;
 } nm_forward;
 
 int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_backend *experts, int64_t n_ctx,
