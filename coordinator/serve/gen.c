@@ -1,5 +1,5 @@
-/* serve_gen.c - one generation request over HTTP: the JSON body parsed
- * (serve_api), the prompt rendered and tokenized, the request submitted to
+/* gen.c - one generation request over HTTP (gen.h): the JSON body parsed
+ * (serve/api.h), the prompt rendered and tokenized, the request submitted to
  * the scheduler, and the answer sent whole or streamed (SSE for OpenAI,
  * NDJSON for Ollama).
  *
@@ -9,13 +9,14 @@
  * free callback (libmicrohttpd calls it exactly once, when the response is
  * destroyed: stream end, client gone or daemon stop) cancels and releases
  * it, and writes the request's log line. */
+#include "coordinator/serve/gen.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "common/clock.h"
-#include "coordinator/serve/http_int.h"
 
 #define WAIT_MS 50            /* nm_req_wait slice: how soon a vanished client is noticed */
 #define KEEPALIVE_S 5.0       /* SSE comment after this long with nothing sent */
@@ -43,16 +44,16 @@ static int is_ollama(nm_api_kind k) { return k == NM_API_OLLAMA_CHAT || k == NM_
  * through the chat template, which already starts with BOS, so no special
  * tokens are added (as `numoe chat` does); completions as text with BOS as
  * the vocabulary says. Special-token text is matched in both. */
-static int prompt_tokens(nm_http *h, const nm_api_request *q, int32_t **ids, size_t *n, nm_api_error *e) {
+static int prompt_tokens(nm_gen *g, const nm_api_request *q, int32_t **ids, size_t *n, nm_api_error *e) {
     nm_err err;
     int templated = is_chat(q->kind) || (q->kind == NM_API_OLLAMA_GENERATE && !q->raw);
     if (!templated) {
         const char *p = q->prompt ? q->prompt : "";
-        if (nm_tokenize(h->m.tk, p, strlen(p), 1, 1, ids, n, &err))
+        if (nm_tokenize(g->m.tk, p, strlen(p), 1, 1, ids, n, &err))
             return nm_api_errorf(e, 500, "server_error", "prompt", "cannot tokenize the prompt: %s", err.msg);
         return 0;
     }
-    if (h->m.tmpl == NM_CHAT_TMPL_NONE)
+    if (g->m.tmpl == NM_CHAT_TMPL_NONE)
         return nm_api_errorf(e, 400, "invalid_request_error", "",
                              "the model has no chat template numoe knows; use the completion endpoints, or restart "
                              "the server with --chat-template");
@@ -66,9 +67,9 @@ static int prompt_tokens(nm_http *h, const nm_api_request *q, int32_t **ids, siz
         msgs = two;
     }
     char *text = NULL;
-    if (nm_chat_render(h->m.tmpl, msgs, n_msgs, 1, h->m.force_think, NULL, NULL, &text, &err))
+    if (nm_chat_render(g->m.tmpl, msgs, n_msgs, 1, g->m.force_think, NULL, NULL, &text, &err))
         return nm_api_errorf(e, 400, "invalid_request_error", "messages", "%s", err.msg);
-    int rc = nm_tokenize(h->m.tk, text, strlen(text), 0, 1, ids, n, &err);
+    int rc = nm_tokenize(g->m.tk, text, strlen(text), 0, 1, ids, n, &err);
     free(text);
     if (rc) return nm_api_errorf(e, 500, "server_error", "messages", "cannot tokenize the prompt: %s", err.msg);
     return 0;
@@ -104,7 +105,7 @@ static void fill_timings(nm_api_out *o, const nm_req_state *st, double t0, doubl
 /* ---- streamed answers ---- */
 
 typedef struct {
-    nm_http *h;
+    nm_gen *g;
     nm_req *req;
     nm_api_kind kind;
     int fd;                 /* the client's socket, polled while nothing is sent */
@@ -133,7 +134,7 @@ static int emit(stream *s, char *js) {
 }
 
 static int emit_chunk(stream *s, const char *rz, size_t rl, const char *an, size_t al, const char *finish, int first) {
-    nm_api_out o = {.id = s->id, .model = s->h->model_name, .created = s->created, .content = an ? an : "",
+    nm_api_out o = {.id = s->id, .model = s->g->model_name, .created = s->created, .content = an ? an : "",
                     .content_len = al, .reasoning = rl ? rz : NULL, .reasoning_len = rl, .finish = finish,
                     .first = first};
     /* OpenAI chunks repeat the stream's creation time; Ollama stamps each line */
@@ -155,7 +156,7 @@ static int emit_error(stream *s, int status, const char *type, const char *msg) 
 static void stream_record(stream *s, const char *note) {
     if (s->recorded) return;
     s->recorded = 1;
-    nm_http_record(s->h, s->method, s->url, s->route, 200, s->st.n_prompt, s->st.n_gen, nm_now_s() - s->t0,
+    nm_http_record(s->g->met, s->method, s->url, s->route, 200, s->st.n_prompt, s->st.n_gen, nm_now_s() - s->t0,
                    s->gone, note);
 }
 
@@ -182,7 +183,7 @@ static int produce(stream *s) {
         }
         if (emit_chunk(s, rz, rl, an, al, name, 0)) return -1; /* the last content chunk carries finish_reason */
         if (s->include_usage) {
-            nm_api_out o = {.id = s->id, .model = s->h->model_name, .created = s->created, .content = "",
+            nm_api_out o = {.id = s->id, .model = s->g->model_name, .created = s->created, .content = "",
                             .prompt_tokens = s->st.n_prompt, .completion_tokens = s->st.n_gen, .with_usage = 1};
             if (emit(s, nm_api_render(s->kind, 1, &o))) return -1;
         }
@@ -242,28 +243,28 @@ static void stream_free(void *cls) {
         stream_record(s, s->gone ? "client went away" : "out of memory");
     }
     nm_req_release(s->req);
-    if (s->live) atomic_fetch_sub(&s->h->gen_live, 1);
+    if (s->live) atomic_fetch_sub(&s->g->live, 1);
     free(s->text.buf);
     free(s->out.buf);
     free(s);
 }
 
-static enum MHD_Result start_stream(nm_http *h, struct MHD_Connection *c, nm_http_req *r, const nm_api_request *q,
+static enum MHD_Result start_stream(nm_gen *g, struct MHD_Connection *c, nm_http_req *r, const nm_api_request *q,
                                     nm_req *req, const char *id) {
     stream *s = calloc(1, sizeof *s);
     if (!s) {
         nm_req_cancel(req), nm_req_release(req);
-        return nm_http_reply(h, c, r, 500, "", NULL, 0);
+        return nm_http_reply(g->met, c, r, 500, "", NULL, 0);
     }
-    s->h = h, s->req = req, s->kind = q->kind, s->fd = nm_http_conn_fd(c);
+    s->g = g, s->req = req, s->kind = q->kind, s->fd = nm_http_conn_fd(c);
     s->live = r->live, r->live = 0; /* the response's free callback ends it now */
     s->sse = !is_ollama(q->kind);
     s->include_usage = q->include_usage;
     snprintf(s->id, sizeof s->id, "%s", id);
     int32_t ns;
     wall_now(&s->created, &ns);
-    s->d.split = h->m.reasoning && (is_chat(q->kind) || (q->kind == NM_API_OLLAMA_GENERATE && !q->raw));
-    s->d.rs.started_in_think = h->m.force_think;
+    s->d.split = g->m.reasoning && (is_chat(q->kind) || (q->kind == NM_API_OLLAMA_GENERATE && !q->raw));
+    s->d.rs.started_in_think = g->m.force_think;
     s->t0 = r->t0;
     s->last_send = nm_now_s();
     snprintf(s->method, sizeof s->method, "%s", r->method);
@@ -293,7 +294,7 @@ static enum MHD_Result start_stream(nm_http *h, struct MHD_Connection *c, nm_htt
 
 /* ---- whole answers ---- */
 
-static enum MHD_Result finish_whole(nm_http *h, struct MHD_Connection *c, nm_http_req *r, const nm_api_request *q,
+static enum MHD_Result finish_whole(nm_gen *g, struct MHD_Connection *c, nm_http_req *r, const nm_api_request *q,
                                     nm_req *req, const char *id) {
     nm_text text = {0};
     nm_req_state st;
@@ -308,96 +309,134 @@ static enum MHD_Result finish_whole(nm_http *h, struct MHD_Connection *c, nm_htt
              * the connection quietly (MHD_NO would log an internal error).
              * 499 is nginx's "client closed request". */
             r->gone = 1;
-            return nm_http_fail(h, c, r, 499, "client_gone", "client went away");
+            return nm_http_fail(g->met, c, r, 499, "client_gone", "client went away");
         }
     }
     nm_req_release(req);
     r->n_prompt = st.n_prompt, r->n_gen = st.n_gen;
     enum MHD_Result res;
     if (st.finish == NM_FINISH_ERROR) {
-        res = nm_http_fail(h, c, r, 500, "server_error", "%s", st.error);
+        res = nm_http_fail(g->met, c, r, 500, "server_error", "%s", st.error);
     } else if (st.finish != NM_FINISH_STOP && st.finish != NM_FINISH_LENGTH) {
-        res = nm_http_fail(h, c, r, 503, "server_error", "the request was cancelled: the server is shutting down");
+        res = nm_http_fail(g->met, c, r, 503, "server_error", "the request was cancelled: the server is shutting down");
     } else {
-        deltas d = {.split = h->m.reasoning && (is_chat(q->kind) || (q->kind == NM_API_OLLAMA_GENERATE && !q->raw))};
-        d.rs.started_in_think = h->m.force_think;
+        deltas d = {.split = g->m.reasoning && (is_chat(q->kind) || (q->kind == NM_API_OLLAMA_GENERATE && !q->raw))};
+        d.rs.started_in_think = g->m.force_think;
         const char *rz, *an;
         size_t rl, al;
         next_deltas(&d, &text, 1, &rz, &rl, &an, &al);
-        nm_api_out o = {.id = id, .model = h->model_name, .content = an, .content_len = al,
+        nm_api_out o = {.id = id, .model = g->model_name, .content = an, .content_len = al,
                         .reasoning = rl ? rz : NULL, .reasoning_len = rl, .finish = nm_finish_name(st.finish),
                         .with_usage = 1};
         wall_now(&o.created, &o.created_nsec);
         fill_timings(&o, &st, r->t0, nm_now_s());
         char *js = nm_api_render(q->kind, 0, &o);
-        res = nm_http_reply(h, c, r, 200, "application/json", js, js ? strlen(js) : 0);
+        res = nm_http_reply(g->met, c, r, 200, "application/json", js, js ? strlen(js) : 0);
     }
     free(text.buf);
     return res;
 }
 
-enum MHD_Result nm_gen_handle(nm_http *h, struct MHD_Connection *c, nm_http_req *r, nm_api_kind kind) {
+enum MHD_Result nm_gen_handle(nm_gen *g, struct MHD_Connection *c, nm_http_req *r, nm_api_kind kind) {
     nm_api_request q;
     nm_api_error e;
     memset(&q, 0, sizeof q);
-    if (nm_api_parse(kind, r->body.buf ? r->body.buf : "", r->body.len, &h->m.defaults, &q, &e)) {
+    if (nm_api_parse(kind, r->body.buf ? r->body.buf : "", r->body.len, &g->m.defaults, &q, &e)) {
         nm_api_request_free(&q);
-        return nm_http_reply_error(h, c, r, &e);
+        return nm_http_reply_error(g->met, c, r, &e);
     }
     if (q.load_only) {
         /* Ollama clients preload a model with an empty request: the model is
          * loaded already, so answer at once with the one closing object */
-        nm_api_out o = {.model = h->model_name, .content = "", .finish = "load"};
+        nm_api_out o = {.model = g->model_name, .content = "", .finish = "load"};
         wall_now(&o.created, &o.created_nsec);
         char *js = nm_api_render(kind, 0, &o);
         nm_api_request_free(&q);
-        return nm_http_reply(h, c, r, 200, "application/json", js, js ? strlen(js) : 0);
+        return nm_http_reply(g->met, c, r, 200, "application/json", js, js ? strlen(js) : 0);
     }
     int32_t *ids = NULL;
     size_t n_ids = 0;
-    if (prompt_tokens(h, &q, &ids, &n_ids, &e)) {
+    if (prompt_tokens(g, &q, &ids, &n_ids, &e)) {
         nm_api_request_free(&q);
-        return nm_http_reply_error(h, c, r, &e);
+        return nm_http_reply_error(g->met, c, r, &e);
     }
-    uint64_t seq = atomic_fetch_add(&h->seq, 1);
+    uint64_t seq = atomic_fetch_add(&g->seq, 1);
     nm_req_params p = {.prompt = ids, .n_prompt = (int64_t)n_ids, .max_tokens = q.max_tokens < 0 ? 0 : q.max_tokens,
                        .sampling = q.sampling, .stops = (const char *const *)q.stops, .n_stops = q.n_stops,
                        .ignore_eos = q.ignore_eos};
     /* Without a seed in the request, each request gets its own, derived from
      * --seed and the arrival order: answers differ between requests but a
      * restarted server given the same requests in order repeats them. */
-    if (!q.has_seed) p.sampling.seed = mix64(h->m.defaults.seed ^ mix64(seq));
+    if (!q.has_seed) p.sampling.seed = mix64(g->m.defaults.seed ^ mix64(seq));
     r->n_prompt = (int64_t)n_ids;
     nm_req *req = NULL;
     int server_fault = 0;
     nm_err err;
     int rc;
-    pthread_rwlock_rdlock(&h->sched_lock);
-    if (h->m.sched && (kind == NM_API_OLLAMA_CHAT || kind == NM_API_OLLAMA_GENERATE) && p.max_tokens > 0) {
+    pthread_rwlock_rdlock(&g->lock);
+    if (g->m.sched && (kind == NM_API_OLLAMA_CHAT || kind == NM_API_OLLAMA_GENERATE) && p.max_tokens > 0) {
         /* Ollama's num_predict is only a cap: beyond the context it means "up
          * to the context" there, where OpenAI's max_tokens is a 400 */
         nm_sched_stats st;
-        nm_sched_get_stats(h->m.sched, &st);
+        nm_sched_get_stats(g->m.sched, &st);
         if (p.n_prompt + p.max_tokens > st.n_ctx) p.max_tokens = 0;
     }
-    if (h->m.sched) rc = nm_sched_submit(h->m.sched, &p, &req, &server_fault, &err);
+    if (g->m.sched) rc = nm_sched_submit(g->m.sched, &p, &req, &server_fault, &err);
     else rc = -1, server_fault = 1, nm_errf(&err, "the server is shutting down");
-    pthread_rwlock_unlock(&h->sched_lock);
+    pthread_rwlock_unlock(&g->lock);
     free(ids);
     enum MHD_Result res;
     if (!rc) {
-        atomic_fetch_add(&h->gen_live, 1);
+        atomic_fetch_add(&g->live, 1);
         r->live = 1;
     }
     if (rc) {
-        res = nm_http_fail(h, c, r, server_fault ? 503 : 400, server_fault ? "server_error" : "invalid_request_error",
+        res = nm_http_fail(g->met, c, r, server_fault ? 503 : 400, server_fault ? "server_error" : "invalid_request_error",
                            "%s", err.msg);
     } else {
         char id[48];
         snprintf(id, sizeof id, "%s%016llx%08llx", is_chat(kind) ? "chatcmpl-" : "cmpl-",
-                 (unsigned long long)mix64(h->salt ^ seq), (unsigned long long)(seq & 0xffffffffu));
-        res = q.stream ? start_stream(h, c, r, &q, req, id) : finish_whole(h, c, r, &q, req, id);
+                 (unsigned long long)mix64(g->salt ^ seq), (unsigned long long)(seq & 0xffffffffu));
+        res = q.stream ? start_stream(g, c, r, &q, req, id) : finish_whole(g, c, r, &q, req, id);
     }
     nm_api_request_free(&q);
     return res;
+}
+
+void nm_gen_init(nm_gen *g, nm_http_metrics *met, const char *model_name, uint64_t salt) {
+    memset(g, 0, sizeof *g);
+    g->met = met, g->model_name = model_name, g->salt = salt;
+    atomic_init(&g->seq, 0);
+    atomic_init(&g->live, 0);
+    pthread_rwlock_init(&g->lock, NULL);
+}
+
+void nm_gen_destroy(nm_gen *g) { pthread_rwlock_destroy(&g->lock); }
+
+void nm_gen_set_model(nm_gen *g, const nm_http_model *m) {
+    pthread_rwlock_wrlock(&g->lock);
+    g->m = *m;
+    pthread_rwlock_unlock(&g->lock);
+}
+
+nm_sched *nm_gen_close(nm_gen *g) {
+    pthread_rwlock_wrlock(&g->lock);
+    nm_sched *s = g->m.sched;
+    g->m.sched = NULL;
+    pthread_rwlock_unlock(&g->lock);
+    return s;
+}
+
+int nm_gen_metrics(nm_gen *g, nm_text *o) {
+    int bad = 0;
+    pthread_rwlock_rdlock(&g->lock);
+    if (g->m.sched) bad = nm_sched_metrics(g->m.sched, o);
+    pthread_rwlock_unlock(&g->lock);
+    return bad;
+}
+
+int64_t nm_gen_live(nm_gen *g) { return (int64_t)atomic_load(&g->live); }
+
+void nm_gen_request_done(nm_gen *g, nm_http_req *r) {
+    if (r->live) atomic_fetch_sub(&g->live, 1), r->live = 0;
 }

@@ -1,6 +1,6 @@
-/* serve_http.c - the daemon, routing, auth, CORS, request bodies, metrics,
- * the request log and the endpoints that need no generation (see
- * serve_http.h; the generation endpoints are in serve_gen.c). */
+/* http.c - the daemon, routing, auth, request bodies and the endpoints that
+ * need no generation (http.h). It calls down into gen.c (the generation
+ * endpoints) and reply.c (answers, request log, metrics); neither calls back. */
 #include "coordinator/serve/http.h"
 
 #include <errno.h>
@@ -19,32 +19,34 @@
 #include <unistd.h>
 
 #include "common/clock.h"
-#include "coordinator/serve/http_int.h"
+#include "coordinator/serve/gen.h"
+#include "coordinator/serve/reply.h"
 
-static const char *const route_path[R_COUNT] = {
-    [R_ROOT] = "/",
-    [R_HEALTH] = "/health",
-    [R_METRICS] = "/metrics",
-    [R_V1_MODELS] = "/v1/models",
-    [R_V1_CHAT] = "/v1/chat/completions",
-    [R_V1_COMPLETIONS] = "/v1/completions",
-    [R_API_TAGS] = "/api/tags",
-    [R_API_CHAT] = "/api/chat",
-    [R_API_GENERATE] = "/api/generate",
-    [R_API_VERSION] = "/api/version",
-    [R_OTHER] = "other",
+#define NM_HTTP_MAX_BODY (16u << 20) /* request bodies above this get 413 */
+
+enum { ST_LOADING, ST_READY, ST_STOPPING };
+
+struct nm_http {
+    nm_http_opts o;
+    char *model_name, *api_key, *host;
+    int port;
+    struct MHD_Daemon *d;
+    int listen_fd;
+    int quiesced;
+    atomic_int state;                /* ST_* */
+    atomic_int_fast64_t conns_open;  /* connections the daemon holds */
+    int64_t created;                 /* unix time the model came up: /v1/models "created" */
+    nm_http_metrics met;
+    nm_gen gen;                      /* the generation endpoints and the model they use */
 };
 
-static const double buckets[NM_HTTP_N_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                   2.5,   5,    10,    30,   60,  120,  300, 600};
 
-int nm_http_ollama_style(const nm_http_req *r) {
-    return !strncmp(r->url, "/api/", 5); /* unknown /api/ paths too: Ollama clients read {"error": "..."} */
-}
+
+
 
 static nm_route route_of(const char *url) {
     for (int r = 0; r < R_OTHER; r++)
-        if (!strcmp(url, route_path[r])) return (nm_route)r;
+        if (!strcmp(url, nm_route_path((nm_route)r))) return (nm_route)r;
     return R_OTHER;
 }
 
@@ -52,107 +54,13 @@ static int is_post_route(nm_route r) {
     return r == R_V1_CHAT || r == R_V1_COMPLETIONS || r == R_API_CHAT || r == R_API_GENERATE;
 }
 
-/* ---- responses ---- */
-
-void nm_http_add_cors(struct MHD_Response *resp) {
-    MHD_add_response_header(resp, "Access-Control-Allow-Origin", "*");
-}
-
-/* Logs and counts R once. Done when the answer is queued rather than when
- * the daemon reports it complete, so a client that reads the answer and then
- * scrapes /metrics always finds its request counted. */
-static void record_req(nm_http *h, nm_http_req *r, int status, int gone, const char *note) {
-    if (r->recorded) return;
-    r->recorded = 1;
-    nm_http_record(h, r->method, r->url, r->route, status, r->n_prompt, r->n_gen, nm_now_s() - r->t0, gone, note);
-}
-
-static enum MHD_Result queue(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status,
-                             struct MHD_Response *resp) {
-    nm_http_add_cors(resp);
-    enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, resp);
-    MHD_destroy_response(resp);
-    r->status = status;
-    if (ok == MHD_YES) record_req(h, r, status, r->gone, r->error);
-    return ok;
-}
-
-enum MHD_Result nm_http_reply(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status, const char *ctype,
-                              char *body, size_t len) {
-    static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}";
-    struct MHD_Response *resp;
-    if (!body) {
-        status = 500, ctype = "application/json";
-        resp = MHD_create_response_from_buffer(sizeof oom - 1, (void *)oom, MHD_RESPMEM_PERSISTENT);
-    } else {
-        resp = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
-    }
-    if (!resp) {
-        free(body);
-        return MHD_NO; /* the daemon closes the connection */
-    }
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
-    return queue(h, c, r, status, resp);
-}
-
-enum MHD_Result nm_http_reply_error(nm_http *h, struct MHD_Connection *c, nm_http_req *r, const nm_api_error *e) {
-    char *js = nm_api_error_json(e, nm_http_ollama_style(r));
-    snprintf(r->error, sizeof r->error, "%.*s", (int)sizeof r->error - 1, e->message); /* truncated on purpose */
-    return nm_http_reply(h, c, r, e->status, "application/json", js, js ? strlen(js) : 0);
-}
-
-enum MHD_Result nm_http_fail(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status, const char *type,
-                             const char *fmt, ...) {
-    nm_api_error e = {.status = status};
-    snprintf(e.type, sizeof e.type, "%s", type);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(e.message, sizeof e.message, fmt, ap);
-    va_end(ap);
-    return nm_http_reply_error(h, c, r, &e);
-}
-
 static enum MHD_Result reply_str(nm_http *h, struct MHD_Connection *c, nm_http_req *r, int status, const char *ctype,
                                  const char *s) {
     char *b = strdup(s);
-    return nm_http_reply(h, c, r, status, ctype, b, b ? strlen(b) : 0);
-}
-
-/* ---- the request log and metrics ---- */
-
-void nm_http_record(nm_http *h, const char *method, const char *url, nm_route route, int status, int64_t n_prompt,
-                    int64_t n_gen, double seconds, int gone, const char *note) {
-    nm_http_metrics *m = &h->met;
-    pthread_mutex_lock(&m->mu);
-    int i = 0;
-    while (i < m->n_status && (m->by_status[i].route != (int)route || m->by_status[i].status != status)) i++;
-    if (i == m->n_status && m->n_status < (int)(sizeof m->by_status / sizeof *m->by_status)) {
-        m->by_status[i].route = (int)route, m->by_status[i].status = status, m->by_status[i].n = 0;
-        m->n_status++;
-    }
-    if (i < m->n_status) m->by_status[i].n++;
-    for (int b = 0; b < NM_HTTP_N_BUCKETS; b++)
-        if (seconds <= buckets[b]) m->bucket[route][b]++;
-    m->count[route]++;
-    m->sum[route] += seconds;
-    if (n_prompt > 0) m->prompt_tokens += (uint64_t)n_prompt;
-    if (n_gen > 0) m->gen_tokens += (uint64_t)n_gen;
-    if (gone) m->client_gone++;
-    pthread_mutex_unlock(&m->mu);
-    atomic_fetch_sub(&h->reqs_in_flight, 1);
-    if (!h->o.log_requests) return;
-    /* one fprintf per line: stdio locks the stream, so lines of concurrent
-     * requests never interleave */
-    if (n_prompt || n_gen)
-        fprintf(stderr, "numoe serve: %s %s %d prompt %lld gen %lld tokens %.1f ms%s%s\n", method, url, status,
-                (long long)n_prompt, (long long)n_gen, seconds * 1e3, note && *note ? " - " : "", note ? note : "");
-    else
-        fprintf(stderr, "numoe serve: %s %s %d %.1f ms%s%s\n", method, url, status, seconds * 1e3,
-                note && *note ? " - " : "", note ? note : "");
+    return nm_http_reply(&h->met, c, r, status, ctype, b, b ? strlen(b) : 0);
 }
 
 static int render_metrics(nm_http *h, nm_text *o) {
-    nm_http_metrics *m = &h->met;
     int bad = 0;
     bad |= nm_text_printf(o,
                           "# HELP numoe_up Whether the model is loaded and the server takes requests (0 while loading "
@@ -161,44 +69,8 @@ static int render_metrics(nm_http *h, nm_text *o) {
     bad |= nm_text_printf(o, "# HELP numoe_http_connections_open HTTP connections currently open.\n"
                              "# TYPE numoe_http_connections_open gauge\nnumoe_http_connections_open %lld\n",
                           (long long)atomic_load(&h->conns_open));
-    bad |= nm_text_printf(o, "# HELP numoe_http_requests_in_flight HTTP requests being answered.\n"
-                             "# TYPE numoe_http_requests_in_flight gauge\nnumoe_http_requests_in_flight %lld\n",
-                          (long long)atomic_load(&h->reqs_in_flight));
-    pthread_mutex_lock(&m->mu);
-    bad |= nm_text_printf(o, "# HELP numoe_http_requests_total HTTP requests answered, by route and status.\n"
-                             "# TYPE numoe_http_requests_total counter\n");
-    for (int i = 0; i < m->n_status; i++)
-        bad |= nm_text_printf(o, "numoe_http_requests_total{path=\"%s\",status=\"%d\"} %llu\n",
-                              route_path[m->by_status[i].route], m->by_status[i].status,
-                              (unsigned long long)m->by_status[i].n);
-    bad |= nm_text_printf(o, "# HELP numoe_http_request_duration_seconds Time from a request's arrival to the end of "
-                             "its response (streams included).\n"
-                             "# TYPE numoe_http_request_duration_seconds histogram\n");
-    for (int r = 0; r < R_COUNT; r++) {
-        if (!m->count[r]) continue;
-        for (int b = 0; b < NM_HTTP_N_BUCKETS; b++)
-            bad |= nm_text_printf(o, "numoe_http_request_duration_seconds_bucket{path=\"%s\",le=\"%g\"} %llu\n",
-                                  route_path[r], buckets[b], (unsigned long long)m->bucket[r][b]);
-        bad |= nm_text_printf(o,
-                              "numoe_http_request_duration_seconds_bucket{path=\"%s\",le=\"+Inf\"} %llu\n"
-                              "numoe_http_request_duration_seconds_sum{path=\"%s\"} %.6f\n"
-                              "numoe_http_request_duration_seconds_count{path=\"%s\"} %llu\n",
-                              route_path[r], (unsigned long long)m->count[r], route_path[r], m->sum[r], route_path[r],
-                              (unsigned long long)m->count[r]);
-    }
-    bad |= nm_text_printf(o,
-                          "# HELP numoe_http_prompt_tokens_total Prompt tokens of answered HTTP requests.\n"
-                          "# TYPE numoe_http_prompt_tokens_total counter\nnumoe_http_prompt_tokens_total %llu\n"
-                          "# HELP numoe_http_generated_tokens_total Tokens generated for answered HTTP requests.\n"
-                          "# TYPE numoe_http_generated_tokens_total counter\nnumoe_http_generated_tokens_total %llu\n"
-                          "# HELP numoe_http_client_gone_total Requests whose client went away before the end.\n"
-                          "# TYPE numoe_http_client_gone_total counter\nnumoe_http_client_gone_total %llu\n",
-                          (unsigned long long)m->prompt_tokens, (unsigned long long)m->gen_tokens,
-                          (unsigned long long)m->client_gone);
-    pthread_mutex_unlock(&m->mu);
-    pthread_rwlock_rdlock(&h->sched_lock);
-    if (h->m.sched) bad |= nm_sched_metrics(h->m.sched, o);
-    pthread_rwlock_unlock(&h->sched_lock);
+    bad |= nm_http_metrics_render(&h->met, o);
+    bad |= nm_gen_metrics(&h->gen, o);
     return bad ? -1 : 0;
 }
 
@@ -217,23 +89,23 @@ static enum MHD_Result get_endpoint(nm_http *h, struct MHD_Connection *c, nm_htt
         nm_text t = {0};
         if (render_metrics(h, &t)) {
             free(t.buf);
-            return nm_http_reply(h, c, r, 500, "", NULL, 0);
+            return nm_http_reply(&h->met, c, r, 500, "", NULL, 0);
         }
-        return nm_http_reply(h, c, r, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
+        return nm_http_reply(&h->met, c, r, 200, "text/plain; version=0.0.4; charset=utf-8", t.buf, t.len);
     }
     default: break;
     }
-    if (st == ST_LOADING) return nm_http_fail(h, c, r, 503, "server_error", "the model is still loading");
+    if (st == ST_LOADING) return nm_http_fail(&h->met, c, r, 503, "server_error", "the model is still loading");
     char *js = NULL;
     if (r->route == R_V1_MODELS) {
         js = nm_api_models_json(h->model_name, h->created);
     } else if (r->route == R_API_TAGS) {
         char params[32];
-        nm_serve_params_str(h->m.facts.n_params, params, sizeof params);
-        js = nm_api_tags_json(h->model_name, h->m.facts.size_bytes, h->m.facts.family, h->m.facts.quant, params,
-                              h->m.modified);
+        nm_serve_params_str(h->gen.m.facts.n_params, params, sizeof params);
+        js = nm_api_tags_json(h->model_name, h->gen.m.facts.size_bytes, h->gen.m.facts.family, h->gen.m.facts.quant, params,
+                              h->gen.m.modified);
     }
-    return nm_http_reply(h, c, r, 200, "application/json", js, js ? strlen(js) : 0);
+    return nm_http_reply(&h->met, c, r, 200, "application/json", js, js ? strlen(js) : 0);
 }
 
 /* ---- request dispatch ---- */
@@ -268,11 +140,11 @@ static int early_answer(nm_http *h, struct MHD_Connection *c, nm_http_req *r, en
         const char *want = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Headers");
         MHD_add_response_header(resp, "Access-Control-Allow-Headers", want ? want : "Authorization, Content-Type");
         MHD_add_response_header(resp, "Access-Control-Max-Age", "86400");
-        *res = queue(h, c, r, 204, resp);
+        *res = nm_http_queue(&h->met, c, r, 204, resp);
         return 1;
     }
     if (r->route == R_OTHER) {
-        *res = nm_http_fail(h, c, r, 404, "not_found_error", "no endpoint %s %s", m, r->url);
+        *res = nm_http_fail(&h->met, c, r, 404, "not_found_error", "no endpoint %s %s", m, r->url);
         return 1;
     }
     int post = is_post_route(r->route);
@@ -286,7 +158,7 @@ static int early_answer(nm_http *h, struct MHD_Connection *c, nm_http_req *r, en
         if (!resp) return free(js), *res = MHD_NO, 1;
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS");
-        *res = queue(h, c, r, 405, resp);
+        *res = nm_http_queue(&h->met, c, r, 405, resp);
         return 1;
     }
     if (h->api_key && needs_key(r->route) &&
@@ -300,12 +172,12 @@ static int early_answer(nm_http *h, struct MHD_Connection *c, nm_http_req *r, en
         if (!resp) return free(js), *res = MHD_NO, 1;
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
-        *res = queue(h, c, r, 401, resp);
+        *res = nm_http_queue(&h->met, c, r, 401, resp);
         return 1;
     }
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (post && cl && strtoull(cl, NULL, 10) > NM_HTTP_MAX_BODY) {
-        *res = nm_http_fail(h, c, r, 413, "invalid_request_error", "the request body (%s bytes) exceeds the limit of %u bytes",
+        *res = nm_http_fail(&h->met, c, r, 413, "invalid_request_error", "the request body (%s bytes) exceeds the limit of %u bytes",
                             cl, NM_HTTP_MAX_BODY);
         return 1;
     }
@@ -324,7 +196,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->url, sizeof r->url, "%s", url);
         *con_cls = r;
-        atomic_fetch_add(&h->reqs_in_flight, 1);
+        nm_http_arrived(&h->met);
         /* With a body on the way, refuse now rather than read megabytes we
          * would throw away (the daemon then closes the connection). Without
          * one, answer on the next call, which keeps the connection alive. */
@@ -358,18 +230,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (early_answer(h, c, r, &res)) return res;
     }
     if (r->too_large)
-        return nm_http_fail(h, c, r, 413, "invalid_request_error", "the request body exceeds the limit of %u bytes",
+        return nm_http_fail(&h->met, c, r, 413, "invalid_request_error", "the request body exceeds the limit of %u bytes",
                             NM_HTTP_MAX_BODY);
     if (!is_post_route(r->route)) return get_endpoint(h, c, r);
     int st = atomic_load(&h->state);
     if (st != ST_READY)
-        return nm_http_fail(h, c, r, 503, "server_error", "%s",
+        return nm_http_fail(&h->met, c, r, 503, "server_error", "%s",
                             st == ST_LOADING ? "the model is still loading" : "the server is shutting down");
     nm_api_kind kind = r->route == R_V1_CHAT          ? NM_API_OPENAI_CHAT
                        : r->route == R_V1_COMPLETIONS ? NM_API_OPENAI_COMPLETION
                        : r->route == R_API_CHAT       ? NM_API_OLLAMA_CHAT
                                                       : NM_API_OLLAMA_GENERATE;
-    return nm_gen_handle(h, c, r, kind);
+    return nm_gen_handle(&h->gen, c, r, kind);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
@@ -378,12 +250,12 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     (void)c;
     if (!r) return;
     *con_cls = NULL;
-    if (r->live) atomic_fetch_sub(&h->gen_live, 1);
+    nm_gen_request_done(&h->gen, r);
     if (!r->handed_off && !r->recorded) {
         /* no answer was queued: the client left (or the connection broke)
          * before the request was complete */
         int gone = toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT || toe == MHD_REQUEST_TERMINATED_READ_ERROR;
-        record_req(h, r, r->status ? r->status : 499 /* nginx's "client closed request" */, gone,
+        nm_http_record_req(&h->met, r, r->status ? r->status : 499 /* nginx's "client closed request" */, gone,
                    gone ? "client went away" : "connection closed");
     }
     free(r->body.buf);
@@ -411,25 +283,6 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
 }
 
 /* ---- sockets ---- */
-
-int nm_http_conn_fd(struct MHD_Connection *c) {
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
-    return ci ? ci->connect_fd : -1;
-}
-
-int nm_http_client_gone(int fd) {
-    if (fd < 0) return 0;
-    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
-    if (poll(&p, 1, 0) <= 0) return 0;
-    if (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) return 1;
-    if (p.revents & POLLIN) {
-        /* readable: either more bytes (a pipelined request: still there) or EOF */
-        char b;
-        ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-        return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-    }
-    return 0;
-}
 
 /* Our own listening socket rather than the daemon's, for an error that names
  * the address and errno, and SOCK_CLOEXEC so the worker processes started
@@ -477,10 +330,11 @@ int nm_http_start(nm_http **out, const nm_http_opts *o, nm_err *err) {
     h->model_name = strdup(o->model_name);
     h->host = strdup(o->host);
     h->api_key = o->api_key ? strdup(o->api_key) : NULL;
-    pthread_mutex_init(&h->met.mu, NULL);
-    pthread_rwlock_init(&h->sched_lock, NULL);
+    nm_http_metrics_init(&h->met, o->log_requests);
     atomic_init(&h->state, ST_LOADING);
-    if (getrandom(&h->salt, sizeof h->salt, 0) != sizeof h->salt) h->salt = (uint64_t)time(NULL) ^ (uint64_t)getpid();
+    uint64_t salt;
+    if (getrandom(&salt, sizeof salt, 0) != sizeof salt) salt = (uint64_t)time(NULL) ^ (uint64_t)getpid();
+    nm_gen_init(&h->gen, &h->met, h->model_name, salt);
     if (!h->model_name || !h->host || (o->api_key && !h->api_key)) {
         nm_errf(err, "out of memory");
         goto fail;
@@ -505,8 +359,8 @@ int nm_http_start(nm_http **out, const nm_http_opts *o, nm_err *err) {
     return 0;
 fail:
     if (h->listen_fd >= 0) close(h->listen_fd);
-    pthread_mutex_destroy(&h->met.mu);
-    pthread_rwlock_destroy(&h->sched_lock);
+    nm_http_metrics_destroy(&h->met);
+    nm_gen_destroy(&h->gen);
     free(h->model_name), free(h->host), free(h->api_key);
     free(h);
     return -1;
@@ -515,10 +369,8 @@ fail:
 int nm_http_port(const nm_http *h) { return h->port; }
 
 void nm_http_set_model(nm_http *h, const nm_http_model *m) {
-    pthread_rwlock_wrlock(&h->sched_lock);
-    h->m = *m;
     h->created = (int64_t)time(NULL);
-    pthread_rwlock_unlock(&h->sched_lock);
+    nm_gen_set_model(&h->gen, m);
     atomic_store(&h->state, ST_READY);
 }
 
@@ -528,11 +380,7 @@ nm_sched *nm_http_close_gate(nm_http *h) {
         h->quiesced = 1;
     }
     atomic_store(&h->state, ST_STOPPING);
-    pthread_rwlock_wrlock(&h->sched_lock);
-    nm_sched *s = h->m.sched;
-    h->m.sched = NULL;
-    pthread_rwlock_unlock(&h->sched_lock);
-    return s;
+    return nm_gen_close(&h->gen);
 }
 
 void nm_http_stop(nm_http *h) {
@@ -543,14 +391,14 @@ void nm_http_stop(nm_http *h) {
      * of a stream). Stopping the daemon shuts every socket at once, so let
      * those answers reach their clients first (bounded: a client that does
      * not read must not hold the exit up). */
-    for (int i = 0; i < 1000 && atomic_load(&h->gen_live) > 0; i++) {
+    for (int i = 0; i < 1000 && nm_gen_live(&h->gen) > 0; i++) {
         struct timespec ts = {0, 10 * 1000000L};
         nanosleep(&ts, NULL);
     }
     MHD_stop_daemon(h->d);
     if (h->listen_fd >= 0) close(h->listen_fd);
-    pthread_mutex_destroy(&h->met.mu);
-    pthread_rwlock_destroy(&h->sched_lock);
+    nm_http_metrics_destroy(&h->met);
+    nm_gen_destroy(&h->gen);
     free(h->model_name), free(h->host), free(h->api_key);
     free(h);
 }

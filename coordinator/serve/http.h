@@ -2,7 +2,7 @@
  * OpenAI and Ollama endpoints, health, metrics, auth and CORS over one
  * continuous-batching scheduler.
  *
- * Life cycle, as coordinator/cmd_serve.c drives it:
+ * Life cycle, as coordinator/cli/serve.c drives it:
  *   nm_http_start       binds and listens at once, so /health can answer 503
  *                       {"status":"loading"} while the model loads (which may
  *                       take minutes) and a port in use fails before any of it;
@@ -21,11 +21,8 @@
 #include <stdint.h>
 
 #include "common/error.h"
-#include "coordinator/text/chat_template.h"
-#include "coordinator/text/sampler.h"
+#include "coordinator/serve/gen.h"
 #include "coordinator/serve/scheduler.h"
-#include "coordinator/serve/info.h"
-#include "coordinator/text/tokenizer.h"
 
 typedef struct nm_http nm_http;
 
@@ -37,17 +34,8 @@ typedef struct {
     int log_requests;       /* one stderr line per request */
 } nm_http_opts;
 
-/* What the generation endpoints need; borrowed until nm_http_stop. */
-typedef struct {
-    nm_sched *sched;
-    const nm_tokenizer *tk;
-    nm_chat_tmpl tmpl;          /* NM_CHAT_TMPL_NONE: chat endpoints refuse */
-    int force_think;            /* prompts end inside "<think>\n" */
-    int reasoning;              /* split <think> blocks into reasoning fields (--reasoning-format deepseek) */
-    nm_sampler_params defaults; /* the server's sampler settings; requests override them */
-    nm_serve_model_facts facts; /* for /api/tags */
-    char modified[40];          /* model file mtime, ISO 8601 */
-} nm_http_model;
+/* nm_http_model, what the generation endpoints need: coordinator/serve/gen.h;
+ * borrowed until nm_http_stop. */
 
 /* Binds host:port and starts the daemon. 0, or -1 with err ("cannot listen
  * on 127.0.0.1:10002: Address already in use"). */
