@@ -4,8 +4,8 @@
  * plus its integer sub-block scales (and mins). dequant.c multiplies them out
  * in float the way ggml does; dot_ref.c multiplies them with Q8 activations in
  * integers. Sharing the unpacking keeps the two from disagreeing about where a
- * bit lives. Layouts: ggml-common.h / ggml-quants.c, summarised in
- * shared/reference/deepseek-gguf.md section 4. */
+ * bit lives. Layouts: ggml-common.h / ggml-quants.c (llama.cpp), the block
+ * structs in quant.h, the types in docs/MODEL.md §4. */
 #ifndef NUMOE_KERNELS_QUANT_UNPACK_H
 #define NUMOE_KERNELS_QUANT_UNPACK_H
 

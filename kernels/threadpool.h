@@ -37,7 +37,7 @@ void nm_pool_set_spin_us(nm_pool *pool, int us);
  * and workers polling on the same node this turned 44-111 tok/s of decode
  * into a steady 88-112 (docs/NUMA.md). Does nothing (returns 0) when the
  * process may use fewer CPUs than the pool has threads. The caller decides
- * when it pays (coordinator/session.c). */
+ * when it pays (coordinator/cli/session.c). */
 int nm_pool_pin(nm_pool *pool);
 
 #endif

@@ -3,7 +3,7 @@
  * their binding), then the numoe-coordinator, and supervises them until the
  * coordinator ends. Restarting a worker that died is its job; holding and
  * re-sending the layer in flight is the coordinator's
- * (coordinator/experts_remote.c). Process tree:
+ * (coordinator/experts/remote.c). Process tree:
  *
  *   numoe (launcher)  - waits for signals and children, nothing else
  *   +- numoe-coordinator <command> ...   (same arguments, same terminal)

@@ -117,7 +117,7 @@ static int read_hparams(nm_hparams *hp, const nm_gguf *g, nm_err *err) {
         return nm_errf(err, "%s: expert groups %" PRId64 " (use %" PRId64 ") do not fit %" PRId64 " experts, top-%" PRId64,
                        path_of(g), hp->n_group, hp->n_group_used, hp->n_expert, hp->n_expert_used);
 
-    /* RoPE / YaRN (reference §5.2, §5.3) */
+    /* RoPE / YaRN (docs/MODEL.md §5.2, §5.3) */
     nm_str type = {"none", 4};
     float factor = 0, log_mul = 0;
     snprintf(key, sizeof key, ARCH ".rope.scaling.type");
@@ -191,7 +191,7 @@ static int bind_vec(nm_model *m, const nm_gguf *g, const float **out, const char
 }
 
 /* Legacy layout: derive k_b[h] = (K rows of kv_b for head h)^T and v_b[h] = V rows of kv_b
- * (reference §3.2). Float sources give float32 results (exact); quantised sources give
+ * (docs/MODEL.md §3.2). Float sources give float32 results (exact); quantised sources give
  * Q8_0, as ik_llama.cpp does, to keep the derived copy small. */
 static int derive_kv_b(nm_model *m, nm_layer *L, const nm_mat *kvb, nm_err *err) {
     const nm_hparams *hp = &m->hp;

@@ -2,7 +2,7 @@
  * hyper-parameters read from the metadata and per-layer views of the tensors
  * inside the mapped file (no copies; nm_model does not own the nm_gguf).
  *
- * The three attention layouts found in real files (reference §3.3) are
+ * The three attention layouts found in real files (docs/MODEL.md §3.3) are
  * folded into one: the absorbed-MLA matrices k_b (per head [kv_lora x d_nope])
  * and v_b (per head [d_v x kv_lora]). Legacy files carry only attn_kv_b; for
  * them k_b/v_b are derived at load time into buffers the model owns. */
@@ -38,7 +38,7 @@ typedef struct {
     float routed_scale, rms_eps;
     float rope_base, rope_freq_scale, yarn_ext_factor, yarn_attn_mscale;
     int64_t rope_n_ctx_orig;
-    float kq_scale; /* mscale^2 / sqrt(d_nope + d_rope), reference §5.3 */
+    float kq_scale; /* mscale^2 / sqrt(d_nope + d_rope), docs/MODEL.md §5.3 */
     int attn_layout; /* 0 legacy kv_b, 1 kv_b + 2-D k_b/v_b (ik), 2 3-D k_b/v_b (mainline MLA) */
 } nm_hparams;
 

@@ -5,7 +5,7 @@ Writes `general.architecture = deepseek2` GGUF files the way llama.cpp's convert
 (convert_hf_to_gguf.py / conversion/deepseek.py, class DeepseekV2Model) and llama-quantize
 write them: same metadata keys (through gguf.GGUFWriter's add_* helpers), tensor names,
 ggml `ne` shapes and type rules (1-D tensors, *_norm.weight, *.bias and ffn_gate_inp stay
-F32). See shared/reference/deepseek-gguf.md sections 2, 3, 5, 6.
+F32). See docs/MODEL.md sections 2, 3, 5, 6.
 
 Styles
   v2  DeepSeek-V2-Lite-like: softmax gating (expert_gating_func 1), no Q compression

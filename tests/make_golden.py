@@ -20,7 +20,7 @@ greedy_prompt, greedy_tokens):
                        equal gen_deepseek.Tokenizer.encode (llama.cpp's algorithm); checked here
 
 It also runs an independent float64 numpy implementation of the GGUF math of
-shared/reference/deepseek-gguf.md section 5 (ref_forward below: adjacent-pair YaRN RoPE, MLA,
+docs/MODEL.md section 5 (ref_forward below: adjacent-pair YaRN RoPE, MLA,
 softmax/sigmoid routing with exp_probs_b for selection only, mainline group-limited routing,
 weights normalisation and scaling) on the same weights and records its largest difference to
 transformers; the script fails if they disagree (>1e-3 abs on logits) - that is the check that the

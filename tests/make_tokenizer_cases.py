@@ -361,7 +361,7 @@ def expected(texts: list[str], tok_dir: pathlib.Path):
 
 
 def unicode_supplement() -> str:
-    """The U16_* macros of coordinator/tokenizer.c: code points unassigned in
+    """The U16_* macros of coordinator/text/tokenizer.c: code points unassigned in
     Unicode 14.0 (PCRE2 10.42's tables; Python 3.11's unicodedata) and assigned
     in 16.0 (HF tokenizers' Oniguruma; the pip package unicodedata2==16.0.0),
     by major general category."""
@@ -407,7 +407,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=20250101)
     ap.add_argument("-o", "--out", type=pathlib.Path, default=OUT)
     ap.add_argument("--unicode-supplement", action="store_true",
-                    help="print the Unicode 15-16 category supplement of coordinator/tokenizer.c and exit")
+                    help="print the Unicode 15-16 category supplement of coordinator/text/tokenizer.c and exit")
     a = ap.parse_args(argv)
     if a.unicode_supplement:
         sys.stdout.write(unicode_supplement())

@@ -1,5 +1,5 @@
 """ref_deepseek.py - an independent float64 numpy forward pass of a deepseek2
-GGUF, written from the math (shared reference §5 / HF modeling_deepseek), in
+GGUF, written from the math (docs/MODEL.md §5 / HF modeling_deepseek), in
 the un-absorbed form (full per-head K and V), with gguf-py's dequantisation.
 It shares no code with numoe; the tests compare numoe's logits with it on
 every fixture (and with HF transformers' golden outputs where stored).

@@ -71,7 +71,7 @@ def token_ids(model, text, bos=True):
 
 
 def render_v3(messages, force_think=False):
-    """deepseek3 chat template with the generation prompt (coordinator/chat_template.h)."""
+    """deepseek3 chat template with the generation prompt (coordinator/text/chat_template.h)."""
     sys_txt = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     out = BOS + sys_txt
     for m in messages:

@@ -6,8 +6,7 @@ nothing. `make demo` and `make test` must still reach the install step
 check once stopped both before they installed anything (issue 11). Here
 pkg-config is replaced by one that finds nothing and the install step by a
 stub that records that it ran and then fails, so nothing is built or
-installed. `../shared/tools/fresh-machine-check`-style proof on a real fresh
-machine is in the closing notes; this test keeps the path from breaking."""
+installed. A run on a real fresh machine is the proof of the whole path; this test keeps the path from breaking."""
 import os
 import re
 import stat

@@ -1,7 +1,7 @@
 """Checks of the synthetic DeepSeek fixtures (tests/fixtures/models) made by tests/gen_deepseek.py.
 
 Reads every fixture with gguf.GGUFReader and checks keys, tensor names, shapes and types against
-shared/reference/deepseek-gguf.md (sections 2, 3), that the generator is deterministic (regenerates
+docs/MODEL.md (sections 2, 3), that the generator is deterministic (regenerates
 into a temp dir and compares bytes), that the attention layouts carry the same weights, that the HF
 safetensors equal the GGUF F32 tensors, that quantised files de-quantise close to the float weights,
 that the golden logits equal an independent numpy float64 implementation of the GGUF math, and the

@@ -1,5 +1,5 @@
 """`numoe serve`: the OpenAI- and Ollama-compatible HTTP server with continuous
-batching (coordinator/cmd_serve.c, scheduler.c, serve_*.c), driven over real
+batching (coordinator/cli/serve.c, coordinator/serve/), driven over real
 sockets with the official `openai` client and plain HTTP, against the tiny
 V3 fixture (and the V2 one for a served name / API key / deepseek2 template).
 

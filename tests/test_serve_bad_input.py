@@ -340,7 +340,7 @@ def test_still_serving_after_abuse(server):
 
 
 def test_seed_range(server):
-    """Any 64-bit seed is taken (serve_api.h: [-2^63, 2^64)); beyond that, or a fraction, is a 400."""
+    """Any 64-bit seed is taken (coordinator/serve/api.h: [-2^63, 2^64)); beyond that, or a fraction, is a 400."""
     for seed in (0, -1, -(2 ** 63), 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1):
         body = b'{"prompt":"hi","max_tokens":2,"seed":%d}' % seed
         st, _, data = request(server, "POST", COMP, body, headers=dict(JSON))

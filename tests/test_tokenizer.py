@@ -1,5 +1,5 @@
 """`numoe tokenize` / `numoe detokenize` and the byte-level BPE tokenizer behind
-them (coordinator/tokenizer.c), from every build tree (build/ and build-asan/).
+them (coordinator/text/tokenizer.c), from every build tree (build/ and build-asan/).
 
 1. llama.cpp's tokenizer tests for the two DeepSeek vocabularies it ships,
    tests/fixtures/vocab/ggml-vocab-deepseek-{llm,coder}.gguf with their .inp

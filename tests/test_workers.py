@@ -1,4 +1,4 @@
-"""Routed experts in numoe-worker processes (`--workers N`, coordinator/experts_remote.c,
+"""Routed experts in numoe-worker processes (`--workers N`, coordinator/experts/,
 worker/, proto/).
 
 * Logits with N = 1, 2, 3 workers equal the in-process logits (--workers 0) to a max

@@ -1,5 +1,5 @@
 """Workers started by hand, reached over tcp:// (`numoe-worker --listen tcp://ADDR:PORT`,
-`numoe generate --worker-endpoints tcp://h1:p1,...`; coordinator/experts_remote.c,
+`numoe generate --worker-endpoints tcp://h1:p1,...`; coordinator/experts/tcp_inline.c,
 worker/main.c). Activations, expert ids and weights travel inline in MoeRequest, the
 partial output inline in MoeReply; no shared memory.
 

@@ -1,4 +1,4 @@
-/* cmd_bench.c - `numoe bench --model M.gguf -p 512 -n 128`: prefill and
+/* bench.c - `numoe bench --model M.gguf -p 512 -n 128`: prefill and
  * decode tokens/s, measured like llama-bench (pp: one batch of p tokens into
  * an empty cache; tg: n single-token steps from an empty cache), so the two
  * tables can be put side by side. Also prints the decode bound: the bytes a

@@ -1,4 +1,4 @@
-/* cmd_bench_ipc.c - `numoe bench ipc`: what one per-layer hand-off between
+/* bench_ipc.c - `numoe bench ipc`: what one per-layer hand-off between
  * the coordinator and a worker costs, with empty work.
  *
  * Without --model, between this process and a forked child:

@@ -1,4 +1,4 @@
-/* cmd_chat.c - `numoe chat`: an interactive conversation in the terminal.
+/* chat.c - `numoe chat`: an interactive conversation in the terminal.
  *
  * A message may span several lines: it is sent at an empty line (or at end of
  * input), unlike KTransformers' local_chat which starts generating at the

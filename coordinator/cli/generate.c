@@ -1,4 +1,4 @@
-/* cmd_generate.c - `numoe generate`: a prompt in, a continuation out.
+/* generate.c - `numoe generate`: a prompt in, a continuation out.
  *
  * With --tokens the prompt is token ids and stdout gets the generated ids
  * (comma-separated, so two runs compare with diff); generation runs exactly

@@ -1,4 +1,4 @@
-/* cmd_serve.c - `numoe serve`: the model behind an OpenAI- and
+/* serve.c - `numoe serve`: the model behind an OpenAI- and
  * Ollama-compatible HTTP API, requests batched continuously.
  *
  * Order of start-up: the HTTP daemon first (so a port in use fails in a

@@ -1,4 +1,4 @@
-/* cmd_tokenize.c - `numoe tokenize` (text -> token ids) and `numoe detokenize`
+/* tokenize.c - `numoe tokenize` (text -> token ids) and `numoe detokenize`
  * (token ids -> text) with the tokenizer stored in a GGUF; a vocabulary-only
  * GGUF (no tensors, e.g. llama.cpp's ggml-vocab-*.gguf) is enough.
  * stdout carries only the result; the tokenizer summary goes to stderr. */

@@ -1,7 +1,7 @@
 /* rope.h - rotary position embedding with YaRN, as DeepSeek uses it.
  *
  * Pairs are adjacent elements (x[2i], x[2i+1]) (ggml ROPE_TYPE_NORM; equal to
- * HF's de-interleave + rotate_half). With YaRN (reference §5.2) each pair's
+ * HF's de-interleave + rotate_half). With YaRN (docs/MODEL.md §5.2) each pair's
  * frequency blends the interpolated (freq_scale * theta) and the original
  * theta by a linear ramp between the correction dims of beta_fast = 32 and
  * beta_slow = 1. DeepSeek cancels YaRN's magnitude factor in the rotation

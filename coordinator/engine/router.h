@@ -1,4 +1,4 @@
-/* router.h - MoE expert selection for one token (reference §5.4, HF
+/* router.h - MoE expert selection for one token (docs/MODEL.md §5.4, HF
  * DeepseekV2MoEGate / DeepseekV3TopkRouter). */
 #ifndef NUMOE_COORDINATOR_ENGINE_ROUTER_H
 #define NUMOE_COORDINATOR_ENGINE_ROUTER_H

@@ -14,7 +14,7 @@
 typedef struct {
     int n_workers;          /* launched workers: must match NUMOE_LAUNCH_WORKERS; with endpoints: 0
                                or their number */
-    const char *placement;  /* "split" | "experts" | "experts-rr" | map file (worker/placement.h) */
+    const char *placement;  /* "split" | "experts" | "experts-rr" | map file (model/placement.h) */
     double timeout_s;       /* a worker that does not answer a layer within this is restarted (<= 0: 300) */
     int64_t max_tok;        /* largest batch the backend will be given (input region and slot size) */
     int max_k;              /* largest number of experts per token */

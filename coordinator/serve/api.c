@@ -1,4 +1,4 @@
-/* serve_api.c - the JSON bodies of `numoe serve` (see serve_api.h).
+/* api.c - the JSON bodies of `numoe serve` (see api.h).
  *
  * Parsing is strict about types and ranges (a wrong type is a client bug we
  * report, never a value we guess), lenient about fields it does not know

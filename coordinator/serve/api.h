@@ -1,4 +1,4 @@
-/* serve_api.h - the JSON side of `numoe serve`: request bodies of the OpenAI
+/* api.h - the JSON side of `numoe serve`: request bodies of the OpenAI
  * and Ollama APIs parsed and checked into one plain request, and the response
  * bodies (whole and streamed chunks) built back. No HTTP and no model here, so
  * every rule is unit-tested on strings (tests/unit/test_serve_api.c).
@@ -79,7 +79,7 @@ typedef struct {
  * least one message; numbers must be numbers, in range (temperature 0..2,
  * top_p 0..1, max_tokens >= 1, ...). 0, or -1 with e.
  *
- * Details (serve_api.c has the full rules):
+ * Details (api.c has the full rules):
  *   - OpenAI: null means absent. Also accepted: role "developer" (read as
  *     "system"), repeat_last_n at the top level (as llama.cpp's server).
  *     Text content parts are joined with "\n" (as llama.cpp and vLLM do);

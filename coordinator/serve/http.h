@@ -1,4 +1,4 @@
-/* serve_http.h - the HTTP server of `numoe serve` (libmicrohttpd): the
+/* http.h - the HTTP server of `numoe serve` (libmicrohttpd): the
  * OpenAI and Ollama endpoints, health, metrics, auth and CORS over one
  * continuous-batching scheduler.
  *

@@ -1,4 +1,4 @@
-/* serve_info.c - the served model name and the /api/tags figures. */
+/* info.c - the served model name and the /api/tags figures. */
 #include "coordinator/serve/info.h"
 
 #include <ctype.h>

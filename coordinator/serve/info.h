@@ -1,4 +1,4 @@
-/* serve_info.h - what `numoe serve` tells clients about its one model: the
+/* info.h - what `numoe serve` tells clients about its one model: the
  * name it is served under and the figures /api/tags shows (parameter count,
  * dominant weight type, file size, modification time). Pure functions of the
  * path and the GGUF, kept apart from the HTTP code so they are unit-tested

@@ -1,5 +1,5 @@
 /* tokenizer.c - byte-level BPE (GGUF "gpt2" tokenizer); see tokenizer.h for
- * the algorithm and shared/reference/deepseek-gguf.md section 6. */
+ * the algorithm (and docs/MODEL.md §6). */
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "coordinator/text/tokenizer.h"
 

@@ -1,6 +1,6 @@
 /* tokenizer.h - the byte-level BPE tokenizer that DeepSeek GGUFs carry
  * (tokenizer.ggml.model = "gpt2"), behaving as llama.cpp's llm_tokenizer_bpe
- * (reference: shared/reference/deepseek-gguf.md section 6).
+ * (docs/MODEL.md §6 places it; the algorithm is all below).
  *
  * Encoding, in order:
  *   1. Invalid UTF-8 in the input becomes U+FFFD, one per bad byte (llama.cpp).

@@ -1,5 +1,5 @@
 /* test_placement.c - the expert placement families and the validator that
- * every weight of every expert sits on exactly one worker (worker/placement.h). */
+ * every weight of every expert sits on exactly one worker (model/placement.h). */
 #include <stdlib.h>
 #include <string.h>
 

@@ -559,7 +559,7 @@ typedef struct {
 } split_text;
 
 /* What the stream must add up to: nm_chat_split_reasoning of the whole text,
- * except that bytes cut off inside a tag at the very end are kept (serve_api.h). */
+ * except that bytes cut off inside a tag at the very end are kept (coordinator/serve/api.h). */
 static void ref_split(const char *t, size_t len, int started, split_text *out) {
     nm_chat_reasoning s;
     nm_chat_split_reasoning(t, len, started, &s);

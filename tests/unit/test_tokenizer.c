@@ -1,4 +1,4 @@
-/* test_tokenizer.c - the byte-level BPE tokenizer (coordinator/tokenizer.c):
+/* test_tokenizer.c - the byte-level BPE tokenizer (coordinator/text/tokenizer.c):
  * merges and their order, byte fallback, special-token gating (CONTROL only
  * with parse_special, USER_DEFINED always), BOS/EOS, invalid UTF-8 input,
  * decoding, the streaming detokenizer (a character split over tokens comes

@@ -2,7 +2,7 @@
  * only the compressed KV c (kv_lora values, after its RMSNorm) and the shared
  * rope key k_pe (d_rope values, after RoPE), i.e. [c | k_pe] as mainline
  * llama.cpp orders it: 576 floats per token per layer on V3 instead of 128
- * heads x (192 + 128) for full K/V (reference §5.1).
+ * heads x (192 + 128) for full K/V (docs/MODEL.md §5.1).
  *
  * Ownership: whoever calls nm_kv_cache_alloc frees with nm_kv_cache_free (the
  * forward state owns the single-sequence cache; the server's scheduler one
