@@ -23,7 +23,10 @@ Rules:
      headers);
   4. no two files call each other (two halves of one module sharing a
      private header, as serve_http.c / serve_gen.c once did, show up here
-     even though their includes look one-way).
+     even though their includes look one-way);
+  5. a folder's private headers (PRIVATE) are included only from that
+     folder: nothing outside the CPU engine sees its forward-pass scratch or
+     its caches, nothing outside the expert backends their transports.
 """
 import re
 import sys
@@ -32,6 +35,11 @@ from pathlib import Path
 SOURCE_DIRS = ("common", "kernels", "proto", "model", "coordinator", "worker", "launch")
 # layer of each top-level folder: includes go to lower layers only
 LAYERS = {"common": 0, "kernels": 1, "proto": 1, "model": 2, "coordinator": 3, "worker": 3, "launch": 4}
+# headers only their own folder may include (docs/LAYOUT.md)
+PRIVATE = ("coordinator/engine/cpu/forward.h", "coordinator/engine/cpu/kv_cache.h",
+           "coordinator/experts/remote_core.h", "coordinator/experts/shm_doorbell.h",
+           "coordinator/experts/zmq_handoff.h", "coordinator/experts/tcp_inline.h",
+           "coordinator/serve/reply.h", "kernels/quant_unpack.h", "kernels/dot_simd.h")
 EXTS = (".c", ".h", ".cu", ".cuh")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 # a function definition as this code base writes them: return type and name
@@ -159,6 +167,10 @@ def violations(root):
         c = find_cycle(edges_between(includes, key))
         if c:
             out.append(f"{name} include cycle: " + " -> ".join(c))
+    for f in sorted(includes):
+        for g in sorted(includes[f]):
+            if g in PRIVATE and folder(f) != folder(g) and not f.startswith("tests/"):
+                out.append(f"{f} includes {g}, which is private to {folder(g)}/")
     for a, b, f1, f2 in mutual_calls(defs, uses):
         out.append(f"{a} and {b} call each other ({a} calls {f1}, {b} calls {f2})")
     return out
