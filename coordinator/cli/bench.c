@@ -88,6 +88,7 @@ int nm_cmd_bench_model(int argc, char **argv) {
     int32_t *tok = malloc((size_t)(len + 1) * sizeof *tok);
     float *logits = malloc((size_t)hp->n_vocab * sizeof *logits);
     double *pp = calloc((size_t)reps, sizeof *pp), *tg = calloc((size_t)reps, sizeof *tg);
+    nm_engine_stats st0, st1, st2; /* before prefill, between prefill and decode, after decode */
     int rc = 1;
     nm_engine_seq *seq = NULL;
     if (!tok || !logits || !pp || !tg) goto done;
@@ -100,12 +101,14 @@ int nm_cmd_bench_model(int argc, char **argv) {
     /* warm-up: touches every page of the mapping used by one token */
     if (nm_engine_eval(e, seq, tok, 1, logits, 0, &err)) goto fail;
     /* all prefill repetitions, then all decode ones, as llama-bench orders its tests */
+    nm_engine_stats_of(e, &st0);
     for (long long r = 0; p && r < reps; r++) {
         nm_engine_seq_rewind(e, seq, 0);
         double t0 = nm_now_s();
         if (nm_engine_eval(e, seq, tok, p, logits, 0, &err)) goto fail;
         pp[r] = (double)p / (nm_now_s() - t0);
     }
+    nm_engine_stats_of(e, &st1);
     for (long long r = 0; n && r < reps; r++) {
         nm_engine_seq_rewind(e, seq, 0);
         double t0 = nm_now_s();
@@ -113,6 +116,7 @@ int nm_cmd_bench_model(int argc, char **argv) {
             if (nm_engine_eval(e, seq, tok + i, 1, logits, 0, &err)) goto fail;
         tg[r] = (double)n / (nm_now_s() - t0);
     }
+    nm_engine_stats_of(e, &st2);
     int k = e->info.n_expert_used;
     double bytes = decode_bytes(&s.model, k), m, sd;
     printf("| model | threads | experts used | test | tokens/s |\n|---|---|---|---|---|\n");
@@ -129,6 +133,14 @@ int nm_cmd_bench_model(int argc, char **argv) {
                "%.2f GB/s effective at the measured rate\n",
                bytes / 1e6, k, (long long)hp->n_expert, bytes * m / 1e9);
     }
+    /* How long the steps sat waiting for the routed experts once their own
+     * work (attention, shared experts) was done: what the overlap of the
+     * shared experts with the routed ones could not hide (--experts-sync
+     * waits before the shared experts instead). */
+    printf("\nwaiting for routed experts (%s): ", so.sync_experts ? "--experts-sync" : "overlapped with the shared experts");
+    if (p) printf("prefill %.3f ms per token", (st1.expert_wait_s - st0.expert_wait_s) * 1e3 / (double)(p * reps));
+    if (n) printf("%sdecode %.3f ms per token", p ? ", " : "", (st2.expert_wait_s - st1.expert_wait_s) * 1e3 / (double)(n * reps));
+    printf("\n");
     rc = 0;
     goto done;
 fail:

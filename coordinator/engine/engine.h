@@ -75,6 +75,13 @@ typedef struct {
     int n_expert_used;  /* routed experts per token in force (--experts-used) */
 } nm_engine_info;
 
+/* Counters since the engine was made (for benchmarks). */
+typedef struct {
+    uint64_t steps;       /* steps run */
+    uint64_t tokens;      /* tokens they held */
+    double expert_wait_s; /* time a step sat waiting for routed experts after its own work was done */
+} nm_engine_stats;
+
 /* One sequence's share of a step. */
 typedef struct {
     nm_engine_seq *seq;
@@ -96,6 +103,7 @@ struct nm_engine {
     void (*seq_rewind)(nm_engine *e, nm_engine_seq *s, int64_t n);
     int (*step)(nm_engine *e, nm_engine_segment *segs, int n_segs, nm_err *err);
     int (*route_log)(nm_engine *e, FILE *f, nm_err *err);
+    void (*stats)(const nm_engine *e, nm_engine_stats *out);
     void (*destroy)(nm_engine *e);
 };
 
@@ -121,6 +129,7 @@ static inline int nm_engine_step(nm_engine *e, nm_engine_segment *segs, int n_se
     return e->step(e, segs, n_segs, err);
 }
 static inline int nm_engine_route_log(nm_engine *e, FILE *f, nm_err *err) { return e->route_log(e, f, err); }
+static inline void nm_engine_stats_of(const nm_engine *e, nm_engine_stats *out) { e->stats(e, out); }
 /* NULL is a no-op. */
 static inline void nm_engine_destroy(nm_engine *e) {
     if (e) e->destroy(e);

@@ -93,6 +93,11 @@ static int cpu_route_log(nm_engine *e, FILE *f, nm_err *err) {
     return 0;
 }
 
+static void cpu_stats(const nm_engine *e, nm_engine_stats *out) {
+    const nm_forward *f = &((const cpu_engine *)e)->fwd;
+    *out = (nm_engine_stats){.steps = f->n_steps, .tokens = f->n_tokens, .expert_wait_s = f->expert_wait_s};
+}
+
 static void cpu_destroy(nm_engine *e) {
     cpu_engine *ce = (cpu_engine *)e;
     nm_forward_free(&ce->fwd);
@@ -117,6 +122,7 @@ nm_engine *nm_engine_cpu_create(const nm_model *m, nm_pool *pool, nm_expert_back
         .info = {.name = "cpu", .n_vocab = m->hp.n_vocab, .n_ctx = ce->fwd.n_ctx, .n_batch = ce->fwd.n_batch,
                  .n_layer = m->hp.n_layer, .n_expert_used = ce->fwd.n_expert_used},
         .seq_new = cpu_seq_new, .seq_free = cpu_seq_free, .seq_len = cpu_seq_len, .seq_ctx = cpu_seq_ctx,
-        .seq_rewind = cpu_seq_rewind, .step = cpu_step, .route_log = cpu_route_log, .destroy = cpu_destroy};
+        .seq_rewind = cpu_seq_rewind, .step = cpu_step, .route_log = cpu_route_log, .stats = cpu_stats,
+        .destroy = cpu_destroy};
     return &ce->base;
 }

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/clock.h"
 #include "coordinator/engine/router.h"
 #include "kernels/quant.h"
 
@@ -191,6 +192,13 @@ static void ffn(nm_forward *f, const nm_mat *g, const nm_mat *u, const nm_mat *d
     mm(f, d, 0, f->hg, n, out, d->rows);
 }
 
+static int timed_wait(nm_forward *f, nm_err *err) {
+    double t0 = nm_now_s();
+    int rc = nm_experts_wait(f->experts, f->moe, err);
+    f->expert_wait_s += nm_now_s() - t0;
+    return rc;
+}
+
 /* Dense layers: x += FFN(RMSNorm(x)). MoE layers: the normalised rows go
  * straight into the expert backend's input region, the router writes each
  * token's experts and weights there too, the routed experts are submitted,
@@ -225,9 +233,9 @@ static int feed_forward(nm_forward *f, int il, int64_t n, nm_err *err) {
     if (nm_experts_submit(f->experts, il, n, k, err)) return -1;
     /* the waiting is the only thing that can fail from here: after a submit
      * the backend gets its wait whatever happens */
-    int rc = f->sync_experts ? nm_experts_wait(f->experts, f->moe, err) : 0;
+    int rc = f->sync_experts ? timed_wait(f, err) : 0;
     if (hp->n_shared > 0) ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, a, n, f->tmp);
-    if (!f->sync_experts) rc = nm_experts_wait(f->experts, f->moe, err);
+    if (!f->sync_experts) rc = timed_wait(f, err);
     if (rc) return -1;
     if (hp->n_shared > 0)
         for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
@@ -299,6 +307,7 @@ int nm_forward_batch(nm_forward *f, nm_forward_seq *seqs, int n_seqs, nm_err *er
         for (int64_t k = 0; k < seqs[i].n; k++, t++)
             f->tok[t] = seqs[i].tokens[k], f->tkv[t] = seqs[i].kv, f->tpos[t] = seqs[i].kv->n_pos + k;
     if (run_layers(f, n, err)) return -1;
+    f->n_steps++, f->n_tokens += (uint64_t)n;
     /* the rows each segment wants (its last token, or all of them); tpos is
      * free now and becomes the row list */
     int64_t r = 0;

@@ -51,6 +51,10 @@ typedef struct {
      * order before the submit/wait split; the same results): `numoe bench
      * --experts-sync` measures what the overlap gives. */
     int sync_experts;
+    /* counters: batches run, their tokens, seconds spent in the expert
+     * backend's wait */
+    uint64_t n_steps, n_tokens;
+    double expert_wait_s;
 } nm_forward;
 
 int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_backend *experts, int64_t n_ctx,
