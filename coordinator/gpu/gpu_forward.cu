@@ -140,7 +140,11 @@ static int fail_blas(nm_err *err, cublasStatus_t s, const char *what, const char
         if (e_ != cudaSuccess) return fail_cuda(err, e_, __VA_ARGS__);           \
     } while (0)
 
-/* ---- allocation and upload --------------------------------------------------- */
+/* ---- allocation and upload ---------------------------------------------------
+ * Every copy and clear goes on the state's stream (non-blocking, so nothing
+ * on the legacy default stream would order against it): a pageable upload
+ * may return before its DMA lands, and the stream keeps later kernels behind
+ * it. */
 
 static int dalloc(nm_gpu_forward *f, void **p, size_t bytes, int part, const char *what, nm_err *err) {
     *p = nullptr;
@@ -183,7 +187,8 @@ static int upload_bytes(nm_gpu_forward *f, const nm_mat *src, int part, const ui
     const size_t bytes = src->slab * (size_t)(src->n_mat > 0 ? src->n_mat : 1);
     void *d;
     if (dalloc(f, &d, bytes, part, src->name, err)) return -1;
-    CUDA_OK(cudaMemcpy(d, src->data, bytes, cudaMemcpyHostToDevice), "uploading %s (%zu bytes)", src->name, bytes);
+    CUDA_OK(cudaMemcpyAsync(d, src->data, bytes, cudaMemcpyHostToDevice, f->st), "uploading %s (%zu bytes)", src->name,
+            bytes);
     f->uploaded[src->data] = static_cast<const uint8_t *>(d);
     *out = static_cast<const uint8_t *>(d);
     return 0;
@@ -209,7 +214,7 @@ static int upload_vec(nm_gpu_forward *f, const float *v, int64_t n, const float 
     if (!v) return 0;
     void *d;
     if (dalloc(f, &d, (size_t)n * sizeof(float), P_VECTORS, what, err)) return -1;
-    CUDA_OK(cudaMemcpy(d, v, (size_t)n * sizeof(float), cudaMemcpyHostToDevice), "uploading %s", what);
+    CUDA_OK(cudaMemcpyAsync(d, v, (size_t)n * sizeof(float), cudaMemcpyHostToDevice, f->st), "uploading %s", what);
     *out = static_cast<const float *>(d);
     return 0;
 }
@@ -226,11 +231,11 @@ static int upload_absorb(nm_gpu_forward *f, const nm_mat *src, const float **out
     void *d32;
     if (dalloc(f, &d32, n * sizeof(float), P_ABSORB, src->name, err)) return -1;
     if (src->type == NM_TYPE_F32) {
-        CUDA_OK(cudaMemcpy(d32, src->data, bytes, cudaMemcpyHostToDevice), "uploading %s", src->name);
+        CUDA_OK(cudaMemcpyAsync(d32, src->data, bytes, cudaMemcpyHostToDevice, f->st), "uploading %s", src->name);
     } else {
         void *raw = nullptr;
         CUDA_OK(cudaMalloc(&raw, bytes), "allocating %zu bytes to convert %s", bytes, src->name);
-        cudaError_t e = cudaMemcpy(raw, src->data, bytes, cudaMemcpyHostToDevice);
+        cudaError_t e = cudaMemcpyAsync(raw, src->data, bytes, cudaMemcpyHostToDevice, f->st);
         int rc = e == cudaSuccess ? nm_cuda_dequantize(src->type, raw, static_cast<float *>(d32), (int64_t)n, f->st)
                                   : NM_CUDA_OK;
         if (e == cudaSuccess && rc == NM_CUDA_OK) e = cudaStreamSynchronize(f->st);
@@ -450,7 +455,7 @@ static int kv_alloc(nm_gpu_forward *f, nm_gpu_kv *kv, int64_t n_ctx, nm_err *err
             (long long)n_ctx, (long long)hp->n_layer, kv->bytes >> 20);
     /* never read before written (attention reads positions <= its own); cleared
      * anyway so that a bug shows as zeros rather than stale data */
-    cudaError_t e = cudaMemset(d, 0, kv->bytes);
+    cudaError_t e = cudaMemsetAsync(d, 0, kv->bytes, f->st);
     if (e != cudaSuccess) {
         cudaFree(d);
         return fail_cuda(err, e, "clearing the KV cache");

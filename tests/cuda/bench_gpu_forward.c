@@ -123,7 +123,7 @@ int main(int argc, char **argv) {
     printf("| engine | threads | pp%lld tok/s | tg%lld tok/s |\n|---|---|---|---|\n", p, n);
     fflush(stdout);
     int rc = 0;
-    char lines[4][512];
+    char lines[8][512];
     int n_lines = 0;
     if (strstr(engines, "cpu")) {
         nm_forward cf;
@@ -161,14 +161,24 @@ int main(int argc, char **argv) {
             } else {
                 printf("| GPU + experts on CPU, prefill GEMM %s | %d | %.1f ± %.1f | %.1f ± %.1f |\n", names[mode],
                        nm_pool_size(pool), r[0], r[1], r[2], r[3]);
-                /* one more decode run, timed by parts */
+                /* one more prefill and decode run, timed by parts */
+                nm_gpu_forward_stats s;
+                nm_gpu_forward_reset(gf);
+                nm_gpu_forward_reset_stats(gf);
+                if (p > 0 && nm_gpu_forward_tokens(gf, tok, p, logits, 0, &err)) rc = 1;
+                nm_gpu_forward_get_stats(gf, &s);
+                if (p > 0 && n_lines < 8)
+                    snprintf(lines[n_lines++], sizeof lines[0],
+                             "GPU %s prefill of %lld: %.1f ms = host experts %.1f ms + waiting for the GPU before a "
+                             "hand-off %.1f ms + the rest %.1f ms",
+                             names[mode], p, 1e3 * s.t_total, 1e3 * s.t_moe, 1e3 * s.t_wait,
+                             1e3 * (s.t_total - s.t_moe - s.t_wait));
                 nm_gpu_forward_reset(gf);
                 nm_gpu_forward_reset_stats(gf);
                 for (long long i = 0; i < n && !rc; i++)
                     if (nm_gpu_forward_tokens(gf, tok + i, 1, logits, 0, &err)) rc = 1;
-                nm_gpu_forward_stats s;
                 nm_gpu_forward_get_stats(gf, &s);
-                if (n > 0 && n_lines < 4)
+                if (n > 0 && n_lines < 8)
                     snprintf(lines[n_lines++], sizeof lines[0],
                              "GPU %s decode step: %.3f ms = host experts %.3f ms (%lld hand-offs) + waiting for the GPU "
                              "before a hand-off %.3f ms + the rest (launches, last layers, head, logits) %.3f ms",

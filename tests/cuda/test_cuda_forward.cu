@@ -19,6 +19,8 @@
  *   C:    the GPU generating greedily on its own: the tokens equal the CPU's
  *         (41) up to the first position where A's routing differed (all of
  *         them when it never did), and at least 32 on float models.
+ *   Router kernel against router.c on random and on tie-heavy logits
+ *         (test_router_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
  *         and token by token equal the one-batch prefill; nm_gpu_forward_batch
  *         over three sequences (prefill chunks and decode tokens mixed) equals
@@ -26,9 +28,10 @@
  *         error paths (bad token, full context, batch too large).
  * Bounds (relative: max |gpu - cpu| over the row / max |cpu|): float models
  * (F32, F16: the CPU keeps activations in fp32 too) REL_FLOAT and per-row
- * cosine >= 0.99999; quantised models (the CPU rounds activations to
- * Q8_0 / Q8_K, the GPU does not) REL_QUANT, mean cosine >= COS_QUANT_MEAN;
- * GPU against itself REL_SELF.
+ * cosine >= COS_FLOAT; quantised models (the CPU rounds activations to
+ * Q8_0 / Q8_K, the GPU does not) REL_QUANT, mean cosine >= COS_QUANT_MEAN,
+ * every row >= COS_QUANT_MIN; GPU against itself REL_SELF. The values
+ * measured are next to the constants.
  *
  * Usage: test_cuda_forward [MODEL.gguf ...] (default: every fixture). Last
  * line "<prog>: N passed, N failed"; exit 1 on failure, 77 (skipped) when no
@@ -46,11 +49,13 @@
 #include <vector>
 
 #include "coordinator/gpu/gpu_forward.h"
+#include "coordinator/gpu/gpu_kernels.cuh"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/quant.h"
 extern "C" {
 #include "common/gguf.h"
 #include "coordinator/forward.h"
+#include "coordinator/router.h"
 #include "kernels/threadpool.h"
 }
 
@@ -77,9 +82,12 @@ static const char *FIXTURES[] = {
 };
 
 enum { PROMPT = 12, DECODE = 40, N_CTX = 128 };
-static const double REL_FLOAT = 1e-4, COS_FLOAT = 0.99999;
-static const double REL_QUANT = 0.1, COS_QUANT_MEAN = 0.999;
-static const double REL_SELF = 1e-4;
+/* measured on an H200 (all fixtures): float models max rel <= 1.0e-6, min cos
+ * 1.0000000; quantised max rel 0.020-0.040, mean cos 0.99970-0.99986, min cos
+ * >= 0.99946; GPU against itself <= 1.0e-6 */
+static const double REL_FLOAT = 1e-5, COS_FLOAT = 0.999999;
+static const double REL_QUANT = 0.08, COS_QUANT_MEAN = 0.9995, COS_QUANT_MIN = 0.999;
+static const double REL_SELF = 1e-5;
 static const double TIE_TOL = 0.02;
 
 /* ---- a recording (and optionally re-routing) expert backend ---------------- */
@@ -359,7 +367,7 @@ static void test_fixture(const char *path, nm_pool *pool) {
         check(worst_margin <= TIE_TOL, "%s: A: %d routing differences, all near-ties (largest margin %.3g <= %g)%s",
               name, n_diff, worst_margin, TIE_TOL, where.c_str());
         double max_rel = 0, min_cos = 1, sum_cos = 0;
-        int argmax_bad = 0, near = 0;
+        int argmax_bad = 0, near = 0, first_near = NP;
         for (int r = 0; r < first; r++) {
             row_cmp c = compare_row(ga.logits.data() + (size_t)r * V, cpu.logits.data() + (size_t)r * V, V);
             max_rel = std::max(max_rel, c.rel), min_cos = std::min(min_cos, c.cos), sum_cos += c.cos;
@@ -368,7 +376,7 @@ static void test_fixture(const char *path, nm_pool *pool) {
             for (int64_t i = 0; i < V; i++) mx = std::max(mx, (double)std::fabs(cr[i]));
             if (argmax(ga.logits.data() + (size_t)r * V, V) != argmax(cr, V)) {
                 if (top2_margin(cr, V) > 2 * c.rel * mx) argmax_bad++;
-                else near++;
+                else near++, first_near = std::min(first_near, r);
             }
         }
         const double mean_cos = first ? sum_cos / first : 1;
@@ -377,9 +385,9 @@ static void test_fixture(const char *path, nm_pool *pool) {
                   "%s: A vs CPU over %d positions: max rel %.3g (<= %g), min cos %.8f (>= %g)", name, first, max_rel,
                   REL_FLOAT, min_cos, COS_FLOAT);
         else
-            check(max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN,
-                  "%s: A vs CPU over %d positions: max rel %.3g (<= %g), mean cos %.6f (>= %g), min cos %.6f", name,
-                  first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos);
+            check(max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
+                  "%s: A vs CPU over %d positions: max rel %.3g (<= %g), mean cos %.6f (>= %g), min cos %.6f (>= %g)",
+                  name, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
         check(argmax_bad == 0, "%s: A: argmax equals the CPU's at every position before the first routing difference "
               "(%d differ outside the bound, %d inside)", name, argmax_bad, near);
 
@@ -388,11 +396,14 @@ static void test_fixture(const char *path, nm_pool *pool) {
         ok = run_seq(gpu_tokens, gf, prompt, V, nullptr, &gc, "GPU C");
         int same = 0;
         while (ok && same < (int)gc.tokens.size() && gc.tokens[(size_t)same] == cpu.tokens[(size_t)same]) same++;
-        /* token i is the argmax of row PROMPT - 1 + i: it may differ once routing did at or before that row */
-        const int need = std::min((int)cpu.tokens.size(), std::max(0, first - (PROMPT - 1)));
+        /* token i is the argmax of row PROMPT - 1 + i: it may differ once routing did at or before that
+         * row, or where that row's top two logits were within the bound (a near-tie of the argmax) */
+        const int need = std::min((int)cpu.tokens.size(), std::max(0, std::min(first, first_near) - (PROMPT - 1)));
         check(ok && same >= need && (!is_float || same >= 32),
-              "%s: C: %d of %zu greedy tokens equal the CPU's (routing equal up to token %d%s)", name, same,
-              cpu.tokens.size(), need, is_float ? "; >= 32 required" : "");
+              "%s: C: %d of %zu greedy tokens equal the CPU's (%d required: routing equal and no argmax near-tie "
+              "before%s)",
+              name, same, cpu.tokens.size(), need, is_float ? "; >= 32 on float models" : "");
+
 
         /* GPU against itself: chunked and token-by-token prefill, rewind */
         std::vector<float> lref(ga.logits.begin(), ga.logits.begin() + (size_t)PROMPT * V), lt((size_t)PROMPT * V);
@@ -472,10 +483,10 @@ static void test_fixture(const char *path, nm_pool *pool) {
                   "%s: B (routed like the CPU) vs CPU over %lld positions: max rel %.3g (<= %g), min cos %.8f", name,
                   (long long)NP, max_rel, REL_FLOAT, min_cos);
         else
-            check(ok && max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN,
-                  "%s: B (routed like the CPU) vs CPU over %lld positions: max rel %.3g (<= %g), mean cos %.6f, min "
-                  "cos %.6f",
-                  name, (long long)NP, max_rel, REL_QUANT, mean_cos, min_cos);
+            check(ok && max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
+                  "%s: B (routed like the CPU) vs CPU over %lld positions: max rel %.3g (<= %g), mean cos %.6f (>= "
+                  "%g), min cos %.6f (>= %g)",
+                  name, (long long)NP, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
     }
 
     {
@@ -549,6 +560,75 @@ done:
     nm_gguf_close(g);
 }
 
+/* ---- the router kernel against router.c ---------------------------------------
+ * The fixtures have 8 experts and continuous scores, so they never exercise
+ * ties; here random logits and logits / biases on three levels (ties
+ * everywhere: equal experts, equal groups, one token with all logits equal)
+ * go through numoe_gpu::route and nm_route: ids must be equal, weights
+ * within 1e-6 relative (p's softmax sum is added in another order). */
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+static double rnd_u() {
+    g_rng ^= g_rng << 13, g_rng ^= g_rng >> 7, g_rng ^= g_rng << 17;
+    return (double)(g_rng >> 11) * 0x1p-53;
+}
+
+static void test_router_kernel() {
+    struct cfg {
+        const char *name;
+        int E, k, G, Gu;
+        nm_gating gating;
+        int norm;
+        float scale;
+        bool bias;
+    };
+    const cfg cs[] = {
+        {"softmax E64 k6", 64, 6, 1, 1, NM_GATE_SOFTMAX, 0, 1.0f, false},
+        {"softmax E64 k6 groups 8/3", 64, 6, 8, 3, NM_GATE_SOFTMAX, 0, 16.0f, false},
+        {"sigmoid+bias E256 k8 groups 8/4 norm", 256, 8, 8, 4, NM_GATE_SIGMOID, 1, 2.5f, true},
+        {"sigmoid+bias E8 k3 groups 2/1 norm", 8, 3, 2, 1, NM_GATE_SIGMOID, 1, 2.5f, true},
+        {"sigmoid E160 k6 groups 1 (no bias)", 160, 6, 1, 1, NM_GATE_SIGMOID, 0, 1.0f, false},
+    };
+    const int n = 64;
+    for (const cfg &c : cs)
+        for (int mode = 0; mode < 2; mode++) {
+            nm_hparams hp = {};
+            hp.n_expert = c.E, hp.n_group = c.G, hp.n_group_used = c.Gu, hp.gating = c.gating;
+            hp.norm_topk = c.norm, hp.routed_scale = c.scale;
+            std::vector<float> lg((size_t)n * c.E), bias((size_t)c.E), w_cpu((size_t)n * c.k), w_gpu((size_t)n * c.k),
+                scratch(2 * (size_t)c.E);
+            std::vector<int32_t> id_cpu((size_t)n * c.k), id_gpu((size_t)n * c.k);
+            for (size_t i = 0; i < lg.size(); i++)
+                lg[i] = mode ? (float)((int)(rnd_u() * 3) - 1) : (float)(4 * rnd_u() - 2);
+            for (auto &b : bias) b = mode ? (rnd_u() < 0.5 ? 0.0f : 0.25f) : (float)(0.2 * rnd_u() - 0.1);
+            if (mode)
+                for (int e = 0; e < c.E; e++) lg[(size_t)e] = 0.5f; /* token 0: all equal */
+            const float *bp = c.bias ? bias.data() : nullptr;
+            for (int t = 0; t < n; t++)
+                nm_route(&hp, c.k, lg.data() + (size_t)t * c.E, bp, id_cpu.data() + (size_t)t * c.k,
+                         w_cpu.data() + (size_t)t * c.k, scratch.data());
+            float *d_lg = nullptr, *d_b = nullptr, *d_w = nullptr;
+            int32_t *d_id = nullptr;
+            bool ok = cudaMalloc(&d_lg, lg.size() * 4) == cudaSuccess && cudaMalloc(&d_b, bias.size() * 4) == cudaSuccess &&
+                      cudaMalloc(&d_w, w_gpu.size() * 4) == cudaSuccess && cudaMalloc(&d_id, id_gpu.size() * 4) == cudaSuccess &&
+                      cudaMemcpy(d_lg, lg.data(), lg.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      cudaMemcpy(d_b, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      numoe_gpu::route(nullptr, d_lg, c.bias ? d_b : nullptr, d_id, d_w, n, c.E, c.k, c.G, c.Gu,
+                                       c.gating == NM_GATE_SIGMOID, c.norm, c.scale) == cudaSuccess &&
+                      cudaMemcpy(id_gpu.data(), d_id, id_gpu.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                      cudaMemcpy(w_gpu.data(), d_w, w_gpu.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+            cudaFree(d_lg), cudaFree(d_b), cudaFree(d_w), cudaFree(d_id);
+            int bad_id = 0;
+            double bad_w = 0;
+            for (size_t i = 0; ok && i < id_cpu.size(); i++) {
+                bad_id += id_cpu[i] != id_gpu[i];
+                bad_w = std::max(bad_w, std::fabs((double)w_cpu[i] - w_gpu[i]) / (std::fabs(w_cpu[i]) + 1e-30));
+            }
+            check(ok && bad_id == 0 && bad_w <= 1e-6,
+                  "router kernel == router.c, %s, %s logits: %d of %zu ids differ, weights max rel %.3g (<= 1e-6)",
+                  c.name, mode ? "tied" : "random", bad_id, id_cpu.size(), bad_w);
+        }
+}
+
 int main(int argc, char **argv) {
     const char *s = strrchr(argv[0], '/');
     g_prog = s ? s + 1 : argv[0];
@@ -564,6 +644,7 @@ int main(int argc, char **argv) {
         printf("%s: cannot start threads\n%s: 0 passed, 1 failed\n", g_prog, g_prog);
         return 1;
     }
+    test_router_kernel();
     if (argc > 1)
         for (int i = 1; i < argc; i++) test_fixture(argv[i], pool);
     else
