@@ -150,6 +150,7 @@ class Server:
         """Starts it and waits (up to TIMEOUT s) for its listening line; the
         line comes only once the model is loaded, so /health must then be 200."""
         self._err = tempfile.NamedTemporaryFile(prefix="numoe-serve-", suffix=".log", delete=False)
+        self.started = time.time()
         self.cmd = [str(self.exe), "serve", "--model", str(self.model), "--host", self.host, "--port", "0"] + \
             [str(a) for a in self.args]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
