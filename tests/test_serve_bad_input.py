@@ -372,8 +372,9 @@ def _raw(server, payload, timeout=10, half_close=True, unread=False):
     closes. A half-closed client counts as gone to the server (as to nginx), so a
     request meant to be served keeps its side open and asks for Connection: close
     instead. A reset or a timeout fails the test, except with UNREAD: the server
-    answers before it has read all of PAYLOAD and closes, and TCP reports a close
-    with bytes unread as a reset (the answer before it still arrives)."""
+    answers before it has read all of PAYLOAD and closes, TCP turns a close with
+    bytes unread into a reset, and the reset can overtake the answer; then the
+    bytes before it (maybe none) come back with "RESET" appended."""
     with socket.create_connection((server.host, server.port), timeout=timeout) as s:
         out = b""
         try:
@@ -389,7 +390,7 @@ def _raw(server, payload, timeout=10, half_close=True, unread=False):
             reset = isinstance(e, (ConnectionResetError, BrokenPipeError)) or e.errno == errno.ENOTCONN
             if not (unread and reset):
                 raise
-            return out
+            return out + b"RESET"
 
 
 def _mhd_error(out, status, words):
@@ -414,8 +415,12 @@ def test_broken_http(server):
                b"400 Bad Request", b"wrong value for <b>Content-Length</b> header")
     _mhd_error(_raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                             b"zz\r\n"), b"400 Bad Request", b"chunked encoding was syntactically incorrect")
-    _mhd_error(_raw(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * 200000 + b"\r\n\r\n",
-                    unread=True), b"431 Request Header Fields Too Large", b"header was too big")
+    # a head too large for the connection's memory: refused before the server has read it all, so the
+    # close resets and the 431 may be lost to the reset; nothing else may come
+    out = _raw(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * 200000 + b"\r\n\r\n",
+               unread=True)
+    if out != b"RESET":
+        _mhd_error(out, b"431 Request Header Fields Too Large", b"header was too big")
     # a chunked upload of a valid body is served
     body = PLAIN
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
