@@ -172,19 +172,20 @@ bench: all
 
 # The main job on the committed demo model: a tiny DeepSeek-V3-architecture model
 # trained on the prose of the Python documentation (tests/train_demo.py; see
-# tests/fixtures/models/README.md), inspected and run on an English prompt, then
-# the command line that serves it. `make demo MODEL=/path/to/model.gguf` runs
+# tests/fixtures/models/README.md), inspected and run on an English prompt
+# (greedy, with a mild repetition penalty: a model this small otherwise loops
+# sooner), then the command line that serves it. `make demo MODEL=/path/to/model.gguf` runs
 # another model.
 DEMO_MODEL := tests/fixtures/models/demo-v3-Q8_0.gguf
 MODEL ?= $(DEMO_MODEL)
 demo: deps
 	$(MAKE) all
 	$(BUILD)/bin/numoe inspect $(MODEL) --no-tensors
-	$(BUILD)/bin/numoe generate --model $(MODEL) --prompt "The Python interpreter" -n 48
+	$(BUILD)/bin/numoe generate --model $(MODEL) --prompt "The function returns" -n 48 --repeat-penalty 1.2
 	@echo
 	@echo "Serve it (OpenAI- and Ollama-compatible HTTP API, docs/SERVE.md):"
 	@echo "  $(BUILD)/bin/numoe serve -m $(MODEL) --port 10002"
-	@echo "  curl -s http://127.0.0.1:10002/v1/completions -d '{\"prompt\": \"The Python interpreter\", \"max_tokens\": 32}'"
+	@echo "  curl -s http://127.0.0.1:10002/v1/completions -d '{\"prompt\": \"The function returns\", \"max_tokens\": 32}'"
 
 clean:
 	rm -rf build build-asan
