@@ -44,6 +44,18 @@ def exe_of(tree):
     return path
 
 
+def end_process(proc):
+    """Stops a `numoe serve` that a test gives up on: SIGTERM first, so the
+    launcher takes its coordinator and workers with it; SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def wait_listening(proc, read_log, timeout, what="server"):
     """The (host, port) of the "listening" line a `numoe serve` started with
     --port 0 prints once /health answers 200; fails when PROC exits first or
@@ -56,8 +68,7 @@ def wait_listening(proc, read_log, timeout, what="server"):
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with {proc.returncode} before listening:\n{read_log()[-3000:]}")
         if time.time() > end:
-            proc.kill()
-            proc.wait(timeout=30)
+            end_process(proc)
             pytest.fail(f"{what}: no listening line after {timeout} s:\n{read_log()[-3000:]}")
         time.sleep(0.05)
 
@@ -155,10 +166,14 @@ class Server:
             [str(a) for a in self.args]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self._err, env=sanitizer_env())
-        host, self.port = wait_listening(self.proc, self.stderr, timeout, " ".join(self.cmd))
-        assert host == self.host and self.port > 0, self.stderr()[-2000:]
-        st, _, body = request(self, "GET", "/health", timeout=10)
-        assert (st, json.loads(body)) == (200, {"status": "ok"}), (st, body[:200])
+        try:
+            host, self.port = wait_listening(self.proc, self.stderr, timeout, " ".join(self.cmd))
+            assert host == self.host and self.port > 0, self.stderr()[-2000:]
+            st, _, body = request(self, "GET", "/health", timeout=10)
+            assert (st, json.loads(body)) == (200, {"status": "ok"}), (st, body[:200])
+        except BaseException:  # pytest.fail too: no server left running behind a failed start
+            end_process(self.proc)
+            raise
         return self
 
     def stderr(self):
