@@ -56,6 +56,7 @@ LAUNCH_SRC := $(wildcard launch/*.c)
 TEST_SRC   := $(wildcard tests/unit/test_*.c)
 CUDA_SRC   := $(wildcard kernels/cuda/*.cu)
 CUDA_TEST_SRC := $(wildcard tests/cuda/*.cu)
+GPU_SRC    := $(wildcard coordinator/engine/gpu/*.cu)
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
@@ -75,6 +76,11 @@ ifneq ($(NVCC),)
   LIB_CUDA  := $(BUILD)/lib/libnumoe_cuda.a
   CUDA_BINS := $(patsubst tests/cuda/%.cu,$(BUILD)/bin/%,$(CUDA_TEST_SRC))
   NVFLAGS   ?= -O2 -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror,-fPIC -I.
+  # the GPU forward pass (coordinator/engine/gpu) and what links it: cuBLAS from the toolkit, found at run time through rpath
+  LIB_GPU   := $(BUILD)/lib/libnumoe_gpu.a
+  GPU_BENCH := $(BUILD)/bin/bench_gpu_forward
+  CUDA_LIB64 := $(abspath $(dir $(NVCC))../lib64)
+  GPU_LDLIBS := $(LIB_GPU) $(LIB_CUDA) $(LIBS) -L$(CUDA_LIB64) -lcublas -Xlinker -rpath=$(CUDA_LIB64) -lpthread -lm
 endif
 
 .PHONY: all tests cuda test bench deps clean fuzz demo
@@ -83,7 +89,7 @@ endif
 .SECONDARY:
 all: $(BIN_NUMOE) $(BIN_WORKER) $(SO_KERNELS) tests cuda
 tests: $(TEST_BINS)
-cuda: $(LIB_CUDA) $(CUDA_BINS)
+cuda: $(LIB_CUDA) $(CUDA_BINS) $(LIB_GPU) $(GPU_BENCH)
 
 $(BUILD)/obj/%.o: %.c | $(PROTO_H)
 	@mkdir -p $(dir $@)
@@ -141,6 +147,13 @@ $(LIB_CUDA): $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(CUDA_SRC))
 $(BUILD)/bin/test_cuda_%: $(BUILD)/obj/tests/cuda/test_cuda_%.cu.o $(LIB_CUDA) $(LIB_KERNELS) $(LIB_COMMON)
 	@mkdir -p $(dir $@)
 	$(NVCC) -o $@ $^ -lpthread -lm
+$(LIB_GPU): $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(GPU_SRC))
+$(BUILD)/bin/test_cuda_forward: $(BUILD)/obj/tests/cuda/test_cuda_forward.cu.o $(LIB_GPU) $(LIB_CUDA) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(NVCC) -o $@ $< $(GPU_LDLIBS)
+$(GPU_BENCH): $(BUILD)/obj/tests/cuda/bench_gpu_forward.o $(LIB_GPU) $(LIB_CUDA) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(NVCC) -o $@ $< $(GPU_LDLIBS)
 endif
 
 # libFuzzer target for the GGUF reader (clang only; see tests/fuzz/).
@@ -163,18 +176,22 @@ test: deps
 bench: all
 	$(BUILD)/bin/numoe bench kernels
 
-# The main job on an embedded default: a tiny synthetic DeepSeek-V3-style
-# model (made here if MODEL is not given), inspected and run on a text prompt
-# (random weights: the continuation is gibberish, the pipeline is real).
-DEMO_MODEL := $(BUILD)/models/demo-v3-Q8_0.gguf
+# The main job on the committed demo model: a tiny DeepSeek-V3-architecture model
+# trained on the prose of the Python documentation (tests/train_demo.py; see
+# tests/fixtures/models/README.md), inspected and run on an English prompt
+# (greedy, with a mild repetition penalty: a model this small otherwise loops
+# sooner), then the command line that serves it. `make demo MODEL=/path/to/model.gguf` runs
+# another model.
+DEMO_MODEL := tests/fixtures/models/demo-v3-Q8_0.gguf
 MODEL ?= $(DEMO_MODEL)
 demo: deps
 	$(MAKE) all
-	@if [ "$(MODEL)" = "$(DEMO_MODEL)" ] && [ ! -f $(DEMO_MODEL) ]; then \
-	  mkdir -p $(dir $(DEMO_MODEL)) && \
-	  $(PYTHON) tests/gen_deepseek.py --style v3 --type Q8_0 -o $(DEMO_MODEL); fi
 	$(BUILD)/bin/numoe inspect $(MODEL) --no-tensors
-	$(BUILD)/bin/numoe generate --model $(MODEL) --prompt "The quick brown fox" -n 48
+	$(BUILD)/bin/numoe generate --model $(MODEL) --prompt "The function returns" -n 48 --repeat-penalty 1.2
+	@echo
+	@echo "Serve it (OpenAI- and Ollama-compatible HTTP API, docs/SERVE.md):"
+	@echo "  $(BUILD)/bin/numoe serve -m $(MODEL) --port 10002"
+	@echo "  curl -s http://127.0.0.1:10002/v1/completions -d '{\"prompt\": \"The function returns\", \"max_tokens\": 32}'"
 
 clean:
 	rm -rf build build-asan

@@ -7,8 +7,16 @@
 
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Seconds and nanoseconds of the monotonic clock. */
 double nm_now_s(void);
 int64_t nm_now_ns(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

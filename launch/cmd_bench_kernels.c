@@ -291,8 +291,10 @@ int nm_cmd_bench_kernels(int argc, char **argv) {
     const int nth = nm_pool_size(pool);
     const size_t bytes = (size_t)mb << 20;
     /* 2 MiB alignment lets the kernel back the buffer with huge pages, so
-     * the figures measure the kernels and memory rather than TLB misses */
-    uint8_t *buf = aligned_alloc(1 << 21, bytes);
+     * the figures measure the kernels and memory rather than TLB misses;
+     * aligned_alloc wants the size a multiple of the alignment (--mb 1) */
+    const size_t huge = (size_t)1 << 21;
+    uint8_t *buf = aligned_alloc(huge, (bytes + huge - 1) & ~(huge - 1));
     float *X = malloc(sizeof(float) * (size_t)cols * (size_t)(gemm_tok > 1 ? gemm_tok : 1));
     /* Y holds one row per weight row (GEMV) or gemm_tok rows of the GEMM slice */
     size_t y_elems = 1;

@@ -27,6 +27,7 @@ static void usage(FILE *f) {
             "  generate                run a prompt (token ids or text) and generate more\n"
             "  chat                    interactive conversation with the model's chat template\n"
             "  serve                   OpenAI- and Ollama-compatible HTTP server with continuous batching\n"
+            "  perplexity              perplexity of a model on a text file (windows as llama-perplexity)\n"
             "  tokenize                text to token ids with the model's tokenizer (vocab-only GGUFs too)\n"
             "  detokenize              token ids to text\n"
             "  topology                NUMA nodes, cores, memory, GPUs and numactl lines per worker\n"
@@ -67,6 +68,7 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     int runs_model = !strcmp(cmd, "generate") || !strcmp(cmd, "chat") || !strcmp(cmd, "serve") ||
+                     !strcmp(cmd, "perplexity") ||
                      (!strcmp(cmd, "bench") && !(argc >= 3 && !strcmp(argv[2], "kernels")));
     if (runs_model && !getenv("NUMOE_LAUNCH_ENDPOINT")) {
         /* with workers this process stays the launcher, and the coordinator is its child */
@@ -90,6 +92,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return nm_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "chat")) return nm_cmd_chat(argc - 1, argv + 1);
     if (!strcmp(cmd, "serve")) return nm_cmd_serve(argc - 1, argv + 1);
+    if (!strcmp(cmd, "perplexity")) return nm_cmd_perplexity(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return nm_cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "detokenize")) return nm_cmd_detokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) {

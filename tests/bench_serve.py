@@ -96,6 +96,9 @@ def one_request(url, args, prompt):
             res["error"] = "stream ended without [DONE]"
         elif res["completion_tokens"] is None:
             res["error"] = "no usage chunk"
+        elif not args.no_ignore_eos and res["completion_tokens"] != args.max_tokens:
+            # with ignore_eos every request must run to max_tokens, or the tok/s figures mislead
+            res["error"] = f"usage says {res['completion_tokens']} tokens, asked for {args.max_tokens}"
     except (OSError, http.client.HTTPException, ValueError) as e:
         res["error"] = f"{type(e).__name__}: {e}"
     finally:

@@ -78,3 +78,43 @@ def exe_and_worker(request):
             pytest.fail("build/bin/numoe and build/bin/numoe-worker are not built: run `make`")
         pytest.skip("no sanitizer build of numoe + numoe-worker")
     return path
+
+
+# ---- what a run did not check, and how close the numeric checks came to their bounds ----
+
+_MEASURED = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def measured(request):
+    """record(name, value, bound): keeps the worst value of a bounded figure
+    (value <= bound is the pass condition) so the end of the run prints how much
+    headroom each tolerance has; the test still asserts the bound itself."""
+    table = request.config.stash.setdefault(_MEASURED, {})
+
+    def record(name, value, bound):
+        worst = table.get(name)
+        table[name] = (max(value, worst[0]) if worst else value, bound)
+        return value
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After the test reports and before pytest's own last line: every skip of
+    this run counted and grouped by its reason (a skip is a check that did not
+    run, so CI must show it), then the measured-vs-bound table."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons = {}
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons.setdefault(reason, []).append(rep.nodeid)
+    terminalreporter.write_line(f"skipped in this run: {len(skipped)}")
+    for reason, ids in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+        terminalreporter.write_line(f"  {len(ids):4d} x {reason}  (e.g. {ids[0]})")
+    table = config.stash.get(_MEASURED, {})
+    if table:
+        terminalreporter.write_line("measured figures (worst in this run <= bound):")
+        for name, (value, bound) in sorted(table.items()):
+            terminalreporter.write_line(f"  {name}: {value:.3g} <= {bound:.3g}")

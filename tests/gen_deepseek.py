@@ -396,9 +396,11 @@ def train_bpe(text: str, pre: str, n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer(shape: Shape) -> Tokenizer:
+def build_tokenizer(shape: Shape, text: str = TRAIN_TEXT) -> Tokenizer:
+    """The tiny BPE of a shape, its merges learned from `text` (the built-in TRAIN_TEXT for the
+    synthetic fixtures; tests/train_demo.py passes its corpus)."""
     pre = "deepseek-v3" if shape.style == "v3" else "deepseek-llm"
-    merges = train_bpe(TRAIN_TEXT, pre, shape.n_merges)
+    merges = train_bpe(text, pre, shape.n_merges)
     body = list(bytes_to_unicode().values()) + [a + b for a, b in merges]
     N, C = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)
     if shape.style == "v3":

@@ -27,6 +27,7 @@ Needs transformers (and tokenizers), gguf.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -107,19 +108,16 @@ def make_tokenizer(hf_dir: Path, bos: str, eos: str, want_template: str):
     return tok, "PreTrainedTokenizerFast(bos_token, eos_token)"
 
 
-def render_all(hf_root: Path) -> dict:
-    import transformers
-    cases = []
-    sources = {}
-    for fmt, (gguf_name, hf_name, const) in SOURCES.items():
-        tmpl = gguf_template(MODELS / gguf_name)
-        if tmpl != const:
-            raise SystemExit(f"{gguf_name}: tokenizer.chat_template differs from gen_deepseek's constant")
+def template_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def case_specs():
+    """Every case the fixture holds, in order, without its expected text: needs no
+    transformers, so tests/test_chat_template.py checks the stored fixture against
+    it in every run. Yields (fmt, tokenizer specials, case dict)."""
+    for fmt in SOURCES:
         for bos, eos in ((gen_deepseek.BOS_TEXT, gen_deepseek.EOS_TEXT), CUSTOM_SPECIALS):
-            tok, how = make_tokenizer(hf_root / hf_name, bos, eos, tmpl)
-            sources.setdefault(fmt, {"template_from": f"tests/fixtures/models/{gguf_name}", "tokenizers": []})
-            if how not in sources[fmt]["tokenizers"]:
-                sources[fmt]["tokenizers"].append(how)
             custom = (bos, eos) == CUSTOM_SPECIALS
             for name, msgs, only in CONVERSATIONS:
                 if only and fmt not in only:
@@ -127,15 +125,45 @@ def render_all(hf_root: Path) -> dict:
                 if custom and name not in ("multi_turn_system", "ends_with_assistant", "system_only"):
                     continue
                 for agp in (False, True):
-                    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp, chat_template=tmpl)
-                    assert isinstance(text, str)
                     base = {"name": f"{fmt}/{name}{'/custom_specials' if custom else ''}",
                             "template": fmt, "bos": bos, "eos": eos, "messages": msgs,
                             "add_generation_prompt": agp}
-                    cases.append({**base, "force_think": False, "expected": text})
+                    yield fmt, (bos, eos), {**base, "force_think": False}
                     if agp and not custom and name in ("single_user", "multi_turn_system", "ends_with_assistant"):
-                        cases.append({**base, "name": base["name"] + "/force_think", "force_think": True,
-                                      "expected": text + "<think>\n"})
+                        yield fmt, (bos, eos), {**base, "name": base["name"] + "/force_think", "force_think": True}
+
+
+def templates() -> dict:
+    """fmt -> the chat template of its fixture GGUF (which must be gen_deepseek's constant)."""
+    out = {}
+    for fmt, (gguf_name, _, const) in SOURCES.items():
+        tmpl = gguf_template(MODELS / gguf_name)
+        if tmpl != const:
+            raise SystemExit(f"{gguf_name}: tokenizer.chat_template differs from gen_deepseek's constant")
+        out[fmt] = tmpl
+    return out
+
+
+def render_all(hf_root: Path) -> dict:
+    import transformers
+    cases = []
+    sources = {}
+    tmpls = templates()
+    toks = {}
+    for fmt, specials, case in case_specs():
+        tmpl = tmpls[fmt]
+        if (fmt, specials) not in toks:
+            toks[(fmt, specials)] = make_tokenizer(hf_root / SOURCES[fmt][1], *specials, tmpl)
+        tok, how = toks[(fmt, specials)]
+        src = sources.setdefault(fmt, {"template_from": f"tests/fixtures/models/{SOURCES[fmt][0]}",
+                                       "template_sha256": template_sha256(tmpl), "tokenizers": []})
+        if how not in src["tokenizers"]:
+            src["tokenizers"].append(how)
+        text = tok.apply_chat_template(case["messages"], tokenize=False,
+                                       add_generation_prompt=case["add_generation_prompt"], chat_template=tmpl)
+        assert isinstance(text, str)
+        # force_think has no transformers counterpart: KTransformers appends "<think>\n"
+        cases.append({**case, "expected": text + ("<think>\n" if case["force_think"] else "")})
     return {
         "generator": "tests/make_chat_fixtures.py",
         "transformers": transformers.__version__,

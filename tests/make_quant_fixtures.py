@@ -5,6 +5,7 @@ Regenerate (from the repository root; deterministic, the output is identical on
 every run with the same gguf/numpy):
 
     python3 tests/make_quant_fixtures.py
+    python3 tests/make_quant_fixtures.py --check   # regenerate in memory, compare with the stored files
 
 Writes tests/fixtures/quant/<TYPE>.bin for F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1
 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K, and tests/fixtures/quant/manifest.json
@@ -26,8 +27,10 @@ ggml's dequantize_row_q8_K, computed with numpy.
 tests/test_quant_fixtures.py imports TYPES and random_blocks from here, so
 this module needs only numpy at import time.
 """
+import argparse
 import json
 import pathlib
+import sys
 
 import numpy as np
 
@@ -128,28 +131,31 @@ def gguf_quantize(name, x):
     return np.asarray(gguf.quants.quantize(x, gguf.GGMLQuantizationType[name])).view(np.uint8).reshape(-1)
 
 
-def main():
+def build():
+    """{file name: bytes} of every fixture and the manifest, deterministic."""
     rng = np.random.default_rng(SEED)
-    OUT.mkdir(parents=True, exist_ok=True)
     manifest = {
         "command": "python3 tests/make_quant_fixtures.py",
         "seed": SEED,
         "layout": "blocks (n_blocks*type_size bytes) then expected float32 (n_blocks*block_size, little-endian)",
         "types": {},
     }
-    total = 0
+    files = {}
     for name, (type_id, block_size, type_size) in TYPES.items():
         n_rand, n_quant = COUNTS[name]
         parts = [random_blocks(name, n_rand, rng)]
         if n_quant:
-            parts.append(gguf_quantize(name, gauss_rows(rng, n_quant, block_size)))
+            q = gguf_quantize(name, gauss_rows(rng, n_quant, block_size))
+            if q.size != n_quant * type_size:
+                raise SystemExit(f"{name}: gguf quantised {n_quant} blocks into {q.size} bytes, "
+                                 f"not {n_quant * type_size}")
+            parts.append(q)
         data = np.concatenate(parts)
         expected = reference_dequantize(name, data).astype("<f4")
         n_blocks = n_rand + n_quant
-        assert data.size == n_blocks * type_size and expected.size == n_blocks * block_size
-        blob = data.tobytes() + expected.tobytes()
-        (OUT / f"{name}.bin").write_bytes(blob)
-        total += len(blob)
+        if data.size != n_blocks * type_size or expected.size != n_blocks * block_size:
+            raise SystemExit(f"{name}: {data.size} bytes / {expected.size} values for {n_blocks} blocks")
+        files[f"{name}.bin"] = data.tobytes() + expected.tobytes()
         manifest["types"][name] = {
             "id": type_id,
             "block_size": block_size,
@@ -158,9 +164,35 @@ def main():
             "quantized_blocks": n_quant,
             "expected": "numpy d*q (gguf-py has no Q8_K)" if name == "Q8_K" else "gguf.quants.dequantize",
         }
-    (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(f"wrote {len(TYPES)} fixtures, {total} bytes, to {OUT}")
+    files["manifest.json"] = (json.dumps(manifest, indent=1) + "\n").encode()
+    return files
+
+
+def check(out=OUT):
+    """Names of the stored files that differ from (or are missing against) build()."""
+    want = build()
+    have = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    bad = sorted(n for n in want if n not in have or (out / n).read_bytes() != want[n])
+    return bad + sorted(have - set(want))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="compare with the stored fixtures instead of writing them")
+    args = ap.parse_args()
+    if args.check:
+        bad = check()
+        print(f"{len(TYPES)} fixtures regenerated, {len(bad)} differ from {OUT}{': ' + ', '.join(bad) if bad else ''}")
+        return 1 if bad else 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for n, blob in build().items():
+        if (OUT / n).write_bytes(blob) != len(blob):
+            raise SystemExit(f"{OUT / n}: short write")
+        total += len(blob)
+    print(f"wrote {len(TYPES)} fixtures and the manifest, {total} bytes, to {OUT}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

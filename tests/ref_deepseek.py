@@ -97,8 +97,10 @@ class Model:
     def route(self, f, w, layer=None, force=None, log=None):
         """Top-k experts per token. force: {(layer, t): ids} overrides the choice
         (weights still come from this reference's probabilities); log: list that
-        receives one dict per decision: layer, t, scores (before the group mask),
-        group_scores (None without groups), top (chosen ids)."""
+        receives one dict per decision: layer, t, gating (1 softmax, 2 sigmoid),
+        logits (the router's), scores
+        (selection scores before the group mask), group_scores (None without
+        groups), top (chosen ids)."""
         logits = f @ w["ffn_gate_inp.weight"].T
         if self.gating == 2:
             p = 1 / (1 + np.exp(-logits))
@@ -123,7 +125,7 @@ class Model:
                 st = np.where(np.repeat(mask, grp.shape[1]), st, -np.inf)
             top = np.argsort(-st, kind="stable")[: self.k]
             if log is not None:
-                log.append({"layer": layer, "t": t, "scores": pre, "group_scores": score, "top": top.copy()})
+                log.append({"layer": layer, "t": t, "gating": self.gating, "logits": logits[t].copy(), "scores": pre, "group_scores": score, "top": top.copy()})
             if force is not None and (layer, t) in force:
                 top = np.asarray(force[(layer, t)])
             ww = p[t, top]

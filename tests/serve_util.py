@@ -1,6 +1,8 @@
 """Shared helpers for the `numoe serve` tests (tests/test_serve*.py): start and
-stop a server on a free port, plain-HTTP requests with timeouts, SSE / NDJSON
-readers, Prometheus text parsing, and the tokenizer's token counts.
+stop a server (`--port 0`: the OS picks a free port and the server's
+"listening" line says which, so parallel tests never race for one), plain-HTTP
+requests with timeouts, SSE / NDJSON readers, Prometheus text parsing, and the
+tokenizer's token counts.
 
 Every network call has a timeout, so a hung server fails a test instead of
 hanging CI."""
@@ -10,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,7 +29,9 @@ BOS = "<｜begin▁of▁sentence｜>"
 TIMEOUT = 60  # seconds, any single HTTP exchange
 SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer",
                      "ThreadSanitizer")
-LISTENING = re.compile(r"numoe serve: listening on http://([^:\s]+):(\d+) \(model (.*)\)")
+# the ready line; an IPv6 address in brackets
+LISTENING = re.compile(r"numoe serve: listening on http://(\[[0-9a-fA-F:.]+\]|[^:\s\[]+):(\d+) \(model (.*)\)")
+LOADING = re.compile(r"numoe serve: loading .* \(http://(\[[0-9a-fA-F:.]+\]|[^:\s\[]+):(\d+)/health answers 503")
 
 
 def exe_of(tree):
@@ -41,10 +44,33 @@ def exe_of(tree):
     return path
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def end_process(proc):
+    """Stops a `numoe serve` that a test gives up on: SIGTERM first, so the
+    launcher takes its coordinator and workers with it; SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def wait_listening(proc, read_log, timeout, what="server"):
+    """The (host, port) of the "listening" line a `numoe serve` started with
+    --port 0 prints once /health answers 200; fails when PROC exits first or
+    the line does not come within TIMEOUT seconds."""
+    end = time.time() + timeout
+    while True:
+        m = LISTENING.search(read_log())
+        if m:
+            return m.group(1).strip("[]"), int(m.group(2))
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before listening:\n{read_log()[-3000:]}")
+        if time.time() > end:
+            end_process(proc)
+            pytest.fail(f"{what}: no listening line after {timeout} s:\n{read_log()[-3000:]}")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -60,11 +86,12 @@ def _tokenizer_exe():
 @functools.lru_cache(maxsize=None)
 def token_ids(model, text, bos=True):
     """Token ids of TEXT under MODEL's tokenizer, special-token text matched
-    (`numoe tokenize --special`); bos=False: --no-bos."""
+    (`numoe tokenize --special`); bos=False: --no-bos. Bytes that are not
+    UTF-8 can be given as surrogate escapes ("\\udcff" is the byte 0xff)."""
     cmd = [str(_tokenizer_exe()), "tokenize", "-m", str(model), "--ids", "--special", "-q", "--file", "-"]
     if not bos:
         cmd.insert(-2, "--no-bos")
-    p = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=60)
+    p = subprocess.run(cmd, input=text.encode("utf-8", "surrogateescape"), capture_output=True, timeout=60)
     assert p.returncode == 0, p.stderr.decode(errors="replace")
     out = p.stdout.decode().strip()
     return tuple(int(x) for x in out.split(",")) if out else ()
@@ -111,68 +138,43 @@ def completion_prompt_tokens(model, prompt):
 # --------------------------------------------------------------------------- the server
 
 class Server:
-    """One `numoe serve` process; stderr goes to a file (read with .stderr())."""
+    """One `numoe serve --port 0` process; stderr goes to a file (read with .stderr())."""
 
-    def __init__(self, exe, model, args=(), tree="build", any_port=False):
-        """any_port: `--port 0`, the port read back from the listening line;
-        else a free port picked here (bind to port 0, close, pass it on)."""
+    def __init__(self, exe, model, args=(), tree="build", host="127.0.0.1"):
         self.exe, self.model, self.args, self.tree = exe, model, list(args), tree
-        self.any_port = any_port
-        self.saw_loading = False  # /health answered 503 at least once during start-up
         self.proc = None
         self.port = None
-        self.host = "127.0.0.1"
+        self.host = host
         self.api_key = None
         if "--api-key" in self.args:
             self.api_key = self.args[self.args.index("--api-key") + 1]
 
     @property
     def url(self):
-        return f"http://{self.host}:{self.port}"
+        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
 
     @property
     def pid(self):
         return self.proc.pid
 
     def start(self, timeout=90):
-        last = ""
-        for _attempt in range(3):  # the free port can be taken between probe and bind
-            self.port = 0 if self.any_port else free_port()
-            self._err = tempfile.NamedTemporaryFile(prefix="numoe-serve-", suffix=".log", delete=False)
-            cmd = [str(self.exe), "serve", "--model", str(self.model), "--host", self.host,
-                   "--port", str(self.port)] + [str(a) for a in self.args]
-            self.cmd = cmd
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=self._err, env=sanitizer_env())
-            end = time.time() + timeout
-            while time.time() < end:
-                if self.proc.poll() is not None:
-                    break
-                if not self.port:
-                    m = LISTENING.search(self.stderr())
-                    if not m:
-                        time.sleep(0.05)
-                        continue
-                    self.port = int(m.group(2))
-                try:
-                    st, _, body = request(self, "GET", "/health", timeout=5)
-                    if st == 200:
-                        assert json.loads(body) == {"status": "ok"}, body
-                        return self
-                    # while loading: 503 {"status": "loading"}, never anything else
-                    assert st == 503 and json.loads(body).get("status") == "loading", (st, body[:200])
-                    self.saw_loading = True
-                except OSError:
-                    pass
-                time.sleep(0.05)
-            last = self.stderr()
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-                pytest.fail(f"server not healthy after {timeout} s: {' '.join(cmd)}\n{last[-3000:]}")
-            if "in use" not in last.lower():
-                break
-        pytest.fail(f"server exited with {self.proc.returncode}: {' '.join(self.cmd)}\n{last[-3000:]}")
+        """Starts it and waits (up to TIMEOUT s) for its listening line; the
+        line comes only once the model is loaded, so /health must then be 200."""
+        self._err = tempfile.NamedTemporaryFile(prefix="numoe-serve-", suffix=".log", delete=False)
+        self.started = time.time()
+        self.cmd = [str(self.exe), "serve", "--model", str(self.model), "--host", self.host, "--port", "0"] + \
+            [str(a) for a in self.args]
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self._err, env=sanitizer_env())
+        try:
+            host, self.port = wait_listening(self.proc, self.stderr, timeout, " ".join(self.cmd))
+            assert host == self.host and self.port > 0, self.stderr()[-2000:]
+            st, _, body = request(self, "GET", "/health", timeout=10)
+            assert (st, json.loads(body)) == (200, {"status": "ok"}), (st, body[:200])
+        except BaseException:  # pytest.fail too: no server left running behind a failed start
+            end_process(self.proc)
+            raise
+        return self
 
     def stderr(self):
         try:
@@ -393,15 +395,23 @@ def metrics(server):
 
 
 def metric_sum(samples, name, **labels):
+    """Sum of NAME's series with LABELS (0 when there is none: a labelled
+    counter's series appears with its first event)."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
-def gauges_named(types, *words):
-    """The scheduler's numoe_ gauges whose names contain any of WORDS (the HTTP
-    layer's own gauges, e.g. requests in flight, count the asking request too)."""
-    return sorted(n for n, t in types.items() if t == "gauge" and n.startswith("numoe_") and "http" not in n
-                  and any(w in n for w in words))
+def metric(samples, name, **labels):
+    """The value of the one series NAME{LABELS}; fails when it is missing."""
+    want = set(labels.items())
+    got = [v for (n, ls), v in samples.items() if n == name and set(ls) == want]
+    assert len(got) == 1, f"no series {name}{labels} in {sorted({n for n, _ in samples})}"
+    return got[0]
+
+
+def series(samples, name):
+    """{frozenset(labels): value} of every series of NAME."""
+    return {ls: v for (n, ls), v in samples.items() if n == name}
 
 
 def check_prometheus(text):

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import ROOT, sanitizer_env
 
+SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+
 MODEL = ROOT / "tests" / "fixtures" / "models" / "deepseek-v3-tiny-Q8_0-mla.gguf"
 STATS = re.compile(r"\[prompt (\d+) tokens \((\d+) new\)")
 
@@ -24,6 +26,7 @@ class Tty:
                                      close_fds=True)
         os.close(slave)
         self.buf = ""
+        self.log = ""  # everything the terminal showed, for the sanitizer check at the end
 
     def read_until(self, pattern, timeout=60):
         end = time.time() + timeout
@@ -39,7 +42,9 @@ class Tty:
                     data = b""
                 if not data:
                     raise AssertionError(f"program ended waiting for {pattern!r}; got:\n{self.buf[-2000:]}")
-                self.buf += data.decode("utf-8", "replace")
+                text = data.decode("utf-8", "replace")
+                self.buf += text
+                self.log += text
         out, self.buf = self.buf, ""
         return out
 
@@ -47,19 +52,33 @@ class Tty:
         os.write(self.master, text.encode())
 
     def close(self):
+        """Exit status; the rest of the output is read first (a sanitizer report comes at exit)."""
+        rc = self.proc.wait(timeout=30)
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            self.log += data.decode("utf-8", "replace")
         os.close(self.master)
-        return self.proc.wait(timeout=30)
+        for marker in SANITIZER_MARKERS:
+            assert marker not in self.log, self.log[-3000:]
+        return rc
 
 
 @pytest.mark.parametrize("tree", ["build", "build-asan"])
 def test_chat_through_a_terminal(tree):
     exe = ROOT / tree / "bin" / "numoe"
     if not exe.exists():
-        pytest.skip(f"{exe} not built")
+        if tree == "build":
+            pytest.fail(f"{exe} not built: run `make`")
+        pytest.skip("no sanitizer build")
     t = Tty([str(exe), "chat", "-m", str(MODEL), "-n", "6", "--temp", "0", "-t", "2"])
     t.read_until(r"> $")
     t.send("What is the answer\nto this two-line question?\n")
-    time.sleep(0.5)
+    t.read_until(r"two-line question\?\r?\n")  # the terminal's echo: both lines are in before the empty one
     t.send("\n")
     out = t.read_until(r"\n> $")
     turns = STATS.findall(out)

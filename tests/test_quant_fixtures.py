@@ -5,7 +5,7 @@ relative to the repository root) and checks
   - nm_dequantize_row reproduces the stored expected output of
     tests/fixtures/quant (see tests/make_quant_fixtures.py) bit for bit, NaNs
     matched as NaNs and every other value by its bits (so -0 != +0);
-  - with the gguf package importable: the same against gguf-py's dequantize
+  - the same against gguf-py's dequantize
     computed now on fresh random valid blocks (seed printed on failure;
     NUMOE_TEST_SEED fixes it), nm_quantize_row's bytes equal gguf-py's
     quantisers (Q8_0 - ggml's quantize_row_q8_0_ref - and Q4_0 Q4_1 Q5_0 Q5_1
@@ -18,19 +18,15 @@ import os
 import pathlib
 import secrets
 
+import gguf  # tests/setup.sh installs it: without it these checks must fail, not pass
 import numpy as np
 import pytest
 
+import make_quant_fixtures
 from make_quant_fixtures import TYPES, random_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "quant"
-
-try:
-    import gguf
-except ImportError:
-    gguf = None
-needs_gguf = pytest.mark.skipif(gguf is None, reason="gguf package not installed")
 
 
 class Traits(ctypes.Structure):
@@ -91,6 +87,18 @@ def test_manifest_lists_every_type():
     assert total < 300_000, f"fixtures grew to {total} bytes"
 
 
+def test_fixtures_regenerate_identically(tmp_path):
+    """The stored blocks and expected rows are what make_quant_fixtures.py makes now (gguf-py's
+    quantisers and dequantize), byte for byte; and the comparison notices a changed byte."""
+    assert make_quant_fixtures.check() == []
+    for p in FIXTURES.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    blob = bytearray((tmp_path / "Q4_1.bin").read_bytes())
+    blob[-1] ^= 1  # the last expected float
+    (tmp_path / "Q4_1.bin").write_bytes(bytes(blob))
+    assert make_quant_fixtures.check(tmp_path) == ["Q4_1.bin"]
+
+
 @pytest.mark.parametrize("name", list(TYPES))
 def test_fixture_dequantize_bit_exact(lib, name):
     info = json.loads((FIXTURES / "manifest.json").read_text())["types"][name]
@@ -104,7 +112,6 @@ def test_fixture_dequantize_bit_exact(lib, name):
     assert_bit_equal(dequantize(lib, name, data), want, f"{name} fixture")
 
 
-@needs_gguf
 @pytest.mark.parametrize("name", [t for t in TYPES if t != "Q8_K"])  # gguf-py has no Q8_K
 def test_live_dequantize_vs_gguf(lib, seed, name):
     rng = np.random.default_rng(seed)
@@ -127,7 +134,6 @@ def quantizer_inputs(rng):
     return [np.asarray(r, dtype=np.float32) for r in rows]
 
 
-@needs_gguf
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16"])
 def test_quantize_bytes_equal_gguf(lib, seed, name):
     rng = np.random.default_rng(seed)
@@ -139,7 +145,6 @@ def test_quantize_bytes_equal_gguf(lib, seed, name):
         assert bad.size == 0, f"{name} row {i}, seed {seed}: {bad.size} bytes differ, first at {bad[:8]}"
 
 
-@needs_gguf
 def test_type_sizes_equal_gguf(lib):
     for qt, (block_size, type_size) in gguf.GGML_QUANT_SIZES.items():
         if qt.value >= 40:

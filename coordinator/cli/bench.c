@@ -136,11 +136,16 @@ int nm_cmd_bench_model(int argc, char **argv) {
     /* How long the steps sat waiting for the routed experts once their own
      * work (attention, shared experts) was done: what the overlap of the
      * shared experts with the routed ones could not hide (--experts-sync
-     * waits before the shared experts instead). */
-    printf("\nwaiting for routed experts (%s): ", so.sync_experts ? "--experts-sync" : "overlapped with the shared experts");
-    if (p) printf("prefill %.3f ms per token", (st1.expert_wait_s - st0.expert_wait_s) * 1e3 / (double)(p * reps));
-    if (n) printf("%sdecode %.3f ms per token", p ? ", " : "", (st2.expert_wait_s - st1.expert_wait_s) * 1e3 / (double)(n * reps));
-    printf("\n");
+     * waits before the shared experts instead). On stderr with the other
+     * timings: stdout keeps llama-bench's table. */
+    fflush(stdout);
+    fprintf(stderr, "numoe: waiting for routed experts (%s): ",
+            so.sync_experts ? "--experts-sync" : "overlapped with the shared experts");
+    if (p) fprintf(stderr, "prefill %.3f ms per token", (st1.expert_wait_s - st0.expert_wait_s) * 1e3 / (double)(p * reps));
+    if (n)
+        fprintf(stderr, "%sdecode %.3f ms per token", p ? ", " : "",
+                (st2.expert_wait_s - st1.expert_wait_s) * 1e3 / (double)(n * reps));
+    fputc('\n', stderr);
     rc = 0;
     goto done;
 fail:

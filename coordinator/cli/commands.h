@@ -9,6 +9,8 @@ int nm_cmd_generate(int argc, char **argv);
 int nm_cmd_bench_model(int argc, char **argv);
 int nm_cmd_chat(int argc, char **argv);
 int nm_cmd_serve(int argc, char **argv);
+/* `numoe perplexity -f FILE`: llama-perplexity's windows (perplexity.c) */
+int nm_cmd_perplexity(int argc, char **argv);
 /* `numoe tokenize` and `numoe detokenize` (tokenize.c) */
 int nm_cmd_tokenize(int argc, char **argv);
 int nm_cmd_detokenize(int argc, char **argv);

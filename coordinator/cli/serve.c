@@ -40,7 +40,8 @@ static int usage(FILE *f) {
             "           POST /v1/chat/completions /v1/completions /api/chat /api/generate\n"
             "\n"
             "  --host ADDR             address to listen on (default 127.0.0.1; 0.0.0.0 for all)\n"
-            "  --port N                TCP port (default 10002; 0 = any free port, printed at start)\n"
+            "  --port N                TCP port (default 10002; 0: the OS picks a free one, which the\n"
+            "                          'loading' and 'listening' lines on stderr name)\n"
             "  --served-model-name S   model name in API answers (default: the file name without\n"
             "                          .gguf and without a -0000N-of-0000M split suffix)\n"
             "  --api-key KEY           require 'Authorization: Bearer KEY' on every endpoint except\n"
@@ -269,7 +270,11 @@ int nm_cmd_serve(int argc, char **argv) {
     nm_http_opts ho = {.host = o.host, .port = o.port, .api_key = o.api_key, .model_name = name,
                        .log_requests = o.log_requests};
     if (nm_http_start(&h, &ho, &err)) goto fail;
-    fprintf(stderr, CMD ": loading %s (GET /health answers 503 until it is ready)\n", o.so.model_path);
+    int v6 = strchr(o.host, ':') != NULL; /* a literal IPv6 address goes in brackets in a URL */
+    /* the port is the bound one (with --port 0 the OS picked it), so a script
+     * can poll /health from here on; the listening line below repeats it */
+    fprintf(stderr, CMD ": loading %s (http://%s%s%s:%d/health answers 503 until it is ready)\n", o.so.model_path,
+            v6 ? "[" : "", o.host, v6 ? "]" : "", nm_http_port(h));
     nm_http_model m;
     loading = 1;
     int lrc = load(&l, &o, &m, &err);
@@ -285,7 +290,6 @@ int nm_cmd_serve(int argc, char **argv) {
     nm_http_set_model(h, &m);
     l.sched = NULL; /* the server owns it now; nm_http_close_gate hands it back */
     if (!sig_count) {
-        int v6 = strchr(o.host, ':') != NULL; /* a literal IPv6 address goes in brackets in a URL */
         fprintf(stderr, CMD ": listening on http://%s%s%s:%d (model %s)\n", v6 ? "[" : "", o.host, v6 ? "]" : "",
                 nm_http_port(h), name);
         wait_for_signal();

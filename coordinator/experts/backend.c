@@ -32,8 +32,10 @@ int nm_expert_input_alloc(nm_expert_input *in, int64_t n_embd, int64_t max_tok, 
     memset(in, 0, sizeof *in);
     if (n_embd < 1 || max_tok < 1 || max_k < 1) return nm_errf(err, "expert input region: bad shape");
     size_t nx = (size_t)(max_tok * n_embd), nk = (size_t)(max_tok * max_k);
-    /* one block: x, then ids, then weights (all 4-byte elements) */
-    float *p = malloc((nx + 2 * nk) * sizeof(float));
+    /* one block: x, then ids, then weights (all 4-byte elements), on its own
+     * pages so an engine can pin it (cudaHostRegister) */
+    float *p = NULL;
+    if (posix_memalign((void **)&p, 4096, (nx + 2 * nk) * sizeof(float))) p = NULL;
     if (!p)
         return nm_errf(err, "out of memory for the expert inputs of %lld tokens (%zu MiB)", (long long)max_tok,
                        (nx + 2 * nk) * sizeof(float) >> 20);

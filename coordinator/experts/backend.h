@@ -67,8 +67,9 @@ int nm_experts_check(const nm_expert_backend *b, int64_t n_tok, int k, nm_err *e
 int nm_experts_run(nm_expert_backend *b, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
                    const float *w, float *out, nm_err *err);
 
-/* The region of max_tok tokens and max_k experts, in one allocation freed
- * with nm_expert_input_free. 0, or -1 with err. */
+/* The region of max_tok tokens and max_k experts, in one page-aligned block
+ * starting at x (x, then ids, then w), freed with nm_expert_input_free. 0,
+ * or -1 with err. */
 int nm_expert_input_alloc(nm_expert_input *in, int64_t n_embd, int64_t max_tok, int max_k, nm_err *err);
 void nm_expert_input_free(nm_expert_input *in);
 

@@ -17,7 +17,10 @@
  * rounding bound in test_dot_simd (below 3.2e-5 * M at these lengths, where
  * M = sum |w_i x_i|; observed ~1e-7 * M). Here the question is indexing: a
  * wrong row, token, stride or chunk boundary gives an unrelated dot, off by
- * the order of M itself. The check is |y - y_ref| <= 1e-4 * M per output. */
+ * the order of M itself, and one wrong element of a row by about M / cols
+ * (2e-3 * M at 512 columns). The check is |y - y_ref| <= 1e-6 * M per output:
+ * the worst seen over 36 random seeds, every ISA level, is 9.8e-8 * M (the
+ * run prints its own worst). */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -151,6 +154,17 @@ static void *random_weights(int type, int64_t rows, int64_t cols) {
 
 static const float SENTINEL = -12345.0f;
 
+/* |y - y_ref| <= MM_REL * M per output (see the header comment); the worst
+ * figure seen is printed at the end of the run. */
+#define MM_REL 1e-6
+static double mm_worst;
+
+static int within(double got, double want, double mag) {
+    const double e = fabs(got - want) / (mag > 0 ? mag : 1);
+    if (e > mm_worst) mm_worst = e;
+    return fabs(got - want) <= MM_REL * mag;
+}
+
 /* Y (n_sel rows, ldy apart) against yref rows picked by tok; padding columns
  * [rows, ldy) must hold the sentinel. Returns failures. */
 static int compare(const char *what, const float *Y, int64_t ldy, const float *yref, const double *mag, int64_t rows,
@@ -159,8 +173,8 @@ static int compare(const char *what, const float *Y, int64_t ldy, const float *y
     for (int64_t i = 0; i < n_sel; i++) {
         const int64_t t = tok ? tok[i] : i;
         for (int64_t r = 0; r < rows; r++) {
-            const double want = yref[t * rows + r], got = Y[i * ldy + r], tol = 1e-4 * mag[t * rows + r];
-            if (!(fabs(got - want) <= tol) && bad++ < 3)
+            const double want = yref[t * rows + r], got = Y[i * ldy + r], tol = MM_REL * mag[t * rows + r];
+            if (!within(got, want, mag[t * rows + r]) && bad++ < 3)
                 CHECK(0, "%s: Y[%lld][%lld] = %.9g, reference %.9g (tol %.3g)", what, (long long)i, (long long)r, got,
                       want, tol);
         }
@@ -255,7 +269,7 @@ static void test_prepared_gather_and_slabs(void) {
         for (int64_t i = 0; i < n_sel; i++)
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t k = tok[i] * n_exp * rows + e * rows + r;
-                CHECK(fabs(Y[i * ldy + r] - yref[k]) <= 1e-4 * mag[k], "expert %d tok %d row %lld", e, tok[i],
+                CHECK(within(Y[i * ldy + r], yref[k], mag[k]), "expert %d tok %d row %lld", e, tok[i],
                       (long long)r);
             }
     }
@@ -269,7 +283,7 @@ static void test_prepared_gather_and_slabs(void) {
         for (int64_t r = 0; r < rows; r++) {
             const int64_t k = i * n_exp * rows + 2 * rows + r;
             if (r >= r0 && r < r1)
-                CHECK(fabs(Y[i * ldy + r] - yref[k]) <= 1e-4 * mag[k], "range tok %lld row %lld", (long long)i,
+                CHECK(within(Y[i * ldy + r], yref[k], mag[k]), "range tok %lld row %lld", (long long)i,
                       (long long)r);
             else
                 CHECK(Y[i * ldy + r] == SENTINEL, "outside the range written: %lld %lld", (long long)i, (long long)r);
@@ -419,14 +433,15 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
         for (int64_t i = 0; i < n_tok * k; i++) {
             if (ids[i] != e) continue;
             const int64_t t = i / k;
-            nm_quantize_row(vg, x + t * n_embd, xg, n_embd);
-            nm_quantize_row(vu, x + t * n_embd, xu, n_embd);
+            CHECK(nm_quantize_row(vg, x + t * n_embd, xg, n_embd) == 0 &&
+                      nm_quantize_row(vu, x + t * n_embd, xu, n_embd) == 0,
+                  "quantize %s / %s activations", nm_type_name(vg), nm_type_name(vu));
             for (int64_t r = 0; r < n_ff; r++) {
                 const float g = dg(n_embd, (const uint8_t *)G[e] + (size_t)r * rg, xg);
                 const float v = du(n_embd, (const uint8_t *)U[e] + (size_t)r * ru, xu);
                 h[r] = g / (1.0f + expf(-g)) * v;
             }
-            nm_quantize_row(vd, h, hq, n_ff);
+            CHECK(nm_quantize_row(vd, h, hq, n_ff) == 0, "quantize %s hidden", nm_type_name(vd));
             for (int64_t r = 0; r < n_embd; r++)
                 ref[t * n_embd + r] += w[i] * dd(n_ff, (const uint8_t *)D[e] + (size_t)r * rd, hq);
         }
@@ -493,5 +508,6 @@ int main(int argc, char **argv) {
     RUN(test_gemm_equals_single_dots);
     RUN(test_moe_equals_single_dots);
     RUN(test_scratch_reuse);
+    fprintf(stderr, "  largest |y - y_ref| / M: %.2e (bound %.0e)\n", mm_worst, MM_REL);
     return check_summary();
 }

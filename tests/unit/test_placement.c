@@ -196,8 +196,8 @@ static void test_hash(void) {
     CHECK(init(&b, NM_PLACE_SPLIT, 2, 64, 32, &err) == 0, "%s", err.msg);
     for (int l = 1; l < L; l++)
         for (int e = 0; e < E; e++) {
-            nm_placement_add(&b, l, e, 1, 32, 64, &err);
-            nm_placement_add(&b, l, e, 0, 0, 32, &err);
+            CHECK(nm_placement_add(&b, l, e, 1, 32, 64, &err) == 0 && nm_placement_add(&b, l, e, 0, 0, 32, &err) == 0,
+                  "layer %d expert %d: %s", l, e, err.msg);
         }
     CHECK(nm_placement_hash(&a) == nm_placement_hash(&b), "order changed the hash");
     nm_placement_free(&b);

@@ -24,7 +24,8 @@
 #include "kernels/quant.h"
 #include "tests/unit/check.h"
 
-#define DOT_REL 1e-6
+/* worst seen over 31 seeds: 4.0e-8 (Q4_1); the run prints its own per type */
+#define DOT_REL 2e-7
 
 static const int all_types[] = {
     NM_TYPE_F32,  NM_TYPE_F16,  NM_TYPE_BF16, NM_TYPE_Q4_0, NM_TYPE_Q4_1, NM_TYPE_Q5_0, NM_TYPE_Q5_1,
@@ -377,7 +378,8 @@ static void test_roundtrip_rms(void) {
     free(q);
 }
 
-/* All-zero rows and rows of one repeated value survive every quantiser. */
+/* All-zero rows come back exactly and rows of one repeated value as exactly as
+ * an fp16 scale allows, from every quantiser. */
 static void test_degenerate_rows(void) {
     float x[NM_QK_K], y[NM_QK_K];
     uint8_t q[sizeof(float) * NM_QK_K];
@@ -386,11 +388,13 @@ static void test_degenerate_rows(void) {
         for (int pass = 0; pass < 2; pass++) {
             const float v = pass ? 0.75f : 0.0f;
             for (int j = 0; j < NM_QK_K; j++) x[j] = v;
-            nm_quantize_row(t, x, q, NM_QK_K);
-            nm_dequantize_row(t, q, y, NM_QK_K);
+            CHECK(nm_quantize_row(t, x, q, NM_QK_K) == 0 && nm_dequantize_row(t, q, y, NM_QK_K) == 0, "%s",
+                  nm_type_name(t));
             float worst = 0;
             for (int j = 0; j < NM_QK_K; j++) worst = fmaxf(worst, isfinite(y[j]) ? fabsf(y[j] - v) : INFINITY);
-            CHECK(worst <= 0.01f * v, "%s: constant %g comes back off by %g", nm_type_name(t), (double)v, worst);
+            /* at most the rounding of one fp16 scale (2^-11 relative; seen: 2^-12 for Q2_K and Q4_K,
+             * 1.8e-4 Q5_K, 6.1e-5 Q8_0, exact for the others) */
+            CHECK(worst <= 0x1p-11f * v, "%s: constant %g comes back off by %g", nm_type_name(t), (double)v, worst);
         }
     }
 }
@@ -409,9 +413,9 @@ static void test_dot_matches_dequant(void) {
         for (int r = 0; r < ROWS; r++) {
             random_row(t, w, N);
             gauss_row(x, N);
-            nm_quantize_row(vdt, x, xq, N);
-            nm_dequantize_row(vdt, xq, xd, N);
-            nm_dequantize_row(t, w, wd, N);
+            CHECK(nm_quantize_row(vdt, x, xq, N) == 0 && nm_dequantize_row(vdt, xq, xd, N) == 0 &&
+                      nm_dequantize_row(t, w, wd, N) == 0,
+                  "%s / %s rows", nm_type_name(t), nm_type_name(vdt));
             double ref = 0, mag = 0;
             for (int j = 0; j < N; j++) {
                 ref += (double)wd[j] * xd[j];

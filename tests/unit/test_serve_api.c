@@ -105,12 +105,15 @@ static void test_parse_openai_chat_all_fields(void) {
     CHECK(r.n_msgs == 8, "n_msgs %zu", r.n_msgs);
     if (r.n_msgs == 8) {
         CHECK(!strcmp(r.msgs[0].role, "system") && !strcmp(r.msgs[0].content, "be brief"), "msg 0");
+        CHECK(!strcmp(r.msgs[1].role, "user") && !strcmp(r.msgs[1].content, "hi"), "msg 1");
         CHECK(!strcmp(r.msgs[2].role, "assistant") && !strcmp(r.msgs[2].content, ""), "empty assistant");
         CHECK(!strcmp(r.msgs[3].role, "system") && !strcmp(r.msgs[3].content, "dev"), "developer -> system");
-        CHECK(!strcmp(r.msgs[4].role, "tool"), "tool role");
-        CHECK(!strcmp(r.msgs[5].content, "a\nb"), "parts joined: '%s'", r.msgs[5].content);
-        CHECK(!strcmp(r.msgs[6].content, ""), "tool-call assistant without content");
-        CHECK(!strcmp(r.msgs[7].content, ""), "empty user content");
+        CHECK(!strcmp(r.msgs[4].role, "tool") && !strcmp(r.msgs[4].content, "42"), "tool role");
+        CHECK(!strcmp(r.msgs[5].role, "user") && !strcmp(r.msgs[5].content, "a\nb"), "parts joined: '%s'",
+              r.msgs[5].content);
+        CHECK(!strcmp(r.msgs[6].role, "assistant") && !strcmp(r.msgs[6].content, ""),
+              "tool-call assistant without content");
+        CHECK(!strcmp(r.msgs[7].role, "user") && !strcmp(r.msgs[7].content, ""), "empty user content");
     }
     CHECK(r.stream == 1 && r.include_usage == 1 && r.ignore_eos == 1, "flags");
     CHECK(r.max_tokens == 100, "max_tokens %lld", (long long)r.max_tokens);
@@ -152,7 +155,10 @@ static void test_parse_defaults_and_nulls(void) {
     /* NULL defaults: the sampler's own */
     nm_api_error e;
     const char *b = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
-    CHECK(nm_api_parse(OAI_CHAT, b, strlen(b), NULL, &r, &e) == 0 && r.sampling.temp == 0.8f, "NULL defaults");
+    nm_sampler_params sd = nm_sampler_params_default();
+    CHECK(nm_api_parse(OAI_CHAT, b, strlen(b), NULL, &r, &e) == 0 && !memcmp(&r.sampling, &sd, sizeof sd) &&
+              r.sampling.temp == 0.8f && !r.has_seed,
+          "NULL defaults");
     nm_api_request_free(&r);
 
     /* the body need not be NUL-terminated: only len bytes are read */
@@ -414,8 +420,10 @@ static void test_render_openai_chat(void) {
     o = base_out();
     o.with_usage = 1;
     j = render(OAI_CHAT, 1, &o, &raw);
-    CHECK(cJSON_IsArray(jp(j, "choices")) && jsize(j, "choices") == 0 && jnum(j, "usage/total_tokens", 12) &&
-              jstr(j, "object", "chat.completion.chunk"), "usage chunk: %s", raw);
+    CHECK(cJSON_IsArray(jp(j, "choices")) && jsize(j, "choices") == 0 && jnum(j, "usage/prompt_tokens", 5) &&
+              jnum(j, "usage/completion_tokens", 7) && jnum(j, "usage/total_tokens", 12) &&
+              jstr(j, "object", "chat.completion.chunk"),
+          "usage chunk: %s", raw);
     cJSON_Delete(j), free(raw);
 }
 
@@ -436,7 +444,9 @@ static void test_render_openai_completion(void) {
     o = base_out();
     o.with_usage = 1;
     j = render(OAI_COMP, 1, &o, &raw);
-    CHECK(jsize(j, "choices") == 0 && jnum(j, "usage/prompt_tokens", 5), "usage chunk: %s", raw);
+    CHECK(jsize(j, "choices") == 0 && jnum(j, "usage/prompt_tokens", 5) && jnum(j, "usage/completion_tokens", 7) &&
+              jnum(j, "usage/total_tokens", 12) && jstr(j, "object", "text_completion"),
+          "usage chunk: %s", raw);
     cJSON_Delete(j), free(raw);
 }
 
@@ -721,7 +731,7 @@ static void test_reasoning_stream_holdback(void) {
     nm_reasoning_stream p = {0};
     t = " Hello";
     nm_reasoning_stream_feed(&p, t, strlen(t), 0, &r, &rl, &a, &al);
-    CHECK(al == 6 && rl == 0, "plain answer not held");
+    CHECK(al == 6 && !memcmp(a, " Hello", 6) && rl == 0, "plain answer not held");
 }
 
 int main(int argc, char **argv) {

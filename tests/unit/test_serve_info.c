@@ -72,10 +72,22 @@ static void test_fixture_facts(void) {
     }
     nm_serve_model_facts f;
     nm_serve_model_facts_of(g, &f);
-    CHECK(f.size_bytes == (int64_t)g->files[0].size, "size %lld", (long long)f.size_bytes);
+    CHECK(f.size_bytes == 1097024 && f.size_bytes == (int64_t)g->files[0].size, "size %lld",
+          (long long)f.size_bytes); /* tests/fixtures/models/README.md */
     CHECK(!strcmp(f.family, "deepseek2"), "family '%s'", f.family);
     CHECK(!strcmp(f.quant, "Q8_0"), "quant '%s'", f.quant);
-    CHECK(f.n_params > 100000, "params %llu", (unsigned long long)f.n_params);
+    /* The V3 fixture's shapes (tests/fixtures/models/README.md): hidden 256, vocab 324,
+     * 4 heads (nope 32, rope 16, v 32), q_lora 96, kv_lora 64, one dense layer (ff 64) and
+     * two MoE layers (8 experts + 1 shared of ff 32). Per layer, attention:
+     *   norms 256 + 96 + 64 + 256, q_a 256*96, q_b 96*4*48, kv_a 256*(64+16),
+     *   k_b 4*32*64, v_b 4*64*32, output 4*32*256                      = 113 312
+     * dense FFN 3*256*64 = 49 152; MoE FFN: gate 256*8 + bias 8 + experts 3*8*256*32
+     *   + shared 3*256*32 = 223 240. Whole model: embeddings and output 2*324*256,
+     * output norm 256, layers 113 312*3 + 49 152 + 2*223 240: 1 001 712 (gguf-py's
+     * GGUFReader sums the same over its 52 tensors). */
+    CHECK(f.n_params == 1001712ull, "params %llu, want 1001712", (unsigned long long)f.n_params);
+    char params[32];
+    CHECK(!strcmp(nm_serve_params_str(f.n_params, params, sizeof params), "1M"), "params string '%s'", params);
     nm_gguf_close(g);
 }
 

@@ -64,20 +64,25 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
         {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->moe, T * H},
         {&f->att, (int64_t)nth * n_ctx},
     };
+    /* every part takes a multiple of 16 floats (64 bytes), so each starts as
+     * aligned as malloc's buffer: an odd-sized part before them left the
+     * pointer and int64 arrays misaligned (UBSan, e.g. n_ctx 14) */
+#define NM_SCRATCH_FLOATS(n) ((((size_t)(n)) + 16 + 15) & ~(size_t)15)
     size_t total = 0;
-    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) total += (size_t)parts[i].n + 16;
-    total += (size_t)T * 5 + 64;                  /* tkv (pointers), tpos (int64), tok (int32) */
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) total += NM_SCRATCH_FLOATS(parts[i].n);
+    total += 2 * NM_SCRATCH_FLOATS(2 * T) + NM_SCRATCH_FLOATS(T); /* tkv (pointers), tpos (int64), tok (int32) */
     if (!(f->buf = malloc(total * sizeof(float)))) {
         nm_forward_free(f);
         return nm_errf(err, "cannot allocate %zu MB of scratch for batches of %lld", total * 4 >> 20, (long long)T);
     }
     float *cur = f->buf;
-    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) *parts[i].p = cur, cur += parts[i].n + 16;
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) *parts[i].p = cur, cur += NM_SCRATCH_FLOATS(parts[i].n);
     f->tkv = (nm_kv_cache **)cur;
-    cur += 2 * T + 16;
+    cur += NM_SCRATCH_FLOATS(2 * T);
     f->tpos = (int64_t *)cur;
-    cur += 2 * T + 16;
+    cur += NM_SCRATCH_FLOATS(2 * T);
     f->tok = (int32_t *)cur;
+#undef NM_SCRATCH_FLOATS
     if (nm_rope_init(&f->rope, (int)hp->d_rope, hp->rope_base, hp->rope_freq_scale, hp->yarn_ext_factor,
                      hp->rope_n_ctx_orig)) {
         nm_forward_free(f);

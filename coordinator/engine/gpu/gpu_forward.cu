@@ -1,0 +1,785 @@
+/* gpu_forward.cu - the forward pass of gpu_forward.h: state, upload, the
+ * per-layer steps and the API. The math and its order are the CPU engine's
+ * (coordinator/engine/cpu/forward.c, docs/MODEL.md §5; see
+ * the formulas there); this file only moves it onto the GPU:
+ *
+ *   x      = embedding rows (nm_cuda_dequantize of each token's row)
+ *   a      = RMSNorm(x)
+ *   q      = W_q a  or  W_qb RMSNorm(W_qa a);  kvn = W_kva a
+ *   cache  = [RMSNorm(kvn_c) | RoPE(kvn_pe)],  q_pe = RoPE(q_pe)      (mla_prep)
+ *   qabs   = [k_b[h] q_nope[h] | q_pe[h]]     (strided-batched GEMM over heads)
+ *   oc     = softmax(scale * qabs . cache) cache_c                    (attention)
+ *   x     += W_o (v_b[h] oc[h])
+ *   a      = RMSNorm(x);  x += FFN(a)  or  x += shared(a) + routed(a)
+ *
+ * The routed experts: the router runs on the GPU, then a (the normed
+ * hidden states), ids and weights are copied into the expert backend's
+ * input region (pinned at create) and an event is recorded; the shared
+ * experts are queued behind it, so the GPU computes them while the host
+ * waits for the event and runs the backend's submit and wait;
+ * the result goes back host-to-device on the same stream and is added as
+ * (x + shared) + routed, the CPU's order. Everything runs on one stream;
+ * the host blocks only at that event, at the end of a pass and for logits. */
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <new>
+#include <unordered_map>
+#include <vector>
+
+#include "common/clock.h"
+#include "coordinator/engine/gpu/gpu_forward.h"
+#include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/cuda_quant.h"
+#include "kernels/quant.h"
+extern "C" {
+#include "coordinator/engine/rope.h"
+}
+
+using numoe_gpu::tok_info;
+
+namespace {
+
+enum part { P_EMBED, P_ATTN, P_ABSORB, P_DENSE, P_SHARED, P_ROUTER, P_VECTORS, P_SCRATCH, P_NPARTS };
+
+/* A matrix in VRAM, bytes as in the file (row r at d + r * row_bytes). */
+struct dmat {
+    const uint8_t *d = nullptr;
+    int type = 0;
+    int64_t rows = 0, cols = 0;
+    size_t row_bytes = 0;
+    const char *name = "";
+};
+
+struct dlayer {
+    const float *attn_norm = nullptr, *q_a_norm = nullptr, *kv_a_norm = nullptr, *ffn_norm = nullptr,
+                *probs_b = nullptr;
+    dmat q, q_a, q_b, kv_a, out, gate, up, down, gate_inp, gate_sh, up_sh, down_sh;
+    const float *kb = nullptr, *vb = nullptr; /* [n_head][kv_lora][d_nope], [n_head][d_v][kv_lora] float32 */
+    int is_moe = 0;
+};
+
+/* The largest dequantisation tile for the prefill GEMM (floats): 256 MiB. */
+constexpr size_t WTILE_MAX = (size_t)1 << 26;
+/* Rows of logits computed per head pass (pinned + device buffers). */
+constexpr int64_t LOGIT_ROWS_MAX = 64;
+
+} /* namespace */
+
+struct nm_gpu_kv {
+    nm_gpu_forward *f;
+    float *d;
+    int64_t n_ctx, n_pos;
+    size_t bytes;
+};
+
+struct nm_gpu_forward {
+    const nm_model *m = nullptr;
+    nm_expert_backend *experts = nullptr;
+    int device = 0, k = 0, gemv_max = 4;
+    int64_t n_ctx = 0, n_batch = 0, logit_rows = 0;
+    nm_gpu_gemm_mode gemm = NM_GPU_GEMM_F32;
+    cudaStream_t st = nullptr;
+    cublasHandle_t cb = nullptr;
+    cudaEvent_t ev_handoff = nullptr;
+    std::vector<void *> dev;  /* device allocations owned */
+    std::vector<void *> host; /* pinned allocations owned */
+    std::unordered_map<const void *, const uint8_t *> uploaded; /* host tensor bytes -> VRAM copy */
+    size_t vram[P_NPARTS] = {};
+    dmat tok_embd, output;
+    const float *out_norm = nullptr, *inv_freq = nullptr;
+    std::vector<dlayer> layers;
+    /* device scratch, rows of a batch of n_batch tokens */
+    float *x = nullptr, *a = nullptr, *q = nullptr, *qa = nullptr, *kvn = nullptr, *qabs = nullptr, *oc = nullptr,
+          *o = nullptr, *tmp = nullptr, *hg = nullptr, *hu = nullptr, *rlog = nullptr, *rw = nullptr, *moe = nullptr,
+          *sh = nullptr, *logits = nullptr, *wtile = nullptr;
+    size_t wtile_elems = 0;
+    int32_t *rid = nullptr, *rows = nullptr;
+    tok_info *tinfo = nullptr;
+    /* the hand-off goes straight into the expert backend's input region
+     * (experts->in), pinned here for the copies; pinned host mirrors for the
+     * routed sum, the per-token table and logits */
+    void *pinned_in = nullptr; /* experts->in's block while it is registered with CUDA */
+    float *h_moe = nullptr, *h_logits = nullptr;
+    int32_t *h_rows = nullptr;
+    tok_info *h_tinfo = nullptr;
+    std::vector<int64_t> rowlist;
+    std::vector<float *> rowdst;
+    nm_gpu_kv own = {};
+    nm_gpu_forward_stats stats = {};
+    char desc[1024] = "";
+};
+
+/* ---- errors ---------------------------------------------------------------- */
+
+static int __attribute__((format(printf, 3, 4))) fail_cuda(nm_err *err, cudaError_t e, const char *fmt, ...) {
+    char what[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return nm_errf(err, "GPU: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+static int fail_blas(nm_err *err, cublasStatus_t s, const char *what, const char *name, int il) {
+    return nm_errf(err, "GPU: layer %d: %s (%s): cuBLAS %s", il, what, name, cublasGetStatusString(s));
+}
+
+#define CUDA_OK(call, ...)                                                       \
+    do {                                                                         \
+        cudaError_t e_ = (call);                                                 \
+        if (e_ != cudaSuccess) return fail_cuda(err, e_, __VA_ARGS__);           \
+    } while (0)
+
+/* ---- allocation and upload ---------------------------------------------------
+ * Every copy and clear goes on the state's stream (non-blocking, so nothing
+ * on the legacy default stream would order against it): a pageable upload
+ * may return before its DMA lands, and the stream keeps later kernels behind
+ * it. */
+
+static int dalloc(nm_gpu_forward *f, void **p, size_t bytes, int part, const char *what, nm_err *err) {
+    *p = nullptr;
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
+    if (e != cudaSuccess) {
+        *p = nullptr;
+        return fail_cuda(err, e, "allocating %zu MiB of VRAM for %s", bytes >> 20, what);
+    }
+    f->dev.push_back(*p);
+    f->vram[part] += bytes;
+    return 0;
+}
+
+template <class T>
+static int dalloc_n(nm_gpu_forward *f, T **p, size_t n, const char *what, nm_err *err) {
+    void *v;
+    if (dalloc(f, &v, n * sizeof(T), P_SCRATCH, what, err)) return -1;
+    *p = static_cast<T *>(v);
+    return 0;
+}
+
+template <class T>
+static int halloc_n(nm_gpu_forward *f, T **p, size_t n, const char *what, nm_err *err) {
+    void *v = nullptr;
+    cudaError_t e = cudaHostAlloc(&v, (n ? n : 1) * sizeof(T), cudaHostAllocDefault);
+    if (e != cudaSuccess) return fail_cuda(err, e, "allocating %zu KiB of pinned host memory for %s", n * sizeof(T) >> 10, what);
+    f->host.push_back(v);
+    *p = static_cast<T *>(v);
+    return 0;
+}
+
+/* The bytes of src (every matrix of a stack) in VRAM, once per host address
+ * (a tied output head shares the embedding's copy). */
+static int upload_bytes(nm_gpu_forward *f, const nm_mat *src, int part, const uint8_t **out, nm_err *err) {
+    auto it = f->uploaded.find(src->data);
+    if (it != f->uploaded.end()) {
+        *out = it->second;
+        return 0;
+    }
+    const size_t bytes = src->slab * (size_t)(src->n_mat > 0 ? src->n_mat : 1);
+    void *d;
+    if (dalloc(f, &d, bytes, part, src->name, err)) return -1;
+    CUDA_OK(cudaMemcpyAsync(d, src->data, bytes, cudaMemcpyHostToDevice, f->st), "uploading %s (%zu bytes)", src->name,
+            bytes);
+    f->uploaded[src->data] = static_cast<const uint8_t *>(d);
+    *out = static_cast<const uint8_t *>(d);
+    return 0;
+}
+
+static int upload_mat(nm_gpu_forward *f, const nm_mat *src, dmat *dst, int part, nm_err *err) {
+    *dst = dmat();
+    if (!src->data) return 0;
+    if (!nm_cuda_supports_gemv(src->type) || !nm_cuda_supports_dequantize(src->type))
+        return nm_errf(err, "GPU: tensor %s has type %s, which the CUDA kernels cannot compute with", src->name,
+                       nm_type_name(src->type));
+    if (upload_bytes(f, src, part, &dst->d, err)) return -1;
+    dst->type = src->type;
+    dst->rows = src->rows;
+    dst->cols = src->cols;
+    dst->row_bytes = src->row_bytes;
+    dst->name = src->name;
+    return 0;
+}
+
+static int upload_vec(nm_gpu_forward *f, const float *v, int64_t n, const float **out, const char *what, nm_err *err) {
+    *out = nullptr;
+    if (!v) return 0;
+    void *d;
+    if (dalloc(f, &d, (size_t)n * sizeof(float), P_VECTORS, what, err)) return -1;
+    CUDA_OK(cudaMemcpyAsync(d, v, (size_t)n * sizeof(float), cudaMemcpyHostToDevice, f->st), "uploading %s", what);
+    *out = static_cast<const float *>(d);
+    return 0;
+}
+
+/* k_b / v_b stacks as float32 in VRAM: the file's (or the derived) bytes
+ * uploaded and dequantised on the GPU (bit-exact with the CPU's
+ * nm_dequantize_row), the quantised copy dropped again. */
+static int upload_absorb(nm_gpu_forward *f, const nm_mat *src, const float **out, nm_err *err) {
+    const size_t n = (size_t)src->rows * (size_t)src->cols * (size_t)src->n_mat;
+    const size_t bytes = src->slab * (size_t)src->n_mat;
+    if (!nm_cuda_supports_dequantize(src->type))
+        return nm_errf(err, "GPU: tensor %s has type %s, which the CUDA kernels cannot dequantise", src->name,
+                       nm_type_name(src->type));
+    void *d32;
+    if (dalloc(f, &d32, n * sizeof(float), P_ABSORB, src->name, err)) return -1;
+    if (src->type == NM_TYPE_F32) {
+        CUDA_OK(cudaMemcpyAsync(d32, src->data, bytes, cudaMemcpyHostToDevice, f->st), "uploading %s", src->name);
+    } else {
+        void *raw = nullptr;
+        CUDA_OK(cudaMalloc(&raw, bytes), "allocating %zu bytes to convert %s", bytes, src->name);
+        cudaError_t e = cudaMemcpyAsync(raw, src->data, bytes, cudaMemcpyHostToDevice, f->st);
+        int rc = e == cudaSuccess ? nm_cuda_dequantize(src->type, raw, static_cast<float *>(d32), (int64_t)n, f->st)
+                                  : NM_CUDA_OK;
+        if (e == cudaSuccess && rc == NM_CUDA_OK) e = cudaStreamSynchronize(f->st);
+        cudaFree(raw);
+        if (e != cudaSuccess) return fail_cuda(err, e, "converting %s to float32", src->name);
+        if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: converting %s to float32: %s", src->name, nm_cuda_last_error());
+    }
+    *out = static_cast<const float *>(d32);
+    return 0;
+}
+
+/* ---- matrix products --------------------------------------------------------- */
+
+static cublasComputeType_t compute_of(const nm_gpu_forward *f, int64_t n) {
+    /* small batches (decode) stay in full fp32 whatever the prefill mode */
+    if (n <= f->gemv_max) return CUBLAS_COMPUTE_32F;
+    switch (f->gemm) {
+    case NM_GPU_GEMM_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+    case NM_GPU_GEMM_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    default: return CUBLAS_COMPUTE_32F;
+    }
+}
+
+/* Y[t][0..rows) = A X[t] for t < n, A float32 row-major rows x cols. */
+static int gemm_f32(nm_gpu_forward *f, const float *A, int64_t rows, int64_t cols, const float *X, int64_t ldx,
+                    int64_t n, float *Y, int64_t ldy, const char *name, int il, nm_err *err) {
+    const float one = 1.0f, zero = 0.0f;
+    /* column-major view: A is cols x rows (lda = cols), op(A) = A^T */
+    cublasStatus_t s = cublasGemmEx(f->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)cols, &one, A, CUDA_R_32F,
+                                    (int)cols, X, CUDA_R_32F, (int)ldx, &zero, Y, CUDA_R_32F, (int)ldy,
+                                    compute_of(f, n), CUBLAS_GEMM_DEFAULT);
+    return s == CUBLAS_STATUS_SUCCESS ? 0 : fail_blas(err, s, "GEMM", name, il);
+}
+
+/* Y[t][0..W->rows) = W X[t] for t < n (X rows W->cols wide, ldx apart; Y
+ * rows ldy apart). */
+static int mm(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy, int il,
+              nm_err *err) {
+    const int x_aligned = (uintptr_t)X % 16 == 0 && (ldx * sizeof(float)) % 16 == 0;
+    if (n <= f->gemv_max && x_aligned) {
+        for (int64_t t = 0; t < n; t++) {
+            int rc = nm_cuda_gemv(W->type, W->d, W->rows, W->cols, X + t * ldx, Y + t * ldy, f->st);
+            if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: layer %d: GEMV %s: %s", il, W->name, nm_cuda_last_error());
+        }
+        return 0;
+    }
+    if (W->type == NM_TYPE_F32)
+        return gemm_f32(f, reinterpret_cast<const float *>(W->d), W->rows, W->cols, X, ldx, n, Y, ldy, W->name, il,
+                        err);
+    /* dequantise row tiles of W into float32 and multiply each */
+    int64_t tile = (int64_t)(f->wtile_elems / (size_t)W->cols);
+    if (tile < 1) return nm_errf(err, "GPU: layer %d: %s: no dequantisation tile for %lld columns", il, W->name,
+                                 (long long)W->cols);
+    for (int64_t r0 = 0; r0 < W->rows; r0 += tile) {
+        const int64_t r = W->rows - r0 < tile ? W->rows - r0 : tile;
+        int rc = nm_cuda_dequantize(W->type, W->d + (size_t)r0 * W->row_bytes, f->wtile, r * W->cols, f->st);
+        if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: layer %d: dequantising %s: %s", il, W->name, nm_cuda_last_error());
+        if (gemm_f32(f, f->wtile, r, W->cols, X, ldx, n, Y + r0, ldy, W->name, il, err)) return -1;
+    }
+    return 0;
+}
+
+/* Per head h < nh: C_h[t][0..m) = A_h B_h[t] for t < n; A_h float32 m x k
+ * row-major at A + h*m*k, B_h[t] at B + h*strideB + t*ldb, C_h[t] at
+ * C + h*strideC + t*ldc. */
+static int gemm_heads(nm_gpu_forward *f, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
+                      int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh, const char *name,
+                      int il, nm_err *err) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasStatus_t s = cublasGemmStridedBatchedEx(
+        f->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, A, CUDA_R_32F, (int)k, (long long)(m * k), B,
+        CUDA_R_32F, (int)ldb, (long long)strideB, &zero, C, CUDA_R_32F, (int)ldc, (long long)strideC, (int)nh,
+        compute_of(f, n), CUBLAS_GEMM_DEFAULT);
+    return s == CUBLAS_STATUS_SUCCESS ? 0 : fail_blas(err, s, "per-head GEMM", name, il);
+}
+
+#define KERNEL_OK(call, what)                                                                      \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return fail_cuda(err, e_, "layer %d: %s", il, what);               \
+    } while (0)
+
+/* ---- one layer ------------------------------------------------------------------ */
+
+static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const dlayer *L = &f->layers[(size_t)il];
+    const int64_t H = hp->n_embd, nh = hp->n_head, dn = hp->d_nope, dr = hp->d_rope, dk = dn + dr, kr = hp->kv_lora;
+    const int64_t W = kr + dr, dv = hp->d_v;
+    KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, nullptr, L->attn_norm, n, H, hp->rms_eps), "attn_norm");
+    if (L->q.d) {
+        if (mm(f, &L->q, f->a, H, n, f->q, nh * dk, il, err)) return -1;
+    } else {
+        if (mm(f, &L->q_a, f->a, H, n, f->qa, hp->q_lora, il, err)) return -1;
+        KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->qa, hp->q_lora, f->qa, hp->q_lora, nullptr, L->q_a_norm, n, hp->q_lora,
+                                     hp->rms_eps),
+                  "q_a_norm");
+        if (mm(f, &L->q_b, f->qa, hp->q_lora, n, f->q, nh * dk, il, err)) return -1;
+    }
+    if (mm(f, &L->kv_a, f->a, H, n, f->kvn, W, il, err)) return -1;
+    KERNEL_OK(numoe_gpu::mla_prep(f->st, f->kvn, f->q, f->qabs, f->tinfo, il, L->kv_a_norm, f->inv_freq, (int)kr,
+                                  (int)dr, (int)nh, (int)dn, hp->rms_eps, n),
+              "kv_a_norm / RoPE");
+    /* qabs[t][h][0..kr) = k_b[h] q_nope[t][h] */
+    if (gemm_heads(f, L->kb, kr, dn, f->q, nh * dk, dk, f->qabs, nh * W, W, n, nh, "k_b", il, err)) return -1;
+    KERNEL_OK(numoe_gpu::attention(f->st, f->qabs, f->oc, f->tinfo, il, (int)nh, (int)kr, (int)dr, hp->kq_scale, n),
+              "attention");
+    /* o[t][h] = v_b[h] oc[t][h] */
+    if (gemm_heads(f, L->vb, dv, kr, f->oc, nh * kr, kr, f->o, nh * dv, dv, n, nh, "v_b", il, err)) return -1;
+    if (mm(f, &L->out, f->o, nh * dv, n, f->tmp, H, il, err)) return -1;
+    KERNEL_OK(numoe_gpu::add(f->st, f->x, f->tmp, nullptr, n * H), "residual");
+    return 0;
+}
+
+/* out = down(silu(gate a) * up a) */
+static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, int64_t n, float *out, int il,
+               nm_err *err) {
+    const int64_t H = f->m->hp.n_embd, ff = g->rows;
+    if (mm(f, g, f->a, H, n, f->hg, ff, il, err) || mm(f, u, f->a, H, n, f->hu, ff, il, err)) return -1;
+    KERNEL_OK(numoe_gpu::silu_mul(f->st, f->hg, f->hu, n * ff), "silu");
+    return mm(f, d, f->hg, ff, n, out, H, il, err);
+}
+
+static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const dlayer *L = &f->layers[(size_t)il];
+    const int64_t H = hp->n_embd, E = hp->n_expert;
+    const int k = f->k;
+    KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, nullptr, L->ffn_norm, n, H, hp->rms_eps), "ffn_norm");
+    if (!L->is_moe) {
+        if (ffn(f, &L->gate, &L->up, &L->down, n, f->tmp, il, err)) return -1;
+        KERNEL_OK(numoe_gpu::add(f->st, f->x, f->tmp, nullptr, n * H), "residual");
+        return 0;
+    }
+    if (mm(f, &L->gate_inp, f->a, H, n, f->rlog, E, il, err)) return -1;
+    KERNEL_OK(numoe_gpu::route(f->st, f->rlog, L->probs_b, f->rid, f->rw, n, (int)E, k, (int)hp->n_group,
+                               (int)hp->n_group_used, hp->gating == NM_GATE_SIGMOID, hp->norm_topk, hp->routed_scale),
+              "router");
+    /* once, device to host, into the region the backend reads from (the
+     * workers' shared input, or the in-process backend's own) */
+    const nm_expert_input *in = &f->experts->in;
+    CUDA_OK(cudaMemcpyAsync(in->x, f->a, (size_t)(n * H) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+            "layer %d: hidden states to the host", il);
+    CUDA_OK(cudaMemcpyAsync(in->ids, f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, f->st),
+            "layer %d: expert ids to the host", il);
+    CUDA_OK(cudaMemcpyAsync(in->w, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+            "layer %d: expert weights to the host", il);
+    CUDA_OK(cudaEventRecord(f->ev_handoff, f->st), "layer %d: hand-off event", il);
+    /* queued behind the copies: the GPU computes the shared experts while the host computes the routed ones */
+    if (hp->n_shared > 0 && ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
+    double t0 = nm_now_s();
+    CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
+    double t1 = nm_now_s();
+    if (nm_experts_submit(f->experts, il, n, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
+    double t2 = nm_now_s();
+    f->stats.t_wait += t1 - t0;
+    f->stats.t_moe += t2 - t1;
+    f->stats.n_moe_calls++;
+    CUDA_OK(cudaMemcpyAsync(f->moe, f->h_moe, (size_t)(n * H) * sizeof(float), cudaMemcpyHostToDevice, f->st),
+            "layer %d: routed experts' sum to the GPU", il);
+    KERNEL_OK(numoe_gpu::add(f->st, f->x, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n * H),
+              "residual");
+    return 0;
+}
+
+/* n tokens whose caches and positions are in h_tinfo[0..n), through every
+ * layer; x then holds their final hidden states. Caches are not advanced. */
+static int run_pass(nm_gpu_forward *f, const int32_t *tok, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const int64_t H = hp->n_embd;
+    const int il = -1;
+    CUDA_OK(cudaMemcpyAsync(f->tinfo, f->h_tinfo, (size_t)n * sizeof(tok_info), cudaMemcpyHostToDevice, f->st),
+            "token table to the GPU");
+    for (int64_t t = 0; t < n; t++) {
+        int rc = nm_cuda_dequantize(f->tok_embd.type, f->tok_embd.d + (size_t)tok[t] * f->tok_embd.row_bytes,
+                                    f->x + t * H, H, f->st);
+        if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: embedding of token %d: %s", tok[t], nm_cuda_last_error());
+    }
+    for (int l = 0; l < hp->n_layer; l++)
+        if (attention(f, l, n, err) || feed_forward(f, l, n, err)) return -1;
+    /* the pinned token table is rewritten by the next pass */
+    CUDA_OK(cudaStreamSynchronize(f->st), "layer %d: end of the pass", il);
+    f->stats.n_passes++;
+    return 0;
+}
+
+/* Final norm and output head of rows rowlist[0..n) of x into rowdst[i]
+ * (n_vocab floats each), logit_rows rows at a time. */
+static int head(nm_gpu_forward *f, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const int64_t H = hp->n_embd, V = hp->n_vocab;
+    const int il = (int)hp->n_layer;
+    for (int64_t r0 = 0; r0 < n; r0 += f->logit_rows) {
+        const int64_t c = n - r0 < f->logit_rows ? n - r0 : f->logit_rows;
+        for (int64_t i = 0; i < c; i++) f->h_rows[i] = (int32_t)f->rowlist[(size_t)(r0 + i)];
+        CUDA_OK(cudaMemcpyAsync(f->rows, f->h_rows, (size_t)c * sizeof(int32_t), cudaMemcpyHostToDevice, f->st),
+                "output rows to the GPU");
+        KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, f->rows, f->out_norm, c, H, hp->rms_eps), "output_norm");
+        if (mm(f, &f->output, f->a, H, c, f->logits, V, il, err)) return -1;
+        CUDA_OK(cudaMemcpyAsync(f->h_logits, f->logits, (size_t)(c * V) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+                "logits to the host");
+        CUDA_OK(cudaStreamSynchronize(f->st), "output head");
+        for (int64_t i = 0; i < c; i++)
+            memcpy(f->rowdst[(size_t)(r0 + i)], f->h_logits + (size_t)(i * V), (size_t)V * sizeof(float));
+    }
+    return 0;
+}
+
+/* ---- caches --------------------------------------------------------------------- */
+
+static int kv_alloc(nm_gpu_forward *f, nm_gpu_kv *kv, int64_t n_ctx, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    *kv = nm_gpu_kv{f, nullptr, n_ctx, 0, 0};
+    if (n_ctx < 1 || n_ctx > f->n_ctx)
+        return nm_errf(err, "GPU: a cache of %lld positions (this state allows 1..%lld)", (long long)n_ctx,
+                       (long long)f->n_ctx);
+    kv->bytes = (size_t)hp->n_layer * (size_t)n_ctx * (size_t)(hp->kv_lora + hp->d_rope) * sizeof(float);
+    void *d = nullptr;
+    CUDA_OK(cudaMalloc(&d, kv->bytes), "allocating the KV cache: %lld positions x %lld layers (%zu MiB)",
+            (long long)n_ctx, (long long)hp->n_layer, kv->bytes >> 20);
+    /* never read before written (attention reads positions <= its own); cleared
+     * anyway so that a bug shows as zeros rather than stale data */
+    cudaError_t e = cudaMemsetAsync(d, 0, kv->bytes, f->st);
+    if (e != cudaSuccess) {
+        cudaFree(d);
+        return fail_cuda(err, e, "clearing the KV cache");
+    }
+    kv->d = static_cast<float *>(d);
+    f->stats.vram_kv += kv->bytes;
+    return 0;
+}
+
+static void kv_release(nm_gpu_kv *kv) {
+    if (kv->d) {
+        cudaFree(kv->d);
+        kv->f->stats.vram_kv -= kv->bytes;
+    }
+    kv->d = nullptr;
+    kv->n_pos = 0;
+}
+
+/* ---- API ------------------------------------------------------------------------ */
+
+extern "C" void nm_gpu_forward_free(nm_gpu_forward *f) {
+    if (!f) return;
+    cudaSetDevice(f->device);
+    if (f->st) cudaStreamSynchronize(f->st);
+    kv_release(&f->own);
+    for (void *p : f->dev) cudaFree(p);
+    for (void *p : f->host) cudaFreeHost(p);
+    if (f->pinned_in) cudaHostUnregister(f->pinned_in);
+    if (f->ev_handoff) cudaEventDestroy(f->ev_handoff);
+    if (f->cb) cublasDestroy(f->cb);
+    if (f->st) cudaStreamDestroy(f->st);
+    delete f;
+}
+
+static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opts *o, nm_err *err) {
+    const nm_hparams *hp = &m->hp;
+    CUDA_OK(cudaSetDevice(o->device), "selecting CUDA device %d", o->device);
+    CUDA_OK(cudaStreamCreateWithFlags(&f->st, cudaStreamNonBlocking), "creating a stream");
+    CUDA_OK(cudaEventCreateWithFlags(&f->ev_handoff, cudaEventDisableTiming), "creating an event");
+    cublasStatus_t bs = cublasCreate(&f->cb);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        f->cb = nullptr;
+        return nm_errf(err, "GPU: cuBLAS init: %s", cublasGetStatusString(bs));
+    }
+    if ((bs = cublasSetStream(f->cb, f->st)) != CUBLAS_STATUS_SUCCESS)
+        return nm_errf(err, "GPU: cuBLAS stream: %s", cublasGetStatusString(bs));
+
+    /* weights */
+    if (upload_mat(f, &m->tok_embd, &f->tok_embd, P_EMBED, err) || upload_mat(f, &m->output, &f->output, P_EMBED, err) ||
+        upload_vec(f, m->out_norm, hp->n_embd, &f->out_norm, "output_norm", err))
+        return -1;
+    nm_rope rope;
+    if (nm_rope_init(&rope, (int)hp->d_rope, hp->rope_base, hp->rope_freq_scale, hp->yarn_ext_factor,
+                     hp->rope_n_ctx_orig))
+        return nm_errf(err, "out of memory");
+    int rc = upload_vec(f, rope.inv_freq, hp->d_rope / 2, &f->inv_freq, "RoPE frequencies", err);
+    nm_rope_free(&rope);
+    if (rc) return -1;
+    f->layers.resize((size_t)hp->n_layer);
+    size_t wmax = 0;
+    auto note = [&wmax](const dmat &d) {
+        if (d.d && d.type != NM_TYPE_F32 && (size_t)(d.rows * d.cols) > wmax) wmax = (size_t)(d.rows * d.cols);
+    };
+    note(f->output);
+    for (int il = 0; il < hp->n_layer; il++) {
+        const nm_layer *S = &m->layers[il];
+        dlayer *L = &f->layers[(size_t)il];
+        char what[64];
+        snprintf(what, sizeof what, "blk.%d norms", il);
+        L->is_moe = S->is_moe;
+        if (upload_vec(f, S->attn_norm, hp->n_embd, &L->attn_norm, what, err) ||
+            upload_vec(f, S->q_a_norm, hp->q_lora, &L->q_a_norm, what, err) ||
+            upload_vec(f, S->kv_a_norm, hp->kv_lora, &L->kv_a_norm, what, err) ||
+            upload_vec(f, S->ffn_norm, hp->n_embd, &L->ffn_norm, what, err) ||
+            upload_vec(f, S->probs_b, hp->n_expert, &L->probs_b, what, err) ||
+            upload_mat(f, &S->q, &L->q, P_ATTN, err) || upload_mat(f, &S->q_a, &L->q_a, P_ATTN, err) ||
+            upload_mat(f, &S->q_b, &L->q_b, P_ATTN, err) || upload_mat(f, &S->kv_a, &L->kv_a, P_ATTN, err) ||
+            upload_mat(f, &S->out, &L->out, P_ATTN, err) || upload_absorb(f, &S->k_b, &L->kb, err) ||
+            upload_absorb(f, &S->v_b, &L->vb, err) || upload_mat(f, &S->gate, &L->gate, P_DENSE, err) ||
+            upload_mat(f, &S->up, &L->up, P_DENSE, err) || upload_mat(f, &S->down, &L->down, P_DENSE, err) ||
+            upload_mat(f, &S->gate_inp, &L->gate_inp, P_ROUTER, err) ||
+            upload_mat(f, &S->gate_sh, &L->gate_sh, P_SHARED, err) ||
+            upload_mat(f, &S->up_sh, &L->up_sh, P_SHARED, err) || upload_mat(f, &S->down_sh, &L->down_sh, P_SHARED, err))
+            return nm_err_prefix(err, "uploading layer %d", il);
+        for (const dmat *d : {&L->q, &L->q_a, &L->q_b, &L->kv_a, &L->out, &L->gate, &L->up, &L->down, &L->gate_inp,
+                              &L->gate_sh, &L->up_sh, &L->down_sh})
+            note(*d);
+    }
+
+    /* scratch for batches of T tokens */
+    const int64_t T = f->n_batch, H = hp->n_embd, nh = hp->n_head, dk = hp->d_nope + hp->d_rope;
+    const int64_t W = hp->kv_lora + hp->d_rope;
+    int64_t ffw = hp->n_ff_exp * hp->n_shared;
+    if (hp->n_dense > 0 && hp->n_ff > ffw) ffw = hp->n_ff;
+    f->logit_rows = T < LOGIT_ROWS_MAX ? T : LOGIT_ROWS_MAX;
+    f->wtile_elems = wmax < WTILE_MAX ? wmax : WTILE_MAX;
+    if (dalloc_n(f, &f->x, (size_t)(T * H), "x", err) || dalloc_n(f, &f->a, (size_t)(T * H), "a", err) ||
+        dalloc_n(f, &f->q, (size_t)(T * nh * dk), "q", err) ||
+        dalloc_n(f, &f->qa, (size_t)(T * (hp->q_lora > 0 ? hp->q_lora : 1)), "q_a", err) ||
+        dalloc_n(f, &f->kvn, (size_t)(T * W), "kv_a", err) || dalloc_n(f, &f->qabs, (size_t)(T * nh * W), "q_abs", err) ||
+        dalloc_n(f, &f->oc, (size_t)(T * nh * hp->kv_lora), "o_c", err) ||
+        dalloc_n(f, &f->o, (size_t)(T * nh * hp->d_v), "o", err) || dalloc_n(f, &f->tmp, (size_t)(T * H), "tmp", err) ||
+        dalloc_n(f, &f->hg, (size_t)(T * (ffw > 0 ? ffw : 1)), "ffn gate", err) ||
+        dalloc_n(f, &f->hu, (size_t)(T * (ffw > 0 ? ffw : 1)), "ffn up", err) ||
+        dalloc_n(f, &f->rlog, (size_t)(T * hp->n_expert), "router logits", err) ||
+        dalloc_n(f, &f->rw, (size_t)(T * f->k), "expert weights", err) ||
+        dalloc_n(f, &f->rid, (size_t)(T * f->k), "expert ids", err) ||
+        dalloc_n(f, &f->moe, (size_t)(T * H), "routed sum", err) || dalloc_n(f, &f->sh, (size_t)(T * H), "shared", err) ||
+        dalloc_n(f, &f->logits, (size_t)(f->logit_rows * hp->n_vocab), "logits", err) ||
+        dalloc_n(f, &f->rows, (size_t)f->logit_rows, "output rows", err) ||
+        dalloc_n(f, &f->tinfo, (size_t)T, "token table", err) ||
+        (f->wtile_elems && dalloc_n(f, &f->wtile, f->wtile_elems, "dequantisation tile", err)))
+        return -1;
+    if (halloc_n(f, &f->h_moe, (size_t)(T * H), "hand-off", err) ||
+        halloc_n(f, &f->h_logits, (size_t)(f->logit_rows * hp->n_vocab), "logits", err) ||
+        halloc_n(f, &f->h_rows, (size_t)f->logit_rows, "output rows", err) ||
+        halloc_n(f, &f->h_tinfo, (size_t)T, "token table", err))
+        return -1;
+    /* the backend's input region is one block (backend.h); pinned, the
+     * hand-off copies run as asynchronous DMA like into our own buffers */
+    const nm_expert_input *in = &f->experts->in;
+    size_t nx = (size_t)(in->max_tok * in->n_embd), nk = (size_t)(in->max_tok * in->max_k);
+    size_t in_bytes = (nx + 2 * nk) * sizeof(float);
+    if ((void *)in->ids != (void *)(in->x + nx) || in->w != (float *)in->ids + nk)
+        return nm_errf(err, "GPU: the expert backend's input region is not one block (x, ids, w), so it cannot be "
+                       "pinned at once");
+    CUDA_OK(cudaHostRegister(in->x, in_bytes, cudaHostRegisterPortable), "pinning the expert backend's %zu-KiB input "
+            "region", in_bytes >> 10);
+    f->pinned_in = in->x;
+    f->rowlist.resize((size_t)T);
+    f->rowdst.resize((size_t)T);
+    CUDA_OK(cudaDeviceSynchronize(), "after the upload");
+
+    cudaDeviceProp prop;
+    CUDA_OK(cudaGetDeviceProperties(&prop, o->device), "device properties");
+    const double MiB = 1024.0 * 1024.0;
+    snprintf(f->desc, sizeof f->desc,
+             "GPU %d: %s (%.0f GiB), VRAM: embedding+head %.1f MiB, attention %.1f MiB, k_b/v_b f32 %.1f MiB, "
+             "dense FFN %.1f MiB, shared experts %.1f MiB, router %.1f MiB, vectors %.2f MiB, scratch %.1f MiB "
+             "(batch %lld, GEMM %s)",
+             o->device, prop.name, (double)prop.totalGlobalMem / (MiB * 1024.0), f->vram[P_EMBED] / MiB,
+             f->vram[P_ATTN] / MiB, f->vram[P_ABSORB] / MiB, f->vram[P_DENSE] / MiB, f->vram[P_SHARED] / MiB,
+             f->vram[P_ROUTER] / MiB, f->vram[P_VECTORS] / MiB, f->vram[P_SCRATCH] / MiB, (long long)T,
+             f->gemm == NM_GPU_GEMM_TF32 ? "tf32" : f->gemm == NM_GPU_GEMM_BF16 ? "bf16" : "f32");
+    return 0;
+}
+
+extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm_expert_backend *experts,
+                                     const nm_gpu_forward_opts *o, nm_err *err) {
+    *out = nullptr;
+    const nm_hparams *hp = &m->hp;
+    if (!o || !experts) return nm_errf(err, "GPU: no options or no expert backend");
+    if (experts->in.max_tok < (o->n_batch > 0 ? o->n_batch : 512) || experts->in.n_embd != hp->n_embd ||
+        experts->in.max_k < (o->n_expert_used > 0 ? o->n_expert_used : (int)hp->n_expert_used))
+        return nm_errf(err, "GPU: the expert backend takes %lld tokens of %d experts per layer, fewer than a batch",
+                       (long long)experts->in.max_tok, experts->in.max_k);
+    int k = o->n_expert_used > 0 ? o->n_expert_used : (int)hp->n_expert_used;
+    if (k > hp->n_expert_used)
+        return nm_errf(err, "--experts-used %d: the model routes to %lld experts per token; numoe can lower it, not raise it",
+                       k, (long long)hp->n_expert_used);
+    if (o->n_ctx < 1 || o->n_ctx > INT32_MAX / 2) return nm_errf(err, "GPU: context size %lld out of range", (long long)o->n_ctx);
+    if (hp->kv_lora > 1024 || hp->n_expert > 1024 || hp->n_group > 256)
+        return nm_errf(err, "GPU: kv_lora %lld / %lld experts / %lld groups exceed the kernels' limits (1024 / 1024 / 256)",
+                       (long long)hp->kv_lora, (long long)hp->n_expert, (long long)hp->n_group);
+    if ((o->gemm != NM_GPU_GEMM_F32 && o->gemm != NM_GPU_GEMM_TF32 && o->gemm != NM_GPU_GEMM_BF16) || o->gemv_max < 0)
+        return nm_errf(err, "GPU: bad GEMM mode %d or gemv_max %d", (int)o->gemm, o->gemv_max);
+    char msg[512];
+    if (nm_cuda_available(msg, sizeof msg) < 1) return nm_errf(err, "GPU: no usable CUDA device: %s", msg);
+    nm_gpu_forward *f = new (std::nothrow) nm_gpu_forward();
+    if (!f) return nm_errf(err, "out of memory");
+    f->m = m;
+    f->experts = experts;
+    f->device = o->device;
+    f->k = k;
+    f->n_ctx = o->n_ctx;
+    f->n_batch = o->n_batch > 0 ? o->n_batch : 512;
+    f->gemm = o->gemm;
+    f->gemv_max = o->gemv_max > 0 ? o->gemv_max : 4;
+    f->own.f = f;
+    if (create(f, m, o, err)) {
+        nm_gpu_forward_free(f);
+        return -1;
+    }
+    *out = f;
+    return 0;
+}
+
+static int check_tokens(const nm_gpu_forward *f, const int32_t *tokens, int64_t n, nm_err *err) {
+    for (int64_t t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= f->m->hp.n_vocab)
+            return nm_errf(err, "token id %d at input position %lld is outside the vocabulary (0..%lld)", tokens[t],
+                           (long long)t, (long long)f->m->hp.n_vocab - 1);
+    return 0;
+}
+
+extern "C" int nm_gpu_forward_tokens(nm_gpu_forward *f, const int32_t *tokens, int64_t n, float *logits, int all_logits,
+                                     nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const double t0 = nm_now_s();
+    if (n < 1) return nm_errf(err, "no tokens to evaluate");
+    CUDA_OK(cudaSetDevice(f->device), "selecting CUDA device %d", f->device);
+    if (!f->own.d && kv_alloc(f, &f->own, f->n_ctx, err)) return -1;
+    if (f->own.n_pos + n > f->own.n_ctx)
+        return nm_errf(err, "context full: %lld cached + %lld new tokens exceed the context size %lld (raise --ctx-size)",
+                       (long long)f->own.n_pos, (long long)n, (long long)f->own.n_ctx);
+    if (check_tokens(f, tokens, n, err)) return -1;
+    for (int64_t done = 0; done < n; done += f->n_batch) {
+        const int64_t c = n - done < f->n_batch ? n - done : f->n_batch;
+        const int last_chunk = done + c == n;
+        for (int64_t t = 0; t < c; t++)
+            f->h_tinfo[t] = tok_info{f->own.d, (int32_t)f->own.n_ctx, (int32_t)(f->own.n_pos + t)};
+        if (run_pass(f, tokens + done, c, err)) return -1;
+        f->own.n_pos += c;
+        if (!logits || (!all_logits && !last_chunk)) continue;
+        const int64_t first = all_logits ? 0 : c - 1;
+        for (int64_t t = first; t < c; t++) {
+            f->rowlist[(size_t)(t - first)] = t;
+            f->rowdst[(size_t)(t - first)] = all_logits ? logits + (size_t)(done + t) * (size_t)hp->n_vocab : logits;
+        }
+        if (head(f, c - first, err)) return -1;
+    }
+    f->stats.t_total += nm_now_s() - t0;
+    return 0;
+}
+
+extern "C" int nm_gpu_forward_batch(nm_gpu_forward *f, nm_gpu_forward_seq *seqs, int n_seqs, nm_err *err) {
+    const double t0 = nm_now_s();
+    int64_t n = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const nm_gpu_forward_seq *q = &seqs[i];
+        if (q->n < 1) return nm_errf(err, "batch segment %d has no tokens", i);
+        if (!q->kv || q->kv->f != f || !q->kv->d) return nm_errf(err, "batch segment %d: its cache is not one of this GPU state's", i);
+        for (int j = 0; j < i; j++)
+            if (seqs[j].kv == q->kv) return nm_errf(err, "batch segments %d and %d share one cache", j, i);
+        if (q->kv->n_pos + q->n > q->kv->n_ctx)
+            return nm_errf(err, "batch segment %d: %lld cached + %lld new tokens exceed its context %lld", i,
+                           (long long)q->kv->n_pos, (long long)q->n, (long long)q->kv->n_ctx);
+        if (check_tokens(f, q->tokens, q->n, err)) return nm_err_prefix(err, "batch segment %d", i);
+        n += q->n;
+    }
+    if (n < 1) return nm_errf(err, "no tokens to evaluate");
+    if (n > f->n_batch)
+        return nm_errf(err, "a batch of %lld tokens exceeds the %lld the state was made for", (long long)n,
+                       (long long)f->n_batch);
+    CUDA_OK(cudaSetDevice(f->device), "selecting CUDA device %d", f->device);
+    std::vector<int32_t> tok((size_t)n);
+    int64_t t = 0;
+    for (int i = 0; i < n_seqs; i++)
+        for (int64_t j = 0; j < seqs[i].n; j++, t++) {
+            tok[(size_t)t] = seqs[i].tokens[j];
+            f->h_tinfo[t] = tok_info{seqs[i].kv->d, (int32_t)seqs[i].kv->n_ctx, (int32_t)(seqs[i].kv->n_pos + j)};
+        }
+    if (run_pass(f, tok.data(), n, err)) return -1;
+    int64_t r = 0;
+    t = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        t += seqs[i].n;
+        seqs[i].kv->n_pos += seqs[i].n;
+        if (seqs[i].logits) {
+            f->rowlist[(size_t)r] = t - 1;
+            f->rowdst[(size_t)r] = seqs[i].logits;
+            r++;
+        }
+    }
+    if (r && head(f, r, err)) return -1;
+    f->stats.t_total += nm_now_s() - t0;
+    return 0;
+}
+
+extern "C" void nm_gpu_forward_reset(nm_gpu_forward *f) { f->own.n_pos = 0; }
+
+extern "C" void nm_gpu_forward_rewind(nm_gpu_forward *f, int64_t n) {
+    if (n >= 0 && n < f->own.n_pos) f->own.n_pos = n;
+}
+
+extern "C" int64_t nm_gpu_forward_pos(const nm_gpu_forward *f) { return f->own.n_pos; }
+
+extern "C" int nm_gpu_kv_create(nm_gpu_forward *f, int64_t n_ctx, nm_gpu_kv **out, nm_err *err) {
+    *out = nullptr;
+    CUDA_OK(cudaSetDevice(f->device), "selecting CUDA device %d", f->device);
+    nm_gpu_kv *kv = new (std::nothrow) nm_gpu_kv();
+    if (!kv) return nm_errf(err, "out of memory");
+    if (kv_alloc(f, kv, n_ctx, err)) {
+        delete kv;
+        return -1;
+    }
+    *out = kv;
+    return 0;
+}
+
+extern "C" void nm_gpu_kv_free(nm_gpu_kv *kv) {
+    if (!kv) return;
+    cudaSetDevice(kv->f->device);
+    /* a pass in flight may still read it */
+    cudaStreamSynchronize(kv->f->st);
+    kv_release(kv);
+    delete kv;
+}
+
+extern "C" int64_t nm_gpu_kv_pos(const nm_gpu_kv *kv) { return kv->n_pos; }
+
+extern "C" void nm_gpu_kv_rewind(nm_gpu_kv *kv, int64_t n) {
+    if (n >= 0 && n < kv->n_pos) kv->n_pos = n;
+}
+
+extern "C" void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward_stats *s) {
+    *s = f->stats;
+    s->vram_embed = f->vram[P_EMBED];
+    s->vram_attn = f->vram[P_ATTN];
+    s->vram_absorb = f->vram[P_ABSORB];
+    s->vram_dense = f->vram[P_DENSE];
+    s->vram_shared = f->vram[P_SHARED];
+    s->vram_router = f->vram[P_ROUTER];
+    s->vram_vectors = f->vram[P_VECTORS];
+    s->vram_scratch = f->vram[P_SCRATCH];
+}
+
+extern "C" void nm_gpu_forward_reset_stats(nm_gpu_forward *f) {
+    const size_t kv = f->stats.vram_kv;
+    f->stats = nm_gpu_forward_stats{};
+    f->stats.vram_kv = kv;
+}
+
+extern "C" const char *nm_gpu_forward_describe(const nm_gpu_forward *f) { return f->desc; }

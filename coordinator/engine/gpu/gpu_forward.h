@@ -1,0 +1,143 @@
+/* gpu_forward.h - the DeepSeek forward pass on one CUDA GPU, with the routed
+ * experts still computed on the host through an nm_expert_backend (the
+ * in-process pool or the worker processes). Plain C API; the implementation
+ * is CUDA C++ (coordinator/engine/gpu/gpu_forward.cu) and links against cuBLAS.
+ *
+ * It computes what the CPU engine (coordinator/engine/cpu/forward.c) computes,
+ * in the same order:
+ * embedding, per layer RMSNorm, absorbed MLA over a latent KV cache (in
+ * VRAM), YaRN RoPE, dense FFN or router + shared experts + routed experts,
+ * final norm and output head. At load every tensor but the routed experts is
+ * copied to VRAM once in the file's type (the legacy attn_kv_b's derived
+ * k_b / v_b as the model holds them); k_b and v_b are then kept as float32
+ * (dequantised on the GPU), so each layer's per-head products run as one
+ * strided-batched GEMM. Per MoE layer the normed hidden states, the expert
+ * ids and weights go device-to-host once, straight into the expert backend's
+ * input region (coordinator/experts/backend.h; pinned with cudaHostRegister
+ * at create), the backend's submit and wait run on the host while the GPU
+ * computes the shared experts, and the sum comes back host-to-device and is
+ * added. The backend's region must hold a batch (n_batch tokens, k experts).
+ *
+ * Matrix products: a batch of at most gemv_max tokens multiplies each token
+ * by the quantised GEMV kernel (kernels/cuda/cuda_quant.h, fp32 activations);
+ * larger batches (prefill) dequantise the weight into a float32 scratch (in
+ * row tiles) and run one cuBLAS GEMM, in fp32 (NM_GPU_GEMM_F32, default) or
+ * on the tensor cores with TF32 / BF16 operands (NM_GPU_GEMM_TF32 / _BF16).
+ *
+ * Numerics against the CPU path: the GPU keeps activations in fp32 for
+ * every weight type, while the CPU quantises them to Q8_0 / Q8_K for
+ * quantised weights, so on float models the two agree to fp32 rounding and
+ * on quantised models as far as that activation rounding allows;
+ * tests/cuda/test_cuda_forward.cu measures both.
+ *
+ * Ownership and threads: nm_gpu_forward_create borrows the model, its
+ * mapping and the backend (they must outlive the state) and owns every
+ * device and pinned buffer; nm_gpu_forward_free releases them. A state
+ * serves one thread at a time. Caches made by nm_gpu_kv_create belong to
+ * the caller and must be freed (nm_gpu_kv_free) before the state.
+ * Errors: every call that can fail returns 0 or -1 with err naming the
+ * layer, tensor and the CUDA / cuBLAS error; nothing exits or prints. After
+ * a CUDA fault inside a kernel the device context is lost and every later
+ * call fails. */
+#ifndef NUMOE_COORDINATOR_GPU_FORWARD_H
+#define NUMOE_COORDINATOR_GPU_FORWARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "common/error.h"
+#include "coordinator/experts/backend.h"
+#include "model/model.h"
+
+typedef struct nm_gpu_forward nm_gpu_forward;
+typedef struct nm_gpu_kv nm_gpu_kv;
+
+typedef enum {
+    NM_GPU_GEMM_F32 = 0,  /* fp32 FMA (no tensor cores): agrees with the GEMV path to rounding */
+    NM_GPU_GEMM_TF32 = 1, /* tensor cores, operands rounded to TF32 (10-bit mantissa) */
+    NM_GPU_GEMM_BF16 = 2  /* tensor cores, operands rounded to BF16 (7-bit mantissa) */
+} nm_gpu_gemm_mode;
+
+typedef struct {
+    int device;            /* CUDA device ordinal */
+    int64_t n_ctx;         /* positions of the state's own cache and the most any cache may have (> 0) */
+    int64_t n_batch;       /* most tokens per pass (<= 0: 512); longer inputs go in chunks */
+    int n_expert_used;     /* 0: the model's expert_used_count; may be lower, never higher */
+    nm_gpu_gemm_mode gemm; /* prefill GEMM precision */
+    int gemv_max;          /* batches of up to this many tokens use per-token GEMV (0: 4) */
+} nm_gpu_forward_opts;
+
+/* Uploads the model and allocates scratch for batches of n_batch tokens.
+ * The state's own cache (for nm_gpu_forward_tokens) is allocated on first
+ * use. 0 and *out, or -1 with err (no GPU, out of VRAM, a type the CUDA
+ * kernels cannot handle, ...). */
+int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm_expert_backend *experts,
+                          const nm_gpu_forward_opts *o, nm_err *err);
+void nm_gpu_forward_free(nm_gpu_forward *f);
+
+/* As nm_forward_tokens: n tokens at the next positions of the state's own
+ * cache (prefill when n > 1, decode when n == 1). logits: NULL, or n rows of
+ * n_vocab floats when all_logits, else the last token's row. */
+int nm_gpu_forward_tokens(nm_gpu_forward *f, const int32_t *tokens, int64_t n, float *logits, int all_logits,
+                          nm_err *err);
+/* Forgets the own cache / keeps only its first n positions. */
+void nm_gpu_forward_reset(nm_gpu_forward *f);
+void nm_gpu_forward_rewind(nm_gpu_forward *f, int64_t n);
+/* Positions filled in the own cache. */
+int64_t nm_gpu_forward_pos(const nm_gpu_forward *f);
+
+/* A sequence's latent cache in VRAM (n_ctx <= the state's n_ctx). */
+int nm_gpu_kv_create(nm_gpu_forward *f, int64_t n_ctx, nm_gpu_kv **out, nm_err *err);
+void nm_gpu_kv_free(nm_gpu_kv *kv);
+int64_t nm_gpu_kv_pos(const nm_gpu_kv *kv);
+/* Keeps only the first n positions (n <= filled). */
+void nm_gpu_kv_rewind(nm_gpu_kv *kv, int64_t n);
+
+/* As nm_forward_seq: n tokens go to the next positions of kv (which
+ * advances by n); logits: NULL, or n_vocab floats for the last token. */
+typedef struct {
+    nm_gpu_kv *kv;
+    const int32_t *tokens;
+    int64_t n;
+    float *logits;
+} nm_gpu_forward_seq;
+
+/* As nm_forward_batch: the segments of n_seqs sequences (distinct caches of
+ * this state) as one pass of at most n_batch tokens; each segment's results
+ * equal what the sequence gives alone (to the rounding of the GEMV/GEMM
+ * choice, which depends on the batch size). 0, or -1 with err (no cache is
+ * advanced then). */
+int nm_gpu_forward_batch(nm_gpu_forward *f, nm_gpu_forward_seq *seqs, int n_seqs, nm_err *err);
+
+/* Bytes of VRAM per part and where the host time went. */
+typedef struct {
+    size_t vram_embed;    /* token embedding + output head */
+    size_t vram_attn;     /* attention projections (q / q_a / q_b, kv_a, output) */
+    size_t vram_absorb;   /* float32 k_b / v_b */
+    size_t vram_dense;    /* dense FFN layers */
+    size_t vram_shared;   /* shared experts */
+    size_t vram_router;   /* router matrices */
+    size_t vram_vectors;  /* norms, router bias, RoPE frequencies */
+    size_t vram_scratch;  /* activations and the GEMM dequantisation tile */
+    size_t vram_kv;       /* caches allocated now */
+    int64_t n_passes;     /* passes through the layers */
+    int64_t n_moe_calls;  /* routed-expert hand-offs (submit + wait) */
+    double t_moe;         /* seconds inside the backend's submit and wait */
+    double t_wait;        /* seconds the host waited for the GPU before handing a layer over */
+    double t_total;       /* seconds inside nm_gpu_forward_tokens / _batch */
+} nm_gpu_forward_stats;
+
+void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward_stats *s);
+void nm_gpu_forward_reset_stats(nm_gpu_forward *f);
+/* One line: the device and the VRAM per part (for the load message). */
+const char *nm_gpu_forward_describe(const nm_gpu_forward *f);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,71 @@
+/* gpu_kernels.cuh - the element-wise, normalisation, RoPE, attention and
+ * routing kernels of the GPU forward pass (coordinator/engine/gpu/gpu_forward.cu),
+ * each launched on the caller's stream. Not a public header (CUDA C++ only).
+ *
+ * They reproduce the CPU path's float operations where it matters for
+ * agreement (coordinator/forward.c, rope.c, router.c): products and sums are
+ * written as __fmul_rn / __fadd_rn where the CPU rounds each one on its own
+ * (so nvcc cannot fuse them into an FMA), RMSNorm sums squares in double as
+ * forward.c does, and cosf / sinf / expf / sqrtf are the IEEE-accurate
+ * versions (no fast-math intrinsics). Reductions run in a different order
+ * from the CPU's, so results agree to float rounding, not bit for bit.
+ *
+ * Launch errors are reported through the return value (cudaGetLastError
+ * after the launch); a fault inside a kernel shows at the next sync. */
+#ifndef NUMOE_COORDINATOR_GPU_KERNELS_CUH
+#define NUMOE_COORDINATOR_GPU_KERNELS_CUH
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifndef __cplusplus
+#error "CUDA C++ only"
+#endif
+
+namespace numoe_gpu {
+
+/* Where one token of a pass goes: its sequence's latent cache (layer 0,
+ * position 0; [n_layer][n_ctx][kv_lora + d_rope] floats) and its position. */
+struct tok_info {
+    float *kv;
+    int32_t n_ctx;
+    int32_t pos;
+};
+
+/* out[r][i] = x[src][i] * inv * w[i], inv = 1 / sqrt(mean(x[src]^2) + eps),
+ * src = rows ? rows[r] : r. Rows of dim floats, x_stride / o_stride apart.
+ * out may equal x (same stride). */
+cudaError_t rmsnorm(cudaStream_t s, float *out, int64_t o_stride, const float *x, int64_t x_stride, const int32_t *rows,
+                    const float *w, int64_t n_rows, int64_t dim, float eps);
+
+/* g[i] = silu(g[i]) * u[i] for i < n, silu(v) = v / (1 + exp(-v)). */
+cudaError_t silu_mul(cudaStream_t s, float *g, const float *u, int64_t n);
+/* x[i] += a[i]; with b: x[i] = (x[i] + a[i]) + b[i] (the CPU's order). */
+cudaError_t add(cudaStream_t s, float *x, const float *a, const float *b, int64_t n);
+
+/* The MLA inputs of n tokens, per token t (ti[t]):
+ *   cache row (layer, pos) = [RMSNorm(kvn[t][0..kr)) * kv_norm | RoPE(kvn[t][kr..kr+dr), pos)],
+ *   q[t][h][dn..dn+dr) = RoPE(itself, pos) for every head h,
+ *   qabs[t][h][kr..kr+dr) = that rotated q_pe (the rope half of the absorbed query).
+ * kvn rows are kr + dr wide, q rows nh * (dn + dr), qabs rows nh * (kr + dr).
+ * inv_freq: dr / 2 pair frequencies (nm_rope). */
+cudaError_t mla_prep(cudaStream_t s, const float *kvn, float *q, float *qabs, const tok_info *ti, int layer,
+                     const float *kv_norm, const float *inv_freq, int kr, int dr, int nh, int dn, float eps, int64_t n);
+
+/* Absorbed MLA attention of n tokens x nh heads over each token's cache
+ * (positions 0..ti[t].pos of layer `layer`, causal):
+ *   oc[t][h] = sum_p softmax_p(scale * qabs[t][h] . row_p) * row_p[0..kr),
+ * qabs rows and cache rows kr + dr wide, oc rows kr. kr <= 1024. */
+cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_info *ti, int layer, int nh, int kr,
+                      int dr, float scale, int64_t n);
+
+/* Router of n tokens: logits [n][E] -> ids / weights [n][k], exactly the
+ * selection rules of coordinator/router.c (softmax or sigmoid + bias,
+ * group-limited top-k with the same tie rule, weight normalisation and
+ * scale). bias: E floats or NULL. E <= 1024, G <= 256. */
+cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_t *ids, float *w, int64_t n, int E,
+                  int k, int G, int G_used, int sigmoid, int norm_topk, float scale);
+
+} /* namespace numoe_gpu */
+
+#endif

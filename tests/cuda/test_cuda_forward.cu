@@ -1,0 +1,676 @@
+/* test_cuda_forward.cu - the GPU forward pass (coordinator/engine/gpu/gpu_forward.h)
+ * against the CPU engine (coordinator/engine/cpu/cpu_engine.h) on every fixture in
+ * tests/fixtures/models (run from the repository root).
+ *
+ * Per fixture, with the routed experts in process (both sides use the same
+ * nm_expert_backend, wrapped to record every hand-off):
+ *   CPU:  a 12-token prompt (one batch, every row's logits), then 40 greedy
+ *         decode steps; the logits of all 52 positions, the tokens and each
+ *         layer's routing (ids, weights, the hidden states handed over).
+ *   A:    the GPU on the same tokens (teacher-forced: decode feeds the CPU's
+ *         tokens), routing its own way. Positions before the first routing
+ *         difference must agree within the bound, and there the argmax must
+ *         equal the CPU's unless the CPU's top-2 margin is inside the bound.
+ *         A routing difference must be a near-tie: the margin of the
+ *         decision (k-th vs next expert, or kept vs dropped group), in
+ *         double from the CPU's hidden states, under TIE_TOL.
+ *   B:    the GPU routed like the CPU (the wrapper hands the CPU's ids and
+ *         weights to the experts): every position within the bound.
+ *   C:    the GPU generating greedily on its own: the tokens equal the CPU's
+ *         (41) up to the first position where A's routing differed (all of
+ *         them when it never did), and at least 32 on float models.
+ *   Router kernel against router.c on random and on tie-heavy logits
+ *         (test_router_kernel).
+ *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
+ *         and token by token equal the one-batch prefill; nm_gpu_forward_batch
+ *         over three sequences (prefill chunks and decode tokens mixed) equals
+ *         each alone; rewind + re-evaluate equals the first evaluation; the
+ *         error paths (bad token, full context, batch too large).
+ * Bounds (relative: max |gpu - cpu| over the row / max |cpu|): float models
+ * (F32, F16: the CPU keeps activations in fp32 too) REL_FLOAT and per-row
+ * cosine >= COS_FLOAT; quantised models (the CPU rounds activations to
+ * Q8_0 / Q8_K, the GPU does not) REL_QUANT, mean cosine >= COS_QUANT_MEAN,
+ * every row >= COS_QUANT_MIN; GPU against itself REL_SELF. The values
+ * measured are next to the constants.
+ *
+ * Usage: test_cuda_forward [MODEL.gguf ...] (default: every fixture). Last
+ * line "<prog>: N passed, N failed"; exit 1 on failure, 77 (skipped) when no
+ * CUDA device is usable. */
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "coordinator/engine/gpu/gpu_forward.h"
+#include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/cuda_quant.h"
+#include "kernels/quant.h"
+extern "C" {
+#include "common/gguf.h"
+#include "coordinator/engine/cpu/cpu_engine.h"
+#include "coordinator/experts/local.h"
+#include "coordinator/engine/router.h"
+#include "kernels/threadpool.h"
+}
+
+static const char *g_prog = "test_cuda_forward";
+static int g_passed = 0, g_failed = 0;
+
+static bool check(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static bool check(bool ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s ", ok ? "ok  " : "FAIL");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    (ok ? g_passed : g_failed)++;
+    return ok;
+}
+
+static const char *FIXTURES[] = {
+    "tests/fixtures/models/deepseek-v2-tiny-F32-legacy.gguf", "tests/fixtures/models/deepseek-v2-tiny-Q8_0-legacy.gguf",
+    "tests/fixtures/models/deepseek-v2-tiny-Q4_K-legacy.gguf", "tests/fixtures/models/deepseek-v3-tiny-F32-mla.gguf",
+    "tests/fixtures/models/deepseek-v3-tiny-F16-ik.gguf",      "tests/fixtures/models/deepseek-v3-tiny-Q8_0-mla.gguf",
+    "tests/fixtures/models/deepseek-v3-tiny-Q4_K-mla.gguf",
+};
+
+enum { PROMPT = 12, DECODE = 40, N_CTX = 128 };
+/* measured on an H200 (all fixtures): float models max rel <= 1.0e-6, min cos
+ * 1.0000000; quantised max rel 0.020-0.040, mean cos 0.99970-0.99986, min cos
+ * >= 0.99946; GPU against itself <= 1.0e-6 */
+static const double REL_FLOAT = 1e-5, COS_FLOAT = 0.999999;
+static const double REL_QUANT = 0.08, COS_QUANT_MEAN = 0.9995, COS_QUANT_MIN = 0.999;
+static const double REL_SELF = 1e-5;
+static const double TIE_TOL = 0.02;
+
+/* ---- a recording (and optionally re-routing) expert backend ---------------- */
+
+struct moe_call {
+    int layer;
+    int64_t n;
+    int k;
+    std::vector<int32_t> ids;
+    std::vector<float> w, x;
+};
+
+struct rec_backend {
+    nm_expert_backend base;
+    nm_expert_backend *inner;
+    int64_t H;
+    std::vector<moe_call> calls;
+    const std::vector<moe_call> *force; /* hand these ids / weights to the experts instead */
+    bool force_mismatch;
+};
+
+/* The wrapper shares the inner backend's input region: the engine writes
+ * there, submit records it (and overwrites ids / weights when forcing) and
+ * hands the layer on. */
+static int rec_submit(nm_expert_backend *b, int layer, int64_t n_tok, int k, nm_err *err) {
+    rec_backend *r = (rec_backend *)b;
+    const float *x = b->in.x, *w = b->in.w;
+    const int32_t *ids = b->in.ids;
+    moe_call c{layer, n_tok, k, std::vector<int32_t>(ids, ids + n_tok * k), std::vector<float>(w, w + n_tok * k),
+               std::vector<float>(x, x + n_tok * r->H)};
+    const size_t i = r->calls.size();
+    r->calls.push_back(std::move(c));
+    if (r->force) {
+        if (i >= r->force->size() || (*r->force)[i].layer != layer || (*r->force)[i].n != n_tok ||
+            (*r->force)[i].k != k) {
+            r->force_mismatch = true;
+        } else {
+            memcpy(b->in.ids, (*r->force)[i].ids.data(), (size_t)(n_tok * k) * sizeof(int32_t));
+            memcpy(b->in.w, (*r->force)[i].w.data(), (size_t)(n_tok * k) * sizeof(float));
+        }
+    }
+    return nm_experts_submit(r->inner, layer, n_tok, k, err);
+}
+
+static int rec_wait(nm_expert_backend *b, float *out, nm_err *err) {
+    return nm_experts_wait(((rec_backend *)b)->inner, out, err);
+}
+
+static void rec_destroy(nm_expert_backend *) {}
+
+static rec_backend make_rec(nm_expert_backend *inner, int64_t H) {
+    rec_backend r;
+    r.base.in = inner->in;
+    r.base.submit = rec_submit;
+    r.base.wait = rec_wait;
+    r.base.destroy = rec_destroy;
+    r.inner = inner;
+    r.H = H;
+    r.force = nullptr;
+    r.force_mismatch = false;
+    return r;
+}
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+static int argmax(const float *v, int64_t n) {
+    int b = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (v[i] > v[b]) b = (int)i;
+    return b;
+}
+
+static double top2_margin(const float *v, int64_t n) {
+    double a = -INFINITY, b = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (v[i] > a) b = a, a = v[i];
+        else if (v[i] > b) b = v[i];
+    }
+    return a - b;
+}
+
+struct row_cmp {
+    double rel, cos;
+};
+
+static row_cmp compare_row(const float *g, const float *c, int64_t n) {
+    double mx = 0, md = 0, gg = 0, cc = 0, gc = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < n; i++) {
+        if (!std::isfinite(g[i])) finite = false;
+        mx = std::max(mx, (double)std::fabs(c[i]));
+        md = std::max(md, (double)std::fabs((double)g[i] - c[i]));
+        gg += (double)g[i] * g[i], cc += (double)c[i] * c[i], gc += (double)g[i] * c[i];
+    }
+    if (!finite) return {INFINITY, -1};
+    return {md / (mx > 0 ? mx : 1), gc / std::sqrt(gg * cc + 1e-300)};
+}
+
+static void prompt_of(int seed, int32_t *tok, int64_t n, int64_t V) {
+    uint64_t x = 0x9E3779B97F4A7C15ull * (uint64_t)(seed + 1);
+    for (int64_t i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tok[i] = (int32_t)((x >> 33) % (uint64_t)V);
+    }
+}
+
+/* The margin of the routing decision for hidden state x (the normed input of
+ * the MoE) in layer il, in double: the smaller of (score of the k-th chosen
+ * expert - best unchosen in the kept groups) and (score of the last kept
+ * group - best dropped group). */
+static double route_margin(const nm_model *m, int il, const float *x, int k) {
+    const nm_hparams *hp = &m->hp;
+    const nm_layer *L = &m->layers[il];
+    const int E = (int)hp->n_expert, H = (int)hp->n_embd;
+    std::vector<float> row((size_t)H);
+    std::vector<double> p((size_t)E), s((size_t)E);
+    double mx = -INFINITY;
+    for (int e = 0; e < E; e++) {
+        nm_dequantize_row(L->gate_inp.type, nm_mat_row(&L->gate_inp, 0, e), row.data(), H);
+        double d = 0;
+        for (int c = 0; c < H; c++) d += (double)row[(size_t)c] * x[c];
+        p[(size_t)e] = d;
+        mx = std::max(mx, d);
+    }
+    if (hp->gating == NM_GATE_SOFTMAX) {
+        double sum = 0;
+        for (auto &v : p) sum += v = std::exp(v - mx);
+        for (auto &v : p) v /= sum;
+    } else {
+        for (auto &v : p) v = 1.0 / (1.0 + std::exp(-v));
+    }
+    for (int e = 0; e < E; e++) s[(size_t)e] = p[(size_t)e] + (L->probs_b ? L->probs_b[e] : 0.0);
+    double margin = INFINITY;
+    const int G = (int)hp->n_group, per = E / G;
+    if (G > 1 && hp->n_group_used < G) {
+        std::vector<std::pair<double, int>> gs;
+        for (int g = 0; g < G; g++) {
+            std::vector<double> v(s.begin() + g * per, s.begin() + (g + 1) * per);
+            std::sort(v.rbegin(), v.rend());
+            gs.push_back({hp->gating == NM_GATE_SIGMOID ? v[0] + (per > 1 ? v[1] : 0.0) : v[0], g});
+        }
+        std::sort(gs.begin(), gs.end(), [](auto &a, auto &b) { return a.first > b.first; });
+        margin = gs[(size_t)hp->n_group_used - 1].first - gs[(size_t)hp->n_group_used].first;
+        for (int j = (int)hp->n_group_used; j < G; j++)
+            for (int i = 0; i < per; i++) s[(size_t)(gs[(size_t)j].second * per + i)] = -INFINITY;
+    }
+    std::vector<double> v(s);
+    std::sort(v.rbegin(), v.rend());
+    if (k < E && std::isfinite(v[(size_t)k])) margin = std::min(margin, v[(size_t)k - 1] - v[(size_t)k]);
+    return margin;
+}
+
+/* ---- one fixture ------------------------------------------------------------ */
+
+struct run_out {
+    std::vector<float> logits; /* [PROMPT + DECODE][V] */
+    std::vector<int32_t> tokens; /* generated: PROMPT row's argmax, then one per decode step */
+    std::vector<moe_call> calls;
+};
+
+static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err) {
+    nm_gpu_forward_opts o = {};
+    o.n_ctx = N_CTX;
+    o.n_batch = n_batch;
+    return nm_gpu_forward_create(g, m, b, &o, err);
+}
+
+/* Prefill (one batch, all rows) then DECODE steps, feeding `feed` (NULL:
+ * the run's own argmax). */
+typedef int (*tokens_fn)(void *st, const int32_t *t, int64_t n, float *logits, int all, nm_err *err);
+struct cpu_run {
+    nm_engine *e;
+    nm_engine_seq *seq;
+};
+static int cpu_tokens(void *st, const int32_t *t, int64_t n, float *l, int all, nm_err *err) {
+    cpu_run *c = (cpu_run *)st;
+    return nm_engine_eval(c->e, c->seq, t, n, l, all, err);
+}
+static int gpu_tokens(void *st, const int32_t *t, int64_t n, float *l, int all, nm_err *err) {
+    return nm_gpu_forward_tokens((nm_gpu_forward *)st, t, n, l, all, err);
+}
+
+static bool run_seq(tokens_fn fn, void *st, const int32_t *prompt, int64_t V, const std::vector<int32_t> *feed,
+                    run_out *out, const char *what) {
+    nm_err err;
+    out->logits.assign((size_t)(PROMPT + DECODE) * (size_t)V, NAN);
+    out->tokens.clear();
+    if (fn(st, prompt, PROMPT, out->logits.data(), 1, &err)) return check(false, "%s: prefill: %s", what, err.msg);
+    out->tokens.push_back(argmax(out->logits.data() + (size_t)(PROMPT - 1) * V, V));
+    for (int d = 1; d <= DECODE; d++) {
+        int32_t t = feed ? (*feed)[(size_t)d - 1] : out->tokens.back();
+        float *row = out->logits.data() + (size_t)(PROMPT - 1 + d) * V;
+        if (fn(st, &t, 1, row, 0, &err)) return check(false, "%s: decode step %d: %s", what, d, err.msg);
+        out->tokens.push_back(argmax(row, V));
+    }
+    return true;
+}
+
+/* The first position whose routing differs between two runs of the same
+ * tokens (calls in the same order: one per MoE layer per pass), PROMPT +
+ * DECODE when none; near-tie margins of the differences into *worst. */
+static int first_route_diff(const nm_model *m, const std::vector<moe_call> &ref, const std::vector<moe_call> &got,
+                            double *worst_margin, int *n_diff, std::string *where) {
+    int first = PROMPT + DECODE;
+    *worst_margin = 0;
+    *n_diff = 0;
+    int64_t pos0 = 0; /* position of token 0 of the current pass */
+    for (size_t i = 0; i < ref.size() && i < got.size(); i++) {
+        const moe_call &a = ref[i], &b = got[i];
+        if (i > 0 && a.layer <= ref[i - 1].layer) pos0 += ref[i - 1].n; /* a new pass */
+        for (int64_t t = 0; t < a.n && t < b.n; t++) {
+            std::vector<int32_t> sa(a.ids.begin() + t * a.k, a.ids.begin() + (t + 1) * a.k);
+            std::vector<int32_t> sb(b.ids.begin() + t * b.k, b.ids.begin() + (t + 1) * b.k);
+            std::sort(sa.begin(), sa.end());
+            std::sort(sb.begin(), sb.end());
+            if (sa == sb) continue;
+            double mg = route_margin(m, a.layer, a.x.data() + t * (int64_t)m->hp.n_embd, a.k);
+            *worst_margin = std::max(*worst_margin, mg);
+            (*n_diff)++;
+            char buf[128];
+            snprintf(buf, sizeof buf, " [pos %lld layer %d margin %.2g]", (long long)(pos0 + t), a.layer, mg);
+            *where += buf;
+            first = std::min(first, (int)(pos0 + t));
+        }
+    }
+    return first;
+}
+
+static void test_fixture(const char *path, nm_pool *pool) {
+    const char *name = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    nm_err err;
+    nm_gguf *g = nullptr;
+    nm_model m;
+    if (nm_gguf_open(path, &g, &err)) {
+        check(false, "%s: %s", name, err.msg);
+        return;
+    }
+    if (nm_model_load(&m, g, &err)) {
+        check(false, "%s: %s", name, err.msg);
+        nm_gguf_close(g);
+        return;
+    }
+    const nm_hparams *hp = &m.hp;
+    const int64_t V = hp->n_vocab, NP = PROMPT + DECODE;
+    const bool is_float = m.layers[1].kv_a.type == NM_TYPE_F32 || m.layers[1].kv_a.type == NM_TYPE_F16;
+    nm_expert_backend *local = nm_experts_local_create(&m, pool, 64, (int)hp->n_expert_used, &err);
+    if (!local) {
+        check(false, "%s: %s", name, err.msg);
+        nm_model_free(&m);
+        nm_gguf_close(g);
+        return;
+    }
+    int32_t prompt[PROMPT];
+    prompt_of(7, prompt, PROMPT, V);
+
+    /* CPU reference */
+    rec_backend rc = make_rec(local, hp->n_embd);
+    run_out cpu, ga, gb, gc;
+    {
+        nm_engine_cpu_opts eo = {};
+        eo.n_ctx = N_CTX;
+        eo.n_batch = 64;
+        cpu_run cr = {nm_engine_cpu_create(&m, pool, &rc.base, &eo, &err), nullptr};
+        if (cr.e && !(cr.seq = nm_engine_seq_new(cr.e, N_CTX, &err))) nm_engine_destroy(cr.e), cr.e = nullptr;
+        if (!cr.e) {
+            check(false, "%s: CPU init: %s", name, err.msg);
+            goto done;
+        }
+        bool ok = run_seq(cpu_tokens, &cr, prompt, V, nullptr, &cpu, "CPU");
+        nm_engine_seq_free(cr.e, cr.seq);
+        nm_engine_destroy(cr.e);
+        if (!ok) goto done;
+        cpu.calls = rc.calls;
+    }
+
+    {
+        /* A: own routing, CPU's tokens */
+        rec_backend ra = make_rec(local, hp->n_embd);
+        nm_gpu_forward *gf = nullptr;
+        if (gpu_open(&gf, &m, &ra.base, 64, &err)) {
+            check(false, "%s: GPU init: %s", name, err.msg);
+            goto done;
+        }
+        fprintf(stderr, "     %s: %s\n", name, nm_gpu_forward_describe(gf));
+        bool ok = run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &ga, "GPU A");
+        ga.calls = ra.calls;
+        check(ok && ga.calls.size() == cpu.calls.size(), "%s: GPU A ran %zu hand-offs (CPU %zu)", name,
+              ga.calls.size(), cpu.calls.size());
+        if (!ok || ga.calls.size() != cpu.calls.size()) {
+            nm_gpu_forward_free(gf);
+            goto done;
+        }
+        double worst_margin;
+        int n_diff;
+        std::string where;
+        const int first = first_route_diff(&m, cpu.calls, ga.calls, &worst_margin, &n_diff, &where);
+        check(worst_margin <= TIE_TOL, "%s: A: %d routing differences, all near-ties (largest margin %.3g <= %g)%s",
+              name, n_diff, worst_margin, TIE_TOL, where.c_str());
+        double max_rel = 0, min_cos = 1, sum_cos = 0;
+        int argmax_bad = 0, near = 0, first_near = NP;
+        for (int r = 0; r < first; r++) {
+            row_cmp c = compare_row(ga.logits.data() + (size_t)r * V, cpu.logits.data() + (size_t)r * V, V);
+            max_rel = std::max(max_rel, c.rel), min_cos = std::min(min_cos, c.cos), sum_cos += c.cos;
+            const float *cr = cpu.logits.data() + (size_t)r * V;
+            double mx = 0;
+            for (int64_t i = 0; i < V; i++) mx = std::max(mx, (double)std::fabs(cr[i]));
+            if (argmax(ga.logits.data() + (size_t)r * V, V) != argmax(cr, V)) {
+                if (top2_margin(cr, V) > 2 * c.rel * mx) argmax_bad++;
+                else near++, first_near = std::min(first_near, r);
+            }
+        }
+        const double mean_cos = first ? sum_cos / first : 1;
+        if (is_float)
+            check(max_rel <= REL_FLOAT && min_cos >= COS_FLOAT,
+                  "%s: A vs CPU over %d positions: max rel %.3g (<= %g), min cos %.8f (>= %g)", name, first, max_rel,
+                  REL_FLOAT, min_cos, COS_FLOAT);
+        else
+            check(max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
+                  "%s: A vs CPU over %d positions: max rel %.3g (<= %g), mean cos %.6f (>= %g), min cos %.6f (>= %g)",
+                  name, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
+        check(argmax_bad == 0, "%s: A: argmax equals the CPU's at every position before the first routing difference "
+              "(%d differ outside the bound, %d inside)", name, argmax_bad, near);
+
+        /* C: free-running greedy */
+        nm_gpu_forward_reset(gf);
+        ok = run_seq(gpu_tokens, gf, prompt, V, nullptr, &gc, "GPU C");
+        int same = 0;
+        while (ok && same < (int)gc.tokens.size() && gc.tokens[(size_t)same] == cpu.tokens[(size_t)same]) same++;
+        /* token i is the argmax of row PROMPT - 1 + i: it may differ once routing did at or before that
+         * row, or where that row's top two logits were within the bound (a near-tie of the argmax) */
+        const int need = std::min((int)cpu.tokens.size(), std::max(0, std::min(first, first_near) - (PROMPT - 1)));
+        check(ok && same >= need && (!is_float || same >= 32),
+              "%s: C: %d of %zu greedy tokens equal the CPU's (%d required: routing equal and no argmax near-tie "
+              "before%s)",
+              name, same, cpu.tokens.size(), need, is_float ? "; >= 32 on float models" : "");
+
+
+        /* GPU against itself: chunked and token-by-token prefill, rewind */
+        std::vector<float> lref(ga.logits.begin(), ga.logits.begin() + (size_t)PROMPT * V), lt((size_t)PROMPT * V);
+        nm_gpu_forward_reset(gf);
+        double rel_tok = 0;
+        ok = true;
+        for (int t = 0; t < PROMPT && ok; t++)
+            ok = nm_gpu_forward_tokens(gf, prompt + t, 1, lt.data() + (size_t)t * V, 0, &err) == 0;
+        for (int t = 0; ok && t < PROMPT; t++)
+            rel_tok = std::max(rel_tok, compare_row(lt.data() + (size_t)t * V, lref.data() + (size_t)t * V, V).rel);
+        check(ok && rel_tok <= REL_SELF, "%s: token-by-token prefill equals one batch: max rel %.3g (<= %g)%s%s", name,
+              rel_tok, REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+        std::vector<float> again((size_t)V);
+        nm_gpu_forward_rewind(gf, PROMPT - 1);
+        ok = nm_gpu_forward_pos(gf) == PROMPT - 1 &&
+             nm_gpu_forward_tokens(gf, prompt + PROMPT - 1, 1, again.data(), 0, &err) == 0;
+        const double rel_rw = ok ? compare_row(again.data(), lt.data() + (size_t)(PROMPT - 1) * V, V).rel : INFINITY;
+        check(ok && rel_rw == 0, "%s: rewind + re-evaluation gives the same logits (rel %.3g)", name, rel_rw);
+
+        /* error paths */
+        int32_t bad = (int32_t)V;
+        check(nm_gpu_forward_tokens(gf, &bad, 1, again.data(), 0, &err) == -1 && strstr(err.msg, "vocabulary"),
+              "%s: out-of-vocabulary token refused: %s", name, err.msg);
+        std::vector<int32_t> many(N_CTX, 1);
+        check(nm_gpu_forward_tokens(gf, many.data(), N_CTX, nullptr, 0, &err) == -1 && strstr(err.msg, "context full"),
+              "%s: context overflow refused: %s", name, err.msg);
+        check(nm_gpu_forward_pos(gf) == PROMPT, "%s: a refused call leaves the cache at %lld positions", name,
+              (long long)nm_gpu_forward_pos(gf));
+        nm_gpu_forward_free(gf);
+
+        /* chunked prefill: n_batch 5 -> passes of 5 (GEMM), 5, 2 (GEMV) */
+        rec_backend rk = make_rec(local, hp->n_embd);
+        if (gpu_open(&gf, &m, &rk.base, 5, &err)) {
+            check(false, "%s: GPU init (batch 5): %s", name, err.msg);
+            goto done;
+        }
+        ok = nm_gpu_forward_tokens(gf, prompt, PROMPT, lt.data(), 1, &err) == 0;
+        double rel_chunk = 0;
+        for (int t = 0; ok && t < PROMPT; t++)
+            rel_chunk = std::max(rel_chunk, compare_row(lt.data() + (size_t)t * V, lref.data() + (size_t)t * V, V).rel);
+        check(ok && rel_chunk <= REL_SELF, "%s: prefill in chunks of 5 equals one batch: max rel %.3g (<= %g)%s%s",
+              name, rel_chunk, REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+        int32_t six[6] = {1, 2, 3, 4, 5, 6};
+        nm_gpu_kv *kv = nullptr;
+        if (nm_gpu_kv_create(gf, N_CTX, &kv, &err) == 0) {
+            nm_gpu_forward_seq s6 = {kv, six, 6, nullptr};
+            check(nm_gpu_forward_batch(gf, &s6, 1, &err) == -1 && strstr(err.msg, "exceeds"),
+                  "%s: a batch over n_batch refused: %s", name, err.msg);
+            check(nm_gpu_kv_pos(kv) == 0, "%s: a refused batch advances no cache", name);
+            nm_gpu_kv_free(kv);
+        } else {
+            check(false, "%s: cache: %s", name, err.msg);
+        }
+        nm_gpu_forward_free(gf);
+    }
+
+    {
+        /* B: routed like the CPU */
+        rec_backend rb = make_rec(local, hp->n_embd);
+        rb.force = &cpu.calls;
+        nm_gpu_forward *gf = nullptr;
+        if (gpu_open(&gf, &m, &rb.base, 64, &err)) {
+            check(false, "%s: GPU init: %s", name, err.msg);
+            goto done;
+        }
+        bool ok = run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gb, "GPU B");
+        nm_gpu_forward_free(gf);
+        double max_rel = 0, min_cos = 1, sum_cos = 0;
+        for (int r = 0; ok && r < NP; r++) {
+            row_cmp c = compare_row(gb.logits.data() + (size_t)r * V, cpu.logits.data() + (size_t)r * V, V);
+            max_rel = std::max(max_rel, c.rel), min_cos = std::min(min_cos, c.cos), sum_cos += c.cos;
+        }
+        const double mean_cos = sum_cos / NP;
+        ok = ok && !rb.force_mismatch;
+        if (is_float)
+            check(ok && max_rel <= REL_FLOAT && min_cos >= COS_FLOAT,
+                  "%s: B (routed like the CPU) vs CPU over %lld positions: max rel %.3g (<= %g), min cos %.8f", name,
+                  (long long)NP, max_rel, REL_FLOAT, min_cos);
+        else
+            check(ok && max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
+                  "%s: B (routed like the CPU) vs CPU over %lld positions: max rel %.3g (<= %g), mean cos %.6f (>= "
+                  "%g), min cos %.6f (>= %g)",
+                  name, (long long)NP, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
+    }
+
+    {
+        /* nm_gpu_forward_batch: three sequences alone, then mixed in batches */
+        enum { NS = 3, DEC = 5 };
+        const int64_t plen[NS] = {7, 13, 4};
+        int32_t pr[NS][16];
+        rec_backend rx = make_rec(local, hp->n_embd);
+        nm_gpu_forward *gf = nullptr;
+        if (gpu_open(&gf, &m, &rx.base, 32, &err)) {
+            check(false, "%s: GPU init: %s", name, err.msg);
+            goto done;
+        }
+        std::vector<float> alone((size_t)(NS * (DEC + 1)) * V), got((size_t)NS * V);
+        int32_t gen[NS][DEC + 1];
+        bool ok = true;
+        for (int s = 0; s < NS && ok; s++) {
+            prompt_of(100 + s, pr[s], plen[s], V);
+            nm_gpu_forward_reset(gf);
+            float *row = alone.data() + (size_t)(s * (DEC + 1)) * V;
+            ok = nm_gpu_forward_tokens(gf, pr[s], plen[s], row, 0, &err) == 0;
+            gen[s][0] = argmax(row, V);
+            for (int d = 1; d <= DEC && ok; d++) {
+                ok = nm_gpu_forward_tokens(gf, &gen[s][d - 1], 1, row + (size_t)d * V, 0, &err) == 0;
+                gen[s][d] = argmax(row + (size_t)d * V, V);
+            }
+        }
+        nm_gpu_kv *kv[NS] = {};
+        for (int s = 0; s < NS && ok; s++) ok = nm_gpu_kv_create(gf, 64, &kv[s], &err) == 0;
+        double rel = 0;
+        /* pass 0: seq 0 whole prompt, seq 1 whole prompt, seq 2 the first 2 tokens (no logits);
+         * pass 1: seq 0 and 1 decode, seq 2 the rest of its prompt; then decode for all */
+        for (int step = 0; ok && step <= DEC; step++) {
+            nm_gpu_forward_seq sq[NS];
+            int done_rows[NS];
+            for (int s = 0; s < NS; s++) {
+                const int d = s == 2 ? step - 1 : step; /* decode index whose logits this pass gives */
+                if (s == 2 && step == 0) sq[s] = {kv[s], pr[s], 2, nullptr};
+                else if (s == 2 && step == 1) sq[s] = {kv[s], pr[s] + 2, plen[s] - 2, got.data() + (size_t)s * V};
+                else if (step == 0) sq[s] = {kv[s], pr[s], plen[s], got.data() + (size_t)s * V};
+                else sq[s] = {kv[s], &gen[s][d - 1], 1, got.data() + (size_t)s * V};
+                done_rows[s] = d;
+            }
+            ok = nm_gpu_forward_batch(gf, sq, NS, &err) == 0;
+            for (int s = 0; ok && s < NS; s++)
+                if (sq[s].logits && done_rows[s] >= 0 && done_rows[s] <= DEC)
+                    rel = std::max(rel, compare_row(got.data() + (size_t)s * V,
+                                                    alone.data() + (size_t)(s * (DEC + 1) + done_rows[s]) * V, V)
+                                            .rel);
+        }
+        /* seq 2 has one more decode step to go */
+        if (ok) {
+            nm_gpu_forward_seq last = {kv[2], &gen[2][DEC - 1], 1, got.data() + 2 * (size_t)V};
+            ok = nm_gpu_forward_batch(gf, &last, 1, &err) == 0;
+            if (ok) rel = std::max(rel, compare_row(got.data() + 2 * (size_t)V, alone.data() + (size_t)(2 * (DEC + 1) + DEC) * V, V).rel);
+        }
+        nm_gpu_forward_seq dup[2] = {{kv[0], gen[0], 1, nullptr}, {kv[0], gen[0], 1, nullptr}};
+        const bool dup_refused = ok && nm_gpu_forward_batch(gf, dup, 2, &err) == -1 && strstr(err.msg, "share");
+        check(ok && rel <= REL_SELF, "%s: batched sequences equal each alone: max rel %.3g (<= %g)%s%s", name, rel,
+              REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+        check(dup_refused, "%s: two segments on one cache refused", name);
+        check(ok && nm_gpu_kv_pos(kv[0]) == plen[0] + DEC && nm_gpu_kv_pos(kv[2]) == plen[2] + DEC,
+              "%s: caches advanced by their segments (%lld, %lld)", name, (long long)(kv[0] ? nm_gpu_kv_pos(kv[0]) : -1),
+              (long long)(kv[2] ? nm_gpu_kv_pos(kv[2]) : -1));
+        for (int s = 0; s < NS; s++) nm_gpu_kv_free(kv[s]);
+        nm_gpu_forward_free(gf);
+    }
+done:
+    local->destroy(local);
+    nm_model_free(&m);
+    nm_gguf_close(g);
+}
+
+/* ---- the router kernel against router.c ---------------------------------------
+ * The fixtures have 8 experts and continuous scores, so they never exercise
+ * ties; here random logits and logits / biases on three levels (ties
+ * everywhere: equal experts, equal groups, one token with all logits equal)
+ * go through numoe_gpu::route and nm_route: ids must be equal, weights
+ * within 1e-6 relative (p's softmax sum is added in another order). */
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+static double rnd_u() {
+    g_rng ^= g_rng << 13, g_rng ^= g_rng >> 7, g_rng ^= g_rng << 17;
+    return (double)(g_rng >> 11) * 0x1p-53;
+}
+
+static void test_router_kernel() {
+    struct cfg {
+        const char *name;
+        int E, k, G, Gu;
+        nm_gating gating;
+        int norm;
+        float scale;
+        bool bias;
+    };
+    const cfg cs[] = {
+        {"softmax E64 k6", 64, 6, 1, 1, NM_GATE_SOFTMAX, 0, 1.0f, false},
+        {"softmax E64 k6 groups 8/3", 64, 6, 8, 3, NM_GATE_SOFTMAX, 0, 16.0f, false},
+        {"sigmoid+bias E256 k8 groups 8/4 norm", 256, 8, 8, 4, NM_GATE_SIGMOID, 1, 2.5f, true},
+        {"sigmoid+bias E8 k3 groups 2/1 norm", 8, 3, 2, 1, NM_GATE_SIGMOID, 1, 2.5f, true},
+        {"sigmoid E160 k6 groups 1 (no bias)", 160, 6, 1, 1, NM_GATE_SIGMOID, 0, 1.0f, false},
+    };
+    const int n = 64;
+    for (const cfg &c : cs)
+        for (int mode = 0; mode < 2; mode++) {
+            nm_hparams hp = {};
+            hp.n_expert = c.E, hp.n_group = c.G, hp.n_group_used = c.Gu, hp.gating = c.gating;
+            hp.norm_topk = c.norm, hp.routed_scale = c.scale;
+            std::vector<float> lg((size_t)n * c.E), bias((size_t)c.E), w_cpu((size_t)n * c.k), w_gpu((size_t)n * c.k),
+                scratch(2 * (size_t)c.E);
+            std::vector<int32_t> id_cpu((size_t)n * c.k), id_gpu((size_t)n * c.k);
+            for (size_t i = 0; i < lg.size(); i++)
+                lg[i] = mode ? (float)((int)(rnd_u() * 3) - 1) : (float)(4 * rnd_u() - 2);
+            for (auto &b : bias) b = mode ? (rnd_u() < 0.5 ? 0.0f : 0.25f) : (float)(0.2 * rnd_u() - 0.1);
+            if (mode)
+                for (int e = 0; e < c.E; e++) lg[(size_t)e] = 0.5f; /* token 0: all equal */
+            const float *bp = c.bias ? bias.data() : nullptr;
+            for (int t = 0; t < n; t++)
+                nm_route(&hp, c.k, lg.data() + (size_t)t * c.E, bp, id_cpu.data() + (size_t)t * c.k,
+                         w_cpu.data() + (size_t)t * c.k, scratch.data());
+            float *d_lg = nullptr, *d_b = nullptr, *d_w = nullptr;
+            int32_t *d_id = nullptr;
+            bool ok = cudaMalloc(&d_lg, lg.size() * 4) == cudaSuccess && cudaMalloc(&d_b, bias.size() * 4) == cudaSuccess &&
+                      cudaMalloc(&d_w, w_gpu.size() * 4) == cudaSuccess && cudaMalloc(&d_id, id_gpu.size() * 4) == cudaSuccess &&
+                      cudaMemcpy(d_lg, lg.data(), lg.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      cudaMemcpy(d_b, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      numoe_gpu::route(nullptr, d_lg, c.bias ? d_b : nullptr, d_id, d_w, n, c.E, c.k, c.G, c.Gu,
+                                       c.gating == NM_GATE_SIGMOID, c.norm, c.scale) == cudaSuccess &&
+                      cudaMemcpy(id_gpu.data(), d_id, id_gpu.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                      cudaMemcpy(w_gpu.data(), d_w, w_gpu.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+            cudaFree(d_lg), cudaFree(d_b), cudaFree(d_w), cudaFree(d_id);
+            int bad_id = 0;
+            double bad_w = 0;
+            for (size_t i = 0; ok && i < id_cpu.size(); i++) {
+                bad_id += id_cpu[i] != id_gpu[i];
+                bad_w = std::max(bad_w, std::fabs((double)w_cpu[i] - w_gpu[i]) / (std::fabs(w_cpu[i]) + 1e-30));
+            }
+            check(ok && bad_id == 0 && bad_w <= 1e-6,
+                  "router kernel == router.c, %s, %s logits: %d of %zu ids differ, weights max rel %.3g (<= 1e-6)",
+                  c.name, mode ? "tied" : "random", bad_id, id_cpu.size(), bad_w);
+        }
+}
+
+int main(int argc, char **argv) {
+    const char *s = strrchr(argv[0], '/');
+    g_prog = s ? s + 1 : argv[0];
+    char msg[512];
+    if (nm_cuda_available(msg, sizeof msg) <= 0) {
+        printf("%s: SKIP: no usable CUDA device (%s)\n", g_prog, msg);
+        return 77;
+    }
+    printf("%s: %s\n", g_prog, msg);
+    fflush(stdout);
+    nm_pool *pool = nm_pool_create(4);
+    if (!pool) {
+        printf("%s: cannot start threads\n%s: 0 passed, 1 failed\n", g_prog, g_prog);
+        return 1;
+    }
+    test_router_kernel();
+    if (argc > 1)
+        for (int i = 1; i < argc; i++) test_fixture(argv[i], pool);
+    else
+        for (const char *f : FIXTURES) test_fixture(f, pool);
+    nm_pool_destroy(pool);
+    printf("%s: %d passed, %d failed\n", g_prog, g_passed, g_failed);
+    return g_failed ? 1 : 0;
+}
