@@ -99,8 +99,8 @@ class Model:
         (weights still come from this reference's probabilities); log: list that
         receives one dict per decision: layer, t, gating (1 softmax, 2 sigmoid),
         logits (the router's), scores
-        (selection scores before the group mask), group_scores (None without
-        groups), top (chosen ids)."""
+        (selection scores before the group mask), group_scores and kept (the
+        kept groups' ids; both None without groups), top (chosen ids)."""
         logits = f @ w["ffn_gate_inp.weight"].T
         if self.gating == 2:
             p = 1 / (1 + np.exp(-logits))
@@ -112,7 +112,7 @@ class Model:
         wts = np.zeros((len(f), self.k))
         for t in range(len(f)):
             st = s[t].copy()
-            pre, score = st.copy(), None
+            pre, score, keep = st.copy(), None, None
             if self.G > 1 and self.Gk < self.G:
                 grp = st.reshape(self.G, -1)
                 if self.gating == 2:
@@ -125,7 +125,8 @@ class Model:
                 st = np.where(np.repeat(mask, grp.shape[1]), st, -np.inf)
             top = np.argsort(-st, kind="stable")[: self.k]
             if log is not None:
-                log.append({"layer": layer, "t": t, "gating": self.gating, "logits": logits[t].copy(), "scores": pre, "group_scores": score, "top": top.copy()})
+                log.append({"layer": layer, "t": t, "gating": self.gating, "logits": logits[t].copy(), "scores": pre,
+                            "group_scores": score, "kept": keep, "top": top.copy()})
             if force is not None and (layer, t) in force:
                 top = np.asarray(force[(layer, t)])
             ww = p[t, top]

@@ -8,11 +8,10 @@ here from the GGUF's tensor table)."""
 import math
 import re
 
+import gguf
 import pytest
 
 from conftest import ROOT, assert_clean, run
-
-gguf = pytest.importorskip("gguf")
 
 FIX = ROOT / "tests" / "fixtures" / "models"
 V3 = FIX / "deepseek-v3-tiny-Q8_0-mla.gguf"

@@ -57,6 +57,14 @@ def test_perplexity_matches_trainer(numoe, qtype, workers):
     assert 0 < err < ppl
 
 
+def test_perplexity_windows_in_batches(numoe):
+    """A window longer than the prefill batch (-b) goes through the model in pieces; the logits,
+    and so the figure, are those of one piece."""
+    model = MODELS / "demo-v3-F32.gguf"
+    whole = perplexity(numoe, model, "--workers", "0")[1:]
+    assert perplexity(numoe, model, "--workers", "0", "-b", "100")[1:] == whole
+
+
 def test_perplexity_errors(numoe, tmp_path):
     model = MODELS / "demo-v3-Q8_0.gguf"
     short = tmp_path / "short.txt"
