@@ -57,8 +57,8 @@ static inline int nm_experts_submit(nm_expert_backend *b, int layer, int64_t n_t
 }
 static inline int nm_experts_wait(nm_expert_backend *b, float *out, nm_err *err) { return b->wait(b, out, err); }
 
-/* Checks a submit against the region and the model (layer must be < n_layer;
- * whether it is a MoE layer is the backend's to check). 0, or -1 with err. */
+/* Checks a submit's size against the region: n_tok <= max_tok, 1 <= k <=
+ * max_k (the layer is each backend's to check). 0, or -1 with err. */
 int nm_experts_check(const nm_expert_backend *b, int64_t n_tok, int k, nm_err *err);
 
 /* The whole round for inputs the caller holds elsewhere: copies x / ids / w
