@@ -66,7 +66,10 @@ WORKER_MODELS = {
     "v3-Q8_0": FIX_MODELS / "deepseek-v3-tiny-Q8_0-mla.gguf",
 }
 WORKER_SEQ = [0, 17, 200, 45, 3, 99, 150, 12, 8, 77, 240, 31, 5, 64, 128, 250, 33, 2, 190, 101]
-WORKER_TOL = 1e-5
+# Measured (both trees, split and whole-expert placements, 1-3 workers): 0 with one
+# worker (same order of additions), <= 3.2e-7 with two split workers (partial dots
+# added in another order). 3e-6 is ten times the worst seen.
+WORKER_TOL = 3e-6
 
 
 @pytest.fixture(scope="module", params=["build", "build-asan"])

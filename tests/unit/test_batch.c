@@ -298,7 +298,9 @@ static void test_scheduler_matches_alone(void) {
     CHECK(done && rs.finish == NM_FINISH_CANCELLED, "cancel: done %d finish %d", done, rs.finish);
     nm_req_release(rq);
     free(got.buf);
-    for (int spins = 0; spins < 50; spins++) {
+    /* the engine thread returns the budget after it has seen the cancel: wait
+     * for that state (up to 30 s on a loaded machine), never read it once */
+    for (int spins = 0; spins < 1500; spins++) {
         nm_sched_get_stats(sch, &st);
         if (st.cache_used == 0) break;
         usleep(20000);
