@@ -81,7 +81,21 @@ ifneq ($(NVCC),)
   GPU_BENCH := $(BUILD)/bin/bench_gpu_forward
   CUDA_LIB64 := $(abspath $(dir $(NVCC))../lib64)
   GPU_LDLIBS := $(LIB_GPU) $(LIB_CUDA) $(LIBS) -L$(CUDA_LIB64) -lcublas -Xlinker -rpath=$(CUDA_LIB64) -lpthread -lm
+  # numoe gets the GPU engine (coordinator/engine/gpu/gpu_engine.c, NUMOE_CUDA)
+  # wherever nvcc exists, except in the sanitizer tree: the CUDA runtime and
+  # AddressSanitizer do not mix (the driver maps memory ASan reserves for its
+  # shadow unless protect_shadow_gap=0, and ASan then reports the runtime's
+  # own allocations), so build-asan runs the CPU engine and --gpu N says it was
+  # built without CUDA there. Without nvcc the same holds for every tree.
+  ifneq ($(SAN),1)
+    CFLAGS        += -DNUMOE_CUDA=1
+    ENGINE_LIBS   := $(LIB_GPU) $(LIB_CUDA)
+    ENGINE_LDLIBS := -L$(CUDA_LIB64) -lcublas -lcudart -lstdc++ -Wl,-rpath=$(CUDA_LIB64)
+  endif
 endif
+# what links the coordinator library (numoe, the unit tests): the GPU engine's
+# libraries sit in one group with it, since each calls into the other
+LINK_LIBS = -Wl,--start-group $(LIBS) $(ENGINE_LIBS) -Wl,--end-group
 
 .PHONY: all tests cuda test bench deps clean fuzz demo
 # Keep chained intermediates (test objects, generated protobuf headers): without
@@ -127,17 +141,17 @@ $(SO_KERNELS): $(call obj,$(KERNEL_SRC) $(COMMON_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $^ -lpthread -lm
 
-$(BIN_NUMOE): $(call obj,$(LAUNCH_SRC)) $(LIBS)
+$(BIN_NUMOE): $(call obj,$(LAUNCH_SRC)) $(LIBS) $(ENGINE_LIBS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $(call obj,$(LAUNCH_SRC)) $(LIBS) $(LDLIBS)
+	$(CC) $(LDFLAGS) -o $@ $(call obj,$(LAUNCH_SRC)) $(LINK_LIBS) $(LDLIBS) $(ENGINE_LDLIBS)
 
 $(BUILD)/bin/numoe-worker: $(call obj,$(WORKER_SRC)) $(WORKER_LIBS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $(call obj,$(WORKER_SRC)) $(WORKER_LIBS) $(LDLIBS)
 
-$(BUILD)/bin/test_%: $(BUILD)/obj/tests/unit/test_%.o $(LIBS)
+$(BUILD)/bin/test_%: $(BUILD)/obj/tests/unit/test_%.o $(LIBS) $(ENGINE_LIBS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $< $(LIBS) $(LDLIBS)
+	$(CC) $(LDFLAGS) -o $@ $< $(LINK_LIBS) $(LDLIBS) $(ENGINE_LDLIBS)
 
 ifneq ($(NVCC),)
 $(BUILD)/obj/%.cu.o: %.cu

@@ -12,6 +12,11 @@
 
 const char nm_session_opts_help[] =
     "  -m, --model FILE        GGUF model (first part of a split model)\n"
+    "      --gpu N|none|auto   where everything but the routed experts runs: CUDA device N, or none =\n"
+    "                          the CPU engine; auto (default) = GPU 0 when a usable CUDA device exists,\n"
+    "                          else the CPU. One line on stderr names the engine and device. --gpu N\n"
+    "                          fails when there is no such device or numoe was built without CUDA\n"
+    "                          (the routed experts stay on the CPU either way: --workers)\n"
     "  -t, --threads N         CPU threads (default: all online CPUs)\n"
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
@@ -55,6 +60,18 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
     } else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) {
         if (nm_opt_int(cmd, a, v, 1, 1 << 16, &x)) return -1;
         o->batch = x;
+    } else if (!strcmp(a, "--gpu")) {
+        if (v && !strcmp(v, "none")) {
+            o->gpu_mode = NM_GPU_NONE;
+        } else if (v && !strcmp(v, "auto")) {
+            o->gpu_mode = NM_GPU_AUTO;
+        } else if (v && !nm_parse_int(v, 0, 1023, &x)) {
+            o->gpu_mode = NM_GPU_DEVICE;
+            o->gpu = (int)x;
+        } else {
+            return fprintf(stderr, "%s: --gpu needs a CUDA device number, none or auto (got '%s')\n", cmd, v ? v : ""),
+                   -1;
+        }
     } else if (!strcmp(a, "--no-prefault")) {
         o->no_prefault = 1;
         return 1; /* a flag: no value to skip */

@@ -11,6 +11,7 @@
 
 #include "common/clock.h"
 #include "coordinator/engine/cpu/cpu_engine.h"
+#include "coordinator/engine/gpu/gpu_engine.h"
 #include "coordinator/experts/local.h"
 #include "coordinator/experts/remote.h"
 #include "kernels/quant.h"
@@ -20,6 +21,20 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     memset(s, 0, sizeof *s);
     if (!o->model_path) return nm_errf(err, "no model given (--model FILE.gguf)");
     double t0 = nm_now_s();
+    /* where the engine runs is settled before anything is loaded: --gpu N
+     * without that device fails at once, auto takes GPU 0 when one is usable */
+    char why[512] = "";
+    int gpu_count = o->gpu_mode == NM_GPU_NONE ? 0 : nm_gpu_usable(why, sizeof why);
+    if (o->gpu_mode == NM_GPU_DEVICE && o->gpu >= gpu_count) {
+        if (gpu_count > 0)
+            return nm_errf(err, "--gpu %d: this machine has %d usable CUDA device%s (0..%d); pick one of them or "
+                           "--gpu none", o->gpu, gpu_count, gpu_count == 1 ? "" : "s", gpu_count - 1);
+        return nm_errf(err, "--gpu %d: no usable CUDA device here: %s; run on the CPU with --gpu none", o->gpu, why);
+    }
+    const int use_gpu = o->gpu_mode == NM_GPU_DEVICE || (o->gpu_mode == NM_GPU_AUTO && gpu_count > 0);
+    if (use_gpu && o->sync_experts)
+        return nm_errf(err, "--experts-sync measures the CPU engine's overlap; add --gpu none");
+    const int device = o->gpu_mode == NM_GPU_DEVICE ? o->gpu : 0;
     if (nm_gguf_open(o->model_path, &s->gguf, err)) return -1;
     if (nm_model_load(&s->model, s->gguf, err)) {
         nm_session_close(s);
@@ -74,12 +89,27 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     } else {
         s->experts = nm_experts_local_create(&s->model, s->pool, o->batch ? o->batch : 512, (int)hp->n_expert_used, err);
     }
-    nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used,
-                             .sync_experts = o->sync_experts};
-    if (!s->experts || !(s->engine = nm_engine_cpu_create(&s->model, s->pool, s->experts, &eo, err))) {
+    if (s->experts && use_gpu) {
+        nm_engine_gpu_opts go = {.device = device, .n_ctx = ctx, .n_batch = o->batch ? o->batch : 512,
+                                 .n_expert_used = o->experts_used};
+        s->engine = nm_engine_gpu_create(&s->model, s->experts, &go, err);
+    } else if (s->experts) {
+        nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used,
+                                 .sync_experts = o->sync_experts};
+        s->engine = nm_engine_cpu_create(&s->model, s->pool, s->experts, &eo, err);
+    }
+    if (!s->engine) {
         nm_session_close(s);
         return -1;
     }
+    /* the one line that says where the engine runs (and, on a GPU, what its VRAM holds) */
+    if (use_gpu)
+        fprintf(stderr, "numoe: engine: %s\n", nm_engine_gpu_describe(s->engine));
+    else
+        fprintf(stderr, "numoe: engine: CPU, %d threads, %s (%s%s)\n", nm_pool_size(s->pool), nm_isa_name(nm_isa_best()),
+                o->gpu_mode == NM_GPU_NONE ? "--gpu none" : "no usable GPU: ",
+                o->gpu_mode == NM_GPU_NONE ? "" : why);
+
     fprintf(stderr,
             "numoe: %s: deepseek2, %lld layers (%lld dense), embd %lld, %lld heads, q_lora %lld, kv_lora %lld, "
             "%lld experts (%d used, %lld shared), vocab %lld; ctx %lld, %d threads, %s%s; loaded in %.2f s\n",

@@ -32,7 +32,11 @@ typedef struct {
     const char *worker_endpoints; /* --worker-endpoints tcp://h:p,...: workers started by hand (no spawn) */
     const char *worker_key;       /* --worker-key FILE: CURVE key shared with those workers */
     int sync_experts;             /* wait for the routed experts before the shared ones (bench --experts-sync) */
+    int gpu_mode;                 /* --gpu: NM_GPU_AUTO (default), NM_GPU_DEVICE (device gpu), NM_GPU_NONE */
+    int gpu;                      /* the CUDA device with NM_GPU_DEVICE */
 } nm_session_opts;
+
+enum { NM_GPU_AUTO = 0, NM_GPU_DEVICE = 1, NM_GPU_NONE = 2 };
 
 typedef struct {
     nm_gguf *gguf;

@@ -470,7 +470,7 @@ static void test_fixture(const char *path, nm_pool *pool) {
         int32_t six[6] = {1, 2, 3, 4, 5, 6};
         nm_gpu_kv *kv = nullptr;
         if (nm_gpu_kv_create(gf, N_CTX, &kv, &err) == 0) {
-            nm_gpu_forward_seq s6 = {kv, six, 6, nullptr};
+            nm_gpu_forward_seq s6 = {kv, six, 6, nullptr, 0};
             check(nm_gpu_forward_batch(gf, &s6, 1, &err) == -1 && strstr(err.msg, "exceeds"),
                   "%s: a batch over n_batch refused: %s", name, err.msg);
             check(nm_gpu_kv_pos(kv) == 0, "%s: a refused batch advances no cache", name);
@@ -545,10 +545,10 @@ static void test_fixture(const char *path, nm_pool *pool) {
             int done_rows[NS];
             for (int s = 0; s < NS; s++) {
                 const int d = s == 2 ? step - 1 : step; /* decode index whose logits this pass gives */
-                if (s == 2 && step == 0) sq[s] = {kv[s], pr[s], 2, nullptr};
-                else if (s == 2 && step == 1) sq[s] = {kv[s], pr[s] + 2, plen[s] - 2, got.data() + (size_t)s * V};
-                else if (step == 0) sq[s] = {kv[s], pr[s], plen[s], got.data() + (size_t)s * V};
-                else sq[s] = {kv[s], &gen[s][d - 1], 1, got.data() + (size_t)s * V};
+                if (s == 2 && step == 0) sq[s] = {kv[s], pr[s], 2, nullptr, 0};
+                else if (s == 2 && step == 1) sq[s] = {kv[s], pr[s] + 2, plen[s] - 2, got.data() + (size_t)s * V, 0};
+                else if (step == 0) sq[s] = {kv[s], pr[s], plen[s], got.data() + (size_t)s * V, 0};
+                else sq[s] = {kv[s], &gen[s][d - 1], 1, got.data() + (size_t)s * V, 0};
                 done_rows[s] = d;
             }
             ok = nm_gpu_forward_batch(gf, sq, NS, &err) == 0;
@@ -560,11 +560,11 @@ static void test_fixture(const char *path, nm_pool *pool) {
         }
         /* seq 2 has one more decode step to go */
         if (ok) {
-            nm_gpu_forward_seq last = {kv[2], &gen[2][DEC - 1], 1, got.data() + 2 * (size_t)V};
+            nm_gpu_forward_seq last = {kv[2], &gen[2][DEC - 1], 1, got.data() + 2 * (size_t)V, 0};
             ok = nm_gpu_forward_batch(gf, &last, 1, &err) == 0;
             if (ok) rel = std::max(rel, compare_row(got.data() + 2 * (size_t)V, alone.data() + (size_t)(2 * (DEC + 1) + DEC) * V, V).rel);
         }
-        nm_gpu_forward_seq dup[2] = {{kv[0], gen[0], 1, nullptr}, {kv[0], gen[0], 1, nullptr}};
+        nm_gpu_forward_seq dup[2] = {{kv[0], gen[0], 1, nullptr, 0}, {kv[0], gen[0], 1, nullptr, 0}};
         const bool dup_refused = ok && nm_gpu_forward_batch(gf, dup, 2, &err) == -1 && strstr(err.msg, "share");
         check(ok && rel <= REL_SELF, "%s: batched sequences equal each alone: max rel %.3g (<= %g)%s%s", name, rel,
               REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);

@@ -115,6 +115,7 @@ struct nm_gpu_forward {
     std::vector<int64_t> rowlist;
     std::vector<float *> rowdst;
     nm_gpu_kv own = {};
+    FILE *route_log = nullptr; /* nm_gpu_forward_route_log */
     nm_gpu_forward_stats stats = {};
     char desc[1024] = "";
 };
@@ -389,6 +390,14 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     double t0 = nm_now_s();
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
     double t1 = nm_now_s();
+    /* the ids are on the host now, and the positions are in the pinned token table */
+    if (f->route_log)
+        for (int64_t t = 0; t < n; t++) {
+            int32_t rec[2] = {f->h_tinfo[t].pos, il};
+            if (fwrite(rec, sizeof rec, 1, f->route_log) != 1 ||
+                fwrite(in->ids + t * k, sizeof(int32_t), (size_t)k, f->route_log) != (size_t)k)
+                return nm_errf(err, "writing the routing log failed");
+        }
     if (nm_experts_submit(f->experts, il, n, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
     double t2 = nm_now_s();
     f->stats.t_wait += t1 - t0;
@@ -717,7 +726,12 @@ extern "C" int nm_gpu_forward_batch(nm_gpu_forward *f, nm_gpu_forward_seq *seqs,
     for (int i = 0; i < n_seqs; i++) {
         t += seqs[i].n;
         seqs[i].kv->n_pos += seqs[i].n;
-        if (seqs[i].logits) {
+        if (seqs[i].logits && seqs[i].all_logits) {
+            for (int64_t j = 0; j < seqs[i].n; j++, r++) {
+                f->rowlist[(size_t)r] = t - seqs[i].n + j;
+                f->rowdst[(size_t)r] = seqs[i].logits + (size_t)j * (size_t)f->m->hp.n_vocab;
+            }
+        } else if (seqs[i].logits) {
             f->rowlist[(size_t)r] = t - 1;
             f->rowdst[(size_t)r] = seqs[i].logits;
             r++;
@@ -759,6 +773,20 @@ extern "C" void nm_gpu_kv_free(nm_gpu_kv *kv) {
 }
 
 extern "C" int64_t nm_gpu_kv_pos(const nm_gpu_kv *kv) { return kv->n_pos; }
+
+extern "C" int64_t nm_gpu_kv_ctx(const nm_gpu_kv *kv) { return kv->n_ctx; }
+
+extern "C" void nm_gpu_forward_route_log(nm_gpu_forward *f, FILE *log) { f->route_log = log; }
+
+extern "C" int nm_gpu_device_count(char *why, size_t n) { return nm_cuda_available(why, n); }
+
+extern "C" int nm_gpu_device_props(int dev, char *name, size_t n, size_t *vram, nm_err *err) {
+    cudaDeviceProp p;
+    CUDA_OK(cudaGetDeviceProperties(&p, dev), "properties of CUDA device %d", dev);
+    snprintf(name, n, "%s", p.name);
+    *vram = p.totalGlobalMem;
+    return 0;
+}
 
 extern "C" void nm_gpu_kv_rewind(nm_gpu_kv *kv, int64_t n) {
     if (n >= 0 && n < kv->n_pos) kv->n_pos = n;

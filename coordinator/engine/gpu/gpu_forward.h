@@ -44,6 +44,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -98,12 +99,14 @@ int64_t nm_gpu_kv_pos(const nm_gpu_kv *kv);
 void nm_gpu_kv_rewind(nm_gpu_kv *kv, int64_t n);
 
 /* As nm_forward_seq: n tokens go to the next positions of kv (which
- * advances by n); logits: NULL, or n_vocab floats for the last token. */
+ * advances by n); logits: NULL, or n_vocab floats for the last token (n
+ * rows, one per token, with all_logits). */
 typedef struct {
     nm_gpu_kv *kv;
     const int32_t *tokens;
     int64_t n;
     float *logits;
+    int all_logits;
 } nm_gpu_forward_seq;
 
 /* As nm_forward_batch: the segments of n_seqs sequences (distinct caches of
@@ -112,6 +115,20 @@ typedef struct {
  * choice, which depends on the batch size). 0, or -1 with err (no cache is
  * advanced then). */
 int nm_gpu_forward_batch(nm_gpu_forward *f, nm_gpu_forward_seq *seqs, int n_seqs, nm_err *err);
+
+/* Positions a cache was made for. */
+int64_t nm_gpu_kv_ctx(const nm_gpu_kv *kv);
+
+/* From now on every routing decision is appended to log (NULL: stop) as
+ * int32 records {position, layer, k expert ids}, tokens in batch order -
+ * the CPU engine's format (coordinator/engine/engine.h). */
+void nm_gpu_forward_route_log(nm_gpu_forward *f, FILE *log);
+
+/* Usable CUDA devices (> 0), or 0 with why in why (no driver, no device, no
+ * kernel image for it). */
+int nm_gpu_device_count(char *why, size_t n);
+/* Name and total memory of device dev: 0, or -1 with err. */
+int nm_gpu_device_props(int dev, char *name, size_t n, size_t *vram, nm_err *err);
 
 /* Bytes of VRAM per part and where the host time went. */
 typedef struct {

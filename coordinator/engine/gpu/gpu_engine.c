@@ -1,0 +1,210 @@
+/* gpu_engine.c - the GPU engine (gpu_engine.h): nm_engine's functions over
+ * gpu_forward.h. A sequence is one VRAM latent cache; a step hands the
+ * segments to nm_gpu_forward_batch in one pass, copies the logits rows the
+ * callers asked for and draws the tokens they asked for on the host.
+ * Compiled with NUMOE_CUDA (the Makefile sets it where nvcc exists, outside
+ * the sanitizer tree); without it every entry point says why it cannot run. */
+#include "coordinator/engine/gpu/gpu_engine.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NO_CUDA_FIX                                                                                                   \
+    "this numoe was built without CUDA (no nvcc at build time, or the sanitizer build tree): rebuild with `make` "   \
+    "where /usr/local/cuda/bin/nvcc exists (or NVCC=/path/to/nvcc), or run on the CPU with --gpu none"
+
+#ifdef NUMOE_CUDA
+
+#include "common/clock.h"
+#include "coordinator/engine/gpu/gpu_forward.h"
+
+struct nm_engine_seq {
+    nm_gpu_kv *kv;
+};
+
+typedef struct {
+    nm_engine base;
+    nm_gpu_forward *gf;
+    nm_gpu_forward_seq *gseg; /* the step's segments as gpu_forward.h takes them */
+    int cap_seg;
+    float *rows; /* host logits of segments that want a token but no logits */
+    int64_t cap_rows;
+    uint64_t n_steps, n_tokens;
+} gpu_engine;
+
+static nm_engine_seq *gpu_seq_new(nm_engine *e, int64_t n_ctx, nm_err *err) {
+    gpu_engine *ge = (gpu_engine *)e;
+    if (n_ctx < 1 || n_ctx > e->info.n_ctx) {
+        nm_errf(err, "a sequence of %lld positions: the engine was made for 1..%lld (--ctx-size)", (long long)n_ctx,
+                (long long)e->info.n_ctx);
+        return NULL;
+    }
+    nm_engine_seq *s = calloc(1, sizeof *s);
+    if (!s) {
+        nm_errf(err, "out of memory");
+        return NULL;
+    }
+    if (nm_gpu_kv_create(ge->gf, n_ctx, &s->kv, err)) {
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+static void gpu_seq_free(nm_engine *e, nm_engine_seq *s) {
+    (void)e;
+    nm_gpu_kv_free(s->kv);
+    free(s);
+}
+
+static int64_t gpu_seq_len(const nm_engine *e, const nm_engine_seq *s) {
+    (void)e;
+    return nm_gpu_kv_pos(s->kv);
+}
+
+static int64_t gpu_seq_ctx(const nm_engine *e, const nm_engine_seq *s) {
+    (void)e;
+    return nm_gpu_kv_ctx(s->kv);
+}
+
+static void gpu_seq_rewind(nm_engine *e, nm_engine_seq *s, int64_t n) {
+    (void)e;
+    nm_gpu_kv_rewind(s->kv, n);
+}
+
+static int gpu_step(nm_engine *e, nm_engine_segment *segs, int n_segs, nm_err *err) {
+    gpu_engine *ge = (gpu_engine *)e;
+    const int64_t V = e->info.n_vocab;
+    if (n_segs < 1) return nm_errf(err, "a step with no segments");
+    if (n_segs > ge->cap_seg) {
+        nm_gpu_forward_seq *ns = realloc(ge->gseg, (size_t)n_segs * sizeof *ns);
+        if (!ns) return nm_errf(err, "out of memory for a step of %d segments", n_segs);
+        ge->gseg = ns, ge->cap_seg = n_segs;
+    }
+    /* a sampler without a logits buffer still needs its row on the host */
+    int64_t need = 0, total = 0;
+    for (int i = 0; i < n_segs; i++) {
+        need += !segs[i].logits && segs[i].sampler;
+        total += segs[i].n;
+    }
+    if (total > e->info.n_batch)
+        return nm_errf(err, "a step of %lld tokens exceeds the batch of %lld (--batch)", (long long)total,
+                       (long long)e->info.n_batch);
+    if (need > ge->cap_rows) {
+        float *nr = realloc(ge->rows, (size_t)need * (size_t)V * sizeof *nr);
+        if (!nr) return nm_errf(err, "out of memory for %lld logits rows", (long long)need);
+        ge->rows = nr, ge->cap_rows = need;
+    }
+    int64_t r = 0;
+    for (int i = 0; i < n_segs; i++) {
+        const nm_engine_segment *g = &segs[i];
+        float *dst = g->logits ? g->logits : g->sampler ? ge->rows + (size_t)(r++) * (size_t)V : NULL;
+        ge->gseg[i] = (nm_gpu_forward_seq){.kv = g->seq->kv, .tokens = g->tokens, .n = g->n, .logits = dst,
+                                           .all_logits = g->logits && g->all_logits};
+    }
+    if (nm_gpu_forward_batch(ge->gf, ge->gseg, n_segs, err)) return -1;
+    ge->n_steps++, ge->n_tokens += (uint64_t)total;
+    for (int i = 0; i < n_segs; i++) {
+        nm_engine_segment *g = &segs[i];
+        const nm_gpu_forward_seq *q = &ge->gseg[i];
+        if (g->sampler) {
+            const float *last = q->logits + (q->all_logits ? (size_t)(q->n - 1) * (size_t)V : 0);
+            *g->token = nm_sampler_sample(g->sampler, last, V);
+        }
+    }
+    return 0;
+}
+
+static int gpu_route_log(nm_engine *e, FILE *f, nm_err *err) {
+    (void)err;
+    nm_gpu_forward_route_log(((gpu_engine *)e)->gf, f);
+    return 0;
+}
+
+static void gpu_stats(const nm_engine *e, nm_engine_stats *out) {
+    const gpu_engine *ge = (const gpu_engine *)e;
+    nm_gpu_forward_stats s;
+    nm_gpu_forward_get_stats(ge->gf, &s);
+    *out = (nm_engine_stats){.steps = ge->n_steps, .tokens = ge->n_tokens, .expert_wait_s = s.t_moe};
+}
+
+static void gpu_destroy(nm_engine *e) {
+    gpu_engine *ge = (gpu_engine *)e;
+    nm_gpu_forward_free(ge->gf);
+    free(ge->gseg);
+    free(ge->rows);
+    free(ge);
+}
+
+nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, const nm_engine_gpu_opts *o,
+                                nm_err *err) {
+    char why[512];
+    int count = nm_gpu_device_count(why, sizeof why);
+    if (o->device < 0 || o->device >= count) {
+        if (count > 0)
+            nm_errf(err, "--gpu %d: this machine has %d usable CUDA device%s (0..%d); pick one of them or --gpu none",
+                    o->device, count, count == 1 ? "" : "s", count - 1);
+        else
+            nm_errf(err, "--gpu %d: no usable CUDA device: %s; run on the CPU with --gpu none", o->device, why);
+        return NULL;
+    }
+    gpu_engine *ge = calloc(1, sizeof *ge);
+    if (!ge) {
+        nm_errf(err, "out of memory");
+        return NULL;
+    }
+    nm_gpu_forward_opts go = {.device = o->device, .n_ctx = o->n_ctx, .n_batch = o->n_batch > 0 ? o->n_batch : 512,
+                              .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32};
+    if (nm_gpu_forward_create(&ge->gf, m, experts, &go, err)) {
+        free(ge);
+        return NULL;
+    }
+    ge->base = (nm_engine){
+        .info = {.name = "gpu", .n_vocab = m->hp.n_vocab, .n_ctx = o->n_ctx, .n_batch = go.n_batch,
+                 .n_layer = m->hp.n_layer,
+                 .n_expert_used = o->n_expert_used > 0 ? o->n_expert_used : (int)m->hp.n_expert_used},
+        .seq_new = gpu_seq_new, .seq_free = gpu_seq_free, .seq_len = gpu_seq_len, .seq_ctx = gpu_seq_ctx,
+        .seq_rewind = gpu_seq_rewind, .step = gpu_step, .route_log = gpu_route_log, .stats = gpu_stats,
+        .destroy = gpu_destroy};
+    return &ge->base;
+}
+
+int nm_gpu_usable(char *why, size_t n) { return nm_gpu_device_count(why, n); }
+
+int nm_gpu_describe_device(int dev, char *out, size_t n, nm_err *err) {
+    char name[256];
+    size_t vram = 0;
+    if (nm_gpu_device_props(dev, name, sizeof name, &vram, err)) return -1;
+    snprintf(out, n, "%s, %.0f GiB", name, (double)vram / (1024.0 * 1024.0 * 1024.0));
+    return 0;
+}
+
+const char *nm_engine_gpu_describe(const nm_engine *e) { return nm_gpu_forward_describe(((const gpu_engine *)e)->gf); }
+
+#else /* no CUDA in this build */
+
+nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, const nm_engine_gpu_opts *o,
+                                nm_err *err) {
+    (void)m, (void)experts;
+    nm_errf(err, "--gpu %d: %s", o->device, NO_CUDA_FIX);
+    return NULL;
+}
+
+int nm_gpu_usable(char *why, size_t n) {
+    snprintf(why, n, "this numoe was built without CUDA (no nvcc at build time, or the sanitizer tree; `make` "
+                     "where /usr/local/cuda/bin/nvcc exists builds the GPU engine in)");
+    return 0;
+}
+
+int nm_gpu_describe_device(int dev, char *out, size_t n, nm_err *err) {
+    (void)out, (void)n;
+    return nm_errf(err, "GPU %d: %s", dev, NO_CUDA_FIX);
+}
+
+const char *nm_engine_gpu_describe(const nm_engine *e) {
+    (void)e;
+    return "";
+}
+
+#endif

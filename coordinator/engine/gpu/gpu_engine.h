@@ -1,0 +1,59 @@
+/* gpu_engine.h - the CUDA implementation of coordinator/engine/engine.h: the
+ * forward pass of gpu_forward.h (embedding, MLA attention over a latent KV
+ * cache in VRAM, dense FFNs, router, shared experts, final norm and head on
+ * one GPU) with the routed experts still on the host, behind the same
+ * nm_expert_backend the CPU engine uses (in process with --workers 0, else
+ * the workers).
+ *
+ * Each sequence's latent cache is its own VRAM allocation; a step runs all
+ * its segments as one batched pass (nm_gpu_forward_batch), so every weight
+ * is read once per step for the whole batch.
+ *
+ * Sampling: still on the host. Rows a sampler needs are copied to host
+ * memory like logits rows and drawn with nm_sampler_sample, so the ids are
+ * exactly the CPU engine's given the same logits. Sampling on the GPU (the
+ * argmax and the sampler's truncations, so that only an id crosses PCIe
+ * per sequence) is still to do.
+ *
+ * Stats: expert_wait_s is the host time inside the backend's submit and
+ * wait per MoE layer, while the GPU computes the shared experts behind the
+ * hand-off.
+ *
+ * Without CUDA at build time (no nvcc, or the sanitizer tree: the CUDA
+ * runtime and AddressSanitizer do not mix) the same functions exist and
+ * say so: nm_engine_gpu_create fails naming the fix, nm_gpu_usable returns
+ * 0 with the reason. */
+#ifndef NUMOE_COORDINATOR_ENGINE_GPU_GPU_ENGINE_H
+#define NUMOE_COORDINATOR_ENGINE_GPU_GPU_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/error.h"
+#include "coordinator/engine/engine.h"
+#include "coordinator/experts/backend.h"
+#include "model/model.h"
+
+typedef struct {
+    int device;        /* CUDA device ordinal */
+    int64_t n_ctx;     /* the longest context a sequence may reserve (>= 1) */
+    int64_t n_batch;   /* tokens per step (<= 0: 512) */
+    int n_expert_used; /* <= 0: the model's expert_used_count; lower values are allowed */
+} nm_engine_gpu_opts;
+
+/* Borrows m and experts (they outlive the engine; the backend's input
+ * region is pinned with CUDA while the engine lives). NULL with err. */
+nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, const nm_engine_gpu_opts *o,
+                                nm_err *err);
+
+/* The number of usable CUDA devices, or 0 with the reason in why (no
+ * driver, no device, this numoe built without CUDA). */
+int nm_gpu_usable(char *why, size_t n);
+
+/* "NAME, N GiB" of device dev into out: 0, or -1 with err. */
+int nm_gpu_describe_device(int dev, char *out, size_t n, nm_err *err);
+
+/* One line: the device and the VRAM per part (after create). */
+const char *nm_engine_gpu_describe(const nm_engine *e);
+
+#endif
