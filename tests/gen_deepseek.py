@@ -76,7 +76,7 @@ originals (for the mla layout kv_b_proj is reassembled from the de-quantised att
 Big benchmark model: --shape v2-lite (DeepSeek-V2-Lite shapes, 15.7 B parameters) is written
 tensor by tensor and row block by row block (never more than one block of weights in RAM); K
 types are quantised through the C library by a small thread pool. It uses the real DeepSeek-LLM
-vocabulary from shared/vocab/ggml-vocab-deepseek-llm.gguf when that file exists (else the tiny
+vocabulary from tests/fixtures/vocab/ggml-vocab-deepseek-llm.gguf when that file exists (else the tiny
 BPE padded with [PADn] UNUSED tokens). No HF folder for it.
 
 Usage:
@@ -1011,7 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="HF folder holds the de-quantised weights of this GGUF instead of the float32 originals")
     ap.add_argument("--vocab-gguf", default=None,
                     help="take the tokenizer from this ggml-vocab GGUF (default for --shape v2-lite: "
-                         "shared/vocab/ggml-vocab-deepseek-llm.gguf if present)")
+                         "tests/fixtures/vocab/ggml-vocab-deepseek-llm.gguf)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="quantisation threads (K types)")
     ap.add_argument("--name", default=None, help="general.name")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -1035,9 +1035,8 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab_path = args.vocab_gguf
     if vocab_path is None and big and shape.style == "v2":
-        cand = REPO_ROOT.parent / "shared" / "vocab" / "ggml-vocab-deepseek-llm.gguf"
-        if not cand.is_file():
-            cand = Path("/work/shared/vocab/ggml-vocab-deepseek-llm.gguf")
+        # the real DeepSeek-LLM vocabulary, committed with llama.cpp's vocab tests
+        cand = REPO_ROOT / "tests" / "fixtures" / "vocab" / "ggml-vocab-deepseek-llm.gguf"
         vocab_path = str(cand) if cand.is_file() else None
     if vocab_path:
         tok = load_vocab_gguf(Path(vocab_path), CHAT_TEMPLATE_V3 if shape.style == "v3" else CHAT_TEMPLATE_V2)
