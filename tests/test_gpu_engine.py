@@ -9,7 +9,7 @@ Where a GPU is usable (`nvidia-smi -L` lists one) and build/bin/numoe was built 
 every fixture in tests/fixtures/models, with the routed experts in process and in one worker,
 `--gpu 0` against `--gpu none`:
   generate  64 greedy tokens from a fixed prompt: identical on float models (F32, F16: both
-            engines keep activations in fp32); on quantised models (the CPU rounds activations to
+            engines keep activations in fp32), every logits row at cosine >= COS_FLOAT; on quantised models (the CPU rounds activations to
             Q8_0 / Q8_K, the GPU does not) equal up to the first position where the GPU's token
             is a near-tie in the CPU's logits (its CPU logit within NEAR_TIE * max |logit| of the
             CPU's best), and that position must be one;
@@ -36,11 +36,19 @@ MODELS = sorted((ROOT / "tests" / "fixtures" / "models").glob("*.gguf"))
 TEXT = ROOT / "tests" / "fixtures" / "text" / "python-docs-heldout.txt"
 PROMPT = "1,7,42,99,3,150,23,8,61,200,12,5"
 STEPS = 64
-# bounds: a token flip on a quantised model needs |d top1| + |d top2| >= the CPU's margin, and the
-# GPU's logits are within REL_QUANT = 0.08 * max |logit| of the CPU's (tests/cuda/test_cuda_forward.cu)
-NEAR_TIE = 2 * 0.08
+# Bounds, with what an H200 measured (build/, experts in process and in one worker alike):
+# NEAR_TIE: where the GPU's greedy token first differs on a quantised model, its CPU logit is at
+#   most this far (relative to max |logit|) below the CPU's best; measured 4.3e-4 .. 0.039
+#   (first difference at 11..61 of 64; demo-v3-Q8_0 none).
+# COS_FLOAT: every logits row of a float model, GPU against CPU (the 0.99999).
+# PPL_FLOAT: relative perplexity difference on float models; measured <= 1.1e-7.
+# PPL_QUANT: the same on quantised models. The random tiny fixtures, whose perplexity (5000-7000)
+#   exceeds their vocabulary, magnify the CPU's activation rounding: measured 3.9e-4 .. 0.033; the
+#   trained demo models 1.3e-3 and 3.0e-3.
+NEAR_TIE = 0.08
+COS_FLOAT = 0.99999
 PPL_FLOAT = 1e-4
-PPL_QUANT = 1e-2
+PPL_QUANT = {"tiny": 0.05, "demo": 0.006}
 
 
 def is_float(model):
@@ -159,26 +167,36 @@ def logits_rows(path, n_vocab):
 @pytest.mark.parametrize("workers", ["0", "1"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
 def test_generate_gpu_vs_cpu(gpu_exe, model, workers, tmp_path):
-    cpu_logits = tmp_path / "cpu.f32"
+    import numpy as np
+    # both runs dump their logits: generate then also feeds the last token (one more step)
+    cpu_logits, gpu_logits = tmp_path / "cpu.f32", tmp_path / "gpu.f32"
     cpu = generate(gpu_exe, model, "none", workers, "--dump-logits", cpu_logits,
                    "--dump-routing", tmp_path / "cpu.route")
-    gpu = generate(gpu_exe, model, "0", workers, "--dump-routing", tmp_path / "gpu.route")
+    gpu = generate(gpu_exe, model, "0", workers, "--dump-logits", gpu_logits,
+                   "--dump-routing", tmp_path / "gpu.route")
     assert len(cpu) == len(gpu) == STEPS
+    n_prompt = len(PROMPT.split(","))
+    n_vocab = cpu_logits.stat().st_size // 4 // (n_prompt + STEPS)
+    rows = logits_rows(cpu_logits, n_vocab)
     if is_float(model):
         assert gpu == cpu
         assert (tmp_path / "gpu.route").read_bytes() == (tmp_path / "cpu.route").read_bytes()
-        print(f"\n{model.stem} workers={workers}: {STEPS} greedy tokens and the routing log identical")
+        g = logits_rows(gpu_logits, n_vocab)
+        assert g.shape == rows.shape
+        cos = (g * rows).sum(1) / (np.linalg.norm(g, axis=1) * np.linalg.norm(rows, axis=1))
+        rel = float((np.abs(g - rows).max(1) / np.abs(rows).max(1)).max())
+        print(f"\n{model.stem} workers={workers}: {STEPS} greedy tokens and the routing log identical; "
+              f"logits rows: min cosine {cos.min():.9f}, max rel {rel:.3g}")
+        assert cos.min() >= COS_FLOAT
         return
     first = next((i for i in range(STEPS) if gpu[i] != cpu[i]), STEPS)
     if first < STEPS:
-        n_prompt = len(PROMPT.split(","))
-        import numpy as np
-        rows = logits_rows(cpu_logits, cpu_logits.stat().st_size // 4 // (n_prompt + STEPS))
         row = rows[n_prompt - 1 + first]  # the logits token `first` was drawn from
         gap = float(row.max() - row[gpu[first]]) / float(np.abs(row).max())
         print(f"\n{model.stem} workers={workers}: tokens equal up to {first}; there the GPU's token is "
               f"{gap:.3g} * max|logit| below the CPU's best (<= {NEAR_TIE})")
         assert gap <= NEAR_TIE, (first, gap)
+        assert int(row.argmax()) == cpu[first]  # the row it was drawn from: the CPU's greedy choice
     else:
         print(f"\n{model.stem} workers={workers}: all {STEPS} greedy tokens equal")
     # the routing logs agree in format: one record of k+2 int32 per token and MoE layer either way
@@ -205,7 +223,7 @@ def perplexity(exe, model, gpu):
 def test_perplexity_gpu_vs_cpu(gpu_exe, model):
     (cpu, n_cpu), (gpu, n_gpu) = perplexity(gpu_exe, model, "none"), perplexity(gpu_exe, model, "0")
     rel = abs(gpu / cpu - 1)
-    bound = PPL_FLOAT if is_float(model) else PPL_QUANT
+    bound = PPL_FLOAT if is_float(model) else PPL_QUANT["demo" if model.name.startswith("demo") else "tiny"]
     print(f"\n{model.stem}: PPL cpu {cpu} gpu {gpu}: rel {rel:.3g} (<= {bound})")
     assert n_cpu == n_gpu and rel <= bound
 
