@@ -4,11 +4,11 @@
  * model is computed, where its weights, scratch and KV caches live, is the
  * engine's alone.
  *
- * Implementations: the CPU forward pass (engine/cpu/cpu_engine.h) is the
- * first. A CUDA engine (attention, dense and shared FFNs, router and head on
- * the GPU; routed experts still through nm_expert_backend on CPU workers)
- * implements the same functions: nothing here assumes host memory for
- * anything but what a caller passes in or gets back.
+ * Implementations: the CPU forward pass (engine/cpu/cpu_engine.h) and the
+ * CUDA engine (engine/gpu/gpu_engine.h: attention, dense and shared FFNs,
+ * router and head on the GPU; routed experts still through nm_expert_backend
+ * on the CPU, in process or in workers). Nothing here assumes host memory
+ * for anything but what a caller passes in or gets back.
  *
  * Contract
  *
