@@ -30,6 +30,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <numa.h>
 #include <sched.h>
@@ -108,11 +109,24 @@ static char *xprintf(const char *fmt, ...) {
 
 int nm_launch_plan(int argc, char **argv, nm_session_opts *o) {
     memset(o, 0, sizeof *o);
-    for (int i = 2; i < argc; i++) {
-        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return 0;
-        int r = nm_session_parse_opt(o, argc, argv, &i, "numoe");
-        if (r < 0) return 0; /* the command prints the same complaint in context */
+    /* The plan only peeks at the options; a bad one is the command's to report,
+     * with its name in front (`numoe generate: ...`), once. The parser prints
+     * as it goes, so its complaints are sent to /dev/null here: without that a
+     * bad value was printed three times (here, here again after the re-exec as
+     * numoe-coordinator, and by the command). */
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO), devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (saved >= 0 && devnull >= 0) dup2(devnull, STDERR_FILENO);
+    int bad = 0;
+    for (int i = 2; i < argc && !bad; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) bad = 1;
+        else if (nm_session_parse_opt(o, argc, argv, &i, "numoe") < 0) bad = 1;
     }
+    fflush(stderr);
+    if (saved >= 0 && devnull >= 0) dup2(saved, STDERR_FILENO);
+    if (saved >= 0) close(saved);
+    if (devnull >= 0) close(devnull);
+    if (bad) return 0; /* --help, or a bad option: the command alone answers */
     /* an unreadable model: the coordinator alone says so, without workers failing too */
     if (!o->model_path || o->worker_endpoints || access(o->model_path, R_OK)) return 0;
     if (o->workers_set) return o->workers;

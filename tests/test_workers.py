@@ -784,3 +784,16 @@ def test_in_process_is_one_process(numoe):
     finally:
         out, err = p.communicate(b"", timeout=60)
     assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+
+
+@pytest.mark.parametrize("opt,msg", [(["--gpu", "banana"], "--gpu needs a CUDA device number, none or auto (got 'banana')"),
+                                     (["--workers", "x"], "--workers needs an integer in 0..256 (got 'x')"),
+                                     (["--placement", "nowhere"], "--placement must be split, experts, experts-rr")])
+def test_bad_option_reported_once(numoe, opt, msg):
+    """The launcher's plan only peeks at the options: a bad one is reported once, by
+    the command, with its name in front (it was printed three times: by the plan, by
+    the plan again after the re-exec, and by the command)."""
+    p = run([numoe, "generate", "-m", FIX / "deepseek-v3-tiny-F32-mla.gguf", "--prompt", "hi", "-n", "2", *opt])
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count(msg) == 1 and f"numoe generate: {msg}" in p.stderr, p.stderr
+    assert "numoe-worker" not in p.stderr, p.stderr  # no worker was started for a command that cannot run
