@@ -261,3 +261,40 @@ def test_serve_gpu_batched_equals_alone(gpu_exe, workers):
     finally:
         err = server.stop_and_check()
     assert len(engine_lines(err)) == 1 and "GPU 0: " in engine_lines(err)[0], err[-2000:]
+
+
+@pytest.mark.parametrize("placement", ["split", "experts"])
+@pytest.mark.parametrize("model", [m for m in MODELS if is_float(m)], ids=lambda p: p.stem)
+def test_generate_gpu_two_workers(gpu_exe, model, placement):
+    """Two workers, either placement, under the GPU engine: the tokens of the CPU engine
+    with the experts in process."""
+    ref = generate(gpu_exe, model, "none", "0")
+    assert generate(gpu_exe, model, "0", "2", "--placement", placement) == ref
+
+
+def test_kill_worker_mid_generation_gpu(gpu_exe, tmp_path):
+    """kill -9 of a worker while the GPU engine generates 64 greedy tokens: the worker is
+    restarted, the layer re-sent, and the tokens are those of an undisturbed run."""
+    import os
+    import signal
+    from test_workers import assert_no_leftovers, children_named, read_until, restarted_pids, worker_pids
+    model = ROOT / "tests" / "fixtures" / "models" / "deepseek-v3-tiny-F32-mla.gguf"
+    args = [str(gpu_exe), "generate", "-m", str(model), "--tokens", "5,6,7,8,9", "-n", "64", "-t", "2", "--gpu", "0"]
+    ref = run(args + ["--workers", "0"])
+    assert ref.returncode == 0, ref.stderr
+    env = dict(os.environ, NUMOE_TEST_DELAY_US="10000")  # >= 20 ms a token: time to kill mid-way
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as f:
+        p = subprocess.Popen([*args, "--workers", "2", "--placement", "experts"], stdout=subprocess.PIPE, stderr=f,
+                             env=env)
+    first = read_until(p.stdout, lambda b: b.count(b",") >= 3)
+    pids = worker_pids(log.read_text())
+    assert len(pids) == 2 and sorted(children_named(p.pid, "numoe-worker")) == sorted(pids), log.read_text()
+    os.kill(pids[1], signal.SIGKILL)
+    rest = p.stdout.read().decode()
+    p.wait(timeout=120)
+    err = log.read_text()
+    assert p.returncode == 0, err
+    assert (first + rest).strip() == ref.stdout.strip(), (first + rest, ref.stdout)
+    assert re.search(r"^numoe: worker 1 restarted in [\d.]+ ms \(attempt 1, pid \d+\)$", err, re.M), err
+    assert_no_leftovers(p.pid, pids + restarted_pids(err))
