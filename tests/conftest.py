@@ -5,6 +5,7 @@
 suite passes under the sanitizers at least once per CI run."""
 import os
 import pathlib
+import shutil
 import subprocess
 
 import pytest
@@ -19,6 +20,18 @@ def built(rel):
     if not found:
         pytest.fail(f"{rel} is not built: run `make` (or `make test`) first")
     return found
+
+
+def gpus():
+    """The GPUs `nvidia-smi -L` lists ([] without nvidia-smi or a driver): where the GPU
+    tests (tests/test_gpu_engine.py, tests/cuda/test_cuda_binaries.py) run."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [x for x in out.splitlines() if x.startswith("GPU ")]
 
 
 def sanitizer_env():

@@ -24,12 +24,11 @@ GPU checks run build/ only; the refusal checks run both trees.
 """
 import concurrent.futures
 import re
-import shutil
 import subprocess
 
 import pytest
 
-from conftest import ROOT, assert_clean, run
+from conftest import ROOT, assert_clean, gpus, run
 from serve_util import Server, post_json
 
 MODELS = sorted((ROOT / "tests" / "fixtures" / "models").glob("*.gguf"))
@@ -53,16 +52,6 @@ PPL_QUANT = {"tiny": 0.05, "demo": 0.006}
 
 def is_float(model):
     return "-F32" in model.name or "-F16" in model.name
-
-
-def gpus():
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [x for x in out.splitlines() if x.startswith("GPU ")]
 
 
 def engine_lines(stderr):

@@ -5,12 +5,11 @@ a GPU each built binary must still start and report that it found no device
 built and the test is skipped saying so. tests/cuda/run.sh builds and runs the
 same binaries on a GPU machine that lacks numoe's other build dependencies."""
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_clean, run
+from conftest import ROOT, assert_clean, gpus, run
 
 SOURCES = sorted((ROOT / "tests" / "cuda").glob("test_cuda_*.cu"))
 
@@ -19,17 +18,6 @@ def nvcc():
     """The compiler the Makefile uses: /usr/local/cuda/bin/nvcc, else nvcc on PATH."""
     p = Path("/usr/local/cuda/bin/nvcc")
     return str(p) if p.exists() else shutil.which("nvcc")
-
-
-def gpus():
-    """The GPUs `nvidia-smi -L` lists ([] without nvidia-smi or a driver)."""
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [x for x in out.splitlines() if x.startswith("GPU ")]
 
 
 def test_cuda_sources_exist():
