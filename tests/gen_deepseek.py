@@ -173,6 +173,13 @@ SHAPES: dict[str, Shape] = {
                      n_used=6, n_shared=2, n_group=1, topk_group=1, scale=1.0, norm_topk=False,
                      ctx=163840, orig_ctx=4096, yarn_factor=40.0, mscale_all_dim=0.707,
                      vocab_size=102400),
+    # DeepSeek-V3 / R1 width (deepseek-ai/DeepSeek-V3 config.json); the full model has 61 layers.
+    # For speed benchmarks only: written with --random-blocks (see there), any --layers.
+    "v3-width": Shape(name="v3-width", style="v3", hidden=7168, n_layer=61, n_dense=3, n_head=128, q_lora=1536,
+                      kv_lora=512, d_nope=128, d_rope=64, d_v=128, n_ff=18432, n_ff_exp=2048, n_expert=256,
+                      n_used=8, n_shared=1, n_group=8, topk_group=4, scale=2.5, norm_topk=True,
+                      ctx=163840, orig_ctx=4096, yarn_factor=40.0, mscale_all_dim=1.0,
+                      vocab_size=129280),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -829,8 +836,58 @@ def add_metadata(w: gguf.GGUFWriter, s: Shape, tok: Tokenizer, layout: str, want
     w.add_chat_template(tok.chat_template)
 
 
+# Byte offsets of the fp16 block scales (d, and dmin where the type has one) inside one block, from
+# ggml's block layouts (kernels/quant.h): --random-blocks overwrites them with sane values.
+SCALE_FIELDS: dict[QT, tuple[int, ...]] = {
+    QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q5_0: (0,), QT.Q4_1: (0, 2), QT.Q5_1: (0, 2),
+    QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+}
+
+
+def random_raw_chunks(t: PlanTensor, seed: int, chunk_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+    """The bytes of tensor t for a speed-only model: uniformly random quant blocks whose fp16 scales are
+    replaced by small positive values (weights of magnitude ~0.01-0.05, no inf/NaN), float matrices
+    N(0, 0.02), norm weights 1, biases 0. Correctness of the model's output means nothing; the bytes,
+    types and shapes are those of the real plan, so every engine reads and computes exactly as much."""
+    rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
+    if len(t.ne) == 1 or t.name.endswith("_norm.weight") or t.name.endswith(".bias"):
+        n = math.prod(t.ne)
+        v = np.zeros(n, np.float32) if t.name.endswith(".bias") else np.ones(n, np.float32)
+        yield v.view(np.uint8)
+        return
+    if t.qt in (QT.F32, QT.F16, QT.BF16):
+        per = {QT.F32: 4, QT.F16: 2, QT.BF16: 2}[t.qt]
+        left = t.nbytes // per
+        step = max(1, chunk_bytes // per)
+        while left > 0:
+            n = min(step, left)
+            a = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+            if t.qt == QT.F32:
+                yield a.view(np.uint8)
+            elif t.qt == QT.F16:
+                yield a.astype(np.float16).view(np.uint8)
+            else:
+                yield (a.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+            left -= n
+        return
+    bs, ts = gguf.GGML_QUANT_SIZES[t.qt]
+    fields = SCALE_FIELDS[t.qt]
+    # values are d * small integers (up to ~64 * 32 for the K types): d ~ 1e-5 keeps weights ~0.01-0.05
+    d = np.float16(2e-3 / bs) if t.qt in (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1) else np.float16(1.5e-5)
+    nblk = t.nbytes // ts
+    step = max(1, chunk_bytes // ts)
+    while nblk > 0:
+        n = min(step, nblk)
+        raw = rng.integers(0, 256, size=(n, ts), dtype=np.uint8)
+        for off in fields:
+            raw[:, off:off + 2] = np.frombuffer(d.tobytes(), np.uint8)
+        yield raw.reshape(-1)
+        nblk -= n
+
+
 def write_gguf(path: Path, plan: list[PlanTensor], meta: Callable[[gguf.GGUFWriter], None],
-               progress: bool, threads: int, keep_raw: bool = False) -> dict[str, np.ndarray]:
+               progress: bool, threads: int, keep_raw: bool = False,
+               random_seed: int | None = None) -> dict[str, np.ndarray]:
     """Header + KV + tensor infos via GGUFWriter, then the data streamed chunk by chunk."""
     w = gguf.GGUFWriter(str(path), "deepseek2")
     meta(w)
@@ -859,8 +916,9 @@ def write_gguf(path: Path, plan: list[PlanTensor], meta: Callable[[gguf.GGUFWrit
         fout.write(b"\0" * pad)
         start = fout.tell()
         keep = []
-        for chunk in t.chunks():
-            raw = q(chunk, t.qt)
+        raws = (random_raw_chunks(t, random_seed) if random_seed is not None
+                else (q(chunk, t.qt) for chunk in t.chunks()))
+        for raw in raws:
             fout.write(raw.tobytes())
             if keep_raw:
                 keep.append(raw.copy())
@@ -1002,6 +1060,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default tiny-<style>)")
     ap.add_argument("--layers", type=int, help="override the shape's layer count (a shorter model with the same "
                     "per-layer work, for quick benchmarks)")
+    ap.add_argument("--q-lora", type=int, help="override the shape's q_lora rank (0: attn_q without q-LoRA); "
+                    "ik_llama.cpp loads a q_lora 0 deepseek2 file only with 26 or 27 layers")
+    ap.add_argument("--random-blocks", action="store_true",
+                    help="speed-only model: random quant blocks with sane scales, written at disk speed (output "
+                         "is meaningless; bytes, types and shapes are the real plan's)")
     ap.add_argument("--type", default="F32", choices=TYPE_NAMES, help="tensor type of the matrices")
     ap.add_argument("--attn-layout", default="mla", choices=["legacy", "ik", "mla"])
     ap.add_argument("--seed", type=int, default=1234)
@@ -1024,6 +1087,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.layers <= shape.n_dense:
             ap.error(f"--layers must exceed the {shape.n_dense} leading dense layer(s)")
         shape = dataclasses.replace(shape, n_layer=args.layers)
+    if args.q_lora is not None:
+        if args.q_lora < 0:
+            ap.error("--q-lora must be >= 0")
+        shape = dataclasses.replace(shape, q_lora=args.q_lora)
+    if shape.name == "v3-width" and not args.random_blocks:
+        ap.error("--shape v3-width is written only with --random-blocks (its float weights would take hours)")
+    if args.random_blocks and args.hf_out:
+        ap.error("--random-blocks writes no HF folder (its weights are random blocks, not a float model)")
     if args.style and args.style != shape.style:
         ap.error(f"--style {args.style} contradicts --shape {args.shape}")
     want = QT[args.type]
@@ -1038,8 +1109,17 @@ def main(argv: list[str] | None = None) -> int:
         # the real DeepSeek-LLM vocabulary, committed with llama.cpp's vocab tests
         cand = REPO_ROOT / "tests" / "fixtures" / "vocab" / "ggml-vocab-deepseek-llm.gguf"
         vocab_path = str(cand) if cand.is_file() else None
+    if vocab_path is None and shape.name == "v3-width":
+        # DeepSeek-V3's vocabulary is not committed; for a speed-only model the DeepSeek-LLM one padded to
+        # V3's 129280 ids reads and computes exactly the same (embedding rows, head rows)
+        cand = REPO_ROOT / "tests" / "fixtures" / "vocab" / "ggml-vocab-deepseek-llm.gguf"
+        vocab_path = str(cand) if cand.is_file() else None
     if vocab_path:
         tok = load_vocab_gguf(Path(vocab_path), CHAT_TEMPLATE_V3 if shape.style == "v3" else CHAT_TEMPLATE_V2)
+        if shape.vocab_size and len(tok.tokens) < shape.vocab_size and args.random_blocks:
+            n0 = len(tok.tokens)
+            tok = dataclasses.replace(tok, tokens=tok.tokens + [f"[PAD{n0 + i}]" for i in range(shape.vocab_size - n0)],
+                                      types=tok.types + [int(gguf.TokenType.UNUSED)] * (shape.vocab_size - n0))
         if shape.vocab_size and len(tok.tokens) != shape.vocab_size:
             ap.error(f"{vocab_path} has {len(tok.tokens)} tokens, shape {shape.name} needs {shape.vocab_size}")
     else:
@@ -1047,14 +1127,15 @@ def main(argv: list[str] | None = None) -> int:
 
     W = Weights(shape, len(tok.tokens), args.seed)
     plan = build_plan(W, args.attn_layout, want)
-    if any(t.qt in K_TYPES for t in plan):
+    if any(t.qt in K_TYPES for t in plan) and not args.random_blocks:
         CQuant.lib()  # fail early with a clear message
     name = args.name or f"numoe-synthetic-deepseek-{shape.name}-{args.attn_layout}-{args.type}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = write_gguf(out, plan, lambda w: add_metadata(w, shape, tok, args.attn_layout, want, name),
                      progress=not args.quiet and big, threads=max(1, args.threads),
-                     keep_raw=bool(args.hf_out and args.hf_dequant))
+                     keep_raw=bool(args.hf_out and args.hf_dequant),
+                     random_seed=args.seed if args.random_blocks else None)
     if args.hf_out:
         if args.hf_dequant:
             tensors = hf_from_raw(shape, plan, raw, args.attn_layout)

@@ -682,3 +682,42 @@ def test_transformers_reproduces_golden(style):
         out = model(torch.tensor([meta["prompt_ids"] + meta["greedy_ids"]])).logits[0].numpy()
     # not bit-exact run to run (CPU kernels, threads): measured 1.43e-5 (v2) / 1.22e-5 (v3)
     assert np.max(np.abs(out - logits)) < 3e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# speed-only models (--random-blocks)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typ", ["Q4_K", "Q8_0", "Q2_K", "Q6_K", "F16"])
+def test_random_blocks_same_plan(tmp_path, typ, numoe):
+    """--random-blocks writes the same tensors (names, shapes, types, bytes) as the real plan, with every
+    block scale finite and small, and numoe evaluates it to finite logits."""
+    real, fast = tmp_path / "real.gguf", tmp_path / "fast.gguf"
+    common = ["--style", "v3", "--attn-layout", "mla", "--type", typ, "--q-lora", "64"]
+    _regen(tmp_path, common + ["-o", str(real)])
+    _regen(tmp_path, common + ["--random-blocks", "-o", str(fast)])
+    a, b = tensors(gguf.GGUFReader(str(real))), tensors(gguf.GGUFReader(str(fast)))
+    assert sorted(a) == sorted(b)
+    assert kv(gguf.GGUFReader(str(fast)))[f"{ARCH}.attention.q_lora_rank"] == 64
+    for name in a:
+        ta, tb = a[name], b[name]
+        assert (ne(ta), ta.tensor_type, ta.n_bytes) == (ne(tb), tb.tensor_type, tb.n_bytes), name
+        w = as_float(tb)
+        assert np.isfinite(w).all(), name
+        if name.endswith("_norm.weight"):
+            assert (w == 1).all(), name
+        elif len(ne(tb)) > 1:
+            assert 0 < np.abs(w).mean() < 0.1, (name, float(np.abs(w).mean()))
+    out = subprocess.run([numoe, "generate", "-m", str(fast), "--tokens", "1,2,3", "-n", "2", "--workers", "0",
+                          "--gpu", "none", "--dump-logits", str(tmp_path / "l.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    logits = np.fromfile(tmp_path / "l.bin", np.float32)
+    assert logits.size > 0 and np.isfinite(logits).all()
+
+
+def test_v3_width_needs_random_blocks(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "gen_deepseek.py"), "--shape", "v3-width", "--layers", "4",
+                        "-o", str(tmp_path / "m.gguf")], capture_output=True, text=True)
+    assert r.returncode != 0 and "--random-blocks" in r.stderr
