@@ -81,6 +81,16 @@ def test_gpu_option_parsed_strictly(exe):
 
 
 @pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
+def test_prefill_experts_parsed_strictly(exe):
+    for bad in ("x", "GPU", "", "1"):
+        p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--prefill-experts", bad])
+        assert_clean(p)
+        assert p.returncode == 2 and "--prefill-experts must be cpu, gpu or auto" in p.stderr, (bad, p.stderr)
+    h = run([exe, "generate", "--help"])
+    assert "--prefill-experts cpu|gpu|auto" in h.stdout + h.stderr
+
+
+@pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
 @pytest.mark.parametrize("cmd", ["generate", "bench", "perplexity", "serve", "chat"])
 def test_missing_device_refused(exe, cmd):
     """--gpu N without that device: a clear error naming --gpu none, nothing run, no fallback."""
@@ -153,16 +163,19 @@ def logits_rows(path, n_vocab):
     return a.reshape(-1, n_vocab)
 
 
+@pytest.mark.parametrize("experts", ["auto", "gpu"])
 @pytest.mark.parametrize("workers", ["0", "1"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
-def test_generate_gpu_vs_cpu(gpu_exe, model, workers, tmp_path):
+def test_generate_gpu_vs_cpu(gpu_exe, model, workers, experts, tmp_path):
+    """The GPU engine against the CPU engine; --prefill-experts gpu computes every pass's routed experts on the
+    GPU (streamed), auto only passes of >= 32 tokens (none here: a 12-token prompt, then decode)."""
     import numpy as np
     # both runs dump their logits: generate then also feeds the last token (one more step)
     cpu_logits, gpu_logits = tmp_path / "cpu.f32", tmp_path / "gpu.f32"
     cpu = generate(gpu_exe, model, "none", workers, "--dump-logits", cpu_logits,
                    "--dump-routing", tmp_path / "cpu.route")
     gpu = generate(gpu_exe, model, "0", workers, "--dump-logits", gpu_logits,
-                   "--dump-routing", tmp_path / "gpu.route")
+                   "--dump-routing", tmp_path / "gpu.route", "--prefill-experts", experts)
     assert len(cpu) == len(gpu) == STEPS
     n_prompt = len(PROMPT.split(","))
     n_vocab = cpu_logits.stat().st_size // 4 // (n_prompt + STEPS)
@@ -192,15 +205,28 @@ def test_generate_gpu_vs_cpu(gpu_exe, model, workers, tmp_path):
     assert (tmp_path / "gpu.route").stat().st_size == (tmp_path / "cpu.route").stat().st_size
 
 
+SAMPLERS = {
+    "top-k": ("--temp", "0.8", "--seed", "7", "--top-k", "40"),
+    "top-k+penalties": ("--temp", "0.8", "--seed", "7", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.02",
+                        "--repeat-penalty", "1.3", "--repeat-last-n", "16", "--presence-penalty", "0.2",
+                        "--frequency-penalty", "0.1"),
+    "greedy+penalty": ("--temp", "0", "--repeat-penalty", "1.5", "--repeat-last-n", "8"),
+    "top-p only (whole row)": ("--temp", "0.9", "--seed", "3", "--top-k", "0", "--top-p", "0.9"),
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("model", [m for m in MODELS if is_float(m)], ids=lambda p: p.stem)
-def test_sampling_gpu_vs_cpu(gpu_exe, model):
-    args = ("--temp", "0.8", "--seed", "7", "--top-k", "40")
+def test_sampling_gpu_vs_cpu(gpu_exe, model, sampler):
+    """The GPU engine hands the sampler only the GPU's top (k + window) logits (the whole row without top-k):
+    the same tokens as the CPU engine's draw from whole rows."""
+    args = SAMPLERS[sampler]
     assert generate(gpu_exe, model, "0", "0", *args) == generate(gpu_exe, model, "none", "0", *args)
 
 
-def perplexity(exe, model, gpu):
+def perplexity(exe, model, gpu, *extra):
     p = run([exe, "perplexity", "-m", model, "-f", TEXT, "--ctx", "64", "--chunks", "6", "-t", "4",
-             "--workers", "0", "--gpu", gpu], timeout=300)
+             "--workers", "0", "--gpu", gpu, *extra], timeout=300)
     assert_clean(p)
     assert p.returncode == 0, p.stderr[-3000:]
     m = re.search(r"^PPL = ([0-9.]+) \+/- ([0-9.]+) over (\d+) tokens", p.stdout, re.M)
@@ -208,12 +234,16 @@ def perplexity(exe, model, gpu):
     return float(m.group(1)), int(m.group(3))
 
 
+@pytest.mark.parametrize("experts", ["auto", "cpu"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
-def test_perplexity_gpu_vs_cpu(gpu_exe, model):
-    (cpu, n_cpu), (gpu, n_gpu) = perplexity(gpu_exe, model, "none"), perplexity(gpu_exe, model, "0")
+def test_perplexity_gpu_vs_cpu(gpu_exe, model, experts):
+    """64-token windows: with auto the routed experts of every pass run on the GPU (>= 32 tokens), with cpu on
+    the host; both within the bound of the CPU engine's figure."""
+    (cpu, n_cpu) = perplexity(gpu_exe, model, "none")
+    (gpu, n_gpu) = perplexity(gpu_exe, model, "0", "--prefill-experts", experts)
     rel = abs(gpu / cpu - 1)
     bound = PPL_FLOAT if is_float(model) else PPL_QUANT["demo" if model.name.startswith("demo") else "tiny"]
-    print(f"\n{model.stem}: PPL cpu {cpu} gpu {gpu}: rel {rel:.3g} (<= {bound})")
+    print(f"\n{model.stem} experts={experts}: PPL cpu {cpu} gpu {gpu}: rel {rel:.3g} (<= {bound})")
     assert n_cpu == n_gpu and rel <= bound
 
 

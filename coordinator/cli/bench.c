@@ -146,6 +146,26 @@ int nm_cmd_bench_model(int argc, char **argv) {
         fprintf(stderr, "%sdecode %.3f ms per token", p ? ", " : "",
                 (st2.expert_wait_s - st1.expert_wait_s) * 1e3 / (double)(n * reps));
     fputc('\n', stderr);
+    /* The GPU engine's step, split: the host waiting for the GPU before each
+     * hand-off (attention, router, the copy to the host), the routed experts
+     * on the host (hand-off to the workers + their compute + the way back),
+     * and the rest (the sum's copy back, shared-expert tail, head, logits,
+     * host work). And how the streamed experts of long passes moved. */
+    if (st2.step_s > 0) {
+        if (n) {
+            const double per = 1e3 / (double)(n * reps), all = (st2.step_s - st1.step_s) * per;
+            const double dev = (st2.device_wait_s - st1.device_wait_s) * per, ex = (st2.expert_wait_s - st1.expert_wait_s) * per;
+            fprintf(stderr, "numoe: decode step %.3f ms: GPU before the hand-offs %.3f ms, routed experts on the host %.3f "
+                    "ms, rest (H2D, head, logits, host) %.3f ms\n", all, dev, ex, all - dev - ex);
+        }
+        if (p && st1.stream_layers > st0.stream_layers) {
+            const double b = st1.stream_bytes - st0.stream_bytes, t = st1.stream_copy_s - st0.stream_copy_s;
+            fprintf(stderr, "numoe: prefill: routed experts of %llu MoE layers on the GPU, %.2f GB streamed in %.3f s of "
+                    "copies (%.1f GB/s), %.3f s of %.3f s in steps\n",
+                    (unsigned long long)(st1.stream_layers - st0.stream_layers), b / 1e9, t, t > 0 ? b / t / 1e9 : 0.0,
+                    t, st1.step_s - st0.step_s);
+        }
+    }
     rc = 0;
     goto done;
 fail:

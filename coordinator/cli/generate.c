@@ -162,24 +162,41 @@ int nm_cmd_generate(int argc, char **argv) {
         goto fail;
     }
     if (decode_from < 0 || decode_from > (long long)n_prompt) decode_from = (long long)n_prompt;
+    /* Without a logits dump the engine draws each token in its step (the GPU
+     * engine then moves only the sampler's candidates off the device); with
+     * one, the rows come back and are drawn here. The same tokens either way:
+     * the prompt enters the penalty window before the first draw. */
+    for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
+    int32_t drawn = -1;
+    nm_engine_segment sg = {.seq = seq, .sampler = &smp, .token = &drawn};
     double t0 = nm_now_s();
     float *last = logits;
     if (decode_from > 0) {
-        if (nm_engine_eval(e, seq, prompt, decode_from, logits, df != NULL, &err)) goto fail;
+        if (!df && decode_from == (long long)n_prompt) {
+            sg.tokens = prompt, sg.n = decode_from;
+            if (nm_engine_step(e, &sg, 1, &err)) goto fail;
+        } else if (nm_engine_eval(e, seq, prompt, decode_from, logits, df != NULL, &err)) {
+            goto fail;
+        }
         last = df ? logits + (decode_from - 1) * V : logits;
         if (df && fwrite(logits, sizeof *logits * (size_t)V, (size_t)decode_from, df) != (size_t)decode_from) goto wfail;
     }
     for (size_t t = (size_t)decode_from; t < n_prompt; t++) {
-        if (nm_engine_eval(e, seq, prompt + t, 1, logits, 0, &err)) goto fail;
+        if (!df && t + 1 == n_prompt) {
+            sg.tokens = prompt + t, sg.n = 1;
+            if (nm_engine_step(e, &sg, 1, &err)) goto fail;
+        } else if (nm_engine_eval(e, seq, prompt + t, 1, logits, 0, &err)) {
+            goto fail;
+        }
         last = logits;
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;
     }
-    for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
     double t1 = nm_now_s();
     long long j = 0; /* tokens printed (an end-of-generation token is not) */
     nm_finish fin = NM_FINISH_NONE;
     while (n_predict > 0 && fin == NM_FINISH_NONE) {
-        int32_t tok = nm_sampler_sample(&smp, last, V);
+        int32_t tok = drawn >= 0 ? drawn : nm_sampler_sample(&smp, last, V);
+        drawn = -1;
         if (tok < 0) goto oom;
         fin = nm_decode_token(&dec, tok);
         if (fin == NM_FINISH_ERROR) {
@@ -195,6 +212,12 @@ int nm_cmd_generate(int argc, char **argv) {
         fflush(stdout);
         /* the last token's logits are needed only for the dump */
         if (fin == NM_FINISH_STOP || (fin == NM_FINISH_LENGTH && !df)) break;
+        if (!df) {
+            sg.tokens = &tok, sg.n = 1;
+            if (nm_engine_step(e, &sg, 1, &err)) goto fail;
+            if (drawn < 0) goto oom;
+            continue;
+        }
         if (nm_engine_eval(e, seq, &tok, 1, logits, 0, &err)) goto fail;
         last = logits;
         if (df && fwrite(logits, sizeof *logits, (size_t)V, df) != (size_t)V) goto wfail;

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "common/opt.h"
+#include "coordinator/engine/gpu/gpu_engine.h"
 #include "coordinator/experts/remote.h"
 
 const char nm_session_opts_help[] =
@@ -17,6 +18,11 @@ const char nm_session_opts_help[] =
     "                          else the CPU. One line on stderr names the engine and device. --gpu N\n"
     "                          fails when there is no such device or numoe was built without CUDA\n"
     "                          (the routed experts stay on the CPU either way: --workers)\n"
+    "      --prefill-experts cpu|gpu|auto\n"
+    "                          with a GPU engine: where the routed experts of a pass run. cpu = always\n"
+    "                          on the CPU (workers or this process); gpu = on the GPU for every pass,\n"
+    "                          their weights streamed over PCIe per pass; auto (default) = the GPU for\n"
+    "                          passes of >= 32 tokens (long prefill chunks), the CPU for the rest\n"
     "  -t, --threads N         CPU threads (default: all online CPUs)\n"
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
@@ -72,6 +78,15 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
             return fprintf(stderr, "%s: --gpu needs a CUDA device number, none or auto (got '%s')\n", cmd, v ? v : ""),
                    -1;
         }
+    } else if (!strcmp(a, "--prefill-experts")) {
+        if (v && !strcmp(v, "auto"))
+            o->prefill_experts = NM_PREFILL_EXPERTS_AUTO;
+        else if (v && !strcmp(v, "cpu"))
+            o->prefill_experts = NM_PREFILL_EXPERTS_CPU;
+        else if (v && !strcmp(v, "gpu"))
+            o->prefill_experts = NM_PREFILL_EXPERTS_GPU;
+        else
+            return fprintf(stderr, "%s: --prefill-experts must be cpu, gpu or auto (got '%s')\n", cmd, v ? v : ""), -1;
     } else if (!strcmp(a, "--no-prefault")) {
         o->no_prefault = 1;
         return 1; /* a flag: no value to skip */

@@ -91,7 +91,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     }
     if (s->experts && use_gpu) {
         nm_engine_gpu_opts go = {.device = device, .n_ctx = ctx, .n_batch = o->batch ? o->batch : 512,
-                                 .n_expert_used = o->experts_used};
+                                 .n_expert_used = o->experts_used, .prefill_experts = o->prefill_experts};
         s->engine = nm_engine_gpu_create(&s->model, s->experts, &go, err);
     } else if (s->experts) {
         nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used,

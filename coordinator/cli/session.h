@@ -34,6 +34,7 @@ typedef struct {
     int sync_experts;             /* wait for the routed experts before the shared ones (bench --experts-sync) */
     int gpu_mode;                 /* --gpu: NM_GPU_AUTO (default), NM_GPU_DEVICE (device gpu), NM_GPU_NONE */
     int gpu;                      /* the CUDA device with NM_GPU_DEVICE */
+    int prefill_experts;          /* --prefill-experts: NM_PREFILL_EXPERTS_AUTO (0), _CPU, _GPU (gpu_forward.h) */
 } nm_session_opts;
 
 enum { NM_GPU_AUTO = 0, NM_GPU_DEVICE = 1, NM_GPU_NONE = 2 };

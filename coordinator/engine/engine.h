@@ -80,6 +80,13 @@ typedef struct {
     uint64_t steps;       /* steps run */
     uint64_t tokens;      /* tokens they held */
     double expert_wait_s; /* time a step sat waiting for routed experts after its own work was done */
+    /* GPU engine only (0 elsewhere): where a step's time goes */
+    double step_s;        /* time inside steps */
+    double device_wait_s; /* the host waiting for the GPU's work before each hand-off (attention,
+                             router, the copy of the hand-off to the host) */
+    uint64_t stream_layers;  /* MoE layers whose routed experts ran on the GPU, streamed */
+    double stream_bytes;  /* expert bytes streamed to the GPU */
+    double stream_copy_s; /* time the copies took (the copy engine's busy time) */
 } nm_engine_stats;
 
 /* One sequence's share of a step. */

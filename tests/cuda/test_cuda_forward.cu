@@ -19,6 +19,11 @@
  *   C:    the GPU generating greedily on its own: the tokens equal the CPU's
  *         (41) up to the first position where A's routing differed (all of
  *         them when it never did), and at least 32 on float models.
+ *   S:    the routed experts on the GPU for every pass (their weights streamed
+ *         to VRAM, gpu_experts.cuh), teacher-forced: routing and logits
+ *         against the CPU as in A; every MoE layer computed there; then
+ *         chunks of 5 with the threshold at 3 (two passes on the GPU's
+ *         experts, one on the host's) against all on the GPU.
  *   Router kernel against router.c on random and on tie-heavy logits
  *         (test_router_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
@@ -249,11 +254,19 @@ struct run_out {
     std::vector<moe_call> calls;
 };
 
-static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err) {
+static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err,
+                    int64_t stream_min = 0) {
     nm_gpu_forward_opts o = {};
     o.n_ctx = N_CTX;
     o.n_batch = n_batch;
+    o.stream_min = stream_min;
     return nm_gpu_forward_create(g, m, b, &o, err);
+}
+
+static nm_gpu_forward_seq seg(nm_gpu_kv *kv, const int32_t *t, int64_t n, float *logits, int all) {
+    nm_gpu_forward_seq q = {};
+    q.kv = kv, q.tokens = t, q.n = n, q.logits = logits, q.all_logits = all;
+    return q;
 }
 
 /* Prefill (one batch, all rows) then DECODE steps, feeding `feed` (NULL:
@@ -285,6 +298,20 @@ static bool run_seq(tokens_fn fn, void *st, const int32_t *prompt, int64_t V, co
         out->tokens.push_back(argmax(row, V));
     }
     return true;
+}
+
+/* The routing log (engine.h's records {pos, layer, k ids}) as calls: a new
+ * call wherever the layer changes. */
+static std::vector<moe_call> calls_of_log(FILE *log, int k) {
+    std::vector<moe_call> out;
+    rewind(log);
+    std::vector<int32_t> rec((size_t)k + 2);
+    while (fread(rec.data(), sizeof(int32_t), rec.size(), log) == rec.size()) {
+        if (out.empty() || out.back().layer != rec[1]) out.push_back(moe_call{rec[1], 0, k, {}, {}, {}});
+        out.back().n++;
+        out.back().ids.insert(out.back().ids.end(), rec.begin() + 2, rec.end());
+    }
+    return out;
 }
 
 /* The first position whose routing differs between two runs of the same
@@ -470,7 +497,7 @@ static void test_fixture(const char *path, nm_pool *pool) {
         int32_t six[6] = {1, 2, 3, 4, 5, 6};
         nm_gpu_kv *kv = nullptr;
         if (nm_gpu_kv_create(gf, N_CTX, &kv, &err) == 0) {
-            nm_gpu_forward_seq s6 = {kv, six, 6, nullptr, 0};
+            nm_gpu_forward_seq s6 = seg(kv, six, 6, nullptr, 0);
             check(nm_gpu_forward_batch(gf, &s6, 1, &err) == -1 && strstr(err.msg, "exceeds"),
                   "%s: a batch over n_batch refused: %s", name, err.msg);
             check(nm_gpu_kv_pos(kv) == 0, "%s: a refused batch advances no cache", name);
@@ -511,6 +538,76 @@ static void test_fixture(const char *path, nm_pool *pool) {
     }
 
     {
+        /* S: the routed experts on the GPU (streamed, every pass), teacher-forced like A; the routing
+         * comes from the route log (the host backend is not called) */
+        rec_backend rs = make_rec(local, hp->n_embd);
+        nm_gpu_forward *gf = nullptr;
+        if (gpu_open(&gf, &m, &rs.base, 64, &err, 1)) {
+            check(false, "%s: GPU init (experts on the GPU): %s", name, err.msg);
+            goto done;
+        }
+        fprintf(stderr, "     %s: %s\n", name, nm_gpu_forward_describe(gf));
+        FILE *log = tmpfile();
+        nm_gpu_forward_route_log(gf, log);
+        run_out gs;
+        bool ok = log && run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gs, "GPU S");
+        nm_gpu_forward_route_log(gf, nullptr);
+        nm_gpu_forward_stats st;
+        nm_gpu_forward_get_stats(gf, &st);
+        const int n_moe = (int)(hp->n_layer - hp->n_dense);
+        check(ok && rs.calls.empty() && st.n_stream_layers == (int64_t)n_moe * (1 + DECODE) && st.stream_bytes > 0,
+              "%s: S: every MoE layer of every pass on the GPU (%lld of %d), none on the host backend (%zu), %.0f "
+              "bytes streamed, host copies %s", name, (long long)st.n_stream_layers, n_moe * (1 + DECODE),
+              rs.calls.size(), st.stream_bytes, st.stream_pinned ? "pinned" : "pageable");
+        std::vector<moe_call> sc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
+        if (log) fclose(log);
+        double worst_margin = 0;
+        int n_diff = 0;
+        std::string where;
+        const int first = ok && sc.size() == cpu.calls.size()
+                              ? first_route_diff(&m, cpu.calls, sc, &worst_margin, &n_diff, &where) : 0;
+        check(ok && sc.size() == cpu.calls.size() && worst_margin <= TIE_TOL,
+              "%s: S: %zu routing calls (CPU %zu), %d differences, all near-ties (largest margin %.3g <= %g)%s", name,
+              sc.size(), cpu.calls.size(), n_diff, worst_margin, TIE_TOL, where.c_str());
+        double max_rel = 0, min_cos = 1, sum_cos = 0;
+        for (int r = 0; ok && r < first; r++) {
+            row_cmp c = compare_row(gs.logits.data() + (size_t)r * V, cpu.logits.data() + (size_t)r * V, V);
+            max_rel = std::max(max_rel, c.rel), min_cos = std::min(min_cos, c.cos), sum_cos += c.cos;
+        }
+        const double mean_cos = first ? sum_cos / first : 1;
+        if (is_float)
+            check(ok && first > 0 && max_rel <= REL_FLOAT && min_cos >= COS_FLOAT,
+                  "%s: S vs CPU over %d positions: max rel %.3g (<= %g), min cos %.8f (>= %g)", name, first, max_rel,
+                  REL_FLOAT, min_cos, COS_FLOAT);
+        else
+            check(ok && first > 0 && max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
+                  "%s: S vs CPU over %d positions: max rel %.3g (<= %g), mean cos %.6f (>= %g), min cos %.6f (>= %g)",
+                  name, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
+        nm_gpu_forward_free(gf);
+
+        /* mixed: chunks of 5 with stream_min 3 -> passes of 5, 5 on the GPU experts, 2 on the host's; the
+         * same rows as all on the GPU within the float bound (the two expert paths differ in rounding) */
+        rec_backend rm = make_rec(local, hp->n_embd);
+        if (gpu_open(&gf, &m, &rm.base, 5, &err, 3)) {
+            check(false, "%s: GPU init (mixed): %s", name, err.msg);
+            goto done;
+        }
+        std::vector<float> lm((size_t)PROMPT * V);
+        ok = ok && nm_gpu_forward_tokens(gf, prompt, PROMPT, lm.data(), 1, &err) == 0;
+        nm_gpu_forward_get_stats(gf, &st);
+        double rel_mix = 0;
+        const int upto = std::min(first, (int)PROMPT);
+        for (int t = 0; ok && t < upto; t++)
+            rel_mix = std::max(rel_mix, compare_row(lm.data() + (size_t)t * V, gs.logits.data() + (size_t)t * V, V).rel);
+        check(ok && rm.calls.size() == (size_t)n_moe && st.n_stream_layers == 2 * n_moe &&
+                  rel_mix <= (is_float ? REL_FLOAT : REL_QUANT),
+              "%s: mixed chunks: %lld MoE layers on the GPU (2 x %d), %zu on the host (%d), max rel %.3g vs all on "
+              "the GPU over %d rows%s%s", name, (long long)st.n_stream_layers, n_moe, rm.calls.size(), n_moe, rel_mix,
+              upto, ok ? "" : ": ", ok ? "" : err.msg);
+        nm_gpu_forward_free(gf);
+    }
+
+    {
         /* nm_gpu_forward_batch: three sequences alone, then mixed in batches */
         enum { NS = 3, DEC = 5 };
         const int64_t plen[NS] = {7, 13, 4};
@@ -545,10 +642,10 @@ static void test_fixture(const char *path, nm_pool *pool) {
             int done_rows[NS];
             for (int s = 0; s < NS; s++) {
                 const int d = s == 2 ? step - 1 : step; /* decode index whose logits this pass gives */
-                if (s == 2 && step == 0) sq[s] = {kv[s], pr[s], 2, nullptr, 0};
-                else if (s == 2 && step == 1) sq[s] = {kv[s], pr[s] + 2, plen[s] - 2, got.data() + (size_t)s * V, 0};
-                else if (step == 0) sq[s] = {kv[s], pr[s], plen[s], got.data() + (size_t)s * V, 0};
-                else sq[s] = {kv[s], &gen[s][d - 1], 1, got.data() + (size_t)s * V, 0};
+                if (s == 2 && step == 0) sq[s] = seg(kv[s], pr[s], 2, nullptr, 0);
+                else if (s == 2 && step == 1) sq[s] = seg(kv[s], pr[s] + 2, plen[s] - 2, got.data() + (size_t)s * V, 0);
+                else if (step == 0) sq[s] = seg(kv[s], pr[s], plen[s], got.data() + (size_t)s * V, 0);
+                else sq[s] = seg(kv[s], &gen[s][d - 1], 1, got.data() + (size_t)s * V, 0);
                 done_rows[s] = d;
             }
             ok = nm_gpu_forward_batch(gf, sq, NS, &err) == 0;
@@ -560,11 +657,11 @@ static void test_fixture(const char *path, nm_pool *pool) {
         }
         /* seq 2 has one more decode step to go */
         if (ok) {
-            nm_gpu_forward_seq last = {kv[2], &gen[2][DEC - 1], 1, got.data() + 2 * (size_t)V, 0};
+            nm_gpu_forward_seq last = seg(kv[2], &gen[2][DEC - 1], 1, got.data() + 2 * (size_t)V, 0);
             ok = nm_gpu_forward_batch(gf, &last, 1, &err) == 0;
             if (ok) rel = std::max(rel, compare_row(got.data() + 2 * (size_t)V, alone.data() + (size_t)(2 * (DEC + 1) + DEC) * V, V).rel);
         }
-        nm_gpu_forward_seq dup[2] = {{kv[0], gen[0], 1, nullptr, 0}, {kv[0], gen[0], 1, nullptr, 0}};
+        nm_gpu_forward_seq dup[2] = {seg(kv[0], gen[0], 1, nullptr, 0), seg(kv[0], gen[0], 1, nullptr, 0)};
         const bool dup_refused = ok && nm_gpu_forward_batch(gf, dup, 2, &err) == -1 && strstr(err.msg, "share");
         check(ok && rel <= REL_SELF, "%s: batched sequences equal each alone: max rel %.3g (<= %g)%s%s", name, rel,
               REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
@@ -650,6 +747,55 @@ static void test_router_kernel() {
         }
 }
 
+/* ---- the sampler's top-m kernel against a host sort ---------------------------
+ * Random rows, rows of a few distinct values (ties everywhere), NaN, +-inf,
+ * -0 / +0: the ids must be exactly the first m of the host order (logit
+ * descending with NaN as -inf and -0 == +0, id ascending), each with its
+ * raw value. */
+static void test_top_kernel() {
+    const int64_t Vs[] = {10, 4099, 102400};
+    for (int64_t V : Vs)
+        for (int mode = 0; mode < 3; mode++) {
+            std::vector<float> row((size_t)V);
+            for (int64_t i = 0; i < V; i++) {
+                double u = rnd_u();
+                row[(size_t)i] = mode == 0 ? (float)(20 * u - 10) : mode == 1 ? (float)((int)(u * 5) - 2) : 0.0f;
+            }
+            if (mode == 2)
+                for (int64_t i = 0; i < V; i += 3) row[(size_t)i] = -0.0f;
+            if (V > 8) row[3] = NAN, row[5] = INFINITY, row[7] = -INFINITY;
+            auto key = [](float x) { return std::isnan(x) ? -INFINITY : x; };
+            std::vector<int32_t> order((size_t)V);
+            for (int64_t i = 0; i < V; i++) order[(size_t)i] = (int32_t)i;
+            std::stable_sort(order.begin(), order.end(),
+                             [&](int32_t a, int32_t b) { return key(row[(size_t)a]) > key(row[(size_t)b]); });
+            for (int m : {1, 3, 40, 300, 1024}) {
+                if (m > V) continue;
+                float *d_row = nullptr, *d_v = nullptr;
+                int32_t *d_id = nullptr;
+                std::vector<int32_t> ids((size_t)m);
+                std::vector<float> vals((size_t)m);
+                bool ok = cudaMalloc(&d_row, (size_t)V * 4) == cudaSuccess && cudaMalloc(&d_v, (size_t)m * 4) == cudaSuccess &&
+                          cudaMalloc(&d_id, (size_t)m * 4) == cudaSuccess &&
+                          cudaMemcpy(d_row, row.data(), (size_t)V * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                          numoe_gpu::top_m(nullptr, d_row, V, m, d_id, d_v) == cudaSuccess &&
+                          cudaMemcpy(ids.data(), d_id, (size_t)m * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                          cudaMemcpy(vals.data(), d_v, (size_t)m * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+                cudaFree(d_row), cudaFree(d_v), cudaFree(d_id);
+                std::vector<int32_t> want(order.begin(), order.begin() + m), got = ids;
+                std::sort(want.begin(), want.end());
+                std::sort(got.begin(), got.end());
+                int bad_val = 0;
+                for (int j = 0; ok && j < m; j++)
+                    bad_val += ids[(size_t)j] < 0 || ids[(size_t)j] >= V ||
+                               memcmp(&vals[(size_t)j], &row[(size_t)ids[(size_t)j]], 4) != 0;
+                check(ok && got == want && bad_val == 0, "top-m kernel: V %lld, %s values, m %d: the host order's first m "
+                      "ids (%s), raw values (%d wrong)", (long long)V, mode == 0 ? "random" : mode == 1 ? "5" : "+-0",
+                      m, got == want ? "equal" : "differ", bad_val);
+            }
+        }
+}
+
 int main(int argc, char **argv) {
     const char *s = strrchr(argv[0], '/');
     g_prog = s ? s + 1 : argv[0];
@@ -666,6 +812,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     test_router_kernel();
+    test_top_kernel();
     if (argc > 1)
         for (int i = 1; i < argc; i++) test_fixture(argv[i], pool);
     else

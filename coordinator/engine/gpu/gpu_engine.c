@@ -6,6 +6,7 @@
  * the sanitizer tree); without it every entry point says why it cannot run. */
 #include "coordinator/engine/gpu/gpu_engine.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +31,12 @@ typedef struct {
     int cap_seg;
     float *rows; /* host logits of segments that want a token but no logits */
     int64_t cap_rows;
+    /* sampling from the GPU's top entries (gpu_forward.h's top): per segment
+     * slot NM_GPU_TOP_MAX ids / logits / extra logits, and a vocabulary row
+     * that is -inf but where a step writes its candidates (and restores) */
+    int32_t *top_ids;
+    float *top_vals, *extra_vals, *sparse;
+    int cap_top;
     uint64_t n_steps, n_tokens;
 } gpu_engine;
 
@@ -73,6 +80,20 @@ static void gpu_seq_rewind(nm_engine *e, nm_engine_seq *s, int64_t n) {
     nm_gpu_kv_rewind(s->kv, n);
 }
 
+/* How many top entries a sampler's draw needs from the GPU: the draw only
+ * looks at what top-k keeps of the penalised logits (greedy: the argmax),
+ * and those are among the top (k + W) raw logits plus the W ids the
+ * penalties change (a token outside the window is below at most k - 1
+ * others after the penalties, so at most k - 1 + W before). 0: the whole
+ * row is needed (top-k off or over the limit: top-p / plain softmax see the
+ * whole vocabulary). */
+static int top_needed(const nm_sampler *s, int64_t V) {
+    const int w = s->hist ? s->hist_n : 0;
+    const int64_t k = s->par.temp <= 0 ? 1 : s->par.top_k > 0 ? s->par.top_k : 0;
+    if (k == 0 || k + w > NM_GPU_TOP_MAX) return 0;
+    return (int)(k + w < V ? k + w : V);
+}
+
 static int gpu_step(nm_engine *e, nm_engine_segment *segs, int n_segs, nm_err *err) {
     gpu_engine *ge = (gpu_engine *)e;
     const int64_t V = e->info.n_vocab;
@@ -82,11 +103,26 @@ static int gpu_step(nm_engine *e, nm_engine_segment *segs, int n_segs, nm_err *e
         if (!ns) return nm_errf(err, "out of memory for a step of %d segments", n_segs);
         ge->gseg = ns, ge->cap_seg = n_segs;
     }
-    /* a sampler without a logits buffer still needs its row on the host */
+    /* a sampler without a logits buffer needs its row on the host, or only
+     * the row's top entries (top_needed) */
     int64_t need = 0, total = 0;
     for (int i = 0; i < n_segs; i++) {
-        need += !segs[i].logits && segs[i].sampler;
+        need += !segs[i].logits && segs[i].sampler && !top_needed(segs[i].sampler, V);
         total += segs[i].n;
+    }
+    if (n_segs > ge->cap_top) {
+        int32_t *ti = realloc(ge->top_ids, (size_t)n_segs * NM_GPU_TOP_MAX * sizeof *ti);
+        if (ti) ge->top_ids = ti;
+        float *tv = realloc(ge->top_vals, (size_t)n_segs * NM_GPU_TOP_MAX * sizeof *tv);
+        if (tv) ge->top_vals = tv;
+        float *ev = realloc(ge->extra_vals, (size_t)n_segs * NM_GPU_TOP_MAX * sizeof *ev);
+        if (ev) ge->extra_vals = ev;
+        if (!ti || !tv || !ev) return nm_errf(err, "out of memory for the sampling candidates of %d segments", n_segs);
+        ge->cap_top = n_segs;
+    }
+    if (!ge->sparse) {
+        if (!(ge->sparse = malloc((size_t)V * sizeof *ge->sparse))) return nm_errf(err, "out of memory");
+        for (int64_t j = 0; j < V; j++) ge->sparse[j] = -INFINITY;
     }
     if (total > e->info.n_batch)
         return nm_errf(err, "a step of %lld tokens exceeds the batch of %lld (--batch)", (long long)total,
@@ -99,16 +135,40 @@ static int gpu_step(nm_engine *e, nm_engine_segment *segs, int n_segs, nm_err *e
     int64_t r = 0;
     for (int i = 0; i < n_segs; i++) {
         const nm_engine_segment *g = &segs[i];
-        float *dst = g->logits ? g->logits : g->sampler ? ge->rows + (size_t)(r++) * (size_t)V : NULL;
+        const int top = !g->logits && g->sampler ? top_needed(g->sampler, V) : 0;
+        float *dst = g->logits ? g->logits : g->sampler && !top ? ge->rows + (size_t)(r++) * (size_t)V : NULL;
         ge->gseg[i] = (nm_gpu_forward_seq){.kv = g->seq->kv, .tokens = g->tokens, .n = g->n, .logits = dst,
                                            .all_logits = g->logits && g->all_logits};
+        if (top) {
+            const nm_sampler *s = g->sampler;
+            nm_gpu_forward_seq *q = &ge->gseg[i];
+            q->top = top;
+            q->top_ids = ge->top_ids + (size_t)i * NM_GPU_TOP_MAX;
+            q->top_logits = ge->top_vals + (size_t)i * NM_GPU_TOP_MAX;
+            q->n_extra = s->hist ? s->hist_n : 0;
+            q->extra_ids = s->hist;
+            q->extra_logits = ge->extra_vals + (size_t)i * NM_GPU_TOP_MAX;
+        }
     }
     if (nm_gpu_forward_batch(ge->gf, ge->gseg, n_segs, err)) return -1;
     ge->n_steps++, ge->n_tokens += (uint64_t)total;
     for (int i = 0; i < n_segs; i++) {
         nm_engine_segment *g = &segs[i];
         const nm_gpu_forward_seq *q = &ge->gseg[i];
-        if (g->sampler) {
+        if (g->sampler && q->top > 0 && g->sampler->par.temp <= 0 && q->n_extra == 0) {
+            /* greedy without penalties: the argmax is the GPU's top entry, as nm_sampler_sample takes it */
+            *g->token = q->top_ids[0];
+            nm_sampler_accept(g->sampler, q->top_ids[0]);
+        } else if (g->sampler && q->top > 0) {
+            /* the draw over a row that holds the candidates and -inf elsewhere: the same tokens as the full
+             * row (see top_needed); the row is -inf again afterwards */
+            for (int j = 0; j < q->top; j++) ge->sparse[q->top_ids[j]] = q->top_logits[j];
+            for (int j = 0; j < q->n_extra; j++) ge->sparse[q->extra_ids[j]] = q->extra_logits[j];
+            int32_t tok = nm_sampler_sample(g->sampler, ge->sparse, V);
+            for (int j = 0; j < q->top; j++) ge->sparse[q->top_ids[j]] = -INFINITY;
+            for (int j = 0; j < q->n_extra; j++) ge->sparse[q->extra_ids[j]] = -INFINITY;
+            *g->token = tok;
+        } else if (g->sampler) {
             const float *last = q->logits + (q->all_logits ? (size_t)(q->n - 1) * (size_t)V : 0);
             *g->token = nm_sampler_sample(g->sampler, last, V);
         }
@@ -126,7 +186,9 @@ static void gpu_stats(const nm_engine *e, nm_engine_stats *out) {
     const gpu_engine *ge = (const gpu_engine *)e;
     nm_gpu_forward_stats s;
     nm_gpu_forward_get_stats(ge->gf, &s);
-    *out = (nm_engine_stats){.steps = ge->n_steps, .tokens = ge->n_tokens, .expert_wait_s = s.t_moe};
+    *out = (nm_engine_stats){.steps = ge->n_steps, .tokens = ge->n_tokens, .expert_wait_s = s.t_moe,
+                             .step_s = s.t_total, .device_wait_s = s.t_wait, .stream_layers = (uint64_t)s.n_stream_layers,
+                             .stream_bytes = s.stream_bytes, .stream_copy_s = s.t_stream_copy};
 }
 
 static void gpu_destroy(nm_engine *e) {
@@ -134,6 +196,7 @@ static void gpu_destroy(nm_engine *e) {
     nm_gpu_forward_free(ge->gf);
     free(ge->gseg);
     free(ge->rows);
+    free(ge->top_ids), free(ge->top_vals), free(ge->extra_vals), free(ge->sparse);
     free(ge);
 }
 
@@ -155,7 +218,10 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
         return NULL;
     }
     nm_gpu_forward_opts go = {.device = o->device, .n_ctx = o->n_ctx, .n_batch = o->n_batch > 0 ? o->n_batch : 512,
-                              .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32};
+                              .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32,
+                              .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_CPU   ? -1
+                                            : o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1
+                                                                                           : NM_PREFILL_EXPERTS_MIN};
     if (nm_gpu_forward_create(&ge->gf, m, experts, &go, err)) {
         free(ge);
         return NULL;

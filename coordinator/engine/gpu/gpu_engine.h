@@ -9,11 +9,14 @@
  * its segments as one batched pass (nm_gpu_forward_batch), so every weight
  * is read once per step for the whole batch.
  *
- * Sampling: still on the host. Rows a sampler needs are copied to host
- * memory like logits rows and drawn with nm_sampler_sample, so the ids are
- * exactly the CPU engine's given the same logits. Sampling on the GPU (the
- * argmax and the sampler's truncations, so that only an id crosses PCIe
- * per sequence) is still to do.
+ * Sampling: the GPU selects, the host draws. For a sampler with top-k (or
+ * greedy) the GPU finds the top (k + W) logits of the row plus the raw
+ * logits of the W ids in the penalty window (gpu_forward.h's top), only
+ * those cross PCIe, and nm_sampler_sample runs on a row that holds them
+ * and -inf elsewhere: the same candidates survive top-k, so the ids are
+ * exactly the CPU engine's given the same logits (greedy without penalties
+ * takes the GPU's argmax directly). Top-k off (top-p or plain softmax over
+ * the whole vocabulary) copies the whole row as before.
  *
  * Stats: expert_wait_s is the host time inside the backend's submit and
  * wait per MoE layer, while the GPU computes the shared experts behind the
@@ -39,7 +42,17 @@ typedef struct {
     int64_t n_ctx;     /* the longest context a sequence may reserve (>= 1) */
     int64_t n_batch;   /* tokens per step (<= 0: 512) */
     int n_expert_used; /* <= 0: the model's expert_used_count; lower values are allowed */
+    int prefill_experts; /* where routed experts of a pass run: NM_PREFILL_EXPERTS_* */
 } nm_engine_gpu_opts;
+
+/* Routed experts of a pass: AUTO (0) = on the GPU, their weights streamed
+ * over PCIe, for passes of at least NM_PREFILL_EXPERTS_MIN tokens, else on
+ * the host backend; CPU = always the host backend; GPU = always the GPU.
+ * Why 32: below it the CPU's read of the experts a pass touches costs less
+ * than copying the layer over PCIe (coordinator/engine/gpu/gpu_experts.cuh;
+ * ggml-cuda offloads batches of >= 32 tokens for the same reason). */
+enum { NM_PREFILL_EXPERTS_AUTO = 0, NM_PREFILL_EXPERTS_CPU = 1, NM_PREFILL_EXPERTS_GPU = 2 };
+#define NM_PREFILL_EXPERTS_MIN 32
 
 /* Borrows m and experts (they outlive the engine; the backend's input
  * region is pinned with CUDA while the engine lives). NULL with err. */

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "coordinator/engine/gpu/gpu_experts.cuh"
 #include "coordinator/engine/gpu/gpu_forward.h"
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
 #include "kernels/cuda/cuda_quant.h"
@@ -114,10 +115,20 @@ struct nm_gpu_forward {
     tok_info *h_tinfo = nullptr;
     std::vector<int64_t> rowlist;
     std::vector<float *> rowdst;
+    std::vector<const nm_gpu_forward_seq *> rowtop; /* a row whose top entries, not the row, are wanted */
+    /* device and pinned room for logit_rows rows of top entries and extra ids */
+    int32_t *d_top_ids = nullptr, *d_extra_ids = nullptr, *h_top_ids = nullptr, *h_extra_ids = nullptr;
+    float *d_top_vals = nullptr, *d_extra_vals = nullptr, *h_top_vals = nullptr, *h_extra_vals = nullptr;
     nm_gpu_kv own = {};
+    /* routed experts on the GPU for passes of >= stream_min tokens */
+    numoe_gpu::moe_stream *ms = nullptr;
+    int64_t stream_min = -1;
+    int stream_pass = 0;       /* the pass in progress computes its routed experts here */
+    int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
+    float *h_sw = nullptr;
     FILE *route_log = nullptr; /* nm_gpu_forward_route_log */
     nm_gpu_forward_stats stats = {};
-    char desc[1024] = "";
+    char desc[2048] = "";
 };
 
 /* ---- errors ---------------------------------------------------------------- */
@@ -360,6 +371,37 @@ static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, i
     return mm(f, d, f->hg, ff, n, out, H, il, err);
 }
 
+/* The routed experts of layer il on the GPU (gpu_experts.cuh): the router's
+ * ids and weights come to the host (the grouping by expert is done there),
+ * the shared experts are queued meanwhile, then the grouped expert GEMMs run
+ * on the streamed weights and the sum is added as (x + shared) + routed. */
+static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const dlayer *L = &f->layers[(size_t)il];
+    const int64_t H = hp->n_embd;
+    const int k = f->k;
+    CUDA_OK(cudaMemcpyAsync(f->h_sids, f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, f->st),
+            "layer %d: expert ids to the host", il);
+    CUDA_OK(cudaMemcpyAsync(f->h_sw, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+            "layer %d: expert weights to the host", il);
+    CUDA_OK(cudaEventRecord(f->ev_handoff, f->st), "layer %d: routing event", il);
+    if (hp->n_shared > 0 && ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
+    double t0 = nm_now_s();
+    CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the routing", il);
+    f->stats.t_wait += nm_now_s() - t0;
+    if (f->route_log)
+        for (int64_t t = 0; t < n; t++) {
+            int32_t rec[2] = {f->h_tinfo[t].pos, il};
+            if (fwrite(rec, sizeof rec, 1, f->route_log) != 1 ||
+                fwrite(f->h_sids + t * k, sizeof(int32_t), (size_t)k, f->route_log) != (size_t)k)
+                return nm_errf(err, "writing the routing log failed");
+        }
+    if (numoe_gpu::moe_stream_layer(f->ms, il, f->a, n, f->h_sids, f->h_sw, f->moe, err)) return -1;
+    KERNEL_OK(numoe_gpu::add(f->st, f->x, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n * H),
+              "residual");
+    return 0;
+}
+
 static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const dlayer *L = &f->layers[(size_t)il];
@@ -375,6 +417,7 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     KERNEL_OK(numoe_gpu::route(f->st, f->rlog, L->probs_b, f->rid, f->rw, n, (int)E, k, (int)hp->n_group,
                                (int)hp->n_group_used, hp->gating == NM_GATE_SIGMOID, hp->norm_topk, hp->routed_scale),
               "router");
+    if (f->stream_pass) return routed_on_gpu(f, il, n, err);
     /* once, device to host, into the region the backend reads from (the
      * workers' shared input, or the in-process backend's own) */
     const nm_expert_input *in = &f->experts->in;
@@ -423,6 +466,8 @@ static int run_pass(nm_gpu_forward *f, const int32_t *tok, int64_t n, nm_err *er
                                     f->x + t * H, H, f->st);
         if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: embedding of token %d: %s", tok[t], nm_cuda_last_error());
     }
+    f->stream_pass = f->ms && f->stream_min > 0 && n >= f->stream_min;
+    if (f->stream_pass && numoe_gpu::moe_stream_begin(f->ms, err)) return -1;
     for (int l = 0; l < hp->n_layer; l++)
         if (attention(f, l, n, err) || feed_forward(f, l, n, err)) return -1;
     /* the pinned token table is rewritten by the next pass */
@@ -444,11 +489,44 @@ static int head(nm_gpu_forward *f, int64_t n, nm_err *err) {
                 "output rows to the GPU");
         KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, f->rows, f->out_norm, c, H, hp->rms_eps), "output_norm");
         if (mm(f, &f->output, f->a, H, c, f->logits, V, il, err)) return -1;
-        CUDA_OK(cudaMemcpyAsync(f->h_logits, f->logits, (size_t)(c * V) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
-                "logits to the host");
+        for (int64_t i = 0; i < c; i++) {
+            const nm_gpu_forward_seq *q = f->rowtop[(size_t)(r0 + i)];
+            const float *drow = f->logits + (size_t)(i * V);
+            if (!q) {
+                CUDA_OK(cudaMemcpyAsync(f->h_logits + (size_t)(i * V), drow, (size_t)V * sizeof(float),
+                                        cudaMemcpyDeviceToHost, f->st),
+                        "logits to the host");
+                continue;
+            }
+            /* only the sampler's candidates cross PCIe */
+            const size_t o = (size_t)i * NM_GPU_TOP_MAX;
+            KERNEL_OK(numoe_gpu::top_m(f->st, drow, V, q->top, f->d_top_ids + o, f->d_top_vals + o), "top logits");
+            CUDA_OK(cudaMemcpyAsync(f->h_top_ids + o, f->d_top_ids + o, (size_t)q->top * sizeof(int32_t),
+                                    cudaMemcpyDeviceToHost, f->st), "top ids to the host");
+            CUDA_OK(cudaMemcpyAsync(f->h_top_vals + o, f->d_top_vals + o, (size_t)q->top * sizeof(float),
+                                    cudaMemcpyDeviceToHost, f->st), "top logits to the host");
+            if (q->n_extra > 0) {
+                memcpy(f->h_extra_ids + o, q->extra_ids, (size_t)q->n_extra * sizeof(int32_t));
+                CUDA_OK(cudaMemcpyAsync(f->d_extra_ids + o, f->h_extra_ids + o, (size_t)q->n_extra * sizeof(int32_t),
+                                        cudaMemcpyHostToDevice, f->st), "extra ids to the GPU");
+                KERNEL_OK(numoe_gpu::pick(f->st, drow, f->d_extra_ids + o, q->n_extra, f->d_extra_vals + o),
+                          "extra logits");
+                CUDA_OK(cudaMemcpyAsync(f->h_extra_vals + o, f->d_extra_vals + o, (size_t)q->n_extra * sizeof(float),
+                                        cudaMemcpyDeviceToHost, f->st), "extra logits to the host");
+            }
+        }
         CUDA_OK(cudaStreamSynchronize(f->st), "output head");
-        for (int64_t i = 0; i < c; i++)
-            memcpy(f->rowdst[(size_t)(r0 + i)], f->h_logits + (size_t)(i * V), (size_t)V * sizeof(float));
+        for (int64_t i = 0; i < c; i++) {
+            const nm_gpu_forward_seq *q = f->rowtop[(size_t)(r0 + i)];
+            if (!q) {
+                memcpy(f->rowdst[(size_t)(r0 + i)], f->h_logits + (size_t)(i * V), (size_t)V * sizeof(float));
+                continue;
+            }
+            const size_t o = (size_t)i * NM_GPU_TOP_MAX;
+            memcpy(q->top_ids, f->h_top_ids + o, (size_t)q->top * sizeof(int32_t));
+            memcpy(q->top_logits, f->h_top_vals + o, (size_t)q->top * sizeof(float));
+            if (q->n_extra > 0) memcpy(q->extra_logits, f->h_extra_vals + o, (size_t)q->n_extra * sizeof(float));
+        }
     }
     return 0;
 }
@@ -493,6 +571,7 @@ extern "C" void nm_gpu_forward_free(nm_gpu_forward *f) {
     cudaSetDevice(f->device);
     if (f->st) cudaStreamSynchronize(f->st);
     kv_release(&f->own);
+    numoe_gpu::moe_stream_free(f->ms);
     for (void *p : f->dev) cudaFree(p);
     for (void *p : f->host) cudaFreeHost(p);
     if (f->pinned_in) cudaHostUnregister(f->pinned_in);
@@ -599,6 +678,21 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     f->pinned_in = in->x;
     f->rowlist.resize((size_t)T);
     f->rowdst.resize((size_t)T);
+    f->rowtop.assign((size_t)T, nullptr);
+    {
+        const size_t nt = (size_t)f->logit_rows * NM_GPU_TOP_MAX;
+        if (dalloc_n(f, &f->d_top_ids, nt, "top ids", err) || dalloc_n(f, &f->d_top_vals, nt, "top logits", err) ||
+            dalloc_n(f, &f->d_extra_ids, nt, "extra ids", err) || dalloc_n(f, &f->d_extra_vals, nt, "extra logits", err) ||
+            halloc_n(f, &f->h_top_ids, nt, "top ids", err) || halloc_n(f, &f->h_top_vals, nt, "top logits", err) ||
+            halloc_n(f, &f->h_extra_ids, nt, "extra ids", err) || halloc_n(f, &f->h_extra_vals, nt, "extra logits", err))
+            return -1;
+    }
+    if (f->stream_min > 0 && hp->n_layer > hp->n_dense) {
+        if (halloc_n(f, &f->h_sids, (size_t)(T * f->k), "expert ids", err) ||
+            halloc_n(f, &f->h_sw, (size_t)(T * f->k), "expert weights", err) ||
+            numoe_gpu::moe_stream_create(&f->ms, m, T, f->k, f->st, f->cb, compute_of(f, T), err))
+            return nm_err_prefix(err, "routed experts on the GPU (--prefill-experts cpu keeps them on the CPU)");
+    }
     CUDA_OK(cudaDeviceSynchronize(), "after the upload");
 
     cudaDeviceProp prop;
@@ -612,6 +706,18 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
              f->vram[P_ATTN] / MiB, f->vram[P_ABSORB] / MiB, f->vram[P_DENSE] / MiB, f->vram[P_SHARED] / MiB,
              f->vram[P_ROUTER] / MiB, f->vram[P_VECTORS] / MiB, f->vram[P_SCRATCH] / MiB, (long long)T,
              f->gemm == NM_GPU_GEMM_TF32 ? "tf32" : f->gemm == NM_GPU_GEMM_BF16 ? "bf16" : "f32");
+    if (f->ms) {
+        size_t used = strlen(f->desc);
+        if (f->stream_min > 1)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for passes of >= %lld tokens (%s), "
+                     "else the CPU", (long long)f->stream_min, numoe_gpu::moe_stream_describe(f->ms));
+        else
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for every pass (%s)",
+                     numoe_gpu::moe_stream_describe(f->ms));
+    } else {
+        size_t used = strlen(f->desc);
+        snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: CPU");
+    }
     return 0;
 }
 
@@ -646,6 +752,7 @@ extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm
     f->n_batch = o->n_batch > 0 ? o->n_batch : 512;
     f->gemm = o->gemm;
     f->gemv_max = o->gemv_max > 0 ? o->gemv_max : 4;
+    f->stream_min = o->stream_min;
     f->own.f = f;
     if (create(f, m, o, err)) {
         nm_gpu_forward_free(f);
@@ -686,6 +793,7 @@ extern "C" int nm_gpu_forward_tokens(nm_gpu_forward *f, const int32_t *tokens, i
         for (int64_t t = first; t < c; t++) {
             f->rowlist[(size_t)(t - first)] = t;
             f->rowdst[(size_t)(t - first)] = all_logits ? logits + (size_t)(done + t) * (size_t)hp->n_vocab : logits;
+            f->rowtop[(size_t)(t - first)] = nullptr;
         }
         if (head(f, c - first, err)) return -1;
     }
@@ -706,6 +814,15 @@ extern "C" int nm_gpu_forward_batch(nm_gpu_forward *f, nm_gpu_forward_seq *seqs,
             return nm_errf(err, "batch segment %d: %lld cached + %lld new tokens exceed its context %lld", i,
                            (long long)q->kv->n_pos, (long long)q->n, (long long)q->kv->n_ctx);
         if (check_tokens(f, q->tokens, q->n, err)) return nm_err_prefix(err, "batch segment %d", i);
+        if (!q->logits && q->top > 0) {
+            if (q->top > f->m->hp.n_vocab || q->n_extra < 0 || q->top + q->n_extra > NM_GPU_TOP_MAX ||
+                !q->top_ids || !q->top_logits || (q->n_extra && (!q->extra_ids || !q->extra_logits)))
+                return nm_errf(err, "batch segment %d: top %d + %d extra logits (at most %d together, top <= %lld)", i,
+                               q->top, q->n_extra, NM_GPU_TOP_MAX, (long long)f->m->hp.n_vocab);
+            for (int j = 0; j < q->n_extra; j++)
+                if (q->extra_ids[j] < 0 || q->extra_ids[j] >= f->m->hp.n_vocab)
+                    return nm_errf(err, "batch segment %d: extra logit id %d outside the vocabulary", i, q->extra_ids[j]);
+        }
         n += q->n;
     }
     if (n < 1) return nm_errf(err, "no tokens to evaluate");
@@ -730,10 +847,17 @@ extern "C" int nm_gpu_forward_batch(nm_gpu_forward *f, nm_gpu_forward_seq *seqs,
             for (int64_t j = 0; j < seqs[i].n; j++, r++) {
                 f->rowlist[(size_t)r] = t - seqs[i].n + j;
                 f->rowdst[(size_t)r] = seqs[i].logits + (size_t)j * (size_t)f->m->hp.n_vocab;
+                f->rowtop[(size_t)r] = nullptr;
             }
         } else if (seqs[i].logits) {
             f->rowlist[(size_t)r] = t - 1;
             f->rowdst[(size_t)r] = seqs[i].logits;
+            f->rowtop[(size_t)r] = nullptr;
+            r++;
+        } else if (seqs[i].top > 0) {
+            f->rowlist[(size_t)r] = t - 1;
+            f->rowdst[(size_t)r] = nullptr;
+            f->rowtop[(size_t)r] = &seqs[i];
             r++;
         }
     }
@@ -802,12 +926,22 @@ extern "C" void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward
     s->vram_router = f->vram[P_ROUTER];
     s->vram_vectors = f->vram[P_VECTORS];
     s->vram_scratch = f->vram[P_SCRATCH];
+    if (f->ms) {
+        numoe_gpu::moe_stream_stats ss;
+        numoe_gpu::moe_stream_get_stats(f->ms, &ss);
+        s->vram_stream = ss.vram;
+        s->n_stream_layers = ss.n_layers;
+        s->stream_bytes = ss.bytes_copied;
+        s->t_stream_copy = ss.t_copy;
+        s->stream_pinned = ss.pinned;
+    }
 }
 
 extern "C" void nm_gpu_forward_reset_stats(nm_gpu_forward *f) {
     const size_t kv = f->stats.vram_kv;
     f->stats = nm_gpu_forward_stats{};
     f->stats.vram_kv = kv;
+    if (f->ms) numoe_gpu::moe_stream_reset_stats(f->ms);
 }
 
 extern "C" const char *nm_gpu_forward_describe(const nm_gpu_forward *f) { return f->desc; }

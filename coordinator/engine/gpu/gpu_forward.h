@@ -70,6 +70,8 @@ typedef struct {
     int n_expert_used;     /* 0: the model's expert_used_count; may be lower, never higher */
     nm_gpu_gemm_mode gemm; /* prefill GEMM precision */
     int gemv_max;          /* batches of up to this many tokens use per-token GEMV (0: 4) */
+    int64_t stream_min;    /* passes of >= this many tokens compute the routed experts on the GPU,
+                              streaming their weights (gpu_experts.cuh); < 0 or 0: never */
 } nm_gpu_forward_opts;
 
 /* Uploads the model and allocates scratch for batches of n_batch tokens.
@@ -107,7 +109,20 @@ typedef struct {
     int64_t n;
     float *logits;
     int all_logits;
+    /* Instead of the last logits row (logits NULL): top > 0 asks for the top
+     * `top` entries of that row, computed on the GPU (NaN as -inf, ties to
+     * the lower id: the host sampler's order), as an unordered set into
+     * top_ids / top_logits (raw values), plus the raw logits of n_extra
+     * given ids into extra_logits. top + n_extra <= NM_GPU_TOP_MAX. */
+    int top;
+    int32_t *top_ids;
+    float *top_logits;
+    const int32_t *extra_ids;
+    int n_extra;
+    float *extra_logits;
 } nm_gpu_forward_seq;
+
+#define NM_GPU_TOP_MAX 1024
 
 /* As nm_forward_batch: the segments of n_seqs sequences (distinct caches of
  * this state) as one pass of at most n_batch tokens; each segment's results
@@ -146,6 +161,12 @@ typedef struct {
     double t_moe;         /* seconds inside the backend's submit and wait */
     double t_wait;        /* seconds the host waited for the GPU before handing a layer over */
     double t_total;       /* seconds inside nm_gpu_forward_tokens / _batch */
+    /* routed experts computed on the GPU (streamed; opts.stream_min) */
+    size_t vram_stream;   /* its staging buffers and work space */
+    int64_t n_stream_layers;  /* MoE layers computed there */
+    double stream_bytes;  /* expert bytes copied host-to-device */
+    double t_stream_copy; /* seconds the copy stream was busy */
+    int stream_pinned;    /* the host source is registered (DMA at full speed) */
 } nm_gpu_forward_stats;
 
 void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward_stats *s);

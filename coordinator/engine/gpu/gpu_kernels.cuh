@@ -66,6 +66,13 @@ cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_in
 cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_t *ids, float *w, int64_t n, int E,
                   int k, int G, int G_used, int sigmoid, int norm_topk, float scale);
 
+/* The m largest of row[0..V) (NaN as -inf, ties to the lower id: the host
+ * sampler's order), as an unordered set: ids[0..m) with their raw values
+ * vals[0..m) (gpu_sample.cu). 1 <= m <= V. */
+cudaError_t top_m(cudaStream_t s, const float *row, int64_t V, int m, int32_t *ids, float *vals);
+/* out[i] = row[ids[i]] for i < n. */
+cudaError_t pick(cudaStream_t s, const float *row, const int32_t *ids, int n, float *out);
+
 } /* namespace numoe_gpu */
 
 #endif

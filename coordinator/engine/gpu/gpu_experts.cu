@@ -1,0 +1,437 @@
+/* gpu_experts.cu - routed experts of long chunks on the GPU with their
+ * weights streamed over PCIe (the contract and the why: gpu_experts.cuh). */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <new>
+#include <vector>
+
+#include "coordinator/engine/gpu/gpu_experts.cuh"
+#include "kernels/cuda/cuda_quant.h"
+#include "kernels/quant.h"
+
+namespace numoe_gpu {
+namespace {
+
+/* One stacked expert tensor as the host holds it and where it lands in a
+ * staging buffer. */
+struct stack {
+    const uint8_t *host = nullptr;
+    size_t bytes = 0, off = 0, slab = 0;
+    int type = 0;
+    int64_t rows = 0, cols = 0;
+    const char *name = "";
+};
+
+struct moe_layer {
+    int il = -1;
+    stack s[3]; /* gate, up, down */
+    size_t bytes = 0;
+};
+
+constexpr size_t ALIGN = 256;
+
+size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+__global__ void k_gather(float *xp, const float *a, const int32_t *pair_tok, int64_t n_pairs, int64_t H) {
+    const int64_t p = blockIdx.x;
+    if (p >= n_pairs) return;
+    const float *src = a + (int64_t)pair_tok[p] * H;
+    float *dst = xp + p * H;
+    for (int64_t i = threadIdx.x; i < H; i += blockDim.x) dst[i] = src[i];
+}
+
+/* out[t][i] = sum over c < k of w[l] * y[l][i], l = tok_list[t * k + c]
+ * (ascending expert order), from 0, each product and sum rounded alone. */
+__global__ void k_combine(float *out, const float *y, const int32_t *tok_list, const float *pair_w, int k, int64_t H) {
+    const int64_t t = blockIdx.x;
+    const int32_t *l = tok_list + t * k;
+    for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = 0.0f;
+        for (int c = 0; c < k; c++) v = __fadd_rn(v, __fmul_rn(pair_w[l[c]], y[(int64_t)l[c] * H + i]));
+        out[t * H + i] = v;
+    }
+}
+
+__global__ void k_silu_mul(float *g, const float *u, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float v = g[i];
+        g[i] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), u[i]);
+    }
+}
+
+unsigned grid_of(int64_t n) {
+    int64_t g = (n + 255) / 256;
+    return (unsigned)(g < 1 ? 1 : g > 65535 ? 65535 : g);
+}
+
+int fail_cuda(nm_err *err, cudaError_t e, const char *fmt, ...) {
+    char what[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    return nm_errf(err, "GPU experts: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+#define CUDA_OK(call, ...)                                                       \
+    do {                                                                         \
+        cudaError_t e_ = (call);                                                 \
+        if (e_ != cudaSuccess) return fail_cuda(err, e_, __VA_ARGS__);           \
+    } while (0)
+
+/* MemAvailable of /proc/meminfo in bytes (0 when unreadable). */
+size_t mem_available(void) {
+    FILE *fp = fopen("/proc/meminfo", "r");
+    if (!fp) return 0;
+    char line[256];
+    size_t kb = 0;
+    while (fgets(line, sizeof line, fp))
+        if (sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
+    fclose(fp);
+    return kb * 1024;
+}
+
+} /* namespace */
+
+struct moe_stream {
+    const nm_model *m = nullptr;
+    int k = 0;
+    int64_t n_batch = 0;
+    cudaStream_t cs = nullptr; /* the caller's compute stream */
+    cudaStream_t copy = nullptr;
+    cublasHandle_t cb = nullptr;
+    cublasComputeType_t ct = CUBLAS_COMPUTE_32F;
+    std::vector<moe_layer> layers; /* MoE layers in order */
+    std::vector<int> slot_of;      /* layer index -> position in layers, -1 for dense */
+    size_t max_bytes = 0;
+    uint8_t *stage[2] = {nullptr, nullptr};
+    int staged[2] = {-1, -1};      /* position in layers held (or being copied) by each buffer */
+    int next_fetch = 0;            /* position in layers of the next copy to queue */
+    cudaEvent_t ev_ready[2] = {}, ev_free[2] = {};
+    std::vector<cudaEvent_t> ev_c0, ev_c1; /* per MoE layer: its copy's start and end */
+    std::vector<char> timing;              /* a copy whose time is not harvested yet */
+    /* activations: pairs in expert order */
+    float *xp = nullptr, *hg = nullptr, *hu = nullptr, *y = nullptr, *tile = nullptr, *pw = nullptr;
+    int32_t *ptok = nullptr, *tlist = nullptr;
+    size_t tile_elems = 0;
+    /* pinned host side of the per-layer tables: pair_tok | tok_list | pair_w */
+    uint8_t *h_tab = nullptr;
+    uint8_t *d_tab = nullptr;
+    std::vector<int64_t> count, start;
+    std::vector<int32_t> fill;
+    void *registered = nullptr;
+    size_t vram = 0;
+    moe_stream_stats st = {};
+    char desc[512] = "";
+};
+
+namespace {
+
+int dmalloc(moe_stream *s, void **p, size_t bytes, const char *what, nm_err *err) {
+    *p = nullptr;
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
+    if (e != cudaSuccess) {
+        *p = nullptr;
+        return fail_cuda(err, e, "allocating %zu MiB of VRAM for %s", bytes >> 20, what);
+    }
+    s->vram += bytes;
+    return 0;
+}
+
+/* Adds the copy times of finished copies (every pending one with wait). */
+void harvest(moe_stream *s, int wait) {
+    for (size_t i = 0; i < s->timing.size(); i++) {
+        if (!s->timing[i]) continue;
+        if (!wait && cudaEventQuery(s->ev_c1[i]) != cudaSuccess) continue;
+        float ms = 0;
+        if (cudaEventSynchronize(s->ev_c1[i]) == cudaSuccess &&
+            cudaEventElapsedTime(&ms, s->ev_c0[i], s->ev_c1[i]) == cudaSuccess)
+            s->st.t_copy += ms / 1e3;
+        s->timing[i] = 0;
+    }
+}
+
+/* Queues the copy of layers[pos] into buffer pos % 2, behind the compute
+ * that last read that buffer. */
+int fetch(moe_stream *s, int pos, nm_err *err) {
+    const int b = pos % 2;
+    const moe_layer &L = s->layers[(size_t)pos];
+    if (s->timing[(size_t)pos]) harvest(s, 1); /* the previous pass's copy of this layer ended long ago */
+    CUDA_OK(cudaStreamWaitEvent(s->copy, s->ev_free[b], 0), "layer %d: copy waits for its buffer", L.il);
+    CUDA_OK(cudaEventRecord(s->ev_c0[(size_t)pos], s->copy), "layer %d: copy start event", L.il);
+    for (const stack &k : L.s)
+        CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off, k.host, k.bytes, cudaMemcpyHostToDevice, s->copy),
+                "layer %d: streaming %s (%zu MiB) to the GPU", L.il, k.name, k.bytes >> 20);
+    CUDA_OK(cudaEventRecord(s->ev_c1[(size_t)pos], s->copy), "layer %d: copy end event", L.il);
+    CUDA_OK(cudaEventRecord(s->ev_ready[b], s->copy), "layer %d: copy ready event", L.il);
+    s->timing[(size_t)pos] = 1;
+    s->staged[b] = pos;
+    s->st.bytes_copied += (double)L.bytes;
+    return 0;
+}
+
+/* Y[p][0..rows) = W_e X[p] for the cnt pairs from X (cols wide), W_e the
+ * expert's matrix in the staging buffer; Y rows `rows` wide. */
+int expert_mm(moe_stream *s, const stack &k, const uint8_t *buf, int64_t e, const float *X, int64_t cnt, float *Y,
+              int il, nm_err *err) {
+    const uint8_t *W = buf + k.off + (size_t)e * k.slab;
+    const float *A;
+    if (k.type == NM_TYPE_F32) {
+        A = reinterpret_cast<const float *>(W);
+    } else {
+        int rc = nm_cuda_dequantize(k.type, W, s->tile, k.rows * k.cols, s->cs);
+        if (rc != NM_CUDA_OK)
+            return nm_errf(err, "GPU experts: layer %d: dequantising %s expert %lld: %s", il, k.name, (long long)e,
+                           nm_cuda_last_error());
+        A = s->tile;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    cublasStatus_t bs = cublasGemmEx(s->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)k.rows, (int)cnt, (int)k.cols, &one, A,
+                                     CUDA_R_32F, (int)k.cols, X, CUDA_R_32F, (int)k.cols, &zero, Y, CUDA_R_32F,
+                                     (int)k.rows, s->ct, CUBLAS_GEMM_DEFAULT);
+    if (bs != CUBLAS_STATUS_SUCCESS)
+        return nm_errf(err, "GPU experts: layer %d: GEMM %s expert %lld: cuBLAS %s", il, k.name, (long long)e,
+                       cublasGetStatusString(bs));
+    return 0;
+}
+
+} /* namespace */
+
+int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int k, cudaStream_t compute,
+                      cublasHandle_t cb, cublasComputeType_t ct, nm_err *err) {
+    *out = nullptr;
+    const nm_hparams *hp = &m->hp;
+    moe_stream *s = new (std::nothrow) moe_stream();
+    if (!s) return nm_errf(err, "out of memory");
+    s->m = m;
+    s->k = k;
+    s->n_batch = n_batch;
+    s->cs = compute;
+    s->cb = cb;
+    s->ct = ct;
+    s->slot_of.assign((size_t)hp->n_layer, -1);
+    const uint8_t *lo = nullptr, *hi = nullptr;
+    for (int il = 0; il < hp->n_layer; il++) {
+        const nm_layer *S = &m->layers[il];
+        if (!S->is_moe) continue;
+        moe_layer L;
+        L.il = il;
+        const nm_mat *src[3] = {&S->gate_exps, &S->up_exps, &S->down_exps};
+        for (int i = 0; i < 3; i++) {
+            stack &t = L.s[i];
+            t.host = static_cast<const uint8_t *>(src[i]->data);
+            t.slab = src[i]->slab;
+            t.bytes = src[i]->slab * (size_t)hp->n_expert;
+            t.type = src[i]->type;
+            t.rows = src[i]->rows;
+            t.cols = src[i]->cols;
+            t.name = src[i]->name;
+            t.off = L.bytes;
+            L.bytes = round_up(L.bytes + t.bytes, ALIGN);
+            if (!nm_cuda_supports_dequantize(t.type)) {
+                moe_stream_free(s);
+                return nm_errf(err, "GPU experts: %s has type %s, which the CUDA kernels cannot dequantise", t.name,
+                               nm_type_name(t.type));
+            }
+            if ((size_t)(t.rows * t.cols) > s->tile_elems && t.type != NM_TYPE_F32) s->tile_elems = (size_t)(t.rows * t.cols);
+            if (!lo || t.host < lo) lo = t.host;
+            if (!hi || t.host + t.bytes > hi) hi = t.host + t.bytes;
+        }
+        if (L.bytes > s->max_bytes) s->max_bytes = L.bytes;
+        s->slot_of[(size_t)il] = (int)s->layers.size();
+        s->layers.push_back(L);
+    }
+    if (s->layers.empty()) {
+        *out = s;
+        snprintf(s->desc, sizeof s->desc, "no MoE layers");
+        return 0;
+    }
+    const int64_t H = hp->n_embd, ff = hp->n_ff_exp, P = n_batch * k;
+    int rc = 0;
+    cudaError_t e = cudaStreamCreateWithFlags(&s->copy, cudaStreamNonBlocking);
+    for (int b = 0; b < 2 && e == cudaSuccess; b++) {
+        e = cudaEventCreateWithFlags(&s->ev_ready[b], cudaEventDisableTiming);
+        if (e == cudaSuccess) e = cudaEventCreateWithFlags(&s->ev_free[b], cudaEventDisableTiming);
+    }
+    s->ev_c0.assign(s->layers.size(), nullptr);
+    s->ev_c1.assign(s->layers.size(), nullptr);
+    s->timing.assign(s->layers.size(), 0);
+    for (size_t i = 0; i < s->layers.size() && e == cudaSuccess; i++) {
+        e = cudaEventCreate(&s->ev_c0[i]);
+        if (e == cudaSuccess) e = cudaEventCreate(&s->ev_c1[i]);
+    }
+    if (e != cudaSuccess) rc = fail_cuda(err, e, "creating the copy stream and its events");
+    void *v;
+    for (int b = 0; b < 2 && !rc; b++) {
+        rc = dmalloc(s, &v, s->max_bytes, "an expert staging buffer", err);
+        s->stage[b] = static_cast<uint8_t *>(v);
+    }
+    const size_t tab = round_up((size_t)P * 3 * 4, ALIGN);
+    if (!rc) rc = dmalloc(s, &v, (size_t)(P * H) * sizeof(float), "expert inputs", err), s->xp = (float *)v;
+    if (!rc) rc = dmalloc(s, &v, (size_t)(P * ff) * sizeof(float), "expert gate", err), s->hg = (float *)v;
+    if (!rc) rc = dmalloc(s, &v, (size_t)(P * ff) * sizeof(float), "expert up", err), s->hu = (float *)v;
+    if (!rc) rc = dmalloc(s, &v, (size_t)(P * H) * sizeof(float), "expert outputs", err), s->y = (float *)v;
+    if (!rc && s->tile_elems) rc = dmalloc(s, &v, s->tile_elems * sizeof(float), "expert tile", err), s->tile = (float *)v;
+    if (!rc) rc = dmalloc(s, &v, tab, "expert tables", err), s->d_tab = (uint8_t *)v;
+    if (!rc) {
+        e = cudaHostAlloc(&v, tab, cudaHostAllocDefault);
+        if (e != cudaSuccess) rc = fail_cuda(err, e, "allocating pinned expert tables");
+        else s->h_tab = (uint8_t *)v;
+    }
+    if (rc) {
+        moe_stream_free(s);
+        return -1;
+    }
+    s->ptok = reinterpret_cast<int32_t *>(s->d_tab);
+    s->tlist = s->ptok + P;
+    s->pw = reinterpret_cast<float *>(s->tlist + P);
+    /* both buffers start free */
+    for (int b = 0; b < 2; b++)
+        if ((e = cudaEventRecord(s->ev_free[b], s->cs)) != cudaSuccess) {
+            moe_stream_free(s);
+            return fail_cuda(err, e, "recording the staging buffers' first free events");
+        }
+    /* pin the host source when it may stay resident: the span from the first
+     * to the last expert byte, page aligned */
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    uint8_t *base = (uint8_t *)((uintptr_t)lo & ~(uintptr_t)(page - 1));
+    const size_t span = round_up((size_t)(hi - base), page);
+    const size_t avail = mem_available();
+    char how[200];
+    if (avail && span <= avail / 2) {
+        e = cudaHostRegister(base, span, cudaHostRegisterReadOnly | cudaHostRegisterPortable);
+        if (e == cudaSuccess) {
+            s->registered = base;
+            s->st.pinned = 1;
+            snprintf(how, sizeof how, "pinned (%.2f GiB of the mapping registered)", span / 1073741824.0);
+        } else {
+            (void)cudaGetLastError();
+            snprintf(how, sizeof how, "pageable: registering the mapping failed: %s", cudaGetErrorString(e));
+        }
+    } else {
+        snprintf(how, sizeof how, "pageable: the experts' %.1f GiB exceed half of the %.1f GiB available",
+                 span / 1073741824.0, avail / 1073741824.0);
+    }
+    s->st.vram = s->vram;
+    snprintf(s->desc, sizeof s->desc, "2 x %.1f MiB staging + %.1f MiB work, host copies %s",
+             s->max_bytes / 1048576.0, (s->vram - 2 * s->max_bytes) / 1048576.0, how);
+    *out = s;
+    return 0;
+}
+
+void moe_stream_free(moe_stream *s) {
+    if (!s) return;
+    if (s->copy) cudaStreamSynchronize(s->copy);
+    if (s->cs) cudaStreamSynchronize(s->cs);
+    if (s->registered) cudaHostUnregister(s->registered);
+    for (void *p : {(void *)s->stage[0], (void *)s->stage[1], (void *)s->xp, (void *)s->hg, (void *)s->hu,
+                    (void *)s->y, (void *)s->tile, (void *)s->d_tab})
+        if (p) cudaFree(p);
+    if (s->h_tab) cudaFreeHost(s->h_tab);
+    for (int b = 0; b < 2; b++)
+        for (cudaEvent_t ev : {s->ev_ready[b], s->ev_free[b]})
+            if (ev) cudaEventDestroy(ev);
+    for (cudaEvent_t ev : s->ev_c0)
+        if (ev) cudaEventDestroy(ev);
+    for (cudaEvent_t ev : s->ev_c1)
+        if (ev) cudaEventDestroy(ev);
+    if (s->copy) cudaStreamDestroy(s->copy);
+    delete s;
+}
+
+int moe_stream_begin(moe_stream *s, nm_err *err) {
+    s->staged[0] = s->staged[1] = -1;
+    s->next_fetch = 0;
+    for (int i = 0; i < 2 && s->next_fetch < (int)s->layers.size(); i++)
+        if (fetch(s, s->next_fetch++, err)) return -1;
+    return 0;
+}
+
+int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int32_t *ids, const float *w,
+                     float *out, nm_err *err) {
+    const nm_hparams *hp = &s->m->hp;
+    const int64_t H = hp->n_embd, E = hp->n_expert, ff = hp->n_ff_exp;
+    const int k = s->k;
+    const int pos = il >= 0 && il < hp->n_layer ? s->slot_of[(size_t)il] : -1;
+    if (pos < 0) return nm_errf(err, "GPU experts: layer %d is not a MoE layer", il);
+    if (n < 1 || n > s->n_batch) return nm_errf(err, "GPU experts: layer %d: %lld tokens (1..%lld)", il, (long long)n,
+                                                (long long)s->n_batch);
+    const int b = pos % 2;
+    if (s->staged[b] != pos) return nm_errf(err, "GPU experts: layer %d was not queued (moe_stream_begin missing)", il);
+    const moe_layer &L = s->layers[(size_t)pos];
+    const int64_t P = n * k;
+    /* counting sort of the pairs by expert (kernels/moe.c's order) */
+    s->count.assign((size_t)E + 1, 0);
+    s->start.assign((size_t)E + 1, 0);
+    for (int64_t i = 0; i < P; i++) {
+        if (ids[i] < 0 || ids[i] >= E)
+            return nm_errf(err, "GPU experts: layer %d: expert id %d out of range 0..%lld", il, ids[i], (long long)E - 1);
+        s->count[(size_t)ids[i]]++;
+    }
+    for (int64_t e = 0; e < E; e++) s->start[(size_t)e + 1] = s->start[(size_t)e] + s->count[(size_t)e];
+    int32_t *ptok = reinterpret_cast<int32_t *>(s->h_tab), *tlist = ptok + s->n_batch * k;
+    float *pw = reinterpret_cast<float *>(tlist + s->n_batch * k);
+    s->fill.assign((size_t)E, 0);
+    for (int64_t i = 0; i < P; i++) {
+        const int32_t e = ids[i];
+        const int64_t p = s->start[(size_t)e] + s->fill[(size_t)e]++;
+        ptok[p] = (int32_t)(i / k);
+        pw[p] = w[i];
+    }
+    /* each token's pairs in ascending p, i.e. ascending expert id */
+    std::vector<int> tfill((size_t)n, 0);
+    for (int64_t p = 0; p < P; p++) {
+        const int32_t t = ptok[p];
+        tlist[(int64_t)t * k + tfill[(size_t)t]++] = (int32_t)p;
+    }
+    const size_t tab = (size_t)s->n_batch * k * 3 * 4;
+    CUDA_OK(cudaMemcpyAsync(s->d_tab, s->h_tab, tab, cudaMemcpyHostToDevice, s->cs), "layer %d: expert tables", il);
+    k_gather<<<(unsigned)P, 256, 0, s->cs>>>(s->xp, a, s->ptok, P, H);
+    CUDA_OK(cudaGetLastError(), "layer %d: gathering expert inputs", il);
+    CUDA_OK(cudaStreamWaitEvent(s->cs, s->ev_ready[b], 0), "layer %d: waiting for the streamed experts", il);
+    const uint8_t *buf = s->stage[b];
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t c = s->count[(size_t)e], p0 = s->start[(size_t)e];
+        if (!c) continue;
+        if (expert_mm(s, L.s[0], buf, e, s->xp + p0 * H, c, s->hg + p0 * ff, il, err) ||
+            expert_mm(s, L.s[1], buf, e, s->xp + p0 * H, c, s->hu + p0 * ff, il, err))
+            return -1;
+    }
+    k_silu_mul<<<grid_of(P * ff), 256, 0, s->cs>>>(s->hg, s->hu, P * ff);
+    CUDA_OK(cudaGetLastError(), "layer %d: expert silu", il);
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t c = s->count[(size_t)e], p0 = s->start[(size_t)e];
+        if (c && expert_mm(s, L.s[2], buf, e, s->hg + p0 * ff, c, s->y + p0 * H, il, err)) return -1;
+    }
+    CUDA_OK(cudaEventRecord(s->ev_free[b], s->cs), "layer %d: staging buffer free event", il);
+    k_combine<<<(unsigned)n, 256, 0, s->cs>>>(out, s->y, s->tlist, s->pw, k, H);
+    CUDA_OK(cudaGetLastError(), "layer %d: combining expert outputs", il);
+    s->st.n_layers++;
+    harvest(s, 0);
+    if (s->next_fetch < (int)s->layers.size() && fetch(s, s->next_fetch++, err)) return -1;
+    return 0;
+}
+
+void moe_stream_get_stats(moe_stream *s, moe_stream_stats *st) {
+    harvest(s, 1);
+    *st = s->st;
+}
+
+void moe_stream_reset_stats(moe_stream *s) {
+    harvest(s, 1);
+    const size_t v = s->st.vram;
+    const int p = s->st.pinned;
+    s->st = moe_stream_stats{};
+    s->st.vram = v;
+    s->st.pinned = p;
+}
+
+size_t moe_stream_layer_bytes(const moe_stream *s) { return s->max_bytes; }
+
+const char *moe_stream_describe(const moe_stream *s) { return s->desc; }
+
+} /* namespace numoe_gpu */
