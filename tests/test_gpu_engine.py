@@ -282,6 +282,39 @@ def test_serve_gpu_batched_equals_alone(gpu_exe, workers):
     assert len(engine_lines(err)) == 1 and "GPU 0: " in engine_lines(err)[0], err[-2000:]
 
 
+def gpu_mem_used_mib():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_serve_gpu_vram_flat(gpu_exe):
+    """1000 requests (prompts of varied length, sampled and greedy, 4 at a time) through the GPU server: the
+    device memory in use after them equals what it was after the first 40 (caches are freed with their
+    requests, nothing grows per request)."""
+    model = ROOT / "tests" / "fixtures" / "models" / "demo-v3-Q8_0.gguf"
+    server = Server(gpu_exe, model, ["--gpu", "0", "--workers", "0", "-t", "4"]).start(timeout=180)
+    words = "the module returns a list of objects for each class in the standard library".split()
+
+    def one(i):
+        prompt = " ".join(words[: 1 + i % len(words)]) * (1 + i % 5)
+        st, js, raw = post_json(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1 + i % 6,
+                                                            "temperature": 0 if i % 2 else 0.8, "seed": i})
+        assert st == 200, raw[:300]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(40)))
+            base = gpu_mem_used_mib()
+            list(pool.map(one, range(40, 1000)))
+        after = gpu_mem_used_mib()
+    finally:
+        err = server.stop_and_check()
+    print(f"\nGPU memory in use: {base} MiB after 40 requests, {after} MiB after 1000")
+    assert after <= base, (base, after)
+    assert len(engine_lines(err)) == 1, err[-2000:]
+
+
 @pytest.mark.parametrize("placement", ["split", "experts"])
 @pytest.mark.parametrize("model", [m for m in MODELS if is_float(m)], ids=lambda p: p.stem)
 def test_generate_gpu_two_workers(gpu_exe, model, placement):

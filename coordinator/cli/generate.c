@@ -168,13 +168,11 @@ int nm_cmd_generate(int argc, char **argv) {
      * the prompt enters the penalty window before the first draw. */
     for (size_t t = 0; t < n_prompt; t++) nm_sampler_accept(&smp, prompt[t]);
     int32_t drawn = -1;
-    nm_engine_segment sg = {.seq = seq, .sampler = &smp, .token = &drawn};
     double t0 = nm_now_s();
     float *last = logits;
     if (decode_from > 0) {
         if (!df && decode_from == (long long)n_prompt) {
-            sg.tokens = prompt, sg.n = decode_from;
-            if (nm_engine_step(e, &sg, 1, &err)) goto fail;
+            if (nm_engine_eval_draw(e, seq, prompt, decode_from, &smp, &drawn, &err)) goto fail;
         } else if (nm_engine_eval(e, seq, prompt, decode_from, logits, df != NULL, &err)) {
             goto fail;
         }
@@ -183,8 +181,7 @@ int nm_cmd_generate(int argc, char **argv) {
     }
     for (size_t t = (size_t)decode_from; t < n_prompt; t++) {
         if (!df && t + 1 == n_prompt) {
-            sg.tokens = prompt + t, sg.n = 1;
-            if (nm_engine_step(e, &sg, 1, &err)) goto fail;
+            if (nm_engine_eval_draw(e, seq, prompt + t, 1, &smp, &drawn, &err)) goto fail;
         } else if (nm_engine_eval(e, seq, prompt + t, 1, logits, 0, &err)) {
             goto fail;
         }
@@ -213,9 +210,7 @@ int nm_cmd_generate(int argc, char **argv) {
         /* the last token's logits are needed only for the dump */
         if (fin == NM_FINISH_STOP || (fin == NM_FINISH_LENGTH && !df)) break;
         if (!df) {
-            sg.tokens = &tok, sg.n = 1;
-            if (nm_engine_step(e, &sg, 1, &err)) goto fail;
-            if (drawn < 0) goto oom;
+            if (nm_engine_eval_draw(e, seq, &tok, 1, &smp, &drawn, &err)) goto fail;
             continue;
         }
         if (nm_engine_eval(e, seq, &tok, 1, logits, 0, &err)) goto fail;

@@ -151,5 +151,10 @@ static inline void nm_engine_destroy(nm_engine *e) {
  * the steps before it fed. */
 int nm_engine_eval(nm_engine *e, nm_engine_seq *s, const int32_t *tokens, int64_t n, float *logits, int all_logits,
                    nm_err *err);
+/* As nm_engine_eval without logits, with the last step drawing the next
+ * token with sampler into *token (the engine samples: the GPU engine moves
+ * only the sampler's candidates off the device). 0, or -1 with err. */
+int nm_engine_eval_draw(nm_engine *e, nm_engine_seq *s, const int32_t *tokens, int64_t n, nm_sampler *sampler,
+                        int32_t *token, nm_err *err);
 
 #endif
