@@ -15,6 +15,14 @@
  *     given up, and so is one that exited NM_WORKER_EXIT_ERROR (it told
  *     the coordinator why; it would fail again). The coordinator is told (an Error message on its
  *     control socket) and fails the request with that reason.
+ *     Under `numoe serve` (argv[1]) giving up is for now only: the
+ *     coordinator is told the same way (the layer fails at once, /health
+ *     answers 503 with the reason), and the worker is started again every
+ *     BACKOFF_CAP_MS for as long as the server runs, a transient cause
+ *     (memory, a node's trouble) being worth outliving; once one registers
+ *     and is idle the coordinator re-arms and serves again
+ *     (coordinator/experts/remote.c). NUMOE_WORKER_RESTARTS=0 still means
+ *     no restarts at all.
  *   - the coordinator ended: every worker gets a few seconds to follow its
  *     Shutdown, then SIGTERM, then SIGKILL; every shared-memory name of
  *     the run (/dev/shm/numoe-<launcher pid>-*) is removed; the launcher
@@ -60,6 +68,7 @@
 #define RESTARTS_DEFAULT 4
 #define RESTART_RESET_S 30.0 /* a worker that ran this long before dying starts a new count */
 #define MAX_ARGS 28
+#define BACKOFF_CAP_MS 2000  /* the last and longest restart back-off */
 
 typedef struct {
     int id;
@@ -87,6 +96,7 @@ typedef struct {
     char endpoint[128];
     const char *placement; /* --placement, or the one chose_placement() picked */
     int max_restarts;
+    int keep_trying;       /* `numoe serve`: a worker given up is still restarted, every BACKOFF_CAP_MS */
     int stopping;          /* a termination signal was passed on: no more restarts */
     void *zctx, *zsock;    /* made on first use: telling the coordinator a worker was given up */
 } launcher;
@@ -314,6 +324,20 @@ static void on_worker_exit(launcher *L, lworker *w, int st) {
     }
     if (nm_now_s() - w->started >= RESTART_RESET_S) w->in_row = 0;
     int reported = WIFEXITED(st) && WEXITSTATUS(st) == NM_WORKER_EXIT_ERROR;
+    if (L->keep_trying && L->max_restarts > 0 && (reported || w->in_row >= L->max_restarts)) {
+        /* a server must come back by itself: the coordinator is told, so the
+         * layer waiting for this worker fails now (and /health says why),
+         * and the worker is tried again at the capped back-off for as long
+         * as the server runs; its Register re-arms the coordinator */
+        snprintf(msg, sizeof msg, "worker %d (pid %d) %s%s; gave up after %d restart attempt%s for now; trying again "
+                 "every %d ms", w->id, (int)pid, how, reported ? " after an error it reported" : "", w->in_row,
+                 w->in_row == 1 ? "" : "s", BACKOFF_CAP_MS);
+        fprintf(stderr, "numoe: %s\n", msg);
+        tell_coordinator(L, w, msg);
+        w->in_row++;
+        w->restart_at = nm_now_s() + BACKOFF_CAP_MS * 1e-3;
+        return;
+    }
     if (reported || w->in_row >= L->max_restarts) {
         w->finished = 1;
         if (reported)
@@ -328,7 +352,7 @@ static void on_worker_exit(launcher *L, lworker *w, int st) {
         tell_coordinator(L, w, msg);
         return;
     }
-    static const int backoff_ms[] = {10, 50, 250, 1000, 2000};
+    static const int backoff_ms[] = {10, 50, 250, 1000, BACKOFF_CAP_MS};
     int nb = (int)(sizeof backoff_ms / sizeof *backoff_ms);
     int ms = backoff_ms[w->in_row < nb ? w->in_row : nb - 1];
     w->in_row++;
@@ -422,6 +446,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     if (L.max_restarts < 0) L.max_restarts = 0;
     const char *h = getenv("NUMOE_HANDOFF");
     if (h && !strcmp(h, "zmq")) L.max_restarts = 0; /* the ZeroMQ hand-off cannot re-send a layer */
+    L.keep_trying = argc > 1 && !strcmp(argv[1], "serve");
     nm_slot_sweep_stale();
     uint32_t rnd = 0;
     if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != sizeof rnd) rnd = (uint32_t)nm_now_ns();

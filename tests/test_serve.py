@@ -301,7 +301,10 @@ def test_default_max_tokens_fills_context(client):
     assert r.usage.completion_tokens == FIXTURE_CTX - n
 
 
-def test_cors_preflight(server):
+def test_cors_preflight(v2_server):
+    # with an API key every origin may call (a page cannot know the key); without
+    # one no foreign origin may (tests/test_serve_hardening.py)
+    server = v2_server
     st, hdr, body = request(server, "OPTIONS", "/v1/chat/completions",
                             headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
                                      "Access-Control-Request-Headers": "authorization, content-type"})

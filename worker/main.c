@@ -26,7 +26,9 @@
  * Test hooks (environment): NUMOE_FAKE_PROTOCOL_VERSION=V registers with
  * version V; NUMOE_TEST_FAULT=W:L:die|hang|error makes worker W fail at its
  * first request for layer L; W:L:die-once dies only in the first start
- * (--attempt 0), so a restarted worker computes the layer;
+ * (--attempt 0), so a restarted worker computes the layer; W:L:die-until-K
+ * dies in every start before --attempt K (a worker that fails until the
+ * launcher has given it up, then comes back);
  * NUMOE_TEST_DELAY_US=U sleeps U us before each MoE request (so a test can
  * act in the middle of a generation).
  *
@@ -285,6 +287,10 @@ static void read_fault(worker *w) {
     if (!f || sscanf(f, "%d:%d:%15s", &id, &layer, mode) != 3 || id != w->id) return;
     w->fault_layer = layer;
     if (!strcmp(mode, "die-once") && w->attempt > 0) return;
+    if (!strncmp(mode, "die-until-", 10)) {
+        if ((long)w->attempt >= atol(mode + 10)) return;
+        snprintf(mode, sizeof mode, "die");
+    }
     w->fault_mode = !strcmp(mode, "die") || !strcmp(mode, "die-once") ? FAULT_DIE : !strcmp(mode, "hang") ? FAULT_HANG
                     : !strcmp(mode, "error") ? FAULT_ERROR : FAULT_NONE;
 }

@@ -29,6 +29,11 @@
 #include "coordinator/text/tokenizer.h"
 
 #define CMD "numoe serve"
+#define DEF_MAX_CONNS 256
+#define DEF_MAX_PER_CLIENT 64
+#define DEF_IDLE_S 30.0
+#define DEF_REQUEST_S 60.0
+#define MAX_CORS 4096
 
 static int usage(FILE *f) {
     nm_sampler_params d = nm_sampler_params_default();
@@ -44,8 +49,24 @@ static int usage(FILE *f) {
             "                          'loading' and 'listening' lines on stderr name)\n"
             "  --served-model-name S   model name in API answers (default: the file name without\n"
             "                          .gguf and without a -0000N-of-0000M split suffix)\n"
-            "  --api-key KEY           require 'Authorization: Bearer KEY' on every endpoint except\n"
-            "                          /health, /metrics, /api/version and / (default: none)\n"
+            "  --api-key-file FILE     require 'Authorization: Bearer KEY' on every endpoint except\n"
+            "                          /health, /metrics, /api/version and /, KEY being the file's first\n"
+            "                          line; the file must not be readable by group or others\n"
+            "                          (default: $NUMOE_API_KEY if set, else no key)\n"
+            "  --api-key KEY           the same with the key itself: every local user can read it in\n"
+            "                          /proc/PID/cmdline, so it is warned about\n"
+            "  --cors-origin ORIGIN    let web pages of ORIGIN (e.g. http://localhost:3000; repeat it\n"
+            "                          for more; '*' for any) call the server from a browser. Default:\n"
+            "                          any origin with an API key, none without (403)\n"
+            "  --max-connections N     connections served at once; more get 503 (default %d)\n"
+            "  --max-connections-per-client N\n"
+            "                          of them from one client address; more get 503 (default %d;\n"
+            "                          behind a reverse proxy every client has the proxy's address)\n"
+            "  --idle-timeout S        close a connection that sends no request for S seconds after\n"
+            "                          opening or after its last answer (default %g; 0: never)\n"
+            "  --request-timeout S     close a connection whose request (headers and body) takes more\n"
+            "                          than S seconds to arrive (default %g; 0: never). Answers have no\n"
+            "                          time limit\n"
             "  --max-batch-size N      requests generating together (default 4)\n"
             "  --chunk-size N          tokens per batched step: one decode token per running request\n"
             "                          plus a chunk of a waiting prompt (default 256; at most --batch)\n"
@@ -64,7 +85,8 @@ static int usage(FILE *f) {
             "gets one derived from --seed and its arrival order):\n%s"
             "  (defaults: --temp %g --top-k %d --top-p %g --min-p %g --repeat-penalty %g --repeat-last-n %d\n"
             "   --seed %llu)\n",
-            nm_chat_template_names, nm_session_opts_help, nm_sampler_opts_help, d.temp, d.top_k, d.top_p, d.min_p,
+            DEF_MAX_CONNS, DEF_MAX_PER_CLIENT, DEF_IDLE_S, DEF_REQUEST_S, nm_chat_template_names,
+            nm_session_opts_help, nm_sampler_opts_help, d.temp, d.top_k, d.top_p, d.min_p,
             d.repeat_penalty, d.penalty_last_n, (unsigned long long)d.seed);
     return f == stdout ? 0 : 2;
 }
@@ -124,8 +146,10 @@ static void wait_for_signal(void) {
 typedef struct {
     nm_session_opts so;
     nm_sampler_params sp;
-    const char *host, *name, *api_key, *tmpl_name;
+    const char *host, *name, *api_key, *api_key_file, *tmpl_name;
     int port, force_think, reasoning, log_requests;
+    char cors[MAX_CORS];    /* --cors-origin values joined with commas; "" none given */
+    nm_conn_limits conns;
     nm_sched_opts sched;
 } serve_opts;
 
@@ -139,6 +163,9 @@ static int parse_args(serve_opts *o, int argc, char **argv) {
     o->log_requests = 1;
     o->sched.max_batch = 4;
     o->sched.chunk = 256;
+    o->conns = (nm_conn_limits){.max_conns = DEF_MAX_CONNS, .max_per_client = DEF_MAX_PER_CLIENT,
+                                .idle_s = DEF_IDLE_S, .request_s = DEF_REQUEST_S};
+    int per_client_set = 0;
     for (int i = 1; i < argc; i++) {
         int r = nm_session_parse_opt(&o->so, argc, argv, &i, CMD);
         if (!r) r = nm_sampler_parse_opt(&o->sp, argc, argv, &i, CMD);
@@ -170,6 +197,29 @@ static int parse_args(serve_opts *o, int argc, char **argv) {
         } else if (!strcmp(a, "--api-key")) {
             if (!*v) return fprintf(stderr, CMD ": --api-key must not be empty\n"), 2;
             o->api_key = v;
+        } else if (!strcmp(a, "--api-key-file")) {
+            o->api_key_file = v;
+        } else if (!strcmp(a, "--cors-origin")) {
+            size_t at = strlen(o->cors);
+            if (!*v || strchr(v, ',') || strpbrk(v, " \t\r\n"))
+                return fprintf(stderr, CMD ": --cors-origin takes one origin (scheme://host[:port]) or '*', got '%s'\n", v), 2;
+            if (at + strlen(v) + 2 > sizeof o->cors) return fprintf(stderr, CMD ": too many --cors-origin values\n"), 2;
+            snprintf(o->cors + at, sizeof o->cors - at, "%s%s", at ? "," : "", v);
+        } else if (!strcmp(a, "--max-connections")) {
+            if (nm_opt_int(CMD, a, v, 1, 100000, &x)) return 2;
+            o->conns.max_conns = (int)x;
+        } else if (!strcmp(a, "--max-connections-per-client")) {
+            if (nm_opt_int(CMD, a, v, 1, 100000, &x)) return 2;
+            o->conns.max_per_client = (int)x;
+            per_client_set = 1;
+        } else if (!strcmp(a, "--idle-timeout") || !strcmp(a, "--request-timeout")) {
+            char *end;
+            errno = 0;
+            double t = strtod(v, &end);
+            if (errno || end == v || *end || !(t >= 0 && t <= 86400))
+                return fprintf(stderr, CMD ": %s must be a number of seconds from 0 to 86400, got '%s'\n", a, v), 2;
+            if (a[2] == 'i') o->conns.idle_s = t;
+            else o->conns.request_s = t;
         } else if (!strcmp(a, "--max-batch-size")) {
             if (nm_opt_int(CMD, a, v, 1, 4096, &x)) return 2;
             o->sched.max_batch = x;
@@ -201,7 +251,55 @@ static int parse_args(serve_opts *o, int argc, char **argv) {
         fprintf(stderr, CMD ": no model given (--model FILE.gguf)\n");
         return 2;
     }
+    if (o->api_key && o->api_key_file) return fprintf(stderr, CMD ": give --api-key or --api-key-file, not both\n"), 2;
+    if (!per_client_set && o->conns.max_per_client > o->conns.max_conns) o->conns.max_per_client = o->conns.max_conns;
+    if (strstr(o->cors, "*") && strcmp(o->cors, "*"))
+        return fprintf(stderr, CMD ": --cors-origin '*' allows every origin: give it alone\n"), 2;
     return 0;
+}
+
+/* The key of --api-key-file: its first line. A key others can read is no
+ * key, so such a file is refused rather than used. 0, or -1 with err. */
+static int read_key_file(const char *path, char *key, size_t cap, nm_err *err) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) return nm_errf(err, "--api-key-file %s: %s", path, strerror(errno));
+    struct stat st;
+    int rc = -1;
+    if (fstat(fd, &st)) {
+        nm_errf(err, "--api-key-file %s: %s", path, strerror(errno));
+    } else if (!S_ISREG(st.st_mode)) {
+        nm_errf(err, "--api-key-file %s is not a regular file", path);
+    } else if (st.st_mode & (S_IRWXG | S_IRWXO)) {
+        nm_errf(err, "--api-key-file %s can be read or written by group or others (mode %03o); chmod 600 it", path,
+                (unsigned)(st.st_mode & 0777));
+    } else {
+        ssize_t n = read(fd, key, cap - 1);
+        if (n < 0) {
+            nm_errf(err, "--api-key-file %s: %s", path, strerror(errno));
+        } else {
+            key[n] = 0;
+            key[strcspn(key, "\r\n")] = 0;
+            if (!key[0]) nm_errf(err, "--api-key-file %s: the first line is empty", path);
+            else if ((size_t)n == cap - 1 && !strpbrk(key, "\r\n") && (size_t)strlen(key) == cap - 1)
+                nm_errf(err, "--api-key-file %s: the key is longer than %zu bytes", path, cap - 2);
+            else rc = 0;
+        }
+    }
+    close(fd);
+    return rc;
+}
+
+/* Engine health for the scheduler (scheduler.h nm_sched_probe): the expert
+ * backend's, where it has one (workers). Engine thread. */
+static void probe_experts(void *ctx, nm_sched_health *h) {
+    nm_expert_backend *b = ctx;
+    if (!b || !b->health) return;
+    nm_expert_health eh;
+    memset(&eh, 0, sizeof eh);
+    b->health(b, &eh);
+    h->ok = eh.ok;
+    h->restarts = eh.restarts, h->give_ups = eh.give_ups;
+    snprintf(h->why, sizeof h->why, "%s", eh.why);
 }
 
 /* ---- the model side ---- */
@@ -239,7 +337,9 @@ static int load(loaded *l, const serve_opts *o, nm_http_model *m, nm_err *err) {
     int bad = nm_sampler_init_params(&smp, &o->sp, l->s.model.hp.n_vocab, err);
     nm_sampler_free(&smp);
     if (bad) return nm_err_prefix(err, "sampler options");
-    if (nm_sched_create(&l->sched, l->s.engine, l->tk, &o->sched, err)) return nm_err_prefix(err, "scheduler");
+    nm_sched_opts so = o->sched;
+    so.probe = probe_experts, so.probe_ctx = l->s.experts;
+    if (nm_sched_create(&l->sched, l->s.engine, l->tk, &so, err)) return nm_err_prefix(err, "scheduler");
     memset(m, 0, sizeof *m);
     m->sched = l->sched;
     m->tk = l->tk;
@@ -267,8 +367,20 @@ int nm_cmd_serve(int argc, char **argv) {
     memset(&l, 0, sizeof l);
     int rc = 1;
     if (install_signals(&err)) goto fail;
-    nm_http_opts ho = {.host = o.host, .port = o.port, .api_key = o.api_key, .model_name = name,
-                       .log_requests = o.log_requests};
+    char file_key[4096];
+    const char *key = o.api_key;
+    if (o.api_key_file) {
+        if (read_key_file(o.api_key_file, file_key, sizeof file_key, &err)) goto fail;
+        key = file_key;
+    } else if (o.api_key) {
+        fprintf(stderr, CMD ": warning: --api-key puts the key on the command line, where every local user can "
+                        "read it (/proc/%d/cmdline); use --api-key-file FILE or NUMOE_API_KEY\n", (int)getpid());
+    } else if (getenv("NUMOE_API_KEY") && *getenv("NUMOE_API_KEY")) {
+        snprintf(file_key, sizeof file_key, "%s", getenv("NUMOE_API_KEY"));
+        key = file_key;
+    }
+    nm_http_opts ho = {.host = o.host, .port = o.port, .api_key = key, .model_name = name,
+                       .log_requests = o.log_requests, .cors_origin = o.cors[0] ? o.cors : NULL, .conns = o.conns};
     if (nm_http_start(&h, &ho, &err)) goto fail;
     int v6 = strchr(o.host, ':') != NULL; /* a literal IPv6 address goes in brackets in a URL */
     /* the port is the bound one (with --port 0 the OS picked it), so a script
@@ -289,6 +401,13 @@ int nm_cmd_serve(int argc, char **argv) {
             nm_chat_template_name(m.tmpl));
     nm_http_set_model(h, &m);
     l.sched = NULL; /* the server owns it now; nm_http_close_gate hands it back */
+    size_t max_body, max_prompt;
+    nm_http_limits(h, &max_body, &max_prompt);
+    fprintf(stderr,
+            CMD ": request bodies up to %zu bytes, prompts up to %zu bytes; %d connections (%d per client), idle "
+                "timeout %g s, request timeout %g s; browser origins: %s\n",
+            max_body, max_prompt, o.conns.max_conns, o.conns.max_per_client, o.conns.idle_s, o.conns.request_s,
+            o.cors[0] ? o.cors : key ? "* (an API key is set)" : "none");
     if (!sig_count) {
         fprintf(stderr, CMD ": listening on http://%s%s%s:%d (model %s)\n", v6 ? "[" : "", o.host, v6 ? "]" : "",
                 nm_http_port(h), name);

@@ -23,7 +23,8 @@
  * reading it; a worker restarted mid-layer is handed the same inputs again).
  * After a successful submit the caller calls wait exactly once, whatever
  * else fails meanwhile. A failed submit or wait is reported with err and
- * leaves nothing in flight; a remote backend then refuses further calls.
+ * leaves nothing in flight; a remote backend then refuses further calls
+ * until its health call finds it usable again.
  *
  * An implementation embeds nm_expert_backend as its first member. */
 #ifndef NUMOE_COORDINATOR_EXPERTS_BACKEND_H
@@ -42,6 +43,14 @@ typedef struct {
     int max_k;
 } nm_expert_input;
 
+/* What health reports. */
+typedef struct {
+    int ok;             /* the next submit can work */
+    char why[400];      /* with ok 0: why not ("worker 1 ...; waiting for it to come back") */
+    uint64_t restarts;  /* workers that came back after a failure, since creation */
+    uint64_t give_ups;  /* times the launcher reported a worker given up for a while */
+} nm_expert_health;
+
 typedef struct nm_expert_backend nm_expert_backend;
 struct nm_expert_backend {
     nm_expert_input in;
@@ -50,6 +59,13 @@ struct nm_expert_backend {
     int (*submit)(nm_expert_backend *b, int layer, int64_t n_tok, int k, nm_err *err);
     int (*wait)(nm_expert_backend *b, float *out, nm_err *err);
     void (*destroy)(nm_expert_backend *b);
+    /* Optional (NULL: a backend that cannot fail that way, always usable).
+     * Called by the thread that drives the backend, between a wait and the
+     * next submit, never while a layer is in flight: a backend that failed
+     * re-arms itself here once it can work again (remote: every worker has
+     * registered again and is idle), and says how it stands. Must not block
+     * for long (a few ms). */
+    void (*health)(nm_expert_backend *b, nm_expert_health *out);
 };
 
 static inline int nm_experts_submit(nm_expert_backend *b, int layer, int64_t n_tok, int k, nm_err *err) {

@@ -19,7 +19,7 @@
  * wait collects every answer and sums the partial outputs in worker order
  * 0, 1, ..., N-1 (fixed, so results are deterministic). A worker that
  * reports an error fails the call with a message naming it; the backend then
- * refuses further calls.
+ * refuses further calls until health re-arms it (below).
  *
  * The workers are started, bound and restarted by the launcher (the `numoe`
  * process, launch/launcher.h), which names the endpoint to bind and the
@@ -38,9 +38,13 @@
  * input region) are copied in again and its doorbell rung; the other
  * workers' answers stay in their slots. So no request fails and the sums are
  * the same. "worker I restarted in X ms (attempt k, pid P)" goes to stderr.
- * If the launcher gives up on the worker it says so with an Error
+ * If the launcher gives up on the worker for now it says so with an Error
  * (from_launcher) on the control socket, and the layer fails with that
- * reason. A restart is quick because the shard outlives the worker
+ * reason. The backend is then unusable until its health call (backend.h)
+ * re-arms it: `numoe serve` calls it between steps and while idle, and
+ * once every worker has registered again (the launcher of a server keeps
+ * restarting a failing worker with a capped back-off, launch/launcher.c)
+ * and is idle, it works again. Batch commands just fail. A restart is quick because the shard outlives the worker
  * (worker/shard.h): the new process re-maps it read-only.
  *
  * Later (not here yet): restarts in the ZeroMQ hand-off mode (there a dead
@@ -109,6 +113,21 @@ static int remote_wait(nm_expert_backend *b, float *out, nm_err *err) {
     return rc ? nm_remote_fail(rb, err) : 0;
 }
 
+static void remote_health(nm_expert_backend *b, nm_expert_health *out) {
+    nm_remote *rb = (nm_remote *)b;
+    out->restarts = rb->restarts, out->give_ups = rb->give_ups;
+    out->ok = !rb->broken;
+    if (out->ok || rb->q.pending) return;
+    if (rb->tcp || rb->handoff == NUMOE__HANDOFF__HANDOFF_ZMQ) {
+        /* no restarts there: what failed stays failed */
+        snprintf(out->why, sizeof out->why, "expert workers unusable after: %.250s (the %s hand-off cannot recover; "
+                 "restart the server)", rb->broken_msg, rb->tcp ? "--worker-endpoints" : "ZeroMQ");
+        return;
+    }
+    out->ok = nm_remote_rearm(rb, out->why, sizeof out->why);
+    out->restarts = rb->restarts, out->give_ups = rb->give_ups;
+}
+
 nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_opts *o, nm_err *err) {
     int n_workers = o->n_workers;
     const char *launch_ep = getenv("NUMOE_LAUNCH_ENDPOINT"), *launch_n = getenv("NUMOE_LAUNCH_WORKERS");
@@ -164,6 +183,7 @@ nm_expert_backend *nm_experts_remote_create(const nm_model *m, const nm_remote_o
     rb->base.submit = remote_submit;
     rb->base.wait = remote_wait;
     rb->base.destroy = remote_destroy;
+    rb->base.health = remote_health;
     rb->m = m;
     rb->n = n_workers;
     for (int i = 0; i < rb->n; i++) rb->w[i].id = i, rb->w[i].pidfd = -1, rb->w[i].node = -1;

@@ -137,6 +137,7 @@ static int on_register(nm_remote *rb, const nm_routing_id *rid, const Numoe__Reg
                 r->build_id, nm_build_id());
     nm_remote_worker *w = &rb->w[r->worker_id];
     if (w->registered) forget(w); /* the process before it, dead (register_reason checked) */
+    if (r->attempt > 0) rb->restarts++;
     w->rid = *rid;
     w->registered = 1;
     w->pid = (pid_t)r->pid, w->pidfd = pidfd, w->attempt = r->attempt;
@@ -181,7 +182,7 @@ int nm_remote_control_step(nm_remote *rb, int timeout_ms, int fatal_worker_error
     switch (env->msg_case) {
     case NUMOE__ENVELOPE__MSG_REGISTER: rc = on_register(rb, &rid, env->register_, err); break;
     case NUMOE__ENVELOPE__MSG_ERROR:
-        if (env->error->from_launcher) rc = nm_errf(err, "%s", env->error->message);
+        if (env->error->from_launcher) rb->give_ups++, rc = nm_errf(err, "%s", env->error->message);
         else if (fatal_worker_errors) rc = nm_errf(err, "worker %u: %s", env->error->worker_id, env->error->message);
         else fprintf(stderr, "numoe: worker %u: %s\n", env->error->worker_id, env->error->message);
         break;
@@ -213,6 +214,31 @@ int nm_remote_fail(nm_remote *rb, nm_err *err) {
     rb->broken = 1;
     snprintf(rb->broken_msg, sizeof rb->broken_msg, "%s", err->msg);
     return -1;
+}
+
+int nm_remote_rearm(nm_remote *rb, char *why, size_t len) {
+    if (!rb->broken) return 1;
+    /* a few messages at a time (a restarted worker sends a Register, then a
+     * Heartbeat once its slot is mapped); the caller comes back soon */
+    for (int i = 0; i < 8; i++) {
+        nm_err e;
+        if (nm_remote_control_step(rb, 0, 0, &e)) snprintf(rb->broken_msg, sizeof rb->broken_msg, "%s", e.msg);
+    }
+    int missing = -1;
+    for (int i = 0; i < rb->n; i++) {
+        nm_remote_worker *w = &rb->w[i];
+        if (w->attached && nm_remote_check_gone(w)) forget(w); /* died while idle: the launcher restarts it */
+        int idle = w->attached && atomic_load_explicit(&w->slot.h->done.seq, memory_order_acquire) == w->req;
+        if (!idle && missing < 0) missing = i;
+    }
+    if (missing >= 0) {
+        snprintf(why, len, "expert worker %d is not back yet after: %.300s", missing, rb->broken_msg);
+        return 0;
+    }
+    fprintf(stderr, "numoe: every expert worker is back; serving again (after: %s)\n", rb->broken_msg);
+    rb->broken = 0;
+    rb->broken_msg[0] = 0;
+    return 1;
 }
 
 /* Worker w failed (why): waits for the launcher's new process to register

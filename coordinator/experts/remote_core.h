@@ -81,6 +81,8 @@ typedef struct {
     int keyed;             /* --worker-key: CURVE */
     nm_wire_key key;
     nm_remote_inflight q;
+    uint64_t restarts;     /* Registers of restarted workers (attempt > 0) */
+    uint64_t give_ups;     /* the launcher's reports of a worker it gave up for now */
 } nm_remote;
 
 /* NUMOE_WORKER_START_TIMEOUT_S, or the default. */
@@ -105,8 +107,15 @@ int nm_remote_await_workers(nm_remote *rb, nm_err *err);
 int nm_remote_await_restart(nm_remote *rb, nm_remote_worker *w, const nm_err *why, double t0, nm_err *err);
 /* out = the partial sums in the workers' slots, added in worker order. */
 void nm_remote_sum_slots(nm_remote *rb, int64_t n_tok, float *out);
-/* Marks the backend unusable after err (every later call fails with it). */
+/* Marks the backend unusable after err (every later call fails with it,
+ * until nm_remote_rearm succeeds). */
 int nm_remote_fail(nm_remote *rb, nm_err *err);
+/* Launcher's workers, doorbell hand-off, nothing in flight: reads what
+ * came on the control socket (Registers and Heartbeats of restarted
+ * workers), forgets workers that died meanwhile (the launcher restarts
+ * them), and when every worker is attached, alive and idle clears the
+ * failure: 1. Else 0 with why (len bytes) saying what it waits for. */
+int nm_remote_rearm(nm_remote *rb, char *why, size_t len);
 /* Shutdown to every launched worker (and the doorbell, so a sleeping one
  * reads it now), then forgets them; the launcher reaps the processes. */
 void nm_remote_close_launched(nm_remote *rb);

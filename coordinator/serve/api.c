@@ -123,6 +123,13 @@ static int opt_float(const cJSON *obj, const char *prefix, const char *name, dou
     double d;
     int has;
     if (opt_num(obj, prefix, name, lo, hi, lo_open, &d, &has, e)) return -1;
+    /* a double above the bound may round onto it as a float (1e-50 > 0, but
+     * not as a float): the sampler would then refuse it in its own words */
+    if (has && lo_open && (float)d <= (float)lo) {
+        char p[64];
+        pname(p, sizeof p, prefix, name);
+        return BAD(e, p, "'%s' must be a number > %g, got %g", p, lo, d);
+    }
     if (has) *out = (float)d;
     return 0;
 }
@@ -227,7 +234,7 @@ static int parse_sampling(const cJSON *obj, const char *prefix, nm_api_request *
         pname(p, sizeof p, prefix, "repeat_last_n");
         return BAD(e, p, "'%s' -1 (the whole context) is not supported; give a window size >= 0", p);
     }
-    if (opt_int(obj, prefix, "repeat_last_n", 0, INT32_MAX, &v, &has, e)) return -1;
+    if (opt_int(obj, prefix, "repeat_last_n", 0, NM_API_MAX_REPEAT_LAST_N, &v, &has, e)) return -1;
     if (has) s->penalty_last_n = (int32_t)v;
     return opt_seed(obj, prefix, r, e) || parse_stop(obj, prefix, r, e) ? -1 : 0;
 }
@@ -417,6 +424,86 @@ static int parse_ollama(const cJSON *root, nm_api_request *r, nm_api_error *e) {
     return parse_sampling(o, "options.", r, e);
 }
 
+/* ------------------------------------------------------- NUL inside strings */
+
+/* cJSON turns \u0000 into a NUL byte, where the C string then ends: "a\u0000b"
+ * would be read as "a", silently. Such a body is refused, naming the string.
+ * The walk runs on a body cJSON has accepted, so it is valid JSON. */
+typedef struct {
+    const char *p, *end;
+    char path[64];
+} nul_walk;
+
+static void skip_ws(nul_walk *w) {
+    while (w->p < w->end && (*w->p == ' ' || *w->p == '\t' || *w->p == '\n' || *w->p == '\r')) w->p++;
+}
+
+/* The string at w->p (its opening quote): 1 when it holds \u0000. Its raw
+ * text (up to cap - 1 bytes) goes to key when key is not NULL. */
+static int walk_string(nul_walk *w, char *key, size_t cap) {
+    size_t k = 0;
+    int nul = 0;
+    for (w->p++; w->p < w->end && *w->p != '"'; w->p++) {
+        if (*w->p == '\\' && w->p + 1 < w->end) {
+            if (w->p[1] == 'u' && w->end - w->p >= 6 && !memcmp(w->p + 2, "0000", 4)) nul = 1;
+            if (key && k + 2 < cap) key[k++] = w->p[0], key[k++] = w->p[1];
+            w->p++;
+            continue;
+        }
+        if (key && k + 1 < cap) key[k++] = *w->p;
+    }
+    w->p++;
+    if (key) key[k] = 0;
+    return nul;
+}
+
+/* 1 when the value at w->p, at path[0..plen), holds a NUL somewhere; path
+ * then names that string (a member name's NUL names its object). */
+static int walk_value(nul_walk *w, size_t plen, int depth) {
+    skip_ws(w);
+    if (w->p >= w->end || depth > 2000) return 0;
+    char c = *w->p;
+    if (c == '"') return walk_string(w, NULL, 0);
+    if (c == '{' || c == '[') {
+        w->p++;
+        for (int i = 0;; i++) {
+            skip_ws(w);
+            if (w->p >= w->end) return 0;
+            if (*w->p == (c == '{' ? '}' : ']')) {
+                w->p++;
+                return 0;
+            }
+            if (*w->p == ',') {
+                w->p++;
+                skip_ws(w);
+            }
+            w->path[plen] = 0;
+            size_t n = plen;
+            if (c == '{') {
+                char key[64];
+                if (walk_string(w, key, sizeof key)) return 1;
+                n += (size_t)snprintf(w->path + plen, sizeof w->path - plen, "%s%s", plen ? "." : "", key);
+                skip_ws(w);
+                w->p++; /* ':' */
+            } else {
+                n += (size_t)snprintf(w->path + plen, sizeof w->path - plen, "[%d]", i);
+            }
+            if (n >= sizeof w->path) n = sizeof w->path - 1;
+            if (walk_value(w, n, depth + 1)) return 1;
+        }
+    }
+    while (w->p < w->end && !strchr(",]} \t\n\r", *w->p)) w->p++; /* a number or literal */
+    return 0;
+}
+
+static int check_nul(const char *body, size_t len, nm_api_error *e) {
+    if (!memmem(body, len, "\\u0000", 6)) return 0;
+    nul_walk w = {.p = body, .end = body + len};
+    if (!walk_value(&w, 0, 0)) return 0; /* "\\u0000": an escaped backslash, then text */
+    return BAD(e, w.path, "'%s' contains a NUL character (\\u0000), which text sent to numoe may not hold",
+               w.path[0] ? w.path : "(the body)");
+}
+
 /* cJSON wants the text to end right after the value to reject trailing
  * garbage; the body is length-delimited, so check the rest by hand. */
 static cJSON *parse_body(const char *body, size_t len, nm_api_error *e) {
@@ -439,6 +526,10 @@ static cJSON *parse_body(const char *body, size_t len, nm_api_error *e) {
         }
     if (!cJSON_IsObject(root)) {
         BAD(e, "", "the request body must be a JSON object, got %s", type_name(root));
+        cJSON_Delete(root);
+        return NULL;
+    }
+    if (check_nul(body, len, e)) {
         cJSON_Delete(root);
         return NULL;
     }
@@ -640,6 +731,14 @@ char *nm_api_time_rfc3339(int64_t sec, int32_t nsec, char *buf, size_t size) {
     snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%09dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
              tm.tm_hour, tm.tm_min, tm.tm_sec, (int)nsec);
     return buf;
+}
+
+char *nm_api_health_json(const char *status, const char *reason) {
+    cJSON *root = cJSON_CreateObject();
+    int ok = root && add_str(root, "status", status) && (!reason || add_str(root, "reason", reason));
+    char *s = ok ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return s;
 }
 
 char *nm_api_models_json(const char *name, int64_t created) {

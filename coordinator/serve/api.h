@@ -19,6 +19,10 @@
 #include "coordinator/text/chat_template.h"
 #include "coordinator/text/sampler.h"
 
+/* repeat_last_n above this is refused (the sampler keeps a window of that
+ * many tokens per request) */
+#define NM_API_MAX_REPEAT_LAST_N 65536
+
 typedef enum {
     NM_API_OPENAI_CHAT,       /* POST /v1/chat/completions */
     NM_API_OPENAI_COMPLETION, /* POST /v1/completions */
@@ -92,6 +96,9 @@ typedef struct {
  *     Ollama's convention), anything else sets has_seed. Negative seeds are
  *     taken modulo 2^64.
  *   - stop: a string or an array of at most 16 non-empty strings.
+ *   - No string anywhere in the body may hold \u0000 (C strings would end
+ *     there): 400 naming it, e.g. param "messages[0].content".
+ *   - repeat_last_n: 0..NM_API_MAX_REPEAT_LAST_N.
  *   - Ollama: num_predict <= 0 means no limit (max_tokens -1), as Ollama
  *     does; repeat_last_n -1 (whole context) is refused; message content must
  *     be a string; non-empty "images" are refused. No messages / no prompt
@@ -137,6 +144,10 @@ char *nm_api_render(nm_api_kind kind, int stream, const nm_api_out *o);
 /* sec.nsec as RFC 3339 UTC with nanoseconds, "2024-01-01T00:00:00.000000000Z"
  * (Ollama's created_at / modified_at). Returns buf. size >= 32 is enough. */
 char *nm_api_time_rfc3339(int64_t sec, int32_t nsec, char *buf, size_t size);
+
+/* {"status": STATUS, "reason": REASON} (reason left out when NULL): the
+ * body of a /health that is not ok. malloc'd. */
+char *nm_api_health_json(const char *status, const char *reason);
 
 /* GET /v1/models and GET /api/tags bodies for the one served model.
  * size_bytes: the model file(s) size; family e.g. "deepseek2"; quant e.g.

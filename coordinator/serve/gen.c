@@ -44,12 +44,44 @@ static int is_ollama(nm_api_kind k) { return k == NM_API_OLLAMA_CHAT || k == NM_
  * through the chat template, which already starts with BOS, so no special
  * tokens are added (as `numoe chat` does); completions as text with BOS as
  * the vocabulary says. Special-token text is matched in both. */
+/* A prompt of len bytes is at least len / (longest token piece) tokens:
+ * refuse before tokenizing one that cannot fit, whatever its size. */
+static int too_long(nm_gen *g, size_t len, const char *param, nm_api_error *e) {
+    if (!g->max_prompt_bytes || len <= g->max_prompt_bytes) return 0;
+    nm_sched_stats st;
+    pthread_rwlock_rdlock(&g->lock);
+    int have = g->m.sched != NULL;
+    if (have) nm_sched_get_stats(g->m.sched, &st);
+    pthread_rwlock_unlock(&g->lock);
+    if (!have) return 0; /* shutting down: the submit says so */
+    return nm_api_errorf(e, 400, "invalid_request_error", param,
+                         "the prompt is %zu bytes; at most %zu bytes can fit the context of %lld tokens (-c)", len,
+                         g->max_prompt_bytes, (long long)st.n_ctx);
+}
+
+/* nm_tokenize, at most NM_GEN_TOKENIZE_AT_ONCE at a time. */
+static int tokenize_bounded(nm_gen *g, const char *text, size_t len, int add_special, int32_t **ids, size_t *n,
+                            nm_err *err) {
+    pthread_mutex_lock(&g->tok_mu);
+    while (g->tok_running >= NM_GEN_TOKENIZE_AT_ONCE) pthread_cond_wait(&g->tok_cv, &g->tok_mu);
+    g->tok_running++;
+    pthread_mutex_unlock(&g->tok_mu);
+    int rc = nm_tokenize(g->m.tk, text, len, add_special, 1, ids, n, err);
+    pthread_mutex_lock(&g->tok_mu);
+    g->tok_running--;
+    pthread_cond_signal(&g->tok_cv);
+    pthread_mutex_unlock(&g->tok_mu);
+    return rc;
+}
+
 static int prompt_tokens(nm_gen *g, const nm_api_request *q, int32_t **ids, size_t *n, nm_api_error *e) {
     nm_err err;
     int templated = is_chat(q->kind) || (q->kind == NM_API_OLLAMA_GENERATE && !q->raw);
     if (!templated) {
         const char *p = q->prompt ? q->prompt : "";
-        if (nm_tokenize(g->m.tk, p, strlen(p), 1, 1, ids, n, &err))
+        size_t len = strlen(p);
+        if (too_long(g, len, "prompt", e)) return -1;
+        if (tokenize_bounded(g, p, len, 1, ids, n, &err))
             return nm_api_errorf(e, 500, "server_error", "prompt", "cannot tokenize the prompt: %s", err.msg);
         return 0;
     }
@@ -69,7 +101,9 @@ static int prompt_tokens(nm_gen *g, const nm_api_request *q, int32_t **ids, size
     char *text = NULL;
     if (nm_chat_render(g->m.tmpl, msgs, n_msgs, 1, g->m.force_think, NULL, NULL, &text, &err))
         return nm_api_errorf(e, 400, "invalid_request_error", "messages", "%s", err.msg);
-    int rc = nm_tokenize(g->m.tk, text, strlen(text), 0, 1, ids, n, &err);
+    size_t len = strlen(text);
+    if (too_long(g, len, q->kind == NM_API_OLLAMA_GENERATE ? "prompt" : "messages", e)) return free(text), -1;
+    int rc = tokenize_bounded(g, text, len, 0, ids, n, &err);
     free(text);
     if (rc) return nm_api_errorf(e, 500, "server_error", "messages", "cannot tokenize the prompt: %s", err.msg);
     return 0;
@@ -284,7 +318,7 @@ static enum MHD_Result start_stream(nm_gen *g, struct MHD_Connection *c, nm_http
                             s->sse ? "text/event-stream; charset=utf-8" : "application/x-ndjson");
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     MHD_add_response_header(resp, "X-Accel-Buffering", "no"); /* nginx: do not buffer the stream */
-    nm_http_add_cors(resp);
+    nm_http_add_cors(resp, r);
     r->handed_off = 1;
     r->status = 200;
     enum MHD_Result ok = MHD_queue_response(c, MHD_HTTP_OK, resp);
@@ -409,14 +443,57 @@ void nm_gen_init(nm_gen *g, nm_http_metrics *met, const char *model_name, uint64
     atomic_init(&g->seq, 0);
     atomic_init(&g->live, 0);
     pthread_rwlock_init(&g->lock, NULL);
+    pthread_mutex_init(&g->tok_mu, NULL);
+    pthread_cond_init(&g->tok_cv, NULL);
 }
 
-void nm_gen_destroy(nm_gen *g) { pthread_rwlock_destroy(&g->lock); }
+void nm_gen_destroy(nm_gen *g) {
+    pthread_rwlock_destroy(&g->lock);
+    pthread_mutex_destroy(&g->tok_mu);
+    pthread_cond_destroy(&g->tok_cv);
+}
 
 void nm_gen_set_model(nm_gen *g, const nm_http_model *m) {
+    /* Every token stands for at most `longest` bytes of text (special-token
+     * text included), so a prompt of more than n_ctx * longest bytes cannot
+     * fit; a vocabulary that drops bytes it has no token for breaks that
+     * bound, and then there is none. */
+    size_t longest = 0, max_prompt = 0, max_body = 0;
+    int32_t nv = nm_tokenizer_n_vocab(m->tk);
+    for (int32_t id = 0; id < nv; id++) {
+        size_t l = 0;
+        if (nm_token_piece(m->tk, id, 1, &l) && l > longest) longest = l;
+    }
+    nm_sched_stats st;
+    nm_sched_get_stats(m->sched, &st);
+    if (longest && !nm_tokenizer_n_missing_bytes(m->tk) && (uint64_t)st.n_ctx < SIZE_MAX / 8 / longest) {
+        max_prompt = (size_t)st.n_ctx * longest;
+        max_body = max_prompt * 6 + (1u << 20); /* \u00XX per byte at worst, and room for the rest */
+    }
     pthread_rwlock_wrlock(&g->lock);
     g->m = *m;
+    g->max_prompt_bytes = max_prompt;
+    g->max_body = max_body;
     pthread_rwlock_unlock(&g->lock);
+}
+
+size_t nm_gen_max_body(nm_gen *g, size_t cap) {
+    pthread_rwlock_rdlock(&g->lock);
+    size_t b = g->max_body;
+    pthread_rwlock_unlock(&g->lock);
+    return b && b < cap ? b : cap;
+}
+
+int nm_gen_unhealthy(nm_gen *g, char *why, size_t len) {
+    int bad = 0;
+    pthread_rwlock_rdlock(&g->lock);
+    if (g->m.sched) {
+        nm_sched_health hs;
+        nm_sched_health_get(g->m.sched, &hs);
+        if (!hs.ok) bad = 1, snprintf(why, len, "%s", hs.why);
+    }
+    pthread_rwlock_unlock(&g->lock);
+    return bad;
 }
 
 nm_sched *nm_gen_close(nm_gen *g) {

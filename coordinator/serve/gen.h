@@ -44,7 +44,16 @@ typedef struct {
     atomic_int_fast64_t live;     /* submitted requests whose answer is not fully sent */
     pthread_rwlock_t lock;        /* guards m.sched */
     nm_http_model m;              /* valid once nm_gen_set_model ran */
+    /* work bounds, set with the model (0 until then) */
+    size_t max_prompt_bytes;      /* a prompt (rendered) longer than this cannot fit the context: 400 before
+                                     tokenizing (0: no such bound, the vocabulary can drop bytes) */
+    size_t max_body;              /* a body longer than this cannot hold such a prompt: 413 before reading it */
+    pthread_mutex_t tok_mu;       /* at most NM_GEN_TOKENIZE_AT_ONCE tokenizations run at once, so the */
+    pthread_cond_t tok_cv;        /*   memory and CPU they take are bounded whatever the clients send */
+    int tok_running;
 } nm_gen;
+
+#define NM_GEN_TOKENIZE_AT_ONCE 2
 
 /* met and model_name are borrowed. */
 void nm_gen_init(nm_gen *g, nm_http_metrics *met, const char *model_name, uint64_t salt);
@@ -55,6 +64,13 @@ void nm_gen_set_model(nm_gen *g, const nm_http_model *m);
 nm_sched *nm_gen_close(nm_gen *g);
 /* Appends the scheduler's Prometheus text while there is one. 0, or -1. */
 int nm_gen_metrics(nm_gen *g, nm_text *o);
+/* cap, or less once the model is set: the largest request body worth
+ * reading (JSON escapes make a prompt byte up to 6 body bytes). */
+size_t nm_gen_max_body(nm_gen *g, size_t cap);
+/* 1 with why filled while the engine cannot serve (expert workers down and
+ * being restarted: scheduler.h nm_sched_health); 0 when it can, or when no
+ * model is set. */
+int nm_gen_unhealthy(nm_gen *g, char *why, size_t len);
 /* Submitted requests whose answer is not fully sent yet. */
 int64_t nm_gen_live(nm_gen *g);
 /* The daemon is done with R: a live request stops counting. */

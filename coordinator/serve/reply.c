@@ -47,8 +47,26 @@ int nm_http_ollama_style(const nm_http_req *r) {
 
 /* ---- responses ---- */
 
-void nm_http_add_cors(struct MHD_Response *resp) {
-    MHD_add_response_header(resp, "Access-Control-Allow-Origin", "*");
+void nm_http_add_cors(struct MHD_Response *resp, const nm_http_req *r) {
+    if (!r->cors[0]) return;
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", r->cors);
+    if (strcmp(r->cors, "*")) MHD_add_response_header(resp, "Vary", "Origin");
+}
+
+void nm_http_log_escape(const char *s, char *out, size_t cap) {
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    if (!cap) return;
+    for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
+        if (*p >= 0x20 && *p < 0x7f && *p != '\\') {
+            if (o + 1 >= cap) break;
+            out[o++] = (char)*p;
+        } else {
+            if (o + 4 >= cap) break;
+            out[o++] = '\\', out[o++] = 'x', out[o++] = hex[*p >> 4], out[o++] = hex[*p & 15];
+        }
+    }
+    out[o] = 0;
 }
 
 /* Logs and counts R once. Done when the answer is queued rather than when
@@ -62,7 +80,8 @@ void nm_http_record_req(nm_http_metrics *m, nm_http_req *r, int status, int gone
 
 enum MHD_Result nm_http_queue(nm_http_metrics *m, struct MHD_Connection *c, nm_http_req *r, int status,
                               struct MHD_Response *resp) {
-    nm_http_add_cors(resp);
+    nm_http_add_cors(resp, r);
+    if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, resp);
     MHD_destroy_response(resp);
     r->status = status;
@@ -127,14 +146,19 @@ void nm_http_record(nm_http_metrics *m, const char *method, const char *url, nm_
     pthread_mutex_unlock(&m->mu);
     atomic_fetch_sub(&m->reqs_in_flight, 1);
     if (!m->log_requests) return;
+    /* what the client sent (and error notes that quote it) escaped: a path
+     * with a newline must not forge a log line */
+    char em[64], eu[800], en[700];
+    nm_http_log_escape(method, em, sizeof em);
+    nm_http_log_escape(url, eu, sizeof eu);
+    nm_http_log_escape(note, en, sizeof en);
     /* one fprintf per line: stdio locks the stream, so lines of concurrent
      * requests never interleave */
     if (n_prompt || n_gen)
-        fprintf(stderr, "numoe serve: %s %s %d prompt %lld gen %lld tokens %.1f ms%s%s\n", method, url, status,
-                (long long)n_prompt, (long long)n_gen, seconds * 1e3, note && *note ? " - " : "", note ? note : "");
+        fprintf(stderr, "numoe serve: %s %s %d prompt %lld gen %lld tokens %.1f ms%s%s\n", em, eu, status,
+                (long long)n_prompt, (long long)n_gen, seconds * 1e3, en[0] ? " - " : "", en);
     else
-        fprintf(stderr, "numoe serve: %s %s %d %.1f ms%s%s\n", method, url, status, seconds * 1e3,
-                note && *note ? " - " : "", note ? note : "");
+        fprintf(stderr, "numoe serve: %s %s %d %.1f ms%s%s\n", em, eu, status, seconds * 1e3, en[0] ? " - " : "", en);
 }
 
 int nm_http_metrics_render(nm_http_metrics *m, nm_text *o) {

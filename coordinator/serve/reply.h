@@ -64,7 +64,8 @@ void nm_http_metrics_destroy(nm_http_metrics *m);
 void nm_http_arrived(nm_http_metrics *m);
 /* The one log line and the metrics of a finished request. gone: the client
  * went away before the end; note: "" or what to add to the log line (why it
- * failed or ended early). */
+ * failed or ended early). method, url and note are escaped
+ * (nm_http_log_escape). */
 void nm_http_record(nm_http_metrics *m, const char *method, const char *url, nm_route route, int status,
                     int64_t n_prompt, int64_t n_gen, double seconds, int gone, const char *note);
 /* Appends the HTTP metrics (requests in flight, by route and status,
@@ -88,6 +89,8 @@ typedef struct {
     int recorded;       /* logged and counted */
     int live;           /* counted as a live generation until the daemon reports the request complete (gen.h) */
     char error[160];    /* the message of an error answer, for the log */
+    int close;          /* answer with Connection: close (framing errors, refusals) */
+    char cors[160];     /* Access-Control-Allow-Origin to send ("" none, "*", or the request's Origin) */
 } nm_http_req;
 
 /* "/api/..." answers errors the Ollama way ({"error": "..."}). */
@@ -95,8 +98,9 @@ int nm_http_ollama_style(const nm_http_req *r);
 
 /* Logs and counts R once (nm_http_record with R's fields). */
 void nm_http_record_req(nm_http_metrics *m, nm_http_req *r, int status, int gone, const char *note);
-/* Adds the CORS header, queues RESP with STATUS (and destroys our reference
- * to it), records the status in R and, once queued, logs R. */
+/* Adds the CORS header (and Connection: close when r->close), queues RESP
+ * with STATUS (and destroys our reference to it), records the status in R
+ * and, once queued, logs R. */
 enum MHD_Result nm_http_queue(nm_http_metrics *m, struct MHD_Connection *c, nm_http_req *r, int status,
                               struct MHD_Response *resp);
 /* Queues BODY (malloc'd, taken; NULL means out of memory and sends a 500)
@@ -109,8 +113,13 @@ enum MHD_Result nm_http_reply_error(nm_http_metrics *m, struct MHD_Connection *c
 /* printf-style shortcut for nm_http_reply_error. */
 enum MHD_Result nm_http_fail(nm_http_metrics *m, struct MHD_Connection *c, nm_http_req *r, int status,
                              const char *type, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
-/* Adds the CORS header every response carries. */
-void nm_http_add_cors(struct MHD_Response *resp);
+/* Adds R's CORS header (r->cors; nothing when empty, Vary: Origin when it
+ * names one origin). */
+void nm_http_add_cors(struct MHD_Response *resp, const nm_http_req *r);
+/* s as one log-safe line in out (cap bytes, NUL-terminated, truncated):
+ * control bytes, backslash and non-ASCII bytes become \xNN, so what a
+ * client sends can never start a line of its own or drive a terminal. */
+void nm_http_log_escape(const char *s, char *out, size_t cap);
 
 /* The socket of C, or -1. */
 int nm_http_conn_fd(struct MHD_Connection *c);

@@ -132,6 +132,7 @@ struct nm_sched {
     nm_finish *seg_fin;
     int *seg_first;
     nm_sched_stats stats;
+    nm_sched_health health;
     hist h_queue, h_ttft, h_step, h_tpot, h_e2e;
 };
 
@@ -145,7 +146,7 @@ static void finish(nm_sched *s, nm_req *r, nm_finish f, const char *error) {
         r->st.finish = f;
         r->st.t_end = t;
         r->st.queued = 0;
-        if (error) snprintf(r->st.error, sizeof r->st.error, "%s", error);
+        if (error) snprintf(r->st.error, sizeof r->st.error, "%.*s", (int)sizeof r->st.error - 1, error);
     }
     nm_stop_text_release(&r->dec.text, 1);
     pthread_cond_broadcast(&r->cv);
@@ -276,6 +277,37 @@ static void *engine(void *arg) {
     nm_req **snap = calloc((size_t)s->o.max_batch, sizeof *snap);
     pthread_mutex_lock(&s->mu);
     while (!s->stopping) {
+        if (s->o.probe) {
+            nm_sched_health h = {.ok = 1};
+            pthread_mutex_unlock(&s->mu);
+            s->o.probe(s->o.probe_ctx, &h);
+            pthread_mutex_lock(&s->mu);
+            s->health = h;
+            if (!h.ok) {
+                /* nothing can run: end what waits, with the reason, rather
+                 * than fail each in a step; then wait for the probe to say
+                 * the engine is back */
+                char msg[sizeof h.why + 64];
+                snprintf(msg, sizeof msg, "the engine cannot serve now: %s", h.why);
+                while (s->n_active) {
+                    nm_req *r = s->active[--s->n_active];
+                    finish(s, r, NM_FINISH_ERROR, msg);
+                    req_unref(r);
+                }
+                while (s->qhead) {
+                    nm_req *r = s->qhead;
+                    s->qhead = r->next;
+                    s->n_queued--;
+                    finish(s, r, NM_FINISH_ERROR, msg);
+                    req_unref(r);
+                }
+                s->qtail = NULL;
+                struct timespec ts;
+                deadline_in(&ts, 100);
+                pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+                continue;
+            }
+        }
         int64_t n_fresh = admit(s, fresh);
         if (s->n_active == 0) {
             /* idle: a timed wait also notices cancellations of queued requests */
@@ -388,6 +420,7 @@ int nm_sched_create(nm_sched **out, nm_engine *e, const nm_tokenizer *tk, const 
         bad = nm_errf(err, "--cache-lens %lld is too small", (long long)s->o.cache_lens);
     if (bad) return free(s), -1;
     s->stats.cache_total = s->o.cache_lens;
+    s->health.ok = 1;
     s->h_queue = (hist){.name = "numoe_queue_wait_seconds", .help = "Time from arrival to admission into the batch."};
     s->h_ttft = (hist){.name = "numoe_time_to_first_token_seconds", .help = "Time from arrival to the first generated token."};
     s->h_step = (hist){.name = "numoe_step_seconds", .help = "Time of one batched forward step (decode tokens + prefill chunk)."};
@@ -472,11 +505,13 @@ int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *serv
     r->st.queued = 1;
     r->st.t_submit = nm_now_s();
     pthread_mutex_lock(&s->mu);
-    if (s->stopping) {
+    if (s->stopping || !s->health.ok) {
+        if (s->stopping) nm_errf(err, "the server is shutting down");
+        else nm_errf(err, "the engine cannot serve now: %s", s->health.why);
         pthread_mutex_unlock(&s->mu);
         req_free(r);
         *server_fault = 1;
-        return nm_errf(err, "the server is shutting down");
+        return -1;
     }
     if (s->qtail) s->qtail->next = r;
     else s->qhead = r;
@@ -530,9 +565,17 @@ void nm_sched_get_stats(nm_sched *s, nm_sched_stats *st) {
     pthread_mutex_unlock(&s->mu);
 }
 
+void nm_sched_health_get(nm_sched *s, nm_sched_health *h) {
+    pthread_mutex_lock(&s->mu);
+    *h = s->health;
+    pthread_mutex_unlock(&s->mu);
+}
+
 int nm_sched_metrics(nm_sched *s, nm_text *o) {
     nm_sched_stats st;
     nm_sched_get_stats(s, &st);
+    nm_sched_health hs;
+    nm_sched_health_get(s, &hs);
     struct { const char *name, *type, *help; double v; } m[] = {
         {"numoe_queue_depth", "gauge", "Requests waiting for a batch slot or KV cache.", (double)st.queued},
         {"numoe_active_requests", "gauge", "Requests in the running batch.", (double)st.active},
@@ -545,6 +588,12 @@ int nm_sched_metrics(nm_sched *s, nm_text *o) {
         {"numoe_prompt_tokens_total", "counter", "Prompt tokens evaluated.", (double)st.prompt_tokens},
         {"numoe_generation_tokens_total", "counter", "Tokens generated.", (double)st.gen_tokens},
         {"numoe_steps_total", "counter", "Batched forward steps run.", (double)st.steps},
+        {"numoe_engine_healthy", "gauge", "1 while the engine can serve, 0 while its expert workers are down.",
+         (double)hs.ok},
+        {"numoe_expert_worker_restarts_total", "counter", "Expert workers that came back after a failure.",
+         (double)hs.restarts},
+        {"numoe_expert_worker_give_ups_total", "counter",
+         "Times the launcher gave a failing worker up for a while (it goes on trying).", (double)hs.give_ups},
     };
     for (size_t i = 0; i < sizeof m / sizeof *m; i++)
         if (nm_text_printf(o, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", m[i].name, m[i].help, m[i].name, m[i].type,

@@ -43,11 +43,27 @@
 typedef struct nm_sched nm_sched;
 typedef struct nm_req nm_req;
 
+/* Whether the engine can serve, as a probe (below) reports it. */
+typedef struct {
+    int ok;             /* 0 while it cannot (expert workers down) */
+    char why[400];      /* with ok 0: the reason, for /health and for the requests refused */
+    uint64_t restarts;  /* expert workers that came back after a failure, so far */
+    uint64_t give_ups;  /* times the launcher gave a worker up for a while (it goes on trying) */
+} nm_sched_health;
+
+/* Called on the engine thread, with no lock held, before every step and
+ * about every 100 ms while idle; may take a moment (it is where a backend
+ * that failed re-arms itself: coordinator/experts/backend.h health). Fills h
+ * (zeroed, ok 1, before the call). */
+typedef void (*nm_sched_probe)(void *ctx, nm_sched_health *h);
+
 typedef struct {
     int64_t max_batch;  /* --max-batch-size: requests in flight together; default 4 */
     int64_t chunk;      /* --chunk-size: tokens per step (decode tokens + prefill chunk); default 256 */
     int64_t cache_lens; /* --cache-lens: KV positions shared by all requests; default n_ctx * max_batch */
     int64_t n_ctx;      /* per-request limit on prompt + generated tokens; default the engine's context */
+    nm_sched_probe probe; /* NULL: the engine is always able to serve */
+    void *probe_ctx;
 } nm_sched_opts;
 
 typedef struct {
@@ -82,8 +98,14 @@ void nm_sched_destroy(nm_sched *s);
 
 /* Queues a request. -1 with err when it can never run: empty prompt, prompt
  * (plus max_tokens) longer than n_ctx or than cache_lens, a token outside the
- * vocabulary, bad sampler parameters, shutting down. These are the client's
- * mistakes (HTTP 400) except shutdown, reported as *server_fault = 1. */
+ * vocabulary, bad sampler parameters, shutting down, or the engine unable to
+ * serve now (the probe says why). These are the client's mistakes (HTTP 400)
+ * except shutdown and an engine that cannot serve, reported as
+ * *server_fault = 1.
+ *
+ * While the probe reports the engine unable to serve, no step runs: the
+ * requests admitted or queued end with NM_FINISH_ERROR and the probe's
+ * reason, and new ones are refused, until the probe reports it able again. */
 int nm_sched_submit(nm_sched *s, const nm_req_params *p, nm_req **out, int *server_fault, nm_err *err);
 
 /* Waits until the request has text the client has not seen, or has ended, or
@@ -108,9 +130,13 @@ typedef struct {
 } nm_sched_stats;
 
 void nm_sched_get_stats(nm_sched *s, nm_sched_stats *st);
+/* The probe's latest report (ok 1 before the first one, and without a probe). */
+void nm_sched_health_get(nm_sched *s, nm_sched_health *h);
 /* Appends the scheduler's Prometheus text (counters, gauges and latency
  * histograms: queue wait, time to first token, per-step time, time per
- * output token) to *out. 0, or -1 when out of memory. */
+ * output token; the health: numoe_engine_healthy,
+ * numoe_expert_worker_restarts_total, numoe_expert_worker_give_ups_total) to
+ * *out. 0, or -1 when out of memory. */
 int nm_sched_metrics(nm_sched *s, nm_text *out);
 
 #endif
