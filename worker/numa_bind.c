@@ -58,8 +58,16 @@ int nm_bind_node(int node, nm_binding *b, nm_err *err) {
             nm_errf(err, "cannot bind to the CPUs of NUMA node %d: %s", node, strerror(errno));
             goto out;
         }
-        /* memory: strict binding; a machine without NUMA support (one node) may refuse, harmlessly */
-        if (hwloc_set_membind(t, o->nodeset, HWLOC_MEMBIND_BIND, HWLOC_MEMBIND_PROCESS | HWLOC_MEMBIND_BYNODESET) &&
+        /* memory: strict binding; a machine without NUMA support (one node) may refuse, harmlessly.
+         * THREAD, not PROCESS: Linux keeps a memory policy per thread (set_mempolicy) and
+         * hwloc has no process-wide one there, so PROCESS fails with ENOSYS on every
+         * machine with two nodes (seen first in tests/test_numa_vm.py). Threads started
+         * after this (the compute pool) inherit it; the shard is bound by address
+         * (worker/shard.c), so a thread started before (ZeroMQ's I/O thread) changes
+         * nothing there. STRICT: without it hwloc asks Linux for MPOL_PREFERRED(_MANY),
+         * which spills to the other node when this one is full, silently. */
+        if (hwloc_set_membind(t, o->nodeset, HWLOC_MEMBIND_BIND,
+                              HWLOC_MEMBIND_THREAD | HWLOC_MEMBIND_STRICT | HWLOC_MEMBIND_BYNODESET) &&
             hwloc_get_nbobjs_by_type(t, HWLOC_OBJ_NUMANODE) > 1) {
             nm_errf(err, "cannot bind memory to NUMA node %d: %s", node, strerror(errno));
             goto out;
