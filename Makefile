@@ -181,9 +181,12 @@ $(FUZZ_BIN): tests/fuzz/fuzz_gguf.c $(COMMON_SRC)
 deps:
 	$(SETUP)
 
+# build-vm/: numoe without CUDA for the two-NUMA-node VM test (tests/test_numa_vm.py),
+# whose initramfs cannot carry the CUDA libraries; only where build/ links them.
 test: deps
 	$(MAKE) all
 	$(MAKE) BUILD=build-asan SAN=1 tests build-asan/bin/numoe $(if $(WORKER_SRC),build-asan/bin/numoe-worker)
+	$(if $(NVCC),$(MAKE) BUILD=build-vm NVCC= build-vm/bin/numoe build-vm/bin/numoe-worker)
 	$(MAKE) fuzz
 	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=10 tests
 
@@ -208,6 +211,6 @@ demo: deps
 	@echo "  curl -s http://127.0.0.1:10002/v1/completions -d '{\"prompt\": \"The function returns\", \"max_tokens\": 32}'"
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-vm
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -26,6 +26,40 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The two-NUMA-node VM test (tests/test_numa_vm.py): QEMU, busybox and cpio for
+# its initramfs (without recommends: no GUI, no firmware), and Debian's kernel.
+# The kernel's .deb is downloaded and only vmlinuz extracted from it, into
+# build/tools/vm/: installing linux-image-amd64 would run this machine's
+# initramfs and boot loader hooks.
+VM_PKGS=(qemu-system-x86 busybox-static cpio)
+vm_missing=()
+for p in "${VM_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || vm_missing+=("$p")
+done
+if ((${#vm_missing[@]})); then
+    echo "setup: installing apt packages for the NUMA VM test: ${vm_missing[*]}" >&2
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${vm_missing[@]}" >/dev/null
+fi
+VM_KERNEL="$(cd "$(dirname "$0")/.." && pwd)/build/tools/vm/vmlinuz"
+if [[ ! -s $VM_KERNEL ]]; then
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    if [[ -z $pkg ]]; then
+        SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+        $SUDO apt-get update -qq
+        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    fi
+    echo "setup: extracting the NUMA VM test's kernel from $pkg into $VM_KERNEL" >&2
+    dl=$(mktemp -d)
+    [[ $(id -u) -eq 0 ]] && chown _apt "$dl" 2>/dev/null || true # apt downloads as _apt where it can
+    (cd "$dl" && apt-get download -qq "$pkg")
+    mkdir -p "$dl/x" "$(dirname "$VM_KERNEL")"
+    dpkg-deb --fsys-tarfile "$dl"/*.deb | tar -x -C "$dl/x" --wildcards './boot/vmlinuz-*'
+    cp "$dl"/x/boot/vmlinuz-* "$VM_KERNEL.tmp" && mv "$VM_KERNEL.tmp" "$VM_KERNEL"
+    rm -rf "$dl"
+fi
+
 pip_missing=()
 for p in "${PIP_PKGS[@]}"; do
     python3 -c "import ${p//-/_}" 2>/dev/null || pip_missing+=("$p")
