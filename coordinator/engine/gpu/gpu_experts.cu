@@ -302,7 +302,13 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
     const size_t span = round_up((size_t)(hi - base), page);
     const size_t avail = mem_available();
     char how[200];
-    if (avail && span <= avail / 2) {
+    /* opt-in (NUMOE_PIN_EXPERTS=1): registering a multi-GB file mapping hung
+     * the GPU box's sandboxed driver (measured: no progress in 60 s for
+     * 2.3 GB), so the default is the pageable copy */
+    const char *pin = getenv("NUMOE_PIN_EXPERTS");
+    if (!pin || strcmp(pin, "1")) {
+        snprintf(how, sizeof how, "pageable (NUMOE_PIN_EXPERTS=1 registers the mapping for DMA)");
+    } else if (avail && span <= avail / 2) {
         e = cudaHostRegister(base, span, cudaHostRegisterReadOnly | cudaHostRegisterPortable);
         if (e == cudaSuccess) {
             s->registered = base;
