@@ -17,6 +17,9 @@
  * at create), the backend's submit and wait run on the host while the GPU
  * computes the shared experts, and the sum comes back host-to-device and is
  * added. The backend's region must hold a batch (n_batch tokens, k experts).
+ * Passes of at least opts.stream_min tokens compute their routed experts on
+ * the GPU instead, the weights streamed per pass (gpu_experts.cuh); the
+ * backend is not called for them.
  *
  * Matrix products: a batch of at most gemv_max tokens multiplies each token
  * by the quantised GEMV kernel (kernels/cuda/cuda_quant.h, fp32 activations);
