@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "coordinator/engine/gpu/gpu_experts.cuh"
+#include "coordinator/engine/gpu/gpu_kernels.cuh"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/quant.h"
 
@@ -56,26 +57,7 @@ __global__ void k_combine(float *out, const float *y, const int32_t *tok_list, c
     }
 }
 
-__global__ void k_silu_mul(float *g, const float *u, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float v = g[i];
-        g[i] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), u[i]);
-    }
-}
-
-unsigned grid_of(int64_t n) {
-    int64_t g = (n + 255) / 256;
-    return (unsigned)(g < 1 ? 1 : g > 65535 ? 65535 : g);
-}
-
-int fail_cuda(nm_err *err, cudaError_t e, const char *fmt, ...) {
-    char what[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    return nm_errf(err, "GPU experts: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
+#define fail_cuda(err, e, ...) cuda_errf(err, e, "GPU experts", __VA_ARGS__)
 
 #define CUDA_OK(call, ...)                                                       \
     do {                                                                         \
@@ -407,8 +389,7 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
             expert_mm(s, L.s[1], buf, e, s->xp + p0 * H, c, s->hu + p0 * ff, il, err))
             return -1;
     }
-    k_silu_mul<<<grid_of(P * ff), 256, 0, s->cs>>>(s->hg, s->hu, P * ff);
-    CUDA_OK(cudaGetLastError(), "layer %d: expert silu", il);
+    CUDA_OK(silu_mul(s->cs, s->hg, s->hu, P * ff), "layer %d: expert silu", il);
     for (int64_t e = 0; e < E; e++) {
         const int64_t c = s->count[(size_t)e], p0 = s->start[(size_t)e];
         if (c && expert_mm(s, L.s[2], buf, e, s->hg + p0 * ff, c, s->y + p0 * H, il, err)) return -1;

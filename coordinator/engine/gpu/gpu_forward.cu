@@ -133,14 +133,7 @@ struct nm_gpu_forward {
 
 /* ---- errors ---------------------------------------------------------------- */
 
-static int __attribute__((format(printf, 3, 4))) fail_cuda(nm_err *err, cudaError_t e, const char *fmt, ...) {
-    char what[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    return nm_errf(err, "GPU: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
+#define fail_cuda(err, e, ...) numoe_gpu::cuda_errf(err, e, "GPU", __VA_ARGS__)
 
 static int fail_blas(nm_err *err, cublasStatus_t s, const char *what, const char *name, int il) {
     return nm_errf(err, "GPU: layer %d: %s (%s): cuBLAS %s", il, what, name, cublasGetStatusString(s));
@@ -371,6 +364,20 @@ static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, i
     return mm(f, d, f->hg, ff, n, out, H, il, err);
 }
 
+/* Appends layer il's routing of the pass (ids on the host, the positions in
+ * the pinned token table) to the routing log, when one is set. */
+static int log_routes(nm_gpu_forward *f, int il, int64_t n, const int32_t *ids, nm_err *err) {
+    const int k = f->k;
+    if (!f->route_log) return 0;
+    for (int64_t t = 0; t < n; t++) {
+        int32_t rec[2] = {f->h_tinfo[t].pos, il};
+        if (fwrite(rec, sizeof rec, 1, f->route_log) != 1 ||
+            fwrite(ids + t * k, sizeof(int32_t), (size_t)k, f->route_log) != (size_t)k)
+            return nm_errf(err, "writing the routing log failed");
+    }
+    return 0;
+}
+
 /* The routed experts of layer il on the GPU (gpu_experts.cuh): the router's
  * ids and weights come to the host (the grouping by expert is done there),
  * the shared experts are queued meanwhile, then the grouped expert GEMMs run
@@ -389,13 +396,7 @@ static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     double t0 = nm_now_s();
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the routing", il);
     f->stats.t_wait += nm_now_s() - t0;
-    if (f->route_log)
-        for (int64_t t = 0; t < n; t++) {
-            int32_t rec[2] = {f->h_tinfo[t].pos, il};
-            if (fwrite(rec, sizeof rec, 1, f->route_log) != 1 ||
-                fwrite(f->h_sids + t * k, sizeof(int32_t), (size_t)k, f->route_log) != (size_t)k)
-                return nm_errf(err, "writing the routing log failed");
-        }
+    if (log_routes(f, il, n, f->h_sids, err)) return -1;
     if (numoe_gpu::moe_stream_layer(f->ms, il, f->a, n, f->h_sids, f->h_sw, f->moe, err)) return -1;
     KERNEL_OK(numoe_gpu::add(f->st, f->x, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n * H),
               "residual");
@@ -434,13 +435,7 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
     double t1 = nm_now_s();
     /* the ids are on the host now, and the positions are in the pinned token table */
-    if (f->route_log)
-        for (int64_t t = 0; t < n; t++) {
-            int32_t rec[2] = {f->h_tinfo[t].pos, il};
-            if (fwrite(rec, sizeof rec, 1, f->route_log) != 1 ||
-                fwrite(in->ids + t * k, sizeof(int32_t), (size_t)k, f->route_log) != (size_t)k)
-                return nm_errf(err, "writing the routing log failed");
-        }
+    if (log_routes(f, il, n, in->ids, err)) return -1;
     if (nm_experts_submit(f->experts, il, n, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
     double t2 = nm_now_s();
     f->stats.t_wait += t1 - t0;
