@@ -41,10 +41,8 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdio.h>
 
 #ifndef __cplusplus
 #error "CUDA C++ only"
@@ -54,20 +52,9 @@ extern "C" {
 #include "common/error.h"
 #include "model/model.h"
 }
+#include "coordinator/engine/gpu/gpu_error.cuh"
 
 namespace numoe_gpu {
-
-/* err = "<who>: <what>: <CUDA's message> (<error name>)", returns -1: the one
- * formatter of CUDA errors for the GPU engine's files. */
-static inline int __attribute__((format(printf, 4, 5)))
-cuda_errf(nm_err *err, cudaError_t e, const char *who, const char *fmt, ...) {
-    char what[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    return nm_errf(err, "%s: %s: %s (%s)", who, what, cudaGetErrorString(e), cudaGetErrorName(e));
-}
 
 struct moe_stream;
 
