@@ -139,6 +139,10 @@ int nm_launch_plan(int argc, char **argv, nm_session_opts *o) {
     if (bad) return 0; /* --help, or a bad option: the command alone answers */
     /* an unreadable model: the coordinator alone says so, without workers failing too */
     if (!o->model_path || o->worker_endpoints || access(o->model_path, R_OK)) return 0;
+    /* nor for a --gpu N that names no device */
+    char why[256];
+    nm_err gerr;
+    if (nm_session_gpu_count(o, why, sizeof why, &gerr) < 0) return 0;
     if (o->workers_set) return o->workers;
     int nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
     return nodes > 0 ? nodes : 1;

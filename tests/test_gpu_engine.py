@@ -110,6 +110,15 @@ def test_missing_device_refused(exe, cmd):
 
 
 @pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
+def test_missing_device_starts_no_worker(exe):
+    """With the default worker, --gpu N without that device is refused before any worker is spawned."""
+    p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--gpu", "99"], timeout=120)
+    assert_clean(p)
+    assert p.returncode != 0 and "--gpu 99: " in p.stderr and "--gpu none" in p.stderr, p.stderr[-2000:]
+    assert "numoe: worker" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
 def test_auto_and_none_announce_the_engine(exe):
     base = [exe, "generate", "-m", MODEL, "--tokens", PROMPT, "-n", "8", "--workers", "0"]
     none = run(base + ["--gpu", "none"])

@@ -17,6 +17,17 @@
 #include "kernels/quant.h"
 #include "proto/numoe.pb-c.h"
 
+int nm_session_gpu_count(const nm_session_opts *o, char *why, size_t n, nm_err *err) {
+    int gpu_count = o->gpu_mode == NM_GPU_NONE ? 0 : nm_gpu_usable(why, n);
+    if (o->gpu_mode == NM_GPU_DEVICE && o->gpu >= gpu_count) {
+        if (gpu_count > 0)
+            return nm_errf(err, "--gpu %d: this machine has %d usable CUDA device%s (0..%d); pick one of them or "
+                           "--gpu none", o->gpu, gpu_count, gpu_count == 1 ? "" : "s", gpu_count - 1);
+        return nm_errf(err, "--gpu %d: no usable CUDA device here: %s; run on the CPU with --gpu none", o->gpu, why);
+    }
+    return gpu_count;
+}
+
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     memset(s, 0, sizeof *s);
     if (!o->model_path) return nm_errf(err, "no model given (--model FILE.gguf)");
@@ -24,13 +35,8 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     /* where the engine runs is settled before anything is loaded: --gpu N
      * without that device fails at once, auto takes GPU 0 when one is usable */
     char why[512] = "";
-    int gpu_count = o->gpu_mode == NM_GPU_NONE ? 0 : nm_gpu_usable(why, sizeof why);
-    if (o->gpu_mode == NM_GPU_DEVICE && o->gpu >= gpu_count) {
-        if (gpu_count > 0)
-            return nm_errf(err, "--gpu %d: this machine has %d usable CUDA device%s (0..%d); pick one of them or "
-                           "--gpu none", o->gpu, gpu_count, gpu_count == 1 ? "" : "s", gpu_count - 1);
-        return nm_errf(err, "--gpu %d: no usable CUDA device here: %s; run on the CPU with --gpu none", o->gpu, why);
-    }
+    int gpu_count = nm_session_gpu_count(o, why, sizeof why, err);
+    if (gpu_count < 0) return -1;
     const int use_gpu = o->gpu_mode == NM_GPU_DEVICE || (o->gpu_mode == NM_GPU_AUTO && gpu_count > 0);
     if (use_gpu && o->sync_experts)
         return nm_errf(err, "--experts-sync measures the CPU engine's overlap; add --gpu none");

@@ -47,6 +47,13 @@ typedef struct {
     nm_engine *engine;
 } nm_session;
 
+/* The usable CUDA devices for o's --gpu choice (0 with --gpu none; why
+ * receives the reason when there are none), or -1 with err when --gpu N
+ * names a device that is not there. Checked before anything is loaded or
+ * started (the launcher asks too, so no worker is spawned for a run that
+ * cannot start). */
+int nm_session_gpu_count(const nm_session_opts *o, char *why, size_t n, nm_err *err);
+
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err);
 void nm_session_close(nm_session *s);
 
