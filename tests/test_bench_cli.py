@@ -139,3 +139,6 @@ def test_bench_errors(numoe):
     assert p.returncode == 2 and "bad value for --isa: 'avx9'" in p.stderr, p.stderr
     p = run([numoe, "bench", "-m", V3, "-p", "x"])
     assert p.returncode == 2 and "bad option or value" in p.stderr, p.stderr
+    p = run([numoe, "bench", "-m", V3, "-p", "0", "-n", "0", "--workers", "0"])
+    assert p.returncode == 2 and "nothing to measure: -p and -n are both 0" in p.stderr, p.stderr
+    assert p.stdout == "", p.stdout

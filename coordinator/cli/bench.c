@@ -73,6 +73,10 @@ int nm_cmd_bench_model(int argc, char **argv) {
         }
         i++;
     }
+    if (!p && !n) {
+        fprintf(stderr, "numoe bench: nothing to measure: -p and -n are both 0\n");
+        return 2;
+    }
     if (reps < 1) reps = 1;
     if (!so.ctx_size) so.ctx_size = (p > n ? p : n) + 8;
     if (!so.batch) so.batch = p > 0 ? p : 1;
