@@ -585,6 +585,23 @@ static void test_fixture(const char *path, nm_pool *pool) {
                   name, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
         nm_gpu_forward_free(gf);
 
+        /* the bounce copy path (NUMOE_STREAM_BOUNCE=1: pinned chunks filled by host threads) moves the
+         * same bytes: the prefill rows equal the S run's bit for bit */
+        {
+            setenv("NUMOE_STREAM_BOUNCE", "1", 1);
+            rec_backend rbo = make_rec(local, hp->n_embd);
+            nm_gpu_forward *gb2 = nullptr;
+            std::vector<float> lb((size_t)PROMPT * V);
+            bool okb = gpu_open(&gb2, &m, &rbo.base, 64, &err, 1) == 0;
+            unsetenv("NUMOE_STREAM_BOUNCE");
+            const char *d = okb ? nm_gpu_forward_describe(gb2) : "";
+            okb = okb && strstr(d, "pinned") && nm_gpu_forward_tokens(gb2, prompt, PROMPT, lb.data(), 1, &err) == 0;
+            check(okb && memcmp(lb.data(), gs.logits.data(), lb.size() * sizeof(float)) == 0,
+                  "%s: bounce copies: prefill rows equal the direct copies' bit for bit%s%s", name, okb ? "" : ": ",
+                  okb ? "" : err.msg);
+            if (gb2) nm_gpu_forward_free(gb2);
+        }
+
         /* mixed: chunks of 5 with stream_min 3 -> passes of 5, 5 on the GPU experts, 2 on the host's; the
          * same rows as all on the GPU within the float bound (the two expert paths differ in rounding) */
         rec_backend rm = make_rec(local, hp->n_embd);

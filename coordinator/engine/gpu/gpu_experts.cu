@@ -1,5 +1,6 @@
 /* gpu_experts.cu - routed experts of long chunks on the GPU with their
  * weights streamed over PCIe (the contract and the why: gpu_experts.cuh). */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,41 @@ struct moe_layer {
 };
 
 constexpr size_t ALIGN = 256;
+constexpr int BOUNCE_N = 4;                     /* pinned chunks in the ring */
+constexpr size_t BOUNCE_BYTES = (size_t)32 << 20; /* bytes per chunk */
+constexpr int BOUNCE_THREADS_MAX = 16;
+
+struct copy_part {
+    uint8_t *dst;
+    const uint8_t *src;
+    size_t n;
+};
+
+void *copy_part_run(void *arg) {
+    const copy_part *c = static_cast<const copy_part *>(arg);
+    memcpy(c->dst, c->src, c->n);
+    return nullptr;
+}
+
+/* memcpy of n bytes split over t threads (the calling one included): one
+ * thread reads a few GB/s from the page cache, the PCIe link takes tens. */
+void parallel_memcpy(uint8_t *dst, const uint8_t *src, size_t n, int t) {
+    pthread_t th[BOUNCE_THREADS_MAX];
+    copy_part part[BOUNCE_THREADS_MAX];
+    int started = 0;
+    const size_t step = (n / (size_t)t + 63) & ~(size_t)63;
+    for (int i = 1; i < t; i++) {
+        const size_t o = (size_t)i * step;
+        if (o >= n) break;
+        part[i] = copy_part{dst + o, src + o, o + step < n ? step : n - o};
+        if (pthread_create(&th[i], nullptr, copy_part_run, &part[i]) == 0) started = i;
+        else {
+            memcpy(part[i].dst, part[i].src, part[i].n); /* no thread: copied here, same bytes */
+        }
+    }
+    memcpy(dst, src, step < n ? step : n);
+    for (int i = 1; i <= started; i++) pthread_join(th[i], nullptr);
+}
 
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
@@ -106,6 +142,12 @@ struct moe_stream {
     std::vector<int64_t> count, start;
     std::vector<int32_t> fill;
     void *registered = nullptr;
+    /* bounce mode (NUMOE_STREAM_BOUNCE=1): pinned chunks the host fills with
+     * a parallel memcpy from the mapping, then DMA'd; a chunk is refilled once
+     * the DMA that read it is done (its event) */
+    uint8_t *bounce[BOUNCE_N] = {};
+    cudaEvent_t ev_bounce[BOUNCE_N] = {};
+    int bounce_next = 0, bounce_threads = 0;
     size_t vram = 0;
     moe_stream_stats st = {};
     char desc[512] = "";
@@ -145,9 +187,23 @@ int fetch(moe_stream *s, int pos, nm_err *err) {
     if (s->timing[(size_t)pos]) harvest(s, 1); /* the previous pass's copy of this layer ended long ago */
     CUDA_OK(cudaStreamWaitEvent(s->copy, s->ev_free[b], 0), "layer %d: copy waits for its buffer", L.il);
     CUDA_OK(cudaEventRecord(s->ev_c0[(size_t)pos], s->copy), "layer %d: copy start event", L.il);
-    for (const stack &k : L.s)
-        CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off, k.host, k.bytes, cudaMemcpyHostToDevice, s->copy),
-                "layer %d: streaming %s (%zu MiB) to the GPU", L.il, k.name, k.bytes >> 20);
+    for (const stack &k : L.s) {
+        if (!s->bounce[0]) {
+            CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off, k.host, k.bytes, cudaMemcpyHostToDevice, s->copy),
+                    "layer %d: streaming %s (%zu MiB) to the GPU", L.il, k.name, k.bytes >> 20);
+            continue;
+        }
+        for (size_t o = 0; o < k.bytes; o += BOUNCE_BYTES) {
+            const size_t n = k.bytes - o < BOUNCE_BYTES ? k.bytes - o : BOUNCE_BYTES;
+            const int c = s->bounce_next;
+            s->bounce_next = (c + 1) % BOUNCE_N;
+            CUDA_OK(cudaEventSynchronize(s->ev_bounce[c]), "layer %d: waiting for a bounce chunk", L.il);
+            parallel_memcpy(s->bounce[c], k.host + o, n, s->bounce_threads);
+            CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off + o, s->bounce[c], n, cudaMemcpyHostToDevice, s->copy),
+                    "layer %d: streaming %s (%zu MiB at %zu) to the GPU", L.il, k.name, n >> 20, o);
+            CUDA_OK(cudaEventRecord(s->ev_bounce[c], s->copy), "layer %d: bounce chunk event", L.il);
+        }
+    }
     CUDA_OK(cudaEventRecord(s->ev_c1[(size_t)pos], s->copy), "layer %d: copy end event", L.il);
     CUDA_OK(cudaEventRecord(s->ev_ready[b], s->copy), "layer %d: copy ready event", L.il);
     s->timing[(size_t)pos] = 1;
@@ -287,9 +343,27 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
     /* opt-in (NUMOE_PIN_EXPERTS=1): registering a multi-GB file mapping hung
      * the GPU box's sandboxed driver (measured: no progress in 60 s for
      * 2.3 GB), so the default is the pageable copy */
-    const char *pin = getenv("NUMOE_PIN_EXPERTS");
-    if (!pin || strcmp(pin, "1")) {
-        snprintf(how, sizeof how, "pageable (NUMOE_PIN_EXPERTS=1 registers the mapping for DMA)");
+    const char *pin = getenv("NUMOE_PIN_EXPERTS"), *bounce = getenv("NUMOE_STREAM_BOUNCE");
+    if (bounce && !strcmp(bounce, "1")) {
+        /* opt-in until measured on the GPU box: pinned chunks filled by host threads */
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        s->bounce_threads = ncpu < 2 ? 1 : ncpu / 2 > BOUNCE_THREADS_MAX ? BOUNCE_THREADS_MAX : (int)(ncpu / 2);
+        for (int c = 0; c < BOUNCE_N && e == cudaSuccess; c++) {
+            void *v = nullptr;
+            e = cudaHostAlloc(&v, BOUNCE_BYTES, cudaHostAllocDefault);
+            s->bounce[c] = static_cast<uint8_t *>(v);
+            if (e == cudaSuccess) e = cudaEventCreateWithFlags(&s->ev_bounce[c], cudaEventDisableTiming);
+        }
+        if (e != cudaSuccess) {
+            moe_stream_free(s);
+            return fail_cuda(err, e, "allocating %d pinned bounce chunks of %zu MiB", BOUNCE_N, BOUNCE_BYTES >> 20);
+        }
+        s->st.pinned = 1;
+        snprintf(how, sizeof how, "through %d pinned %zu-MiB chunks filled by %d threads", BOUNCE_N,
+                 BOUNCE_BYTES >> 20, s->bounce_threads);
+    } else if (!pin || strcmp(pin, "1")) {
+        snprintf(how, sizeof how, "pageable (NUMOE_PIN_EXPERTS=1 registers the mapping for DMA, "
+                 "NUMOE_STREAM_BOUNCE=1 copies through pinned chunks)");
     } else if (avail && span <= avail / 2) {
         e = cudaHostRegister(base, span, cudaHostRegisterReadOnly | cudaHostRegisterPortable);
         if (e == cudaSuccess) {
@@ -316,6 +390,10 @@ void moe_stream_free(moe_stream *s) {
     if (s->copy) cudaStreamSynchronize(s->copy);
     if (s->cs) cudaStreamSynchronize(s->cs);
     if (s->registered) cudaHostUnregister(s->registered);
+    for (int c = 0; c < BOUNCE_N; c++) {
+        if (s->bounce[c]) cudaFreeHost(s->bounce[c]);
+        if (s->ev_bounce[c]) cudaEventDestroy(s->ev_bounce[c]);
+    }
     for (void *p : {(void *)s->stage[0], (void *)s->stage[1], (void *)s->xp, (void *)s->hg, (void *)s->hu,
                     (void *)s->y, (void *)s->tile, (void *)s->d_tab})
         if (p) cudaFree(p);

@@ -21,7 +21,11 @@
  * mapping, registered with CUDA (cudaHostRegisterReadOnly) when its bytes
  * fit in half of the RAM that is available, so the copies are DMA at full
  * PCIe speed; otherwise they are pageable copies (slower, and the host
- * blocks on each one), said once at create.
+ * blocks on each one), said once at create. Registration is opt-in
+ * (NUMOE_PIN_EXPERTS=1: it hung the GPU box's sandboxed driver for a
+ * multi-GB mapping); NUMOE_STREAM_BOUNCE=1 copies through a ring of pinned
+ * chunks that host threads fill with a parallel memcpy (opt-in until it is
+ * measured on the GPU box).
  *
  * The math per layer (the CPU's, kernels/moe.c): pairs (token t, slot j)
  * grouped by expert in ascending expert id, tokens ascending inside;
