@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# race.sh - numoe against ik_llama.cpp on the GPU box, in as few device calls
+# as the box's limits allow (10 minutes a call, a machine warm for 30 s
+# between calls, about 14 minutes to build ik_llama.cpp there).
+#
+#   tests/cuda/race.sh start IK_TARBALL   # call 1: ik build + models in the background (own sessions)
+#   tests/cuda/race.sh tests              # call 1 (same): the GPU tests meanwhile (correctness only)
+#   tests/cuda/race.sh bench [SECONDS]    # call 2: waits for the ik build (at most SECONDS, 480),
+#                                         #   then numoe and ik on the same files, one after the other
+#
+# Everything prints under $OUT (the device tool's folder; default /tmp/race).
+# numoe's binaries and the .so files ldd names must be in build/bin and on
+# LD_LIBRARY_PATH (built on the development machine: the box lacks ZeroMQ,
+# protobuf-c, ...); the generator needs the gguf wheel on PYTHONPATH.
+#
+# Models: speed-only files (gen_deepseek.py --random-blocks: the real plan's
+# tensors, types and bytes, random blocks), deterministic, so a file
+# regenerated in a later call is byte-identical (md5 printed):
+#   /tmp/m8.gguf   8 layers of DeepSeek-V2-Lite width, q_lora 1536 (ik loads
+#                  a q_lora-0 file only with 26-27 layers), Q4_K / Q5_0 / Q6_K
+#   /tmp/m27.gguf  the full 27-layer V2-Lite shape, q_lora 0
+# numoe runs with its defaults (one worker) and with --workers 0; ik as the
+# issues quote it: -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/race}
+mkdir -p "$OUT"
+T=${RACE_THREADS:-$(nproc)}
+IK=/tmp/ik/build/bin/llama-bench
+B=build/bin/numoe
+
+case "${1:-}" in
+start)
+    tar=${2:?usage: race.sh start IK_TARBALL}
+    mkdir -p /tmp/ik && tar -xJf "$tar" -C /tmp/ik
+    setsid nohup bash -c "cd /tmp/ik && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON \
+        -DCMAKE_BUILD_TYPE=Release > /tmp/ik-cmake.log 2>&1 && \
+        cmake --build build -j$((T > 4 ? T - 4 : 1)) --target llama-bench > /tmp/ik-build.log 2>&1; \
+        echo \$? > /tmp/ik-done" > /dev/null 2>&1 &
+    setsid nohup bash -c "python3 tests/gen_deepseek.py --shape v2-lite --layers 8 --q-lora 1536 --attn-layout ik \
+        --type Q4_K --random-blocks -q -o /tmp/m8.gguf && python3 tests/gen_deepseek.py --shape v2-lite \
+        --attn-layout ik --type Q4_K --random-blocks -q -o /tmp/m27.gguf; echo \$? > /tmp/gen-done" \
+        > /tmp/gen.log 2>&1 &
+    echo "race: ik build and models started in the background"
+    ;;
+tests)
+    NUMOE_CUDA_PREBUILT=1 timeout 240 bash tests/cuda/run.sh > "$OUT/cuda.log" 2>&1
+    echo "cuda tests: exit $?" | tee -a "$OUT/cuda.log"
+    grep -E "passed|FAIL" "$OUT/cuda.log" | tail -20
+    timeout 330 python3 -m pytest -v -p no:cacheprovider tests/test_gpu_engine.py -k "not asan" \
+        > "$OUT/pytest.log" 2>&1
+    echo "pytest: exit $?" | tee -a "$OUT/pytest.log"
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -20
+    ;;
+bench)
+    wait_s=${2:-480}
+    for _ in $(seq 1 $((wait_s / 5))); do [ -f /tmp/ik-done ] && [ -f /tmp/gen-done ] && break; sleep 5; done
+    L="$OUT/bench.log"
+    {
+        echo "ik build: $(cat /tmp/ik-done 2>/dev/null || echo 'not finished')"
+        echo "models: $(cat /tmp/gen-done 2>/dev/null || echo 'not finished')"
+        md5sum /tmp/m8.gguf /tmp/m27.gguf 2>&1
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+        nproc
+    } > "$L"
+    run() { # label, seconds, command...
+        echo "## $1" >> "$L"
+        local t=$2
+        shift 2
+        timeout "$t" "$@" 2>&1 | tr '\r' '\n' | grep -vE "reading the model|^llama_|^load|^print_info|^\.+$" >> "$L"
+        echo "exit ${PIPESTATUS[0]}" >> "$L"
+    }
+    for m in m8 m27; do
+        run "numoe $m --workers 0" 120 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0 --workers 0
+        run "numoe $m --workers 0 pp2048" 90 $B bench -m /tmp/$m.gguf -p 2048 -n 0 -r 2 -t "$T" --gpu 0 --workers 0
+        run "numoe $m default worker" 150 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0
+        [ -x "$IK" ] && run "ik_llama.cpp $m" 150 $IK -m /tmp/$m.gguf -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1 \
+            -t "$T" -p 512,2048 -n 128 -r 2
+    done
+    grep -E "^##|^\||^exit|numoe: (decode|prefill)" "$L"
+    ;;
+*)
+    sed -n 2,25p "$0"
+    exit 2
+    ;;
+esac
