@@ -291,6 +291,21 @@ def test_serve_gpu_batched_equals_alone(gpu_exe, workers):
     assert len(engine_lines(err)) == 1 and "GPU 0: " in engine_lines(err)[0], err[-2000:]
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+@pytest.mark.parametrize("model", [m for m in MODELS if is_float(m)], ids=lambda p: p.stem)
+def test_cuda_graphs_same_tokens(gpu_exe, model, workers, monkeypatch):
+    """NUMOE_CUDA_GRAPHS=1 replays the decode passes as CUDA graphs: the same 64 greedy tokens, and the
+    engine line says graphs are on."""
+    ref = generate(gpu_exe, model, "0", workers)
+    monkeypatch.setenv("NUMOE_CUDA_GRAPHS", "1")
+    p = run([gpu_exe, "generate", "-m", model, "--tokens", PROMPT, "-n", STEPS, "--workers", workers, "-t", "4",
+             "--gpu", "0"], timeout=300)
+    assert_clean(p)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "as CUDA graphs" in engine_lines(p.stderr)[0], p.stderr[-2000:]
+    assert [int(t) for t in p.stdout.strip().split(",")] == ref
+
+
 def gpu_mem_used_mib():
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
                          capture_output=True, text=True, check=True).stdout

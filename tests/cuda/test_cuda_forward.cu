@@ -24,6 +24,7 @@
  *         against the CPU as in A; every MoE layer computed there; then
  *         chunks of 5 with the threshold at 3 (two passes on the GPU's
  *         experts, one on the host's) against all on the GPU.
+ *   G:    decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) against A.
  *   Router kernel against router.c on random and on tie-heavy logits
  *         (test_router_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
@@ -621,6 +622,35 @@ static void test_fixture(const char *path, nm_pool *pool) {
               "%s: mixed chunks: %lld MoE layers on the GPU (2 x %d), %zu on the host (%d), max rel %.3g vs all on "
               "the GPU over %d rows%s%s", name, (long long)st.n_stream_layers, n_moe, rm.calls.size(), n_moe, rel_mix,
               upto, ok ? "" : ": ", ok ? "" : err.msg);
+        nm_gpu_forward_free(gf);
+    }
+
+    {
+        /* G: decode passes replayed as CUDA graphs (NUMOE_CUDA_GRAPHS=1), teacher-forced like A: every row
+         * equals A's within REL_SELF (same kernels; cuBLAS has its own workspace there), segments were
+         * captured, none failed */
+        setenv("NUMOE_CUDA_GRAPHS", "1", 1);
+        rec_backend rg = make_rec(local, hp->n_embd);
+        nm_gpu_forward *gf = nullptr;
+        const int rc_open = gpu_open(&gf, &m, &rg.base, 64, &err);
+        unsetenv("NUMOE_CUDA_GRAPHS");
+        if (rc_open) {
+            check(false, "%s: GPU init (graphs): %s", name, err.msg);
+            goto done;
+        }
+        run_out gg;
+        bool ok = run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gg, "GPU G");
+        nm_gpu_forward_stats st;
+        nm_gpu_forward_get_stats(gf, &st);
+        double rel = 0;
+        for (int r = 0; ok && r < NP; r++)
+            rel = std::max(rel, compare_row(gg.logits.data() + (size_t)r * V, ga.logits.data() + (size_t)r * V, V).rel);
+        check(ok && rel <= REL_SELF && st.n_graphs == (int64_t)(hp->n_layer - hp->n_dense + 1) && !st.graphs_off[0] &&
+                  rg.calls.size() == ga.calls.size(),
+              "%s: G: decode as CUDA graphs equals A: max rel %.3g (<= %g), %lld segments captured (%lld), "
+              "hand-offs %zu (A %zu)%s%s", name, rel, REL_SELF, (long long)st.n_graphs,
+              (long long)(hp->n_layer - hp->n_dense + 1), rg.calls.size(), ga.calls.size(),
+              st.graphs_off[0] ? ": " : "", st.graphs_off);
         nm_gpu_forward_free(gf);
     }
 

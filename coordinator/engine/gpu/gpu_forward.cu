@@ -126,6 +126,15 @@ struct nm_gpu_forward {
     int stream_pass = 0;       /* the pass in progress computes its routed experts here */
     int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
     float *h_sw = nullptr;
+    /* decode passes as CUDA graphs: the MoE layer ending each segment, and
+     * per n in 1..GRAPH_MAX_TOKENS one executable graph per segment */
+    int use_graphs = 0;
+    std::vector<int> seg_moe;
+    size_t n_segments = 0;
+    std::vector<cudaGraphExec_t> graphs;
+    int64_t n_graphs = 0;
+    void *blas_ws = nullptr;
+    char graph_off[256] = "";
     FILE *route_log = nullptr; /* nm_gpu_forward_route_log */
     nm_gpu_forward_stats stats = {};
     char desc[2048] = "";
@@ -403,7 +412,16 @@ static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     return 0;
 }
 
-static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+/* The FFN half of layer il, split where the host takes part, so that a
+ * decode pass can replay the GPU parts as CUDA graphs (run_pass):
+ *   ffn_pre   the GPU's work up to the hand-off: ffn_norm, then the dense FFN
+ *             and its residual, or router + the copies of a, ids and weights
+ *             into the backend's region + the hand-off event + the shared
+ *             experts queued behind it;
+ *   moe_host  the host's: wait for the event, submit, wait for the sum;
+ *   moe_post  the sum host-to-device and the residual (x + shared) + routed.
+ * Run in turn they are the one FFN step (feed_forward). */
+static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const dlayer *L = &f->layers[(size_t)il];
     const int64_t H = hp->n_embd, E = hp->n_expert;
@@ -418,7 +436,7 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     KERNEL_OK(numoe_gpu::route(f->st, f->rlog, L->probs_b, f->rid, f->rw, n, (int)E, k, (int)hp->n_group,
                                (int)hp->n_group_used, hp->gating == NM_GATE_SIGMOID, hp->norm_topk, hp->routed_scale),
               "router");
-    if (f->stream_pass) return routed_on_gpu(f, il, n, err);
+    if (f->stream_pass) return 0; /* routed_on_gpu takes it from here */
     /* once, device to host, into the region the backend reads from (the
      * workers' shared input, or the in-process backend's own) */
     const nm_expert_input *in = &f->experts->in;
@@ -431,20 +449,96 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     CUDA_OK(cudaEventRecord(f->ev_handoff, f->st), "layer %d: hand-off event", il);
     /* queued behind the copies: the GPU computes the shared experts while the host computes the routed ones */
     if (hp->n_shared > 0 && ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
+    return 0;
+}
+
+static int moe_host(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_expert_input *in = &f->experts->in;
     double t0 = nm_now_s();
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
     double t1 = nm_now_s();
     /* the ids are on the host now, and the positions are in the pinned token table */
     if (log_routes(f, il, n, in->ids, err)) return -1;
-    if (nm_experts_submit(f->experts, il, n, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
+    if (nm_experts_submit(f->experts, il, n, f->k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
     double t2 = nm_now_s();
     f->stats.t_wait += t1 - t0;
     f->stats.t_moe += t2 - t1;
     f->stats.n_moe_calls++;
+    return 0;
+}
+
+static int moe_post(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const int64_t H = hp->n_embd;
     CUDA_OK(cudaMemcpyAsync(f->moe, f->h_moe, (size_t)(n * H) * sizeof(float), cudaMemcpyHostToDevice, f->st),
             "layer %d: routed experts' sum to the GPU", il);
     KERNEL_OK(numoe_gpu::add(f->st, f->x, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n * H),
               "residual");
+    return 0;
+}
+
+static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    if (ffn_pre(f, il, n, err)) return -1;
+    if (!f->layers[(size_t)il].is_moe) return 0;
+    if (f->stream_pass) return routed_on_gpu(f, il, n, err);
+    return moe_host(f, il, n, err) || moe_post(f, il, n, err) ? -1 : 0;
+}
+
+/* ---- decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) -----------------------
+ * A pass of n <= GRAPH_MAX_TOKENS tokens is cut at its hand-offs into
+ * segments: segment j is moe_post of the MoE layer before it (none for the
+ * first), then the layers up to and including the ffn_pre of the next MoE
+ * layer (the last runs to the end). Each segment's kernels and copies are
+ * the same every step - pointers into fixed scratch, positions and caches
+ * read from the token table on the device - so each is captured once per n
+ * and replayed: one launch per segment instead of ~20 per layer. The token
+ * table upload and the embedding (its rows depend on the token ids) stay
+ * outside. The hand-off event is recorded inside the graph (an event record
+ * node), so the host waits for it as before. */
+constexpr int GRAPH_MAX_TOKENS = 8;
+
+static int enqueue_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const int first = j == 0 ? 0 : f->seg_moe[(size_t)j - 1] + 1;
+    const int last = j < (int)f->seg_moe.size() ? f->seg_moe[(size_t)j] : (int)hp->n_layer - 1;
+    if (j > 0 && moe_post(f, f->seg_moe[(size_t)j - 1], n, err)) return -1;
+    for (int l = first; l <= last; l++)
+        if (attention(f, l, n, err) || ffn_pre(f, l, n, err)) return -1;
+    return 0;
+}
+
+/* Segment j for n tokens: replayed when captured before, else captured and
+ * then replayed. A capture that fails turns graphs off for good, with the
+ * reason kept for the describe line, and the segment runs directly. */
+static int run_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
+    const int il = j;
+    cudaGraphExec_t &ex = f->graphs[(size_t)(n - 1) * f->n_segments + (size_t)j];
+    if (!ex) {
+        cudaGraph_t g = nullptr;
+        CUDA_OK(cudaStreamBeginCapture(f->st, cudaStreamCaptureModeThreadLocal), "segment %d: begin capture", il);
+        int rc = enqueue_segment(f, j, n, err);
+        cudaError_t e = cudaStreamEndCapture(f->st, &g);
+        if (rc == 0 && e == cudaSuccess) e = cudaGraphInstantiate(&ex, g, 0);
+        if (g) cudaGraphDestroy(g);
+        if (rc || e != cudaSuccess) {
+            ex = nullptr;
+            (void)cudaGetLastError();
+            snprintf(f->graph_off, sizeof f->graph_off, "capture of segment %d failed: %.200s", j,
+                     rc ? err->msg : cudaGetErrorString(e));
+            f->use_graphs = 0;
+            return enqueue_segment(f, j, n, err);
+        }
+        f->n_graphs++;
+    }
+    CUDA_OK(cudaGraphLaunch(ex, f->st), "segment %d: graph launch", il);
+    return 0;
+}
+
+static int run_layers_graphs(nm_gpu_forward *f, int64_t n, nm_err *err) {
+    for (int j = 0; j < (int)f->n_segments; j++) {
+        if (f->use_graphs ? run_segment(f, j, n, err) : enqueue_segment(f, j, n, err)) return -1;
+        if (j < (int)f->seg_moe.size() && moe_host(f, f->seg_moe[(size_t)j], n, err)) return -1;
+    }
     return 0;
 }
 
@@ -463,8 +557,12 @@ static int run_pass(nm_gpu_forward *f, const int32_t *tok, int64_t n, nm_err *er
     }
     f->stream_pass = f->ms && f->stream_min > 0 && n >= f->stream_min;
     if (f->stream_pass && numoe_gpu::moe_stream_begin(f->ms, err)) return -1;
-    for (int l = 0; l < hp->n_layer; l++)
-        if (attention(f, l, n, err) || feed_forward(f, l, n, err)) return -1;
+    if (f->use_graphs && !f->stream_pass && n <= GRAPH_MAX_TOKENS) {
+        if (run_layers_graphs(f, n, err)) return -1;
+    } else {
+        for (int l = 0; l < hp->n_layer; l++)
+            if (attention(f, l, n, err) || feed_forward(f, l, n, err)) return -1;
+    }
     /* the pinned token table is rewritten by the next pass */
     CUDA_OK(cudaStreamSynchronize(f->st), "layer %d: end of the pass", il);
     f->stats.n_passes++;
@@ -567,6 +665,8 @@ extern "C" void nm_gpu_forward_free(nm_gpu_forward *f) {
     if (f->st) cudaStreamSynchronize(f->st);
     kv_release(&f->own);
     numoe_gpu::moe_stream_free(f->ms);
+    for (cudaGraphExec_t g : f->graphs)
+        if (g) cudaGraphExecDestroy(g);
     for (void *p : f->dev) cudaFree(p);
     for (void *p : f->host) cudaFreeHost(p);
     if (f->pinned_in) cudaHostUnregister(f->pinned_in);
@@ -688,6 +788,20 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
             numoe_gpu::moe_stream_create(&f->ms, m, T, f->k, f->st, f->cb, compute_of(f, T), err))
             return nm_err_prefix(err, "routed experts on the GPU (--prefill-experts cpu keeps them on the CPU)");
     }
+    /* decode passes as CUDA graphs: opt-in until checked on the GPU box */
+    const char *gr = getenv("NUMOE_CUDA_GRAPHS");
+    if (gr && !strcmp(gr, "1")) {
+        for (int il = 0; il < hp->n_layer; il++)
+            if (m->layers[il].is_moe) f->seg_moe.push_back(il);
+        f->n_segments = f->seg_moe.size() + 1;
+        f->graphs.assign((size_t)GRAPH_MAX_TOKENS * f->n_segments, nullptr);
+        /* cuBLAS must not allocate while a stream is captured: its own workspace */
+        const size_t ws = (size_t)32 << 20;
+        if (dalloc(f, &f->blas_ws, ws, P_SCRATCH, "cuBLAS workspace", err)) return -1;
+        bs = cublasSetWorkspace(f->cb, f->blas_ws, ws);
+        if (bs != CUBLAS_STATUS_SUCCESS) return nm_errf(err, "GPU: cuBLAS workspace: %s", cublasGetStatusString(bs));
+        f->use_graphs = 1;
+    }
     CUDA_OK(cudaDeviceSynchronize(), "after the upload");
 
     cudaDeviceProp prop;
@@ -712,6 +826,11 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     } else {
         size_t used = strlen(f->desc);
         snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: CPU");
+    }
+    if (f->use_graphs) {
+        size_t used = strlen(f->desc);
+        snprintf(f->desc + used, sizeof f->desc - used, "; decode passes of <= %d tokens as CUDA graphs (%zu "
+                 "segments)", GRAPH_MAX_TOKENS, f->n_segments);
     }
     return 0;
 }
@@ -921,6 +1040,8 @@ extern "C" void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward
     s->vram_router = f->vram[P_ROUTER];
     s->vram_vectors = f->vram[P_VECTORS];
     s->vram_scratch = f->vram[P_SCRATCH];
+    s->n_graphs = f->n_graphs;
+    s->graphs_off = f->graph_off;
     if (f->ms) {
         numoe_gpu::moe_stream_stats ss;
         numoe_gpu::moe_stream_get_stats(f->ms, &ss);
@@ -936,6 +1057,7 @@ extern "C" void nm_gpu_forward_reset_stats(nm_gpu_forward *f) {
     const size_t kv = f->stats.vram_kv;
     f->stats = nm_gpu_forward_stats{};
     f->stats.vram_kv = kv;
+    f->stats.graphs_off = f->graph_off;
     if (f->ms) numoe_gpu::moe_stream_reset_stats(f->ms);
 }
 

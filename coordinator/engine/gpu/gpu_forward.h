@@ -19,7 +19,9 @@
  * added. The backend's region must hold a batch (n_batch tokens, k experts).
  * Passes of at least opts.stream_min tokens compute their routed experts on
  * the GPU instead, the weights streamed per pass (gpu_experts.cuh); the
- * backend is not called for them.
+ * backend is not called for them. With NUMOE_CUDA_GRAPHS=1 (opt-in until
+ * measured on the GPU box) decode passes of up to 8 tokens replay their
+ * GPU work between hand-offs as captured CUDA graphs (gpu_forward.cu).
  *
  * Matrix products: a batch of at most gemv_max tokens multiplies each token
  * by the quantised GEMV kernel (kernels/cuda/cuda_quant.h, fp32 activations);
@@ -170,6 +172,9 @@ typedef struct {
     double stream_bytes;  /* expert bytes copied host-to-device */
     double t_stream_copy; /* seconds the copy stream was busy */
     int stream_pinned;    /* the host source is registered (DMA at full speed) */
+    /* decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) */
+    int64_t n_graphs;     /* segments captured so far */
+    const char *graphs_off; /* "" while on (or never asked for), else why a capture failed */
 } nm_gpu_forward_stats;
 
 void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward_stats *s);
