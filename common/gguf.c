@@ -26,6 +26,7 @@
 #endif
 
 #include "common/clock.h"
+#include "common/progress.h"
 #include "common/ggml_type.h"
 
 #define GGUF_MAGIC 0x46554747u /* "GGUF" read as little-endian u32 */
@@ -683,9 +684,12 @@ int nm_gguf_get_str(const nm_gguf *g, const char *key, nm_str *out, nm_err *err)
 
 double nm_gguf_prefault(const nm_gguf *g, int progress) {
     double t0 = nm_now_s();
-    size_t total = 0, done = 0, step = (size_t)1 << 30;
+    size_t total = 0, step = (size_t)1 << 28;
     for (int i = 0; i < g->n_files; i++) total += g->files[i].map ? g->files[i].size : 0;
     long page = sysconf(_SC_PAGESIZE);
+    nm_progress pr;
+    nm_progress_begin(&pr, "numoe: reading the model", total);
+    if (!progress) pr.mode = NM_PROGRESS_OFF; /* still counted in the load meter */
     for (int i = 0; i < g->n_files; i++) {
         const nm_gguf_file *f = &g->files[i];
         if (!f->map) continue; /* parsed from a caller's buffer */
@@ -697,11 +701,9 @@ double nm_gguf_prefault(const nm_gguf *g, int progress) {
                 for (size_t b = 0; b < len; b += (size_t)page) sink ^= p[b];
                 (void)sink;
             }
-            done += len;
-            if (progress && total > step)
-                fprintf(stderr, "\rnumoe: reading the model: %.1f / %.1f GiB", done / 1073741824.0, total / 1073741824.0);
+            nm_progress_add(&pr, len);
         }
     }
-    if (progress && total > step) fputc('\n', stderr);
+    nm_progress_end(&pr);
     return nm_now_s() - t0;
 }

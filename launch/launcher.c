@@ -7,7 +7,8 @@
  *   - a worker ended while the coordinator runs: unless it exited 0 (it was
  *     told to shut down), restart it after a back-off of 10, 50, 250, 1000,
  *     2000 ms, with the same arguments and --attempt K. The new process
- *     re-maps its persistent shard (/dev/shm/numoe-<launcher pid>-shard-<id>,
+ *     re-maps its persistent shard (the memfd numoe-<launcher pid>-shard-<id>
+ *     this launcher created and holds, passed down as --shard-fd;
  *     worker/shard.h) and registers again; the coordinator, which saw the
  *     old one die, re-sends it the layer in flight. At most
  *     NUMOE_WORKER_RESTARTS (default 4; 0 = never) restarts in a row: a
@@ -25,15 +26,20 @@
  *     no restarts at all.
  *   - the coordinator ended: every worker gets a few seconds to follow its
  *     Shutdown, then SIGTERM, then SIGKILL; every shared-memory name of
- *     the run (/dev/shm/numoe-<launcher pid>-*) is removed; the launcher
- *     exits as the coordinator did.
+ *     the run (/dev/shm/numoe-<launcher pid>-*: slots a failed start left)
+ *     is removed, and the shards' memory goes with the last fd; the
+ *     launcher exits as the coordinator did.
  *   - SIGTERM, SIGHUP, SIGQUIT, or SIGINT sent with kill(): passed on to the
  *     coordinator, which shuts down in order. A SIGINT from the terminal
  *     (Ctrl-C) is not passed on: it already reached the coordinator, which
  *     shares the launcher's process group; the workers have their own.
  * Every child gets PR_SET_PDEATHSIG = SIGTERM, so a launcher killed with
- * SIGKILL still takes them down (a worker whose launcher is gone removes
- * its own shard segment). */
+ * SIGKILL still takes them down (and their shards' memory with them).
+ *
+ * Shard memory (launch/memory.h): ram, the default, keeps each worker's copy
+ * in its memfd; file, chosen when the shards do not fit the memory the
+ * workers may use or by --shard-memory file, has them compute from the
+ * model file's pages. One line says which and why. */
 #include "launch/launcher.h"
 
 #include <dirent.h>
@@ -59,6 +65,7 @@
 #include "common/gguf.h"
 #include "coordinator/cli/options.h"
 #include "coordinator/experts/remote.h"
+#include "launch/memory.h"
 #include "launch/topology.h"
 #include "model/model.h"
 #include "model/placement.h"
@@ -78,6 +85,7 @@ typedef struct {
     int pinned;            /* shares its node with other workers: runs on cpus only */
     int pin_threads;       /* its CPUs are its own (pinned, or alone on its node): --pin-threads */
     cpu_set_t cpus;
+    int shard_fd;          /* its memfd (ram mode), -1: none */
     char *argv[MAX_ARGS];  /* owned */
     int attempt_arg;       /* index in argv of the --attempt value */
     int restarts;          /* restarts so far, for --attempt */
@@ -95,6 +103,7 @@ typedef struct {
     int coord_status, coord_done;
     char endpoint[128];
     const char *placement; /* --placement, or the one chose_placement() picked */
+    int file_backed;       /* the workers compute from the model file (--shard-memory file, or it did not fit) */
     int max_restarts;
     int keep_trying;       /* `numoe serve`: a worker given up is still restarted, every BACKOFF_CAP_MS */
     int stopping;          /* a termination signal was passed on: no more restarts */
@@ -185,7 +194,7 @@ static int cpus_of_node(int node) {
 
 /* fork + exec with the launcher's signal mask undone; own process group
  * (pgrp) for workers, so a terminal's Ctrl-C reaches only the coordinator. */
-static pid_t start(const char *exe, char **argv, int own_pgrp, const cpu_set_t *cpus) {
+static pid_t start(const char *exe, char **argv, int own_pgrp, const cpu_set_t *cpus, int keep_fd) {
     pid_t parent = getpid();
     fflush(NULL);
     pid_t pid = fork();
@@ -196,6 +205,7 @@ static pid_t start(const char *exe, char **argv, int own_pgrp, const cpu_set_t *
     sigprocmask(SIG_SETMASK, &none, NULL);
     if (own_pgrp) setpgid(0, 0);
     if (cpus) sched_setaffinity(0, sizeof *cpus, cpus); /* numactl --physcpubind; threads inherit it */
+    if (keep_fd >= 0) fcntl(keep_fd, F_SETFD, 0);       /* the one fd it inherits: its shard */
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1); /* the launcher is already gone */
     execv(exe, argv);
@@ -206,7 +216,7 @@ static pid_t start(const char *exe, char **argv, int own_pgrp, const cpu_set_t *
 }
 
 static int start_worker(launcher *L, lworker *w) {
-    w->pid = start(w->argv[0], w->argv, 1, w->pinned ? &w->cpus : NULL);
+    w->pid = start(w->argv[0], w->argv, 1, w->pinned ? &w->cpus : NULL, w->shard_fd);
     if (w->pid < 0) {
         fprintf(stderr, "numoe: cannot start worker %d: fork: %s\n", w->id, strerror(errno));
         w->pid = 0;
@@ -231,7 +241,21 @@ static int build_worker(launcher *L, lworker *w, const char *exe, const nm_sessi
     v[a++] = strdup("--endpoint"), v[a++] = strdup(L->endpoint);
     v[a++] = strdup("--threads"), v[a++] = xprintf("%d", w->threads);
     if (w->node >= 0) v[a++] = strdup("--node"), v[a++] = xprintf("%d", w->node);
-    v[a++] = strdup("--shard-shm"), v[a++] = xprintf("/numoe-%d-shard-%d", (int)getpid(), w->id);
+    if (L->file_backed) {
+        v[a++] = strdup("--shard-memory"), v[a++] = strdup("file");
+    } else {
+        /* the shard's memory: held here, so it outlives each worker process;
+         * not a /dev/shm name, so /dev/shm's size does not cap it */
+        char name[64];
+        snprintf(name, sizeof name, "numoe-%d-shard-%d", (int)getpid(), w->id);
+        const char *huge = getenv("NUMOE_HUGETLB");
+        w->shard_fd = memfd_create(name, MFD_CLOEXEC | (huge && !strcmp(huge, "1") ? MFD_HUGETLB : 0));
+        if (w->shard_fd < 0)
+            return fprintf(stderr, "numoe: cannot create the memfd %s for worker %d's shard: %s\n", name, w->id,
+                           strerror(errno)), -1;
+        v[a++] = strdup("--shard-fd"), v[a++] = xprintf("%d", w->shard_fd);
+    }
+    if (L->n > 1) v[a++] = strdup("--progress"), v[a++] = strdup("lines"); /* bars of several processes would mix */
     v[a++] = strdup("--attempt"), w->attempt_arg = a, v[a++] = strdup("0");
     if (w->pin_threads) v[a++] = strdup("--pin-threads");
     v[a++] = strdup("--quiet"); /* its errors reach the coordinator as Error messages, printed there */
@@ -281,6 +305,69 @@ static const char *choose_placement(const nm_session_opts *o, int n) {
     }
     nm_gguf_close(g);
     return pick;
+}
+
+/* ram or file (memory.h): --shard-memory, else file when the workers'
+ * shards do not fit 90% of the memory they may use, all together or those
+ * of one node. One line says which, with the figures. A model that does not
+ * load keeps ram: the coordinator reports its error. */
+static void choose_shard_memory(launcher *L, const nm_session_opts *o) {
+    if (o->shard_memory == NM_SHARD_MEMORY_FILE) {
+        L->file_backed = 1;
+        fprintf(stderr, "numoe: shard memory: file (--shard-memory file): the workers compute from the model file's "
+                "pages\n");
+        return;
+    }
+    if (o->shard_memory == NM_SHARD_MEMORY_RAM) return;
+    nm_gguf *g = NULL;
+    nm_model m;
+    nm_placement p;
+    nm_err err;
+    if (nm_gguf_open(o->model_path, &g, &err)) return;
+    if (nm_model_load(&m, g, &err)) {
+        nm_gguf_close(g);
+        return;
+    }
+    if (nm_placement_for_model_spec(&p, &m, L->placement, L->n, &err)) {
+        nm_model_free(&m);
+        nm_gguf_close(g);
+        return;
+    }
+    uint64_t total = 0;
+    nm_mem_avail all, worst = {.bytes = UINT64_MAX};
+    uint64_t worst_need = 0;
+    nm_mem_available(-1, &all);
+    int multi = numa_available() >= 0 && numa_num_configured_nodes() > 1;
+    for (int i = 0; i < L->n; i++) total += nm_mem_shard_bytes(&m, &p, i);
+    for (int i = 0; multi && i < L->n; i++) { /* per node: the workers bound there */
+        int node = L->w[i].node, first = 1;
+        for (int j = 0; j < i; j++) first &= L->w[j].node != node;
+        if (node < 0 || !first) continue;
+        uint64_t need = 0;
+        for (int j = 0; j < L->n; j++) need += L->w[j].node == node ? nm_mem_shard_bytes(&m, &p, j) : 0;
+        nm_mem_avail a;
+        nm_mem_available(node, &a);
+        if (a.bytes != UINT64_MAX && (double)need > 0.9 * (double)a.bytes && need > worst_need)
+            worst = a, worst_need = need;
+    }
+    nm_placement_free(&p);
+    nm_model_free(&m);
+    nm_gguf_close(g);
+    const double G = 1073741824.0;
+    if (worst_need) {
+        L->file_backed = 1;
+        fprintf(stderr, "numoe: shard memory: file: the shards of one node (%.2f GiB) do not fit 90%% of what it may use "
+                "(%s); the workers compute from the model file's pages (--shard-memory ram to insist)\n",
+                (double)worst_need / G, worst.what);
+    } else if (all.bytes != UINT64_MAX && (double)total > 0.9 * (double)all.bytes) {
+        L->file_backed = 1;
+        fprintf(stderr, "numoe: shard memory: file: the workers' shards (%.2f GiB) do not fit 90%% of the memory they "
+                "may use (%.2f GiB: %s); they compute from the model file's pages (--shard-memory ram to insist)\n",
+                (double)total / G, (double)all.bytes / G, all.what);
+    } else {
+        fprintf(stderr, "numoe: shard memory: ram: the workers' shards (%.2f GiB) fit the memory they may use (%.2f GiB: "
+                "%s)\n", (double)total / G, all.bytes == UINT64_MAX ? 0.0 : (double)all.bytes / G, all.what);
+    }
 }
 
 /* The coordinator is told through its control socket that worker w will not
@@ -475,6 +562,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     for (int i = 0; i < L.n; i++) {
         lworker *w = &L.w[i];
         w->id = i;
+        w->shard_fd = -1;
         w->node = o->n_worker_nodes > 0 ? o->worker_nodes[i % o->n_worker_nodes] : machine_nodes > 1 ? i % machine_nodes : -1;
         int node = -1, cpus[CPU_SETSIZE];
         if (!have_topo || nm_topology_worker_binding(&topo, L.n, i, w->binding, sizeof w->binding, &node, &err)) {
@@ -491,6 +579,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     }
     if (have_topo) nm_topology_free(&topo);
     int rc = 0;
+    choose_shard_memory(&L, o);
     for (int i = 0; i < L.n && !rc; i++) {
         lworker *w = &L.w[i];
         int sharing = 0;
@@ -517,7 +606,7 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
         for (int i = 1; i < argc; i++) cargv[i] = argv[i];
         if (!o->placement) /* the coordinator must expect the placement the workers were given */
             cargv[argc] = "--placement", cargv[argc + 1] = (char *)L.placement;
-        L.coord = start(self, cargv, 0, NULL);
+        L.coord = start(self, cargv, 0, NULL, -1);
         if (L.coord < 0) fprintf(stderr, "numoe: cannot start the coordinator: fork: %s\n", strerror(errno)), L.coord = 0;
         free(cargv);
     }
@@ -559,8 +648,10 @@ int nm_launch(int argc, char **argv, const nm_session_opts *o, int n_workers) {
     remove_segments();
     if (L.zsock) zmq_close(L.zsock);
     if (L.zctx) zmq_ctx_term(L.zctx);
-    for (int i = 0; i < L.n; i++)
+    for (int i = 0; i < L.n; i++) {
         for (int j = 0; L.w[i].argv[j]; j++) free(L.w[i].argv[j]);
+        if (L.w[i].shard_fd >= 0) close(L.w[i].shard_fd); /* the last holder: the shard's memory goes */
+    }
     free(L.w);
     if (rc) return rc;
     if (WIFSIGNALED(L.coord_status)) {

@@ -89,7 +89,9 @@ probe_worker() {
     say "policy $tag w$w $(grep -m1 ' heap' /proc/$p/numa_maps | awk '{print $2}')"
     grep -- "-shard-$w" /proc/$p/numa_maps | lines "numa_maps $tag w$w"
     say "shard-map $tag w$w $(numa_vm_probe pid $p -shard-$w || echo failed)"
-    say "shard-file $tag w$w $(numa_vm_probe file /dev/shm/numoe-$L-shard-$w || echo failed) inode=$(stat -c %i /dev/shm/numoe-$L-shard-$w)"
+    # the shard is a memfd the launcher holds (--shard-fd FD): opened again through /proc
+    fd=$(tr '\0' '\n' < /proc/$p/cmdline | grep -A1 -x -- --shard-fd | tail -n 1)
+    say "shard-file $tag w$w $(numa_vm_probe file /proc/$p/fd/$fd || echo failed) inode=$(stat -L -c %i /proc/$p/fd/$fd)"
 }
 
 probe_coordinator() {

@@ -12,7 +12,7 @@ worker with SIGKILL, and prints all of it on the serial console. Checked here:
 * the kernel and the launcher see 2 nodes; `numoe topology` prints the numactl
   binding the launcher printed and applied to each worker;
 * every thread of each worker may run only on its node's CPUs;
-* every page of each worker's shard (its /dev/shm segment, and the pages its
+* every page of each worker's shard (its memfd, held by the launcher, and the pages its
   own mapping has in use) is on its node, under a strict bind policy;
 * the coordinator holds no page that lies wholly inside an expert tensor of
   the model, and maps no shard;
@@ -159,7 +159,7 @@ def test_topology_lines_are_what_the_launcher_applied(vm):
             allowed = set().union(*(cpus(t.split()[1]) for t in con.all(f"threads {tag} w{w}")))
             assert allowed == NODE_CPUS[int(m[1])], (w, tag, allowed)
             shard = " ".join(con.block(f"numa_maps {tag} w{w}"))
-            assert f" bind:{m[2]} file=/dev/shm/numoe-" in shard, (w, tag, shard)
+            assert f" bind:{m[2]} file=/memfd:numoe-" in shard, (w, tag, shard)
             assert con.one(f"policy {tag} w{w}") == f"bind:{m[2]}", (w, tag)
 
 
@@ -230,7 +230,7 @@ def test_killed_node1_worker_restarts_on_node1(vm):
     err = "\n".join(con.block("gen-stderr"))
     launcher = con.one("launcher")
     assert f"numoe: worker 1 (pid {old}) killed by signal 9 (Killed); restarting it" in err, err
-    assert f"numoe-worker 1: re-mapped its persistent shard /dev/shm/numoe-{launcher}-shard-1 read-only" in err, err
+    assert f"numoe-worker 1: re-mapped its persistent shard memfd:numoe-{launcher}-shard-1 read-only" in err, err
     m = re.search(rf"^numoe: worker 1 restarted in ([\d.]+) ms \(attempt 1, pid {new}\)$", err, re.M)
     assert m, err
     print(f"restart of the node-1 worker: {m[1]} ms (in the VM, the coordinator held while it happened)")

@@ -17,9 +17,9 @@ worker/, proto/).
 * Supervision: a worker killed (SIGKILL) in the middle of a greedy generation, or crashing
   in the middle of a layer (NUMOE_TEST_FAULT=W:L:die-once), is restarted; the generation
   gives the same tokens / logits, the restart line is printed (its time is a figure for
-  docs/, not checked here) and the worker re-maps its persistent shard segment
-  (/dev/shm/numoe-<pid>-shard-<id>) instead of re-reading the model; the segments are
-  gone after the run and after SIGINT.
+  docs/, not checked here) and the worker re-maps its persistent shard (the memfd
+  numoe-<pid>-shard-<id> the launcher holds) instead of re-reading the model; no process
+  holds one after the run or after SIGINT (test_memory.py has the shard memory modes).
 * `--workers N` without --placement: split, or whole experts with one line saying why
   when split cannot cut this model's experts; an explicit --placement split still fails.
 Whatever another process does is waited for (tests/waits.py), never read once after a
@@ -86,6 +86,15 @@ def alive(pid):
 
 def shm_of(pid):
     return sorted(Path("/dev/shm").glob(f"numoe-{pid}-*"))
+
+
+def shard_maps(pid):
+    """The memfd shards process pid maps ("memfd:numoe-<launcher>-shard-<id>")."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return set(re.findall(r"/(memfd:numoe-\d+-shard-\d+)", maps))
 
 
 def assert_no_leftovers(coord_pid, pids, wait=60.0):
@@ -614,7 +623,7 @@ def test_crash_mid_layer_same_logits(exe, placement, mode, tmp_path):
     m = re.search(rf"^numoe: worker {n - 1} restarted in ([\d.]+) ms \(attempt 1, pid \d+\)$", err, re.M)
     assert m, err
     print(f"restart after a crash mid-layer: {m.group(1)} ms")  # a figure, not a limit (docs/ has the benchmark)
-    assert f"numoe-worker {n - 1}: re-mapped its persistent shard /dev/shm/numoe-" in err, err
+    assert f"numoe-worker {n - 1}: re-mapped its persistent shard memfd:numoe-" in err, err
     assert not [q for q in restarted_pids(err) if alive(q)]
 
 
@@ -670,8 +679,8 @@ def test_kill_worker_mid_generation(exe, sig, tmp_path):
     pids = worker_pids(log.read_text())
     assert len(pids) == 2 and sorted(kids) == sorted(pids), (kids, log.read_text())
     assert p.poll() is None
-    segs = [s.name for s in shm_of(p.pid)]
-    assert f"numoe-{p.pid}-shard-0" in segs and f"numoe-{p.pid}-shard-1" in segs, segs
+    assert shard_maps(pids[0]) == {f"memfd:numoe-{p.pid}-shard-0"}, shard_maps(pids[0])
+    assert shard_maps(pids[1]) == {f"memfd:numoe-{p.pid}-shard-1"}, shard_maps(pids[1])
     os.kill(pids[1], sig)
     rest = p.stdout.read().decode()
     p.wait(timeout=120)
@@ -684,17 +693,17 @@ def test_kill_worker_mid_generation(exe, sig, tmp_path):
     m = re.search(r"^numoe: worker 1 restarted in ([\d.]+) ms \(attempt 1, pid \d+\)$", err, re.M)
     assert m, err
     print(f"recovery after {signal.Signals(sig).name}: {m.group(1)} ms")  # a figure, not a limit
-    assert re.search(r"^numoe-worker 1: re-mapped its persistent shard /dev/shm/numoe-%d-shard-1 read-only" % p.pid,
+    assert re.search(r"^numoe-worker 1: re-mapped its persistent shard memfd:numoe-%d-shard-1 read-only" % p.pid,
                      err, re.M), err
     assert_no_leftovers(p.pid, pids + restarted_pids(err))
 
 
 def test_sigint_after_restart_leaves_nothing(exe, tmp_path):
     """A restarted worker, then Ctrl-C of the coordinator: every worker (the new one too)
-    ends and no slot or shard segment is left in /dev/shm."""
+    ends (with them the last holders of the shards' memfds) and no slot is left in /dev/shm."""
     p, log, pids = start_long_run(exe, tmp_path, n_workers=2)
     try:
-        assert len([s for s in shm_of(p.pid) if "-shard-" in s.name]) == 2, shm_of(p.pid)
+        assert [len(shard_maps(q)) for q in pids] == [1, 1], [shard_maps(q) for q in pids]
         os.kill(pids[0], signal.SIGKILL)
 
         def restarted():

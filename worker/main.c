@@ -2,7 +2,8 @@
  * partial MoE outputs for the coordinator.
  *
  *   numoe-worker --model M.gguf --worker-id I --workers N --placement split|experts|experts-rr
- *                [--node N] [--threads T] [--shard-shm NAME] [--attempt K] --endpoint ipc://...
+ *                [--node N] [--threads T] [--shard-fd FD] [--shard-memory ram|file] [--attempt K]
+ *                --endpoint ipc://...
  *   numoe-worker --model M.gguf --worker-id I --workers N --placement P --listen tcp://ADDR:PORT
  *
  * Start-up: connect to the coordinator's endpoint (ZeroMQ DEALER), bind to
@@ -17,11 +18,15 @@
  * coordinator as an Error message (and printed) before the worker exits
  * NM_WORKER_EXIT_ERROR (3).
  *
- * --shard-shm NAME: the shard lives in /dev/shm/NAME (worker/shard.h), which
- * outlives this process; a restarted worker (--attempt K > 0, same name)
- * re-maps it read-only and says so on stderr. The coordinator removes it at
- * exit; if the coordinator is gone when this worker ends (it was killed and
- * PR_SET_PDEATHSIG sent us SIGTERM), the worker removes it itself.
+ * --shard-fd FD: the shard lives in the memfd the launcher created and
+ * passed down as file descriptor FD (worker/shard.h), which outlives this
+ * process; a restarted worker (--attempt K > 0, the same fd) re-maps it
+ * read-only and says so on stderr. Its memory goes with the last process
+ * holding the fd: nothing is left to remove by name.
+ * --shard-memory file: nothing is copied; the worker computes from the
+ * model's read-only mapping (the page cache), which then stays open
+ * (worker/shard.h NM_SHARD_FILE). The launcher picks it when the shards do
+ * not fit the memory the workers may use (launch/memory.h).
  *
  * Test hooks (environment): NUMOE_FAKE_PROTOCOL_VERSION=V registers with
  * version V; NUMOE_TEST_FAULT=W:L:die|hang|error makes worker W fail at its
@@ -30,7 +35,9 @@
  * dies in every start before --attempt K (a worker that fails until the
  * launcher has given it up, then comes back);
  * NUMOE_TEST_DELAY_US=U sleeps U us before each MoE request (so a test can
- * act in the middle of a generation).
+ * act in the middle of a generation); NUMOE_TEST_BUILD_HOLD=W:PATH (W a
+ * worker id or "all") makes worker W wait before it builds its shard until PATH exists (a test sees
+ * the server half loaded).
  *
  * --listen tcp://ADDR:PORT (a worker started by hand, maybe on another host;
  * `numoe generate --worker-endpoints`): the worker binds a ROUTER socket
@@ -91,9 +98,12 @@ typedef struct {
     int64_t spin_ns;
     uint64_t requests;
     int fault_layer, fault_mode;
-    const char *shard_shm;
+    int shard_fd;             /* --shard-fd, -1: none */
+    char shard_label[160];    /* what the fd is, for messages ("memfd:numoe-<pid>-shard-<id>") */
+    int shard_mode;           /* --shard-memory: NM_SHARD_RAM or NM_SHARD_FILE */
+    nm_gguf *g;               /* FILE mode: the mapping the shard points into, kept open */
+    nm_model m;
     int attempt;
-    pid_t parent;
     long delay_us;
 } worker;
 
@@ -122,8 +132,11 @@ static int usage(FILE *f) {
             "\n"
             "  --node N      bind threads and memory to NUMA node N (default: not bound)\n"
             "  --threads T   compute threads (default: every CPU it may run on)\n"
-            "  --shard-shm NAME  keep the shard in /dev/shm/NAME, re-map it if it is already there\n"
-            "  --attempt K   this is restart K of this worker (0: first start)\n"
+            "  --shard-fd FD keep the shard in the memfd (or shmem/hugetlbfs file) open as FD, re-map it\n"
+            "                if it already holds it (the launcher holds it across restarts)\n"
+            "  --shard-memory ram|file  ram (default): copy the shard into memory of its own; file: compute\n"
+            "                from the model file's pages (models larger than the memory it may use)\n"
+            "  --attempt K   this is restart K of this worker (0: first start)\n"            "  --progress bar|lines|off  how the shard build shows its progress (NUMOE_PROGRESS wins)\n"
             "  --pin-threads keep compute thread i on the i-th CPU it may use (the launcher asks for it\n"
             "                when the worker has its CPUs to itself)\n"
             "  --quiet       do not print start-up errors, only send them to the coordinator\n"
@@ -134,46 +147,12 @@ static int usage(FILE *f) {
     return f == stdout ? 0 : 2;
 }
 
-/* The coordinator owns the shard segment; if it is gone, nobody else will remove it. */
-static int parent_gone(worker *w) {
-    if (getppid() != w->parent) return 1;
-    char path[64], buf[256];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)w->parent);
-    FILE *f = fopen(path, "r");
-    if (!f) return 1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    const char *rp = strrchr(buf, ')');
-    return !rp || rp[1] != ' ' || rp[2] == 'Z' || rp[2] == 'X';
-}
-
-/* A signal stopped us: the coordinator may be dying (PR_SET_PDEATHSIG comes
- * when the thread that forked us ends, maybe before its other threads, so
- * the process can look alive for a moment); give it a little time. */
-static int coordinator_gone(worker *w) {
-    if (!g_stop) return parent_gone(w);
-    for (int i = 0; i < 100; i++) {
-        if (parent_gone(w)) return 1;
-        usleep(2000);
-    }
-    return 0;
-}
-
-static void drop_orphan_segment(worker *w) {
-    if (!w->shard_shm || !coordinator_gone(w)) return;
-    char path[600];
-    const char *n = w->shard_shm[0] == '/' ? w->shard_shm + 1 : w->shard_shm;
-    snprintf(path, sizeof path, "/dev/shm/%s", n);
-    unlink(path);
-    snprintf(path, sizeof path, "/dev/shm/%s.tmp", n);
-    unlink(path);
-}
-
 static void cleanup(worker *w) {
-    drop_orphan_segment(w);
     nm_slot_unmap(&w->slot);
     nm_shard_free(&w->shard);
+    if (w->m.layers || w->m.owned) nm_model_free(&w->m);
+    nm_gguf_close(w->g);
+    w->g = NULL;
     nm_pool_destroy(w->pool);
     free(w->is_moe);
     free(w->ibuf);
@@ -217,7 +196,7 @@ static int parse_int(const char *v, long lo, long hi, int *out) {
 }
 
 static int parse_args(worker *w, int argc, char **argv) {
-    w->id = w->n_workers = w->node = -1;
+    w->id = w->n_workers = w->node = w->shard_fd = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
@@ -244,8 +223,12 @@ static int parse_args(worker *w, int argc, char **argv) {
         else if (!strcmp(a, "--workers")) bad = parse_int(v, 1, 4096, &w->n_workers);
         else if (!strcmp(a, "--node")) bad = parse_int(v, 0, 1 << 20, &w->node);
         else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) bad = parse_int(v, 1, 4096, &w->threads);
-        else if (!strcmp(a, "--shard-shm")) w->shard_shm = v, bad = !*v || strchr(v + 1, '/') != NULL || strlen(v) > 200;
+        else if (!strcmp(a, "--shard-fd")) bad = parse_int(v, 0, 1 << 20, &w->shard_fd);
+        else if (!strcmp(a, "--shard-memory"))
+            w->shard_mode = !strcmp(v, "file") ? NM_SHARD_FILE : NM_SHARD_RAM, bad = strcmp(v, "file") && strcmp(v, "ram");
         else if (!strcmp(a, "--attempt")) bad = parse_int(v, 0, 1 << 20, &w->attempt);
+        else if (!strcmp(a, "--progress")) /* the launcher's choice for several workers; NUMOE_PROGRESS wins */
+            bad = strcmp(v, "bar") && strcmp(v, "lines") && strcmp(v, "off"), bad || setenv("NUMOE_PROGRESS", v, 0);
         else {
             fprintf(stderr, "numoe-worker: unknown option %s\n", a);
             return -1;
@@ -500,7 +483,6 @@ static void serve_zmq(worker *w) {
 
 int main(int argc, char **argv) {
     worker w = {0};
-    w.parent = getppid();
     if (parse_args(&w, argc, argv)) return usage(stderr);
     read_fault(&w);
     nm_err err;
@@ -551,40 +533,65 @@ int main(int argc, char **argv) {
     nm_binding bind;
     if (nm_bind_node(w.node, &bind, &err)) fail(&w, "%s", err.msg);
 
-    nm_gguf *g = NULL;
-    nm_model m = {0};
     nm_placement p = {0};
-    if (nm_gguf_open(w.model, &g, &err)) fail(&w, "%s", err.msg);
-    if (nm_model_load(&m, g, &err)) {
-        nm_gguf_close(g);
+    if (nm_gguf_open(w.model, &w.g, &err)) fail(&w, "%s", err.msg);
+    if (nm_model_load(&w.m, w.g, &err)) {
+        memset(&w.m, 0, sizeof w.m); /* nothing of it to free */
         fail(&w, "%s", err.msg);
     }
+    nm_gguf *g = w.g;
+    nm_model *m = &w.m;
     Numoe__ModelIdentity mid = NUMOE__MODEL_IDENTITY__INIT;
     nm_model_identity(g, &mid.file_bytes, &mid.header_hash);
-    mid.n_layer = (uint32_t)m.hp.n_layer, mid.n_expert = (uint32_t)m.hp.n_expert;
-    mid.n_embd = (uint32_t)m.hp.n_embd, mid.n_ff_exp = (uint32_t)m.hp.n_ff_exp;
-    w.n_layer = m.hp.n_layer;
+    mid.n_layer = (uint32_t)m->hp.n_layer, mid.n_expert = (uint32_t)m->hp.n_expert;
+    mid.n_embd = (uint32_t)m->hp.n_embd, mid.n_ff_exp = (uint32_t)m->hp.n_ff_exp;
+    w.n_layer = m->hp.n_layer;
     if (!(w.is_moe = calloc((size_t)w.n_layer, 1))) fail(&w, "out of memory");
-    for (int64_t l = 0; l < w.n_layer; l++) w.is_moe[l] = (uint8_t)m.layers[l].is_moe;
+    for (int64_t l = 0; l < w.n_layer; l++) w.is_moe[l] = (uint8_t)m->layers[l].is_moe;
     int64_t t_build = nm_now_ns();
-    int rc = nm_placement_for_model_spec(&p, &m, w.placement, w.n_workers, &err);
+    int rc = nm_placement_for_model_spec(&p, m, w.placement, w.n_workers, &err);
     w.kind = p.kind;
     uint64_t place_hash = rc ? 0 : nm_placement_hash(&p);
-    nm_shard_seg seg = {.name = w.shard_shm, .file_bytes = mid.file_bytes, .header_hash = mid.header_hash,
-                        .placement_hash = place_hash, .n_workers = (uint32_t)w.n_workers, .kind = (uint32_t)w.kind};
+    if (w.shard_fd >= 0) { /* its name, as /proc shows it: "/memfd:numoe-<pid>-shard-<id> (deleted)" */
+        char link[64], target[160];
+        snprintf(link, sizeof link, "/proc/self/fd/%d", w.shard_fd);
+        ssize_t n = readlink(link, target, sizeof target - 1);
+        target[n > 0 ? n : 0] = 0;
+        char *del = strstr(target, " (deleted)");
+        if (del) *del = 0;
+        if (n <= 0) rc = nm_errf(&err, "--shard-fd %d is not an open file descriptor: %s", w.shard_fd, strerror(errno));
+        snprintf(w.shard_label, sizeof w.shard_label, "%s", target[0] == '/' ? target + 1 : target);
+    }
+    nm_shard_seg seg = {.fd = w.shard_fd, .label = w.shard_label, .file_bytes = mid.file_bytes,
+                        .header_hash = mid.header_hash, .placement_hash = place_hash,
+                        .n_workers = (uint32_t)w.n_workers, .kind = (uint32_t)w.kind};
+    char label[64];
+    snprintf(label, sizeof label, "numoe-worker %d: building its shard", w.id);
     if (!rc && !(w.pool = nm_pool_create(w.threads))) rc = nm_errf(&err, "cannot start %d threads", w.threads);
     if (!rc && w.pin) nm_pool_pin(w.pool); /* after the node binding: its CPUs */
-    if (!rc) rc = nm_shard_build(&w.shard, &m, &p, w.id, bind.node, w.pool, w.shard_shm ? &seg : NULL, &err);
-    if (!rc && w.shard.reused)
-        fprintf(stderr, "numoe-worker %d: re-mapped its persistent shard /dev/shm%s%s read-only (%llu bytes, in %.1f ms; "
-                "nothing copied from the model)\n", w.id, w.shard_shm[0] == '/' ? "" : "/", w.shard_shm,
-                (unsigned long long)w.shard.weight_bytes, (double)(nm_now_ns() - t_build) * 1e-6);
-    else if (!rc && w.shard_shm && w.attempt > 0)
-        fprintf(stderr, "numoe-worker %d: no persistent shard %s to re-map: rebuilt it from the model\n", w.id,
-                w.shard_shm);
+    const char *hold = getenv("NUMOE_TEST_BUILD_HOLD"), *hold_path = hold ? strchr(hold, ':') : NULL;
+    if (hold_path && (!strncmp(hold, "all:", 4) || atoi(hold) == w.id)) /* a test holds the load (signals end it) */
+        while (!g_stop && access(hold_path + 1, F_OK)) usleep(10000);
+    if (!rc)
+        rc = nm_shard_build(&w.shard, m, &p, w.id, bind.node, w.pool, w.shard_mode, w.shard_fd >= 0 ? &seg : NULL,
+                            label, &err);
+    if (!rc && w.shard_mode == NM_SHARD_FILE)
+        fprintf(stderr, "numoe-worker %d: file-backed shard: computes from the model's pages (%llu bytes of routed "
+                "experts, read as they are used; nothing copied)\n", w.id, (unsigned long long)w.shard.weight_bytes);
+    else if (!rc && w.shard.reused)
+        fprintf(stderr, "numoe-worker %d: re-mapped its persistent shard %s read-only (%llu bytes, in %.1f ms; "
+                "nothing copied from the model)\n", w.id, w.shard_label, (unsigned long long)w.shard.weight_bytes,
+                (double)(nm_now_ns() - t_build) * 1e-6);
+    else if (!rc && w.shard_fd >= 0 && w.attempt > 0)
+        fprintf(stderr, "numoe-worker %d: no persistent shard in %s to re-map: rebuilt it from the model\n", w.id,
+                w.shard_label);
     nm_placement_free(&p);
-    nm_model_free(&m);
-    nm_gguf_close(g); /* the shard is a copy: the mapping goes */
+    if (w.shard_mode != NM_SHARD_FILE) { /* the shard is a copy: the mapping goes */
+        nm_model_free(&w.m);
+        memset(&w.m, 0, sizeof w.m);
+        nm_gguf_close(w.g);
+        w.g = NULL;
+    }
     if (rc) fail(&w, "%s", err.msg);
 
     /* register */

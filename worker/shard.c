@@ -1,4 +1,5 @@
-/* shard.c - a worker's expert weights: copy-out, repacking, compute (shard.h). */
+/* shard.c - a worker's expert weights: copy-out, repacking or the file's
+ * own layout, compute (shard.h). */
 #include "worker/shard.h"
 
 #include <errno.h>
@@ -12,11 +13,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/progress.h"
 #include "kernels/quant.h"
 
 #define ALIGN 64
 #define SEG_MAGIC 0x44524148534d4e4eull /* "NNMSHARD" */
-#define SEG_VERSION 1
+#define SEG_VERSION 2
 #define SEG_HEAD 4096
 
 /* The first page of a persistent shard segment; written last. */
@@ -27,10 +29,6 @@ typedef struct {
     uint64_t data_bytes, weight_bytes;
 } seg_header;
 
-static void seg_path(char *out, size_t len, const char *name, const char *suffix) {
-    snprintf(out, len, "/dev/shm/%s%s", name[0] == '/' ? name + 1 : name, suffix);
-}
-
 static void seg_expect(seg_header *h, const nm_shard_seg *seg, int worker, uint64_t data_bytes,
                        uint64_t weight_bytes) {
     memset(h, 0, sizeof *h);
@@ -40,25 +38,61 @@ static void seg_expect(seg_header *h, const nm_shard_seg *seg, int worker, uint6
     h->data_bytes = data_bytes, h->weight_bytes = weight_bytes;
 }
 
-/* Maps an existing, matching segment read-only: 1 mapped, 0 none usable
- * (a mismatching one is removed), -1 error. */
-static int seg_map_existing(nm_shard *s, const char *path, const seg_header *want, nm_err *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return errno == ENOENT ? 0 : nm_errf(err, "shard: cannot open %s: %s", path, strerror(errno));
+/* The bytes of a segment holding data_bytes: the header page and the data,
+ * rounded up to the file's page (a hugetlb memfd's is its huge page). */
+static size_t seg_total(const struct stat *st, uint64_t data_bytes) {
+    size_t blk = st->st_blksize > 0 ? (size_t)st->st_blksize : 4096;
+    return (SEG_HEAD + (size_t)data_bytes + blk - 1) / blk * blk;
+}
+
+/* Maps seg->fd: read-only when it already holds a matching shard (1), else
+ * sized afresh, bound to node, reserved and mapped writable (0); -1 error. */
+static int seg_open(nm_shard *s, const nm_shard_seg *seg, const seg_header *want, int node, nm_err *err) {
     struct stat st;
     seg_header h;
-    size_t total = SEG_HEAD + (size_t)want->data_bytes;
-    if (fstat(fd, &st) || (size_t)st.st_size != total || pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h ||
-        memcmp(&h, want, sizeof h)) {
-        close(fd);
-        unlink(path);
-        return 0;
+    if (fstat(seg->fd, &st)) return nm_errf(err, "shard: %s: fstat: %s", seg->label, strerror(errno));
+    size_t total = seg_total(&st, want->data_bytes);
+    if ((size_t)st.st_size == total && pread(seg->fd, &h, sizeof h, 0) == (ssize_t)sizeof h && !memcmp(&h, want, sizeof h)) {
+        void *map = mmap(NULL, total, PROT_READ, MAP_SHARED, seg->fd, 0);
+        if (map == MAP_FAILED) return nm_errf(err, "shard: cannot map %s: %s", seg->label, strerror(errno));
+        s->map = map, s->map_bytes = total;
+        return 1;
     }
-    void *map = mmap(NULL, total, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) return nm_errf(err, "shard: cannot map %s: %s", path, strerror(errno));
+    /* anything else there (a build killed half-way, another model) goes */
+    if (ftruncate(seg->fd, 0) || ftruncate(seg->fd, (off_t)total))
+        return nm_errf(err, "shard: cannot size %s to %zu bytes: %s", seg->label, total, strerror(errno));
+    void *map = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, seg->fd, 0);
+    if (map == MAP_FAILED) return nm_errf(err, "shard: cannot map %s: %s", seg->label, strerror(errno));
     s->map = map, s->map_bytes = total;
-    return 1;
+    if (total >= (2u << 20)) madvise(map, total, MADV_HUGEPAGE); /* shmem THP: as its shmem_enabled allows */
+    if (node >= 0) numa_tonode_memory(map, total, node);        /* the shared policy, before any page exists */
+    /* every page now, under that policy: short memory is an error here, not
+     * a SIGBUS in the middle of the copy */
+    if (fallocate(seg->fd, 0, 0, (off_t)total)) {
+        int e = errno;
+        munmap(map, total);
+        s->map = NULL, s->map_bytes = 0;
+        if (ftruncate(seg->fd, 0)) { /* nothing more to do: the error below is the one to report */
+        }
+        long long avail = -1;
+        FILE *f = fopen("/proc/meminfo", "r");
+        char line[128];
+        while (f && fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %lld kB", &avail) == 1) break;
+        if (f) fclose(f);
+        int huge = (size_t)st.st_blksize > 4096;
+        char where[48] = "", have[96] = "";
+        if (node >= 0) snprintf(where, sizeof where, " on NUMA node %d", node);
+        if (avail >= 0) snprintf(have, sizeof have, " (MemAvailable %.2f GiB)", (double)avail / 1048576.0);
+        if (huge)
+            return nm_errf(err, "shard: cannot reserve %.2f GiB of huge pages%s for this worker's shard (%s): %s; the "
+                           "hugetlb pool is short (/proc/sys/vm/nr_hugepages), or run without NUMOE_HUGETLB",
+                           (double)total / 1073741824.0, where, seg->label, strerror(e));
+        return nm_errf(err, "shard: cannot reserve %.2f GiB of memory%s for this worker's shard (%s): %s%s; "
+                       "--shard-memory file computes from the model file's pages instead",
+                       (double)total / 1073741824.0, where, seg->label, strerror(e), have);
+    }
+    return 0;
 }
 
 typedef struct {
@@ -71,6 +105,7 @@ typedef struct {
     copy_op *ops;
     size_t n;
     atomic_size_t next;
+    nm_progress *progress;
 } copy_job;
 
 static void run_copies(void *ctx, int ith, int nth) {
@@ -81,6 +116,7 @@ static void run_copies(void *ctx, int ith, int nth) {
         if (i >= j->n) break;
         const copy_op *o = &j->ops[i];
         for (size_t r = 0; r < o->rows; r++) memcpy(o->dst + r * o->dst_stride, o->src + r * o->src_stride, o->row_bytes);
+        nm_progress_add(j->progress, (uint64_t)o->rows * o->row_bytes);
     }
 }
 
@@ -100,19 +136,22 @@ void nm_shard_free(nm_shard *s) {
         for (int64_t l = 0; l < s->n_layer; l++) free(s->layers[l].groups);
     free(s->layers);
     free(s->ptrs);
+    free(s->spans);
     if (s->map) munmap(s->map, s->map_bytes);
-    else if (s->mem) munmap(s->mem, s->mem_bytes);
+    else if (s->mem && s->mode == NM_SHARD_RAM) munmap(s->mem, s->mem_bytes);
     free(s->tmp);
     nm_moe_scratch_free(&s->scratch);
     memset(s, 0, sizeof *s);
 }
 
 int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int worker, int node, nm_pool *pool,
-                   const nm_shard_seg *seg, nm_err *err) {
+                   int mode, const nm_shard_seg *seg, const char *label, nm_err *err) {
     const nm_hparams *hp = &m->hp;
     const int64_t E = hp->n_expert, H = hp->n_embd;
+    const int file = mode == NM_SHARD_FILE;
     memset(s, 0, sizeof *s);
-    s->n_layer = hp->n_layer, s->n_embd = H, s->n_expert = E;
+    s->n_layer = hp->n_layer, s->n_embd = H, s->n_expert = E, s->mode = file ? NM_SHARD_FILE : NM_SHARD_RAM;
+    if (file) seg = NULL;
     if (p->n_layer != hp->n_layer || p->n_expert != E || p->n_ff != hp->n_ff_exp)
         return nm_errf(err, "shard: the placement's shape does not match the model");
     int64_t *widths = malloc((size_t)(E > 0 ? E : 1) * sizeof *widths);
@@ -164,54 +203,33 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
             SL->groups[i] = (nm_moe_experts){
                 .n_embd = H, .n_ff = widths[i], .n_expert = E, .type_gate = L->gate_exps.type,
                 .type_up = L->up_exps.type, .type_down = L->down_exps.type, .row_gate = L->gate_exps.row_bytes,
-                .row_up = L->up_exps.row_bytes, .row_down = nm_row_size(L->down_exps.type, widths[i])};
+                .row_up = L->up_exps.row_bytes,
+                /* the stride of down's rows: repacked, a row is the piece's columns; in the
+                 * file it is the whole row, of which the piece reads its columns */
+                .row_down = file ? L->down_exps.row_bytes : nm_row_size(L->down_exps.type, widths[i])};
         n_ptr += (size_t)nw * 3 * (size_t)E;
     }
     free(widths);
+    if (file) bytes = 0; /* nothing of its own: the tables point into the mapping */
     copy_op *ops = calloc(n_ops ? n_ops : 1, sizeof *ops);
     s->ptrs = calloc(n_ptr ? n_ptr : 1, sizeof *s->ptrs);
-    if (!ops || !s->ptrs) {
+    if (file) s->spans = calloc((size_t)(hp->n_layer * E * 3 + 1), sizeof *s->spans);
+    if (!ops || !s->ptrs || (file && !s->spans)) {
         free(ops);
         nm_shard_free(s);
         return nm_errf(err, "shard: out of memory");
     }
-    char path[512] = "", tmp[520] = "";
-    int seg_fd = -1;
     if (seg) {
         seg_header want;
         seg_expect(&want, seg, worker, bytes, s->weight_bytes);
-        seg_path(path, sizeof path, seg->name, "");
-        seg_path(tmp, sizeof tmp, seg->name, ".tmp");
-        int r = seg_map_existing(s, path, &want, err);
+        int r = seg_open(s, seg, &want, node, err);
         if (r < 0) {
             free(ops);
             nm_shard_free(s);
             return -1;
         }
-        if (r == 1) {
-            s->reused = 1;
-            s->mem = s->map + SEG_HEAD, s->mem_bytes = bytes;
-        } else {
-            seg_fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-            if (seg_fd < 0 || ftruncate(seg_fd, (off_t)(SEG_HEAD + bytes))) {
-                int e = errno;
-                if (seg_fd >= 0) close(seg_fd), unlink(tmp);
-                free(ops);
-                nm_shard_free(s);
-                return nm_errf(err, "shard: cannot create %s (%zu bytes): %s", tmp, SEG_HEAD + bytes, strerror(e));
-            }
-            void *map = mmap(NULL, SEG_HEAD + bytes, PROT_READ | PROT_WRITE, MAP_SHARED, seg_fd, 0);
-            if (map == MAP_FAILED) {
-                int e = errno;
-                close(seg_fd), unlink(tmp);
-                free(ops);
-                nm_shard_free(s);
-                return nm_errf(err, "shard: cannot map %s: %s", tmp, strerror(e));
-            }
-            s->map = map, s->map_bytes = SEG_HEAD + bytes;
-            s->mem = s->map + SEG_HEAD, s->mem_bytes = bytes;
-            if (bytes && node >= 0) numa_tonode_memory(s->mem, bytes, node); /* before the first touch */
-        }
+        s->reused = r;
+        s->mem = s->map + SEG_HEAD, s->mem_bytes = bytes;
     } else if (bytes) {
         s->mem_bytes = bytes;
         void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -241,54 +259,78 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
                 const nm_piece *q = piece_of(p, l, e, worker);
                 if (!q || q->f1 - q->f0 != G->n_ff) continue;
                 size_t wd = (size_t)G->n_ff, gb = wd * G->row_gate, ub = wd * G->row_up;
+                size_t col0 = nm_row_size(L->down_exps.type, q->f0); /* bytes before column f0 (whole blocks) */
+                if (q->f0 && !col0) {
+                    free(ops);
+                    nm_shard_free(s);
+                    return nm_errf(err, "shard: layer %lld expert %lld: column %lld is not on a %s block boundary",
+                                   (long long)l, (long long)e, (long long)q->f0, nm_type_name(L->down_exps.type));
+                }
+                if (file) { /* the file's own layout; what to read ahead for this expert */
+                    nm_shard_span *sp = &s->spans[(size_t)(l * E + e) * 3];
+                    gate[e] = sp[0].p = nm_mat_row(&L->gate_exps, e, q->f0), sp[0].n = gb;
+                    up[e] = sp[1].p = nm_mat_row(&L->up_exps, e, q->f0), sp[1].n = ub;
+                    sp[2].p = nm_mat_row(&L->down_exps, e, 0), sp[2].n = (size_t)H * L->down_exps.row_bytes;
+                    down[e] = sp[2].p + col0;
+                    continue;
+                }
                 /* gate/up: rows [f0, f1), contiguous in the file */
                 ops[k++] = (copy_op){cur, nm_mat_row(&L->gate_exps, e, q->f0), 1, gb, 0, 0};
                 gate[e] = cur, cur += up64(gb);
                 ops[k++] = (copy_op){cur, nm_mat_row(&L->up_exps, e, q->f0), 1, ub, 0, 0};
                 up[e] = cur, cur += up64(ub);
                 /* down: columns [f0, f1) of each of the n_embd rows, repacked */
-                size_t col0 = nm_row_size(L->down_exps.type, q->f0); /* bytes before column f0 (whole blocks) */
-                if (q->f0 && !col0) {
-                    free(ops);
-                    if (seg_fd >= 0) close(seg_fd), unlink(tmp);
-                    nm_shard_free(s);
-                    return nm_errf(err, "shard: layer %lld expert %lld: column %lld is not on a %s block boundary",
-                                   (long long)l, (long long)e, (long long)q->f0, nm_type_name(L->down_exps.type));
-                }
                 ops[k++] = (copy_op){cur, (const uint8_t *)nm_mat_row(&L->down_exps, e, 0) + col0, (size_t)H,
                                      G->row_down, L->down_exps.row_bytes, G->row_down};
                 down[e] = cur, cur += up64((size_t)H * G->row_down);
             }
         }
     }
-    if (s->reused) { /* already there: nothing to copy */
+    if (s->reused || file) { /* already there, or read from the mapping: nothing to copy */
         free(ops);
         return 0;
     }
-    copy_job job = {.ops = ops, .n = k};
+    nm_progress prog;
+    nm_progress_begin(&prog, label ? label : "numoe-worker: building its shard", s->weight_bytes);
+    copy_job job = {.ops = ops, .n = k, .progress = &prog};
     atomic_init(&job.next, 0);
     nm_pool_run(pool, run_copies, &job);
+    nm_progress_end(&prog);
     free(ops);
-    if (seg_fd >= 0) {
-        /* header last, then the name, then re-map the finished segment read-only */
+    if (seg) {
+        /* header last, then re-map the finished segment read-only at the same
+         * address, so the pointer tables stay valid; the writable mapping goes */
         seg_header h;
         seg_expect(&h, seg, worker, bytes, s->weight_bytes);
         memcpy(s->map, &h, sizeof h);
-        close(seg_fd);
-        /* the same address, so the pointer tables stay valid; the writable mapping goes */
-        int e = rename(tmp, path) ? errno : 0;
-        int ro = e ? -1 : open(path, O_RDONLY | O_CLOEXEC);
-        if (!e && ro < 0) e = errno;
-        void *map = e ? MAP_FAILED : mmap(s->map, s->map_bytes, PROT_READ, MAP_SHARED | MAP_FIXED, ro, 0);
-        if (map == MAP_FAILED && !e) e = errno;
-        if (ro >= 0) close(ro);
-        if (e) {
-            unlink(tmp), unlink(path);
+        void *map = mmap(s->map, s->map_bytes, PROT_READ, MAP_SHARED | MAP_FIXED, seg->fd, 0);
+        if (map == MAP_FAILED) {
+            int e = errno;
             nm_shard_free(s);
-            return nm_errf(err, "shard: cannot publish %s: %s", path, strerror(e));
+            return nm_errf(err, "shard: cannot re-map %s read-only: %s", seg->label, strerror(e));
         }
     }
     return 0;
+}
+
+/* FILE mode: the kernel is asked for exactly the byte ranges of the experts
+ * this call routes to (asynchronous read-ahead, so a page evicted since the
+ * last call comes back in large reads instead of one fault at a time); the
+ * rest of the file around them is other experts, not worth reading. */
+static void read_ahead(const nm_shard *s, int layer, int64_t n, const int32_t *ids) {
+    uint8_t *seen = calloc((size_t)s->n_expert, 1);
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    for (int64_t i = 0; seen && i < n; i++) {
+        if (seen[ids[i]]) continue;
+        seen[ids[i]] = 1;
+        const nm_shard_span *sp = &s->spans[((size_t)layer * (size_t)s->n_expert + (size_t)ids[i]) * 3];
+        for (int j = 0; j < 3; j++) {
+            if (!sp[j].n) continue;
+            uintptr_t a = (uintptr_t)sp[j].p & ~(page - 1), b = (uintptr_t)sp[j].p + sp[j].n;
+            madvise((void *)a, b - a, MADV_WILLNEED); /* advice: a failure only costs speed */
+        }
+    }
+    free(seen);
 }
 
 int nm_shard_moe(nm_shard *s, nm_pool *pool, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,
@@ -303,6 +345,7 @@ int nm_shard_moe(nm_shard *s, nm_pool *pool, int layer, int64_t n_tok, const flo
         memset(out, 0, n * sizeof *out);
         return 0;
     }
+    if (s->spans) read_ahead(s, layer, n_tok * k, ids);
     if (SL->n_groups > 1 && s->tmp_tok < n_tok) {
         float *t = realloc(s->tmp, n * sizeof *t);
         if (!t) return nm_errf(err, "out of memory");

@@ -11,14 +11,33 @@
  * so the shared kernel (kernels/moe.h) computes it unchanged. Groups are
  * summed in a fixed order.
  *
- * Persistence: with a segment name (nm_shard_seg) the weights live in a
- * file under /dev/shm that outlives the worker process: the first start
- * builds it under "<name>.tmp", writes a header (magic, model identity,
- * placement hash, sizes) last and renames it into place; every start then
- * maps it READ-ONLY. A restarted worker whose header matches re-maps it
- * without copying anything out of the model (s->reused = 1). The
- * coordinator removes the name at exit; a worker whose coordinator is gone
- * removes it too (worker/main.c). */
+ * Two memory modes (nm_shard_build's mode):
+ *   NM_SHARD_RAM   the copy above, in memory the worker owns: a memfd the
+ *                  launcher created and holds (nm_shard_seg.fd, inherited),
+ *                  so the shard outlives a worker process and is not bound
+ *                  by /dev/shm's size; the pages are bound to the worker's
+ *                  node, reserved with fallocate before anything is copied
+ *                  (a clear error, not a SIGBUS, when memory is short) and
+ *                  asked for as transparent huge pages (madvise; shmem's
+ *                  THP setting decides) or, for a hugetlb memfd, explicit
+ *                  ones. Without a seg: anonymous memory, gone with the
+ *                  process.
+ *   NM_SHARD_FILE  nothing copied: the tables point into the model's
+ *                  read-only mapping (the caller keeps it open while the
+ *                  shard lives), the file's own layout (down keeps its full
+ *                  row stride: row_down is the stride in kernels/moe.c). The
+ *                  page cache is shared with every other process mapping the
+ *                  file, pages are evicted under pressure and read back on
+ *                  the next touch; nm_shard_moe asks for the routed experts'
+ *                  byte ranges (MADV_WILLNEED) before it computes.
+ *
+ * Persistence (RAM with a seg): the first start sizes the memfd, copies,
+ * and writes a header (magic, model identity, placement hash, sizes) last;
+ * every start then maps it READ-ONLY. A restarted worker whose header
+ * matches re-maps it without copying anything out of the model
+ * (s->reused = 1); one killed half-way left no header, so the next start
+ * rebuilds. The memory goes when the launcher and the workers have closed
+ * the fd (nothing to remove by name). */
 #ifndef NUMOE_WORKER_SHARD_H
 #define NUMOE_WORKER_SHARD_H
 
@@ -37,10 +56,16 @@ typedef struct {
 } nm_shard_layer;
 
 typedef struct {
+    const uint8_t *p;
+    size_t n;
+} nm_shard_span;
+
+typedef struct {
     int64_t n_layer, n_embd, n_expert;
     nm_shard_layer *layers;    /* [n_layer]; n_groups 0 = nothing held in that layer */
     const void **ptrs;         /* pointer tables of all groups */
-    uint8_t *mem;              /* the weights (anonymous mmap, or inside map) */
+    int mode;                  /* NM_SHARD_RAM or NM_SHARD_FILE */
+    uint8_t *mem;              /* the weights (anonymous mmap, or inside map); NULL in FILE mode */
     size_t mem_bytes;
     uint8_t *map;              /* persistent segment: header page + weights, mapped read-only */
     size_t map_bytes;
@@ -49,21 +74,28 @@ typedef struct {
     float *tmp;                /* group partial sums */
     int64_t tmp_tok;
     nm_moe_scratch scratch;
+    nm_shard_span *spans;      /* FILE: [n_layer][n_expert][3] gate, up, down bytes in the mapping
+                                * ({NULL, 0}: held elsewhere), for the read-ahead advice */
 } nm_shard;
 
-/* Where and for what a persistent shard is kept (all fields go into its header). */
+enum { NM_SHARD_RAM = 0, NM_SHARD_FILE = 1 };
+
+/* Where and for what a persistent shard is kept (all fields but fd and
+ * label go into its header). */
 typedef struct {
-    const char *name;          /* POSIX shm style name, "/numoe-<coordinator pid>-shard-<id>" */
+    int fd;                    /* a memfd (or any shmem / hugetlbfs file) the launcher holds */
+    const char *label;         /* how messages name it ("memfd numoe-<launcher pid>-shard-<id>") */
     uint64_t file_bytes, header_hash, placement_hash;
     uint32_t n_workers, kind;
 } nm_shard_seg;
 
-/* Copies worker's pieces of p out of the mapped model using pool's threads.
+/* RAM: copies worker's pieces of p out of the mapped model using pool's
+ * threads, with progress on stderr labelled label (common/progress.h).
  * node >= 0: the memory is bound to that NUMA node. seg != NULL: keep the
- * weights in that persistent segment (re-map it read-only if it is already
- * there and its header matches). */
+ * weights in that persistent segment (re-map it read-only if it already
+ * holds them). FILE: points into m's mapping (seg, node unused). */
 int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int worker, int node, nm_pool *pool,
-                   const nm_shard_seg *seg, nm_err *err);
+                   int mode, const nm_shard_seg *seg, const char *label, nm_err *err);
 /* out[t] = this worker's part of the layer's routed-expert output for the
  * tokens (x: [n_tok][n_embd]; ids, w: [n_tok][k]). */
 int nm_shard_moe(nm_shard *s, nm_pool *pool, int layer, int64_t n_tok, const float *x, int k, const int32_t *ids,

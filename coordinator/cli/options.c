@@ -22,8 +22,7 @@ const char nm_session_opts_help[] =
     "                          with a GPU engine: where the routed experts of a pass run. cpu = always\n"
     "                          on the CPU (workers or this process); gpu = on the GPU for every pass,\n"
     "                          their weights streamed over PCIe per pass; auto (default) = the GPU for\n"
-    "                          passes long enough that streaming pays (measured at load: one layer's\n"
-    "                          copy against the CPU's experts; never below 32 tokens), else the CPU\n"
+    "                          passes of >= 32 tokens (long prefill chunks), the CPU for the rest\n"
     "  -t, --threads N         CPU threads (default: all online CPUs)\n"
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
@@ -37,6 +36,9 @@ const char nm_session_opts_help[] =
     "                          dimension each; default), experts (whole experts, contiguous ids),\n"
     "                          experts-rr (whole experts, round-robin), or a map FILE (configs/README.md;\n"
     "                          `numoe placement --profile` balances one from a --dump-routing file)\n"
+    "      --shard-memory M    where the workers' experts live: ram (a copy each worker holds, kept across\n"
+    "                          its restarts), file (computed from the model file's pages: models larger\n"
+    "                          than memory), auto (default: file when the shards do not fit; docs/NUMA.md)\n"
     "      --worker-threads N  compute threads per worker (default: its node's CPUs / workers on it)\n"
     "      --worker-nodes L    NUMA node of each worker, comma-separated, repeated cyclically\n"
     "                          (default: round-robin over the nodes when there are several)\n"
@@ -103,6 +105,11 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
             return fprintf(stderr, "%s: --placement must be split, experts, experts-rr or a readable map file (got '%s')\n",
                            cmd, v ? v : ""), -1;
         o->placement = v;
+    } else if (!strcmp(a, "--shard-memory")) {
+        if (v && !strcmp(v, "auto")) o->shard_memory = 0;
+        else if (v && !strcmp(v, "ram")) o->shard_memory = 1;
+        else if (v && !strcmp(v, "file")) o->shard_memory = 2;
+        else return fprintf(stderr, "%s: --shard-memory must be auto, ram or file (got '%s')\n", cmd, v ? v : ""), -1;
     } else if (!strcmp(a, "--worker-threads")) {
         if (nm_opt_int(cmd, a, v, 1, 4096, &x)) return -1;
         o->worker_threads = (int)x;

@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/progress.h"
+#include "model/identity.h"
 #include "coordinator/engine/cpu/cpu_engine.h"
 #include "coordinator/engine/gpu/gpu_engine.h"
 #include "coordinator/experts/local.h"
@@ -56,6 +58,11 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     /* in-process experts read the whole file; workers copy their own shards */
     int remote = n_workers > 0 || o->worker_endpoints;
     prctl(PR_SET_NAME, "numoe-coordinator"); /* the kernel keeps 15 bytes: numoe-coordinat */
+    /* the load meter (/health's loading fraction): the file read here, or the
+     * routed experts the workers load, each counted as its step does it */
+    uint64_t file_bytes = 0;
+    for (int i = 0; i < s->gguf->n_files; i++) file_bytes += s->gguf->files[i].size;
+    nm_load_plan(remote ? nm_routed_expert_bytes(s->gguf) : o->no_prefault ? 0 : file_bytes);
     if (!o->no_prefault && !remote) nm_gguf_prefault(s->gguf, 1);
     const nm_hparams *hp = &s->model.hp;
     int64_t ctx = o->ctx_size ? o->ctx_size : (hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096);
@@ -108,6 +115,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
         nm_session_close(s);
         return -1;
     }
+    nm_load_ready();
     /* the one line that says where the engine runs (and, on a GPU, what its VRAM holds) */
     if (use_gpu)
         fprintf(stderr, "numoe: engine: %s\n", nm_engine_gpu_describe(s->engine));

@@ -25,6 +25,7 @@ typedef struct {
                                * (launch/launcher.h) starts them and names their count in
                                * NUMOE_LAUNCH_WORKERS, which then wins */
     const char *placement;    /* NULL: "split" */
+    int shard_memory;         /* --shard-memory: 0 auto, 1 ram, 2 file (launch/memory.h) */
     int worker_threads;       /* 0: the CPUs of a worker's node shared by the workers on it */
     int worker_nodes[64];     /* --worker-nodes LIST: node of worker i = worker_nodes[i % n_worker_nodes] */
     int n_worker_nodes;       /* 0: round-robin over the machine's nodes when it has several, else unbound */

@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "common/progress.h"
 #include "common/clock.h"
 
 double nm_remote_start_limit(void) {
@@ -142,6 +143,7 @@ static int on_register(nm_remote *rb, const nm_routing_id *rid, const Numoe__Reg
     w->registered = 1;
     w->pid = (pid_t)r->pid, w->pidfd = pidfd, w->attempt = r->attempt;
     w->shard_bytes = r->shard_bytes;
+    nm_load_add(r->shard_bytes); /* start-up progress (common/progress.h): this shard is loaded */
     w->node = r->node, w->threads = (int)r->threads, w->cpus = (int)r->cores;
     uint32_t rnd = 0;
     if (getrandom(&rnd, sizeof rnd, GRND_NONBLOCK) != sizeof rnd) rnd = (uint32_t)nm_now_ns();

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/progress.h"
 #include "common/clock.h"
 #include "coordinator/serve/gen.h"
 #include "coordinator/serve/reply.h"
@@ -89,8 +90,12 @@ static enum MHD_Result get_endpoint(nm_http *h, struct MHD_Connection *c, nm_htt
             return nm_http_reply(&h->met, c, r, 503, "application/json", js, js ? strlen(js) : 0);
         }
         if (st == ST_READY) return reply_str(h, c, r, 200, "application/json", "{\"status\":\"ok\"}");
-        return reply_str(h, c, r, 503, "application/json",
-                         st == ST_LOADING ? "{\"status\":\"loading\"}" : "{\"status\":\"shutting down\"}");
+        if (st == ST_LOADING) { /* how far the start-up is (common/progress.h's load meter: bytes read or loaded) */
+            char js[96];
+            snprintf(js, sizeof js, "{\"status\":\"loading\",\"progress\":%.3f}", nm_load_fraction());
+            return reply_str(h, c, r, 503, "application/json", js);
+        }
+        return reply_str(h, c, r, 503, "application/json", "{\"status\":\"shutting down\"}");
     }
     case R_API_VERSION: return reply_str(h, c, r, 200, "application/json", "{\"version\":\"0.1.0\"}");
     case R_METRICS: {
