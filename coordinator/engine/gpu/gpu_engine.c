@@ -219,9 +219,8 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
     }
     nm_gpu_forward_opts go = {.device = o->device, .n_ctx = o->n_ctx, .n_batch = o->n_batch > 0 ? o->n_batch : 512,
                               .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32,
-                              .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_CPU   ? -1
-                                            : o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1
-                                                                                           : NM_PREFILL_EXPERTS_MIN};
+                              .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1 : -1,
+                              .stream_auto = o->prefill_experts == NM_PREFILL_EXPERTS_AUTO};
     if (nm_gpu_forward_create(&ge->gf, m, experts, &go, err)) {
         free(ge);
         return NULL;

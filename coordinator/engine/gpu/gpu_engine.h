@@ -46,13 +46,11 @@ typedef struct {
 } nm_engine_gpu_opts;
 
 /* Routed experts of a pass: AUTO (0) = on the GPU, their weights streamed
- * over PCIe, for passes of at least NM_PREFILL_EXPERTS_MIN tokens, else on
- * the host backend; CPU = always the host backend; GPU = always the GPU.
- * Why 32: below it the CPU's read of the experts a pass touches costs less
- * than copying the layer over PCIe (coordinator/engine/gpu/gpu_experts.cuh;
- * ggml-cuda offloads batches of >= 32 tokens for the same reason). */
+ * over PCIe, for passes long enough that streaming a layer costs less than
+ * the host's experts for them - both measured at load, never below 32
+ * tokens (gpu_forward.h's stream_auto) - else on the host backend; CPU =
+ * always the host backend; GPU = always the GPU. */
 enum { NM_PREFILL_EXPERTS_AUTO = 0, NM_PREFILL_EXPERTS_CPU = 1, NM_PREFILL_EXPERTS_GPU = 2 };
-#define NM_PREFILL_EXPERTS_MIN 32
 
 /* Borrows m and experts (they outlive the engine; the backend's input
  * region is pinned with CUDA while the engine lives). NULL with err. */

@@ -481,6 +481,25 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
     return 0;
 }
 
+int moe_stream_time_copy(moe_stream *s, double *seconds, nm_err *err) {
+    *seconds = 0;
+    if (s->layers.empty()) return 0;
+    int pos = 0;
+    for (size_t i = 0; i < s->layers.size(); i++)
+        if (s->layers[i].bytes > s->layers[(size_t)pos].bytes) pos = (int)i;
+    const int b = pos % 2;
+    const double bytes_before = s->st.bytes_copied;
+    if (fetch(s, pos, err)) return -1;
+    CUDA_OK(cudaEventSynchronize(s->ev_c1[(size_t)pos]), "timing a layer's copy");
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, s->ev_c0[(size_t)pos], s->ev_c1[(size_t)pos]), "timing a layer's copy");
+    s->timing[(size_t)pos] = 0;
+    s->staged[b] = -1;
+    s->st.bytes_copied = bytes_before;
+    *seconds = ms / 1e3;
+    return 0;
+}
+
 void moe_stream_get_stats(moe_stream *s, moe_stream_stats *st) {
     harvest(s, 1);
     *st = s->st;

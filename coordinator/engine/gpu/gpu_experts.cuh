@@ -86,6 +86,12 @@ int moe_stream_begin(moe_stream *s, nm_err *err);
 int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int32_t *ids, const float *w,
                      float *out, nm_err *err);
 
+/* Seconds one MoE layer's copy takes through the stream's copy path (the
+ * largest layer, into staging buffer 0, waited for): the cost of streaming
+ * a layer, measured for the choice of CPU or GPU per pass. Leaves nothing
+ * staged. */
+int moe_stream_time_copy(moe_stream *s, double *seconds, nm_err *err);
+
 void moe_stream_get_stats(moe_stream *s, moe_stream_stats *st);
 /* Zeroes the counters (not vram, pinned). */
 void moe_stream_reset_stats(moe_stream *s);

@@ -73,6 +73,9 @@ struct dlayer {
 constexpr size_t WTILE_MAX = (size_t)1 << 26;
 /* Rows of logits computed per head pass (pinned + device buffers). */
 constexpr int64_t LOGIT_ROWS_MAX = 64;
+/* Tokens the auto threshold times the host's experts on, and its floor. */
+constexpr int64_t CAL_TOK = 64;
+constexpr int64_t NM_STREAM_MIN_TOKENS = 32;
 
 } /* namespace */
 
@@ -124,6 +127,7 @@ struct nm_gpu_forward {
     numoe_gpu::moe_stream *ms = nullptr;
     int64_t stream_min = -1;
     int stream_pass = 0;       /* the pass in progress computes its routed experts here */
+    char stream_why[160] = ""; /* how the auto threshold was found */
     int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
     float *h_sw = nullptr;
     /* decode passes as CUDA graphs: the MoE layer ending each segment, and
@@ -624,6 +628,50 @@ static int head(nm_gpu_forward *f, int64_t n, nm_err *err) {
     return 0;
 }
 
+/* The auto threshold (opts.stream_auto): a pass of n tokens streams its
+ * experts when n * (host seconds per token and layer) > (seconds to stream
+ * a layer). Both sides are measured here, on this machine and its backend:
+ * one layer's copy timed through the copy path, and the backend's submit +
+ * wait for CAL_TOK tokens of the first MoE layer (zero inputs, each token on
+ * k distinct experts spread over all of them), best of two. The host's cost
+ * per token shrinks with more tokens (weights read once per pass), so the
+ * per-token figure at CAL_TOK slightly overstates it for longer passes: the
+ * threshold errs towards the GPU there. At least 32 (ggml-cuda's own
+ * offload threshold), at most never (n_batch + 1). */
+static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const int il = -1;
+    double t_copy = 0;
+    if (numoe_gpu::moe_stream_time_copy(f->ms, &t_copy, err)) return -1;
+    nm_expert_input *in = &f->experts->in;
+    int64_t n = CAL_TOK < in->max_tok ? CAL_TOK : in->max_tok;
+    const int k = f->k;
+    memset(in->x, 0, (size_t)(n * hp->n_embd) * sizeof(float));
+    for (int64_t t = 0; t < n; t++)
+        for (int j = 0; j < k; j++) {
+            in->ids[t * k + j] = (int32_t)((t * k + j) % hp->n_expert);
+            in->w[t * k + j] = 0.0f;
+        }
+    int moe = 0;
+    while (moe < hp->n_layer && !f->m->layers[moe].is_moe) moe++;
+    double best = 1e30;
+    for (int r = 0; r < 2; r++) {
+        const double t0 = nm_now_s();
+        if (nm_experts_submit(f->experts, moe, n, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
+        const double t = nm_now_s() - t0;
+        best = t < best ? t : best;
+    }
+    const double per_tok = best / (double)n;
+    int64_t thr = per_tok > 0 ? (int64_t)ceil(t_copy / per_tok) : f->n_batch + 1;
+    if (thr < NM_STREAM_MIN_TOKENS) thr = NM_STREAM_MIN_TOKENS;
+    if (thr > f->n_batch) thr = f->n_batch + 1;
+    f->stream_min = thr;
+    snprintf(f->stream_why, sizeof f->stream_why, "measured: a layer streams in %.1f ms, the host's experts take "
+             "%.3f ms per token and layer", t_copy * 1e3, per_tok * 1e3);
+    (void)il;
+    return 0;
+}
+
 /* ---- caches --------------------------------------------------------------------- */
 
 static int kv_alloc(nm_gpu_forward *f, nm_gpu_kv *kv, int64_t n_ctx, nm_err *err) {
@@ -782,11 +830,14 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
             halloc_n(f, &f->h_extra_ids, nt, "extra ids", err) || halloc_n(f, &f->h_extra_vals, nt, "extra logits", err))
             return -1;
     }
-    if (f->stream_min > 0 && hp->n_layer > hp->n_dense) {
+    if ((f->stream_min > 0 || o->stream_auto) && hp->n_layer > hp->n_dense) {
         if (halloc_n(f, &f->h_sids, (size_t)(T * f->k), "expert ids", err) ||
             halloc_n(f, &f->h_sw, (size_t)(T * f->k), "expert weights", err) ||
             numoe_gpu::moe_stream_create(&f->ms, m, T, f->k, f->st, f->cb, compute_of(f, T), err))
             return nm_err_prefix(err, "routed experts on the GPU (--prefill-experts cpu keeps them on the CPU)");
+        if (o->stream_auto && calibrate_stream(f, err))
+            return nm_err_prefix(err, "measuring where the routed experts of a pass run (--prefill-experts cpu|gpu "
+                                 "skips it)");
     }
     /* decode passes as CUDA graphs: opt-in until checked on the GPU box */
     const char *gr = getenv("NUMOE_CUDA_GRAPHS");
@@ -817,9 +868,13 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
              f->gemm == NM_GPU_GEMM_TF32 ? "tf32" : f->gemm == NM_GPU_GEMM_BF16 ? "bf16" : "f32");
     if (f->ms) {
         size_t used = strlen(f->desc);
-        if (f->stream_min > 1)
-            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for passes of >= %lld tokens (%s), "
-                     "else the CPU", (long long)f->stream_min, numoe_gpu::moe_stream_describe(f->ms));
+        if (f->stream_min > f->n_batch)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: CPU (%s: streaming never pays "
+                     "within a batch of %lld)", f->stream_why, (long long)f->n_batch);
+        else if (f->stream_min > 1)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for passes of >= %lld tokens%s%s%s "
+                     "(%s), else the CPU", (long long)f->stream_min, f->stream_why[0] ? " (" : "", f->stream_why,
+                     f->stream_why[0] ? ")" : "", numoe_gpu::moe_stream_describe(f->ms));
         else
             snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for every pass (%s)",
                      numoe_gpu::moe_stream_describe(f->ms));
@@ -1041,6 +1096,7 @@ extern "C" void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward
     s->vram_vectors = f->vram[P_VECTORS];
     s->vram_scratch = f->vram[P_SCRATCH];
     s->n_graphs = f->n_graphs;
+    s->stream_min = f->ms && f->stream_min <= f->n_batch ? f->stream_min : 0;
     s->graphs_off = f->graph_off;
     if (f->ms) {
         numoe_gpu::moe_stream_stats ss;

@@ -77,6 +77,9 @@ typedef struct {
     int gemv_max;          /* batches of up to this many tokens use per-token GEMV (0: 4) */
     int64_t stream_min;    /* passes of >= this many tokens compute the routed experts on the GPU,
                               streaming their weights (gpu_experts.cuh); < 0 or 0: never */
+    int stream_auto;       /* instead: the threshold where streaming a layer costs less than the host's
+                              experts, measured at create (one layer's copy timed, the backend timed on
+                              64 tokens of one layer), at least 32 */
 } nm_gpu_forward_opts;
 
 /* Uploads the model and allocates scratch for batches of n_batch tokens.
@@ -172,6 +175,7 @@ typedef struct {
     double stream_bytes;  /* expert bytes copied host-to-device */
     double t_stream_copy; /* seconds the copy stream was busy */
     int stream_pinned;    /* the host source is registered (DMA at full speed) */
+    int64_t stream_min;   /* the threshold in force (tokens; 0: never) */
     /* decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) */
     int64_t n_graphs;     /* segments captured so far */
     const char *graphs_off; /* "" while on (or never asked for), else why a capture failed */
