@@ -161,6 +161,11 @@ int nm_cmd_bench_model(int argc, char **argv) {
             const double dev = (st2.device_wait_s - st1.device_wait_s) * per, ex = (st2.expert_wait_s - st1.expert_wait_s) * per;
             fprintf(stderr, "numoe: decode step %.3f ms: GPU before the hand-offs %.3f ms, routed experts on the host %.3f "
                     "ms, rest (H2D, head, logits, host) %.3f ms\n", all, dev, ex, all - dev - ex);
+            const int64_t n_moe = hp->n_layer - hp->n_dense;
+            if (n_moe > 0)
+                fprintf(stderr, "numoe: per MoE layer (%lld): the GPU's part %.0f us, the host's experts %.0f us, the rest "
+                        "%.0f us\n", (long long)n_moe, dev * 1e3 / (double)n_moe, ex * 1e3 / (double)n_moe,
+                        (all - dev - ex) * 1e3 / (double)n_moe);
         }
         if (p && st1.stream_layers > st0.stream_layers) {
             const double b = st1.stream_bytes - st0.stream_bytes, t = st1.stream_copy_s - st0.stream_copy_s;
