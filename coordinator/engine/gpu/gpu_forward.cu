@@ -645,6 +645,7 @@ static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
     if (numoe_gpu::moe_stream_time_copy(f->ms, &t_copy, err)) return -1;
     nm_expert_input *in = &f->experts->in;
     int64_t n = CAL_TOK < in->max_tok ? CAL_TOK : in->max_tok;
+    if (n > f->n_batch) n = f->n_batch; /* h_moe holds a batch */
     const int k = f->k;
     memset(in->x, 0, (size_t)(n * hp->n_embd) * sizeof(float));
     for (int64_t t = 0; t < n; t++)
