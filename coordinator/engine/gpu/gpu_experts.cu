@@ -56,19 +56,18 @@ void *copy_part_run(void *arg) {
 void parallel_memcpy(uint8_t *dst, const uint8_t *src, size_t n, int t) {
     pthread_t th[BOUNCE_THREADS_MAX];
     copy_part part[BOUNCE_THREADS_MAX];
-    int started = 0;
+    bool started[BOUNCE_THREADS_MAX] = {};
     const size_t step = (n / (size_t)t + 63) & ~(size_t)63;
     for (int i = 1; i < t; i++) {
         const size_t o = (size_t)i * step;
         if (o >= n) break;
         part[i] = copy_part{dst + o, src + o, o + step < n ? step : n - o};
-        if (pthread_create(&th[i], nullptr, copy_part_run, &part[i]) == 0) started = i;
-        else {
-            memcpy(part[i].dst, part[i].src, part[i].n); /* no thread: copied here, same bytes */
-        }
+        started[i] = pthread_create(&th[i], nullptr, copy_part_run, &part[i]) == 0;
+        if (!started[i]) memcpy(part[i].dst, part[i].src, part[i].n); /* no thread: copied here, same bytes */
     }
     memcpy(dst, src, step < n ? step : n);
-    for (int i = 1; i <= started; i++) pthread_join(th[i], nullptr);
+    for (int i = 1; i < t; i++)
+        if (started[i]) pthread_join(th[i], nullptr);
 }
 
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
