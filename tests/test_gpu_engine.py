@@ -306,6 +306,19 @@ def test_cuda_graphs_same_tokens(gpu_exe, model, workers, monkeypatch):
     assert [int(t) for t in p.stdout.strip().split(",")] == ref
 
 
+def test_upload_progress(gpu_exe, monkeypatch):
+    """The copy of the weights to VRAM is a start-up step with progress (NUMOE_PROGRESS=lines shows it for a
+    small model too): 10% lines that only grow, then the final line."""
+    monkeypatch.setenv("NUMOE_PROGRESS", "lines")
+    p = run([gpu_exe, "generate", "-m", MODEL, "--tokens", "1,2", "-n", "1", "--workers", "0", "--gpu", "0"],
+            timeout=120)
+    assert_clean(p)
+    assert p.returncode == 0, p.stderr[-2000:]
+    pct = [int(x) for x in re.findall(r"^numoe: copying the weights to VRAM: (\d+)%", p.stderr, re.M)]
+    assert pct == sorted(pct) and pct, p.stderr[-2000:]
+    assert re.search(r"^numoe: copying the weights to VRAM: done, ", p.stderr, re.M), p.stderr[-2000:]
+
+
 def gpu_mem_used_mib():
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
                          capture_output=True, text=True, check=True).stdout

@@ -18,6 +18,7 @@
 #ifdef NUMOE_CUDA
 
 #include "common/clock.h"
+#include "common/progress.h"
 #include "coordinator/engine/gpu/gpu_forward.h"
 
 struct nm_engine_seq {
@@ -200,6 +201,25 @@ static void gpu_destroy(nm_engine *e) {
     free(ge);
 }
 
+/* The copy of the weights to VRAM, as a start-up step with progress
+ * (common/progress.h; part of the load meter /health reports). */
+typedef struct {
+    nm_progress p;
+    int begun;
+    uint64_t seen;
+} upload_progress;
+
+static void on_upload(void *ctx, uint64_t done, uint64_t total) {
+    upload_progress *u = ctx;
+    if (!u->begun) {
+        nm_progress_begin(&u->p, "numoe: copying the weights to VRAM", total);
+        u->begun = 1;
+    }
+    nm_progress_add(&u->p, done - u->seen);
+    nm_load_add(done - u->seen);
+    u->seen = done;
+}
+
 nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, const nm_engine_gpu_opts *o,
                                 nm_err *err) {
     char why[512];
@@ -221,10 +241,15 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
                               .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32,
                               .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1 : -1,
                               .stream_auto = o->prefill_experts == NM_PREFILL_EXPERTS_AUTO};
+    upload_progress up = {.begun = 0};
+    go.on_upload = on_upload;
+    go.upload_ctx = &up;
     if (nm_gpu_forward_create(&ge->gf, m, experts, &go, err)) {
+        if (up.begun && up.p.mode == NM_PROGRESS_BAR) fputc('\n', stderr); /* a bar stopped half-way ends its line */
         free(ge);
         return NULL;
     }
+    if (up.begun) nm_progress_end(&up.p);
     ge->base = (nm_engine){
         .info = {.name = "gpu", .n_vocab = m->hp.n_vocab, .n_ctx = o->n_ctx, .n_batch = go.n_batch,
                  .n_layer = m->hp.n_layer,

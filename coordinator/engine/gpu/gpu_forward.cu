@@ -127,6 +127,9 @@ struct nm_gpu_forward {
     numoe_gpu::moe_stream *ms = nullptr;
     int64_t stream_min = -1;
     int stream_pass = 0;       /* the pass in progress computes its routed experts here */
+    void (*on_upload)(void *, uint64_t, uint64_t) = nullptr; /* opts.on_upload */
+    void *upload_ctx = nullptr;
+    uint64_t up_done = 0, up_total = 0;
     char stream_why[160] = ""; /* how the auto threshold was found */
     int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
     float *h_sw = nullptr;
@@ -163,6 +166,29 @@ static int fail_blas(nm_err *err, cublasStatus_t s, const char *what, const char
  * on the legacy default stream would order against it): a pageable upload
  * may return before its DMA lands, and the stream keeps later kernels behind
  * it. */
+
+/* The bytes create copies to VRAM (every matrix but the routed experts),
+ * for the upload's progress. */
+static uint64_t upload_total(const nm_model *m) {
+    uint64_t t = 0;
+    auto add = [&t](const nm_mat &x) {
+        if (x.data) t += (uint64_t)x.slab * (uint64_t)(x.n_mat > 0 ? x.n_mat : 1);
+    };
+    add(m->tok_embd);
+    if (m->output.data != m->tok_embd.data) add(m->output);
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        const nm_layer *S = &m->layers[il];
+        for (const nm_mat *x : {&S->q, &S->q_a, &S->q_b, &S->kv_a, &S->out, &S->k_b, &S->v_b, &S->gate, &S->up,
+                                &S->down, &S->gate_inp, &S->gate_sh, &S->up_sh, &S->down_sh})
+            add(*x);
+    }
+    return t;
+}
+
+static void uploaded_some(nm_gpu_forward *f, size_t bytes) {
+    f->up_done += bytes;
+    if (f->on_upload) f->on_upload(f->upload_ctx, f->up_done, f->up_total);
+}
 
 static int dalloc(nm_gpu_forward *f, void **p, size_t bytes, int part, const char *what, nm_err *err) {
     *p = nullptr;
@@ -209,6 +235,7 @@ static int upload_bytes(nm_gpu_forward *f, const nm_mat *src, int part, const ui
             bytes);
     f->uploaded[src->data] = static_cast<const uint8_t *>(d);
     *out = static_cast<const uint8_t *>(d);
+    uploaded_some(f, bytes);
     return 0;
 }
 
@@ -262,6 +289,7 @@ static int upload_absorb(nm_gpu_forward *f, const nm_mat *src, const float **out
         if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: converting %s to float32: %s", src->name, nm_cuda_last_error());
     }
     *out = static_cast<const float *>(d32);
+    uploaded_some(f, bytes);
     return 0;
 }
 
@@ -923,6 +951,9 @@ extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm
     f->gemm = o->gemm;
     f->gemv_max = o->gemv_max > 0 ? o->gemv_max : 4;
     f->stream_min = o->stream_min;
+    f->on_upload = o->on_upload;
+    f->upload_ctx = o->upload_ctx;
+    f->up_total = upload_total(m);
     f->own.f = f;
     if (create(f, m, o, err)) {
         nm_gpu_forward_free(f);

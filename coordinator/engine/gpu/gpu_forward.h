@@ -77,6 +77,10 @@ typedef struct {
     int gemv_max;          /* batches of up to this many tokens use per-token GEMV (0: 4) */
     int64_t stream_min;    /* passes of >= this many tokens compute the routed experts on the GPU,
                               streaming their weights (gpu_experts.cuh); < 0 or 0: never */
+    /* NULL, or told after every weight copied to VRAM at create: bytes so far
+     * and in all (the caller shows progress; this library prints nothing) */
+    void (*on_upload)(void *ctx, uint64_t done, uint64_t total);
+    void *upload_ctx;
     int stream_auto;       /* instead: the threshold where streaming a layer costs less than the host's
                               experts, measured at create (one layer's copy timed, the backend timed on
                               64 tokens of one layer), at least 32 */
