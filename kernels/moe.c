@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "kernels/quant.h"
+#include "kernels/tile.h"
 
 #define ROW_CHUNK 64 /* rows per work unit: long enough contiguous streams for the hardware
                        * prefetcher (16 rows decoded ~10% slower on Zen 4), short enough
@@ -33,6 +34,14 @@ typedef struct {
     uint8_t *hq;                /* h quantised for down's dot type */
     size_t hq_row;
     float *out;
+    /* tiles (tile.h) where every matrix of a pass has them: gate+up share
+     * use_tile_gu, down use_tile_d; aux rows of the activations; per
+     * thread a buffer of tbuf_per bytes (gate tile, up tile, down tile) */
+    int use_tile_gu, use_tile_d;
+    const uint8_t *aux_gate, *aux_up, *aux_h;
+    size_t aux_gate_row, aux_up_row, aux_h_row;
+    uint8_t *tbuf;
+    size_t tbuf_per, tile_g_size, tile_u_size;
     atomic_long next;
     int64_t units;
 } moe_job;
@@ -84,6 +93,69 @@ static void pass_gate_up(void *ctx, int ith, int nth) {
     }
 }
 
+/* Pass 1 on tiles: per unit, each 16-row tile of gate and of up is packed
+ * once into this thread's buffer, then applied to the expert's pairs in
+ * groups of NM_TILE_NX; the result per (row, pair) is the tile number of
+ * tile.h whatever the group sizes, so a batch gives the bits one token at
+ * a time gives. */
+static void pass_gate_up_tile(void *ctx, int ith, int nth) {
+    moe_job *j = ctx;
+    const nm_moe_experts *ex = j->ex;
+    uint8_t *tg = j->tbuf + (size_t)ith * j->tbuf_per, *tu = tg + j->tile_g_size;
+    int64_t chunks = (ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK;
+    (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->units) break;
+        int64_t ei = u / chunks, r0 = (u % chunks) * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
+        if (r1 > ex->n_ff) r1 = ex->n_ff;
+        int32_t e = j->expert[ei];
+        const uint8_t *G = ex->gate[e], *U = ex->up[e];
+        if (j->start[ei + 1] - j->start[ei] == 1) { /* a lone pair (decode): the rows as they are */
+            int64_t p = j->start[ei];
+            int32_t t = j->pair_tok[p];
+            const void *xg = j->xq_gate + (size_t)t * j->xq_gate_row, *xu = j->xq_up + (size_t)t * j->xq_up_row;
+            const void *ag = j->aux_gate + (size_t)t * j->aux_gate_row, *au = j->aux_up + (size_t)t * j->aux_up_row;
+            for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
+                int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
+                float g[NM_TILE_ROWS], v[NM_TILE_ROWS];
+                nm_tile_gemv(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, xg, ag, g);
+                nm_tile_gemv(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, xu, au, v);
+                float *hr = j->h + p * ex->n_ff + rt;
+                for (int r = 0; r < nr; r++) hr[r] = g[r] / (1.0f + expf(-g[r])) * v[r];
+            }
+            continue;
+        }
+        for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
+            int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
+            nm_tile_pack(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, tg);
+            nm_tile_pack(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, tu);
+            for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
+                int n = j->start[ei + 1] - p < NM_TILE_NX ? (int)(j->start[ei + 1] - p) : NM_TILE_NX;
+                const void *xg[NM_TILE_NX], *xu[NM_TILE_NX], *ag[NM_TILE_NX], *au[NM_TILE_NX];
+                for (int k = 0; k < n; k++) {
+                    int32_t t = j->pair_tok[p + k];
+                    xg[k] = j->xq_gate + (size_t)t * j->xq_gate_row;
+                    xu[k] = j->xq_up + (size_t)t * j->xq_up_row;
+                    ag[k] = j->aux_gate + (size_t)t * j->aux_gate_row;
+                    au[k] = j->aux_up + (size_t)t * j->aux_up_row;
+                }
+                float g[NM_TILE_NX * NM_TILE_ROWS], v[NM_TILE_NX * NM_TILE_ROWS];
+                nm_tile_gemm(ex->type_gate, ex->n_embd, tg, xg, ag, n, g);
+                nm_tile_gemm(ex->type_up, ex->n_embd, tu, xu, au, n, v);
+                for (int k = 0; k < n; k++) {
+                    float *hr = j->h + (p + k) * ex->n_ff + rt;
+                    for (int r = 0; r < nr; r++) {
+                        float gg = g[k * NM_TILE_ROWS + r];
+                        hr[r] = gg / (1.0f + expf(-gg)) * v[k * NM_TILE_ROWS + r];
+                    }
+                }
+                p += n;
+            }
+        }
+    }
+}
+
 /* Quantises rows [ith-strided] of a float matrix into a dot type. */
 typedef struct {
     const float *src;
@@ -91,12 +163,18 @@ typedef struct {
     int type;
     uint8_t *dst;
     size_t dst_row;
+    int aux_type; /* weight type whose tile aux to derive (-1: none) */
+    uint8_t *aux;
+    size_t aux_row;
 } quant_job;
 
 static void pass_quantize(void *ctx, int ith, int nth) {
     quant_job *q = ctx;
-    for (int64_t r = ith; r < q->n_rows; r += nth)
+    for (int64_t r = ith; r < q->n_rows; r += nth) {
         nm_quantize_row(q->type, q->src + r * q->n_cols, q->dst + (size_t)r * q->dst_row, q->n_cols);
+        if (q->aux_type >= 0)
+            nm_tile_aux(q->aux_type, q->n_cols, q->dst + (size_t)r * q->dst_row, q->aux + (size_t)r * q->aux_row);
+    }
 }
 
 /* Pass 2: output rows are split between threads (units of ROW_CHUNK rows of
@@ -137,6 +215,55 @@ static void pass_down(void *ctx, int ith, int nth) {
     }
 }
 
+/* Pass 2 on tiles: as pass_down, each (unit, expert) 16-row tile of down
+ * packed once, applied to the expert's pairs in groups. */
+static void pass_down_tile(void *ctx, int ith, int nth) {
+    moe_job *j = ctx;
+    const nm_moe_experts *ex = j->ex;
+    uint8_t *td = j->tbuf + (size_t)ith * j->tbuf_per + j->tile_g_size + j->tile_u_size;
+    (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->units) break;
+        int64_t r0 = u * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
+        if (r1 > ex->n_embd) r1 = ex->n_embd;
+        for (int64_t ei = 0; ei < j->n_used; ei++) {
+            const uint8_t *D = ex->down[j->expert[ei]];
+            if (j->start[ei + 1] - j->start[ei] == 1) { /* a lone pair: the rows as they are */
+                int64_t p = j->start[ei];
+                const void *xs = j->hq + (size_t)p * j->hq_row, *as = j->aux_h + (size_t)p * j->aux_h_row;
+                float *o = j->out + (size_t)j->pair_tok[p] * ex->n_embd;
+                for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
+                    int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
+                    float d[NM_TILE_ROWS];
+                    nm_tile_gemv(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, xs, as, d);
+                    for (int r = 0; r < nr; r++) o[rt + r] += j->pair_w[p] * d[r];
+                }
+                continue;
+            }
+            for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
+                int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
+                nm_tile_pack(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, td);
+                for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
+                    int n = j->start[ei + 1] - p < NM_TILE_NX ? (int)(j->start[ei + 1] - p) : NM_TILE_NX;
+                    const void *xs[NM_TILE_NX], *as[NM_TILE_NX];
+                    for (int k = 0; k < n; k++) {
+                        xs[k] = j->hq + (size_t)(p + k) * j->hq_row;
+                        as[k] = j->aux_h + (size_t)(p + k) * j->aux_h_row;
+                    }
+                    float d[NM_TILE_NX * NM_TILE_ROWS];
+                    nm_tile_gemm(ex->type_down, ex->n_ff, td, xs, as, n, d);
+                    for (int k = 0; k < n; k++) {
+                        float *o = j->out + (size_t)j->pair_tok[p + k] * ex->n_embd + rt;
+                        for (int r = 0; r < nr; r++) o[r] += j->pair_w[p + k] * d[k * NM_TILE_ROWS + r];
+                    }
+                    p += n;
+                }
+            }
+        }
+    }
+}
+
 static void *carve(uint8_t **cur, size_t bytes) {
     void *p = *cur;
     *cur += (bytes + 63) & ~(size_t)63;
@@ -156,7 +283,15 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
     int td = nm_type_traits_of(ex->type_down)->vec_dot_type;
     size_t xg_row = nm_row_size(tg, ex->n_embd), xu_row = nm_row_size(tu, ex->n_embd);
     size_t hq_row = nm_row_size(td, ex->n_ff);
-    size_t need = 64 * 12 + (size_t)(E + 1) * sizeof(int64_t) * 2 + (size_t)E * sizeof(int32_t) +
+    int use_gu = nm_tile_usable(ex->type_gate) && nm_tile_usable(ex->type_up), use_d = nm_tile_usable(ex->type_down);
+    size_t ag_row = use_gu ? nm_tile_aux_size(ex->type_gate, ex->n_embd) : 0;
+    size_t au_row = use_gu && ex->type_up != ex->type_gate ? nm_tile_aux_size(ex->type_up, ex->n_embd) : 0;
+    size_t ah_row = use_d ? nm_tile_aux_size(ex->type_down, ex->n_ff) : 0;
+    size_t tg_size = use_gu ? nm_tile_size(ex->type_gate, ex->n_embd) : 0;
+    size_t tu_size = use_gu ? nm_tile_size(ex->type_up, ex->n_embd) : 0;
+    size_t tbuf_per = (tg_size + tu_size + (use_d ? nm_tile_size(ex->type_down, ex->n_ff) : 0) + 63) & ~(size_t)63;
+    int nth = nm_pool_size(pool);
+    size_t need = 64 * 16 + (size_t)nth * tbuf_per + (size_t)n_tok * (ag_row + au_row) + (size_t)n_pairs * ah_row + (size_t)(E + 1) * sizeof(int64_t) * 2 + (size_t)E * sizeof(int32_t) +
                   (size_t)n_pairs * (sizeof(int32_t) + sizeof(float) + (size_t)ex->n_ff * sizeof(float) + hq_row) +
                   (size_t)n_tok * (xg_row + (tg == tu ? 0 : xu_row));
     if (need > s->cap) {
@@ -177,6 +312,10 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
     uint8_t *hq = carve(&cur, (size_t)n_pairs * hq_row);
     uint8_t *xq_gate = carve(&cur, (size_t)n_tok * xg_row);
     uint8_t *xq_up = tg == tu ? xq_gate : carve(&cur, (size_t)n_tok * xu_row);
+    uint8_t *tbuf = carve(&cur, (size_t)nth * tbuf_per);
+    uint8_t *aux_g = carve(&cur, (size_t)n_tok * ag_row);
+    uint8_t *aux_u = au_row ? carve(&cur, (size_t)n_tok * au_row) : aux_g;
+    uint8_t *aux_h = carve(&cur, (size_t)n_pairs * ah_row);
 
     /* counting sort of (token, slot) pairs by expert, keeping only held experts */
     memset(count, 0, (size_t)(E + 1) * sizeof *count);
@@ -201,24 +340,29 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
     }
     if (n_used == 0) return 0;
 
-    quant_job qg = {x, n_tok, ex->n_embd, tg, xq_gate, xg_row};
+    quant_job qg = {x, n_tok, ex->n_embd, tg, xq_gate, xg_row, use_gu ? ex->type_gate : -1, aux_g, ag_row};
     nm_pool_run(pool, pass_quantize, &qg);
-    if (tg != tu) {
-        quant_job qu = {x, n_tok, ex->n_embd, tu, xq_up, xu_row};
+    if (tg != tu || au_row) {
+        /* the up rows again when up has its own dot type or its own aux */
+        quant_job qu = {x, n_tok, ex->n_embd, tu, xq_up, xu_row, use_gu ? ex->type_up : -1, aux_u, au_row};
+        if (tg == tu) qu.dst = xq_gate; /* same quantised rows, only the aux differs */
         nm_pool_run(pool, pass_quantize, &qu);
     }
     moe_job j = {.ex = ex, .n_tok = n_tok, .n_act = acc, .n_used = n_used, .expert = expert, .start = start,
                  .pair_tok = pair_tok, .pair_w = pair_w, .x = x, .xq_gate = xq_gate, .xq_up = xq_up,
-                 .xq_gate_row = xg_row, .xq_up_row = xu_row, .h = h, .hq = hq, .hq_row = hq_row, .out = out};
+                 .xq_gate_row = xg_row, .xq_up_row = xu_row, .h = h, .hq = hq, .hq_row = hq_row, .out = out,
+                 .use_tile_gu = use_gu, .use_tile_d = use_d, .aux_gate = aux_g, .aux_up = aux_u, .aux_h = aux_h,
+                 .aux_gate_row = ag_row, .aux_up_row = au_row ? au_row : ag_row, .aux_h_row = ah_row,
+                 .tbuf = tbuf, .tbuf_per = tbuf_per, .tile_g_size = tg_size, .tile_u_size = tu_size};
     atomic_init(&j.next, 0);
     j.units = (int64_t)n_used * ((ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK);
-    nm_pool_run(pool, pass_gate_up, &j);
+    nm_pool_run(pool, use_gu ? pass_gate_up_tile : pass_gate_up, &j);
 
-    quant_job qh = {h, acc, ex->n_ff, td, hq, hq_row};
+    quant_job qh = {h, acc, ex->n_ff, td, hq, hq_row, use_d ? ex->type_down : -1, aux_h, ah_row};
     nm_pool_run(pool, pass_quantize, &qh);
 
     atomic_store(&j.next, 0);
     j.units = (ex->n_embd + ROW_CHUNK - 1) / ROW_CHUNK;
-    nm_pool_run(pool, pass_down, &j);
+    nm_pool_run(pool, use_d ? pass_down_tile : pass_down, &j);
     return 0;
 }

@@ -32,6 +32,7 @@
 
 #include "kernels/matmul.h"
 #include "kernels/moe.h"
+#include "kernels/tile.h"
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
 #include "tests/unit/check.h"
@@ -386,6 +387,15 @@ static void test_gemm_equals_single_dots(void) {
  * held here (NULL), a token routed twice to one expert, skewed routing (an
  * expert with many pairs, some with one), 1 and 3 threads, and a 1-token
  * batch (every group a lone pair: the decode path). Bound: 0. */
+static float tile_dot_q4_K(int64_t n, const void *w, const void *x) { return nm_tile_dot_ref(NM_TYPE_Q4_K, n, w, x); }
+static float tile_dot_q5_0(int64_t n, const void *w, const void *x) { return nm_tile_dot_ref(NM_TYPE_Q5_0, n, w, x); }
+
+/* The per-pair dot nm_moe_forward's numbers follow for a weight type. */
+static nm_vec_dot_fn moe_dot(int type) {
+    if (nm_tile_usable(type)) return type == NM_TYPE_Q4_K ? tile_dot_q4_K : tile_dot_q5_0;
+    return nm_vec_dot(type);
+}
+
 static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
     const int64_t n_embd = 512, n_ff = 224, E = 7;
     const int k = 3;
@@ -424,7 +434,8 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
     /* the reference: one pair, one single dot at a time */
     const int vg = nm_type_traits_of(tg)->vec_dot_type, vu = nm_type_traits_of(tu)->vec_dot_type;
     const int vd = nm_type_traits_of(td)->vec_dot_type;
-    const nm_vec_dot_fn dg = nm_vec_dot(tg), du = nm_vec_dot(tu), dd = nm_vec_dot(td);
+    /* nm_moe_forward computes a matrix with tiles (tile.h) wherever its type has them, one pair or many */
+    const nm_vec_dot_fn dg = moe_dot(tg), du = moe_dot(tu), dd = moe_dot(td);
     uint8_t *xg = malloc(nm_row_size(vg, n_embd)), *xu = malloc(nm_row_size(vu, n_embd));
     uint8_t *hq = malloc(nm_row_size(vd, n_ff));
     float *h = malloc(sizeof(float) * (size_t)n_ff);

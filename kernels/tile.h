@@ -1,0 +1,94 @@
+/* tile.h - weight rows repacked 16 at a time for the expert GEMM (VNNI).
+ *
+ * The multi-row dots (quant.h) still reduce every (row, token) pair on its
+ * own: per 256 Q4_K elements and token, 4 vpdpbusd and about 10 more
+ * instructions to apply sub-block scales inside the vector and fold it.
+ * A tile interleaves 16 weight rows so that one 64-byte vector holds 4
+ * consecutive quants of each row: one vpdpbusd with 4 activation bytes
+ * broadcast then adds 4 products to each of 16 rows' sums, the lanes are
+ * rows, and the sub-block scales and block scales are vectors over rows
+ * that apply to whole sums (no horizontal step, nothing per token but the
+ * multiplies and one scale step per sub-block).
+ *
+ * Numbers (the contract every path here keeps, bit for bit). Per
+ * (row, token) the integer parts are exact and the float steps run block
+ * by block in one fixed order, so the value depends on the row and the
+ * activation row only, never on how many tokens or rows a call holds:
+ *   Q4_K (x in Q8_K):  per block, I = sum_j sc_j * sum_{l in j} q_l x_l,
+ *                      M = sum_j m_j * (bsums[2j] + bsums[2j + 1]);
+ *                      t = (float)I * d;  t = fmaf(-(float)M, dmin, t);
+ *                      acc = fmaf(t, x.d, acc)
+ *   Q5_0 (x in Q8_0):  per block, S = sum_l (q_l - 16) x_l;
+ *                      acc = fmaf((float)S, d * x.d, acc)
+ * starting from acc = 0. nm_tile_dot_ref computes this in plain C from the
+ * original row; nm_tile_gemm must equal it exactly (tests/unit/test_tile.c).
+ * These differ from nm_vec_dot's rounding, so a caller that mixes the two
+ * for one matrix must not expect batch-independent bits: nm_moe_forward
+ * uses the tiles for every token count or not at all.
+ *
+ * Layouts (per 16-row tile, block after block; every part 64-byte sized):
+ *   Q4_K block (4992 bytes): q[64 groups][16 rows][4] (unsigned 0..15) |
+ *     sc[8][16] int32 | mp[4][16] int32 (m_{2i} | m_{2i+1} << 16, int16 each) |
+ *     d[16] float | dmin[16] float
+ *   Q5_0 block (576 bytes): q[8 groups][16 rows][4] (unsigned 0..31) | d[16] float
+ * Rows past nrows are zero (their results are 0 and meant to be ignored).
+ * The packing is a pure function of the rows, so a shard could hold tiles
+ * instead of rows (4992 bytes per 16 Q4_K blocks instead of 2304: the
+ * quants are stored one per byte, ready for vpdpbusd).
+ *
+ * Activation side: nm_tile_aux derives per block what the kernel would
+ * otherwise recompute for every tile (Q4_K: the bsum pairs as int16 pairs;
+ * Q5_0: -16 * sum x and x.d as float), once per activation row. */
+#ifndef NUMOE_KERNELS_TILE_H
+#define NUMOE_KERNELS_TILE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NM_TILE_ROWS 16
+#define NM_TILE_NX 8 /* activation rows per nm_tile_gemm call, at most */
+
+/* 1 if the type has tiles and this CPU (nm_isa_best(): NUMOE_ISA lowers it)
+ * runs them: Q4_K and Q5_0 at the AVX512-VNNI level. */
+int nm_tile_usable(int type);
+/* Bytes of one tile of rows of n elements; of one activation row's aux. */
+size_t nm_tile_size(int type, int64_t n);
+size_t nm_tile_aux_size(int type, int64_t n);
+
+/* Packs rows 0..nrows-1 (nrows <= 16) of a row-major matrix (rows
+ * row_bytes apart) into tile (nm_tile_size bytes, 64-byte aligned).
+ * nm_tile_pack is the SIMD packer (only where nm_tile_usable), _ref the
+ * plain C one; both write the same bytes. */
+void nm_tile_pack(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile);
+void nm_tile_pack_ref(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile);
+
+/* aux of one activation row x (in the type's vec_dot_type). */
+void nm_tile_aux(int type, int64_t n, const void *x, void *aux);
+
+/* out[j * 16 + r] = row r of the tile . x[j], for j < nx (1..NM_TILE_NX),
+ * aux[j] = nm_tile_aux of x[j]. Only where nm_tile_usable. */
+void nm_tile_gemm(int type, int64_t n, const void *tile, const void *const *x, const void *const *aux, int nx,
+                  float *out);
+
+/* out[r] = row r . x for rows 0..nrows-1 (nrows <= 16; out[r] = 0 for the
+ * others) of a row-major matrix, no tile needed: the numbers of
+ * nm_tile_gemm for one activation row, cheaper than packing when a tile
+ * would serve a single row (decode). Only where nm_tile_usable. */
+void nm_tile_gemv(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, const void *x, const void *aux,
+                  float *out);
+
+/* The same number for one original row w (the scalar reference). */
+float nm_tile_dot_ref(int type, int64_t n, const void *w, const void *x);
+
+/* The SIMD half (tile_avx512.c, compiled with the VNNI flags: call only
+ * where nm_isa_supported(NM_ISA_AVX512_VNNI)); NULL for other types. */
+typedef void (*nm_tile_pack_fn)(int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile);
+typedef void (*nm_tile_gemm_fn)(int64_t n, const void *tile, const void *const *x, const void *const *aux, int nx,
+                                float *out);
+typedef void (*nm_tile_gemv_fn)(int64_t n, const void *rows, size_t row_bytes, int nrows, const void *x,
+                                const void *aux, float *out);
+nm_tile_pack_fn nm_tile_pack_vnni(int type);
+nm_tile_gemv_fn nm_tile_gemv_vnni(int type);
+nm_tile_gemm_fn nm_tile_gemm_vnni(int type);
+
+#endif

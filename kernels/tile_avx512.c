@@ -1,0 +1,424 @@
+/* tile_avx512.c - the VNNI half of tile.h: the SIMD packers and the tile
+ * GEMMs. Compiled with the AVX-512 + VNNI flags (the Makefile's *_avx512
+ * rule); tile.c enters it only where nm_isa_best() is AVX512-VNNI.
+ *
+ * GEMM: per block, 16 rows x NX activation rows; one vpdpbusd per group of
+ * 4 quants and activation row (the activation dword broadcast from memory),
+ * then per Q4_K sub-block one vpmulld by the 16 rows' sub-block scales into
+ * the block integer I, the min term M by 4 vpdpwssd, and 5 float steps per
+ * block: the order tile.h fixes, so results equal nm_tile_dot_ref. NX is a
+ * compile-time constant (entry points switch over nx), so the row loops
+ * unroll and every accumulator is a register: at NX = 8, Q4_K holds 8
+ * float accumulators, 8 block integers and 8 sub-block sums.
+ *
+ * Packing: a row's 64 quants of a Q4_K chunk (or two Q5_0 blocks) unpack
+ * to one vector of 16 dwords, dword i = quants 4i..4i+3; 16 rows' vectors
+ * transposed as a 16 x 16 dword matrix give the 16 group vectors. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels/dot_simd.h"
+#include "kernels/quant_unpack.h"
+#include "kernels/tile.h"
+
+enum { Q4K_Q = 4096, Q4K_SC = 4096, Q4K_MP = 4096 + 512, Q4K_D = 4096 + 768, Q4K_DMIN = 4096 + 832, Q4K_BLOCK = 4992 };
+enum { Q50_D = 512, Q50_BLOCK = 576 };
+
+static inline float half_to_f32(nm_half h) { return _cvtsh_ss(h); }
+
+/* r[i] dword k -> r[k] dword i (standard 4-stage transpose). */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* u[4g + m] lane L: rows 4g..4g+3 of column 4L + m */
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++) {
+        const __m512i a = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), b = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xDD);
+        const __m512i c = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88);
+        const __m512i d = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xDD);
+        r[m] = _mm512_shuffle_i32x4(a, c, 0x88);
+        r[4 + m] = _mm512_shuffle_i32x4(b, d, 0x88);
+        r[8 + m] = _mm512_shuffle_i32x4(a, c, 0xDD);
+        r[12 + m] = _mm512_shuffle_i32x4(b, d, 0xDD);
+    }
+}
+
+static void pack_q4_K(int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i nib_shift = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(4), 1);
+    for (int64_t b = 0; b < n / NM_QK_K; b++) {
+        uint8_t *B = (uint8_t *)tile + (size_t)b * Q4K_BLOCK;
+        for (int c = 0; c < 4; c++) {
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) {
+                if (i < nrows) {
+                    const block_q4_K *blk = (const block_q4_K *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
+                    const __m512i qq = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c)));
+                    r[i] = _mm512_and_si512(_mm512_srlv_epi16(qq, nib_shift), m4);
+                } else {
+                    r[i] = _mm512_setzero_si512();
+                }
+            }
+            transpose16(r);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(B + (size_t)(16 * c + i) * 64, r[i]);
+        }
+        int32_t sc[8][16] = {{0}}, mp[4][16] = {{0}};
+        float d[16] = {0}, dmin[16] = {0};
+        for (int i = 0; i < nrows; i++) {
+            const block_q4_K *blk = (const block_q4_K *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
+            int8_t s8[8], m8[8];
+            nm_k4_scale_min(blk->scales, s8, m8);
+            for (int j = 0; j < 8; j++) sc[j][i] = s8[j];
+            for (int j = 0; j < 4; j++) mp[j][i] = (int32_t)((uint32_t)(uint8_t)m8[2 * j] | (uint32_t)(uint8_t)m8[2 * j + 1] << 16);
+            d[i] = half_to_f32(blk->d);
+            dmin[i] = half_to_f32(blk->dmin);
+        }
+        memcpy(B + Q4K_SC, sc, sizeof sc);
+        memcpy(B + Q4K_MP, mp, sizeof mp);
+        memcpy(B + Q4K_D, d, sizeof d);
+        memcpy(B + Q4K_DMIN, dmin, sizeof dmin);
+    }
+}
+
+/* Two Q5_0 blocks' 64 quants (0..31) of one row; the second zero if !two. */
+static inline __m512i q5_0_2x32(const block_q5_0 *b, int two) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)b[0].qs);
+    const __m128i c = two ? _mm_loadu_si128((const __m128i *)b[1].qs) : _mm_setzero_si128();
+    const __m256i t = _mm256_set_m128i(c, a);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1);
+    __m512i u = _mm512_and_si512(_mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
+    uint32_t h0, h1 = 0;
+    memcpy(&h0, b[0].qh, 4);
+    if (two) memcpy(&h1, b[1].qh, 4);
+    return _mm512_mask_add_epi8(u, (__mmask64)((uint64_t)h1 << 32 | h0), u, _mm512_set1_epi8(16));
+}
+
+static void pack_q5_0(int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile) {
+    const int64_t nb = n / NM_QK5_0;
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int two = b + 1 < nb;
+        uint8_t *B0 = (uint8_t *)tile + (size_t)b * Q50_BLOCK, *B1 = B0 + Q50_BLOCK;
+        __m512i r[16];
+        float d0[16] = {0}, d1[16] = {0};
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i < nrows) {
+                const block_q5_0 *blk = (const block_q5_0 *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
+                r[i] = q5_0_2x32(blk, two);
+                d0[i] = half_to_f32(blk[0].d);
+                if (two) d1[i] = half_to_f32(blk[1].d);
+            } else {
+                r[i] = _mm512_setzero_si512();
+            }
+        }
+        transpose16(r);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) _mm512_storeu_si512(B0 + (size_t)i * 64, r[i]);
+        memcpy(B0 + Q50_D, d0, sizeof d0);
+        if (two) {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) _mm512_storeu_si512(B1 + (size_t)i * 64, r[8 + i]);
+            memcpy(B1 + Q50_D, d1, sizeof d1);
+        }
+    }
+}
+
+static inline __m512i bcast32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+static inline __attribute__((always_inline)) void gemm_q4_K_nx(int NX, int64_t n, const void *tile,
+                                                                const void *const *x, const void *const *aux,
+                                                                float *out) {
+    const block_q8_K *bx[NM_TILE_NX];
+    const int32_t *ax[NM_TILE_NX];
+    __m512 acc[NM_TILE_NX];
+#pragma GCC unroll 8
+    for (int j = 0; j < NX; j++) bx[j] = x[j], ax[j] = aux[j], acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / NM_QK_K; b++) {
+        const uint8_t *B = (const uint8_t *)tile + (size_t)b * Q4K_BLOCK;
+        __m512i I[NM_TILE_NX], S[NM_TILE_NX];
+#pragma GCC unroll 8
+        for (int j = 0; j < NX; j++) I[j] = _mm512_setzero_si512();
+        for (int s = 0; s < 8; s++) {
+#pragma GCC unroll 8
+            for (int j = 0; j < NX; j++) S[j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                const __m512i w = _mm512_loadu_si512(B + (size_t)(8 * s + g) * 64);
+#pragma GCC unroll 8
+                for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * (8 * s + g)));
+            }
+            const __m512i sc = _mm512_loadu_si512(B + Q4K_SC + 64 * s);
+#pragma GCC unroll 8
+            for (int j = 0; j < NX; j++) I[j] = _mm512_add_epi32(I[j], _mm512_mullo_epi32(S[j], sc));
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < NX; j++) S[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            const __m512i mp = _mm512_loadu_si512(B + Q4K_MP + 64 * i);
+#pragma GCC unroll 8
+            for (int j = 0; j < NX; j++) S[j] = _mm512_dpwssd_epi32(S[j], mp, _mm512_set1_epi32(ax[j][4 * b + i]));
+        }
+        const __m512 d = _mm512_loadu_ps(B + Q4K_D), dmin = _mm512_loadu_ps(B + Q4K_DMIN);
+#pragma GCC unroll 8
+        for (int j = 0; j < NX; j++) {
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(I[j]), d);
+            t = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(S[j]), dmin, t);
+            acc[j] = _mm512_fmadd_ps(t, _mm512_set1_ps(bx[j][b].d), acc[j]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NX; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
+}
+
+static inline __attribute__((always_inline)) void gemm_q5_0_nx(int NX, int64_t n, const void *tile,
+                                                                const void *const *x, const void *const *aux,
+                                                                float *out) {
+    const block_q8_0 *bx[NM_TILE_NX];
+    const int32_t *ax[NM_TILE_NX];
+    __m512 acc[NM_TILE_NX];
+#pragma GCC unroll 8
+    for (int j = 0; j < NX; j++) bx[j] = x[j], ax[j] = aux[j], acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / NM_QK5_0; b++) {
+        const uint8_t *B = (const uint8_t *)tile + (size_t)b * Q50_BLOCK;
+        __m512i S[NM_TILE_NX];
+#pragma GCC unroll 8
+        for (int j = 0; j < NX; j++) S[j] = _mm512_set1_epi32(ax[j][2 * b]);
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const __m512i w = _mm512_loadu_si512(B + (size_t)g * 64);
+#pragma GCC unroll 8
+            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * g));
+        }
+        const __m512 d = _mm512_loadu_ps(B + Q50_D);
+#pragma GCC unroll 8
+        for (int j = 0; j < NX; j++) {
+            float dx;
+            memcpy(&dx, &ax[j][2 * b + 1], sizeof dx);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[j]), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[j]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NX; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
+}
+
+#define TILE_NX(body)                                                                                          \
+    switch (nx) {                                                                                              \
+    case 1: body(1, n, tile, x, aux, out); break;                                                              \
+    case 2: body(2, n, tile, x, aux, out); break;                                                              \
+    case 3: body(3, n, tile, x, aux, out); break;                                                              \
+    case 4: body(4, n, tile, x, aux, out); break;                                                              \
+    case 5: body(5, n, tile, x, aux, out); break;                                                              \
+    case 6: body(6, n, tile, x, aux, out); break;                                                              \
+    case 7: body(7, n, tile, x, aux, out); break;                                                              \
+    case 8: body(8, n, tile, x, aux, out); break;                                                              \
+    default: break;                                                                                            \
+    }
+static_assert(NM_TILE_NX == 8, "TILE_NX lists every nx up to NM_TILE_NX");
+
+static void gemm_q4_K(int64_t n, const void *tile, const void *const *x, const void *const *aux, int nx, float *out) {
+    TILE_NX(gemm_q4_K_nx)
+}
+static void gemm_q5_0(int64_t n, const void *tile, const void *const *x, const void *const *aux, int nx, float *out) {
+    TILE_NX(gemm_q5_0_nx)
+}
+
+nm_tile_pack_fn nm_tile_pack_vnni(int type) {
+    switch (type) {
+    case NM_TYPE_Q4_K: return pack_q4_K;
+    case NM_TYPE_Q5_0: return pack_q5_0;
+    default: return NULL;
+    }
+}
+
+nm_tile_gemm_fn nm_tile_gemm_vnni(int type) {
+    switch (type) {
+    case NM_TYPE_Q4_K: return gemm_q4_K;
+    case NM_TYPE_Q5_0: return gemm_q5_0;
+    default: return NULL;
+    }
+}
+
+/* ---- one activation row straight from the row-major weights ---------------
+ *
+ * Decode routes one token to an expert, and packing a tile costs more than
+ * the one product it would serve. These kernels read 16 rows as they are
+ * and give the same numbers: per row the integer parts are computed as the
+ * single dots of dot_avx512.c do (vpdpbusd, the Q4_K sub-block scales by
+ * vpackssdw + vpdpwssd, exact), the 16 rows' lane vectors transposed and
+ * summed give I and M (Q5_0: S of two blocks) with rows in lanes, and the
+ * float steps of tile.h run over the 16 rows at once. */
+
+#define W2(w) ((int)((unsigned)(w) * 0x00010001u))
+/* vpermw index: 128-bit lane L holds word a_L four times, then b_L */
+static inline __m512i pack_words(int a0, int b0, int a1, int b1, int a2, int b2, int a3, int b3) {
+    return _mm512_set_epi32(W2(b3), W2(b3), W2(a3), W2(a3), W2(b2), W2(b2), W2(a2), W2(a2), W2(b1), W2(b1), W2(a1),
+                            W2(a1), W2(b0), W2(b0), W2(a0), W2(a0));
+}
+#undef W2
+
+/* sum over 16 lanes of each of r[0..15] -> lane i: the sum of r[i]'s lanes
+ * 0-7 in *lo and of lanes 8-15 in *hi */
+static inline void lane_sums16(__m512i r[16], __m512i *lo, __m512i *hi) {
+    transpose16(r);
+    __m512i a = _mm512_add_epi32(_mm512_add_epi32(r[0], r[1]), _mm512_add_epi32(r[2], r[3]));
+    __m512i b = _mm512_add_epi32(_mm512_add_epi32(r[4], r[5]), _mm512_add_epi32(r[6], r[7]));
+    __m512i c = _mm512_add_epi32(_mm512_add_epi32(r[8], r[9]), _mm512_add_epi32(r[10], r[11]));
+    __m512i d = _mm512_add_epi32(_mm512_add_epi32(r[12], r[13]), _mm512_add_epi32(r[14], r[15]));
+    *lo = _mm512_add_epi32(a, b);
+    *hi = _mm512_add_epi32(c, d);
+}
+
+/* offsets of rows 0..15 (row_bytes apart, < 2^31 in all), the missing ones masked */
+static inline __m512i row_offsets(size_t row_bytes) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)row_bytes));
+}
+
+/* Blocks per pass of the row-major kernels: phase 1 streams each row's
+ * blocks in order (one stream at a time, prefetched as the single dots
+ * do: 16 rows read block by block ran at half speed), keeping the lane
+ * vectors of GEMV_CHUNK blocks x 16 rows (16 KiB) in L1 for phase 2. */
+#define GEMV_CHUNK 16
+
+static void gemv_q4_K(int64_t n, const void *rows, size_t row_bytes, int nrows, const void *xv, const void *aux,
+                      float *out) {
+    (void)aux;
+    const block_q8_K *bx = xv;
+    const __mmask16 live = (__mmask16)((1u << nrows) - 1);
+    const __m512i offs = row_offsets(row_bytes);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i nib_shift = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(4), 1);
+    const __m512i ctl0 = pack_words(0, 2, 0, 2, 1, 3, 1, 3), ctl1 = pack_words(4, 6, 4, 6, 5, 7, 5, 7);
+    const int64_t nb = n / NM_QK_K;
+    __m512 acc = _mm512_setzero_ps();
+    __m512i F[GEMV_CHUNK][16];
+    for (int64_t b0 = 0; b0 < nb; b0 += GEMV_CHUNK) {
+        const int64_t b1 = b0 + GEMV_CHUNK < nb ? b0 + GEMV_CHUNK : nb;
+        for (int i = 0; i < 16; i++) {
+            if (i >= nrows) {
+                for (int64_t b = b0; b < b1; b++) F[b - b0][i] = _mm512_setzero_si512();
+                continue;
+            }
+            const block_q4_K *row = (const block_q4_K *)((const uint8_t *)rows + (size_t)i * row_bytes);
+            for (int64_t b = b0; b < b1; b++) {
+                const block_q4_K *blk = &row[b];
+                const block_q8_K *y = &bx[b];
+                nm_prefetch_weights(blk, sizeof *blk);
+                const __m128i scm = nm_k4_scales_mins(_mm_loadu_si128((const __m128i *)blk));
+                const __m256i sc = _mm256_castsi128_si256(_mm_cvtepu8_epi16(scm));
+                const __m512i s0 = _mm512_permutexvar_epi16(ctl0, _mm512_castsi256_si512(sc));
+                const __m512i s1 = _mm512_permutexvar_epi16(ctl1, _mm512_castsi256_si512(sc));
+                __m512i sumi = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c += 2) {
+                    const __m512i q0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c)));
+                    const __m512i q1 =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c + 32)));
+                    const __m512i u0 = _mm512_and_si512(_mm512_srlv_epi16(q0, nib_shift), m4);
+                    const __m512i u1 = _mm512_and_si512(_mm512_srlv_epi16(q1, nib_shift), m4);
+                    const __m512i z = _mm512_setzero_si512();
+                    const __m512i p0 = _mm512_dpbusd_epi32(z, u0, _mm512_loadu_si512(y->qs + 64 * c));
+                    const __m512i p1 = _mm512_dpbusd_epi32(z, u1, _mm512_loadu_si512(y->qs + 64 * c + 64));
+                    sumi = _mm512_dpwssd_epi32(sumi, _mm512_packs_epi32(p0, p1), c ? s1 : s0);
+                }
+                const __m256i md =
+                    _mm256_madd_epi16(nm_k4_mins16(scm), _mm256_loadu_si256((const __m256i *)y->bsums));
+                /* [sumi lanes 0-7 + lanes 8-15 | md]: lanes 0-7 sum to I, 8-15 to M */
+                const __m512i t = _mm512_shuffle_i64x2(sumi, _mm512_castsi256_si512(md), _MM_SHUFFLE(1, 0, 3, 2));
+                F[b - b0][i] = _mm512_mask_add_epi32(t, 0x00FF, t, sumi);
+            }
+        }
+        for (int64_t b = b0; b < b1; b++) {
+            __m512i I, M;
+            lane_sums16(F[b - b0], &I, &M);
+            const __m512i dd = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs,
+                                                           (const uint8_t *)rows + (size_t)b * sizeof(block_q4_K), 1);
+            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dd, 16)));
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(I), d);
+            t = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(M), dmin, t);
+            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(bx[b].d), acc);
+        }
+    }
+    _mm512_storeu_ps(out, acc);
+}
+
+static void gemv_q5_0(int64_t n, const void *rows, size_t row_bytes, int nrows, const void *xv, const void *aux,
+                      float *out) {
+    const block_q8_0 *bx = xv;
+    const int32_t *ax = aux;
+    const __mmask16 live = (__mmask16)((1u << nrows) - 1);
+    const __m512i offs = row_offsets(row_bytes);
+    const int64_t nb = n / NM_QK5_0, np = (nb + 1) / 2; /* pairs of blocks */
+    __m512 acc = _mm512_setzero_ps();
+    __m512i F[GEMV_CHUNK][16];
+    for (int64_t p0 = 0; p0 < np; p0 += GEMV_CHUNK) {
+        const int64_t p1 = p0 + GEMV_CHUNK < np ? p0 + GEMV_CHUNK : np;
+        for (int i = 0; i < 16; i++) {
+            if (i >= nrows) {
+                for (int64_t p = p0; p < p1; p++) F[p - p0][i] = _mm512_setzero_si512();
+                continue;
+            }
+            const block_q5_0 *row = (const block_q5_0 *)((const uint8_t *)rows + (size_t)i * row_bytes);
+            for (int64_t p = p0; p < p1; p++) {
+                const int64_t b = 2 * p;
+                const int two = b + 1 < nb;
+                nm_prefetch_weights(&row[b], 2 * sizeof *row);
+                const __m512i y =
+                    _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)bx[b].qs)),
+                                       two ? _mm256_loadu_si256((const __m256i *)bx[b + 1].qs) : _mm256_setzero_si256(),
+                                       1);
+                F[p - p0][i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q5_0_2x32(&row[b], two), y);
+            }
+        }
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t b = 2 * p;
+            __m512i S0, S1;
+            lane_sums16(F[p - p0], &S0, &S1);
+            /* the -16 offsets: -16 * sum x of each block, as the aux holds it */
+            S0 = _mm512_add_epi32(S0, _mm512_set1_epi32(ax[2 * b]));
+            const __m512i d0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs,
+                                                           (const uint8_t *)rows + (size_t)b * sizeof(block_q5_0), 1);
+            float dx;
+            memcpy(&dx, &ax[2 * b + 1], sizeof dx);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S0),
+                                  _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(d0)), _mm512_set1_ps(dx)), acc);
+            if (b + 1 < nb) {
+                S1 = _mm512_add_epi32(S1, _mm512_set1_epi32(ax[2 * b + 2]));
+                const __m512i d1 = _mm512_mask_i32gather_epi32(
+                    _mm512_setzero_si512(), live, offs, (const uint8_t *)rows + (size_t)(b + 1) * sizeof(block_q5_0), 1);
+                memcpy(&dx, &ax[2 * b + 3], sizeof dx);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S1),
+                                      _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(d1)), _mm512_set1_ps(dx)),
+                                      acc);
+            }
+        }
+    }
+    _mm512_storeu_ps(out, acc);
+}
+
+nm_tile_gemv_fn nm_tile_gemv_vnni(int type) {
+    switch (type) {
+    case NM_TYPE_Q4_K: return gemv_q4_K;
+    case NM_TYPE_Q5_0: return gemv_q5_0;
+    default: return NULL;
+    }
+}

@@ -1,0 +1,274 @@
+/* test_tile.c - the tiled expert GEMM (kernels/tile.h) against its scalar
+ * reference, and that reference against the exact dot.
+ *
+ *   test_pack_matches_ref    the SIMD packer writes the bytes of the plain C
+ *                            one (full and partial tiles, odd Q5_0 blocks)
+ *   test_gemm_matches_ref    nm_tile_gemm = nm_tile_dot_ref bit for bit, for
+ *                            every nx 1..8, repeated activation rows, zero
+ *                            padding rows; nm_tile_gemv (row-major, one
+ *                            activation row) likewise
+ *   test_ref_near_exact      nm_tile_dot_ref within a float bound of the exact
+ *                            value (integers in int64, float steps in double)
+ *
+ * Data as test_dot_simd: rows quantised from random floats and rows of random
+ * bytes with random finite fp16 scales (every quant, scale and min pattern);
+ * activations random floats quantised to Q8_K / Q8_0. The seed is printed;
+ * NUMOE_TEST_SEED repeats a run. The SIMD tests skip (saying so) on CPUs
+ * without AVX512-VNNI.
+ *
+ * Bound of test_ref_near_exact: per block the reference rounds the integer
+ * to float, one product and two FMAs (4 roundings of at most u = 2^-24
+ * relative to the block's absolute magnitude A_b), then adds the block into
+ * a serial chain of nb terms. With A = sum_b A_b (A_b = |x.d| (|d| sum_j sc_j
+ * sum |q x| + |dmin| sum_j m_j |B_j|) for Q4_K, |d x.d| sum |q x| for Q5_0)
+ * the error is at most (nb + 4) u A (Higham's chain bound); a wrong quant
+ * or scale moves the value by about A / n or more, far outside. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kernels/fp16.h"
+#include "kernels/quant.h"
+#include "kernels/tile.h"
+#include "tests/unit/check.h"
+
+static uint64_t rng_state;
+
+static uint64_t rng_next(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1DULL;
+}
+
+static float rng_uniform(void) { return (float)(rng_next() >> 40) / (float)(1u << 24); }
+
+static float rng_normal(void) {
+    return (rng_uniform() + rng_uniform() + rng_uniform() + rng_uniform() - 2.0f) * 1.7320508f;
+}
+
+static void random_floats(float *x, int64_t n) {
+    float scale = 1, offset = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (i % 32 == 0) {
+            scale = exp2f(6.0f * rng_uniform() - 3.0f);
+            offset = (2.0f * rng_uniform() - 1.0f) * scale;
+        }
+        x[i] = rng_normal() * scale + offset;
+    }
+}
+
+static nm_half random_half(float lo, float hi, int neg) {
+    float v = lo + (hi - lo) * rng_uniform();
+    if (neg && (rng_next() & 1)) v = -v;
+    return nm_fp32_to_fp16(v);
+}
+
+/* One row of n elements: quantised floats (kind 0) or random bytes (1). */
+static void random_row(int type, int64_t n, void *row, int kind) {
+    if (kind == 0) {
+        float *f = malloc(sizeof(float) * (size_t)n);
+        random_floats(f, n);
+        nm_quantize_row(type, f, row, n);
+        free(f);
+        return;
+    }
+    size_t bytes = nm_row_size(type, n);
+    for (size_t i = 0; i < bytes; i++) ((uint8_t *)row)[i] = (uint8_t)rng_next();
+    if (type == NM_TYPE_Q4_K) {
+        block_q4_K *b = row;
+        for (int64_t i = 0; i < n / NM_QK_K; i++) b[i].d = random_half(0.001f, 0.05f, 0), b[i].dmin = random_half(0.001f, 0.05f, 0);
+    } else {
+        block_q5_0 *b = row;
+        for (int64_t i = 0; i < n / NM_QK5_0; i++) b[i].d = random_half(0.01f, 0.2f, 1);
+    }
+}
+
+static const int types[] = {NM_TYPE_Q4_K, NM_TYPE_Q5_0};
+/* row lengths per type: one block, a few, V2-Lite's 2048 / 1408; Q5_0 with odd block counts */
+static const int64_t lens_q4_K[] = {256, 768, 2048}, lens_q5_0[] = {32, 96, 1408};
+
+static int simd_ok(int type) {
+    if (nm_tile_usable(type)) return 1;
+    fprintf(stderr, "  skip %s: no AVX512-VNNI tiles on this CPU (isa %s)\n", nm_type_name(type), nm_isa_name(nm_isa_best()));
+    return 0;
+}
+
+static void test_pack_matches_ref(void) {
+    for (int ti = 0; ti < 2; ti++) {
+        const int type = types[ti];
+        if (!simd_ok(type)) continue;
+        for (int li = 0; li < 3; li++) {
+            const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
+            const size_t rb = nm_row_size(type, n), ts = nm_tile_size(type, n);
+            uint8_t *rows = malloc(rb * 16);
+            uint8_t *a = aligned_alloc(64, ts), *b = aligned_alloc(64, ts);
+            const int nrows_list[] = {16, 5, 1};
+            for (int kind = 0; kind < 2; kind++)
+                for (int ni = 0; ni < 3; ni++) {
+                    const int nr = nrows_list[ni];
+                    for (int r = 0; r < 16; r++) random_row(type, n, rows + rb * (size_t)r, kind);
+                    memset(a, 0xAB, ts);
+                    memset(b, 0xCD, ts);
+                    nm_tile_pack(type, n, rows, rb, nr, a);
+                    nm_tile_pack_ref(type, n, rows, rb, nr, b);
+                    size_t i = 0;
+                    while (i < ts && a[i] == b[i]) i++;
+                    CHECK(i == ts, "%s n %lld nrows %d kind %d: SIMD pack differs from the reference at byte %zu of %zu",
+                          nm_type_name(type), (long long)n, nr, kind, i, ts);
+                }
+            free(rows), free(a), free(b);
+        }
+    }
+}
+
+static void test_gemm_matches_ref(void) {
+    for (int ti = 0; ti < 2; ti++) {
+        const int type = types[ti];
+        if (!simd_ok(type)) continue;
+        const int vt = nm_type_traits_of(type)->vec_dot_type;
+        for (int li = 0; li < 3; li++) {
+            const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
+            const size_t rb = nm_row_size(type, n), ts = nm_tile_size(type, n);
+            const size_t xb = nm_row_size(vt, n), ab = nm_tile_aux_size(type, n);
+            uint8_t *rows = malloc(rb * 16), *tile = aligned_alloc(64, ts);
+            uint8_t *xs = malloc(xb * NM_TILE_NX), *auxs = malloc(ab * NM_TILE_NX);
+            float *f = malloc(sizeof(float) * (size_t)n);
+            for (int kind = 0; kind < 2; kind++) {
+                const int nr = kind ? 16 : 11;
+                for (int r = 0; r < 16; r++) random_row(type, n, rows + rb * (size_t)r, kind);
+                nm_tile_pack(type, n, rows, rb, nr, tile);
+                for (int j = 0; j < NM_TILE_NX; j++) {
+                    random_floats(f, n);
+                    nm_quantize_row(vt, f, xs + xb * (size_t)j, n);
+                    nm_tile_aux(type, n, xs + xb * (size_t)j, auxs + ab * (size_t)j);
+                }
+                for (int nx = 1; nx <= NM_TILE_NX; nx++) {
+                    const void *x[NM_TILE_NX], *aux[NM_TILE_NX];
+                    for (int j = 0; j < nx; j++) {
+                        const int src = j == 3 ? 0 : j; /* a repeated row */
+                        x[j] = xs + xb * (size_t)src, aux[j] = auxs + ab * (size_t)src;
+                    }
+                    float out[NM_TILE_NX * NM_TILE_ROWS];
+                    nm_tile_gemm(type, n, tile, x, aux, nx, out);
+                    if (nx == 1) { /* the row-major one-row kernel, into out's first 16 */
+                        float g[NM_TILE_ROWS];
+                        nm_tile_gemv(type, n, rows, rb, nr, x[0], aux[0], g);
+                        for (int r = 0; r < NM_TILE_ROWS; r++) {
+                            const float want = r < nr ? nm_tile_dot_ref(type, n, rows + rb * (size_t)r, x[0]) : 0.0f;
+                            CHECK(memcmp(&g[r], &want, sizeof want) == 0, "%s n %lld kind %d gemv: row %d = %.9g, reference %.9g",
+                                  nm_type_name(type), (long long)n, kind, r, g[r], want);
+                        }
+                    }
+                    int bad = 0;
+                    for (int j = 0; j < nx; j++)
+                        for (int r = 0; r < NM_TILE_ROWS; r++) {
+                            const float want = r < nr ? nm_tile_dot_ref(type, n, rows + rb * (size_t)r, x[j]) : 0.0f;
+                            if (memcmp(&out[j * NM_TILE_ROWS + r], &want, sizeof want) != 0 && bad++ < 3)
+                                CHECK(0, "%s n %lld kind %d nx %d: row %d x %d = %.9g, reference %.9g", nm_type_name(type),
+                                      (long long)n, kind, nx, r, j, out[j * NM_TILE_ROWS + r], want);
+                        }
+                }
+            }
+            free(rows), free(tile), free(xs), free(auxs), free(f);
+        }
+    }
+}
+
+/* Exact value and magnitude A of one row . x, from the integers. */
+static void exact_dot(int type, int64_t n, const void *w, const void *x, double *val, double *mag) {
+    double v = 0, a = 0;
+    if (type == NM_TYPE_Q4_K) {
+        const block_q4_K *bw = w;
+        const block_q8_K *bx = x;
+        for (int64_t b = 0; b < n / NM_QK_K; b++) {
+            /* the quants, scales and mins as nm_dequantize_row reads them */
+            const uint8_t *s = bw[b].scales;
+            int sc[8], m[8];
+            for (int j = 0; j < 4; j++) {
+                sc[j] = s[j] & 63, m[j] = s[j + 4] & 63;
+                sc[j + 4] = (s[j + 8] & 0x0F) | (s[j] >> 6) << 4;
+                m[j + 4] = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
+            }
+            int64_t I = 0, M = 0, Ia = 0, Ma = 0;
+            for (int c = 0; c < 4; c++)
+                for (int l = 0; l < 32; l++) {
+                    const int lo = bw[b].qs[32 * c + l] & 0x0F, hi = bw[b].qs[32 * c + l] >> 4;
+                    const int e0 = 64 * c + l, e1 = 64 * c + 32 + l;
+                    I += (int64_t)sc[2 * c] * lo * bx[b].qs[e0] + (int64_t)sc[2 * c + 1] * hi * bx[b].qs[e1];
+                    Ia += (int64_t)sc[2 * c] * lo * llabs(bx[b].qs[e0]) + (int64_t)sc[2 * c + 1] * hi * llabs(bx[b].qs[e1]);
+                }
+            for (int j = 0; j < 8; j++) {
+                const int64_t B = bx[b].bsums[2 * j] + bx[b].bsums[2 * j + 1];
+                M += m[j] * B, Ma += m[j] * llabs(B);
+            }
+            const double d = nm_fp16_to_fp32(bw[b].d), dm = nm_fp16_to_fp32(bw[b].dmin), dy = bx[b].d;
+            v += dy * (d * (double)I - dm * (double)M);
+            a += fabs(dy) * (fabs(d) * (double)Ia + fabs(dm) * (double)Ma);
+        }
+    } else {
+        const block_q5_0 *bw = w;
+        const block_q8_0 *bx = x;
+        for (int64_t b = 0; b < n / NM_QK5_0; b++) {
+            uint32_t h;
+            memcpy(&h, bw[b].qh, 4);
+            int64_t S = 0, Sa = 0;
+            for (int l = 0; l < 16; l++) {
+                const int q0 = ((bw[b].qs[l] & 0x0F) | ((h >> l) & 1) << 4) - 16;
+                const int q1 = ((bw[b].qs[l] >> 4) | ((h >> (l + 16)) & 1) << 4) - 16;
+                S += q0 * bx[b].qs[l] + q1 * bx[b].qs[l + 16];
+                Sa += llabs((int64_t)q0 * bx[b].qs[l]) + llabs((int64_t)q1 * bx[b].qs[l + 16]);
+            }
+            const double d = (double)nm_fp16_to_fp32(bw[b].d) * nm_fp16_to_fp32(bx[b].d);
+            v += d * (double)S;
+            a += fabs(d) * (double)Sa;
+        }
+    }
+    *val = v, *mag = a;
+}
+
+static void test_ref_near_exact(void) {
+    for (int ti = 0; ti < 2; ti++) {
+        const int type = types[ti];
+        const int vt = nm_type_traits_of(type)->vec_dot_type;
+        double worst = 0;
+        for (int li = 0; li < 3; li++) {
+            const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
+            const int64_t nb = n / (type == NM_TYPE_Q4_K ? NM_QK_K : NM_QK5_0);
+            uint8_t *w = malloc(nm_row_size(type, n)), *x = malloc(nm_row_size(vt, n));
+            float *f = malloc(sizeof(float) * (size_t)n);
+            for (int rep = 0; rep < 40; rep++) {
+                random_row(type, n, w, rep & 1);
+                random_floats(f, n);
+                nm_quantize_row(vt, f, x, n);
+                double val, mag;
+                exact_dot(type, n, w, x, &val, &mag);
+                const double got = nm_tile_dot_ref(type, n, w, x), err = fabs(got - val);
+                const double bound = (double)(nb + 4) * 0x1p-24 * mag;
+                if (mag > 0 && err / mag > worst) worst = err / mag;
+                CHECK(err <= bound, "%s n %lld rep %d: ref %.9g, exact %.9g, error %.3g > bound %.3g", nm_type_name(type),
+                      (long long)n, rep, got, val, err, bound);
+            }
+            free(w), free(x), free(f);
+        }
+        fprintf(stderr, "  %s: largest |ref - exact| / A: %.3g\n", nm_type_name(type), worst);
+    }
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    check_init(argv[0]);
+    const char *seed_env = getenv("NUMOE_TEST_SEED");
+    rng_state = seed_env ? strtoull(seed_env, NULL, 0) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
+    if (!rng_state) rng_state = 1;
+    fprintf(stderr, "seed %llu (NUMOE_TEST_SEED repeats it); best isa %s\n", (unsigned long long)rng_state,
+            nm_isa_name(nm_isa_best()));
+    RUN(test_pack_matches_ref);
+    RUN(test_gemm_matches_ref);
+    RUN(test_ref_near_exact);
+    return check_summary();
+}
