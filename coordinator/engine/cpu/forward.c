@@ -19,6 +19,13 @@
 #include "common/clock.h"
 #include "coordinator/engine/router.h"
 #include "kernels/quant.h"
+#include "kernels/wsum.h"
+
+/* Heads per attention work unit: they share each cache row while it is in
+ * L1 (scores) and their outputs are one weighted sum over the rows
+ * (kernels/wsum.h); small enough that a decode token still makes
+ * n_head / ATT_HEADS units for the threads. */
+#define ATT_HEADS 4
 
 /* Y[t][0..W->rows) = W_e X[t] for t < n; X rows are W->cols wide (contiguous),
  * Y rows are y_stride apart. e selects a matrix of a stack (heads of k_b / v_b). */
@@ -62,7 +69,7 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
         {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
         {&f->o, T * nh * hp->d_v}, {&f->tmp, T * H}, {&f->hg, T * ffw}, {&f->hu, T * ffw},
         {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->moe, T * H},
-        {&f->att, (int64_t)nth * n_ctx},
+        {&f->att, (int64_t)nth * ATT_HEADS * n_ctx},
     };
     /* every part takes a multiple of 16 floats (64 bytes), so each starts as
      * aligned as malloc's buffer: an odd-sized part before them left the
@@ -113,31 +120,36 @@ static void attn_task(void *ctx, int ith, int nth) {
     nm_forward *f = j->f;
     const nm_hparams *hp = &f->m->hp;
     int64_t nh = hp->n_head, kr = hp->kv_lora, W = hp->kv_lora + hp->d_rope;
+    const int64_t n_groups = (nh + ATT_HEADS - 1) / ATT_HEADS;
     /* the query [q_abs | q_pe] and a cache row [c | k_pe] line up, so a score
      * is one float dot of width kv_lora + d_rope (the SIMD F32 kernel) */
     nm_vec_dot_fn dot = nm_vec_dot(NM_TYPE_F32);
-    float *s = f->att + (size_t)ith * (size_t)f->n_ctx;
+    nm_wsum_fn wsum = nm_wsum();
+    float *s = f->att + (size_t)ith * ATT_HEADS * (size_t)f->n_ctx; /* [ATT_HEADS][n_ctx] */
     (void)nth;
     for (;;) {
         int64_t u = atomic_fetch_add(&j->next, 1);
-        if (u >= j->n * nh) break;
-        int64_t t = u / nh, h = u % nh, last = f->tpos[t];
+        if (u >= j->n * n_groups) break;
+        int64_t t = u / n_groups, h0 = (u % n_groups) * ATT_HEADS, last = f->tpos[t];
+        const int hn = (int)(nh - h0 < ATT_HEADS ? nh - h0 : ATT_HEADS);
         const nm_kv_cache *kv = f->tkv[t];
-        const float *qry = f->qabs + (t * nh + h) * W;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p <= last; p++) {
-            s[p] = dot(W, nm_kv_row(kv, j->layer, p), qry) * hp->kq_scale;
-            mx = s[p] > mx ? s[p] : mx;
-        }
-        float sum = 0;
-        for (int64_t p = 0; p <= last; p++) sum += s[p] = expf(s[p] - mx);
-        float *oc = f->oc + (t * nh + h) * kr;
-        memset(oc, 0, (size_t)kr * sizeof *oc);
+        float mx[ATT_HEADS], sum[ATT_HEADS];
+        for (int g = 0; g < hn; g++) mx[g] = -INFINITY, sum[g] = 0;
         for (int64_t p = 0; p <= last; p++) {
             const float *row = nm_kv_row(kv, j->layer, p);
-            float pw = s[p] / sum;
-            for (int64_t c = 0; c < kr; c++) oc[c] += pw * row[c];
+            for (int g = 0; g < hn; g++) {
+                float v = dot(W, row, f->qabs + (t * nh + h0 + g) * W) * hp->kq_scale;
+                s[(size_t)g * f->n_ctx + p] = v;
+                mx[g] = v > mx[g] ? v : mx[g];
+            }
         }
+        for (int g = 0; g < hn; g++) {
+            float *sg = s + (size_t)g * f->n_ctx;
+            for (int64_t p = 0; p <= last; p++) sum[g] += sg[p] = expf(sg[p] - mx[g]);
+            for (int64_t p = 0; p <= last; p++) sg[p] = sg[p] / sum[g];
+        }
+        /* o_c[t][h] = sum_p softmax_p * c_p: the hn heads at once over the rows */
+        wsum(last + 1, hn, s, f->n_ctx, nm_kv_row(kv, j->layer, 0), W, kr, f->oc + (t * nh + h0) * kr, kr);
     }
 }
 
@@ -174,7 +186,7 @@ static void attention(nm_forward *f, int il, int64_t n) {
         }
         mm(f, &L->k_b, h, f->gath, n, f->qabs + h * W, nh * W);
     }
-    attn_job j = {.f = f, .layer = il, .n = n};
+    attn_job j = {.f = f, .layer = il, .n = n}; /* units: (token, group of ATT_HEADS heads) */
     atomic_init(&j.next, 0);
     nm_pool_run(f->pool, attn_task, &j);
     /* o[t][h] = v_b[h] o_c[t][h] */
