@@ -46,6 +46,16 @@ typedef struct {
     int64_t units;
 } moe_job;
 
+/* The next unit of pass 1 (an expert's ROW_CHUNK rows of n_ff), taken by
+ * whichever thread is free: 0 once all are taken. */
+static int next_unit(moe_job *j, int64_t chunks, int64_t n_ff, int64_t *ei, int64_t *r0, int64_t *r1) {
+    int64_t u = atomic_fetch_add(&j->next, 1);
+    if (u >= j->units) return 0;
+    *ei = u / chunks, *r0 = (u % chunks) * ROW_CHUNK, *r1 = *r0 + ROW_CHUNK;
+    if (*r1 > n_ff) *r1 = n_ff;
+    return 1;
+}
+
 /* Pass 1: for each (expert, row chunk) unit, h[pair][r] = silu(g) * u for all
  * the expert's tokens; weights rows are read from memory once per unit.
  * The expert's pairs go in groups of NM_DOT_MULTI_MAX, each group against
@@ -62,10 +72,8 @@ static void pass_gate_up(void *ctx, int ith, int nth) {
     int64_t chunks = (ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK;
     (void)ith, (void)nth;
     for (;;) {
-        int64_t u = atomic_fetch_add(&j->next, 1);
-        if (u >= j->units) break;
-        int64_t ei = u / chunks, r0 = (u % chunks) * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
-        if (r1 > ex->n_ff) r1 = ex->n_ff;
+        int64_t ei, r0, r1;
+        if (!next_unit(j, chunks, ex->n_ff, &ei, &r0, &r1)) break;
         int32_t e = j->expert[ei];
         const uint8_t *G = ex->gate[e], *U = ex->up[e];
         for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
@@ -105,10 +113,8 @@ static void pass_gate_up_tile(void *ctx, int ith, int nth) {
     int64_t chunks = (ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK;
     (void)nth;
     for (;;) {
-        int64_t u = atomic_fetch_add(&j->next, 1);
-        if (u >= j->units) break;
-        int64_t ei = u / chunks, r0 = (u % chunks) * ROW_CHUNK, r1 = r0 + ROW_CHUNK;
-        if (r1 > ex->n_ff) r1 = ex->n_ff;
+        int64_t ei, r0, r1;
+        if (!next_unit(j, chunks, ex->n_ff, &ei, &r0, &r1)) break;
         int32_t e = j->expert[ei];
         const uint8_t *G = ex->gate[e], *U = ex->up[e];
         if (j->start[ei + 1] - j->start[ei] == 1) { /* a lone pair (decode): the rows as they are */

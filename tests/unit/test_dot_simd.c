@@ -43,23 +43,8 @@
 #include "kernels/fp16.h"
 #include "kernels/quant.h"
 #include "tests/unit/check.h"
+#include "tests/unit/rng.h"
 
-static uint64_t rng_state;
-
-static uint64_t rng_next(void) {
-    /* xorshift64* */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545F4914F6CDD1DULL;
-}
-
-static float rng_uniform(void) { return (float)(rng_next() >> 40) / (float)(1u << 24); } /* [0, 1) */
-
-/* Roughly normal (Irwin-Hall of 4, unit variance). */
-static float rng_normal(void) {
-    return (rng_uniform() + rng_uniform() + rng_uniform() + rng_uniform() - 2.0f) * 1.7320508f;
-}
 
 static const int all_types[] = {NM_TYPE_F32,  NM_TYPE_F16,  NM_TYPE_BF16, NM_TYPE_Q4_0, NM_TYPE_Q4_1,
                                 NM_TYPE_Q5_0, NM_TYPE_Q5_1, NM_TYPE_Q8_0, NM_TYPE_Q2_K, NM_TYPE_Q3_K,
@@ -466,11 +451,9 @@ static void test_isa_env(void) {
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
-    const char *seed_env = getenv("NUMOE_TEST_SEED");
-    rng_state = seed_env ? strtoull(seed_env, NULL, 0) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
-    if (!rng_state) rng_state = 1;
-    fprintf(stderr, "seed %llu (NUMOE_TEST_SEED repeats it); best isa %s\n", (unsigned long long)rng_state,
-            nm_isa_name(hw_top()));
+    char seed_extra[64];
+    snprintf(seed_extra, sizeof seed_extra, "best isa %s", nm_isa_name(hw_top()));
+    rng_seed(seed_extra);
     RUN(test_isa_env);
     RUN(test_isa_levels);
     RUN(test_tables_complete);

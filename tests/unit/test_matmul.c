@@ -36,17 +36,8 @@
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
 #include "tests/unit/check.h"
+#include "tests/unit/rng.h"
 
-static uint64_t rng_state;
-
-static uint64_t rng_next(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545F4914F6CDD1DULL;
-}
-
-static float rng_sym(void) { return (float)(rng_next() >> 40) / (float)(1u << 23) - 1.0f; } /* [-1, 1) */
 
 /* ---- thread pool ---------------------------------------------------------- */
 
@@ -509,10 +500,7 @@ static void test_scratch_reuse(void) {
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
-    const char *seed_env = getenv("NUMOE_TEST_SEED");
-    rng_state = seed_env ? strtoull(seed_env, NULL, 0) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
-    if (!rng_state) rng_state = 1;
-    fprintf(stderr, "seed %llu (NUMOE_TEST_SEED repeats it)\n", (unsigned long long)rng_state);
+    rng_seed(NULL);
     RUN(test_pool_runs_each_ith_once);
     RUN(test_matmul_matches_naive);
     RUN(test_prepared_gather_and_slabs);

@@ -35,21 +35,8 @@
 #include "kernels/quant.h"
 #include "kernels/tile.h"
 #include "tests/unit/check.h"
+#include "tests/unit/rng.h"
 
-static uint64_t rng_state;
-
-static uint64_t rng_next(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545F4914F6CDD1DULL;
-}
-
-static float rng_uniform(void) { return (float)(rng_next() >> 40) / (float)(1u << 24); }
-
-static float rng_normal(void) {
-    return (rng_uniform() + rng_uniform() + rng_uniform() + rng_uniform() - 2.0f) * 1.7320508f;
-}
 
 static void random_floats(float *x, int64_t n) {
     float scale = 1, offset = 0;
@@ -262,11 +249,9 @@ static void test_ref_near_exact(void) {
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
-    const char *seed_env = getenv("NUMOE_TEST_SEED");
-    rng_state = seed_env ? strtoull(seed_env, NULL, 0) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
-    if (!rng_state) rng_state = 1;
-    fprintf(stderr, "seed %llu (NUMOE_TEST_SEED repeats it); best isa %s\n", (unsigned long long)rng_state,
-            nm_isa_name(nm_isa_best()));
+    char seed_extra[64];
+    snprintf(seed_extra, sizeof seed_extra, "best isa %s", nm_isa_name(nm_isa_best()));
+    rng_seed(seed_extra);
     RUN(test_pack_matches_ref);
     RUN(test_gemm_matches_ref);
     RUN(test_ref_near_exact);

@@ -23,15 +23,10 @@
 #include "kernels/quant.h"
 #include "kernels/wsum.h"
 #include "tests/unit/check.h"
-
-static uint64_t rng_state;
-static double rnd(void) {
-    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) * 0x1p-53;
-}
+#include "tests/unit/rng.h"
 
 /* random floats over several decades, both signs */
-static float val(void) { return (float)((rnd() - 0.5) * pow(10.0, 6 * rnd() - 3)); }
+static float val(void) { return (float)((rng_double() - 0.5) * pow(10.0, 6 * rng_double() - 3)); }
 
 static void fill(float *a, size_t n) {
     for (size_t i = 0; i < n; i++) a[i] = val();
@@ -67,8 +62,8 @@ static void test_avx512_equals_ref(void) {
     int cases = 0, bad_cases = 0;
     for (int nv = 1; nv <= NM_WSUM_MAX_V; nv++)
         for (size_t ci = 0; ci < sizeof col_cases / sizeof *col_cases; ci++) {
-            const int64_t cols = col_cases[ci], n_rows = 1 + (int64_t)(rnd() * 300), ldr = cols + (int64_t)(rnd() * 9);
-            const int64_t ldw = n_rows + (int64_t)(rnd() * 5), ldo = cols + (int64_t)(rnd() * 3);
+            const int64_t cols = col_cases[ci], n_rows = 1 + (int64_t)(rng_double() * 300), ldr = cols + (int64_t)(rng_double() * 9);
+            const int64_t ldw = n_rows + (int64_t)(rng_double() * 5), ldo = cols + (int64_t)(rng_double() * 3);
             float *w = malloc(sizeof(float) * (size_t)(nv * ldw)), *r = malloc(sizeof(float) * (size_t)(n_rows * ldr));
             float *a = malloc(sizeof(float) * (size_t)(nv * ldo)), *b = malloc(sizeof(float) * (size_t)(nv * ldo));
             fill(w, (size_t)(nv * ldw)), fill(r, (size_t)(n_rows * ldr));
@@ -87,10 +82,7 @@ static void test_avx512_equals_ref(void) {
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
-    const char *seed_env = getenv("NUMOE_TEST_SEED");
-    rng_state = seed_env ? strtoull(seed_env, NULL, 0) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
-    if (!rng_state) rng_state = 1;
-    fprintf(stderr, "seed %llu (NUMOE_TEST_SEED repeats it)\n", (unsigned long long)rng_state);
+    rng_seed(NULL);
     RUN(test_ref_is_the_plain_loop);
     RUN(test_avx512_equals_ref);
     return check_summary();

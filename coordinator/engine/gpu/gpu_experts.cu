@@ -140,6 +140,7 @@ struct moe_stream {
     uint8_t *d_tab = nullptr;
     std::vector<int64_t> count, start;
     std::vector<int32_t> fill;
+    std::vector<int> tfill; /* per token: its pairs placed so far */
     void *registered = nullptr;
     /* bounce mode (NUMOE_STREAM_BOUNCE=1): pinned chunks the host fills with
      * a parallel memcpy from the mapping, then DMA'd; a chunk is refilled once
@@ -448,10 +449,10 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
         pw[p] = w[i];
     }
     /* each token's pairs in ascending p, i.e. ascending expert id */
-    std::vector<int> tfill((size_t)n, 0);
+    s->tfill.assign((size_t)n, 0);
     for (int64_t p = 0; p < P; p++) {
         const int32_t t = ptok[p];
-        tlist[(int64_t)t * k + tfill[(size_t)t]++] = (int32_t)p;
+        tlist[(int64_t)t * k + s->tfill[(size_t)t]++] = (int32_t)p;
     }
     const size_t tab = (size_t)s->n_batch * k * 3 * 4;
     CUDA_OK(cudaMemcpyAsync(s->d_tab, s->h_tab, tab, cudaMemcpyHostToDevice, s->cs), "layer %d: expert tables", il);
