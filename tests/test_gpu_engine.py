@@ -246,8 +246,8 @@ def perplexity(exe, model, gpu, *extra):
 @pytest.mark.parametrize("experts", ["auto", "cpu"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
 def test_perplexity_gpu_vs_cpu(gpu_exe, model, experts):
-    """64-token windows: with auto the routed experts of every pass run on the GPU (>= 32 tokens), with cpu on
-    the host; both within the bound of the CPU engine's figure."""
+    """64-token windows, the routed experts where auto's measured threshold puts them (GPU or CPU) or on the
+    host (cpu); both within the bound of the CPU engine's figure (the GPU-only path: test_cuda_forward's S)."""
     (cpu, n_cpu) = perplexity(gpu_exe, model, "none")
     (gpu, n_gpu) = perplexity(gpu_exe, model, "0", "--prefill-experts", experts)
     rel = abs(gpu / cpu - 1)
