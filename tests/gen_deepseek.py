@@ -846,7 +846,7 @@ SCALE_FIELDS: dict[QT, tuple[int, ...]] = {
 
 def random_raw_chunks(t: PlanTensor, seed: int, chunk_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
     """The bytes of tensor t for a speed-only model: uniformly random quant blocks whose fp16 scales are
-    replaced by small positive values (weights of magnitude ~0.01-0.05, no inf/NaN), float matrices
+    replaced by small values (weights of magnitude ~0.01-0.05, zero-mean, no inf/NaN), float matrices
     N(0, 0.02), norm weights 1, biases 0. Correctness of the model's output means nothing; the bytes,
     types and shapes are those of the real plan, so every engine reads and computes exactly as much."""
     rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
@@ -873,14 +873,36 @@ def random_raw_chunks(t: PlanTensor, seed: int, chunk_bytes: int = 64 << 20) -> 
     bs, ts = gguf.GGML_QUANT_SIZES[t.qt]
     fields = SCALE_FIELDS[t.qt]
     # values are d * small integers (up to ~64 * 32 for the K types): d ~ 1e-5 keeps weights ~0.01-0.05
-    d = np.float16(2e-3 / bs) if t.qt in (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1) else np.float16(1.5e-5)
+    d = 2e-3 / bs if t.qt in (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1) else 1.5e-5
+    # The projections that write into the residual stream (attention output, FFN / expert down) are
+    # 10x smaller, so each token's hidden state stays its own: random attention averages the values
+    # of all positions, and at full size that common part grew layer by layer until the deep layers
+    # sent most tokens to the same few experts (measured: 47 of 64 experts used, the top 6 taking
+    # 56% of 256 tokens' picks in layer 7 of 8; real DeepSeek routing is balanced by training).
+    if "attn_output" in t.name or "ffn_down" in t.name:
+        d *= 0.1
+    d = np.float16(d)
+    # The second field (the min) makes every matrix zero-mean. With a positive mean every row has a
+    # common component, all tokens' hidden states line up, and the router sends every token to the
+    # same few experts - unlike real traffic, and a gift to engines that copy only the experts a
+    # batch uses (ik_llama.cpp's llama-bench does by default). E[q] of uniform random quants:
+    #   Q4_1 / Q5_1  w = d q + m          q in 0..15 / 0..31        -> m    = -7.5 d / -15.5 d
+    #   Q2_K         w = d sc q - dmin mn sc, mn, q uniform, q 0..3  -> dmin = 1.5 d
+    #   Q4_K / Q5_K  w = d sc q - dmin mn q in 0..15 / 0..31        -> dmin = 7.5 d / 15.5 d
+    mean_q = {QT.Q4_1: -7.5, QT.Q5_1: -15.5, QT.Q2_K: 1.5, QT.Q4_K: 7.5, QT.Q5_K: 15.5}.get(t.qt)
+    vals = [d] if mean_q is None else [d, np.float16(float(d) * mean_q)]
     nblk = t.nbytes // ts
     step = max(1, chunk_bytes // ts)
     while nblk > 0:
         n = min(step, nblk)
         raw = rng.integers(0, 256, size=(n, ts), dtype=np.uint8)
+        for off, v in zip(fields, vals):
+            raw[:, off:off + 2] = np.frombuffer(v.tobytes(), np.uint8)
+        # half the blocks negated (the fp16 sign bits of d and the min): types whose quants are offset
+        # (Q4_0's q - 8 has mean -0.5) are zero-mean too
+        neg = rng.integers(0, 2, size=n, dtype=np.uint8).astype(bool)
         for off in fields:
-            raw[:, off:off + 2] = np.frombuffer(d.tobytes(), np.uint8)
+            raw[neg, off + 1] ^= 0x80
         yield raw.reshape(-1)
         nblk -= n
 

@@ -709,12 +709,36 @@ def test_random_blocks_same_plan(tmp_path, typ, numoe):
             assert (w == 1).all(), name
         elif len(ne(tb)) > 1:
             assert 0 < np.abs(w).mean() < 0.1, (name, float(np.abs(w).mean()))
+            # zero-mean: a common component in every row would send all tokens to the same experts
+            assert abs(float(w.mean())) < 0.1 * float(w.std()), (name, float(w.mean()), float(w.std()))
     out = subprocess.run([numoe, "generate", "-m", str(fast), "--tokens", "1,2,3", "-n", "2", "--workers", "0",
                           "--gpu", "none", "--dump-logits", str(tmp_path / "l.bin")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     logits = np.fromfile(tmp_path / "l.bin", np.float32)
     assert logits.size > 0 and np.isfinite(logits).all()
+
+
+def test_random_blocks_route_widely(tmp_path, numoe):
+    """A speed-only model routes like real traffic: over 128 random tokens every MoE layer of a
+    V2-Lite-width file sends tokens to most of its 64 experts (files whose blocks had a common mean
+    sent every token to the same 6, which let engines that copy only the used experts skip 90%)."""
+    m = tmp_path / "m.gguf"
+    _regen(tmp_path, ["--shape", "v2-lite", "--layers", "3", "--type", "Q4_K", "--random-blocks", "-o", str(m)])
+    rng = np.random.default_rng(1)
+    toks = ",".join(str(int(t)) for t in rng.integers(100, 100000, 128))
+    routes = tmp_path / "r.bin"
+    out = subprocess.run([numoe, "generate", "-m", str(m), "--tokens", toks, "-n", "1", "--workers", "0",
+                          "--gpu", "none", "--dump-routing", str(routes)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rec = np.fromfile(routes, np.int32).reshape(-1, 2 + 6)  # position, layer, the 6 expert ids
+    layers = sorted(set(rec[:, 1].tolist()))
+    assert layers == [1, 2]
+    for il in layers:
+        ids = rec[rec[:, 1] == il][:, 2:]
+        used = np.bincount(ids.ravel(), minlength=64)
+        assert (used > 0).sum() >= 48, (il, used.tolist())
+        assert np.sort(used)[-6:].sum() < 0.3 * ids.size, (il, used.tolist())  # uniform: ~0.14
 
 
 def test_v3_width_needs_random_blocks(tmp_path):
