@@ -3,15 +3,20 @@
 # as the box's limits allow (10 minutes a call, a machine warm for 30 s
 # between calls, about 14 minutes to build ik_llama.cpp there).
 #
+#   tests/cuda/race.sh unpack PACK WHEELS # every call: numoe's binaries from tests/cuda/pack.sh's PACK
+#                                         #   into build/, the Python wheels in WHEELS into /tmp/site
 #   tests/cuda/race.sh start IK_TARBALL   # call 1: ik build + models in the background (own sessions)
-#   tests/cuda/race.sh tests              # call 1 (same): the GPU tests meanwhile (correctness only)
-#   tests/cuda/race.sh bench [SECONDS]    # call 2: waits for the ik build (at most SECONDS, 480),
-#                                         #   then numoe and ik on the same files, one after the other
+#   tests/cuda/race.sh tests              # call 1 (same): the GPU tests meanwhile (correctness), then
+#                                         #   compute-sanitizer memcheck on the CUDA forward test
+#   tests/cuda/race.sh bench [SECONDS]    # call 2: numoe's variants on both files, then waits for the
+#                                         #   ik build (at most SECONDS, 300) and runs ik on the same files
 #
 # Everything prints under $OUT (the device tool's folder; default /tmp/race).
 # numoe's binaries and the .so files ldd names must be in build/bin and on
 # LD_LIBRARY_PATH (built on the development machine: the box lacks ZeroMQ,
-# protobuf-c, ...); the generator needs the gguf wheel on PYTHONPATH.
+# protobuf-c, ...; `unpack` puts them there, then export
+# LD_LIBRARY_PATH=PACK/lib PYTHONPATH=/tmp/site); the generator needs the
+# gguf wheel on PYTHONPATH.
 #
 # Models: speed-only files (gen_deepseek.py --random-blocks: the real plan's
 # tensors, types and bytes, random blocks), deterministic, so a file
@@ -30,6 +35,14 @@ IK=/tmp/ik/build/bin/llama-bench
 B=build/bin/numoe
 
 case "${1:-}" in
+unpack)
+    pack=${2:?usage: race.sh unpack PACK WHEELS}
+    whl=${3:?usage: race.sh unpack PACK WHEELS}
+    mkdir -p build/bin build/lib
+    cp "$pack"/bin/* build/bin/ && cp "$pack/lib/libnumoe_kernels.so" build/lib/
+    pip install -q --no-deps --no-index --target /tmp/site "$whl"/*.whl 2>&1 | tail -2
+    echo "race: unpacked $(ls "$pack/bin" | wc -l) binaries; wheels in /tmp/site"
+    ;;
 start)
     tar=${2:?usage: race.sh start IK_TARBALL}
     mkdir -p /tmp/ik && tar -xJf "$tar" -C /tmp/ik
@@ -45,20 +58,25 @@ start)
     echo "race: ik build and models started in the background"
     ;;
 tests)
-    NUMOE_CUDA_PREBUILT=1 timeout 240 bash tests/cuda/run.sh > "$OUT/cuda.log" 2>&1
+    NUMOE_CUDA_PREBUILT=1 timeout "${CUDA_S:-240}" bash tests/cuda/run.sh > "$OUT/cuda.log" 2>&1
     echo "cuda tests: exit $?" | tee -a "$OUT/cuda.log"
     grep -E "passed|FAIL" "$OUT/cuda.log" | tail -20
-    timeout 330 python3 -m pytest -v -p no:cacheprovider tests/test_gpu_engine.py -k "not asan" \
+    timeout "${PYTEST_S:-330}" python3 -m pytest -v -p no:cacheprovider tests/test_gpu_engine.py -k "not asan" \
         > "$OUT/pytest.log" 2>&1
     echo "pytest: exit $?" | tee -a "$OUT/pytest.log"
     grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -20
+    # memcheck on a float and a quantised fixture (every kernel, the streamed experts, graphs, bounce)
+    for f in deepseek-v3-tiny-Q4_K-mla deepseek-v2-tiny-F32-legacy; do
+        NUMOE_STREAM_BOUNCE=1 timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --leak-check full \
+            --error-exitcode 9 build/bin/test_cuda_forward "tests/fixtures/models/$f.gguf" > "$OUT/memcheck-$f.log" 2>&1
+        echo "memcheck $f: exit $?" | tee -a "$OUT/memcheck-$f.log"
+        grep -E "ERROR SUMMARY|passed|LEAK" "$OUT/memcheck-$f.log" | tail -3
+    done
     ;;
 bench)
-    wait_s=${2:-480}
-    for _ in $(seq 1 $((wait_s / 5))); do [ -f /tmp/ik-done ] && [ -f /tmp/gen-done ] && break; sleep 5; done
+    for _ in $(seq 1 60); do [ -f /tmp/gen-done ] && break; sleep 5; done
     L="$OUT/bench.log"
     {
-        echo "ik build: $(cat /tmp/ik-done 2>/dev/null || echo 'not finished')"
         echo "models: $(cat /tmp/gen-done 2>/dev/null || echo 'not finished')"
         md5sum /tmp/m8.gguf /tmp/m27.gguf 2>&1
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -74,7 +92,18 @@ bench)
     for m in m8 m27; do
         run "numoe $m --workers 0" 120 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0 --workers 0
         run "numoe $m --workers 0 pp2048" 90 $B bench -m /tmp/$m.gguf -p 2048 -n 0 -r 2 -t "$T" --gpu 0 --workers 0
+        run "numoe $m --workers 0 bounce" 90 env NUMOE_STREAM_BOUNCE=1 $B bench -m /tmp/$m.gguf -p 512 -n 0 -r 2 \
+            -t "$T" --gpu 0 --workers 0
+        run "numoe $m --workers 0 bounce pp2048" 90 env NUMOE_STREAM_BOUNCE=1 $B bench -m /tmp/$m.gguf -p 2048 \
+            -n 0 -r 2 -t "$T" --gpu 0 --workers 0
+        run "numoe $m --workers 0 graphs" 90 env NUMOE_CUDA_GRAPHS=1 $B bench -m /tmp/$m.gguf -p 0 -n 128 -r 2 \
+            -t "$T" --gpu 0 --workers 0
         run "numoe $m default worker" 150 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0
+    done
+    wait_s=${2:-300}
+    for _ in $(seq 1 $((wait_s / 5))); do [ -f /tmp/ik-done ] && break; sleep 5; done
+    echo "ik build: $(cat /tmp/ik-done 2>/dev/null || echo 'not finished')" >> "$L"
+    for m in m8 m27; do
         [ -x "$IK" ] && run "ik_llama.cpp $m" 150 $IK -m /tmp/$m.gguf -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1 \
             -t "$T" -p 512,2048 -n 128 -r 2
     done
