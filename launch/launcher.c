@@ -151,7 +151,14 @@ int nm_launch_plan(int argc, char **argv, nm_session_opts *o) {
     /* nor for a --gpu N that names no device */
     char why[256];
     nm_err gerr;
-    if (nm_session_gpu_count(o, why, sizeof why, &gerr) < 0) return 0;
+    const int gpus = nm_session_gpu_count(o, why, sizeof why, &gerr);
+    if (gpus < 0) return 0;
+    /* the workers of a GPU run poll longer between layers (session.h) */
+    if (nm_session_use_gpu(o, gpus)) {
+        char spin[16];
+        snprintf(spin, sizeof spin, "%d", NM_SESSION_GPU_SPIN_US);
+        setenv("NUMOE_POOL_SPIN_US", spin, 0);
+    }
     if (o->workers_set) return o->workers;
     int nodes = numa_available() < 0 ? 1 : numa_num_configured_nodes();
     return nodes > 0 ? nodes : 1;

@@ -23,7 +23,8 @@
  * session options and returns the worker count (0: run the coordinator
  * alone - --workers 0, --worker-endpoints, --help, no model, or options the
  * command itself will reject with a message). Default: one worker per NUMA
- * node. */
+ * node. For a run on the GPU engine it also sets NUMOE_POOL_SPIN_US (unless
+ * set) to NM_SESSION_GPU_SPIN_US, which the workers it starts inherit. */
 int nm_launch_plan(int argc, char **argv, nm_session_opts *o);
 
 /* Runs argv as numoe-coordinator with n_workers workers started and

@@ -569,6 +569,8 @@ int main(int argc, char **argv) {
     snprintf(label, sizeof label, "numoe-worker %d: building its shard", w.id);
     if (!rc && !(w.pool = nm_pool_create(w.threads))) rc = nm_errf(&err, "cannot start %d threads", w.threads);
     if (!rc && w.pin) nm_pool_pin(w.pool); /* after the node binding: its CPUs */
+    const char *spin = getenv("NUMOE_POOL_SPIN_US"); /* developer knob, as the coordinator's */
+    if (!rc && spin) nm_pool_set_spin_us(w.pool, atoi(spin));
     const char *hold = getenv("NUMOE_TEST_BUILD_HOLD"), *hold_path = hold ? strchr(hold, ':') : NULL;
     if (hold_path && (!strncmp(hold, "all:", 4) || atoi(hold) == w.id)) /* a test holds the load (signals end it) */
         while (!g_stop && access(hold_path + 1, F_OK)) usleep(10000);

@@ -30,6 +30,10 @@ int nm_session_gpu_count(const nm_session_opts *o, char *why, size_t n, nm_err *
     return gpu_count;
 }
 
+int nm_session_use_gpu(const nm_session_opts *o, int gpu_count) {
+    return o->gpu_mode == NM_GPU_DEVICE || (o->gpu_mode == NM_GPU_AUTO && gpu_count > 0);
+}
+
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     memset(s, 0, sizeof *s);
     if (!o->model_path) return nm_errf(err, "no model given (--model FILE.gguf)");
@@ -39,7 +43,7 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     char why[512] = "";
     int gpu_count = nm_session_gpu_count(o, why, sizeof why, err);
     if (gpu_count < 0) return -1;
-    const int use_gpu = o->gpu_mode == NM_GPU_DEVICE || (o->gpu_mode == NM_GPU_AUTO && gpu_count > 0);
+    const int use_gpu = nm_session_use_gpu(o, gpu_count);
     if (use_gpu && o->sync_experts)
         return nm_errf(err, "--experts-sync measures the CPU engine's overlap; add --gpu none");
     const int device = o->gpu_mode == NM_GPU_DEVICE ? o->gpu : 0;
@@ -82,6 +86,10 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
      * (docs/NUMA.md). NUMOE_PIN_THREADS=0 / 1 overrides either way. */
     const char *pin = getenv("NUMOE_PIN_THREADS");
     if (pin ? !strcmp(pin, "1") : launched != NULL) nm_pool_pin(s->pool);
+    /* how long idle threads poll before they sleep (NM_SESSION_GPU_SPIN_US) */
+    const char *spin = getenv("NUMOE_POOL_SPIN_US");
+    if (spin) nm_pool_set_spin_us(s->pool, atoi(spin));
+    else if (use_gpu) nm_pool_set_spin_us(s->pool, NM_SESSION_GPU_SPIN_US);
     if (remote) {
         nm_remote_opts ro = {.n_workers = n_workers, .placement = o->placement ? o->placement : "split",
                              .timeout_s = o->worker_timeout, .key_path = o->worker_key, .max_tok = o->batch ? o->batch : 512, .max_k = (int)hp->n_expert_used, .verbose = 1,

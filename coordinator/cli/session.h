@@ -55,6 +55,20 @@ typedef struct {
  * cannot start). */
 int nm_session_gpu_count(const nm_session_opts *o, char *why, size_t n, nm_err *err);
 
+/* Whether o runs the GPU engine, given nm_session_gpu_count's answer. */
+int nm_session_use_gpu(const nm_session_opts *o, int gpu_count);
+
+/* How long the CPU threads of a GPU run (the coordinator's, and the
+ * workers' it launches, through NUMOE_POOL_SPIN_US) poll before they sleep:
+ * they idle between MoE layers while the GPU computes its part of each
+ * (~50-200 us), and a thread that fell asleep costs a wake-up. Measured on
+ * the H200 box (decode, --workers 0, 16 threads): the default 200 us gave
+ * 11-28 tok/s on the 27-layer V2-Lite file, 2000 us 52 tok/s; 8 layers 144
+ * -> 219 tok/s (docs/BENCHMARKS.md). The CPU engine keeps the pool's
+ * default: its threads are busy between layers, and polling workers would
+ * take cores from it. NUMOE_POOL_SPIN_US overrides either. */
+#define NM_SESSION_GPU_SPIN_US 2000
+
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err);
 void nm_session_close(nm_session *s);
 

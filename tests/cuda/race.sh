@@ -67,7 +67,7 @@ tests)
     grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -20
     # memcheck on a float and a quantised fixture (every kernel, the streamed experts, graphs, bounce)
     for f in deepseek-v3-tiny-Q4_K-mla deepseek-v2-tiny-F32-legacy; do
-        NUMOE_STREAM_BOUNCE=1 timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --leak-check full \
+        timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --leak-check full \
             --error-exitcode 9 build/bin/test_cuda_forward "tests/fixtures/models/$f.gguf" > "$OUT/memcheck-$f.log" 2>&1
         echo "memcheck $f: exit $?" | tee -a "$OUT/memcheck-$f.log"
         grep -E "ERROR SUMMARY|passed|LEAK" "$OUT/memcheck-$f.log" | tail -3
@@ -92,12 +92,10 @@ bench)
     for m in m8 m27; do
         run "numoe $m --workers 0" 120 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0 --workers 0
         run "numoe $m --workers 0 pp2048" 90 $B bench -m /tmp/$m.gguf -p 2048 -n 0 -r 2 -t "$T" --gpu 0 --workers 0
-        run "numoe $m --workers 0 bounce" 90 env NUMOE_STREAM_BOUNCE=1 $B bench -m /tmp/$m.gguf -p 512 -n 0 -r 2 \
-            -t "$T" --gpu 0 --workers 0
-        run "numoe $m --workers 0 bounce pp2048" 90 env NUMOE_STREAM_BOUNCE=1 $B bench -m /tmp/$m.gguf -p 2048 \
-            -n 0 -r 2 -t "$T" --gpu 0 --workers 0
-        run "numoe $m --workers 0 graphs" 90 env NUMOE_CUDA_GRAPHS=1 $B bench -m /tmp/$m.gguf -p 0 -n 128 -r 2 \
-            -t "$T" --gpu 0 --workers 0
+        run "numoe $m --workers 0 pageable copies" 90 env NUMOE_STREAM_COPY=pageable $B bench -m /tmp/$m.gguf \
+            -p 512 -n 0 -r 2 -t "$T" --gpu 0 --workers 0
+        run "numoe $m --workers 0 no graphs, short polls" 90 env NUMOE_CUDA_GRAPHS=0 NUMOE_POOL_SPIN_US=200 $B bench \
+            -m /tmp/$m.gguf -p 0 -n 128 -r 2 -t "$T" --gpu 0 --workers 0
         run "numoe $m default worker" 150 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0
     done
     wait_s=${2:-300}

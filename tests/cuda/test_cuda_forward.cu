@@ -24,7 +24,7 @@
  *         against the CPU as in A; every MoE layer computed there; then
  *         chunks of 5 with the threshold at 3 (two passes on the GPU's
  *         experts, one on the host's) against all on the GPU.
- *   G:    decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) against A.
+ *   G:    decode passes as CUDA graphs (opts.graphs) against A.
  *   Router kernel against router.c on random and on tie-heavy logits
  *         (test_router_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
@@ -256,11 +256,12 @@ struct run_out {
 };
 
 static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err,
-                    int64_t stream_min = 0) {
+                    int64_t stream_min = 0, int graphs = 0) {
     nm_gpu_forward_opts o = {};
     o.n_ctx = N_CTX;
     o.n_batch = n_batch;
     o.stream_min = stream_min;
+    o.graphs = graphs;
     return nm_gpu_forward_create(g, m, b, &o, err);
 }
 
@@ -586,21 +587,32 @@ static void test_fixture(const char *path, nm_pool *pool) {
                   name, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
         nm_gpu_forward_free(gf);
 
-        /* the bounce copy path (NUMOE_STREAM_BOUNCE=1: pinned chunks filled by host threads) moves the
-         * same bytes: the prefill rows equal the S run's bit for bit */
+        /* the pageable copy path (NUMOE_STREAM_COPY=pageable; the S run went through the default
+         * bounce chunks) moves the same bytes: the prefill rows equal the S run's bit for bit */
         {
-            setenv("NUMOE_STREAM_BOUNCE", "1", 1);
+            setenv("NUMOE_STREAM_COPY", "pageable", 1);
             rec_backend rbo = make_rec(local, hp->n_embd);
             nm_gpu_forward *gb2 = nullptr;
             std::vector<float> lb((size_t)PROMPT * V);
             bool okb = gpu_open(&gb2, &m, &rbo.base, 64, &err, 1) == 0;
-            unsetenv("NUMOE_STREAM_BOUNCE");
+            unsetenv("NUMOE_STREAM_COPY");
             const char *d = okb ? nm_gpu_forward_describe(gb2) : "";
-            okb = okb && strstr(d, "pinned") && nm_gpu_forward_tokens(gb2, prompt, PROMPT, lb.data(), 1, &err) == 0;
+            okb = okb && strstr(d, "pageable") && nm_gpu_forward_tokens(gb2, prompt, PROMPT, lb.data(), 1, &err) == 0;
             check(okb && memcmp(lb.data(), gs.logits.data(), lb.size() * sizeof(float)) == 0,
-                  "%s: bounce copies: prefill rows equal the direct copies' bit for bit%s%s", name, okb ? "" : ": ",
-                  okb ? "" : err.msg);
+                  "%s: pageable copies: prefill rows equal the bounce copies' bit for bit%s%s", name,
+                  okb ? "" : ": ", okb ? "" : err.msg);
             if (gb2) nm_gpu_forward_free(gb2);
+        }
+        /* an unknown copy mode is refused with the choices */
+        {
+            setenv("NUMOE_STREAM_COPY", "dma", 1);
+            rec_backend rbx = make_rec(local, hp->n_embd);
+            nm_gpu_forward *gb3 = nullptr;
+            const bool refused = gpu_open(&gb3, &m, &rbx.base, 64, &err, 1) != 0;
+            unsetenv("NUMOE_STREAM_COPY");
+            check(refused && strstr(err.msg, "NUMOE_STREAM_COPY=dma") && strstr(err.msg, "pageable"),
+                  "%s: NUMOE_STREAM_COPY=dma refused: %s", name, refused ? err.msg : "opened");
+            if (gb3) nm_gpu_forward_free(gb3);
         }
 
         /* mixed: chunks of 5 with stream_min 3 -> passes of 5, 5 on the GPU experts, 2 on the host's; the
@@ -626,14 +638,12 @@ static void test_fixture(const char *path, nm_pool *pool) {
     }
 
     {
-        /* G: decode passes replayed as CUDA graphs (NUMOE_CUDA_GRAPHS=1), teacher-forced like A: every row
+        /* G: decode passes replayed as CUDA graphs (opts.graphs), teacher-forced like A: every row
          * equals A's within REL_SELF (same kernels; cuBLAS has its own workspace there), segments were
          * captured, none failed */
-        setenv("NUMOE_CUDA_GRAPHS", "1", 1);
         rec_backend rg = make_rec(local, hp->n_embd);
         nm_gpu_forward *gf = nullptr;
-        const int rc_open = gpu_open(&gf, &m, &rg.base, 64, &err);
-        unsetenv("NUMOE_CUDA_GRAPHS");
+        const int rc_open = gpu_open(&gf, &m, &rg.base, 64, &err, 0, 1);
         if (rc_open) {
             check(false, "%s: GPU init (graphs): %s", name, err.msg);
             goto done;

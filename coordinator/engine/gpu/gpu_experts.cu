@@ -14,6 +14,10 @@
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/quant.h"
+extern "C" {
+#include "common/clock.h"
+#include "kernels/threadpool.h"
+}
 
 namespace numoe_gpu {
 namespace {
@@ -22,7 +26,7 @@ namespace {
  * staging buffer. */
 struct stack {
     const uint8_t *host = nullptr;
-    size_t bytes = 0, off = 0, slab = 0;
+    size_t bytes = 0, off = 0, slab = 0, row_bytes = 0;
     int type = 0;
     int64_t rows = 0, cols = 0;
     const char *name = "";
@@ -38,6 +42,10 @@ constexpr size_t ALIGN = 256;
 constexpr int BOUNCE_N = 4;                     /* pinned chunks in the ring */
 constexpr size_t BOUNCE_BYTES = (size_t)32 << 20; /* bytes per chunk */
 constexpr int BOUNCE_THREADS_MAX = 16;
+constexpr int QUEUE = 4;                        /* copy requests in flight (2 at most are used) */
+
+/* How the host side of a copy is read. */
+enum copy_mode { COPY_BOUNCE, COPY_PAGEABLE, COPY_REGISTER };
 
 struct copy_part {
     uint8_t *dst;
@@ -45,29 +53,12 @@ struct copy_part {
     size_t n;
 };
 
-void *copy_part_run(void *arg) {
+/* One thread's share of a parallel memcpy (nm_pool_run): one thread reads a
+ * few GB/s from the page cache, the PCIe link takes tens. */
+void copy_part_run(void *arg, int ith, int nth) {
     const copy_part *c = static_cast<const copy_part *>(arg);
-    memcpy(c->dst, c->src, c->n);
-    return nullptr;
-}
-
-/* memcpy of n bytes split over t threads (the calling one included): one
- * thread reads a few GB/s from the page cache, the PCIe link takes tens. */
-void parallel_memcpy(uint8_t *dst, const uint8_t *src, size_t n, int t) {
-    pthread_t th[BOUNCE_THREADS_MAX];
-    copy_part part[BOUNCE_THREADS_MAX];
-    bool started[BOUNCE_THREADS_MAX] = {};
-    const size_t step = (n / (size_t)t + 63) & ~(size_t)63;
-    for (int i = 1; i < t; i++) {
-        const size_t o = (size_t)i * step;
-        if (o >= n) break;
-        part[i] = copy_part{dst + o, src + o, o + step < n ? step : n - o};
-        started[i] = pthread_create(&th[i], nullptr, copy_part_run, &part[i]) == 0;
-        if (!started[i]) memcpy(part[i].dst, part[i].src, part[i].n); /* no thread: copied here, same bytes */
-    }
-    memcpy(dst, src, step < n ? step : n);
-    for (int i = 1; i < t; i++)
-        if (started[i]) pthread_join(th[i], nullptr);
+    const size_t step = (c->n / (size_t)nth + 63) & ~(size_t)63, o = (size_t)ith * step;
+    if (o < c->n) memcpy(c->dst + o, c->src + o, o + step < c->n ? step : c->n - o);
 }
 
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -134,7 +125,16 @@ struct moe_stream {
     /* activations: pairs in expert order */
     float *xp = nullptr, *hg = nullptr, *hu = nullptr, *y = nullptr, *tile = nullptr, *pw = nullptr;
     int32_t *ptok = nullptr, *tlist = nullptr;
-    size_t tile_elems = 0;
+    size_t tile_elems = 0;      /* floats of one expert matrix (the largest) */
+    int64_t tile_experts = 0;   /* expert matrices the tile holds at once */
+    /* grouped GEMM tables (one group per active expert): device pointer
+     * arrays A, B, C for the three stacks, pinned here and copied per layer */
+    const void **h_ptr = nullptr;
+    void **d_ptr = nullptr;
+    std::vector<int> g_m, g_n, g_k, g_one;
+    std::vector<cublasOperation_t> g_ta, g_tb;
+    std::vector<float> g_alpha, g_beta;
+    std::vector<int32_t> act; /* active expert ids of the layer, ascending */
     /* pinned host side of the per-layer tables: pair_tok | tok_list | pair_w */
     uint8_t *h_tab = nullptr;
     uint8_t *d_tab = nullptr;
@@ -142,12 +142,29 @@ struct moe_stream {
     std::vector<int32_t> fill;
     std::vector<int> tfill; /* per token: its pairs placed so far */
     void *registered = nullptr;
-    /* bounce mode (NUMOE_STREAM_BOUNCE=1): pinned chunks the host fills with
-     * a parallel memcpy from the mapping, then DMA'd; a chunk is refilled once
-     * the DMA that read it is done (its event) */
+    int mode = COPY_BOUNCE;
+    /* bounce mode (the default): pinned chunks that the memcpy pool fills
+     * from the mapping, then DMA'd; a chunk is refilled once the DMA that
+     * read it is done (its event) */
     uint8_t *bounce[BOUNCE_N] = {};
     cudaEvent_t ev_bounce[BOUNCE_N] = {};
-    int bounce_next = 0, bounce_threads = 0;
+    int bounce_next = 0;
+    nm_pool *mpool = nullptr;
+    /* The copier thread issues every layer's copy, so that the host's part
+     * of it (the memcpy into the bounce chunks, or the whole of a pageable
+     * copy) overlaps the compute thread's work instead of stalling it: the
+     * compute thread queues a request (pos) and, before it computes that
+     * layer, waits until the copier has issued it (done >= want[buffer]),
+     * so its stream wait sees the copy's ready event. */
+    pthread_t copier{};
+    bool copier_started = false, stop = false;
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* queue, done, cerr */
+    pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+    int queue[QUEUE] = {};
+    int64_t req = 0, done = 0, want[2] = {0, 0};
+    int cerr = 0;
+    nm_err cmsg{};
+    pthread_mutex_t tmu = PTHREAD_MUTEX_INITIALIZER; /* timing, st: written by both threads */
     size_t vram = 0;
     moe_stream_stats st = {};
     char desc[512] = "";
@@ -168,6 +185,7 @@ int dmalloc(moe_stream *s, void **p, size_t bytes, const char *what, nm_err *err
 
 /* Adds the copy times of finished copies (every pending one with wait). */
 void harvest(moe_stream *s, int wait) {
+    pthread_mutex_lock(&s->tmu);
     for (size_t i = 0; i < s->timing.size(); i++) {
         if (!s->timing[i]) continue;
         if (!wait && cudaEventQuery(s->ev_c1[i]) != cudaSuccess) continue;
@@ -177,18 +195,19 @@ void harvest(moe_stream *s, int wait) {
             s->st.t_copy += ms / 1e3;
         s->timing[i] = 0;
     }
+    pthread_mutex_unlock(&s->tmu);
 }
 
-/* Queues the copy of layers[pos] into buffer pos % 2, behind the compute
- * that last read that buffer. */
-int fetch(moe_stream *s, int pos, nm_err *err) {
+/* Issues the copy of layers[pos] into buffer pos % 2 on the copy stream,
+ * behind the compute that last read that buffer (on the copier thread). */
+int fetch_now(moe_stream *s, int pos, nm_err *err) {
     const int b = pos % 2;
     const moe_layer &L = s->layers[(size_t)pos];
-    if (s->timing[(size_t)pos]) harvest(s, 1); /* the previous pass's copy of this layer ended long ago */
+    harvest(s, 1); /* the previous pass's copy of this layer ended long ago */
     CUDA_OK(cudaStreamWaitEvent(s->copy, s->ev_free[b], 0), "layer %d: copy waits for its buffer", L.il);
     CUDA_OK(cudaEventRecord(s->ev_c0[(size_t)pos], s->copy), "layer %d: copy start event", L.il);
     for (const stack &k : L.s) {
-        if (!s->bounce[0]) {
+        if (s->mode != COPY_BOUNCE) {
             CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off, k.host, k.bytes, cudaMemcpyHostToDevice, s->copy),
                     "layer %d: streaming %s (%zu MiB) to the GPU", L.il, k.name, k.bytes >> 20);
             continue;
@@ -198,7 +217,8 @@ int fetch(moe_stream *s, int pos, nm_err *err) {
             const int c = s->bounce_next;
             s->bounce_next = (c + 1) % BOUNCE_N;
             CUDA_OK(cudaEventSynchronize(s->ev_bounce[c]), "layer %d: waiting for a bounce chunk", L.il);
-            parallel_memcpy(s->bounce[c], k.host + o, n, s->bounce_threads);
+            copy_part part{s->bounce[c], k.host + o, n};
+            nm_pool_run(s->mpool, copy_part_run, &part);
             CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off + o, s->bounce[c], n, cudaMemcpyHostToDevice, s->copy),
                     "layer %d: streaming %s (%zu MiB at %zu) to the GPU", L.il, k.name, n >> 20, o);
             CUDA_OK(cudaEventRecord(s->ev_bounce[c], s->copy), "layer %d: bounce chunk event", L.il);
@@ -206,34 +226,103 @@ int fetch(moe_stream *s, int pos, nm_err *err) {
     }
     CUDA_OK(cudaEventRecord(s->ev_c1[(size_t)pos], s->copy), "layer %d: copy end event", L.il);
     CUDA_OK(cudaEventRecord(s->ev_ready[b], s->copy), "layer %d: copy ready event", L.il);
+    pthread_mutex_lock(&s->tmu);
     s->timing[(size_t)pos] = 1;
-    s->staged[b] = pos;
     s->st.bytes_copied += (double)L.bytes;
+    pthread_mutex_unlock(&s->tmu);
     return 0;
 }
 
-/* Y[p][0..rows) = W_e X[p] for the cnt pairs from X (cols wide), W_e the
- * expert's matrix in the staging buffer; Y rows `rows` wide. */
-int expert_mm(moe_stream *s, const stack &k, const uint8_t *buf, int64_t e, const float *X, int64_t cnt, float *Y,
-              int il, nm_err *err) {
-    const uint8_t *W = buf + k.off + (size_t)e * k.slab;
-    const float *A;
-    if (k.type == NM_TYPE_F32) {
-        A = reinterpret_cast<const float *>(W);
-    } else {
-        int rc = nm_cuda_dequantize(k.type, W, s->tile, k.rows * k.cols, s->cs);
-        if (rc != NM_CUDA_OK)
-            return nm_errf(err, "GPU experts: layer %d: dequantising %s expert %lld: %s", il, k.name, (long long)e,
-                           nm_cuda_last_error());
-        A = s->tile;
+void *copier_main(void *arg) {
+    moe_stream *s = static_cast<moe_stream *>(arg);
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->stop && s->done == s->req) pthread_cond_wait(&s->cv, &s->mu);
+        if (s->done == s->req) break; /* stopped with nothing left */
+        const int pos = s->queue[s->done % QUEUE];
+        pthread_mutex_unlock(&s->mu);
+        nm_err e{};
+        const int rc = fetch_now(s, pos, &e);
+        pthread_mutex_lock(&s->mu);
+        if (rc && !s->cerr) s->cerr = 1, s->cmsg = e;
+        s->done++;
+        pthread_cond_broadcast(&s->cv);
     }
-    const float one = 1.0f, zero = 0.0f;
-    cublasStatus_t bs = cublasGemmEx(s->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)k.rows, (int)cnt, (int)k.cols, &one, A,
-                                     CUDA_R_32F, (int)k.cols, X, CUDA_R_32F, (int)k.cols, &zero, Y, CUDA_R_32F,
-                                     (int)k.rows, s->ct, CUBLAS_GEMM_DEFAULT);
-    if (bs != CUBLAS_STATUS_SUCCESS)
-        return nm_errf(err, "GPU experts: layer %d: GEMM %s expert %lld: cuBLAS %s", il, k.name, (long long)e,
-                       cublasGetStatusString(bs));
+    pthread_mutex_unlock(&s->mu);
+    return nullptr;
+}
+
+/* Queues the copy of layers[pos] (compute thread). */
+void fetch(moe_stream *s, int pos) {
+    pthread_mutex_lock(&s->mu);
+    s->queue[s->req % QUEUE] = pos;
+    s->req++;
+    s->want[pos % 2] = s->req;
+    s->staged[pos % 2] = pos;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Waits until the copy that fills buffer b is issued (or every queued one,
+ * b < 0); the copier's first error, if any. */
+int await_issued(moe_stream *s, int b, nm_err *err) {
+    pthread_mutex_lock(&s->mu);
+    const int64_t w = b < 0 ? s->req : s->want[b];
+    while (s->done < w) pthread_cond_wait(&s->cv, &s->mu);
+    const int bad = s->cerr;
+    if (bad) *err = s->cmsg;
+    pthread_mutex_unlock(&s->mu);
+    return bad ? -1 : 0;
+}
+
+constexpr size_t TILE_BUDGET = (size_t)1 << 30; /* bytes of float32 expert tile in VRAM */
+
+/* Stack si (gate, up, down) of one layer for its active experts, Y_e = W_e X_e
+ * (rows x cols times cols x count), as grouped GEMMs, one group per active
+ * expert (cublasGemmGroupedBatchedEx: one launch for all of a tile's experts
+ * instead of one dequantisation and one GEMM each; ~400 launches a layer
+ * were the bound of a streamed pass on the H200 box). The experts are
+ * dequantised tile_experts at a time into the tile (one launch per run of
+ * consecutive ids when the stack's slabs are contiguous); float32 stacks are
+ * read in place. The pointer tables were uploaded by the caller: row
+ * si * na + a of d_ptr's A / B / C arrays is active expert a. */
+int stack_mm(moe_stream *s, int si, const stack &k, const uint8_t *buf, int64_t na, int il, nm_err *err) {
+    const int64_t E = s->m->hp.n_expert, me = k.rows * k.cols;
+    const bool f32 = k.type == NM_TYPE_F32;
+    const bool contiguous = k.slab == (size_t)k.rows * k.row_bytes;
+    void **A = s->d_ptr + (size_t)(0 * 3 + si) * (size_t)E, **B = s->d_ptr + (size_t)(1 * 3 + si) * (size_t)E,
+         **C = s->d_ptr + (size_t)(2 * 3 + si) * (size_t)E;
+    for (int64_t a0 = 0; a0 < na;) {
+        /* the active experts whose ids fit in the tile from act[a0] on */
+        const int32_t e0 = s->act[(size_t)a0];
+        int64_t a1 = a0;
+        while (a1 < na && (f32 || s->act[(size_t)a1] - e0 < s->tile_experts)) a1++;
+        if (!f32) {
+            const int32_t e1 = s->act[(size_t)a1 - 1] + 1;
+            for (int32_t e = e0; e < e1;) {
+                /* a run of ids: one launch when contiguous, else one expert */
+                int32_t r = e + 1;
+                if (contiguous) r = e1;
+                const uint8_t *W = buf + k.off + (size_t)e * k.slab;
+                int rc = nm_cuda_dequantize(k.type, W, s->tile + (size_t)(e - e0) * (size_t)me, (r - e) * me, s->cs);
+                if (rc != NM_CUDA_OK)
+                    return nm_errf(err, "GPU experts: layer %d: dequantising %s experts %d..%d: %s", il, k.name, e, r - 1,
+                                   nm_cuda_last_error());
+                e = r;
+            }
+        }
+        const int g = (int)(a1 - a0);
+        cublasStatus_t bs = cublasGemmGroupedBatchedEx(
+            s->cb, s->g_ta.data(), s->g_tb.data(), s->g_m.data() + (size_t)si * E + a0, s->g_n.data() + a0,
+            s->g_k.data() + (size_t)si * E + a0, s->g_alpha.data(), (const void *const *)(A + a0), CUDA_R_32F,
+            s->g_k.data() + (size_t)si * E + a0, (const void *const *)(B + a0), CUDA_R_32F,
+            s->g_k.data() + (size_t)si * E + a0, s->g_beta.data(), C + a0, CUDA_R_32F,
+            s->g_m.data() + (size_t)si * E + a0, g, s->g_one.data(), s->ct);
+        if (bs != CUBLAS_STATUS_SUCCESS)
+            return nm_errf(err, "GPU experts: layer %d: grouped GEMM %s experts %d..%d: cuBLAS %s", il, k.name, e0,
+                           s->act[(size_t)a1 - 1], cublasGetStatusString(bs));
+        a0 = a1;
+    }
     return 0;
 }
 
@@ -263,6 +352,7 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
             stack &t = L.s[i];
             t.host = static_cast<const uint8_t *>(src[i]->data);
             t.slab = src[i]->slab;
+            t.row_bytes = src[i]->row_bytes;
             t.bytes = src[i]->slab * (size_t)hp->n_expert;
             t.type = src[i]->type;
             t.rows = src[i]->rows;
@@ -313,7 +403,28 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
     if (!rc) rc = dmalloc(s, &v, (size_t)(P * ff) * sizeof(float), "expert gate", err), s->hg = (float *)v;
     if (!rc) rc = dmalloc(s, &v, (size_t)(P * ff) * sizeof(float), "expert up", err), s->hu = (float *)v;
     if (!rc) rc = dmalloc(s, &v, (size_t)(P * H) * sizeof(float), "expert outputs", err), s->y = (float *)v;
-    if (!rc && s->tile_elems) rc = dmalloc(s, &v, s->tile_elems * sizeof(float), "expert tile", err), s->tile = (float *)v;
+    if (s->tile_elems) {
+        s->tile_experts = (int64_t)(TILE_BUDGET / (s->tile_elems * sizeof(float)));
+        if (s->tile_experts < 1) s->tile_experts = 1;
+        if (s->tile_experts > hp->n_expert) s->tile_experts = hp->n_expert;
+    }
+    if (!rc && s->tile_elems)
+        rc = dmalloc(s, &v, (size_t)s->tile_experts * s->tile_elems * sizeof(float), "expert tile", err),
+        s->tile = (float *)v;
+    const size_t nptr = (size_t)9 * (size_t)hp->n_expert;
+    if (!rc) rc = dmalloc(s, &v, nptr * sizeof(void *), "grouped GEMM tables", err), s->d_ptr = (void **)v;
+    if (!rc) {
+        e = cudaHostAlloc(&v, nptr * sizeof(void *), cudaHostAllocDefault);
+        if (e != cudaSuccess) rc = fail_cuda(err, e, "allocating pinned grouped GEMM tables");
+        else s->h_ptr = (const void **)v;
+    }
+    if (!rc) {
+        const size_t E3 = (size_t)3 * (size_t)hp->n_expert;
+        s->g_m.assign(E3, 0), s->g_k.assign(E3, 0), s->g_n.assign((size_t)hp->n_expert, 0);
+        s->g_one.assign((size_t)hp->n_expert, 1);
+        s->g_ta.assign((size_t)hp->n_expert, CUBLAS_OP_T), s->g_tb.assign((size_t)hp->n_expert, CUBLAS_OP_N);
+        s->g_alpha.assign((size_t)hp->n_expert, 1.0f), s->g_beta.assign((size_t)hp->n_expert, 0.0f);
+    }
     if (!rc) rc = dmalloc(s, &v, tab, "expert tables", err), s->d_tab = (uint8_t *)v;
     if (!rc) {
         e = cudaHostAlloc(&v, tab, cudaHostAllocDefault);
@@ -340,30 +451,41 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
     const size_t span = round_up((size_t)(hi - base), page);
     const size_t avail = mem_available();
     char how[200];
-    /* opt-in (NUMOE_PIN_EXPERTS=1): registering a multi-GB file mapping hung
-     * the GPU box's sandboxed driver (measured: no progress in 60 s for
-     * 2.3 GB), so the default is the pageable copy */
-    const char *pin = getenv("NUMOE_PIN_EXPERTS"), *bounce = getenv("NUMOE_STREAM_BOUNCE");
-    if (bounce && !strcmp(bounce, "1")) {
-        /* opt-in until measured on the GPU box: pinned chunks filled by host threads */
+    /* NUMOE_STREAM_COPY: bounce (default), pageable or register. Measured on
+     * the H200 box (8-layer V2-Lite Q4_K, pp512): bounce 20-24 GB/s, pageable
+     * 6.5 GB/s; registering a multi-GB file mapping (cudaHostRegister) hung
+     * the box's sandboxed driver (no progress in 25-60 s, twice) */
+    const char *mode = getenv("NUMOE_STREAM_COPY");
+    if (!mode || !*mode || !strcmp(mode, "bounce")) s->mode = COPY_BOUNCE;
+    else if (!strcmp(mode, "pageable")) s->mode = COPY_PAGEABLE;
+    else if (!strcmp(mode, "register")) s->mode = COPY_REGISTER;
+    else {
+        moe_stream_free(s);
+        return nm_errf(err, "NUMOE_STREAM_COPY=%s: use bounce (default), pageable or register", mode);
+    }
+    if (s->mode == COPY_BOUNCE) {
+        /* the memcpy threads run while the CPU has nothing else to do (the
+         * pass's experts are here); two CPUs stay free for the compute thread
+         * and the driver */
         long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        s->bounce_threads = ncpu < 2 ? 1 : ncpu / 2 > BOUNCE_THREADS_MAX ? BOUNCE_THREADS_MAX : (int)(ncpu / 2);
+        const int nt = ncpu <= 3 ? 1 : ncpu - 2 > BOUNCE_THREADS_MAX ? BOUNCE_THREADS_MAX : (int)(ncpu - 2);
+        s->mpool = nm_pool_create(nt);
         for (int c = 0; c < BOUNCE_N && e == cudaSuccess; c++) {
             void *v = nullptr;
             e = cudaHostAlloc(&v, BOUNCE_BYTES, cudaHostAllocDefault);
             s->bounce[c] = static_cast<uint8_t *>(v);
             if (e == cudaSuccess) e = cudaEventCreateWithFlags(&s->ev_bounce[c], cudaEventDisableTiming);
         }
-        if (e != cudaSuccess) {
+        if (e != cudaSuccess || !s->mpool) {
             moe_stream_free(s);
+            if (e == cudaSuccess) return nm_errf(err, "GPU experts: cannot start %d memcpy threads", nt);
             return fail_cuda(err, e, "allocating %d pinned bounce chunks of %zu MiB", BOUNCE_N, BOUNCE_BYTES >> 20);
         }
         s->st.pinned = 1;
         snprintf(how, sizeof how, "through %d pinned %zu-MiB chunks filled by %d threads", BOUNCE_N,
-                 BOUNCE_BYTES >> 20, s->bounce_threads);
-    } else if (!pin || strcmp(pin, "1")) {
-        snprintf(how, sizeof how, "pageable (NUMOE_PIN_EXPERTS=1 registers the mapping for DMA, "
-                 "NUMOE_STREAM_BOUNCE=1 copies through pinned chunks)");
+                 BOUNCE_BYTES >> 20, nm_pool_size(s->mpool));
+    } else if (s->mode == COPY_PAGEABLE) {
+        snprintf(how, sizeof how, "pageable (NUMOE_STREAM_COPY=pageable)");
     } else if (avail && span <= avail / 2) {
         e = cudaHostRegister(base, span, cudaHostRegisterReadOnly | cudaHostRegisterPortable);
         if (e == cudaSuccess) {
@@ -378,6 +500,11 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
         snprintf(how, sizeof how, "pageable: the experts' %.1f GiB exceed half of the %.1f GiB available",
                  span / 1073741824.0, avail / 1073741824.0);
     }
+    if (pthread_create(&s->copier, nullptr, copier_main, s) != 0) {
+        moe_stream_free(s);
+        return nm_errf(err, "GPU experts: cannot start the copier thread");
+    }
+    s->copier_started = true;
     s->st.vram = s->vram;
     snprintf(s->desc, sizeof s->desc, "2 x %.1f MiB staging + %.1f MiB work, host copies %s",
              s->max_bytes / 1048576.0, (s->vram - 2 * s->max_bytes) / 1048576.0, how);
@@ -387,6 +514,14 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
 
 void moe_stream_free(moe_stream *s) {
     if (!s) return;
+    if (s->copier_started) {
+        pthread_mutex_lock(&s->mu);
+        s->stop = true;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->copier, nullptr);
+    }
+    nm_pool_destroy(s->mpool);
     if (s->copy) cudaStreamSynchronize(s->copy);
     if (s->cs) cudaStreamSynchronize(s->cs);
     if (s->registered) cudaHostUnregister(s->registered);
@@ -395,9 +530,10 @@ void moe_stream_free(moe_stream *s) {
         if (s->ev_bounce[c]) cudaEventDestroy(s->ev_bounce[c]);
     }
     for (void *p : {(void *)s->stage[0], (void *)s->stage[1], (void *)s->xp, (void *)s->hg, (void *)s->hu,
-                    (void *)s->y, (void *)s->tile, (void *)s->d_tab})
+                    (void *)s->y, (void *)s->tile, (void *)s->d_tab, (void *)s->d_ptr})
         if (p) cudaFree(p);
     if (s->h_tab) cudaFreeHost(s->h_tab);
+    if (s->h_ptr) cudaFreeHost((void *)s->h_ptr);
     for (int b = 0; b < 2; b++)
         for (cudaEvent_t ev : {s->ev_ready[b], s->ev_free[b]})
             if (ev) cudaEventDestroy(ev);
@@ -410,10 +546,11 @@ void moe_stream_free(moe_stream *s) {
 }
 
 int moe_stream_begin(moe_stream *s, nm_err *err) {
+    /* a pass that failed half-way may have left copies queued */
+    if (await_issued(s, -1, err)) return -1;
     s->staged[0] = s->staged[1] = -1;
     s->next_fetch = 0;
-    for (int i = 0; i < 2 && s->next_fetch < (int)s->layers.size(); i++)
-        if (fetch(s, s->next_fetch++, err)) return -1;
+    for (int i = 0; i < 2 && s->next_fetch < (int)s->layers.size(); i++) fetch(s, s->next_fetch++);
     return 0;
 }
 
@@ -458,26 +595,59 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
     CUDA_OK(cudaMemcpyAsync(s->d_tab, s->h_tab, tab, cudaMemcpyHostToDevice, s->cs), "layer %d: expert tables", il);
     k_gather<<<(unsigned)P, 256, 0, s->cs>>>(s->xp, a, s->ptok, P, H);
     CUDA_OK(cudaGetLastError(), "layer %d: gathering expert inputs", il);
+    if (await_issued(s, b, err)) return -1;
     CUDA_OK(cudaStreamWaitEvent(s->cs, s->ev_ready[b], 0), "layer %d: waiting for the streamed experts", il);
     const uint8_t *buf = s->stage[b];
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t c = s->count[(size_t)e], p0 = s->start[(size_t)e];
-        if (!c) continue;
-        if (expert_mm(s, L.s[0], buf, e, s->xp + p0 * H, c, s->hg + p0 * ff, il, err) ||
-            expert_mm(s, L.s[1], buf, e, s->xp + p0 * H, c, s->hu + p0 * ff, il, err))
-            return -1;
+    /* the grouped GEMM tables: per stack, per active expert, A (its matrix:
+     * in the tile, or in place for float32), B (its pairs' inputs), C (their
+     * outputs); pinned -> device once per layer, behind the previous layer's
+     * GEMMs on the same stream */
+    s->act.clear();
+    for (int64_t e = 0; e < E; e++)
+        if (s->count[(size_t)e]) s->act.push_back((int32_t)e);
+    const int64_t na = (int64_t)s->act.size();
+    CUDA_OK(cudaStreamSynchronize(s->cs), "layer %d: the previous layer's GEMM tables are free", il);
+    for (int si = 0; si < 3; si++) {
+        const stack &kk = L.s[si];
+        for (int64_t a = 0; a < na; a++) {
+            const int32_t e = s->act[(size_t)a];
+            const int64_t p0 = s->start[(size_t)e];
+            s->h_ptr[(size_t)(0 * 3 + si) * E + a] =
+                kk.type == NM_TYPE_F32 ? (const void *)(buf + kk.off + (size_t)e * kk.slab) : nullptr;
+            s->h_ptr[(size_t)(1 * 3 + si) * E + a] = si < 2 ? (const void *)(s->xp + p0 * H) : (const void *)(s->hg + p0 * ff);
+            s->h_ptr[(size_t)(2 * 3 + si) * E + a] =
+                si == 0 ? (const void *)(s->hg + p0 * ff) : si == 1 ? (const void *)(s->hu + p0 * ff) : (const void *)(s->y + p0 * H);
+            s->g_m[(size_t)si * E + a] = (int)kk.rows;
+            s->g_k[(size_t)si * E + a] = (int)kk.cols;
+            if (si == 0) s->g_n[(size_t)a] = (int)s->count[(size_t)e];
+        }
     }
+    /* A of the dequantised stacks: the tile slot of each expert, relative to
+     * the first id of its tile group (stack_mm's grouping, repeated here) */
+    for (int si = 0; si < 3; si++) {
+        const stack &kk = L.s[si];
+        if (kk.type == NM_TYPE_F32) continue;
+        const int64_t me = kk.rows * kk.cols;
+        for (int64_t a0 = 0; a0 < na;) {
+            const int32_t e0 = s->act[(size_t)a0];
+            int64_t a1 = a0;
+            while (a1 < na && s->act[(size_t)a1] - e0 < s->tile_experts) a1++;
+            for (int64_t a = a0; a < a1; a++)
+                s->h_ptr[(size_t)(0 * 3 + si) * E + a] = s->tile + (size_t)(s->act[(size_t)a] - e0) * (size_t)me;
+            a0 = a1;
+        }
+    }
+    CUDA_OK(cudaMemcpyAsync(s->d_ptr, s->h_ptr, (size_t)9 * (size_t)E * sizeof(void *), cudaMemcpyHostToDevice, s->cs),
+            "layer %d: grouped GEMM tables", il);
+    if (stack_mm(s, 0, L.s[0], buf, na, il, err) || stack_mm(s, 1, L.s[1], buf, na, il, err)) return -1;
     CUDA_OK(silu_mul(s->cs, s->hg, s->hu, P * ff), "layer %d: expert silu", il);
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t c = s->count[(size_t)e], p0 = s->start[(size_t)e];
-        if (c && expert_mm(s, L.s[2], buf, e, s->hg + p0 * ff, c, s->y + p0 * H, il, err)) return -1;
-    }
+    if (stack_mm(s, 2, L.s[2], buf, na, il, err)) return -1;
     CUDA_OK(cudaEventRecord(s->ev_free[b], s->cs), "layer %d: staging buffer free event", il);
     k_combine<<<(unsigned)n, 256, 0, s->cs>>>(out, s->y, s->tlist, s->pw, k, H);
     CUDA_OK(cudaGetLastError(), "layer %d: combining expert outputs", il);
     s->st.n_layers++;
     harvest(s, 0);
-    if (s->next_fetch < (int)s->layers.size() && fetch(s, s->next_fetch++, err)) return -1;
+    if (s->next_fetch < (int)s->layers.size()) fetch(s, s->next_fetch++);
     return 0;
 }
 
@@ -488,15 +658,22 @@ int moe_stream_time_copy(moe_stream *s, double *seconds, nm_err *err) {
     for (size_t i = 0; i < s->layers.size(); i++)
         if (s->layers[i].bytes > s->layers[(size_t)pos].bytes) pos = (int)i;
     const int b = pos % 2;
+    if (await_issued(s, -1, err)) return -1;
+    harvest(s, 1);
     const double bytes_before = s->st.bytes_copied;
-    if (fetch(s, pos, err)) return -1;
+    /* timed from the request: the host's part of the copy (the memcpy into
+     * the bounce chunks) counts as much as the DMA */
+    const double t0 = nm_now_s();
+    fetch(s, pos);
+    if (await_issued(s, b, err)) return -1;
     CUDA_OK(cudaEventSynchronize(s->ev_c1[(size_t)pos]), "timing a layer's copy");
-    float ms = 0;
-    CUDA_OK(cudaEventElapsedTime(&ms, s->ev_c0[(size_t)pos], s->ev_c1[(size_t)pos]), "timing a layer's copy");
+    const double t1 = nm_now_s();
+    pthread_mutex_lock(&s->tmu);
     s->timing[(size_t)pos] = 0;
-    s->staged[b] = -1;
     s->st.bytes_copied = bytes_before;
-    *seconds = ms / 1e3;
+    pthread_mutex_unlock(&s->tmu);
+    s->staged[b] = -1;
+    *seconds = t1 - t0;
     return 0;
 }
 

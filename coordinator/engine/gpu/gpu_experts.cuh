@@ -17,15 +17,16 @@
  * copied on a copy stream into one of two VRAM staging buffers, the next
  * MoE layer's into the other, so the copy of layer l+1 overlaps the
  * compute of layer l; a buffer is refilled only after the compute stream
- * has finished with it (event). The host copy source is the model's
- * mapping, registered with CUDA (cudaHostRegisterReadOnly) when its bytes
- * fit in half of the RAM that is available, so the copies are DMA at full
- * PCIe speed; otherwise they are pageable copies (slower, and the host
- * blocks on each one), said once at create. Registration is opt-in
- * (NUMOE_PIN_EXPERTS=1: it hung the GPU box's sandboxed driver for a
- * multi-GB mapping); NUMOE_STREAM_BOUNCE=1 copies through a ring of pinned
- * chunks that host threads fill with a parallel memcpy (opt-in until it is
- * measured on the GPU box).
+ * has finished with it (event). A copier thread issues the copies, so the
+ * host's share of a copy overlaps the compute thread's work. The host side
+ * (NUMOE_STREAM_COPY): bounce (default) - a ring of pinned 32 MiB chunks that
+ * a pool of memcpy threads fills from the model's mapping, each DMA'd while
+ * the next is filled; pageable - cudaMemcpyAsync straight from the mapping
+ * (the driver stages it: 6.5 GB/s on the H200 box against 20-24 GB/s for
+ * bounce, measured); register - the mapping registered with CUDA
+ * (cudaHostRegisterReadOnly) when it fits in half of the available RAM,
+ * then plain DMA (it hung the box's sandboxed driver for a multi-GB mapping,
+ * measured twice, so it is never the default).
  *
  * The math per layer (the CPU's, kernels/moe.c): pairs (token t, slot j)
  * grouped by expert in ascending expert id, tokens ascending inside;
@@ -38,7 +39,8 @@
  * quantised ones as far as the CPU's Q8 activation rounding allows.
  *
  * Ownership: moe_stream_create borrows the model and the cuBLAS handle and
- * owns its streams, events, VRAM and pinned buffers. One thread at a time.
+ * owns its streams, events, VRAM, pinned buffers, copier thread and memcpy
+ * threads. One calling thread at a time.
  * Errors: 0, or -1 with err naming the layer and the CUDA / cuBLAS error. */
 #ifndef NUMOE_COORDINATOR_GPU_EXPERTS_CUH
 #define NUMOE_COORDINATOR_GPU_EXPERTS_CUH

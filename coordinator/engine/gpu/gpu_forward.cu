@@ -127,6 +127,7 @@ struct nm_gpu_forward {
     numoe_gpu::moe_stream *ms = nullptr;
     int64_t stream_min = -1;
     int stream_pass = 0;       /* the pass in progress computes its routed experts here */
+    int capturing = 0;         /* a segment is being captured into a CUDA graph (run_segment) */
     void (*on_upload)(void *, uint64_t, uint64_t) = nullptr; /* opts.on_upload */
     void *upload_ctx = nullptr;
     uint64_t up_done = 0, up_total = 0;
@@ -478,7 +479,14 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
             "layer %d: expert ids to the host", il);
     CUDA_OK(cudaMemcpyAsync(in->w, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
             "layer %d: expert weights to the host", il);
-    CUDA_OK(cudaEventRecord(f->ev_handoff, f->st), "layer %d: hand-off event", il);
+    /* inside a capture the record must become an event record node
+     * (cudaEventRecordExternal): a plain record is folded into the graph's
+     * internal dependencies and the host cannot wait for it (measured: the
+     * wait then fails with cudaErrorInvalidValue); the flag is invalid
+     * outside a capture */
+    CUDA_OK(f->capturing ? cudaEventRecordWithFlags(f->ev_handoff, f->st, cudaEventRecordExternal)
+                         : cudaEventRecord(f->ev_handoff, f->st),
+            "layer %d: hand-off event", il);
     /* queued behind the copies: the GPU computes the shared experts while the host computes the routed ones */
     if (hp->n_shared > 0 && ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
     return 0;
@@ -516,7 +524,7 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     return moe_host(f, il, n, err) || moe_post(f, il, n, err) ? -1 : 0;
 }
 
-/* ---- decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) -----------------------
+/* ---- decode passes as CUDA graphs (opts.graphs) ---------------------------------
  * A pass of n <= GRAPH_MAX_TOKENS tokens is cut at its hand-offs into
  * segments: segment j is moe_post of the MoE layer before it (none for the
  * first), then the layers up to and including the ffn_pre of the next MoE
@@ -526,7 +534,8 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
  * and replayed: one launch per segment instead of ~20 per layer. The token
  * table upload and the embedding (its rows depend on the token ids) stay
  * outside. The hand-off event is recorded inside the graph (an event record
- * node), so the host waits for it as before. */
+ * node: cudaEventRecordExternal in ffn_pre), so the host waits for it as
+ * before. */
 constexpr int GRAPH_MAX_TOKENS = 8;
 
 static int enqueue_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
@@ -548,7 +557,9 @@ static int run_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
     if (!ex) {
         cudaGraph_t g = nullptr;
         CUDA_OK(cudaStreamBeginCapture(f->st, cudaStreamCaptureModeThreadLocal), "segment %d: begin capture", il);
+        f->capturing = 1;
         int rc = enqueue_segment(f, j, n, err);
+        f->capturing = 0;
         cudaError_t e = cudaStreamEndCapture(f->st, &g);
         if (rc == 0 && e == cudaSuccess) e = cudaGraphInstantiate(&ex, g, 0);
         if (g) cudaGraphDestroy(g);
@@ -868,9 +879,8 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
             return nm_err_prefix(err, "measuring where the routed experts of a pass run (--prefill-experts cpu|gpu "
                                  "skips it)");
     }
-    /* decode passes as CUDA graphs: opt-in until checked on the GPU box */
-    const char *gr = getenv("NUMOE_CUDA_GRAPHS");
-    if (gr && !strcmp(gr, "1")) {
+    /* decode passes as CUDA graphs */
+    if (o->graphs) {
         for (int il = 0; il < hp->n_layer; il++)
             if (m->layers[il].is_moe) f->seg_moe.push_back(il);
         f->n_segments = f->seg_moe.size() + 1;

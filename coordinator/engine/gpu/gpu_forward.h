@@ -19,9 +19,9 @@
  * added. The backend's region must hold a batch (n_batch tokens, k experts).
  * Passes of at least opts.stream_min tokens compute their routed experts on
  * the GPU instead, the weights streamed per pass (gpu_experts.cuh); the
- * backend is not called for them. With NUMOE_CUDA_GRAPHS=1 (opt-in until
- * measured on the GPU box) decode passes of up to 8 tokens replay their
- * GPU work between hand-offs as captured CUDA graphs (gpu_forward.cu).
+ * backend is not called for them. With opts.graphs decode passes of up to
+ * 8 tokens replay their GPU work between hand-offs as captured CUDA graphs
+ * (gpu_forward.cu).
  *
  * Matrix products: a batch of at most gemv_max tokens multiplies each token
  * by the quantised GEMV kernel (kernels/cuda/cuda_quant.h, fp32 activations);
@@ -84,6 +84,7 @@ typedef struct {
     int stream_auto;       /* instead: the threshold where streaming a layer costs less than the host's
                               experts, measured at create (one layer's copy timed, the backend timed on
                               64 tokens of one layer), at least 32 */
+    int graphs;            /* decode passes of <= 8 tokens as CUDA graphs (gpu_forward.cu) */
 } nm_gpu_forward_opts;
 
 /* Uploads the model and allocates scratch for batches of n_batch tokens.
@@ -180,7 +181,7 @@ typedef struct {
     double t_stream_copy; /* seconds the copy stream was busy */
     int stream_pinned;    /* the host source is registered (DMA at full speed) */
     int64_t stream_min;   /* the threshold in force (tokens; 0: never) */
-    /* decode passes as CUDA graphs (NUMOE_CUDA_GRAPHS=1) */
+    /* decode passes as CUDA graphs (opts.graphs) */
     int64_t n_graphs;     /* segments captured so far */
     const char *graphs_off; /* "" while on (or never asked for), else why a capture failed */
 } nm_gpu_forward_stats;
