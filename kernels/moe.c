@@ -280,8 +280,10 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
                    const int32_t *ids, const float *w, float *out, char *errbuf, size_t errlen) {
     int64_t E = ex->n_expert, n_pairs = n_tok * k;
     memset(out, 0, (size_t)(n_tok * ex->n_embd) * sizeof *out);
+    /* an id < 0 is a pick computed elsewhere (-1 - e: the GPU's resident
+     * experts, coordinator/experts/backend.h): skipped like an expert not held */
     for (int64_t i = 0; i < n_pairs; i++)
-        if (ids[i] < 0 || ids[i] >= E) {
+        if (ids[i] < -E || ids[i] >= E) {
             if (errbuf) snprintf(errbuf, errlen, "expert id %d out of range 0..%lld", ids[i], (long long)E - 1);
             return -1;
         }
@@ -326,7 +328,7 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
     /* counting sort of (token, slot) pairs by expert, keeping only held experts */
     memset(count, 0, (size_t)(E + 1) * sizeof *count);
     for (int64_t i = 0; i < n_pairs; i++)
-        if (ex->gate[ids[i]]) count[ids[i]]++;
+        if (ids[i] >= 0 && ex->gate[ids[i]]) count[ids[i]]++;
     int n_used = 0;
     int64_t acc = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -339,7 +341,7 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
     start[n_used] = acc;
     for (int64_t i = 0; i < n_pairs; i++) {
         int32_t e = ids[i];
-        if (!ex->gate[e]) continue;
+        if (e < 0 || !ex->gate[e]) continue;
         int64_t p = count[e]++;
         pair_tok[p] = (int32_t)(i / k);
         pair_w[p] = w[i];

@@ -33,6 +33,7 @@
 #include "launch/commands.h"
 #include "model/model.h"
 #include "model/placement.h"
+#include "model/routing_profile.h"
 
 static int usage(FILE *f) {
     fprintf(f,
@@ -56,62 +57,10 @@ typedef struct {
     int64_t *align;
 } shape;
 
-typedef struct {
-    int32_t *rec; /* n records of k + 2 int32 */
-    size_t n;
-} profile;
+typedef nm_routing_profile profile;
 
 static int load_profile(profile *pr, const char *path, const shape *sh, nm_err *err) {
-    memset(pr, 0, sizeof *pr);
-    FILE *f = fopen(path, "rb");
-    if (!f) return nm_errf(err, "cannot read %s: %s", path, strerror(errno));
-    size_t rl = (size_t)(sh->k + 2) * sizeof(int32_t), cap = 0, n = 0;
-    int32_t *v = NULL;
-    for (;;) {
-        if (n == cap) {
-            cap = cap ? cap * 2 : 4096;
-            int32_t *nv = realloc(v, cap * rl);
-            if (!nv) {
-                free(v), fclose(f);
-                return nm_errf(err, "%s: out of memory", path);
-            }
-            v = nv;
-        }
-        size_t r = fread((char *)v + n * rl, 1, rl, f);
-        if (r == 0) break;
-        if (r != rl) {
-            free(v), fclose(f);
-            return nm_errf(err, "%s: ends inside a record (records are %zu bytes: position, layer and %lld expert "
-                           "ids; is --k / the model's expert_used_count right?)", path, rl, (long long)sh->k);
-        }
-        const int32_t *q = v + n * (size_t)(sh->k + 2);
-        if (q[1] < 0 || q[1] >= sh->n_layer || !sh->is_moe[q[1]]) {
-            nm_errf(err, "%s: record %zu (position %d): layer %d is not a MoE layer of this model", path, n, q[0],
-                    q[1]);
-            free(v), fclose(f);
-            return -1;
-        }
-        for (int64_t j = 0; j < sh->k; j++)
-            if (q[2 + j] < 0 || q[2 + j] >= sh->n_expert) {
-                nm_errf(err, "%s: record %zu (position %d, layer %d): expert %d is outside [0, %lld)", path, n, q[0],
-                        q[1], q[2 + j], (long long)sh->n_expert);
-                free(v), fclose(f);
-                return -1;
-            }
-        n++;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        free(v);
-        return nm_errf(err, "%s: read error", path);
-    }
-    if (!n) {
-        free(v);
-        return nm_errf(err, "%s: no routing records", path);
-    }
-    pr->rec = v, pr->n = n;
-    return 0;
+    return nm_routing_profile_load(pr, path, sh->n_layer, sh->is_moe, sh->n_expert, sh->k, err);
 }
 
 /* Mean over records of the busiest worker's active experts; *per_layer_worst

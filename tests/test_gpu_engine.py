@@ -19,6 +19,11 @@ every fixture in tests/fixtures/models, with the routed experts in process and i
   bench     runs, names the GPU engine and reports both phases.
 `numoe serve --gpu 0`: four concurrent greedy requests give each the text it gives alone (the
 scheduler's batched step over several sequences), with --workers 0 and 1.
+The comparisons above keep every routed expert on the host (`--gpu-experts 0`), so they check
+the hand-off; `--gpu-experts` (routed experts resident in VRAM, computed on the GPU) has its own
+checks: auto (every expert of a fixture fits), 2 per layer, and a routing profile, against the
+CPU engine by the same rules; kill -9 of a worker with part of the experts in VRAM; the option
+parsed strictly and refused without a GPU engine.
 The build-asan tree has no GPU engine (the CUDA runtime and ASan do not mix: Makefile), so the
 GPU checks run build/ only; the refusal checks run both trees.
 """
@@ -91,6 +96,29 @@ def test_prefill_experts_parsed_strictly(exe):
 
 
 @pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
+def test_gpu_experts_parsed_strictly(exe, tmp_path):
+    """--gpu-experts auto|N|FILE: anything else is refused naming the three; N or FILE on the CPU engine is
+    an error naming the fix (auto, the default, is nothing to refuse there)."""
+    for bad in ("x", "-1", "", str(tmp_path / "missing.route")):
+        p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--gpu-experts", bad])
+        assert_clean(p)
+        assert p.returncode == 2 and "--gpu-experts: " in p.stderr and "routing profile" in p.stderr, (bad, p.stderr)
+    prof = tmp_path / "p.route"
+    prof.write_bytes(b"")
+    for val in ("2", str(prof)):
+        p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--workers", "0", "--gpu", "none",
+                 "--gpu-experts", val])
+        assert_clean(p)
+        assert p.returncode != 0 and "--gpu-experts keeps routed experts in VRAM" in p.stderr \
+            and "--gpu none" in p.stderr, (val, p.stderr[-2000:])
+    p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--workers", "0", "--gpu", "none",
+             "--gpu-experts", "auto"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    h = run([exe, "generate", "--help"])
+    assert "--gpu-experts auto|N|FILE" in h.stdout + h.stderr
+
+
+@pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
 @pytest.mark.parametrize("cmd", ["generate", "bench", "perplexity", "serve", "chat"])
 def test_missing_device_refused(exe, cmd):
     """--gpu N without that device: a clear error naming --gpu none, nothing run, no fallback."""
@@ -154,9 +182,14 @@ def gpu_exe():
     return EXE
 
 
-def generate(exe, model, gpu, workers, *extra):
+def generate(exe, model, gpu, workers, *extra, stderr_to=None):
+    """On the GPU every routed expert stays on the host (--gpu-experts 0) unless extra says otherwise."""
+    if gpu != "none" and "--gpu-experts" not in extra:
+        extra = ("--gpu-experts", "0", *extra)
     p = run([exe, "generate", "-m", model, "--tokens", PROMPT, "-n", STEPS, "--workers", workers, "-t", "4",
              "--gpu", gpu, *extra], timeout=300)
+    if stderr_to is not None:
+        stderr_to.append(p.stderr)
     assert_clean(p)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = engine_lines(p.stderr)
@@ -178,13 +211,38 @@ def logits_rows(path, n_vocab):
 def test_generate_gpu_vs_cpu(gpu_exe, model, workers, experts, tmp_path):
     """The GPU engine against the CPU engine; --prefill-experts gpu computes every pass's routed experts on the
     GPU (streamed), auto only passes of >= 32 tokens (none here: a 12-token prompt, then decode)."""
+    compare_gpu_cpu(gpu_exe, model, workers, tmp_path, ("--prefill-experts", experts))
+
+
+@pytest.mark.parametrize("hot", ["auto", "2", "profile"])
+@pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
+def test_gpu_experts_vs_cpu(gpu_exe, model, hot, tmp_path):
+    """Routed experts resident in VRAM (--gpu-experts auto: all of a fixture's fit; 2 of every layer; a
+    profile - the CPU engine's own --dump-routing of another prompt - as many as fit), the rest in one
+    worker: against the CPU engine by the rules of test_generate_gpu_vs_cpu, and the engine line says how
+    many are resident."""
+    arg = hot
+    if hot == "profile":
+        arg = str(tmp_path / "hot.route")
+        p = run([gpu_exe, "generate", "-m", model, "--tokens", "3,1,4,1,5,9,2,6", "-n", "16", "--workers", "0",
+                 "--gpu", "none", "--dump-routing", arg], timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    err = compare_gpu_cpu(gpu_exe, model, "1", tmp_path, ("--gpu-experts", arg))
+    line = engine_lines(err)[0]
+    assert re.search(r"routed experts in VRAM: \d+ \(", line), line
+    if hot == "profile":
+        assert "the most used of the profile" in line, line
+
+
+def compare_gpu_cpu(gpu_exe, model, workers, tmp_path, gpu_extra):
     import numpy as np
     # both runs dump their logits: generate then also feeds the last token (one more step)
     cpu_logits, gpu_logits = tmp_path / "cpu.f32", tmp_path / "gpu.f32"
     cpu = generate(gpu_exe, model, "none", workers, "--dump-logits", cpu_logits,
                    "--dump-routing", tmp_path / "cpu.route")
+    gpu_err = []
     gpu = generate(gpu_exe, model, "0", workers, "--dump-logits", gpu_logits,
-                   "--dump-routing", tmp_path / "gpu.route", "--prefill-experts", experts)
+                   "--dump-routing", tmp_path / "gpu.route", *gpu_extra, stderr_to=gpu_err)
     assert len(cpu) == len(gpu) == STEPS
     n_prompt = len(PROMPT.split(","))
     n_vocab = cpu_logits.stat().st_size // 4 // (n_prompt + STEPS)
@@ -199,7 +257,7 @@ def test_generate_gpu_vs_cpu(gpu_exe, model, workers, experts, tmp_path):
         print(f"\n{model.stem} workers={workers}: {STEPS} greedy tokens and the routing log identical; "
               f"logits rows: min cosine {cos.min():.9f}, max rel {rel:.3g}")
         assert cos.min() >= COS_FLOAT
-        return
+        return gpu_err[0]
     first = next((i for i in range(STEPS) if gpu[i] != cpu[i]), STEPS)
     if first < STEPS:
         row = rows[n_prompt - 1 + first]  # the logits token `first` was drawn from
@@ -212,6 +270,7 @@ def test_generate_gpu_vs_cpu(gpu_exe, model, workers, experts, tmp_path):
         print(f"\n{model.stem} workers={workers}: all {STEPS} greedy tokens equal")
     # the routing logs agree in format: one record of k+2 int32 per token and MoE layer either way
     assert (tmp_path / "gpu.route").stat().st_size == (tmp_path / "cpu.route").stat().st_size
+    return gpu_err[0]
 
 
 SAMPLERS = {
@@ -359,20 +418,24 @@ def test_serve_gpu_vram_flat(gpu_exe):
 @pytest.mark.parametrize("placement", ["split", "experts"])
 @pytest.mark.parametrize("model", [m for m in MODELS if is_float(m)], ids=lambda p: p.stem)
 def test_generate_gpu_two_workers(gpu_exe, model, placement):
-    """Two workers, either placement, under the GPU engine: the tokens of the CPU engine
-    with the experts in process."""
+    """Two workers, either placement, under the GPU engine (every routed expert on them, or 2 of every
+    layer in VRAM): the tokens of the CPU engine with the experts in process."""
     ref = generate(gpu_exe, model, "none", "0")
     assert generate(gpu_exe, model, "0", "2", "--placement", placement) == ref
+    assert generate(gpu_exe, model, "0", "2", "--placement", placement, "--gpu-experts", "2") == ref
 
 
-def test_kill_worker_mid_generation_gpu(gpu_exe, tmp_path):
-    """kill -9 of a worker while the GPU engine generates 64 greedy tokens: the worker is
-    restarted, the layer re-sent, and the tokens are those of an undisturbed run."""
+@pytest.mark.parametrize("hot", ["0", "2"])
+def test_kill_worker_mid_generation_gpu(gpu_exe, tmp_path, hot):
+    """kill -9 of a worker while the GPU engine generates 64 greedy tokens, every routed expert on the
+    workers or 2 of every layer in VRAM: the worker is restarted, the layer re-sent, and the tokens are
+    those of an undisturbed run."""
     import os
     import signal
     from test_workers import assert_no_leftovers, children_named, read_until, restarted_pids, worker_pids
     model = ROOT / "tests" / "fixtures" / "models" / "deepseek-v3-tiny-F32-mla.gguf"
-    args = [str(gpu_exe), "generate", "-m", str(model), "--tokens", "5,6,7,8,9", "-n", "64", "-t", "2", "--gpu", "0"]
+    args = [str(gpu_exe), "generate", "-m", str(model), "--tokens", "5,6,7,8,9", "-n", "64", "-t", "2", "--gpu", "0",
+            "--gpu-experts", hot]
     ref = run(args + ["--workers", "0"])
     assert ref.returncode == 0, ref.stderr
     env = dict(os.environ, NUMOE_TEST_DELAY_US="10000")  # >= 20 ms a token: time to kill mid-way

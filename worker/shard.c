@@ -321,7 +321,7 @@ static void read_ahead(const nm_shard *s, int layer, int64_t n, const int32_t *i
     uint8_t *seen = calloc((size_t)s->n_expert, 1);
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     for (int64_t i = 0; seen && i < n; i++) {
-        if (seen[ids[i]]) continue;
+        if (ids[i] < 0 || seen[ids[i]]) continue; /* < 0: computed elsewhere */
         seen[ids[i]] = 1;
         const nm_shard_span *sp = &s->spans[((size_t)layer * (size_t)s->n_expert + (size_t)ids[i]) * 3];
         for (int j = 0; j < 3; j++) {
@@ -339,7 +339,7 @@ int nm_shard_moe(nm_shard *s, nm_pool *pool, int layer, int64_t n_tok, const flo
     const nm_shard_layer *SL = &s->layers[layer];
     size_t n = (size_t)n_tok * (size_t)s->n_embd;
     for (int64_t i = 0; i < n_tok * k; i++)
-        if (ids[i] < 0 || ids[i] >= s->n_expert)
+        if (ids[i] < -s->n_expert || ids[i] >= s->n_expert) /* -1 - e: computed elsewhere (backend.h) */
             return nm_errf(err, "expert id %d out of range 0..%lld", ids[i], (long long)s->n_expert - 1);
     if (SL->n_groups == 0) {
         memset(out, 0, n * sizeof *out);

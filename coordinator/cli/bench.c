@@ -166,6 +166,11 @@ int nm_cmd_bench_model(int argc, char **argv) {
                 fprintf(stderr, "numoe: per MoE layer (%lld): the GPU's part %.0f us, the host's experts %.0f us, the rest "
                         "%.0f us\n", (long long)n_moe, dev * 1e3 / (double)n_moe, ex * 1e3 / (double)n_moe,
                         (all - dev - ex) * 1e3 / (double)n_moe);
+            if (st2.hot_bytes > 0 && st2.picks > st1.picks)
+                fprintf(stderr, "numoe: decode: %.1f%% of the routed picks computed by the experts in VRAM (%.2f of "
+                        "%.2f GiB of routed experts there)\n",
+                        100.0 * (double)(st2.hot_picks - st1.hot_picks) / (double)(st2.picks - st1.picks),
+                        st2.hot_bytes / 1073741824.0, st2.routed_bytes / 1073741824.0);
         }
         if (p && st1.stream_layers > st0.stream_layers) {
             const double b = st1.stream_bytes - st0.stream_bytes, t = st1.stream_copy_s - st0.stream_copy_s;

@@ -24,6 +24,13 @@ const char nm_session_opts_help[] =
     "                          their weights streamed over PCIe per pass; auto (default) = the GPU for\n"
     "                          passes long enough that streaming pays (measured at load: one layer's\n"
     "                          copy against the CPU's experts; never below 32 tokens), else the CPU\n"
+    "      --gpu-experts auto|N|FILE\n"
+    "                          with a GPU engine: routed experts kept in VRAM and computed there for\n"
+    "                          passes of <= 64 tokens, so the CPU reads fewer bytes per token. N = N\n"
+    "                          experts of every MoE layer (0 = none); FILE = a `--dump-routing` profile:\n"
+    "                          the most used experts first, as many as fit; auto (default) = as many\n"
+    "                          as the VRAM left after weights, caches and scratch holds (a 1 GiB + 2%\n"
+    "                          margin stays free), spread evenly over the layers\n"
     "  -t, --threads N         CPU threads (default: all online CPUs)\n"
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
@@ -91,6 +98,22 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
             o->prefill_experts = NM_PREFILL_EXPERTS_GPU;
         else
             return fprintf(stderr, "%s: --prefill-experts must be cpu, gpu or auto (got '%s')\n", cmd, v ? v : ""), -1;
+    } else if (!strcmp(a, "--gpu-experts")) {
+        if (!v) return fprintf(stderr, "%s: --gpu-experts needs auto, a number or a routing profile FILE\n", cmd), -1;
+        o->gpu_experts_set = 1;
+        o->gpu_experts_profile = NULL;
+        if (!strcmp(v, "auto")) {
+            o->gpu_experts = -1;
+        } else if (!nm_parse_int(v, 0, 1 << 20, &x)) {
+            o->gpu_experts = x;
+        } else if (access(v, R_OK) == 0) {
+            o->gpu_experts = -1;
+            o->gpu_experts_profile = v;
+        } else {
+            return fprintf(stderr, "%s: --gpu-experts: '%s' is neither auto, a number of experts per layer nor a "
+                           "readable routing profile (`numoe generate --dump-routing FILE` writes one)\n", cmd, v),
+                   -1;
+        }
     } else if (!strcmp(a, "--no-prefault")) {
         o->no_prefault = 1;
         return 1; /* a flag: no value to skip */

@@ -320,7 +320,11 @@ static void iso8601_mtime(const char *path, char *out, size_t cap) {
 }
 
 static int load(loaded *l, const serve_opts *o, nm_http_model *m, nm_err *err) {
-    if (nm_session_open(&l->s, &o->so, err)) return -1; /* its errors name the file */
+    /* the caches the scheduler will hold stay free of experts in VRAM (--gpu-experts auto) */
+    nm_session_opts sess = o->so;
+    sess.kv_positions = o->sched.cache_lens;
+    sess.kv_seqs = (int)o->sched.max_batch;
+    if (nm_session_open(&l->s, &sess, err)) return -1; /* its errors name the file */
     l->s_open = 1;
     if (nm_tokenizer_load(&l->tk, l->s.gguf, err)) return nm_err_prefix(err, "tokenizer of %s", o->so.model_path);
     nm_str tmpl = {"", 0};

@@ -14,6 +14,7 @@
 #include "model/identity.h"
 #include "coordinator/engine/cpu/cpu_engine.h"
 #include "coordinator/engine/gpu/gpu_engine.h"
+#include "model/routing_profile.h"
 #include "coordinator/experts/local.h"
 #include "coordinator/experts/remote.h"
 #include "kernels/quant.h"
@@ -27,11 +28,43 @@ int nm_session_gpu_count(const nm_session_opts *o, char *why, size_t n, nm_err *
                            "--gpu none", o->gpu, gpu_count, gpu_count == 1 ? "" : "s", gpu_count - 1);
         return nm_errf(err, "--gpu %d: no usable CUDA device here: %s; run on the CPU with --gpu none", o->gpu, why);
     }
+    if (!nm_session_use_gpu(o, gpu_count) && o->gpu_experts_set && (o->gpu_experts > 0 || o->gpu_experts_profile))
+        return nm_errf(err, "--gpu-experts keeps routed experts in VRAM, which needs the GPU engine; this run is on "
+                       "the CPU (%s): drop --gpu-experts or pick a device with --gpu N",
+                       o->gpu_mode == NM_GPU_NONE ? "--gpu none" : why);
     return gpu_count;
 }
 
 int nm_session_use_gpu(const nm_session_opts *o, int gpu_count) {
     return o->gpu_mode == NM_GPU_DEVICE || (o->gpu_mode == NM_GPU_AUTO && gpu_count > 0);
+}
+
+/* --gpu-experts FILE: the profile's picks per (layer, expert). */
+static int load_counts(nm_session *s, const nm_session_opts *o, uint32_t **out, nm_err *err) {
+    const nm_hparams *hp = &s->model.hp;
+    uint8_t *is_moe = calloc((size_t)hp->n_layer, 1);
+    uint32_t *counts = calloc((size_t)(hp->n_layer * hp->n_expert), sizeof *counts);
+    nm_routing_profile pr;
+    int rc = -1;
+    if (!is_moe || !counts) {
+        nm_errf(err, "out of memory");
+        goto out;
+    }
+    for (int64_t il = 0; il < hp->n_layer; il++) is_moe[il] = (uint8_t)s->model.layers[il].is_moe;
+    /* records hold the k of the run that wrote them: the model's, or --experts-used */
+    if (nm_routing_profile_load(&pr, o->gpu_experts_profile, hp->n_layer, is_moe, hp->n_expert,
+                                o->experts_used > 0 ? o->experts_used : hp->n_expert_used, err)) {
+        nm_err_prefix(err, "--gpu-experts");
+        goto out;
+    }
+    nm_routing_profile_count(&pr, hp->n_layer, hp->n_expert, counts);
+    nm_routing_profile_free(&pr);
+    *out = counts, counts = NULL;
+    rc = 0;
+out:
+    free(is_moe);
+    free(counts);
+    return rc;
 }
 
 int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
@@ -112,8 +145,18 @@ int nm_session_open(nm_session *s, const nm_session_opts *o, nm_err *err) {
     }
     if (s->experts && use_gpu) {
         nm_engine_gpu_opts go = {.device = device, .n_ctx = ctx, .n_batch = o->batch ? o->batch : 512,
-                                 .n_expert_used = o->experts_used, .prefill_experts = o->prefill_experts};
+                                 .n_expert_used = o->experts_used, .prefill_experts = o->prefill_experts,
+                                 .gpu_experts = o->gpu_experts_set ? o->gpu_experts : -1,
+                                 .kv_positions = o->kv_positions > 0 ? o->kv_positions
+                                                                     : ctx * (o->kv_seqs > 0 ? o->kv_seqs : 1)};
+        uint32_t *counts = NULL;
+        if (o->gpu_experts_profile && load_counts(s, o, &counts, err)) {
+            nm_session_close(s);
+            return -1;
+        }
+        go.gpu_expert_counts = counts;
         s->engine = nm_engine_gpu_create(&s->model, s->experts, &go, err);
+        free(counts);
     } else if (s->experts) {
         nm_engine_cpu_opts eo = {.n_ctx = ctx, .n_batch = o->batch ? o->batch : 512, .n_expert_used = o->experts_used,
                                  .sync_experts = o->sync_experts};

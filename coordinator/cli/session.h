@@ -36,6 +36,13 @@ typedef struct {
     int gpu_mode;                 /* --gpu: NM_GPU_AUTO (default), NM_GPU_DEVICE (device gpu), NM_GPU_NONE */
     int gpu;                      /* the CUDA device with NM_GPU_DEVICE */
     int prefill_experts;          /* --prefill-experts: NM_PREFILL_EXPERTS_AUTO (0), _CPU, _GPU (gpu_forward.h) */
+    /* --gpu-experts: routed experts kept in VRAM by the GPU engine */
+    int gpu_experts_set;          /* given; otherwise auto */
+    int64_t gpu_experts;          /* N of every MoE layer (0: none), or -1: auto (fill the VRAM left) */
+    const char *gpu_experts_profile; /* FILE: a --dump-routing profile choosing them (auto's budget) */
+    int64_t kv_positions;         /* KV positions the caller's sequences hold at once (serve: --cache-lens),
+                                     kept free of experts; 0: the context times kv_seqs */
+    int kv_seqs;                  /* sequences of a full context at once (serve: --max-batch-size); 0: 1 */
 } nm_session_opts;
 
 enum { NM_GPU_AUTO = 0, NM_GPU_DEVICE = 1, NM_GPU_NONE = 2 };

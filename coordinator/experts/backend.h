@@ -15,6 +15,9 @@
  *        its request);
  *   wait(out)  returns when out[t][:] = sum_j w[t*k+j] * expert_{ids[t*k+j]}
  *        (x[t]) for every t, summed in a fixed order (deterministic).
+ *        An id < 0 is a pick computed elsewhere (-1 - e for expert e: the
+ *        GPU engine's experts resident in VRAM, gpu_hot.cuh) and adds
+ *        nothing here; ids below -n_expert are refused like ids >= n_expert.
  *
  * The region belongs to the backend so it can be memory the experts read
  * directly - shared memory the workers map, pinned memory a GPU copies its

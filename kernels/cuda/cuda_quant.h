@@ -89,6 +89,21 @@ int nm_cuda_dequantize(int type, const void *d_src, float *d_dst, int64_t n,
 int nm_cuda_gemv(int type, const void *d_w, int64_t rows, int64_t cols,
                  const float *d_x, float *d_y, void *stream);
 
+/* Many products with matrices of one stack, as routed experts need: for
+ * each p < n_pairs with d_mat[p] >= 0,
+ *   d_y + p * ldy  =  W_{d_mat[p]} (d_x + (p / x_div) * ldx),
+ * W_s being the rows x cols matrix at d_w + s * mat_bytes (the type's
+ * layout, as nm_cuda_gemv). Products with d_mat[p] < 0 are skipped (their
+ * y rows are not written). d_mat lives in device memory, so a CUDA graph
+ * can replay the launch for whatever the router chose. x_div = k lets the
+ * k pairs of a token share its row of x. Numerics per product are
+ * nm_cuda_gemv's. Alignment: d_w and mat_bytes to 2 bytes (4 for F32), d_x
+ * to 16 and ldx to 4 floats, d_y and d_mat to 4 bytes. n_pairs <= 65535,
+ * ldy >= rows. */
+int nm_cuda_gemv_pairs(int type, const void *d_w, size_t mat_bytes, int64_t rows, int64_t cols,
+                       const int32_t *d_mat, int64_t n_pairs, const float *d_x, int64_t ldx, int x_div,
+                       float *d_y, int64_t ldy, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -462,12 +462,25 @@ struct GV_Float1 {
  * and its result is dropped), then computes them. Partial sums meet through
  * a warp shuffle tree, then shared memory. */
 
+/* A launch covers gridDim.y products (nm_cuda_gemv_pairs): product p reads
+ * matrix mat[p] of the stack at w (mat_bytes apart; mat NULL: the one
+ * matrix at w, p = 0), x + (p / x_div) * ldx, and writes y + p * ldy; a
+ * product whose mat[p] < 0 is skipped by all its CTAs at once (before any
+ * barrier). */
 template <class T, bool A4>
-__global__ void __launch_bounds__(MAXW * 32, NM_GEMV_MINB) k_gemv(const uint8_t *__restrict__ w, int64_t rows, int nb,
-                                                                  int64_t row_bytes, const float *__restrict__ x,
-                                                                  float *__restrict__ y) {
+__global__ void __launch_bounds__(MAXW * 32, NM_GEMV_MINB)
+    k_gemv(const uint8_t *__restrict__ w, int64_t rows, int nb, int64_t row_bytes, const float *__restrict__ x,
+           float *__restrict__ y, const int32_t *__restrict__ mat, int64_t mat_bytes, int x_div, int64_t ldx,
+           int64_t ldy) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int64_t row0 = (int64_t)blockIdx.x * ROWS;
+    if (mat) {
+        const int p = (int)blockIdx.y, s = mat[p];
+        if (s < 0) return;
+        w += (int64_t)s * mat_bytes;
+        x += (int64_t)(p / x_div) * ldx;
+        y += (int64_t)p * ldy;
+    }
     /* Rows past the end (last CTA) recompute the last row instead of
      * branching in the loop; their results are not stored. */
     const uint8_t *wr[ROWS];
@@ -530,8 +543,16 @@ __global__ void __launch_bounds__(MAXW * 32, NM_GEMV_MINB) k_gemv(const uint8_t 
             if (row0 + r < rows) y[row0 + r] = acc[r];
 }
 
+/* pairs: NULL for one product, else the stack's layout (nm_cuda_gemv_pairs) */
+struct pairs_arg {
+    const int32_t *mat;
+    int64_t n, mat_bytes, ldx, ldy;
+    int x_div;
+};
+
 template <class T>
-int launch(int type, const void *d_w, int64_t rows, int64_t cols, const float *d_x, float *d_y, cudaStream_t st) {
+int launch(int type, const void *d_w, int64_t rows, int64_t cols, const float *d_x, float *d_y, cudaStream_t st,
+           const pairs_arg *pa = nullptr) {
     const int64_t nb = cols / T::QK;
     const int64_t row_bytes = nb * T::BYTES;
     const int64_t grid = (rows + ROWS - 1) / ROWS;
@@ -543,11 +564,17 @@ int launch(int type, const void *d_w, int64_t rows, int64_t cols, const float *d
     const int64_t steps = (nb + BPI - 1) / BPI;
     const int nw = (int)(steps < MAXW ? (steps > 0 ? steps : 1) : MAXW);
     const uint8_t *w = static_cast<const uint8_t *>(d_w);
-    if (T::BYTES % 4 == 0 && (uintptr_t)d_w % 4 == 0)
-        k_gemv<T, true><<<(unsigned)grid, nw * 32, 0, st>>>(w, rows, (int)nb, row_bytes, d_x, d_y);
+    const pairs_arg one = {nullptr, 1, 0, 0, 0, 1};
+    if (!pa) pa = &one;
+    const dim3 g((unsigned)grid, (unsigned)pa->n);
+    /* 4-byte weight loads need every matrix of the stack 4-aligned too */
+    if (T::BYTES % 4 == 0 && (uintptr_t)d_w % 4 == 0 && pa->mat_bytes % 4 == 0)
+        k_gemv<T, true><<<g, nw * 32, 0, st>>>(w, rows, (int)nb, row_bytes, d_x, d_y, pa->mat, pa->mat_bytes,
+                                               pa->x_div, pa->ldx, pa->ldy);
     else
-        k_gemv<T, false><<<(unsigned)grid, nw * 32, 0, st>>>(w, rows, (int)nb, row_bytes, d_x, d_y);
-    return launch_check("nm_cuda_gemv", type);
+        k_gemv<T, false><<<g, nw * 32, 0, st>>>(w, rows, (int)nb, row_bytes, d_x, d_y, pa->mat, pa->mat_bytes,
+                                                pa->x_div, pa->ldx, pa->ldy);
+    return launch_check(pa->mat ? "nm_cuda_gemv_pairs" : "nm_cuda_gemv", type);
 }
 
 } /* namespace */
@@ -556,6 +583,36 @@ int launch(int type, const void *d_w, int64_t rows, int64_t cols, const float *d
 using namespace numoe_cuda;
 
 extern "C" int nm_cuda_supports_gemv(int type) { return geom_of(type).block != 0; }
+
+/* The type switch of both entry points; the arguments are checked. */
+static int dispatch(int type, const void *d_w, int64_t rows, int64_t cols, const float *d_x, float *d_y,
+                    cudaStream_t st, const pairs_arg *pa) {
+    /* float rows take 16-byte vector loads when every row start is 16-aligned */
+    const bool vec = (uintptr_t)d_w % 16 == 0 && cols % 8 == 0 && (cols * (type == NM_TYPE_F32 ? 4 : 2)) % 16 == 0 &&
+                     (!pa || pa->mat_bytes % 16 == 0);
+    switch (type) {
+    case NM_TYPE_F32:
+        return vec ? launch<GV_F32x8>(type, d_w, rows, cols, d_x, d_y, st, pa)
+                   : launch<GV_Float1<NM_TYPE_F32>>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_F16:
+        return vec ? launch<GV_H16x8<false>>(type, d_w, rows, cols, d_x, d_y, st, pa)
+                   : launch<GV_Float1<NM_TYPE_F16>>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_BF16:
+        return vec ? launch<GV_H16x8<true>>(type, d_w, rows, cols, d_x, d_y, st, pa)
+                   : launch<GV_Float1<NM_TYPE_BF16>>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q4_0: return launch<GV_Q4_0>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q4_1: return launch<GV_Q4_1>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q5_0: return launch<GV_Q5_0>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q5_1: return launch<GV_Q5_1>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q8_0: return launch<GV_Q8_0>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q2_K: return launch<GV_Q2_K>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q3_K: return launch<GV_Q3_K>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q4_K: return launch<GV_Q4_K>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q5_K: return launch<GV_Q5_K>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    case NM_TYPE_Q6_K: return launch<GV_Q6_K>(type, d_w, rows, cols, d_x, d_y, st, pa);
+    default: return fail(NM_CUDA_ETYPE, "nm_cuda_gemv: type %d not supported", type);
+    }
+}
 
 extern "C" int nm_cuda_gemv(int type, const void *d_w, int64_t rows, int64_t cols, const float *d_x, float *d_y,
                             void *stream) {
@@ -569,29 +626,27 @@ extern "C" int nm_cuda_gemv(int type, const void *d_w, int64_t rows, int64_t col
     if ((uintptr_t)d_w % (type == NM_TYPE_F32 ? 4 : 2) || (uintptr_t)d_x % 16 || (uintptr_t)d_y % 4)
         return fail(NM_CUDA_EALIGN, "nm_cuda_gemv: W %p (%s), x %p (needs 16) or y %p misaligned", d_w,
                     type_name(type), (const void *)d_x, (void *)d_y);
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
-    /* float rows take 16-byte vector loads when every row start is 16-aligned */
-    const bool vec = (uintptr_t)d_w % 16 == 0 && cols % 8 == 0 && (cols * (type == NM_TYPE_F32 ? 4 : 2)) % 16 == 0;
-    switch (type) {
-    case NM_TYPE_F32:
-        return vec ? launch<GV_F32x8>(type, d_w, rows, cols, d_x, d_y, st)
-                   : launch<GV_Float1<NM_TYPE_F32>>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_F16:
-        return vec ? launch<GV_H16x8<false>>(type, d_w, rows, cols, d_x, d_y, st)
-                   : launch<GV_Float1<NM_TYPE_F16>>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_BF16:
-        return vec ? launch<GV_H16x8<true>>(type, d_w, rows, cols, d_x, d_y, st)
-                   : launch<GV_Float1<NM_TYPE_BF16>>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q4_0: return launch<GV_Q4_0>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q4_1: return launch<GV_Q4_1>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q5_0: return launch<GV_Q5_0>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q5_1: return launch<GV_Q5_1>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q8_0: return launch<GV_Q8_0>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q2_K: return launch<GV_Q2_K>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q3_K: return launch<GV_Q3_K>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q4_K: return launch<GV_Q4_K>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q5_K: return launch<GV_Q5_K>(type, d_w, rows, cols, d_x, d_y, st);
-    case NM_TYPE_Q6_K: return launch<GV_Q6_K>(type, d_w, rows, cols, d_x, d_y, st);
-    default: return fail(NM_CUDA_ETYPE, "nm_cuda_gemv: type %d not supported", type);
-    }
+    return dispatch(type, d_w, rows, cols, d_x, d_y, static_cast<cudaStream_t>(stream), nullptr);
+}
+
+extern "C" int nm_cuda_gemv_pairs(int type, const void *d_w, size_t mat_bytes, int64_t rows, int64_t cols,
+                                  const int32_t *d_mat, int64_t n_pairs, const float *d_x, int64_t ldx, int x_div,
+                                  float *d_y, int64_t ldy, void *stream) {
+    const geom g = geom_of(type);
+    if (!g.block) return fail(NM_CUDA_ETYPE, "nm_cuda_gemv_pairs: type %d (%s) not supported", type, type_name(type));
+    if (rows < 0 || cols < 0 || cols % g.block || n_pairs < 0 || n_pairs > 65535 || x_div < 1 || ldx < 0 ||
+        ldy < rows)
+        return fail(NM_CUDA_EINVAL, "nm_cuda_gemv_pairs: %lld x %lld, %lld pairs (at most 65535), x_div %d, ldx %lld, "
+                    "ldy %lld: sizes must be >= 0, cols a multiple of %s's block size %d, ldy >= rows",
+                    (long long)rows, (long long)cols, (long long)n_pairs, x_div, (long long)ldx, (long long)ldy,
+                    type_name(type), g.block);
+    if (rows == 0 || n_pairs == 0) return NM_CUDA_OK;
+    if (!d_x || !d_y || !d_mat || (!d_w && cols > 0)) return fail(NM_CUDA_EINVAL, "nm_cuda_gemv_pairs: NULL pointer");
+    if ((uintptr_t)d_w % (type == NM_TYPE_F32 ? 4 : 2) || mat_bytes % (type == NM_TYPE_F32 ? 4 : 2) ||
+        (uintptr_t)d_x % 16 || ldx % 4 || (uintptr_t)d_y % 4 || (uintptr_t)d_mat % 4)
+        return fail(NM_CUDA_EALIGN, "nm_cuda_gemv_pairs: W %p / matrix bytes %zu (%s), x %p / ldx %lld (need 16 "
+                    "bytes), y %p or mat %p misaligned", d_w, mat_bytes, type_name(type), (const void *)d_x,
+                    (long long)ldx, (void *)d_y, (const void *)d_mat);
+    const pairs_arg pa = {d_mat, n_pairs, (int64_t)mat_bytes, ldx, ldy, x_div};
+    return dispatch(type, d_w, rows, cols, d_x, d_y, static_cast<cudaStream_t>(stream), &pa);
 }

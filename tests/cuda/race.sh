@@ -6,10 +6,12 @@
 #   tests/cuda/race.sh unpack PACK WHEELS # every call: numoe's binaries from tests/cuda/pack.sh's PACK
 #                                         #   into build/, the Python wheels in WHEELS into /tmp/site
 #   tests/cuda/race.sh start IK_TARBALL   # call 1: ik build + models in the background (own sessions)
-#   tests/cuda/race.sh tests              # call 1 (same): the GPU tests meanwhile (correctness), then
+#   tests/cuda/race.sh tests              # call 1 (same): the CUDA test binaries meanwhile, then
 #                                         #   compute-sanitizer memcheck on the CUDA forward test
-#   tests/cuda/race.sh bench [SECONDS]    # call 2: numoe's variants on both files, then waits for the
-#                                         #   ik build (at most SECONDS, 300) and runs ik on the same files
+#   tests/cuda/race.sh pytest             # call 2: tests/test_gpu_engine.py (4 at once, the VRAM test
+#                                         #   alone after them), while ik still builds
+#   tests/cuda/race.sh bench [SECONDS]    # call 3: waits for the ik build (at most SECONDS, 300), then
+#                                         #   numoe's variants and ik on both files, nothing else running
 #
 # Everything prints under $OUT (the device tool's folder; default /tmp/race).
 # numoe's binaries and the .so files ldd names must be in build/bin and on
@@ -24,8 +26,10 @@
 #   /tmp/m8.gguf   8 layers of DeepSeek-V2-Lite width, q_lora 1536 (ik loads
 #                  a q_lora-0 file only with 26-27 layers), Q4_K / Q5_0 / Q6_K
 #   /tmp/m27.gguf  the full 27-layer V2-Lite shape, q_lora 0
-# numoe runs with its defaults (one worker) and with --workers 0; ik as the
-# issues quote it: -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1.
+# numoe runs with every routed expert on the CPU (--gpu-experts 0: ik's
+# -ot exps=CPU) in process and in its default worker, then with part or all
+# of them in VRAM (--gpu-experts N, auto: the curve); ik as the issues quote
+# it: -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/race}
@@ -61,11 +65,7 @@ tests)
     NUMOE_CUDA_PREBUILT=1 timeout "${CUDA_S:-240}" bash tests/cuda/run.sh > "$OUT/cuda.log" 2>&1
     echo "cuda tests: exit $?" | tee -a "$OUT/cuda.log"
     grep -E "passed|FAIL" "$OUT/cuda.log" | tail -20
-    timeout "${PYTEST_S:-330}" python3 -m pytest -v -p no:cacheprovider tests/test_gpu_engine.py -k "not asan" \
-        > "$OUT/pytest.log" 2>&1
-    echo "pytest: exit $?" | tee -a "$OUT/pytest.log"
-    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -20
-    # memcheck on a float and a quantised fixture (every kernel, the streamed experts, graphs, bounce)
+    # memcheck on a float and a quantised fixture (every kernel, the streamed and resident experts, graphs)
     for f in deepseek-v3-tiny-Q4_K-mla deepseek-v2-tiny-F32-legacy; do
         timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --leak-check full \
             --error-exitcode 9 build/bin/test_cuda_forward "tests/fixtures/models/$f.gguf" > "$OUT/memcheck-$f.log" 2>&1
@@ -73,11 +73,22 @@ tests)
         grep -E "ERROR SUMMARY|passed|LEAK" "$OUT/memcheck-$f.log" | tail -3
     done
     ;;
+pytest)
+    # 4 at once (pytest-xdist is on the box); the VRAM-flat check reads nvidia-smi, so it runs alone
+    timeout "${PYTEST_S:-420}" python3 -m pytest -q -p no:cacheprovider -n 4 --durations=5 tests/test_gpu_engine.py \
+        -k "not asan and not vram_flat" > "$OUT/pytest.log" 2>&1
+    echo "pytest: exit $?" | tee -a "$OUT/pytest.log"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py -k "vram_flat" >> "$OUT/pytest.log" 2>&1
+    echo "pytest vram: exit $?" | tee -a "$OUT/pytest.log"
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -30
+    ;;
 bench)
-    for _ in $(seq 1 60); do [ -f /tmp/gen-done ] && break; sleep 5; done
+    wait_s=${2:-300}
+    for _ in $(seq 1 $((wait_s / 5))); do [ -f /tmp/ik-done ] && [ -f /tmp/gen-done ] && break; sleep 5; done
     L="$OUT/bench.log"
     {
         echo "models: $(cat /tmp/gen-done 2>/dev/null || echo 'not finished')"
+        echo "ik build: $(cat /tmp/ik-done 2>/dev/null || echo 'not finished')"
         md5sum /tmp/m8.gguf /tmp/m27.gguf 2>&1
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
         nproc
@@ -89,23 +100,22 @@ bench)
         timeout "$t" "$@" 2>&1 | tr '\r' '\n' | grep -vE "reading the model|^llama_|^load|^print_info|^\.+$" >> "$L"
         echo "exit ${PIPESTATUS[0]}" >> "$L"
     }
+    NB=("$B" bench -t "$T" --gpu 0)
     for m in m8 m27; do
-        run "numoe $m --workers 0" 120 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0 --workers 0
-        run "numoe $m --workers 0 pp2048" 90 $B bench -m /tmp/$m.gguf -p 2048 -n 0 -r 2 -t "$T" --gpu 0 --workers 0
-        run "numoe $m --workers 0 pageable copies" 90 env NUMOE_STREAM_COPY=pageable $B bench -m /tmp/$m.gguf \
-            -p 512 -n 0 -r 2 -t "$T" --gpu 0 --workers 0
-        run "numoe $m --workers 0 no graphs, short polls" 90 env NUMOE_CUDA_GRAPHS=0 NUMOE_POOL_SPIN_US=200 $B bench \
-            -m /tmp/$m.gguf -p 0 -n 128 -r 2 -t "$T" --gpu 0 --workers 0
-        run "numoe $m default worker" 150 $B bench -m /tmp/$m.gguf -p 512 -n 128 -r 2 -t "$T" --gpu 0
+        run "numoe $m --workers 0, experts on the CPU" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 128 -r 2 --workers 0 --gpu-experts 0
+        run "numoe $m --workers 0, experts on the CPU, pp2048" 90 "${NB[@]}" -m /tmp/$m.gguf -p 2048 -n 0 -r 2 --workers 0 \
+            --gpu-experts 0
+        run "numoe $m default worker, experts on the CPU" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 64 -r 2 --gpu-experts 0
+        for h in ${RACE_HOT:-16 32}; do
+            run "numoe $m --workers 0 --gpu-experts $h" 60 "${NB[@]}" -m /tmp/$m.gguf -p 0 -n 128 -r 2 --workers 0 --gpu-experts $h
+        done
+        run "numoe $m --workers 0 --gpu-experts auto (the default)" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 128 -r 2 --workers 0
     done
-    wait_s=${2:-300}
-    for _ in $(seq 1 $((wait_s / 5))); do [ -f /tmp/ik-done ] && break; sleep 5; done
-    echo "ik build: $(cat /tmp/ik-done 2>/dev/null || echo 'not finished')" >> "$L"
     for m in m8 m27; do
         [ -x "$IK" ] && run "ik_llama.cpp $m" 150 $IK -m /tmp/$m.gguf -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1 \
             -t "$T" -p 512,2048 -n 128 -r 2
     done
-    grep -E "^##|^\||^exit|numoe: (decode|prefill)" "$L"
+    grep -E "^##|^\||^exit|numoe: (decode|prefill|engine)" "$L"
     ;;
 *)
     sed -n 2,25p "$0"

@@ -25,6 +25,10 @@
  *         chunks of 5 with the threshold at 3 (two passes on the GPU's
  *         experts, one on the host's) against all on the GPU.
  *   G:    decode passes as CUDA graphs (opts.graphs) against A.
+ *   H:    routed experts resident in VRAM (opts.hot_experts; half of them by
+ *         a profile, then all by auto), decode as graphs: what the host
+ *         backend is handed (-1 - e for resident picks), and routing and
+ *         logits against the CPU as in S.
  *   Router kernel against router.c on random and on tie-heavy logits
  *         (test_router_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
@@ -256,12 +260,14 @@ struct run_out {
 };
 
 static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err,
-                    int64_t stream_min = 0, int graphs = 0) {
+                    int64_t stream_min = 0, int graphs = 0, int64_t hot = 0, const uint32_t *hot_counts = nullptr) {
     nm_gpu_forward_opts o = {};
     o.n_ctx = N_CTX;
     o.n_batch = n_batch;
     o.stream_min = stream_min;
     o.graphs = graphs;
+    o.hot_experts = hot;
+    o.hot_counts = hot_counts;
     return nm_gpu_forward_create(g, m, b, &o, err);
 }
 
@@ -343,6 +349,37 @@ static int first_route_diff(const nm_model *m, const std::vector<moe_call> &ref,
             first = std::min(first, (int)(pos0 + t));
         }
     }
+    return first;
+}
+
+/* A teacher-forced GPU run (its routing from the route log) against the
+ * CPU's: every routing difference a near-tie, and every position before
+ * the first one within the bounds. Returns that first position. */
+static int vs_cpu(const char *name, const char *tag, const nm_model *m, const run_out &cpu,
+                  const std::vector<moe_call> &calls, const run_out &got, bool ok, bool is_float) {
+    const int64_t V = m->hp.n_vocab;
+    double worst_margin = 0;
+    int n_diff = 0;
+    std::string where;
+    const int first = ok && calls.size() == cpu.calls.size()
+                          ? first_route_diff(m, cpu.calls, calls, &worst_margin, &n_diff, &where) : 0;
+    check(ok && calls.size() == cpu.calls.size() && worst_margin <= TIE_TOL,
+          "%s: %s: %zu routing calls (CPU %zu), %d differences, all near-ties (largest margin %.3g <= %g)%s", name, tag,
+          calls.size(), cpu.calls.size(), n_diff, worst_margin, TIE_TOL, where.c_str());
+    double max_rel = 0, min_cos = 1, sum_cos = 0;
+    for (int r = 0; ok && r < first; r++) {
+        row_cmp c = compare_row(got.logits.data() + (size_t)r * V, cpu.logits.data() + (size_t)r * V, V);
+        max_rel = std::max(max_rel, c.rel), min_cos = std::min(min_cos, c.cos), sum_cos += c.cos;
+    }
+    const double mean_cos = first ? sum_cos / first : 1;
+    if (is_float)
+        check(ok && first > 0 && max_rel <= REL_FLOAT && min_cos >= COS_FLOAT,
+              "%s: %s vs CPU over %d positions: max rel %.3g (<= %g), min cos %.8f (>= %g)", name, tag, first, max_rel,
+              REL_FLOAT, min_cos, COS_FLOAT);
+    else
+        check(ok && first > 0 && max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
+              "%s: %s vs CPU over %d positions: max rel %.3g (<= %g), mean cos %.6f (>= %g), min cos %.6f (>= %g)",
+              name, tag, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
     return first;
 }
 
@@ -563,28 +600,7 @@ static void test_fixture(const char *path, nm_pool *pool) {
               rs.calls.size(), st.stream_bytes, st.stream_pinned ? "pinned" : "pageable");
         std::vector<moe_call> sc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
         if (log) fclose(log);
-        double worst_margin = 0;
-        int n_diff = 0;
-        std::string where;
-        const int first = ok && sc.size() == cpu.calls.size()
-                              ? first_route_diff(&m, cpu.calls, sc, &worst_margin, &n_diff, &where) : 0;
-        check(ok && sc.size() == cpu.calls.size() && worst_margin <= TIE_TOL,
-              "%s: S: %zu routing calls (CPU %zu), %d differences, all near-ties (largest margin %.3g <= %g)%s", name,
-              sc.size(), cpu.calls.size(), n_diff, worst_margin, TIE_TOL, where.c_str());
-        double max_rel = 0, min_cos = 1, sum_cos = 0;
-        for (int r = 0; ok && r < first; r++) {
-            row_cmp c = compare_row(gs.logits.data() + (size_t)r * V, cpu.logits.data() + (size_t)r * V, V);
-            max_rel = std::max(max_rel, c.rel), min_cos = std::min(min_cos, c.cos), sum_cos += c.cos;
-        }
-        const double mean_cos = first ? sum_cos / first : 1;
-        if (is_float)
-            check(ok && first > 0 && max_rel <= REL_FLOAT && min_cos >= COS_FLOAT,
-                  "%s: S vs CPU over %d positions: max rel %.3g (<= %g), min cos %.8f (>= %g)", name, first, max_rel,
-                  REL_FLOAT, min_cos, COS_FLOAT);
-        else
-            check(ok && first > 0 && max_rel <= REL_QUANT && mean_cos >= COS_QUANT_MEAN && min_cos >= COS_QUANT_MIN,
-                  "%s: S vs CPU over %d positions: max rel %.3g (<= %g), mean cos %.6f (>= %g), min cos %.6f (>= %g)",
-                  name, first, max_rel, REL_QUANT, mean_cos, COS_QUANT_MEAN, min_cos, COS_QUANT_MIN);
+        const int first = vs_cpu(name, "S", &m, cpu, sc, gs, ok, is_float);
         nm_gpu_forward_free(gf);
 
         /* the pageable copy path (NUMOE_STREAM_COPY=pageable; the S run went through the default
@@ -662,6 +678,58 @@ static void test_fixture(const char *path, nm_pool *pool) {
               (long long)(hp->n_layer - hp->n_dense + 1), rg.calls.size(), ga.calls.size(),
               st.graphs_off[0] ? ": " : "", st.graphs_off);
         nm_gpu_forward_free(gf);
+    }
+
+    {
+        /* H: routed experts resident in VRAM (opts.hot_experts), teacher-forced like A, decode as CUDA
+         * graphs: (1) half of every layer's experts, chosen by a profile that favours the odd ids: the
+         * host backend gets exactly the even picks (the odd ones as -1 - e), the GPU computes the odd
+         * ones, routing (from the route log, decoded) and logits against the CPU as in A; (2) auto: every
+         * expert fits on a fixture, the host backend gets only "computed elsewhere" ids, the same checks */
+        const int64_t E = hp->n_expert, n_moe = hp->n_layer - hp->n_dense;
+        std::vector<uint32_t> counts((size_t)(hp->n_layer * E));
+        for (int64_t i = 0; i < (int64_t)counts.size(); i++) counts[(size_t)i] = (uint32_t)((i % E) % 2 ? 100 + i : i);
+        for (int variant = 0; variant < 2; variant++) {
+            const char *tag = variant == 0 ? "H (half in VRAM)" : "H (auto: all in VRAM)";
+            rec_backend rh = make_rec(local, hp->n_embd);
+            nm_gpu_forward *gf = nullptr;
+            if (gpu_open(&gf, &m, &rh.base, 64, &err, 0, 1, variant == 0 ? E / 2 : NM_GPU_HOT_AUTO,
+                         variant == 0 ? counts.data() : nullptr)) {
+                check(false, "%s: GPU init (%s): %s", name, tag, err.msg);
+                goto done;
+            }
+            fprintf(stderr, "     %s: %s\n", name, nm_gpu_forward_describe(gf));
+            FILE *log = tmpfile();
+            nm_gpu_forward_route_log(gf, log);
+            run_out gh;
+            bool ok = log && run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gh, tag);
+            nm_gpu_forward_route_log(gf, nullptr);
+            nm_gpu_forward_stats st;
+            nm_gpu_forward_get_stats(gf, &st);
+            std::vector<moe_call> hc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
+            if (log) fclose(log);
+            /* what the host backend was handed: resident picks as -1 - e, the rest as e */
+            int64_t handed = 0, elsewhere = 0, wrong = 0;
+            for (size_t c = 0; c < rh.calls.size() && c < hc.size(); c++)
+                for (size_t p = 0; p < rh.calls[c].ids.size() && p < hc[c].ids.size(); p++) {
+                    const int32_t id = rh.calls[c].ids[p], e = hc[c].ids[p];
+                    const bool resident = variant == 1 || e % 2 == 1;
+                    handed++;
+                    elsewhere += id < 0;
+                    wrong += resident ? id != -1 - e : id != e;
+                }
+            const int64_t want_hot = variant == 0 ? n_moe * (E / 2) : n_moe * E;
+            check(ok && st.n_hot == want_hot && rh.calls.size() == hc.size() && wrong == 0 && handed > 0 &&
+                      (variant == 1 ? elsewhere == handed : elsewhere > 0 && elsewhere < handed) &&
+                      st.n_hot_picks == elsewhere && st.n_picks == handed && !st.graphs_off[0] && st.n_graphs > 0,
+                  "%s: %s: %lld experts resident (%lld), %lld of %lld picks handed over as computed elsewhere, "
+                  "%lld handed wrongly, stats %lld of %lld, graphs %lld%s%s", name, tag, (long long)st.n_hot,
+                  (long long)want_hot, (long long)elsewhere, (long long)handed, (long long)wrong,
+                  (long long)st.n_hot_picks, (long long)st.n_picks, (long long)st.n_graphs,
+                  st.graphs_off[0] ? ": " : "", st.graphs_off);
+            vs_cpu(name, tag, &m, cpu, hc, gh, ok, is_float);
+            nm_gpu_forward_free(gf);
+        }
     }
 
     {

@@ -272,6 +272,55 @@ static void test_type(const tinfo &t, cudaStream_t st) {
     report(gv.ok, what);
 }
 
+/* nm_cuda_gemv_pairs against one nm_cuda_gemv per pair: a stack of S
+ * matrices, pairs naming them in any order, some skipped (-1), x shared by
+ * x_div consecutive pairs. The same kernel computes both, so every written
+ * y must be bit-identical and every skipped one untouched. */
+static void test_pairs(const tinfo &t, cudaStream_t st) {
+    const nm_type_traits *tr = nm_type_traits_of(t.type);
+    const int64_t rows = 37, cols = tr->block_size == 1 ? 512 : 4 * tr->block_size;
+    const int S = 5, k = 3, n_tok = 3, P = n_tok * k;
+    const size_t mb = nm_row_size(t.type, cols) * (size_t)rows;
+    std::vector<uint8_t> stack;
+    for (int s = 0; s < S; s++) {
+        std::vector<uint8_t> m = make_matrix(t, rows, cols, 0);
+        stack.insert(stack.end(), m.begin(), m.end());
+    }
+    const int32_t mat[P] = {4, -1, 0, 2, 2, -1, -1, 1, 3};
+    const int64_t ldx = cols + 4, ldy = rows + 3;
+    std::vector<float> x((size_t)(n_tok * ldx));
+    for (auto &v : x) v = rnd_pm1();
+    gpu_buf dw(stack.size()), dx(x.size() * 4), dm(sizeof mat), dy((size_t)(P * ldy) * 4), dr((size_t)rows * 4);
+    CK(cudaMemcpy(dw.p, stack.data(), stack.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dm.p, mat, sizeof mat, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dy.p, 0xff, (size_t)(P * ldy) * 4)); /* NaN: what must stay */
+    int rc = nm_cuda_gemv_pairs(t.type, dw.p, mb, rows, cols, dm.as<int32_t>(), P, dx.as<float>(), ldx, k,
+                                dy.as<float>(), ldy, st);
+    std::vector<float> y((size_t)(P * ldy)), r((size_t)rows);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(y.data(), dy.p, y.size() * 4, cudaMemcpyDeviceToHost));
+    bool ok = rc == NM_CUDA_OK;
+    char what[256];
+    snprintf(what, sizeof what, "gemv pairs %-4s (%d of %d pairs, stack of %d)", t.name, 6, P, S);
+    for (int p = 0; ok && p < P; p++) {
+        const uint32_t *yp = reinterpret_cast<const uint32_t *>(y.data() + (size_t)p * ldy);
+        if (mat[p] < 0) {
+            for (int64_t i = 0; i < ldy && ok; i++) ok = yp[i] == 0xffffffffu;
+            if (!ok) snprintf(what + strlen(what), sizeof what - strlen(what), ": skipped pair %d was written", p);
+            continue;
+        }
+        rc = nm_cuda_gemv(t.type, dw.as<char>((size_t)mat[p] * mb), rows, cols, dx.as<float>((size_t)(p / k * ldx) * 4),
+                          dr.as<float>(), st);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(r.data(), dr.p, r.size() * 4, cudaMemcpyDeviceToHost));
+        ok = rc == NM_CUDA_OK && !memcmp(r.data(), yp, r.size() * 4);
+        for (int64_t i = rows; i < ldy && ok; i++) ok = yp[i] == 0xffffffffu;
+        if (!ok) snprintf(what + strlen(what), sizeof what - strlen(what), ": pair %d differs from nm_cuda_gemv", p);
+    }
+    report(ok, what);
+}
+
 /* Exact values: F16 specials through the dequantiser. */
 static void test_f16_specials(cudaStream_t st) {
     std::vector<uint16_t> h;
@@ -330,6 +379,17 @@ static void test_api_errors(void) {
     /* cols = 0: y = 0 */
     CK(cudaMemset(b.p, 0xff, 64));
     expect(nm_cuda_gemv(NM_TYPE_Q4_K, a.p, 16, 0, f, b.as<float>(), nullptr), NM_CUDA_OK, "gemv cols 0");
+    {
+        const int32_t *dm = a.as<int32_t>();
+        expect(nm_cuda_gemv_pairs(NM_TYPE_Q8_0, a.p, 34, 1, 32, dm, 65536, f, 32, 1, b.as<float>(), 1, nullptr),
+               NM_CUDA_EINVAL, "gemv pairs > 65535");
+        expect(nm_cuda_gemv_pairs(NM_TYPE_Q8_0, a.p, 34, 1, 32, dm, 2, f, 30, 1, b.as<float>(), 1, nullptr),
+               NM_CUDA_EALIGN, "gemv pairs ldx % 4");
+        expect(nm_cuda_gemv_pairs(NM_TYPE_Q8_0, a.p, 34, 2, 32, dm, 2, f, 32, 1, b.as<float>(), 1, nullptr),
+               NM_CUDA_EINVAL, "gemv pairs ldy < rows");
+        expect(nm_cuda_gemv_pairs(NM_TYPE_Q8_0, a.p, 34, 1, 32, nullptr, 2, f, 32, 1, b.as<float>(), 1, nullptr),
+               NM_CUDA_EINVAL, "gemv pairs NULL mat");
+    }
     float y0[16];
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(y0, b.p, sizeof y0, cudaMemcpyDeviceToHost));
@@ -468,6 +528,7 @@ int main(int argc, char **argv) {
         test_api_errors();
         test_f16_specials(st);
         for (const tinfo &t : k_types) test_type(t, st);
+        for (const tinfo &t : k_types) test_pairs(t, st);
         CK(cudaStreamDestroy(st));
     }
     if (bench) {

@@ -375,7 +375,8 @@ static void test_gemm_equals_single_dots(void) {
  * per pair, h quantised for down, out[t] += w * (down . h), added in
  * (expert, pair) order. Two type mixes (V2-Lite's Q4_K/Q4_K/Q5_0 and an
  * all-Q8_0 one, and one with gate and up of different types), experts not
- * held here (NULL), a token routed twice to one expert, skewed routing (an
+ * held here (NULL), picks computed elsewhere (id -1 - e), a token routed
+ * twice to one expert, skewed routing (an
  * expert with many pairs, some with one), 1 and 3 threads, and a 1-token
  * batch (every group a lone pair: the decode path). Bound: 0. */
 static float tile_dot_q4_K(int64_t n, const void *w, const void *x) { return nm_tile_dot_ref(NM_TYPE_Q4_K, n, w, x); }
@@ -416,11 +417,21 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
         w[i] = 0.1f + (float)(rng_next() % 100) / 100.0f;
     }
     if (n_tok > 1) ids[1] = ids[0]; /* token 0 routed to one expert twice */
+    /* picks computed elsewhere (-1 - e: the GPU's resident experts) add nothing */
+    for (int64_t i = 2; i < n_tok * k; i += 5) ids[i] = -1 - ids[i];
     CHECK(rg && ru && rd, "row sizes");
 
     char err[128];
     nm_moe_scratch sc = {0};
     CHECK(nm_moe_forward(pool, &sc, &ex, n_tok, x, k, ids, w, out, err, sizeof err) == 0, "moe: %s", err);
+    {
+        const int32_t keep = ids[0];
+        ids[0] = (int32_t)-E - 1; /* below -1 - (E - 1): refused like an id >= E */
+        CHECK(nm_moe_forward(pool, &sc, &ex, n_tok, x, k, ids, w, ref, err, sizeof err) != 0 && strstr(err, "range"),
+              "moe: id %d accepted", ids[0]);
+        ids[0] = keep;
+        memset(ref, 0, sizeof(float) * (size_t)(n_tok * n_embd));
+    }
 
     /* the reference: one pair, one single dot at a time */
     const int vg = nm_type_traits_of(tg)->vec_dot_type, vu = nm_type_traits_of(tu)->vec_dot_type;

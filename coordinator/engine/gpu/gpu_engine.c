@@ -189,7 +189,9 @@ static void gpu_stats(const nm_engine *e, nm_engine_stats *out) {
     nm_gpu_forward_get_stats(ge->gf, &s);
     *out = (nm_engine_stats){.steps = ge->n_steps, .tokens = ge->n_tokens, .expert_wait_s = s.t_moe,
                              .step_s = s.t_total, .device_wait_s = s.t_wait, .stream_layers = (uint64_t)s.n_stream_layers,
-                             .stream_bytes = s.stream_bytes, .stream_copy_s = s.t_stream_copy};
+                             .stream_bytes = s.stream_bytes, .stream_copy_s = s.t_stream_copy,
+                             .picks = (uint64_t)s.n_picks, .hot_picks = (uint64_t)s.n_hot_picks,
+                             .hot_bytes = (double)s.hot_bytes, .routed_bytes = (double)s.routed_bytes};
 }
 
 static void gpu_destroy(nm_engine *e) {
@@ -240,7 +242,11 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
     nm_gpu_forward_opts go = {.device = o->device, .n_ctx = o->n_ctx, .n_batch = o->n_batch > 0 ? o->n_batch : 512,
                               .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32,
                               .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1 : -1,
-                              .stream_auto = o->prefill_experts == NM_PREFILL_EXPERTS_AUTO};
+                              .stream_auto = o->prefill_experts == NM_PREFILL_EXPERTS_AUTO,
+                              .hot_experts = o->gpu_experts, .hot_counts = o->gpu_expert_counts,
+                              .hot_reserve = (size_t)(o->kv_positions > 0 ? o->kv_positions : 0) *
+                                             (size_t)m->hp.n_layer * (size_t)(m->hp.kv_lora + m->hp.d_rope) *
+                                             sizeof(float)};
     /* CUDA graphs for decode: on unless NUMOE_CUDA_GRAPHS=0 (measured on the
      * H200 box: the rest of an 8-layer step 1.28 -> 0.39 ms; docs/GPU.md) */
     const char *graphs = getenv("NUMOE_CUDA_GRAPHS");

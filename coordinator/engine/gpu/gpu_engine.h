@@ -43,6 +43,12 @@ typedef struct {
     int64_t n_batch;   /* tokens per step (<= 0: 512) */
     int n_expert_used; /* <= 0: the model's expert_used_count; lower values are allowed */
     int prefill_experts; /* where routed experts of a pass run: NM_PREFILL_EXPERTS_* */
+    /* routed experts kept in VRAM (gpu_forward.h's hot_experts): 0 none, N of every MoE layer, or
+     * NM_GPU_HOT_AUTO (-1) as many as fit; counts: NULL or [n_layer][n_expert] picks of a profile;
+     * kv_positions: positions of the caches the caller will create at once (kept free) */
+    int64_t gpu_experts;
+    const uint32_t *gpu_expert_counts;
+    int64_t kv_positions;
 } nm_engine_gpu_opts;
 
 /* Routed experts of a pass: AUTO (0) = on the GPU, their weights streamed

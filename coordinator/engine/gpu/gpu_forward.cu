@@ -39,6 +39,7 @@
 #include "common/clock.h"
 #include "coordinator/engine/gpu/gpu_experts.cuh"
 #include "coordinator/engine/gpu/gpu_forward.h"
+#include "coordinator/engine/gpu/gpu_hot.cuh"
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
 #include "kernels/cuda/cuda_quant.h"
 #include "kernels/quant.h"
@@ -132,6 +133,11 @@ struct nm_gpu_forward {
     void *upload_ctx = nullptr;
     uint64_t up_done = 0, up_total = 0;
     char stream_why[160] = ""; /* how the auto threshold was found */
+    /* routed experts resident in VRAM, and the ids handed to the host then
+     * (-1 - e for a resident pick) */
+    numoe_gpu::hot_experts *hot = nullptr;
+    int32_t *cid = nullptr;
+    size_t hot_bytes = 0, routed_bytes = 0;
     int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
     float *h_sw = nullptr;
     /* decode passes as CUDA graphs: the MoE layer ending each segment, and
@@ -408,16 +414,26 @@ static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, i
 
 /* Appends layer il's routing of the pass (ids on the host, the positions in
  * the pinned token table) to the routing log, when one is set. */
+/* ids as handed to the host: -1 - e for a pick resident in VRAM */
 static int log_routes(nm_gpu_forward *f, int il, int64_t n, const int32_t *ids, nm_err *err) {
     const int k = f->k;
     if (!f->route_log) return 0;
     for (int64_t t = 0; t < n; t++) {
-        int32_t rec[2] = {f->h_tinfo[t].pos, il};
-        if (fwrite(rec, sizeof rec, 1, f->route_log) != 1 ||
-            fwrite(ids + t * k, sizeof(int32_t), (size_t)k, f->route_log) != (size_t)k)
+        int32_t rec[2 + 64] = {f->h_tinfo[t].pos, il};
+        for (int j = 0; j < k && j < 64; j++) {
+            const int32_t e = ids[t * k + j];
+            rec[2 + j] = e < 0 ? -1 - e : e;
+        }
+        if (fwrite(rec, sizeof(int32_t), (size_t)(2 + k), f->route_log) != (size_t)(2 + k))
             return nm_errf(err, "writing the routing log failed");
     }
     return 0;
+}
+
+/* Whether layer il of a pass of n tokens computes its resident experts
+ * here (the same answer for every replay of a captured segment). */
+static bool hot_on(const nm_gpu_forward *f, int il, int64_t n) {
+    return f->hot && !f->stream_pass && n <= numoe_gpu::hot_max_tok(f->hot) && numoe_gpu::hot_count(f->hot, il) > 0;
 }
 
 /* The routed experts of layer il on the GPU (gpu_experts.cuh): the router's
@@ -470,12 +486,15 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
                                (int)hp->n_group_used, hp->gating == NM_GATE_SIGMOID, hp->norm_topk, hp->routed_scale),
               "router");
     if (f->stream_pass) return 0; /* routed_on_gpu takes it from here */
+    const bool hot = hot_on(f, il, n);
+    if (hot && numoe_gpu::hot_split(f->hot, il, f->rid, n, f->cid, err)) return -1;
     /* once, device to host, into the region the backend reads from (the
      * workers' shared input, or the in-process backend's own) */
     const nm_expert_input *in = &f->experts->in;
     CUDA_OK(cudaMemcpyAsync(in->x, f->a, (size_t)(n * H) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
             "layer %d: hidden states to the host", il);
-    CUDA_OK(cudaMemcpyAsync(in->ids, f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, f->st),
+    CUDA_OK(cudaMemcpyAsync(in->ids, hot ? f->cid : f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                            f->st),
             "layer %d: expert ids to the host", il);
     CUDA_OK(cudaMemcpyAsync(in->w, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
             "layer %d: expert weights to the host", il);
@@ -487,8 +506,14 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     CUDA_OK(f->capturing ? cudaEventRecordWithFlags(f->ev_handoff, f->st, cudaEventRecordExternal)
                          : cudaEventRecord(f->ev_handoff, f->st),
             "layer %d: hand-off event", il);
-    /* queued behind the copies: the GPU computes the shared experts while the host computes the routed ones */
+    /* queued behind the copies: the GPU computes the shared experts while the
+     * host computes the routed ones, then adds the resident routed ones */
     if (hp->n_shared > 0 && ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
+    if (hot) {
+        if (hp->n_shared == 0)
+            CUDA_OK(cudaMemsetAsync(f->sh, 0, (size_t)(n * H) * sizeof(float), f->st), "layer %d: clearing", il);
+        if (numoe_gpu::hot_compute(f->hot, il, f->a, n, f->rw, f->sh, err)) return -1;
+    }
     return 0;
 }
 
@@ -499,6 +524,9 @@ static int moe_host(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     double t1 = nm_now_s();
     /* the ids are on the host now, and the positions are in the pinned token table */
     if (log_routes(f, il, n, in->ids, err)) return -1;
+    f->stats.n_picks += n * f->k;
+    if (hot_on(f, il, n))
+        for (int64_t p = 0; p < n * f->k; p++) f->stats.n_hot_picks += in->ids[p] < 0;
     if (nm_experts_submit(f->experts, il, n, f->k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
     double t2 = nm_now_s();
     f->stats.t_wait += t1 - t0;
@@ -512,8 +540,9 @@ static int moe_post(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const int64_t H = hp->n_embd;
     CUDA_OK(cudaMemcpyAsync(f->moe, f->h_moe, (size_t)(n * H) * sizeof(float), cudaMemcpyHostToDevice, f->st),
             "layer %d: routed experts' sum to the GPU", il);
-    KERNEL_OK(numoe_gpu::add(f->st, f->x, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n * H),
-              "residual");
+    /* sh holds the shared experts and / or the resident routed ones */
+    const bool sh = hp->n_shared > 0 || hot_on(f, il, n);
+    KERNEL_OK(numoe_gpu::add(f->st, f->x, sh ? f->sh : f->moe, sh ? f->moe : nullptr, n * H), "residual");
     return 0;
 }
 
@@ -753,6 +782,7 @@ extern "C" void nm_gpu_forward_free(nm_gpu_forward *f) {
     if (f->st) cudaStreamSynchronize(f->st);
     kv_release(&f->own);
     numoe_gpu::moe_stream_free(f->ms);
+    numoe_gpu::hot_free(f->hot);
     for (cudaGraphExec_t g : f->graphs)
         if (g) cudaGraphExecDestroy(g);
     for (void *p : f->dev) cudaFree(p);
@@ -762,6 +792,36 @@ extern "C" void nm_gpu_forward_free(nm_gpu_forward *f) {
     if (f->cb) cublasDestroy(f->cb);
     if (f->st) cudaStreamDestroy(f->st);
     delete f;
+}
+
+static void hot_uploaded(void *ctx, size_t bytes) { uploaded_some(static_cast<nm_gpu_forward *>(ctx), bytes); }
+
+/* Routed experts in VRAM (opts.hot_experts): chosen against what is left
+ * once every other buffer exists, less the caller's reserve, this state's
+ * own cache and a margin for the CUDA context's growth (graphs, cuBLAS). */
+static int setup_hot(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opts *o, nm_err *err) {
+    const nm_hparams *hp = &m->hp;
+    for (int il = 0; il < hp->n_layer; il++)
+        f->routed_bytes += numoe_gpu::hot_expert_bytes(m, il) * (size_t)hp->n_expert;
+    size_t free_b = 0, total_b = 0;
+    CUDA_OK(cudaMemGetInfo(&free_b, &total_b), "asking for free VRAM");
+    const size_t own_kv = (size_t)hp->n_layer * (size_t)f->n_ctx * (size_t)(hp->kv_lora + hp->d_rope) * sizeof(float);
+    const size_t margin = ((size_t)1 << 30) + total_b / 50;
+    const size_t want = o->hot_reserve + own_kv + margin;
+    const size_t budget = free_b > want ? free_b - want : 0;
+    std::vector<uint8_t> keep;
+    const size_t bytes = numoe_gpu::hot_choose(m, o->hot_experts > 0 ? o->hot_experts : -1, o->hot_counts, budget, keep);
+    if (o->hot_experts > 0 && bytes > budget)
+        return nm_errf(err, "GPU: --gpu-experts %lld needs %.2f GiB of VRAM, %.2f GiB are left after the weights, "
+                       "%.2f GiB of caches and a %.2f GiB margin; lower it or use auto", (long long)o->hot_experts,
+                       bytes / 1073741824.0, budget / 1073741824.0, (o->hot_reserve + own_kv) / 1073741824.0,
+                       margin / 1073741824.0);
+    if (bytes == 0) return 0;
+    f->hot_bytes = bytes;
+    f->up_total += bytes;
+    const int64_t max_tok = f->n_batch < NM_GPU_HOT_MAX_TOKENS ? f->n_batch : NM_GPU_HOT_MAX_TOKENS;
+    if (numoe_gpu::hot_create(&f->hot, m, keep, f->k, max_tok, f->st, hot_uploaded, f, err)) return -1;
+    return dalloc_n(f, &f->cid, (size_t)(max_tok * f->k), "host expert ids", err);
 }
 
 static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opts *o, nm_err *err) {
@@ -892,6 +952,8 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         if (bs != CUBLAS_STATUS_SUCCESS) return nm_errf(err, "GPU: cuBLAS workspace: %s", cublasGetStatusString(bs));
         f->use_graphs = 1;
     }
+    if (o->hot_experts != 0 && hp->n_layer > hp->n_dense && setup_hot(f, m, o, err))
+        return nm_err_prefix(err, "routed experts in VRAM (--gpu-experts 0 keeps them all on the CPU)");
     CUDA_OK(cudaDeviceSynchronize(), "after the upload");
 
     cudaDeviceProp prop;
@@ -921,6 +983,17 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         size_t used = strlen(f->desc);
         snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: CPU");
     }
+    {
+        size_t used = strlen(f->desc);
+        const double GiB = MiB * 1024.0;
+        if (f->hot)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts in VRAM: %lld (%.2f of %.2f GiB, "
+                     "%.0f%%%s), computed there for passes of <= %d tokens", (long long)numoe_gpu::hot_total(f->hot),
+                     f->hot_bytes / GiB, f->routed_bytes / GiB, 100.0 * (double)f->hot_bytes / (double)f->routed_bytes,
+                     o->hot_counts ? ", the most used of the profile" : "", NM_GPU_HOT_MAX_TOKENS);
+        else if (o->hot_experts != 0)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts in VRAM: none (no VRAM left)");
+    }
     if (f->use_graphs) {
         size_t used = strlen(f->desc);
         snprintf(f->desc + used, sizeof f->desc - used, "; decode passes of <= %d tokens as CUDA graphs (%zu "
@@ -939,6 +1012,7 @@ extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm
         return nm_errf(err, "GPU: the expert backend takes %lld tokens of %d experts per layer, fewer than a batch",
                        (long long)experts->in.max_tok, experts->in.max_k);
     int k = o->n_expert_used > 0 ? o->n_expert_used : (int)hp->n_expert_used;
+    if (k > 64) return nm_errf(err, "GPU: %d experts per token, more than the 64 the kernels take", k);
     if (k > hp->n_expert_used)
         return nm_errf(err, "--experts-used %d: the model routes to %lld experts per token; numoe can lower it, not raise it",
                        k, (long long)hp->n_expert_used);
@@ -1140,6 +1214,10 @@ extern "C" void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward
     s->n_graphs = f->n_graphs;
     s->stream_min = f->ms && f->stream_min <= f->n_batch ? f->stream_min : 0;
     s->graphs_off = f->graph_off;
+    s->vram_hot = numoe_gpu::hot_vram(f->hot);
+    s->n_hot = numoe_gpu::hot_total(f->hot);
+    s->hot_bytes = f->hot_bytes;
+    s->routed_bytes = f->routed_bytes;
     if (f->ms) {
         numoe_gpu::moe_stream_stats ss;
         numoe_gpu::moe_stream_get_stats(f->ms, &ss);

@@ -85,7 +85,19 @@ typedef struct {
                               experts, measured at create (one layer's copy timed, the backend timed on
                               64 tokens of one layer), at least 32 */
     int graphs;            /* decode passes of <= 8 tokens as CUDA graphs (gpu_forward.cu) */
+    /* routed experts kept in VRAM and computed there for passes of up to
+     * NM_GPU_HOT_MAX_TOKENS tokens (gpu_hot.cuh): 0 none; N > 0 that many of
+     * every MoE layer; NM_GPU_HOT_AUTO as many as the VRAM left after
+     * everything else holds, less hot_reserve bytes (the caller's caches to
+     * come) and a margin. hot_counts: NULL, or [n_layer][n_expert] picks of
+     * a usage profile: the most used go first. */
+    int64_t hot_experts;
+    const uint32_t *hot_counts;
+    size_t hot_reserve;
 } nm_gpu_forward_opts;
+
+#define NM_GPU_HOT_AUTO (-1)
+#define NM_GPU_HOT_MAX_TOKENS 64
 
 /* Uploads the model and allocates scratch for batches of n_batch tokens.
  * The state's own cache (for nm_gpu_forward_tokens) is allocated on first
@@ -184,6 +196,13 @@ typedef struct {
     /* decode passes as CUDA graphs (opts.graphs) */
     int64_t n_graphs;     /* segments captured so far */
     const char *graphs_off; /* "" while on (or never asked for), else why a capture failed */
+    /* routed experts resident in VRAM (opts.hot_experts) */
+    size_t vram_hot;      /* their stacks and scratch */
+    int64_t n_hot;        /* experts resident, all layers */
+    size_t hot_bytes;     /* their weight bytes; of routed_bytes in all */
+    size_t routed_bytes;
+    int64_t n_picks;      /* (token, expert) picks handed over since the reset */
+    int64_t n_hot_picks;  /* of them computed on the GPU */
 } nm_gpu_forward_stats;
 
 void nm_gpu_forward_get_stats(const nm_gpu_forward *f, nm_gpu_forward_stats *s);
