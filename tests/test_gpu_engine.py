@@ -391,7 +391,8 @@ def gpu_mem_used_mib():
 def test_serve_gpu_vram_flat(gpu_exe):
     """1000 requests (prompts of varied length, sampled and greedy, 4 at a time) through the GPU server: the
     device memory in use after them equals what it was after the first 40 (caches are freed with their
-    requests, nothing grows per request)."""
+    requests, nothing grows per request; the CUDA graphs of every pass size are captured at the first decode
+    step, so a batch size first seen later takes no new VRAM)."""
     model = ROOT / "tests" / "fixtures" / "models" / "demo-v3-Q8_0.gguf"
     server = Server(gpu_exe, model, ["--gpu", "0", "--workers", "0", "-t", "4"]).start(timeout=180)
     words = "the module returns a list of objects for each class in the standard library".split()

@@ -101,7 +101,7 @@ bench)
         echo "exit ${PIPESTATUS[0]}" >> "$L"
     }
     NB=("$B" bench -t "$T" --gpu 0)
-    for m in m8 m27; do
+    for m in ${RACE_MODELS:-m8 m27}; do
         run "numoe $m --workers 0, experts on the CPU" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 128 -r 2 --workers 0 --gpu-experts 0
         run "numoe $m --workers 0, experts on the CPU, pp2048" 90 "${NB[@]}" -m /tmp/$m.gguf -p 2048 -n 0 -r 2 --workers 0 \
             --gpu-experts 0
@@ -111,7 +111,7 @@ bench)
         done
         run "numoe $m --workers 0 --gpu-experts auto (the default)" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 128 -r 2 --workers 0
     done
-    for m in m8 m27; do
+    for m in ${RACE_MODELS:-m8 m27}; do
         [ -x "$IK" ] && run "ik_llama.cpp $m" 150 $IK -m /tmp/$m.gguf -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1 \
             -t "$T" -p 512,2048 -n 128 -r 2
     done

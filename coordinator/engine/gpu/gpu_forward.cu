@@ -577,30 +577,48 @@ static int enqueue_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
     return 0;
 }
 
-/* Segment j for n tokens: replayed when captured before, else captured and
- * then replayed. A capture that fails turns graphs off for good, with the
- * reason kept for the describe line, and the segment runs directly. */
+/* Captures segment j for n tokens into its slot: 0, or -1 with the reason
+ * in graph_off (graphs then stay off for good). Capturing runs nothing. */
+static int capture_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
+    cudaGraphExec_t &ex = f->graphs[(size_t)(n - 1) * f->n_segments + (size_t)j];
+    cudaGraph_t g = nullptr;
+    cudaError_t e = cudaStreamBeginCapture(f->st, cudaStreamCaptureModeThreadLocal);
+    int rc = 0;
+    if (e == cudaSuccess) {
+        f->capturing = 1;
+        rc = enqueue_segment(f, j, n, err);
+        f->capturing = 0;
+        e = cudaStreamEndCapture(f->st, &g);
+    }
+    if (rc == 0 && e == cudaSuccess) e = cudaGraphInstantiate(&ex, g, 0);
+    if (g) cudaGraphDestroy(g);
+    if (rc == 0 && e == cudaSuccess) {
+        f->n_graphs++;
+        return 0;
+    }
+    ex = nullptr;
+    (void)cudaGetLastError();
+    snprintf(f->graph_off, sizeof f->graph_off, "capture of segment %d for %lld tokens failed: %.200s", j,
+             (long long)n, rc ? err->msg : cudaGetErrorString(e));
+    f->use_graphs = 0;
+    return -1;
+}
+
+/* Segment j for n tokens: replayed when captured before. The first time a
+ * segment is needed it is captured for every pass size 1..GRAPH_MAX_TOKENS
+ * (within a batch) at once, so the VRAM the executable graphs take is all
+ * taken at the first decode step, not whenever a server's traffic first
+ * brings a new batch size (and no later step pays a capture). A capture
+ * that fails turns graphs off for good, with the reason kept for the
+ * describe line, and the segment runs directly. */
 static int run_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
     const int il = j;
     cudaGraphExec_t &ex = f->graphs[(size_t)(n - 1) * f->n_segments + (size_t)j];
     if (!ex) {
-        cudaGraph_t g = nullptr;
-        CUDA_OK(cudaStreamBeginCapture(f->st, cudaStreamCaptureModeThreadLocal), "segment %d: begin capture", il);
-        f->capturing = 1;
-        int rc = enqueue_segment(f, j, n, err);
-        f->capturing = 0;
-        cudaError_t e = cudaStreamEndCapture(f->st, &g);
-        if (rc == 0 && e == cudaSuccess) e = cudaGraphInstantiate(&ex, g, 0);
-        if (g) cudaGraphDestroy(g);
-        if (rc || e != cudaSuccess) {
-            ex = nullptr;
-            (void)cudaGetLastError();
-            snprintf(f->graph_off, sizeof f->graph_off, "capture of segment %d failed: %.200s", j,
-                     rc ? err->msg : cudaGetErrorString(e));
-            f->use_graphs = 0;
-            return enqueue_segment(f, j, n, err);
-        }
-        f->n_graphs++;
+        const int64_t top = f->n_batch < GRAPH_MAX_TOKENS ? f->n_batch : GRAPH_MAX_TOKENS;
+        for (int64_t m = 1; m <= top; m++)
+            if (!f->graphs[(size_t)(m - 1) * f->n_segments + (size_t)j] && capture_segment(f, j, m, err))
+                return enqueue_segment(f, j, n, err);
     }
     CUDA_OK(cudaGraphLaunch(ex, f->st), "segment %d: graph launch", il);
     return 0;
