@@ -28,7 +28,8 @@
  *   H:    routed experts resident in VRAM (opts.hot_experts; half of them by
  *         a profile, then all by auto), decode as graphs: what the host
  *         backend is handed (-1 - e for resident picks), and routing and
- *         logits against the CPU as in S.
+ *         logits against the CPU as in S; then all resident with every pass's
+ *         experts on the GPU: nothing streamed, the resident stacks read.
  *   Router kernel against router.c on random and on tie-heavy logits
  *         (test_router_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
@@ -728,6 +729,33 @@ static void test_fixture(const char *path, nm_pool *pool) {
                   (long long)want_hot, (long long)elsewhere, (long long)handed, (long long)wrong,
                   (long long)st.n_hot_picks, (long long)st.n_picks, (long long)st.n_graphs,
                   st.graphs_off[0] ? ": " : "", st.graphs_off);
+            vs_cpu(name, tag, &m, cpu, hc, gh, ok, is_float);
+            nm_gpu_forward_free(gf);
+        }
+        {
+            /* (3) every pass's routed experts on the GPU (as S) with every layer resident: nothing is
+             * streamed, the passes read the resident stacks, the host backend is not called */
+            const char *tag = "H (all in VRAM, every pass on the GPU)";
+            rec_backend rh = make_rec(local, hp->n_embd);
+            nm_gpu_forward *gf = nullptr;
+            if (gpu_open(&gf, &m, &rh.base, 64, &err, 1, 0, NM_GPU_HOT_AUTO)) {
+                check(false, "%s: GPU init (%s): %s", name, tag, err.msg);
+                goto done;
+            }
+            FILE *log = tmpfile();
+            nm_gpu_forward_route_log(gf, log);
+            run_out gh;
+            bool ok = log && run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gh, tag);
+            nm_gpu_forward_route_log(gf, nullptr);
+            nm_gpu_forward_stats st;
+            nm_gpu_forward_get_stats(gf, &st);
+            std::vector<moe_call> hc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
+            if (log) fclose(log);
+            check(ok && rh.calls.empty() && st.n_stream_layers == n_moe * (1 + DECODE) && st.stream_bytes == 0 &&
+                      strstr(nm_gpu_forward_describe(gf), "wholly there"),
+                  "%s: %s: %lld MoE layers on the GPU (%lld), %.0f bytes streamed (0), host backend called %zu "
+                  "times (0)", name, tag, (long long)st.n_stream_layers, (long long)(n_moe * (1 + DECODE)),
+                  st.stream_bytes, rh.calls.size());
             vs_cpu(name, tag, &m, cpu, hc, gh, ok, is_float);
             nm_gpu_forward_free(gf);
         }

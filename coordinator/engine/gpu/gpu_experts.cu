@@ -36,6 +36,9 @@ struct moe_layer {
     int il = -1;
     stack s[3]; /* gate, up, down */
     size_t bytes = 0;
+    /* the whole layer already in VRAM (moe_stream_set_resident): the three
+     * stacks in the file's layout; nothing is copied for it */
+    const uint8_t *res[3] = {nullptr, nullptr, nullptr};
 };
 
 constexpr size_t ALIGN = 256;
@@ -205,6 +208,10 @@ int fetch_now(moe_stream *s, int pos, nm_err *err) {
     const moe_layer &L = s->layers[(size_t)pos];
     harvest(s, 1); /* the previous pass's copy of this layer ended long ago */
     CUDA_OK(cudaStreamWaitEvent(s->copy, s->ev_free[b], 0), "layer %d: copy waits for its buffer", L.il);
+    if (L.res[0]) { /* resident: the buffer's turn passes without a copy */
+        CUDA_OK(cudaEventRecord(s->ev_ready[b], s->copy), "layer %d: ready event", L.il);
+        return 0;
+    }
     CUDA_OK(cudaEventRecord(s->ev_c0[(size_t)pos], s->copy), "layer %d: copy start event", L.il);
     for (const stack &k : L.s) {
         if (s->mode != COPY_BOUNCE) {
@@ -278,6 +285,7 @@ int await_issued(moe_stream *s, int b, nm_err *err) {
 constexpr size_t TILE_BUDGET = (size_t)1 << 30; /* bytes of float32 expert tile in VRAM */
 
 /* Stack si (gate, up, down) of one layer for its active experts, Y_e = W_e X_e
+ * (base: the stack's first expert in VRAM, staged or resident)
  * (rows x cols times cols x count), as grouped GEMMs, one group per active
  * expert (cublasGemmGroupedBatchedEx: one launch for all of a tile's experts
  * instead of one dequantisation and one GEMM each; ~400 launches a layer
@@ -286,7 +294,7 @@ constexpr size_t TILE_BUDGET = (size_t)1 << 30; /* bytes of float32 expert tile 
  * consecutive ids when the stack's slabs are contiguous); float32 stacks are
  * read in place. The pointer tables were uploaded by the caller: row
  * si * na + a of d_ptr's A / B / C arrays is active expert a. */
-int stack_mm(moe_stream *s, int si, const stack &k, const uint8_t *buf, int64_t na, int il, nm_err *err) {
+int stack_mm(moe_stream *s, int si, const stack &k, const uint8_t *base, int64_t na, int il, nm_err *err) {
     const int64_t E = s->m->hp.n_expert, me = k.rows * k.cols;
     const bool f32 = k.type == NM_TYPE_F32;
     const bool contiguous = k.slab == (size_t)k.rows * k.row_bytes;
@@ -303,7 +311,7 @@ int stack_mm(moe_stream *s, int si, const stack &k, const uint8_t *buf, int64_t 
                 /* a run of ids: one launch when contiguous, else one expert */
                 int32_t r = e + 1;
                 if (contiguous) r = e1;
-                const uint8_t *W = buf + k.off + (size_t)e * k.slab;
+                const uint8_t *W = base + (size_t)e * k.slab;
                 int rc = nm_cuda_dequantize(k.type, W, s->tile + (size_t)(e - e0) * (size_t)me, (r - e) * me, s->cs);
                 if (rc != NM_CUDA_OK)
                     return nm_errf(err, "GPU experts: layer %d: dequantising %s experts %d..%d: %s", il, k.name, e, r - 1,
@@ -598,6 +606,8 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
     if (await_issued(s, b, err)) return -1;
     CUDA_OK(cudaStreamWaitEvent(s->cs, s->ev_ready[b], 0), "layer %d: waiting for the streamed experts", il);
     const uint8_t *buf = s->stage[b];
+    const uint8_t *base[3];
+    for (int si = 0; si < 3; si++) base[si] = L.res[0] ? L.res[si] : buf + L.s[si].off;
     /* the grouped GEMM tables: per stack, per active expert, A (its matrix:
      * in the tile, or in place for float32), B (its pairs' inputs), C (their
      * outputs); pinned -> device once per layer, behind the previous layer's
@@ -613,7 +623,7 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
             const int32_t e = s->act[(size_t)a];
             const int64_t p0 = s->start[(size_t)e];
             s->h_ptr[(size_t)(0 * 3 + si) * E + a] =
-                kk.type == NM_TYPE_F32 ? (const void *)(buf + kk.off + (size_t)e * kk.slab) : nullptr;
+                kk.type == NM_TYPE_F32 ? (const void *)(base[si] + (size_t)e * kk.slab) : nullptr;
             s->h_ptr[(size_t)(1 * 3 + si) * E + a] = si < 2 ? (const void *)(s->xp + p0 * H) : (const void *)(s->hg + p0 * ff);
             s->h_ptr[(size_t)(2 * 3 + si) * E + a] =
                 si == 0 ? (const void *)(s->hg + p0 * ff) : si == 1 ? (const void *)(s->hu + p0 * ff) : (const void *)(s->y + p0 * H);
@@ -639,9 +649,9 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
     }
     CUDA_OK(cudaMemcpyAsync(s->d_ptr, s->h_ptr, (size_t)9 * (size_t)E * sizeof(void *), cudaMemcpyHostToDevice, s->cs),
             "layer %d: grouped GEMM tables", il);
-    if (stack_mm(s, 0, L.s[0], buf, na, il, err) || stack_mm(s, 1, L.s[1], buf, na, il, err)) return -1;
+    if (stack_mm(s, 0, L.s[0], base[0], na, il, err) || stack_mm(s, 1, L.s[1], base[1], na, il, err)) return -1;
     CUDA_OK(silu_mul(s->cs, s->hg, s->hu, P * ff), "layer %d: expert silu", il);
-    if (stack_mm(s, 2, L.s[2], buf, na, il, err)) return -1;
+    if (stack_mm(s, 2, L.s[2], base[2], na, il, err)) return -1;
     CUDA_OK(cudaEventRecord(s->ev_free[b], s->cs), "layer %d: staging buffer free event", il);
     k_combine<<<(unsigned)n, 256, 0, s->cs>>>(out, s->y, s->tlist, s->pw, k, H);
     CUDA_OK(cudaGetLastError(), "layer %d: combining expert outputs", il);
@@ -692,6 +702,14 @@ void moe_stream_reset_stats(moe_stream *s) {
 }
 
 size_t moe_stream_layer_bytes(const moe_stream *s) { return s->max_bytes; }
+
+int moe_stream_set_resident(moe_stream *s, int il, const uint8_t *gate, const uint8_t *up, const uint8_t *down) {
+    const int pos = il >= 0 && il < s->m->hp.n_layer ? s->slot_of[(size_t)il] : -1;
+    if (pos < 0 || !gate || !up || !down) return -1;
+    moe_layer &L = s->layers[(size_t)pos];
+    L.res[0] = gate, L.res[1] = up, L.res[2] = down;
+    return 0;
+}
 
 const char *moe_stream_describe(const moe_stream *s) { return s->desc; }
 

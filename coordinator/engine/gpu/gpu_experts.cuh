@@ -98,6 +98,13 @@ void moe_stream_get_stats(moe_stream *s, moe_stream_stats *st);
 /* Zeroes the counters (not vram, pinned). */
 void moe_stream_reset_stats(moe_stream *s);
 
+/* Layer il's experts are all in VRAM already (gpu_hot.cuh), each stack in
+ * the file's layout (expert e at its base + e * slab): its passes read
+ * them there and copy nothing. Call between passes, after
+ * moe_stream_time_copy's measurement. 0, or -1 for a layer that is not a
+ * MoE layer. */
+int moe_stream_set_resident(moe_stream *s, int il, const uint8_t *gate, const uint8_t *up, const uint8_t *down);
+
 /* Bytes of the routed experts of one MoE layer (the largest). */
 size_t moe_stream_layer_bytes(const moe_stream *s);
 

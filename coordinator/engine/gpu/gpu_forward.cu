@@ -138,6 +138,7 @@ struct nm_gpu_forward {
     numoe_gpu::hot_experts *hot = nullptr;
     int32_t *cid = nullptr;
     size_t hot_bytes = 0, routed_bytes = 0;
+    int n_full_layers = 0; /* MoE layers wholly resident (long passes copy nothing for them) */
     int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
     float *h_sw = nullptr;
     /* decode passes as CUDA graphs: the MoE layer ending each segment, and
@@ -839,6 +840,14 @@ static int setup_hot(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_
     f->up_total += bytes;
     const int64_t max_tok = f->n_batch < NM_GPU_HOT_MAX_TOKENS ? f->n_batch : NM_GPU_HOT_MAX_TOKENS;
     if (numoe_gpu::hot_create(&f->hot, m, keep, f->k, max_tok, f->st, hot_uploaded, f, err)) return -1;
+    /* long passes read a wholly resident layer where it is instead of streaming it */
+    for (int il = 0; f->ms && il < hp->n_layer; il++) {
+        const uint8_t *g, *u, *d;
+        if (numoe_gpu::hot_full_layer(f->hot, il, &g, &u, &d)) {
+            numoe_gpu::moe_stream_set_resident(f->ms, il, g, u, d);
+            f->n_full_layers++;
+        }
+    }
     return dalloc_n(f, &f->cid, (size_t)(max_tok * f->k), "host expert ids", err);
 }
 
@@ -1006,9 +1015,11 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         const double GiB = MiB * 1024.0;
         if (f->hot)
             snprintf(f->desc + used, sizeof f->desc - used, "; routed experts in VRAM: %lld (%.2f of %.2f GiB, "
-                     "%.0f%%%s), computed there for passes of <= %d tokens", (long long)numoe_gpu::hot_total(f->hot),
+                     "%.0f%%%s), computed there for passes of <= %d tokens; %d of %lld MoE layers wholly there "
+                     "(longer passes stream nothing for them)", (long long)numoe_gpu::hot_total(f->hot),
                      f->hot_bytes / GiB, f->routed_bytes / GiB, 100.0 * (double)f->hot_bytes / (double)f->routed_bytes,
-                     o->hot_counts ? ", the most used of the profile" : "", NM_GPU_HOT_MAX_TOKENS);
+                     o->hot_counts ? ", the most used of the profile" : "", NM_GPU_HOT_MAX_TOKENS, f->n_full_layers,
+                     (long long)(hp->n_layer - hp->n_dense));
         else if (o->hot_experts != 0)
             snprintf(f->desc + used, sizeof f->desc - used, "; routed experts in VRAM: none (no VRAM left)");
     }

@@ -208,6 +208,13 @@ void hot_free(hot_experts *h) {
 
 int hot_count(const hot_experts *h, int il) { return h ? h->layers[(size_t)il].n : 0; }
 int64_t hot_total(const hot_experts *h) { return h ? h->total : 0; }
+
+bool hot_full_layer(const hot_experts *h, int il, const uint8_t **gate, const uint8_t **up, const uint8_t **down) {
+    if (!h || h->layers[(size_t)il].n != (int)h->m->hp.n_expert) return false;
+    const hot_layer &HL = h->layers[(size_t)il];
+    *gate = HL.gate.d, *up = HL.up.d, *down = HL.down.d;
+    return true;
+}
 size_t hot_vram(const hot_experts *h) { return h ? h->vram : 0; }
 int64_t hot_max_tok(const hot_experts *h) { return h ? h->max_tok : 0; }
 

@@ -72,6 +72,9 @@ int hot_create(hot_experts **out, const nm_model *m, const std::vector<uint8_t> 
 void hot_free(hot_experts *h);
 
 int hot_count(const hot_experts *h, int il); /* experts of layer il in VRAM */
+/* When every expert of layer il is resident: its three stacks, which then
+ * have the file's layout (slot e = expert e), and true; else false. */
+bool hot_full_layer(const hot_experts *h, int il, const uint8_t **gate, const uint8_t **up, const uint8_t **down);
 int64_t hot_total(const hot_experts *h);     /* in all layers */
 size_t hot_vram(const hot_experts *h);       /* the stacks, tables and scratch */
 int64_t hot_max_tok(const hot_experts *h);
