@@ -844,15 +844,27 @@ SCALE_FIELDS: dict[QT, tuple[int, ...]] = {
 }
 
 
-def random_raw_chunks(t: PlanTensor, seed: int, chunk_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+def random_raw_chunks(t: PlanTensor, seed: int, chunk_bytes: int = 64 << 20, route_skew: float = 0.0,
+                      hidden: int = 0) -> Iterator[np.ndarray]:
     """The bytes of tensor t for a speed-only model: uniformly random quant blocks whose fp16 scales are
     replaced by small values (weights of magnitude ~0.01-0.05, zero-mean, no inf/NaN), float matrices
     N(0, 0.02), norm weights 1, biases 0. Correctness of the model's output means nothing; the bytes,
-    types and shapes are those of the real plan, so every engine reads and computes exactly as much."""
+    types and shapes are those of the real plan, so every engine reads and computes exactly as much.
+
+    route_skew > 0 (sigmoid-gated shapes): the router's expert bias (exp_probs_b, which the router adds
+    to each expert's score before the top-k) is route_skew * sigma * N(0, 1) per expert, sigma being the
+    spread of the scores themselves (sigmoid'(0) * 0.02 * sqrt(hidden): the router rows are N(0, 0.02)
+    and the normed hidden states have unit RMS), so some experts of every layer are picked far more
+    often than others, as in real traffic where a few experts per layer are hot; each layer draws its
+    own hot set (the tensor's name seeds it)."""
     rng = np.random.default_rng([seed, zlib.crc32(t.name.encode())])
     if len(t.ne) == 1 or t.name.endswith("_norm.weight") or t.name.endswith(".bias"):
         n = math.prod(t.ne)
-        v = np.zeros(n, np.float32) if t.name.endswith(".bias") else np.ones(n, np.float32)
+        if t.name.endswith("exp_probs_b.bias") and route_skew > 0:
+            sigma = 0.25 * 0.02 * math.sqrt(hidden)
+            v = (rng.standard_normal(n) * (route_skew * sigma)).astype(np.float32)
+        else:
+            v = np.zeros(n, np.float32) if t.name.endswith(".bias") else np.ones(n, np.float32)
         yield v.view(np.uint8)
         return
     if t.qt in (QT.F32, QT.F16, QT.BF16):
@@ -909,7 +921,7 @@ def random_raw_chunks(t: PlanTensor, seed: int, chunk_bytes: int = 64 << 20) -> 
 
 def write_gguf(path: Path, plan: list[PlanTensor], meta: Callable[[gguf.GGUFWriter], None],
                progress: bool, threads: int, keep_raw: bool = False,
-               random_seed: int | None = None) -> dict[str, np.ndarray]:
+               random_seed: int | None = None, route_skew: float = 0.0, hidden: int = 0) -> dict[str, np.ndarray]:
     """Header + KV + tensor infos via GGUFWriter, then the data streamed chunk by chunk."""
     w = gguf.GGUFWriter(str(path), "deepseek2")
     meta(w)
@@ -938,7 +950,7 @@ def write_gguf(path: Path, plan: list[PlanTensor], meta: Callable[[gguf.GGUFWrit
         fout.write(b"\0" * pad)
         start = fout.tell()
         keep = []
-        raws = (random_raw_chunks(t, random_seed) if random_seed is not None
+        raws = (random_raw_chunks(t, random_seed, route_skew=route_skew, hidden=hidden) if random_seed is not None
                 else (q(chunk, t.qt) for chunk in t.chunks()))
         for raw in raws:
             fout.write(raw.tobytes())
@@ -1087,6 +1099,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-blocks", action="store_true",
                     help="speed-only model: random quant blocks with sane scales, written at disk speed (output "
                          "is meaningless; bytes, types and shapes are the real plan's)")
+    ap.add_argument("--route-skew", type=float, default=0.0, metavar="S",
+                    help="with --random-blocks on a sigmoid-gated (V3-style) shape: skew the routing like real "
+                         "traffic, the router's expert bias S times the spread of its scores, per expert at random "
+                         "(0: balanced; 1: a few experts per layer take a large share of the picks)")
     ap.add_argument("--type", default="F32", choices=TYPE_NAMES, help="tensor type of the matrices")
     ap.add_argument("--attn-layout", default="mla", choices=["legacy", "ik", "mla"])
     ap.add_argument("--seed", type=int, default=1234)
@@ -1115,6 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = dataclasses.replace(shape, q_lora=args.q_lora)
     if shape.name == "v3-width" and not args.random_blocks:
         ap.error("--shape v3-width is written only with --random-blocks (its float weights would take hours)")
+    if args.route_skew < 0 or (args.route_skew > 0 and (not args.random_blocks or shape.style != "v3")):
+        ap.error("--route-skew needs --random-blocks and a sigmoid-gated V3-style shape (its expert bias), and >= 0")
     if args.random_blocks and args.hf_out:
         ap.error("--random-blocks writes no HF folder (its weights are random blocks, not a float model)")
     if args.style and args.style != shape.style:
@@ -1157,7 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = write_gguf(out, plan, lambda w: add_metadata(w, shape, tok, args.attn_layout, want, name),
                      progress=not args.quiet and big, threads=max(1, args.threads),
                      keep_raw=bool(args.hf_out and args.hf_dequant),
-                     random_seed=args.seed if args.random_blocks else None)
+                     random_seed=args.seed if args.random_blocks else None, route_skew=args.route_skew,
+                     hidden=shape.hidden)
     if args.hf_out:
         if args.hf_dequant:
             tensors = hf_from_raw(shape, plan, raw, args.attn_layout)

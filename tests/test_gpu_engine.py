@@ -114,6 +114,11 @@ def test_gpu_experts_parsed_strictly(exe, tmp_path):
     p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--workers", "0", "--gpu", "none",
              "--gpu-experts", "auto"])
     assert p.returncode == 0, p.stderr[-2000:]
+    p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--gpu-experts-profile", str(tmp_path / "no")])
+    assert p.returncode == 2 and "--gpu-experts-profile needs a readable routing profile" in p.stderr, p.stderr
+    p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--workers", "0", "--gpu", "none",
+             "--gpu-experts-profile", str(prof)])
+    assert p.returncode != 0 and "--gpu-experts keeps routed experts in VRAM" in p.stderr, p.stderr[-2000:]
     h = run([exe, "generate", "--help"])
     assert "--gpu-experts auto|N|FILE" in h.stdout + h.stderr
 
@@ -214,23 +219,25 @@ def test_generate_gpu_vs_cpu(gpu_exe, model, workers, experts, tmp_path):
     compare_gpu_cpu(gpu_exe, model, workers, tmp_path, ("--prefill-experts", experts))
 
 
-@pytest.mark.parametrize("hot", ["auto", "2", "profile"])
+@pytest.mark.parametrize("hot", ["auto", "2", "profile", "2+profile"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
 def test_gpu_experts_vs_cpu(gpu_exe, model, hot, tmp_path):
     """Routed experts resident in VRAM (--gpu-experts auto: all of a fixture's fit; 2 of every layer; a
-    profile - the CPU engine's own --dump-routing of another prompt - as many as fit), the rest in one
+    profile - the CPU engine's own --dump-routing of another prompt - as many as fit; the 2 most used of
+    every layer by that profile, --gpu-experts-profile), the rest in one
     worker: against the CPU engine by the rules of test_generate_gpu_vs_cpu, and the engine line says how
     many are resident."""
-    arg = hot
-    if hot == "profile":
-        arg = str(tmp_path / "hot.route")
+    args = ("--gpu-experts", hot)
+    if "profile" in hot:
+        prof = str(tmp_path / "hot.route")
         p = run([gpu_exe, "generate", "-m", model, "--tokens", "3,1,4,1,5,9,2,6", "-n", "16", "--workers", "0",
-                 "--gpu", "none", "--dump-routing", arg], timeout=300)
+                 "--gpu", "none", "--dump-routing", prof], timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-    err = compare_gpu_cpu(gpu_exe, model, "1", tmp_path, ("--gpu-experts", arg))
+        args = ("--gpu-experts", prof) if hot == "profile" else ("--gpu-experts", "2", "--gpu-experts-profile", prof)
+    err = compare_gpu_cpu(gpu_exe, model, "1", tmp_path, args)
     line = engine_lines(err)[0]
     assert re.search(r"routed experts in VRAM: \d+ \(", line), line
-    if hot == "profile":
+    if "profile" in hot:
         assert "the most used of the profile" in line, line
 
 

@@ -31,6 +31,9 @@ const char nm_session_opts_help[] =
     "                          the most used experts first, as many as fit; auto (default) = as many\n"
     "                          as the VRAM left after weights, caches and scratch holds (a 1 GiB + 2%\n"
     "                          margin stays free), spread evenly over the layers\n"
+    "      --gpu-experts-profile FILE\n"
+    "                          which experts --gpu-experts N or auto places: the most used of this\n"
+    "                          `--dump-routing` profile first (default: the lowest ids of every layer)\n"
     "  -t, --threads N         CPU threads (default: all online CPUs)\n"
     "  -c, --ctx-size N        KV cache positions (default: min(model context, 4096))\n"
     "  -b, --batch N           prefill chunk in tokens (default 512)\n"
@@ -101,7 +104,6 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
     } else if (!strcmp(a, "--gpu-experts")) {
         if (!v) return fprintf(stderr, "%s: --gpu-experts needs auto, a number or a routing profile FILE\n", cmd), -1;
         o->gpu_experts_set = 1;
-        o->gpu_experts_profile = NULL;
         if (!strcmp(v, "auto")) {
             o->gpu_experts = -1;
         } else if (!nm_parse_int(v, 0, 1 << 20, &x)) {
@@ -114,6 +116,12 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
                            "readable routing profile (`numoe generate --dump-routing FILE` writes one)\n", cmd, v),
                    -1;
         }
+    } else if (!strcmp(a, "--gpu-experts-profile")) {
+        if (!v || access(v, R_OK) != 0)
+            return fprintf(stderr, "%s: --gpu-experts-profile needs a readable routing profile (`numoe generate "
+                           "--dump-routing FILE` writes one; got '%s')\n", cmd, v ? v : ""),
+                   -1;
+        o->gpu_experts_profile = v;
     } else if (!strcmp(a, "--no-prefault")) {
         o->no_prefault = 1;
         return 1; /* a flag: no value to skip */

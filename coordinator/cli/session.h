@@ -39,7 +39,8 @@ typedef struct {
     /* --gpu-experts: routed experts kept in VRAM by the GPU engine */
     int gpu_experts_set;          /* given; otherwise auto */
     int64_t gpu_experts;          /* N of every MoE layer (0: none), or -1: auto (fill the VRAM left) */
-    const char *gpu_experts_profile; /* FILE: a --dump-routing profile choosing them (auto's budget) */
+    const char *gpu_experts_profile; /* --gpu-experts FILE or --gpu-experts-profile FILE: the
+                                     --dump-routing profile choosing which experts (most used first) */
     int64_t kv_positions;         /* KV positions the caller's sequences hold at once (serve: --cache-lens),
                                      kept free of experts; 0: the context times kv_seqs */
     int kv_seqs;                  /* sequences of a full context at once (serve: --max-batch-size); 0: 1 */
