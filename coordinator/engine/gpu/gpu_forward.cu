@@ -413,9 +413,9 @@ static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, i
     return mm(f, d, f->hg, ff, n, out, H, il, err);
 }
 
-/* Appends layer il's routing of the pass (ids on the host, the positions in
- * the pinned token table) to the routing log, when one is set. */
-/* ids as handed to the host: -1 - e for a pick resident in VRAM */
+/* Appends layer il's routing of the pass (ids on the host as handed to the
+ * backend, -1 - e for a pick resident in VRAM, written as e; the positions
+ * in the pinned token table) to the routing log, when one is set. */
 static int log_routes(nm_gpu_forward *f, int il, int64_t n, const int32_t *ids, nm_err *err) {
     const int k = f->k;
     if (!f->route_log) return 0;
