@@ -39,6 +39,7 @@ static int usage(FILE *f) {
     fprintf(f,
             "usage: numoe placement (--model M.gguf | SHAPE) --workers N --profile ROUTING.bin -o MAP.txt\n"
             "       numoe placement (--model M.gguf | SHAPE) [--workers N] --check MAP.txt [--profile ROUTING.bin]\n"
+            "       numoe placement (--model M.gguf | SHAPE) --profile ROUTING.bin --gpu-experts N\n"
             "\n"
             "  --profile FILE   routing records from `numoe generate --dump-routing FILE`\n"
             "  -o FILE          write a map that balances the expected active experts per worker and\n"
@@ -46,6 +47,9 @@ static int usage(FILE *f) {
             "  --check FILE     parse and validate a map file (configs/README.md); prints its hash\n"
             "                   and, with --profile, its expected busiest-worker load\n"
             "  --workers N      number of workers (with --check: default from the map)\n"
+            "  --gpu-experts N  the share of the profile's picks that N experts of every MoE layer in\n"
+            "                   VRAM would take off the CPU, per layer and in all: placed by the profile\n"
+            "                   (`numoe ... --gpu-experts N --gpu-experts-profile ROUTING.bin`) and by id\n"
             "  SHAPE (instead of --model, for tests): --n-layer L --n-expert E --k K\n"
             "                   [--n-dense D (first D layers dense, default 0)] [--n-ff F (default 1)]\n");
     return f == stdout ? 0 : 2;
@@ -310,9 +314,55 @@ out:
     return rc;
 }
 
+/* --gpu-experts N: per MoE layer the share of the profile's picks that its
+ * N most used experts take (what --gpu-experts N with this profile keeps in
+ * VRAM, gpu_hot.cuh's choice), and that experts 0..N-1 take (the choice
+ * without a profile); then both over all layers. */
+static int print_coverage(const profile *pr, const shape *sh, long long n) {
+    const int64_t L = sh->n_layer, E = sh->n_expert;
+    uint32_t *counts = calloc((size_t)(L * E), sizeof *counts);
+    uint32_t *sorted = calloc((size_t)E, sizeof *sorted);
+    if (!counts || !sorted) {
+        free(counts), free(sorted);
+        fprintf(stderr, "numoe placement: out of memory\n");
+        return 1;
+    }
+    nm_routing_profile_count(pr, L, E, counts);
+    if (n > E) n = E;
+    printf("profile: %zu routing records; %lld of %lld experts per MoE layer in VRAM (%.1f%% of their bytes)\n",
+           pr->n, n, (long long)E, 100.0 * (double)n / (double)E);
+    printf("layer  picks  by profile  by id\n");
+    uint64_t all = 0, top_all = 0, id_all = 0;
+    for (int64_t l = 0; l < L; l++) {
+        if (!sh->is_moe[l]) continue;
+        uint64_t tot = 0, top = 0, ids = 0;
+        for (int64_t e = 0; e < E; e++) {
+            sorted[e] = counts[l * E + e];
+            tot += sorted[e];
+            if (e < n) ids += sorted[e];
+        }
+        /* the n largest counts (insertion into a descending prefix: E is small) */
+        for (int64_t i = 1; i < E; i++)
+            for (int64_t j = i; j > 0 && sorted[j] > sorted[j - 1]; j--) {
+                uint32_t t = sorted[j];
+                sorted[j] = sorted[j - 1], sorted[j - 1] = t;
+            }
+        for (int64_t e = 0; e < n; e++) top += sorted[e];
+        if (!tot) continue;
+        printf("%5lld  %5llu  %9.1f%%  %5.1f%%\n", (long long)l, (unsigned long long)tot, 100.0 * (double)top / tot,
+               100.0 * (double)ids / tot);
+        all += tot, top_all += top, id_all += ids;
+    }
+    if (all)
+        printf("all    %5llu  %9.1f%%  %5.1f%%\n", (unsigned long long)all, 100.0 * (double)top_all / all,
+               100.0 * (double)id_all / all);
+    free(counts), free(sorted);
+    return 0;
+}
+
 int nm_cmd_placement(int argc, char **argv) {
     const char *model = NULL, *prof_path = NULL, *out_path = NULL, *check = NULL;
-    long long workers = 0, n_layer = 0, n_expert = 0, k = 0, n_dense = 0, n_ff = 1;
+    long long workers = 0, n_layer = 0, n_expert = 0, k = 0, n_dense = 0, n_ff = 1, gpu_experts = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(stdout);
@@ -327,6 +377,7 @@ int nm_cmd_placement(int argc, char **argv) {
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out_path = v;
         else if (!strcmp(a, "--check")) check = v;
         else if (!strcmp(a, "--workers")) num = &workers;
+        else if (!strcmp(a, "--gpu-experts")) num = &gpu_experts;
         else if (!strcmp(a, "--n-layer")) num = &n_layer;
         else if (!strcmp(a, "--n-expert")) num = &n_expert;
         else if (!strcmp(a, "--k")) num = &k;
@@ -343,10 +394,11 @@ int nm_cmd_placement(int argc, char **argv) {
             }
         }
     }
-    if (!!check == !!out_path || (out_path && (!prof_path || workers < 1)) || (!model && (!n_layer || !n_expert)) ||
-        (model && n_layer)) {
-        fprintf(stderr, "numoe placement: give --model or a SHAPE, and either --check MAP or --profile, --workers "
-                        "and -o\n");
+    const int coverage = gpu_experts >= 0;
+    if ((coverage ? check || out_path || !prof_path : !!check == !!out_path) ||
+        (out_path && (!prof_path || workers < 1)) || (!model && (!n_layer || !n_expert)) || (model && n_layer)) {
+        fprintf(stderr, "numoe placement: give --model or a SHAPE, and either --check MAP, or --profile, --workers "
+                        "and -o, or --profile and --gpu-experts N\n");
         return usage(stderr);
     }
     nm_err err = {{0}};
@@ -382,6 +434,10 @@ int nm_cmd_placement(int argc, char **argv) {
             goto out;
         }
         if (load_profile(&pr, prof_path, &sh, &err)) goto out;
+    }
+    if (coverage) {
+        rc = print_coverage(&pr, &sh, gpu_experts);
+        goto out;
     }
     if (check) {
         if (nm_placement_load_map(&p, check, (int)workers, sh.n_layer, sh.is_moe, sh.align, sh.n_expert, sh.n_ff,

@@ -108,6 +108,27 @@ def test_profile_bad(numoe, tmp_path):
     assert p.returncode == 1 and "layer 0 is not a MoE layer" in p.stderr, p.stderr
 
 
+def test_gpu_experts_coverage(numoe, tmp_path):
+    """--gpu-experts N with a profile: the share of its picks that N experts of every layer in VRAM take,
+    placed by the profile (its most used) and by id. Experts 12..15 are in every token's 8 picks, the
+    other 4 drawn from 0..11: by profile 4 experts take exactly half, by id (0..3) about a sixth."""
+    import random
+    rng = random.Random(3)
+    recs = [[pos, layer, 12, 13, 14, 15, *rng.sample(range(12), 4)] for pos in range(100) for layer in (1, 2)]
+    prof = tmp_path / "r.bin"
+    write(prof, recs)
+    p = run([numoe, "placement", *SHAPE, "--profile", prof, "--gpu-experts", "4"])
+    assert_clean(p)
+    assert p.returncode == 0, p.stderr
+    assert "4 of 16 experts per MoE layer in VRAM (25.0% of their bytes)" in p.stdout, p.stdout
+    rows = {l.split()[0]: l.split() for l in p.stdout.splitlines()[2:]}
+    assert set(rows) == {"1", "2", "all"}, p.stdout
+    for r in rows.values():
+        assert r[2] == "50.0%" and float(r[3].rstrip("%")) < 30, p.stdout
+    p = run([numoe, "placement", *SHAPE, "--gpu-experts", "4"])
+    assert p.returncode == 2 and "--profile and --gpu-experts N" in p.stderr, p.stderr
+
+
 def topo(numoe, desc, *args):
     p = run([numoe, "topology", "--synthetic", desc, "--model", "m.gguf", *args])
     assert_clean(p)
