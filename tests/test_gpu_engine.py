@@ -93,6 +93,15 @@ def test_prefill_experts_parsed_strictly(exe):
         assert p.returncode == 2 and "--prefill-experts must be cpu, gpu or auto" in p.stderr, (bad, p.stderr)
     h = run([exe, "generate", "--help"])
     assert "--prefill-experts cpu|gpu|auto" in h.stdout + h.stderr
+    # gpu on the CPU engine is a contradiction, refused before anything starts; cpu and auto are not
+    p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--gpu", "none", "--prefill-experts", "gpu"])
+    assert_clean(p)
+    assert p.returncode != 0 and "--prefill-experts gpu computes routed experts on the GPU" in p.stderr \
+        and "--gpu none" in p.stderr and "worker 0:" not in p.stderr, p.stderr[-2000:]
+    for ok in ("cpu", "auto"):
+        p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--workers", "0", "--gpu", "none",
+                 "--prefill-experts", ok])
+        assert p.returncode == 0, (ok, p.stderr[-2000:])
 
 
 @pytest.mark.parametrize("exe", numoe_trees(), ids=lambda p: p.parent.parent.name)
