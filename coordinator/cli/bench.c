@@ -159,10 +159,15 @@ int nm_cmd_bench_model(int argc, char **argv) {
         if (n) {
             const double per = 1e3 / (double)(n * reps), all = (st2.step_s - st1.step_s) * per;
             const double dev = (st2.device_wait_s - st1.device_wait_s) * per, ex = (st2.expert_wait_s - st1.expert_wait_s) * per;
-            fprintf(stderr, "numoe: decode step %.3f ms: GPU before the hand-offs %.3f ms, routed experts on the host %.3f "
-                    "ms, rest (H2D, head, logits, host) %.3f ms\n", all, dev, ex, all - dev - ex);
             const int64_t n_moe = hp->n_layer - hp->n_dense;
-            if (n_moe > 0)
+            const int handed = st2.handoffs > st1.handoffs; /* did any layer go to the host? */
+            if (handed)
+                fprintf(stderr, "numoe: decode step %.3f ms: GPU before the hand-offs %.3f ms, routed experts on the host "
+                        "%.3f ms, rest (H2D, head, logits, host) %.3f ms\n", all, dev, ex, all - dev - ex);
+            else
+                fprintf(stderr, "numoe: decode step %.3f ms, all of it the GPU's (no hand-off: every routed expert of "
+                        "every layer in VRAM)\n", all);
+            if (n_moe > 0 && handed)
                 fprintf(stderr, "numoe: per MoE layer (%lld): the GPU's part %.0f us, the host's experts %.0f us, the rest "
                         "%.0f us\n", (long long)n_moe, dev * 1e3 / (double)n_moe, ex * 1e3 / (double)n_moe,
                         (all - dev - ex) * 1e3 / (double)n_moe);

@@ -87,8 +87,10 @@ typedef struct {
     uint64_t stream_layers;  /* MoE layers whose routed experts ran on the GPU, streamed */
     double stream_bytes;  /* expert bytes streamed to the GPU */
     double stream_copy_s; /* time the copies took (the copy engine's busy time) */
-    uint64_t picks;       /* (token, routed expert) picks handed to the host side */
+    uint64_t picks;       /* (token, routed expert) picks of the passes whose experts the host side takes
+                             (a layer wholly in VRAM counts its picks without handing them over) */
     uint64_t hot_picks;   /* of them computed by experts resident in VRAM (--gpu-experts) */
+    uint64_t handoffs;    /* MoE layers handed to the host's experts (submit + wait) */
     double hot_bytes;     /* bytes of those resident experts, */
     double routed_bytes;  /* of all routed experts */
 } nm_engine_stats;

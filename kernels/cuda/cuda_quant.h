@@ -104,6 +104,45 @@ int nm_cuda_gemv_pairs(int type, const void *d_w, size_t mat_bytes, int64_t rows
                        const int32_t *d_mat, int64_t n_pairs, const float *d_x, int64_t ldx, int x_div,
                        float *d_y, int64_t ldy, void *stream);
 
+/* ---- integer GEMV: x quantised to 8 bits (kernels/cuda/gemv_q8.cu) ---------
+ * Decode's fast path for quantised weights: x is quantised once per row of
+ * activations and every GEMV reading it uses integer dot products (ggml's
+ * MMVQ scheme; numoe's CPU dots quantise x the same way). A q8 row of cols
+ * elements (cols a multiple of 32) is nm_cuda_q8_row_bytes(cols) bytes:
+ * [cols int8 q][cols/32 x float (d, s)], d = max|x| / 127 over the 32
+ * elements, q = x / d rounded to nearest even, s = d * sum q. Rows of a
+ * multi-row buffer follow each other at that stride.
+ *
+ * Numerics: the integer sums are exact; y agrees with a double dot of the
+ * dequantised W and the dequantised q8 x to fp32 rounding (bound as
+ * nm_cuda_gemv's), and a row's y is bit-identical whatever n or the pairs
+ * form. Against fp32 x it differs by x's quantisation (|x - q d| <= d / 2). */
+
+/* Bytes of one q8 activation row (0 for cols <= 0). */
+size_t nm_cuda_q8_row_bytes(int64_t cols);
+
+/* 1 for Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; the other types take
+ * nm_cuda_gemv. */
+int nm_cuda_supports_gemv_q8(int type);
+
+/* The n rows x + t * ldx (t < n, cols floats each) into n q8 rows at d_xq.
+ * Alignment: d_x and d_xq 16 bytes, ldx a multiple of 4; ldx >= cols. */
+int nm_cuda_quantize_q8(const float *d_x, int64_t ldx, int64_t n, int64_t cols, void *d_xq, void *stream);
+
+/* d_y + t * ldy = W xq_t for t < n (1 <= n <= 8: W is read once for all n;
+ * ldy >= rows when n > 1), W as in nm_cuda_gemv, xq the n q8 rows at d_xq.
+ * Alignment: d_w and d_xq 16 bytes (cudaMalloc'd buffers and 256-aligned
+ * tensor slabs are), d_y 4. Uses no scratch; concurrent calls are safe. */
+int nm_cuda_gemv_q8(int type, const void *d_w, int64_t rows, int64_t cols, const void *d_xq, int64_t n, float *d_y,
+                    int64_t ldy, void *stream);
+
+/* nm_cuda_gemv_pairs with q8 x: for p < n_pairs with d_mat[p] >= 0,
+ * d_y + p * ldy = W_{d_mat[p]} xq_{p / x_div}, W_s at d_w + s * mat_bytes
+ * (mat_bytes a multiple of 16). */
+int nm_cuda_gemv_q8_pairs(int type, const void *d_w, size_t mat_bytes, int64_t rows, int64_t cols,
+                          const int32_t *d_mat, int64_t n_pairs, const void *d_xq, int x_div, float *d_y, int64_t ldy,
+                          void *stream);
+
 #ifdef __cplusplus
 }
 #endif

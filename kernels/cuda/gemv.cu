@@ -289,19 +289,6 @@ __device__ __forceinline__ void load_x_k4(const float *xb, int t, XK4 &x) {
     x.sx[1] = hsum(x.v[2]) + hsum(x.v[3]);
 }
 
-/* Scale and min of sub-blocks 2c, 2c+1 as bytes 0,1 of sc / mn (ggml's
- * get_scale_min_k4 for all eight from the 12 bytes u0..u2, then a byte
- * select). */
-__device__ __forceinline__ void k4_scale_min(uint32_t u0, uint32_t u1, uint32_t u2, int c, uint32_t &sc,
-                                             uint32_t &mn) {
-    const uint32_t sl = u0 & 0x3f3f3f3fu, ml = u1 & 0x3f3f3f3fu;
-    const uint32_t sh = (u2 & M4) | (((u0 >> 6) & 0x03030303u) << 4);
-    const uint32_t mh = ((u2 >> 4) & M4) | (((u1 >> 6) & 0x03030303u) << 4);
-    const uint32_t sel = (uint32_t)(2 * c) | ((uint32_t)(2 * c + 1) << 4);
-    sc = __byte_perm(sl, sh, sel);
-    mn = __byte_perm(ml, mh, sel);
-}
-
 struct GV_Q4_K {
     static constexpr int QK = 256, BYTES = 144, LANES = 16;
     struct W { uint32_t q0, q1, u0, u1, u2, dm; };

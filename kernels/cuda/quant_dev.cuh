@@ -94,6 +94,19 @@ __device__ __forceinline__ uint32_t spread4(uint32_t t) {
     return (t * 0x00204081u) & 0x01010101u;
 }
 
+/* Scale and min of Q4_K / Q5_K sub-blocks 2c, 2c+1 as bytes 0, 1 of sc /
+ * mn, from the block's 12 scale bytes as words u0..u2 (ggml's
+ * get_scale_min_k4 for all eight at once, then a byte select). */
+__device__ __forceinline__ void k4_scale_min(uint32_t u0, uint32_t u1, uint32_t u2, int c, uint32_t &sc,
+                                             uint32_t &mn) {
+    const uint32_t sl = u0 & 0x3f3f3f3fu, ml = u1 & 0x3f3f3f3fu;
+    const uint32_t sh = (u2 & 0x0F0F0F0Fu) | (((u0 >> 6) & 0x03030303u) << 4);
+    const uint32_t mh = ((u2 >> 4) & 0x0F0F0F0Fu) | (((u1 >> 6) & 0x03030303u) << 4);
+    const uint32_t sel = (uint32_t)(2 * c) | ((uint32_t)(2 * c + 1) << 4);
+    sc = __byte_perm(sl, sh, sel);
+    mn = __byte_perm(ml, mh, sel);
+}
+
 /* ---- fp16 ------------------------------------------------------------------
  * Exact IEEE half -> float, written out as integer operations so that NaN
  * payloads are kept exactly as kernels/fp16.h nm_fp16_to_fp32 keeps them

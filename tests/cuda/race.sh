@@ -10,8 +10,13 @@
 #                                         #   compute-sanitizer memcheck on the CUDA forward test
 #   tests/cuda/race.sh pytest             # call 2: tests/test_gpu_engine.py (4 at once, the VRAM test
 #                                         #   alone after them), while ik still builds
-#   tests/cuda/race.sh bench [SECONDS]    # call 3: waits for the ik build (at most SECONDS, 300), then
-#                                         #   numoe's variants and ik on both files, nothing else running
+#   tests/cuda/race.sh bench [SECONDS] [numoe|ik|all]
+#                                         # call 3: waits for the models (and, for ik, the ik build; at
+#                                         #   most SECONDS, 300), then numoe's variants and / or ik on the
+#                                         #   files, nothing else running
+# RACE_V3=1 with start also writes the V3-width slice /tmp/v3s.gguf (15 GB,
+# 5 layers of hidden 7168, 256 experts of ff 2048); RACE_MODELS picks the
+# files the bench runs (default m8 m27; v3s for the slice).
 #
 # Everything prints under $OUT (the device tool's folder; default /tmp/race).
 # numoe's binaries and the .so files ldd names must be in build/bin and on
@@ -57,7 +62,9 @@ start)
         echo \$? > /tmp/ik-done" > /dev/null 2>&1 &
     setsid nohup bash -c "python3 tests/gen_deepseek.py --shape v2-lite --layers 8 --q-lora 1536 --attn-layout ik \
         --type Q4_K --random-blocks -q -o /tmp/m8.gguf && python3 tests/gen_deepseek.py --shape v2-lite \
-        --attn-layout ik --type Q4_K --random-blocks -q -o /tmp/m27.gguf; echo \$? > /tmp/gen-done" \
+        --attn-layout ik --type Q4_K --random-blocks -q -o /tmp/m27.gguf && \
+        { [ \"${RACE_V3:-0}\" != 1 ] || python3 tests/gen_deepseek.py --shape v3-width --layers 5 --attn-layout ik \
+        --type Q4_K --random-blocks -q -o /tmp/v3s.gguf; }; echo \$? > /tmp/gen-done" \
         > /tmp/gen.log 2>&1 &
     echo "race: ik build and models started in the background"
     ;;
@@ -65,6 +72,11 @@ tests)
     NUMOE_CUDA_PREBUILT=1 timeout "${CUDA_S:-240}" bash tests/cuda/run.sh > "$OUT/cuda.log" 2>&1
     echo "cuda tests: exit $?" | tee -a "$OUT/cuda.log"
     grep -E "passed|FAIL" "$OUT/cuda.log" | tail -20
+    # memcheck on the kernel tests (the integer GEMV's ragged last chunk must not read past a matrix)
+    timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --error-exitcode 9 build/bin/test_cuda_quant \
+        --no-bench > "$OUT/memcheck-quant.log" 2>&1
+    echo "memcheck test_cuda_quant: exit $?" | tee -a "$OUT/memcheck-quant.log"
+    grep -E "ERROR SUMMARY|passed" "$OUT/memcheck-quant.log" | tail -2
     # memcheck on a float and a quantised fixture (every kernel, the streamed and resident experts, graphs)
     for f in deepseek-v3-tiny-Q4_K-mla deepseek-v2-tiny-F32-legacy; do
         timeout "${MEMCHECK_S:-100}" compute-sanitizer --tool memcheck --leak-check full \
@@ -84,7 +96,11 @@ pytest)
     ;;
 bench)
     wait_s=${2:-300}
-    for _ in $(seq 1 $((wait_s / 5))); do [ -f /tmp/ik-done ] && [ -f /tmp/gen-done ] && break; sleep 5; done
+    what=${3:-all}
+    for _ in $(seq 1 $((wait_s / 5))); do
+        [ -f /tmp/gen-done ] && { [ "$what" = numoe ] || [ -f /tmp/ik-done ]; } && break
+        sleep 5
+    done
     L="$OUT/bench.log"
     {
         echo "models: $(cat /tmp/gen-done 2>/dev/null || echo 'not finished')"
@@ -102,6 +118,7 @@ bench)
     }
     NB=("$B" bench -t "$T" --gpu 0)
     for m in ${RACE_MODELS:-m8 m27}; do
+        [ "$what" = ik ] && break
         run "numoe $m --workers 0, experts on the CPU" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 128 -r 2 --workers 0 --gpu-experts 0
         run "numoe $m --workers 0, experts on the CPU, pp2048" 90 "${NB[@]}" -m /tmp/$m.gguf -p 2048 -n 0 -r 2 --workers 0 \
             --gpu-experts 0
@@ -110,8 +127,15 @@ bench)
             run "numoe $m --workers 0 --gpu-experts $h" 60 "${NB[@]}" -m /tmp/$m.gguf -p 0 -n 128 -r 2 --workers 0 --gpu-experts $h
         done
         run "numoe $m --workers 0 --gpu-experts auto (the default)" 120 "${NB[@]}" -m /tmp/$m.gguf -p 512 -n 128 -r 2 --workers 0
+        run "numoe $m default worker, --gpu-experts auto (the default)" 60 "${NB[@]}" -m /tmp/$m.gguf -p 0 -n 128 -r 2
+        # the same decode with fp32 activations in every GEMV (the integer kernels off)
+        run "numoe $m --workers 0 --gpu-experts auto, NUMOE_GPU_GEMV=f32" 60 env NUMOE_GPU_GEMV=f32 "${NB[@]}" \
+            -m /tmp/$m.gguf -p 0 -n 128 -r 2 --workers 0
+        run "numoe $m --workers 0 --gpu-experts 0, NUMOE_GPU_GEMV=f32" 60 env NUMOE_GPU_GEMV=f32 "${NB[@]}" \
+            -m /tmp/$m.gguf -p 0 -n 128 -r 2 --workers 0 --gpu-experts 0
     done
     for m in ${RACE_MODELS:-m8 m27}; do
+        [ "$what" = numoe ] && break
         [ -x "$IK" ] && run "ik_llama.cpp $m" 150 $IK -m /tmp/$m.gguf -ngl 99 -ot exps=CPU -mla 3 -fa 1 -fmoe 1 \
             -t "$T" -p 512,2048 -n 128 -r 2
     done

@@ -16,12 +16,19 @@
  *            term covers the d*sc*sum(qx) - dmin*m*sum(x) factoring when the
  *            two nearly cancel). "bytes" float rows (NaN/inf) are not
  *            GEMV-tested.
+ * The integer GEMV (x quantised to q8, nm_cuda_gemv_q8) on the same kinds of
+ * matrices: y against a double dot of the dequantised W and the GPU's own
+ * dequantised q8 x (the q8 rows themselves checked: d = max|x|/127, |q d - x|
+ * <= d/2, s = d sum q), with the bound above; an n-row call bit-equal to n
+ * one-row calls; the pairs form bit-equal to single calls.
  * plus the API's argument checks. Then one timing line per type: GEMV over a
  * 4096 x 14336 matrix, weights rotated through enough copies to exceed 4x
  * the L2 cache, so the GB/s are from DRAM.
  *
  * Usage: test_cuda_quant [--no-bench] [--bench-only] [--bench-shape ROWS COLS]...
- * (--bench-shape replaces the default 4096 x 14336; repeatable)
+ *        [--bench-type TYPE]...
+ * (--bench-shape replaces the default 4096 x 14336; repeatable; --bench-type
+ * times only the types named)
  * Last line "<prog>: N passed, N failed"; exit 1 on failure, 77 when there
  * is no CUDA device. */
 #include "kernels/cuda/cuda_quant.h"
@@ -38,6 +45,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 static const char *g_prog = "test_cuda_quant";
@@ -321,6 +329,243 @@ static void test_pairs(const tinfo &t, cudaStream_t st) {
     report(ok, what);
 }
 
+/* ---- integer GEMV (x quantised to q8) ---------------------------------------- */
+
+static bool q8_type(int type) { return nm_cuda_supports_gemv_q8(type) != 0; }
+
+/* n rows of random x (ldx floats apart) quantised on the GPU into dxq; the
+ * q8 rows come back checked (d = max|x| / 127, |q| <= 127, |q d - x| <= d/2
+ * plus rounding, s = d * sum q) and dequantised into xd (n x cols). */
+static bool quantize_checked(int64_t n, int64_t cols, const gpu_buf &dxq, std::vector<double> &xd, cudaStream_t st,
+                             char *why, size_t whyn) {
+    const int64_t ldx = cols + 4;
+    std::vector<float> x((size_t)(n * ldx));
+    for (auto &v : x) v = rnd_pm1() * (float)std::ldexp(1.0, (int)(rnd64() % 5) - 2);
+    for (int64_t c = 0; c < cols; c += 97) x[(size_t)c] = 0.0f;              /* zeros ... */
+    if (cols >= 64) for (int64_t c = 32; c < 64; c++) x[(size_t)c] = 0.0f;  /* ... and an all-zero block */
+    gpu_buf dx(x.size() * 4);
+    CK(cudaMemcpy(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    const size_t rb = nm_cuda_q8_row_bytes(cols);
+    int rc = nm_cuda_quantize_q8(dx.as<float>(), ldx, n, cols, dxq.p, st);
+    if (rc != NM_CUDA_OK) {
+        snprintf(why, whyn, "quantize rc %d: %s", rc, nm_cuda_last_error());
+        return false;
+    }
+    std::vector<uint8_t> q((size_t)n * rb);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(q.data(), dxq.p, q.size(), cudaMemcpyDeviceToHost));
+    xd.assign((size_t)(n * cols), 0.0);
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t b = 0; b < cols / 32; b++) {
+            const int8_t *qs = reinterpret_cast<const int8_t *>(q.data() + (size_t)t * rb) + 32 * b;
+            float ds[2];
+            memcpy(ds, q.data() + (size_t)t * rb + (size_t)cols + 8 * (size_t)b, 8);
+            float amax = 0;
+            for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[(size_t)(t * ldx + 32 * b + i)]));
+            int sum = 0;
+            for (int i = 0; i < 32; i++) {
+                const double xv = x[(size_t)(t * ldx + 32 * b + i)], qd = (double)qs[i] * ds[0];
+                sum += qs[i];
+                if (qs[i] < -127 || std::fabs(qd - xv) > 0.5 * ds[0] * (1 + 1e-5) + 1e-30) {
+                    snprintf(why, whyn, "row %lld element %lld: x %.9g -> q %d, d %.9g", (long long)t,
+                             (long long)(32 * b + i), xv, qs[i], ds[0]);
+                    return false;
+                }
+                xd[(size_t)(t * cols + 32 * b + i)] = qd;
+            }
+            if (ds[0] != amax / 127.0f || ds[1] != ds[0] * (float)sum) {
+                snprintf(why, whyn, "row %lld block %lld: d %.9g (want %.9g), s %.9g (want %.9g)", (long long)t,
+                         (long long)b, ds[0], amax / 127.0f, ds[1], ds[0] * (float)sum);
+                return false;
+            }
+        }
+    return true;
+}
+
+/* One matrix: n-row q8 GEMV against a double dot of the dequantised W and
+ * the dequantised q8 x, and every row bit-equal to a one-row call. */
+static void run_case_q8(const tinfo &t, int64_t rows, int64_t cols, int mode, size_t offset, int64_t n,
+                        cudaStream_t st, case_result &gv) {
+    const std::vector<uint8_t> w = make_matrix(t, rows, cols, mode);
+    const size_t rb = nm_row_size(t.type, cols);
+    std::vector<float> ref((size_t)(rows * cols));
+    for (int64_t r = 0; r < rows; r++) nm_dequantize_row(t.type, w.data() + rb * (size_t)r, ref.data() + (size_t)(r * cols), cols);
+    /* W ends exactly at the end of its allocation: the ragged last chunk
+     * must be read without touching a byte past it (compute-sanitizer) */
+    gpu_buf dw(w.size() + offset), dxq(nm_cuda_q8_row_bytes(cols) * (size_t)n);
+    CK(cudaMemcpy(dw.as<char>(offset), w.data(), w.size(), cudaMemcpyHostToDevice));
+    std::vector<double> xd;
+    char why[256];
+    if (!quantize_checked(n, cols, dxq, xd, st, why, sizeof why)) {
+        fail_case(gv, "%dx%lld: %s", (int)rows, (long long)cols, why);
+        return;
+    }
+    const int64_t ldy = rows + 5;
+    gpu_buf dy((size_t)(n * ldy) * 4), d1((size_t)rows * 4);
+    CK(cudaMemset(dy.p, 0xff, (size_t)(n * ldy) * 4));
+    int rc = nm_cuda_gemv_q8(t.type, dw.as<char>(offset), rows, cols, dxq.p, n, dy.as<float>(), ldy, st);
+    if (rc != NM_CUDA_OK) {
+        fail_case(gv, "%dx%lld n %lld: rc %d: %s", (int)rows, (long long)cols, (long long)n, rc, nm_cuda_last_error());
+        return;
+    }
+    std::vector<float> y((size_t)(n * ldy)), y1((size_t)rows);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(y.data(), dy.p, y.size() * 4, cudaMemcpyDeviceToHost));
+    for (int64_t j = 0; j < n; j++) {
+        const double *xj = xd.data() + (size_t)(j * cols);
+        double sum_ax = 0;
+        for (int64_t c = 0; c < cols; c++) sum_ax += std::fabs(xj[c]);
+        for (int64_t r = 0; r < rows; r++) {
+            const float *wr = ref.data() + (size_t)(r * cols);
+            double dot = 0, sum_awx = 0, maxw = 0;
+            for (int64_t c = 0; c < cols; c++) {
+                const double p = (double)wr[c] * xj[c];
+                dot += p;
+                sum_awx += std::fabs(p);
+                maxw = std::max(maxw, std::fabs((double)wr[c]));
+            }
+            const double bound = 2e-5 * sum_awx + 2e-6 * maxw * sum_ax;
+            const double err = std::fabs((double)y[(size_t)(j * ldy + r)] - dot);
+            const double ratio = bound > 0 ? err / bound : (err > 0 ? INFINITY : 0);
+            if (!(ratio <= 1.0))
+                fail_case(gv, "%dx%lld mode %d n %lld: x row %lld, row %lld: gpu %.9g ref %.9g err %.3g bound %.3g",
+                          (int)rows, (long long)cols, mode, (long long)n, (long long)j, (long long)r,
+                          y[(size_t)(j * ldy + r)], dot, err, bound);
+            if (ratio > gv.worst) gv.worst = ratio;
+        }
+        for (int64_t r = rows; r < ldy && j + 1 < n; r++)
+            if (fbits(y[(size_t)(j * ldy + r)]) != 0xffffffffu)
+                fail_case(gv, "%dx%lld n %lld: y row %lld written past rows", (int)rows, (long long)cols, (long long)n,
+                          (long long)j);
+        /* the same x row alone: the same bits */
+        rc = nm_cuda_gemv_q8(t.type, dw.as<char>(offset), rows, cols, dxq.as<char>(nm_cuda_q8_row_bytes(cols) * (size_t)j),
+                             1, d1.as<float>(), rows, st);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(y1.data(), d1.p, y1.size() * 4, cudaMemcpyDeviceToHost));
+        if (rc != NM_CUDA_OK || memcmp(y1.data(), y.data() + (size_t)(j * ldy), (size_t)rows * 4))
+            fail_case(gv, "%dx%lld n %lld: x row %lld alone differs from the %lld-row call", (int)rows, (long long)cols,
+                      (long long)n, (long long)j, (long long)n);
+    }
+}
+
+static void test_type_q8(const tinfo &t, cudaStream_t st) {
+    const int64_t qk = nm_type_traits_of(t.type)->block_size;
+    /* rows odd (a CTA's 4 rows partly empty), 1..many warp steps per row,
+     * ragged last steps, and for 32-blocks V2-Lite's 1408 (rows that start
+     * off 16 bytes, the matrix ending mid-chunk) */
+    std::vector<std::pair<int64_t, int64_t>> shapes = {{67, 9 * 256}, {3, qk}, {5, 3 * qk}, {33, 14336}, {6, 7168}};
+    if (qk == 32) {
+        shapes.push_back({37, 1408});
+        shapes.push_back({9, 96});
+    }
+    case_result gv;
+    int ncases = 0;
+    const int64_t ns[] = {1, 2, 3, 8}; /* 4, 2 and 1 rows per warp */
+    for (int mode = 0; mode < 2; mode++)
+        for (size_t off : {(size_t)0, (size_t)16})
+            for (auto &s : shapes) {
+                run_case_q8(t, s.first, s.second, mode, off, ns[ncases % 4], st, gv);
+                ncases++;
+            }
+    char what[512];
+    snprintf(what, sizeof what, "gemv_q8 %-4s (%d cases, worst err/bound %.3f, n-row calls bit-equal to 1-row)%s%s",
+             t.name, ncases, gv.worst, gv.ok ? "" : ": ", gv.detail);
+    report(gv.ok, what);
+}
+
+/* nm_cuda_gemv_q8_pairs against one nm_cuda_gemv_q8 per pair (bit-equal,
+ * skipped pairs untouched), as test_pairs. */
+static void test_pairs_q8(const tinfo &t, cudaStream_t st) {
+    const int64_t qk = nm_type_traits_of(t.type)->block_size;
+    const int64_t rows = 37, cols = qk == 32 ? 1408 : 4 * qk;
+    const int S = 5, k = 3, n_tok = 3, P = n_tok * k;
+    const size_t mb0 = nm_row_size(t.type, cols) * (size_t)rows, mb = (mb0 + 15) & ~(size_t)15;
+    std::vector<uint8_t> stack(mb * S, 0);
+    for (int s = 0; s < S; s++) {
+        std::vector<uint8_t> m = make_matrix(t, rows, cols, 0);
+        memcpy(stack.data() + (size_t)s * mb, m.data(), m.size());
+    }
+    const int32_t mat[P] = {4, -1, 0, 2, 2, -1, -1, 1, 3};
+    const int64_t ldy = rows + 3;
+    gpu_buf dw(stack.size()), dxq(nm_cuda_q8_row_bytes(cols) * n_tok), dm(sizeof mat), dy((size_t)(P * ldy) * 4),
+        dr((size_t)rows * 4);
+    std::vector<double> xd;
+    char why[256] = "";
+    bool ok = quantize_checked(n_tok, cols, dxq, xd, st, why, sizeof why);
+    CK(cudaMemcpy(dw.p, stack.data(), stack.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dm.p, mat, sizeof mat, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dy.p, 0xff, (size_t)(P * ldy) * 4));
+    int rc = nm_cuda_gemv_q8_pairs(t.type, dw.p, mb, rows, cols, dm.as<int32_t>(), P, dxq.p, k, dy.as<float>(), ldy, st);
+    std::vector<float> y((size_t)(P * ldy)), r((size_t)rows);
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(y.data(), dy.p, y.size() * 4, cudaMemcpyDeviceToHost));
+    ok = ok && rc == NM_CUDA_OK;
+    if (rc != NM_CUDA_OK) snprintf(why, sizeof why, "rc %d: %s", rc, nm_cuda_last_error());
+    for (int p = 0; ok && p < P; p++) {
+        const uint32_t *yp = reinterpret_cast<const uint32_t *>(y.data() + (size_t)p * ldy);
+        if (mat[p] < 0) {
+            for (int64_t i = 0; i < ldy && ok; i++) ok = yp[i] == 0xffffffffu;
+            if (!ok) snprintf(why, sizeof why, "skipped pair %d was written", p);
+            continue;
+        }
+        rc = nm_cuda_gemv_q8(t.type, dw.as<char>((size_t)mat[p] * mb), rows, cols,
+                             dxq.as<char>(nm_cuda_q8_row_bytes(cols) * (size_t)(p / k)), 1, dr.as<float>(), rows, st);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(r.data(), dr.p, r.size() * 4, cudaMemcpyDeviceToHost));
+        ok = rc == NM_CUDA_OK && !memcmp(r.data(), yp, r.size() * 4);
+        for (int64_t i = rows; i < ldy && ok; i++) ok = yp[i] == 0xffffffffu;
+        if (!ok) snprintf(why, sizeof why, "pair %d differs from nm_cuda_gemv_q8", p);
+    }
+    char what[400];
+    snprintf(what, sizeof what, "gemv_q8 pairs %-4s (6 of %d pairs, stack of %d)%s%s", t.name, P, S, ok ? "" : ": ", why);
+    report(ok, what);
+}
+
+static void test_api_errors_q8(void) {
+    gpu_buf a(8192), b(8192);
+    bool ok = true;
+    char msg[256] = "";
+    auto expect = [&](int got, int want, const char *what) {
+        if (got != want && ok) {
+            ok = false;
+            snprintf(msg, sizeof msg, "%s: got %d (%s) want %d", what, got, nm_cuda_last_error(), want);
+        }
+    };
+    float *y = b.as<float>();
+    const int32_t *dm = b.as<int32_t>(4096);
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q2_K, a.p, 4, 256, a.p, 1, y, 4, nullptr), NM_CUDA_ETYPE, "q8 Q2_K");
+    expect(nm_cuda_gemv_q8(NM_TYPE_F32, a.p, 4, 256, a.p, 1, y, 4, nullptr), NM_CUDA_ETYPE, "q8 F32");
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q4_K, a.p, 4, 100, a.p, 1, y, 4, nullptr), NM_CUDA_EINVAL, "q8 cols % 256");
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q8_0, a.p, 4, 32, a.p, 9, y, 4, nullptr), NM_CUDA_EINVAL, "q8 n 9");
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q8_0, a.p, 4, 32, a.p, 2, y, 3, nullptr), NM_CUDA_EINVAL, "q8 ldy < rows");
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q8_0, a.as<char>(2), 4, 32, a.p, 1, y, 4, nullptr), NM_CUDA_EALIGN, "q8 W % 16");
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q8_0, a.p, 4, 32, a.as<char>(8), 1, y, 4, nullptr), NM_CUDA_EALIGN, "q8 xq % 16");
+    expect(nm_cuda_gemv_q8(NM_TYPE_Q8_0, a.p, 4, 32, nullptr, 1, y, 4, nullptr), NM_CUDA_EINVAL, "q8 NULL xq");
+    expect(nm_cuda_gemv_q8_pairs(NM_TYPE_Q8_0, a.p, 34 * 4, 4, 32, dm, 2, a.p, 1, y, 4, nullptr), NM_CUDA_EINVAL,
+           "q8 pairs matrix bytes % 16");
+    expect(nm_cuda_gemv_q8_pairs(NM_TYPE_Q8_0, a.p, 160, 4, 32, dm, 70000, a.p, 1, y, 4, nullptr), NM_CUDA_EINVAL,
+           "q8 pairs > 65535");
+    expect(nm_cuda_gemv_q8_pairs(NM_TYPE_Q8_0, a.p, 160, 4, 32, nullptr, 2, a.p, 1, y, 4, nullptr), NM_CUDA_EINVAL,
+           "q8 pairs NULL mat");
+    expect(nm_cuda_quantize_q8(a.as<float>(), 40, 2, 40, b.p, nullptr), NM_CUDA_EINVAL, "quantize cols % 32");
+    expect(nm_cuda_quantize_q8(a.as<float>(), 30, 2, 32, b.p, nullptr), NM_CUDA_EINVAL, "quantize ldx < cols");
+    expect(nm_cuda_quantize_q8(a.as<float>(1), 32, 2, 32, b.p, nullptr), NM_CUDA_EALIGN, "quantize x % 16");
+    expect(nm_cuda_quantize_q8(a.as<float>(), 32, 0, 32, b.p, nullptr), NM_CUDA_OK, "quantize n 0");
+    if (ok && (nm_cuda_q8_row_bytes(32) != 48 || nm_cuda_q8_row_bytes(1408) != 1760 || nm_cuda_q8_row_bytes(0) != 0)) {
+        ok = false;
+        snprintf(msg, sizeof msg, "q8 row bytes 32 -> %zu, 1408 -> %zu", nm_cuda_q8_row_bytes(32), nm_cuda_q8_row_bytes(1408));
+    }
+    int nq8 = 0;
+    for (const tinfo &t : k_types) nq8 += q8_type(t.type);
+    if (ok && nq8 != 6) {
+        ok = false;
+        snprintf(msg, sizeof msg, "%d types with q8 GEMV, want 6", nq8);
+    }
+    char what[300];
+    snprintf(what, sizeof what, "gemv_q8 api argument checks%s%s", ok ? "" : ": ", msg);
+    report(ok, what);
+}
+
 /* Exact values: F16 specials through the dequantiser. */
 static void test_f16_specials(cudaStream_t st) {
     std::vector<uint16_t> h;
@@ -418,6 +663,33 @@ static void test_api_errors(void) {
 
 /* ---- benchmark ---------------------------------------------------------------- */
 
+/* The device's achievable DRAM rate, measured: a device-to-device copy of
+ * 1 GiB (read + write bytes over time), the best of 5. The GEMV lines quote
+ * their GB/s as a share of it (the H200's nominal figure is 4.8 TB/s). */
+static double g_copy_gbs = 0;
+static void measure_copy_rate(void) {
+    const size_t n = (size_t)1 << 30;
+    gpu_buf a(n), b(n);
+    CK(cudaMemset(a.p, 1, n));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    double best = 0;
+    for (int i = 0; i < 5; i++) {
+        CK(cudaEventRecord(e0));
+        CK(cudaMemcpyAsync(b.p, a.p, n, cudaMemcpyDeviceToDevice));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms = 0;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        best = std::max(best, 2.0 * n / (ms * 1e-3) / 1e9);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    g_copy_gbs = best;
+    printf("bench device-to-device copy: %.0f GB/s (read + write, 1 GiB, best of 5)\n", best);
+}
+
 static void bench_type(const tinfo &t, int64_t rows, int64_t cols, size_t l2) {
     const size_t rb = nm_row_size(t.type, cols);
     const size_t bytes = rb * (size_t)rows;
@@ -485,6 +757,43 @@ static void bench_type(const tinfo &t, int64_t rows, int64_t cols, size_t l2) {
     CK(cudaEventElapsedTime(&dq_ms, e0, e1));
     const double dq_us = dq_ms * 1000.0 / dq_iters;
     CK(cudaGetLastError());
+
+    /* the integer GEMV on the same copies (x quantised once, outside the
+     * loop: a forward pass quantises an activation once for its GEMVs), and
+     * the quantisation on its own */
+    double q8_us = 0, qz_us = 0;
+    if (q8_type(t.type)) {
+        gpu_buf dxq(nm_cuda_q8_row_bytes(cols));
+        if (nm_cuda_quantize_q8(dx.as<float>(), cols, 1, cols, dxq.p, nullptr) != NM_CUDA_OK) {
+            report(false, "bench quantize_q8");
+            return;
+        }
+        for (int i = 0; i < 5; i++)
+            nm_cuda_gemv_q8(t.type, dw.as<char>((i % copies) * stride), rows, cols, dxq.p, 1, dy.as<float>(), rows,
+                            nullptr);
+        std::vector<float> uq;
+        for (int r = 0; r < reps; r++) {
+            CK(cudaEventRecord(e0));
+            for (int i = 0; i < iters; i++)
+                nm_cuda_gemv_q8(t.type, dw.as<char>(((size_t)i % copies) * stride), rows, cols, dxq.p, 1,
+                                dy.as<float>(), rows, nullptr);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms = 0;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            uq.push_back(ms * 1000.0f / iters);
+        }
+        std::sort(uq.begin(), uq.end());
+        q8_us = uq[uq.size() / 2];
+        CK(cudaEventRecord(e0));
+        for (int i = 0; i < iters; i++) nm_cuda_quantize_q8(dx.as<float>(), cols, 1, cols, dxq.p, nullptr);
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms = 0;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        qz_us = ms * 1000.0 / iters;
+        CK(cudaGetLastError());
+    }
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
 
@@ -492,6 +801,11 @@ static void bench_type(const tinfo &t, int64_t rows, int64_t cols, size_t l2) {
            "   | dequant %8.1f us, %7.1f GB/s in+out\n",
            t.name, (long long)rows, (long long)cols, bytes / 1e6, med, bytes / (med * 1e-6) / 1e9, reps, iters, copies,
            dq_us, (bytes + (double)rows * cols * 4) / (dq_us * 1e-6) / 1e9);
+    if (q8_us > 0)
+        printf("bench gemv_q8 %-4s %lldx%lld: %8.2f us, %7.1f GB/s = %5.1f%% of the measured copy rate %.0f GB/s "
+               "(fp32-x kernel: %.1f GB/s; quantising x: %.2f us)\n",
+               t.name, (long long)rows, (long long)cols, q8_us, bytes / (q8_us * 1e-6) / 1e9,
+               100.0 * bytes / (q8_us * 1e-6) / 1e9 / g_copy_gbs, g_copy_gbs, bytes / (med * 1e-6) / 1e9, qz_us);
     fflush(stdout);
 }
 
@@ -500,6 +814,7 @@ int main(int argc, char **argv) {
     g_prog = s ? s + 1 : argv[0];
     bool bench = true, tests = true;
     std::vector<std::pair<int64_t, int64_t>> shapes;
+    std::vector<std::string> only; /* --bench-type: these types only */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--no-bench")) bench = false;
         else if (!strcmp(argv[i], "--bench-only")) tests = false;
@@ -507,9 +822,11 @@ int main(int argc, char **argv) {
                  atoll(argv[i + 2]) > 0 && atoll(argv[i + 2]) % 256 == 0) {
             shapes.emplace_back(atoll(argv[i + 1]), atoll(argv[i + 2]));
             i += 2;
+        } else if (!strcmp(argv[i], "--bench-type") && i + 1 < argc) {
+            only.push_back(argv[++i]);
         } else {
-            fprintf(stderr, "usage: %s [--no-bench] [--bench-only] [--bench-shape ROWS COLS(multiple of 256)]...\n",
-                    g_prog);
+            fprintf(stderr, "usage: %s [--no-bench] [--bench-only] [--bench-shape ROWS COLS(multiple of 256)]... "
+                    "[--bench-type TYPE]...\n", g_prog);
             return 2;
         }
     }
@@ -529,6 +846,11 @@ int main(int argc, char **argv) {
         test_f16_specials(st);
         for (const tinfo &t : k_types) test_type(t, st);
         for (const tinfo &t : k_types) test_pairs(t, st);
+        test_api_errors_q8();
+        for (const tinfo &t : k_types)
+            if (q8_type(t.type)) test_type_q8(t, st);
+        for (const tinfo &t : k_types)
+            if (q8_type(t.type)) test_pairs_q8(t, st);
         CK(cudaStreamDestroy(st));
     }
     if (bench) {
@@ -536,8 +858,11 @@ int main(int argc, char **argv) {
         cudaDeviceProp p;
         CK(cudaGetDevice(&dev));
         CK(cudaGetDeviceProperties(&p, dev));
+        measure_copy_rate();
         for (auto &sh : shapes)
-            for (const tinfo &t : k_types) bench_type(t, sh.first, sh.second, (size_t)p.l2CacheSize);
+            for (const tinfo &t : k_types)
+                if (only.empty() || std::find(only.begin(), only.end(), t.name) != only.end())
+                    bench_type(t, sh.first, sh.second, (size_t)p.l2CacheSize);
     }
     printf("%s: %d passed, %d failed\n", g_prog, g_passed, g_failed);
     return g_failed ? 1 : 0;

@@ -191,6 +191,7 @@ static void gpu_stats(const nm_engine *e, nm_engine_stats *out) {
                              .step_s = s.t_total, .device_wait_s = s.t_wait, .stream_layers = (uint64_t)s.n_stream_layers,
                              .stream_bytes = s.stream_bytes, .stream_copy_s = s.t_stream_copy,
                              .picks = (uint64_t)s.n_picks, .hot_picks = (uint64_t)s.n_hot_picks,
+                             .handoffs = (uint64_t)s.n_moe_calls,
                              .hot_bytes = (double)s.hot_bytes, .routed_bytes = (double)s.routed_bytes};
 }
 
@@ -251,6 +252,10 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
      * H200 box: the rest of an 8-layer step 1.28 -> 0.39 ms; docs/GPU.md) */
     const char *graphs = getenv("NUMOE_CUDA_GRAPHS");
     go.graphs = !(graphs && !strcmp(graphs, "0"));
+    /* decode GEMVs on 8-bit activations (integer kernels) unless
+     * NUMOE_GPU_GEMV=f32 (kept for measuring one against the other) */
+    const char *gemv = getenv("NUMOE_GPU_GEMV");
+    go.q8_gemv = !(gemv && !strcmp(gemv, "f32"));
     upload_progress up = {.begun = 0};
     go.on_upload = on_upload;
     go.upload_ctx = &up;

@@ -90,7 +90,7 @@ struct nm_gpu_kv {
 struct nm_gpu_forward {
     const nm_model *m = nullptr;
     nm_expert_backend *experts = nullptr;
-    int device = 0, k = 0, gemv_max = 4;
+    int device = 0, k = 0, gemv_max = 4, q8_gemv = 0;
     int64_t n_ctx = 0, n_batch = 0, logit_rows = 0;
     nm_gpu_gemm_mode gemm = NM_GPU_GEMM_F32;
     cudaStream_t st = nullptr;
@@ -108,6 +108,14 @@ struct nm_gpu_forward {
           *o = nullptr, *tmp = nullptr, *hg = nullptr, *hu = nullptr, *rlog = nullptr, *rw = nullptr, *moe = nullptr,
           *sh = nullptr, *logits = nullptr, *wtile = nullptr;
     size_t wtile_elems = 0;
+    /* the integer GEMV's quantised activations: gemv_max rows of the widest
+     * GEMV input, and which activation they hold (mm_again) */
+    uint8_t *xq = nullptr;
+    int64_t xq_cols_max = 0;
+    struct {
+        const float *x;
+        int64_t ldx, n, cols;
+    } xq_of = {};
     int32_t *rid = nullptr, *rows = nullptr;
     tok_info *tinfo = nullptr;
     /* the hand-off goes straight into the expert backend's input region
@@ -139,6 +147,11 @@ struct nm_gpu_forward {
     int32_t *cid = nullptr;
     size_t hot_bytes = 0, routed_bytes = 0;
     int n_full_layers = 0; /* MoE layers wholly resident (long passes copy nothing for them) */
+    /* per layer: every routed expert resident, so passes the hot experts
+     * serve need no hand-off there at all (local_layer) */
+    std::vector<char> full_local;
+    int64_t cid_stride = 0; /* cid holds [n_layer][cid_stride] (max_tok * k) */
+    int32_t *h_lids = nullptr; /* pinned [n_layer][n_batch * k]: a pass's ids, logged in layer order at its end */
     int32_t *h_sids = nullptr; /* pinned copies of the router's ids and weights for it */
     float *h_sw = nullptr;
     /* decode passes as CUDA graphs: the MoE layer ending each segment, and
@@ -324,12 +337,42 @@ static int gemm_f32(nm_gpu_forward *f, const float *A, int64_t rows, int64_t col
     return s == CUBLAS_STATUS_SUCCESS ? 0 : fail_blas(err, s, "GEMM", name, il);
 }
 
+/* The integer GEMV for W (a type with a kernel, 16-byte-aligned bytes,
+ * opts.q8_gemv): Y = W X for n <= gemv_max tokens, X quantised into f->xq
+ * unless `again` and f->xq already holds this X (the caller's promise that
+ * nothing wrote X since: mm_again). 1 when done, 0 when W does not take it,
+ * -1 on error. */
+static int mm_q8(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy,
+                 int again, int il, nm_err *err) {
+    if (!f->q8_gemv || !nm_cuda_supports_gemv_q8(W->type) || (uintptr_t)W->d % 16 || W->cols > f->xq_cols_max ||
+        W->cols % 32)
+        return 0;
+    if (!(again && f->xq_of.x == X && f->xq_of.ldx == ldx && f->xq_of.n == n && f->xq_of.cols == W->cols)) {
+        if (nm_cuda_quantize_q8(X, ldx, n, W->cols, f->xq, f->st) != NM_CUDA_OK)
+            return nm_errf(err, "GPU: layer %d: quantising the input of %s: %s", il, W->name, nm_cuda_last_error());
+        f->xq_of = {X, ldx, n, W->cols};
+    }
+    const size_t xrb = nm_cuda_q8_row_bytes(W->cols);
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int64_t c = n - t0 < 8 ? n - t0 : 8;
+        if (nm_cuda_gemv_q8(W->type, W->d, W->rows, W->cols, f->xq + (size_t)t0 * xrb, c, Y + t0 * ldy, ldy, f->st) !=
+            NM_CUDA_OK)
+            return nm_errf(err, "GPU: layer %d: GEMV %s: %s", il, W->name, nm_cuda_last_error());
+    }
+    return 1;
+}
+
 /* Y[t][0..W->rows) = W X[t] for t < n (X rows W->cols wide, ldx apart; Y
  * rows ldy apart). */
-static int mm(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy, int il,
-              nm_err *err) {
+static int mm_x(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy,
+                int again, int il, nm_err *err) {
+    /* a fresh X: whatever f->xq holds is not its copy (the same buffer holds
+     * another layer's activation by now) */
+    if (!again) f->xq_of = {};
     const int x_aligned = (uintptr_t)X % 16 == 0 && (ldx * sizeof(float)) % 16 == 0;
     if (n <= f->gemv_max && x_aligned) {
+        const int q8 = mm_q8(f, W, X, ldx, n, Y, ldy, again, il, err);
+        if (q8) return q8 < 0 ? -1 : 0;
         for (int64_t t = 0; t < n; t++) {
             int rc = nm_cuda_gemv(W->type, W->d, W->rows, W->cols, X + t * ldx, Y + t * ldy, f->st);
             if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: layer %d: GEMV %s: %s", il, W->name, nm_cuda_last_error());
@@ -350,6 +393,18 @@ static int mm(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int
         if (gemm_f32(f, f->wtile, r, W->cols, X, ldx, n, Y + r0, ldy, W->name, il, err)) return -1;
     }
     return 0;
+}
+
+static int mm(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy, int il,
+              nm_err *err) {
+    return mm_x(f, W, X, ldx, n, Y, ldy, 0, il, err);
+}
+
+/* mm for a second matrix over the X of the call just before (nothing wrote X
+ * in between): its quantised copy is reused. */
+static int mm_again(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy,
+                    int il, nm_err *err) {
+    return mm_x(f, W, X, ldx, n, Y, ldy, 1, il, err);
 }
 
 /* Per head h < nh: C_h[t][0..m) = A_h B_h[t] for t < n; A_h float32 m x k
@@ -380,16 +435,16 @@ static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const int64_t H = hp->n_embd, nh = hp->n_head, dn = hp->d_nope, dr = hp->d_rope, dk = dn + dr, kr = hp->kv_lora;
     const int64_t W = kr + dr, dv = hp->d_v;
     KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, nullptr, L->attn_norm, n, H, hp->rms_eps), "attn_norm");
-    if (L->q.d) {
-        if (mm(f, &L->q, f->a, H, n, f->q, nh * dk, il, err)) return -1;
-    } else {
-        if (mm(f, &L->q_a, f->a, H, n, f->qa, hp->q_lora, il, err)) return -1;
+    /* q (or q_a) and kv_a both read a: one quantised copy */
+    if (mm(f, L->q.d ? &L->q : &L->q_a, f->a, H, n, L->q.d ? f->q : f->qa, L->q.d ? nh * dk : hp->q_lora, il, err) ||
+        mm_again(f, &L->kv_a, f->a, H, n, f->kvn, W, il, err))
+        return -1;
+    if (!L->q.d) {
         KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->qa, hp->q_lora, f->qa, hp->q_lora, nullptr, L->q_a_norm, n, hp->q_lora,
                                      hp->rms_eps),
                   "q_a_norm");
         if (mm(f, &L->q_b, f->qa, hp->q_lora, n, f->q, nh * dk, il, err)) return -1;
     }
-    if (mm(f, &L->kv_a, f->a, H, n, f->kvn, W, il, err)) return -1;
     KERNEL_OK(numoe_gpu::mla_prep(f->st, f->kvn, f->q, f->qabs, f->tinfo, il, L->kv_a_norm, f->inv_freq, (int)kr,
                                   (int)dr, (int)nh, (int)dn, hp->rms_eps, n),
               "kv_a_norm / RoPE");
@@ -408,7 +463,7 @@ static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
 static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, int64_t n, float *out, int il,
                nm_err *err) {
     const int64_t H = f->m->hp.n_embd, ff = g->rows;
-    if (mm(f, g, f->a, H, n, f->hg, ff, il, err) || mm(f, u, f->a, H, n, f->hu, ff, il, err)) return -1;
+    if (mm(f, g, f->a, H, n, f->hg, ff, il, err) || mm_again(f, u, f->a, H, n, f->hu, ff, il, err)) return -1;
     KERNEL_OK(numoe_gpu::silu_mul(f->st, f->hg, f->hu, n * ff), "silu");
     return mm(f, d, f->hg, ff, n, out, H, il, err);
 }
@@ -436,6 +491,20 @@ static int log_routes(nm_gpu_forward *f, int il, int64_t n, const int32_t *ids, 
 static bool hot_on(const nm_gpu_forward *f, int il, int64_t n) {
     return f->hot && !f->stream_pass && n <= numoe_gpu::hot_max_tok(f->hot) && numoe_gpu::hot_count(f->hot, il) > 0;
 }
+
+/* ... and every pick of it is resident: the layer stays on the GPU, no
+ * hand-off (no copies, no backend call, no wait: with workers that was a
+ * round trip per layer that computed nothing). */
+static bool local_layer(const nm_gpu_forward *f, int il, int64_t n) {
+    return hot_on(f, il, n) && f->full_local[(size_t)il];
+}
+
+/* The host-side ids of layer il for this pass (-1 - e: computed on the GPU)
+ * and the device ones of hot_split. */
+static int32_t *pass_ids(nm_gpu_forward *f, int il) {
+    return f->h_lids + (size_t)il * (size_t)(f->n_batch * f->k);
+}
+static int32_t *cid_of(nm_gpu_forward *f, int il) { return f->cid + (size_t)il * (size_t)f->cid_stride; }
 
 /* The routed experts of layer il on the GPU (gpu_experts.cuh): the router's
  * ids and weights come to the host (the grouping by expert is done there),
@@ -488,13 +557,24 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
               "router");
     if (f->stream_pass) return 0; /* routed_on_gpu takes it from here */
     const bool hot = hot_on(f, il, n);
-    if (hot && numoe_gpu::hot_split(f->hot, il, f->rid, n, f->cid, err)) return -1;
+    if (hot && numoe_gpu::hot_split(f->hot, il, f->rid, n, cid_of(f, il), err)) return -1;
+    if (hot && f->full_local[(size_t)il]) {
+        /* nothing for the host: x += shared + resident routed */
+        if (hp->n_shared > 0) {
+            if (ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
+        } else {
+            CUDA_OK(cudaMemsetAsync(f->sh, 0, (size_t)(n * H) * sizeof(float), f->st), "layer %d: clearing", il);
+        }
+        if (numoe_gpu::hot_compute(f->hot, il, f->a, n, f->rw, f->sh, err)) return -1;
+        KERNEL_OK(numoe_gpu::add(f->st, f->x, f->sh, nullptr, n * H), "residual");
+        return 0;
+    }
     /* once, device to host, into the region the backend reads from (the
      * workers' shared input, or the in-process backend's own) */
     const nm_expert_input *in = &f->experts->in;
     CUDA_OK(cudaMemcpyAsync(in->x, f->a, (size_t)(n * H) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
             "layer %d: hidden states to the host", il);
-    CUDA_OK(cudaMemcpyAsync(in->ids, hot ? f->cid : f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost,
+    CUDA_OK(cudaMemcpyAsync(in->ids, hot ? cid_of(f, il) : f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost,
                             f->st),
             "layer %d: expert ids to the host", il);
     CUDA_OK(cudaMemcpyAsync(in->w, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
@@ -523,8 +603,9 @@ static int moe_host(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     double t0 = nm_now_s();
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
     double t1 = nm_now_s();
-    /* the ids are on the host now, and the positions are in the pinned token table */
-    if (log_routes(f, il, n, in->ids, err)) return -1;
+    /* the ids are on the host now: kept for the log at the pass's end (in
+     * layer order with the layers that stayed on the GPU) */
+    if (f->route_log) memcpy(pass_ids(f, il), in->ids, (size_t)(n * f->k) * sizeof(int32_t));
     f->stats.n_picks += n * f->k;
     if (hot_on(f, il, n))
         for (int64_t p = 0; p < n * f->k; p++) f->stats.n_hot_picks += in->ids[p] < 0;
@@ -549,7 +630,7 @@ static int moe_post(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
 
 static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     if (ffn_pre(f, il, n, err)) return -1;
-    if (!f->layers[(size_t)il].is_moe) return 0;
+    if (!f->layers[(size_t)il].is_moe || (!f->stream_pass && local_layer(f, il, n))) return 0;
     if (f->stream_pass) return routed_on_gpu(f, il, n, err);
     return moe_host(f, il, n, err) || moe_post(f, il, n, err) ? -1 : 0;
 }
@@ -657,6 +738,21 @@ static int run_pass(nm_gpu_forward *f, const int32_t *tok, int64_t n, nm_err *er
     /* the pinned token table is rewritten by the next pass */
     CUDA_OK(cudaStreamSynchronize(f->st), "layer %d: end of the pass", il);
     f->stats.n_passes++;
+    if (f->stream_pass) return 0; /* routed_on_gpu logged its layers */
+    /* the layers that stayed on the GPU: their picks (all resident) in the
+     * stats, and the pass's routing into the log in layer order */
+    for (int l = 0; l < hp->n_layer; l++) {
+        if (!f->layers[(size_t)l].is_moe) continue;
+        if (local_layer(f, l, n)) {
+            f->stats.n_picks += n * f->k;
+            f->stats.n_hot_picks += n * f->k;
+            if (f->route_log)
+                CUDA_OK(cudaMemcpy(pass_ids(f, l), cid_of(f, l), (size_t)(n * f->k) * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost),
+                        "layer %d: expert ids for the routing log", l);
+        }
+        if (f->route_log && log_routes(f, l, n, pass_ids(f, l), err)) return -1;
+    }
     return 0;
 }
 
@@ -839,16 +935,18 @@ static int setup_hot(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_
     f->hot_bytes = bytes;
     f->up_total += bytes;
     const int64_t max_tok = f->n_batch < NM_GPU_HOT_MAX_TOKENS ? f->n_batch : NM_GPU_HOT_MAX_TOKENS;
-    if (numoe_gpu::hot_create(&f->hot, m, keep, f->k, max_tok, f->st, hot_uploaded, f, err)) return -1;
-    /* long passes read a wholly resident layer where it is instead of streaming it */
-    for (int il = 0; f->ms && il < hp->n_layer; il++) {
+    if (numoe_gpu::hot_create(&f->hot, m, keep, f->k, max_tok, f->q8_gemv != 0, f->st, hot_uploaded, f, err)) return -1;
+    /* a wholly resident layer: decode passes keep it on the GPU (no
+     * hand-off), long passes read it where it is instead of streaming it */
+    for (int il = 0; il < hp->n_layer; il++) {
         const uint8_t *g, *u, *d;
-        if (numoe_gpu::hot_full_layer(f->hot, il, &g, &u, &d)) {
-            numoe_gpu::moe_stream_set_resident(f->ms, il, g, u, d);
-            f->n_full_layers++;
-        }
+        if (!numoe_gpu::hot_full_layer(f->hot, il, &g, &u, &d)) continue;
+        f->full_local[(size_t)il] = 1;
+        f->n_full_layers++;
+        if (f->ms) numoe_gpu::moe_stream_set_resident(f->ms, il, g, u, d);
     }
-    return dalloc_n(f, &f->cid, (size_t)(max_tok * f->k), "host expert ids", err);
+    f->cid_stride = max_tok * f->k;
+    return dalloc_n(f, &f->cid, (size_t)(hp->n_layer * f->cid_stride), "host expert ids", err);
 }
 
 static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opts *o, nm_err *err) {
@@ -877,8 +975,9 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     if (rc) return -1;
     f->layers.resize((size_t)hp->n_layer);
     size_t wmax = 0;
-    auto note = [&wmax](const dmat &d) {
+    auto note = [&wmax, f](const dmat &d) {
         if (d.d && d.type != NM_TYPE_F32 && (size_t)(d.rows * d.cols) > wmax) wmax = (size_t)(d.rows * d.cols);
+        if (d.d && nm_cuda_supports_gemv_q8(d.type) && d.cols > f->xq_cols_max) f->xq_cols_max = d.cols;
     };
     note(f->output);
     for (int il = 0; il < hp->n_layer; il++) {
@@ -930,6 +1029,10 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         dalloc_n(f, &f->tinfo, (size_t)T, "token table", err) ||
         (f->wtile_elems && dalloc_n(f, &f->wtile, f->wtile_elems, "dequantisation tile", err)))
         return -1;
+    if (f->q8_gemv && f->xq_cols_max > 0 &&
+        dalloc_n(f, &f->xq, nm_cuda_q8_row_bytes(f->xq_cols_max) * (size_t)(f->gemv_max < T ? f->gemv_max : T),
+                 "quantised activations", err))
+        return -1;
     if (halloc_n(f, &f->h_moe, (size_t)(T * H), "hand-off", err) ||
         halloc_n(f, &f->h_logits, (size_t)(f->logit_rows * hp->n_vocab), "logits", err) ||
         halloc_n(f, &f->h_rows, (size_t)f->logit_rows, "output rows", err) ||
@@ -966,10 +1069,16 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
             return nm_err_prefix(err, "measuring where the routed experts of a pass run (--prefill-experts cpu|gpu "
                                  "skips it)");
     }
-    /* decode passes as CUDA graphs */
+    f->full_local.assign((size_t)hp->n_layer, 0);
+    if (halloc_n(f, &f->h_lids, (size_t)(hp->n_layer * T * f->k), "expert ids of a pass", err)) return -1;
+    if (o->hot_experts != 0 && hp->n_layer > hp->n_dense && setup_hot(f, m, o, err))
+        return nm_err_prefix(err, "routed experts in VRAM (--gpu-experts 0 keeps them all on the CPU)");
+    /* decode passes as CUDA graphs, cut at the layers that hand off (not the
+     * wholly resident ones: decode passes fit the hot experts' limit) */
+    static_assert(GRAPH_MAX_TOKENS <= NM_GPU_HOT_MAX_TOKENS, "graph passes are served by the hot experts");
     if (o->graphs) {
         for (int il = 0; il < hp->n_layer; il++)
-            if (m->layers[il].is_moe) f->seg_moe.push_back(il);
+            if (m->layers[il].is_moe && !f->full_local[(size_t)il]) f->seg_moe.push_back(il);
         f->n_segments = f->seg_moe.size() + 1;
         f->graphs.assign((size_t)GRAPH_MAX_TOKENS * f->n_segments, nullptr);
         /* cuBLAS must not allocate while a stream is captured: its own workspace */
@@ -979,8 +1088,6 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         if (bs != CUBLAS_STATUS_SUCCESS) return nm_errf(err, "GPU: cuBLAS workspace: %s", cublasGetStatusString(bs));
         f->use_graphs = 1;
     }
-    if (o->hot_experts != 0 && hp->n_layer > hp->n_dense && setup_hot(f, m, o, err))
-        return nm_err_prefix(err, "routed experts in VRAM (--gpu-experts 0 keeps them all on the CPU)");
     CUDA_OK(cudaDeviceSynchronize(), "after the upload");
 
     cudaDeviceProp prop;
@@ -1063,6 +1170,7 @@ extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm
     f->n_batch = o->n_batch > 0 ? o->n_batch : 512;
     f->gemm = o->gemm;
     f->gemv_max = o->gemv_max > 0 ? o->gemv_max : 4;
+    f->q8_gemv = o->q8_gemv != 0;
     f->stream_min = o->stream_min;
     f->on_upload = o->on_upload;
     f->upload_ctx = o->upload_ctx;

@@ -23,16 +23,20 @@
  * 8 tokens replay their GPU work between hand-offs as captured CUDA graphs
  * (gpu_forward.cu).
  *
- * Matrix products: a batch of at most gemv_max tokens multiplies each token
- * by the quantised GEMV kernel (kernels/cuda/cuda_quant.h, fp32 activations);
+ * Matrix products: a batch of at most gemv_max tokens goes through the
+ * GEMV kernels (kernels/cuda/cuda_quant.h): with opts.q8_gemv, for the
+ * types that have one, the integer GEMV (activations quantised to 8 bits
+ * once per activation, all the batch's tokens in one read of W), otherwise
+ * one fp32-activation GEMV per token;
  * larger batches (prefill) dequantise the weight into a float32 scratch (in
  * row tiles) and run one cuBLAS GEMM, in fp32 (NM_GPU_GEMM_F32, default) or
  * on the tensor cores with TF32 / BF16 operands (NM_GPU_GEMM_TF32 / _BF16).
  *
- * Numerics against the CPU path: the GPU keeps activations in fp32 for
- * every weight type, while the CPU quantises them to Q8_0 / Q8_K for
- * quantised weights, so on float models the two agree to fp32 rounding and
- * on quantised models as far as that activation rounding allows;
+ * Numerics against the CPU path: without q8_gemv the GPU keeps activations
+ * in fp32 for every weight type, while the CPU quantises them to Q8_0 /
+ * Q8_K for quantised weights; with it the GPU's decode GEMVs quantise them
+ * too (per 32 elements, float scale). On float models the two agree to fp32
+ * rounding, on quantised models as far as the activation rounding allows;
  * tests/cuda/test_cuda_forward.cu measures both.
  *
  * Ownership and threads: nm_gpu_forward_create borrows the model, its
@@ -85,6 +89,9 @@ typedef struct {
                               experts, measured at create (one layer's copy timed, the backend timed on
                               64 tokens of one layer), at least 32 */
     int graphs;            /* decode passes of <= 8 tokens as CUDA graphs (gpu_forward.cu) */
+    int q8_gemv;           /* GEMVs of types with an integer kernel quantise the activation to 8 bits
+                              (nm_cuda_gemv_q8: ~2x faster at decode, x rounded as on the CPU path);
+                              0: fp32 activations everywhere */
     /* routed experts kept in VRAM and computed there for passes of up to
      * NM_GPU_HOT_MAX_TOKENS tokens (gpu_hot.cuh): 0 none; N > 0 that many of
      * every MoE layer; NM_GPU_HOT_AUTO as many as the VRAM left after

@@ -21,6 +21,7 @@ struct hot_stack {
     size_t slab = 0;
     int type = 0;
     int64_t rows = 0, cols = 0;
+    bool q8 = false; /* computed by the integer GEMV (hot_create's q8, the type has one) */
 };
 
 struct hot_layer {
@@ -41,6 +42,8 @@ struct hot_experts {
     std::vector<void *> dev;
     int32_t *mat = nullptr;          /* [max_tok * k] slot of each pick (hot_split) */
     float *hg = nullptr, *hu = nullptr, *y = nullptr; /* [max_tok * k][ff], [..][ff], [..][n_embd] */
+    bool q8 = false;
+    uint8_t *xq_a = nullptr, *xq_h = nullptr; /* q8 rows of a [max_tok] and of hg [max_tok * k] */
 };
 
 #define CUDA_OK(call, ...)                                                          \
@@ -118,6 +121,9 @@ static int upload_stack(hot_experts *h, const nm_mat *src, const std::vector<int
     dst->type = src->type;
     dst->rows = src->rows;
     dst->cols = src->cols;
+    /* the integer kernel's pairs need 16-byte-aligned matrices (cudaMalloc'd
+     * stacks are, so the slab decides) */
+    dst->q8 = h->q8 && nm_cuda_supports_gemv_q8(src->type) && src->slab % 16 == 0 && src->cols % 32 == 0;
     if (!nm_cuda_supports_gemv(src->type))
         return nm_errf(err, "GPU hot experts: tensor %s has type %s, which the CUDA kernels cannot compute with",
                        src->name, nm_type_name(src->type));
@@ -133,12 +139,12 @@ static int upload_stack(hot_experts *h, const nm_mat *src, const std::vector<int
     return 0;
 }
 
-int hot_create(hot_experts **out, const nm_model *m, const std::vector<uint8_t> &keep, int k, int64_t max_tok,
+int hot_create(hot_experts **out, const nm_model *m, const std::vector<uint8_t> &keep, int k, int64_t max_tok, bool q8,
                cudaStream_t st, void (*uploaded)(void *, size_t), void *ctx, nm_err *err) {
     *out = nullptr;
     hot_experts *h = new (std::nothrow) hot_experts();
     if (!h) return nm_errf(err, "out of memory");
-    h->m = m, h->st = st, h->k = k, h->max_tok = max_tok;
+    h->m = m, h->st = st, h->k = k, h->max_tok = max_tok, h->q8 = q8;
     const nm_hparams *hp = &m->hp;
     const int64_t E = hp->n_expert;
     h->layers.resize((size_t)hp->n_layer);
@@ -184,6 +190,12 @@ int hot_create(hot_experts **out, const nm_model *m, const std::vector<uint8_t> 
         h->hu = static_cast<float *>(d);
         if (dalloc(h, &d, P * (size_t)hp->n_embd * sizeof(float), "expert outputs", -1, err)) goto fail;
         h->y = static_cast<float *>(d);
+        if (q8) {
+            if (dalloc(h, &d, (size_t)max_tok * nm_cuda_q8_row_bytes(hp->n_embd), "quantised inputs", -1, err)) goto fail;
+            h->xq_a = static_cast<uint8_t *>(d);
+            if (dalloc(h, &d, P * nm_cuda_q8_row_bytes(ff_max), "quantised activations", -1, err)) goto fail;
+            h->xq_h = static_cast<uint8_t *>(d);
+        }
         /* rows of skipped picks are never read, but keep them defined */
         if (cudaMemsetAsync(h->hg, 0, P * (size_t)ff_max * sizeof(float), st) != cudaSuccess ||
             cudaMemsetAsync(h->hu, 0, P * (size_t)ff_max * sizeof(float), st) != cudaSuccess ||
@@ -254,17 +266,28 @@ int hot_split(hot_experts *h, int il, const int32_t *rid, int64_t n, int32_t *ci
     return 0;
 }
 
+/* y + p * ldy = S_{mat[p]} x_{p / x_div} for the stack S: the integer GEMV
+ * over xq (the q8 rows of x, quantised by the caller) where S takes it,
+ * else the fp32-activation one. */
+static int stack_pairs(hot_experts *h, const hot_stack *S, const float *x, int64_t ldx, const uint8_t *xq, int64_t P,
+                       int x_div, float *y, int64_t ldy) {
+    if (S->q8)
+        return nm_cuda_gemv_q8_pairs(S->type, S->d, S->slab, S->rows, S->cols, h->mat, P, xq, x_div, y, ldy, h->st);
+    return nm_cuda_gemv_pairs(S->type, S->d, S->slab, S->rows, S->cols, h->mat, P, x, ldx, x_div, y, ldy, h->st);
+}
+
 int hot_compute(hot_experts *h, int il, const float *a, int64_t n, const float *w, float *out, nm_err *err) {
     const hot_layer *HL = &h->layers[(size_t)il];
     const int64_t H = h->m->hp.n_embd, P = n * h->k, ff = HL->gate.rows;
-    if (nm_cuda_gemv_pairs(HL->gate.type, HL->gate.d, HL->gate.slab, ff, H, h->mat, P, a, H, h->k, h->hg, ff,
-                           h->st) != NM_CUDA_OK ||
-        nm_cuda_gemv_pairs(HL->up.type, HL->up.d, HL->up.slab, ff, H, h->mat, P, a, H, h->k, h->hu, ff, h->st) !=
-            NM_CUDA_OK)
+    if ((HL->gate.q8 || HL->up.q8) && nm_cuda_quantize_q8(a, H, n, H, h->xq_a, h->st) != NM_CUDA_OK)
+        return nm_errf(err, "GPU hot experts: layer %d: quantising the input: %s", il, nm_cuda_last_error());
+    if (stack_pairs(h, &HL->gate, a, H, h->xq_a, P, h->k, h->hg, ff) != NM_CUDA_OK ||
+        stack_pairs(h, &HL->up, a, H, h->xq_a, P, h->k, h->hu, ff) != NM_CUDA_OK)
         return nm_errf(err, "GPU hot experts: layer %d: gate/up: %s", il, nm_cuda_last_error());
     CUDA_OK(silu_mul(h->st, h->hg, h->hu, P * ff), "layer %d: silu", il);
-    if (nm_cuda_gemv_pairs(HL->down.type, HL->down.d, HL->down.slab, H, ff, h->mat, P, h->hg, ff, 1, h->y, H, h->st) !=
-        NM_CUDA_OK)
+    if (HL->down.q8 && nm_cuda_quantize_q8(h->hg, ff, P, ff, h->xq_h, h->st) != NM_CUDA_OK)
+        return nm_errf(err, "GPU hot experts: layer %d: quantising the activations: %s", il, nm_cuda_last_error());
+    if (stack_pairs(h, &HL->down, h->hg, ff, h->xq_h, P, 1, h->y, H) != NM_CUDA_OK)
         return nm_errf(err, "GPU hot experts: layer %d: down: %s", il, nm_cuda_last_error());
     const dim3 g((unsigned)((H + 255) / 256), (unsigned)n);
     k_combine<<<g, 256, 0, h->st>>>(h->mat, w, h->y, h->k, H, out);

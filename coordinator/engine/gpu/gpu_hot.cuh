@@ -16,8 +16,8 @@
  *   routed(t) = sum_{j: e_j on CPU} w_j E_{e_j}(a_t) + sum_{j: e_j in VRAM} w_j E_{e_j}(a_t),
  * the first sum by the expert backend (given id -1 - e for a resident pick:
  * "computed elsewhere", coordinator/experts/backend.h), the second here
- * (E_e(a) = D_e (silu(G_e a) * (U_e a)), fp32 activations as the GPU's
- * other GEMVs), added into the shared experts' output. Different rounding
+ * (E_e(a) = D_e (silu(G_e a) * (U_e a)), activations in fp32 or quantised
+ * to 8 bits as the GPU's other GEMVs), added into the shared experts' output. Different rounding
  * order from the CPU engine's one sum: agreement to float rounding.
  *
  * Layout: per MoE layer three compact stacks (gate, up, down) of the
@@ -65,9 +65,11 @@ size_t hot_choose(const nm_model *m, int64_t per_layer, const uint32_t *counts, 
                   std::vector<uint8_t> &keep);
 
 /* Copies the kept experts to VRAM (on st, waited for) and allocates the
- * scratch for passes of up to max_tok tokens of k picks. uploaded (may be
- * NULL) is told after each expert's bytes. */
-int hot_create(hot_experts **out, const nm_model *m, const std::vector<uint8_t> &keep, int k, int64_t max_tok,
+ * scratch for passes of up to max_tok tokens of k picks. q8: stacks whose
+ * type has an integer GEMV use it (activations quantised to 8 bits, as the
+ * forward pass's opts.q8_gemv). uploaded (may be NULL) is told after each
+ * expert's bytes. */
+int hot_create(hot_experts **out, const nm_model *m, const std::vector<uint8_t> &keep, int k, int64_t max_tok, bool q8,
                cudaStream_t st, void (*uploaded)(void *ctx, size_t bytes), void *ctx, nm_err *err);
 void hot_free(hot_experts *h);
 
