@@ -12,6 +12,7 @@
 #define ROW_CHUNK 64 /* rows per work unit: long enough contiguous streams for the hardware
                        * prefetcher (16 rows decoded ~10% slower on Zen 4), short enough
                        * to balance 2..64 threads over a 1408-row expert */
+_Static_assert(ROW_CHUNK % NM_TILE_ROWS == 0, "a unit is whole tiles: pre-packed tiles are found by row / 16");
 
 void nm_moe_scratch_free(nm_moe_scratch *s) {
     free(s->buf);
@@ -41,7 +42,9 @@ typedef struct {
     const uint8_t *aux_gate, *aux_up, *aux_h;
     size_t aux_gate_row, aux_up_row, aux_h_row;
     uint8_t *tbuf;
-    size_t tbuf_per, tile_g_size, tile_u_size;
+    size_t tbuf_per, tile_g_size, tile_u_size; /* scratch tiles (0 for matrices held as tiles) */
+    unsigned tiled;                            /* ex->tiled: gate/up, down read as they are */
+    size_t ts_g, ts_u, ts_d;                   /* bytes of one tile of gate, up, down */
     atomic_long next;
     int64_t units;
 } moe_job;
@@ -102,14 +105,16 @@ static void pass_gate_up(void *ctx, int ith, int nth) {
 }
 
 /* Pass 1 on tiles: per unit, each 16-row tile of gate and of up is packed
- * once into this thread's buffer, then applied to the expert's pairs in
- * groups of NM_TILE_NX; the result per (row, pair) is the tile number of
- * tile.h whatever the group sizes, so a batch gives the bits one token at
- * a time gives. */
+ * once into this thread's buffer (or, pre-packed, read where it is), then
+ * applied to the expert's pairs in groups of NM_TILE_NX; the result per
+ * (row, pair) is the tile number of tile.h whatever the group sizes, so a
+ * batch gives the bits one token at a time gives. A lone pair (decode)
+ * takes the row-major GEMV over rows, the one-row tile GEMM over tiles. */
 static void pass_gate_up_tile(void *ctx, int ith, int nth) {
     moe_job *j = ctx;
     const nm_moe_experts *ex = j->ex;
-    uint8_t *tg = j->tbuf + (size_t)ith * j->tbuf_per, *tu = tg + j->tile_g_size;
+    uint8_t *bg = j->tbuf + (size_t)ith * j->tbuf_per, *bu = bg + j->tile_g_size;
+    const int pre = (j->tiled & NM_MOE_TILED_GATE_UP) != 0;
     int64_t chunks = (ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK;
     (void)nth;
     for (;;) {
@@ -117,7 +122,7 @@ static void pass_gate_up_tile(void *ctx, int ith, int nth) {
         if (!next_unit(j, chunks, ex->n_ff, &ei, &r0, &r1)) break;
         int32_t e = j->expert[ei];
         const uint8_t *G = ex->gate[e], *U = ex->up[e];
-        if (j->start[ei + 1] - j->start[ei] == 1) { /* a lone pair (decode): the rows as they are */
+        if (j->start[ei + 1] - j->start[ei] == 1) { /* a lone pair (decode): the rows or tiles as they are */
             int64_t p = j->start[ei];
             int32_t t = j->pair_tok[p];
             const void *xg = j->xq_gate + (size_t)t * j->xq_gate_row, *xu = j->xq_up + (size_t)t * j->xq_up_row;
@@ -125,8 +130,13 @@ static void pass_gate_up_tile(void *ctx, int ith, int nth) {
             for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
                 int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
                 float g[NM_TILE_ROWS], v[NM_TILE_ROWS];
-                nm_tile_gemv(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, xg, ag, g);
-                nm_tile_gemv(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, xu, au, v);
+                if (pre) {
+                    nm_tile_gemm(ex->type_gate, ex->n_embd, G + (size_t)(rt / NM_TILE_ROWS) * j->ts_g, &xg, &ag, 1, g);
+                    nm_tile_gemm(ex->type_up, ex->n_embd, U + (size_t)(rt / NM_TILE_ROWS) * j->ts_u, &xu, &au, 1, v);
+                } else {
+                    nm_tile_gemv(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, xg, ag, g);
+                    nm_tile_gemv(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, xu, au, v);
+                }
                 float *hr = j->h + p * ex->n_ff + rt;
                 for (int r = 0; r < nr; r++) hr[r] = g[r] / (1.0f + expf(-g[r])) * v[r];
             }
@@ -134,8 +144,14 @@ static void pass_gate_up_tile(void *ctx, int ith, int nth) {
         }
         for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
             int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
-            nm_tile_pack(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, tg);
-            nm_tile_pack(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, tu);
+            const uint8_t *tg, *tu;
+            if (pre) {
+                tg = G + (size_t)(rt / NM_TILE_ROWS) * j->ts_g, tu = U + (size_t)(rt / NM_TILE_ROWS) * j->ts_u;
+            } else {
+                nm_tile_pack(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, bg);
+                nm_tile_pack(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, bu);
+                tg = bg, tu = bu;
+            }
             for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
                 int n = j->start[ei + 1] - p < NM_TILE_NX ? (int)(j->start[ei + 1] - p) : NM_TILE_NX;
                 const void *xg[NM_TILE_NX], *xu[NM_TILE_NX], *ag[NM_TILE_NX], *au[NM_TILE_NX];
@@ -222,11 +238,13 @@ static void pass_down(void *ctx, int ith, int nth) {
 }
 
 /* Pass 2 on tiles: as pass_down, each (unit, expert) 16-row tile of down
- * packed once, applied to the expert's pairs in groups. */
+ * packed once (or read where it is, pre-packed), applied to the expert's
+ * pairs in groups; a lone pair as in pass 1. */
 static void pass_down_tile(void *ctx, int ith, int nth) {
     moe_job *j = ctx;
     const nm_moe_experts *ex = j->ex;
-    uint8_t *td = j->tbuf + (size_t)ith * j->tbuf_per + j->tile_g_size + j->tile_u_size;
+    uint8_t *bd = j->tbuf + (size_t)ith * j->tbuf_per + j->tile_g_size + j->tile_u_size;
+    const int pre = (j->tiled & NM_MOE_TILED_DOWN) != 0;
     (void)nth;
     for (;;) {
         int64_t u = atomic_fetch_add(&j->next, 1);
@@ -242,14 +260,21 @@ static void pass_down_tile(void *ctx, int ith, int nth) {
                 for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
                     int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
                     float d[NM_TILE_ROWS];
-                    nm_tile_gemv(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, xs, as, d);
+                    if (pre)
+                        nm_tile_gemm(ex->type_down, ex->n_ff, D + (size_t)(rt / NM_TILE_ROWS) * j->ts_d, &xs, &as, 1, d);
+                    else
+                        nm_tile_gemv(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, xs, as, d);
                     for (int r = 0; r < nr; r++) o[rt + r] += j->pair_w[p] * d[r];
                 }
                 continue;
             }
             for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
                 int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
-                nm_tile_pack(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, td);
+                const uint8_t *td = D + (size_t)(rt / NM_TILE_ROWS) * j->ts_d;
+                if (!pre) {
+                    nm_tile_pack(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, bd);
+                    td = bd;
+                }
                 for (int64_t p = j->start[ei]; p < j->start[ei + 1];) {
                     int n = j->start[ei + 1] - p < NM_TILE_NX ? (int)(j->start[ei + 1] - p) : NM_TILE_NX;
                     const void *xs[NM_TILE_NX], *as[NM_TILE_NX];
@@ -292,12 +317,27 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
     size_t xg_row = nm_row_size(tg, ex->n_embd), xu_row = nm_row_size(tu, ex->n_embd);
     size_t hq_row = nm_row_size(td, ex->n_ff);
     int use_gu = nm_tile_usable(ex->type_gate) && nm_tile_usable(ex->type_up), use_d = nm_tile_usable(ex->type_down);
+    if (((ex->tiled & NM_MOE_TILED_GATE_UP) && !use_gu) || ((ex->tiled & NM_MOE_TILED_DOWN) && !use_d)) {
+        if (errbuf)
+            snprintf(errbuf, errlen, "experts held as tiles (%s/%s/%s, flags %u) that this CPU (isa %s) cannot compute",
+                     nm_type_name(ex->type_gate), nm_type_name(ex->type_up), nm_type_name(ex->type_down), ex->tiled,
+                     nm_isa_name(nm_isa_best()));
+        return -1;
+    }
+    if (ex->tiled & ~(unsigned)(NM_MOE_TILED_GATE_UP | NM_MOE_TILED_DOWN)) {
+        if (errbuf) snprintf(errbuf, errlen, "unknown tiled flags %u", ex->tiled);
+        return -1;
+    }
+    const int pre_gu = (ex->tiled & NM_MOE_TILED_GATE_UP) != 0, pre_d = (ex->tiled & NM_MOE_TILED_DOWN) != 0;
     size_t ag_row = use_gu ? nm_tile_aux_size(ex->type_gate, ex->n_embd) : 0;
     size_t au_row = use_gu && ex->type_up != ex->type_gate ? nm_tile_aux_size(ex->type_up, ex->n_embd) : 0;
     size_t ah_row = use_d ? nm_tile_aux_size(ex->type_down, ex->n_ff) : 0;
-    size_t tg_size = use_gu ? nm_tile_size(ex->type_gate, ex->n_embd) : 0;
-    size_t tu_size = use_gu ? nm_tile_size(ex->type_up, ex->n_embd) : 0;
-    size_t tbuf_per = (tg_size + tu_size + (use_d ? nm_tile_size(ex->type_down, ex->n_ff) : 0) + 63) & ~(size_t)63;
+    size_t ts_g = use_gu ? nm_tile_size(ex->type_gate, ex->n_embd) : 0;
+    size_t ts_u = use_gu ? nm_tile_size(ex->type_up, ex->n_embd) : 0;
+    size_t ts_d = use_d ? nm_tile_size(ex->type_down, ex->n_ff) : 0;
+    /* per-thread tiles to pack into, for the matrices held as rows */
+    size_t tg_size = pre_gu ? 0 : ts_g, tu_size = pre_gu ? 0 : ts_u;
+    size_t tbuf_per = (tg_size + tu_size + (pre_d ? 0 : ts_d) + 63) & ~(size_t)63;
     int nth = nm_pool_size(pool);
     size_t need = 64 * 16 + (size_t)nth * tbuf_per + (size_t)n_tok * (ag_row + au_row) + (size_t)n_pairs * ah_row + (size_t)(E + 1) * sizeof(int64_t) * 2 + (size_t)E * sizeof(int32_t) +
                   (size_t)n_pairs * (sizeof(int32_t) + sizeof(float) + (size_t)ex->n_ff * sizeof(float) + hq_row) +
@@ -361,7 +401,8 @@ int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, i
                  .xq_gate_row = xg_row, .xq_up_row = xu_row, .h = h, .hq = hq, .hq_row = hq_row, .out = out,
                  .use_tile_gu = use_gu, .use_tile_d = use_d, .aux_gate = aux_g, .aux_up = aux_u, .aux_h = aux_h,
                  .aux_gate_row = ag_row, .aux_up_row = au_row ? au_row : ag_row, .aux_h_row = ah_row,
-                 .tbuf = tbuf, .tbuf_per = tbuf_per, .tile_g_size = tg_size, .tile_u_size = tu_size};
+                 .tbuf = tbuf, .tbuf_per = tbuf_per, .tile_g_size = tg_size, .tile_u_size = tu_size,
+                 .tiled = ex->tiled, .ts_g = ts_g, .ts_u = ts_u, .ts_d = ts_d};
     atomic_init(&j.next, 0);
     j.units = (int64_t)n_used * ((ex->n_ff + ROW_CHUNK - 1) / ROW_CHUNK);
     nm_pool_run(pool, use_gu ? pass_gate_up_tile : pass_gate_up, &j);

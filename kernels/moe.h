@@ -19,6 +19,24 @@
 
 #include "kernels/threadpool.h"
 
+/* nm_moe_experts.tiled: which matrices are held as pre-packed tiles */
+enum {
+    NM_MOE_TILED_GATE_UP = 1, /* gate[e] and up[e] */
+    NM_MOE_TILED_DOWN = 2,    /* down[e] */
+};
+
+/* Pre-packed tiles (tiled): a matrix flagged there is not rows but
+ * nm_tile_pack_matrix of them (kernels/tile.h): gate[e] and up[e] hold
+ * ceil(n_ff / 16) tiles of nm_tile_size(type, n_embd) bytes, tile t =
+ * rows [16t, 16t + 16); down[e] ceil(n_embd / 16) tiles of
+ * nm_tile_size(type_down, n_ff) bytes; row_* of those matrices is unused.
+ * Set a flag only where nm_tile_usable of its types (both of gate and up)
+ * holds, else nm_moe_forward refuses the call. The numbers are those of
+ * the rows packed per call (tile.h's contract): the flag changes where the
+ * packing happens, not one bit of out. Prefill then reads each expert's
+ * tiles as they are; decode (one token per expert) runs the tile GEMM for
+ * one activation row over the same bytes, so whoever holds tiles need not
+ * hold the rows as well. */
 typedef struct {
     int64_t n_embd;   /* model width: gate/up row length, down row count */
     int64_t n_ff;     /* rows of gate/up (= row length of down) held per expert */
@@ -26,6 +44,7 @@ typedef struct {
     int type_gate, type_up, type_down;
     size_t row_gate, row_up, row_down;     /* bytes per row */
     const void *const *gate, *const *up, *const *down; /* [n_expert]; NULL = not held here */
+    unsigned tiled;   /* NM_MOE_TILED_* bits: those matrices are pre-packed tiles (above); 0 = rows */
 } nm_moe_experts;
 
 /* Growable buffers reused across calls; the caller owns it (zero-init, then
@@ -38,8 +57,9 @@ typedef struct {
 void nm_moe_scratch_free(nm_moe_scratch *s);
 
 /* x, out: [n_tok][n_embd] float32; ids, w: [n_tok][k]. out is overwritten.
- * Returns 0, or -1 if the scratch cannot grow or an expert id is out of range
- * (message in errbuf when non-NULL). */
+ * Returns 0, or -1 if the scratch cannot grow, an expert id is out of range
+ * or tiled asks for tiles this CPU or type cannot run (message in errbuf
+ * when non-NULL). */
 int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, int64_t n_tok, const float *x, int k,
                    const int32_t *ids, const float *w, float *out, char *errbuf, size_t errlen);
 

@@ -10,17 +10,21 @@
 #include "kernels/quant.h"
 #include "kernels/quant_unpack.h"
 
+/* offsets inside one Q4_K block / Q5_0 block pair of a tile (tile.h) */
 enum {
-    Q4K_Q = 64 * 64,         /* 64 groups of 4 quants x 16 rows */
-    Q4K_SC = Q4K_Q,          /* int32 [8][16] */
-    Q4K_MP = Q4K_SC + 8 * 64, /* int32 [4][16] */
-    Q4K_D = Q4K_MP + 4 * 64, /* float [16] */
-    Q4K_DMIN = Q4K_D + 64,   /* float [16] */
-    Q4K_BLOCK = Q4K_DMIN + 64,
-    Q50_Q = 8 * 64,
-    Q50_D = Q50_Q,
-    Q50_BLOCK = Q50_D + 64,
+    Q4K_Q = 0,                 /* 32 vectors of 16 rows x 4 qs bytes (8 nibbles) */
+    Q4K_SC = 32 * 64,          /* u8 [8][16] */
+    Q4K_M = Q4K_SC + 8 * 16,   /* u8 [4][16][2] */
+    Q4K_D = Q4K_M + 4 * 32,    /* fp16 [16] */
+    Q4K_DMIN = Q4K_D + 32,     /* fp16 [16] */
+    Q4K_BLOCK = Q4K_DMIN + 32, /* 2368 */
+    Q50_Q = 0,                 /* 8 vectors: block h's 4 qs dwords per row */
+    Q50_H = 8 * 64,            /* u64 [16] high-bit masks */
+    Q50_D = Q50_H + 16 * 8,    /* fp16 [2][16] */
+    Q50_PAIR = Q50_D + 64,     /* 704 */
 };
+_Static_assert(Q4K_BLOCK == 2368 && Q50_PAIR == 704, "tile.h states these sizes");
+_Static_assert(Q4K_BLOCK % 64 == 0 && Q50_PAIR % 64 == 0, "tiles of a matrix lie back to back, 64-byte aligned");
 
 int nm_tile_usable(int type) {
     if (type != NM_TYPE_Q4_K && type != NM_TYPE_Q5_0) return 0;
@@ -29,7 +33,7 @@ int nm_tile_usable(int type) {
 
 size_t nm_tile_size(int type, int64_t n) {
     if (type == NM_TYPE_Q4_K) return (size_t)(n / NM_QK_K) * Q4K_BLOCK;
-    if (type == NM_TYPE_Q5_0) return (size_t)(n / NM_QK5_0) * Q50_BLOCK;
+    if (type == NM_TYPE_Q5_0) return (size_t)((n / NM_QK5_0 + 1) / 2) * Q50_PAIR;
     return 0;
 }
 
@@ -39,9 +43,8 @@ size_t nm_tile_aux_size(int type, int64_t n) {
     return 0;
 }
 
-/* quant k of row r in a block's group area: group k / 4, row r, byte k % 4 */
-static inline size_t qpos(int k, int r) { return (size_t)(k / 4) * 64 + (size_t)r * 4 + (size_t)(k % 4); }
-
+/* The plain C packer: tile.h's layout written byte by byte from its
+ * definition (the SIMD packer must produce these bytes). */
 void nm_tile_pack_ref(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile) {
     uint8_t *T = tile;
     memset(T, 0, nm_tile_size(type, n));
@@ -50,25 +53,38 @@ void nm_tile_pack_ref(int type, int64_t n, const void *rows, size_t row_bytes, i
             uint8_t *B = T + (size_t)b * Q4K_BLOCK;
             for (int r = 0; r < nrows; r++) {
                 const block_q4_K *blk = (const block_q4_K *)((const uint8_t *)rows + (size_t)r * row_bytes) + b;
-                int8_t q[NM_QK_K], sc[8], m[8];
-                nm_unpack_q4_K(blk, q, sc, m);
-                for (int k = 0; k < NM_QK_K; k++) B[qpos(k, r)] = (uint8_t)q[k];
-                int32_t *S = (int32_t *)(B + Q4K_SC), *MP = (int32_t *)(B + Q4K_MP);
-                for (int j = 0; j < 8; j++) S[j * 16 + r] = sc[j];
-                for (int i = 0; i < 4; i++) MP[i * 16 + r] = (int32_t)((uint32_t)(uint8_t)m[2 * i] | (uint32_t)(uint8_t)m[2 * i + 1] << 16);
-                ((float *)(B + Q4K_D))[r] = nm_fp16_to_fp32(blk->d);
-                ((float *)(B + Q4K_DMIN))[r] = nm_fp16_to_fp32(blk->dmin);
+                for (int c = 0; c < 4; c++)
+                    for (int d = 0; d < 8; d++)
+                        for (int i = 0; i < 4; i++)
+                            B[Q4K_Q + (size_t)(8 * c + d) * 64 + (size_t)r * 4 + (size_t)i] = blk->qs[32 * c + 4 * d + i];
+                int8_t sc[8], m[8];
+                nm_k4_scale_min(blk->scales, sc, m);
+                for (int j = 0; j < 8; j++) B[Q4K_SC + 16 * j + r] = (uint8_t)sc[j];
+                for (int i = 0; i < 4; i++) {
+                    B[Q4K_M + 32 * i + 2 * r] = (uint8_t)m[2 * i];
+                    B[Q4K_M + 32 * i + 2 * r + 1] = (uint8_t)m[2 * i + 1];
+                }
+                memcpy(B + Q4K_D + 2 * r, &blk->d, 2);
+                memcpy(B + Q4K_DMIN + 2 * r, &blk->dmin, 2);
             }
         }
     } else if (type == NM_TYPE_Q5_0) {
         for (int64_t b = 0; b < n / NM_QK5_0; b++) {
-            uint8_t *B = T + (size_t)b * Q50_BLOCK;
+            uint8_t *P = T + (size_t)(b / 2) * Q50_PAIR;
+            const int h = (int)(b % 2);
             for (int r = 0; r < nrows; r++) {
                 const block_q5_0 *blk = (const block_q5_0 *)((const uint8_t *)rows + (size_t)r * row_bytes) + b;
-                int8_t q[NM_QK5_0];
-                nm_unpack_5bit32(blk->qs, blk->qh, 0, q);
-                for (int k = 0; k < NM_QK5_0; k++) B[qpos(k, r)] = (uint8_t)q[k];
-                ((float *)(B + Q50_D))[r] = nm_fp16_to_fp32(blk->d);
+                for (int d = 0; d < 4; d++)
+                    for (int i = 0; i < 4; i++)
+                        P[Q50_Q + (size_t)(4 * h + d) * 64 + (size_t)r * 4 + (size_t)i] = blk->qs[4 * d + i];
+                const uint32_t qh = nm_qh32(blk->qh);
+                for (int g = 0; g < 8; g++) {
+                    uint64_t mask;
+                    memcpy(&mask, P + Q50_H + 8 * (8 * h + g), 8);
+                    mask |= (uint64_t)((qh >> (4 * g)) & 0xF) << (4 * r);
+                    memcpy(P + Q50_H + 8 * (8 * h + g), &mask, 8);
+                }
+                memcpy(P + Q50_D + 32 * h + 2 * r, &blk->d, 2);
             }
         }
     }
@@ -133,6 +149,19 @@ float nm_tile_dot_ref(int type, int64_t n, const void *w, const void *x) {
 
 void nm_tile_pack(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile) {
     nm_tile_pack_vnni(type)(n, rows, row_bytes, nrows, tile);
+}
+
+size_t nm_tile_matrix_size(int type, int64_t n, int64_t nrows) {
+    return (size_t)((nrows + NM_TILE_ROWS - 1) / NM_TILE_ROWS) * nm_tile_size(type, n);
+}
+
+void nm_tile_pack_matrix(int type, int64_t n, const void *rows, size_t row_bytes, int64_t nrows, void *dst) {
+    const nm_tile_pack_fn pack = nm_tile_pack_vnni(type);
+    const size_t ts = nm_tile_size(type, n);
+    for (int64_t r = 0; r < nrows; r += NM_TILE_ROWS) {
+        const int nr = nrows - r < NM_TILE_ROWS ? (int)(nrows - r) : NM_TILE_ROWS;
+        pack(n, (const uint8_t *)rows + (size_t)r * row_bytes, row_bytes, nr, (uint8_t *)dst + (size_t)(r / NM_TILE_ROWS) * ts);
+    }
 }
 
 void nm_tile_gemm(int type, int64_t n, const void *tile, const void *const *x, const void *const *aux, int nx,

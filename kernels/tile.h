@@ -26,15 +26,32 @@
  * for one matrix must not expect batch-independent bits: nm_moe_forward
  * uses the tiles for every token count or not at all.
  *
- * Layouts (per 16-row tile, block after block; every part 64-byte sized):
- *   Q4_K block (4992 bytes): q[64 groups][16 rows][4] (unsigned 0..15) |
- *     sc[8][16] int32 | mp[4][16] int32 (m_{2i} | m_{2i+1} << 16, int16 each) |
- *     d[16] float | dmin[16] float
- *   Q5_0 block (576 bytes): q[8 groups][16 rows][4] (unsigned 0..31) | d[16] float
- * Rows past nrows are zero (their results are 0 and meant to be ignored).
- * The packing is a pure function of the rows, so a shard could hold tiles
- * instead of rows (4992 bytes per 16 Q4_K blocks instead of 2304: the
- * quants are stored one per byte, ready for vpdpbusd).
+ * Layouts (NM_TILE_LAYOUT; per 16-row tile, block after block; every part
+ * 64-byte sized and placed, so a tile is as big as its rows plus a few
+ * per cent: a shard holds tiles instead of rows, kernels/moe.h):
+ *   Q4_K block, 2368 bytes (16 rows: 2304; 1.028x):
+ *     q[32][16 rows][4]   vector 8c + d, row r: the row's qs bytes
+ *                         32c + 4d .. 32c + 4d + 3 as they are: low nibbles
+ *                         quants 64c + 4d + i (group 16c + d, sub-block 2c),
+ *                         high nibbles 64c + 32 + 4d + i (group 16c + 8 + d,
+ *                         sub-block 2c + 1) | sc[8][16] u8 (6-bit scales) |
+ *     m[4][16][2] u8 (m_{2i}, m_{2i+1}: zero-extended to words, the int16
+ *     pairs of the min term) | d[16] fp16 | dmin[16] fp16
+ *   Q5_0, per pair of blocks, 704 bytes (16 rows x 2 blocks: 704; 1.0x;
+ *   an odd last block's pair is padded with a zero block):
+ *     q[8][16 rows][4]    vector 4h + d, row r: block h's qs bytes 4d .. 4d+3:
+ *                         low nibbles quants 4d + i (group d), high nibbles
+ *                         16 + 4d + i (group 4 + d) |
+ *     hb[16] u64          mask 8h + g, bit 4r + i: the high bit (qh) of quant
+ *                         4g + i of row r in block h |
+ *     d[2][16] fp16
+ * The GEMM unpacks a quant vector with one AND (low nibbles) or one shift
+ * and AND (high), and for Q5_0 adds 16 under the high-bit mask, once per
+ * 64 bytes and call for up to NM_TILE_NX activation rows; scales widen by
+ * one vpmovzx, fp16 converts exactly. Rows past nrows are zero (their
+ * results are 0 and meant to be ignored). The packing is a pure function
+ * of the rows, so tiles packed once give every later call the bits of
+ * tiles packed per call.
  *
  * Activation side: nm_tile_aux derives per block what the kernel would
  * otherwise recompute for every tile (Q4_K: the bsum pairs as int16 pairs;
@@ -47,11 +64,15 @@
 
 #define NM_TILE_ROWS 16
 #define NM_TILE_NX 8 /* activation rows per nm_tile_gemm call, at most */
+/* The tile layout above; a persistent shard of tiles records it (worker/shard.c),
+ * so a change here must bump it and an old segment is rebuilt, not reused. */
+#define NM_TILE_LAYOUT 2
 
 /* 1 if the type has tiles and this CPU (nm_isa_best(): NUMOE_ISA lowers it)
  * runs them: Q4_K and Q5_0 at the AVX512-VNNI level. */
 int nm_tile_usable(int type);
-/* Bytes of one tile of rows of n elements; of one activation row's aux. */
+/* Bytes of one tile of rows of n elements (a multiple of 64: tiles of a
+ * matrix lie back to back); of one activation row's aux. */
 size_t nm_tile_size(int type, int64_t n);
 size_t nm_tile_aux_size(int type, int64_t n);
 
@@ -61,6 +82,13 @@ size_t nm_tile_aux_size(int type, int64_t n);
  * plain C one; both write the same bytes. */
 void nm_tile_pack(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile);
 void nm_tile_pack_ref(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile);
+
+/* A matrix of nrows rows as tiles (what kernels/moe.h calls pre-packed):
+ * tile t = rows [16t, min(16t + 16, nrows)) packed as above, the tiles
+ * back to back. _size is its bytes; _pack writes it with nm_tile_pack
+ * (only where nm_tile_usable). */
+size_t nm_tile_matrix_size(int type, int64_t n, int64_t nrows);
+void nm_tile_pack_matrix(int type, int64_t n, const void *rows, size_t row_bytes, int64_t nrows, void *dst);
 
 /* aux of one activation row x (in the type's vec_dot_type). */
 void nm_tile_aux(int type, int64_t n, const void *x, void *aux);

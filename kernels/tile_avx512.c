@@ -3,7 +3,7 @@
  * rule); tile.c enters it only where nm_isa_best() is AVX512-VNNI.
  *
  * GEMM: per block, 16 rows x NX activation rows; one vpdpbusd per group of
- * 4 quants and activation row (the activation dword broadcast from memory),
+ * 4 quants (of each of the 16 rows) and activation row (the activation dword broadcast from memory),
  * then per Q4_K sub-block one vpmulld by the 16 rows' sub-block scales into
  * the block integer I, the min term M by 4 vpdpwssd, and 5 float steps per
  * block: the order tile.h fixes, so results equal nm_tile_dot_ref. NX is a
@@ -11,9 +11,13 @@
  * unroll and every accumulator is a register: at NX = 8, Q4_K holds 8
  * float accumulators, 8 block integers and 8 sub-block sums.
  *
- * Packing: a row's 64 quants of a Q4_K chunk (or two Q5_0 blocks) unpack
- * to one vector of 16 dwords, dword i = quants 4i..4i+3; 16 rows' vectors
- * transposed as a 16 x 16 dword matrix give the 16 group vectors. */
+ * The tiles hold the quants as nibbles (tile.h), unpacked here: one AND
+ * (low nibbles) or shift + AND (high) per 64-byte vector, shared by the NX
+ * vpdpbusd that use it.
+ *
+ * Packing: the rows' quant bytes are not unpacked at all, only transposed
+ * as a 16 x 16 dword matrix (16 rows x 64 bytes), which puts each row's
+ * dword of a group pair in its lane. */
 #include <immintrin.h>
 #include <string.h>
 
@@ -21,10 +25,9 @@
 #include "kernels/quant_unpack.h"
 #include "kernels/tile.h"
 
-enum { Q4K_Q = 4096, Q4K_SC = 4096, Q4K_MP = 4096 + 512, Q4K_D = 4096 + 768, Q4K_DMIN = 4096 + 832, Q4K_BLOCK = 4992 };
-enum { Q50_D = 512, Q50_BLOCK = 576 };
-
-static inline float half_to_f32(nm_half h) { return _cvtsh_ss(h); }
+/* tile.h's layout (tile.c's enum, asserted there) */
+enum { Q4K_SC = 2048, Q4K_M = 2048 + 128, Q4K_D = 2048 + 256, Q4K_DMIN = 2048 + 288, Q4K_BLOCK = 2368 };
+enum { Q50_H = 512, Q50_D = 640, Q50_PAIR = 704 };
 
 /* r[i] dword k -> r[k] dword i (standard 4-stage transpose). */
 static inline void transpose16(__m512i r[16]) {
@@ -54,46 +57,52 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
+/* offsets of rows 0..15 (row_bytes apart, < 2^31 in all), the missing ones masked */
+static inline __m512i row_offsets(size_t row_bytes) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)row_bytes));
+}
+
+/* The quant vectors are the rows' qs bytes transposed as dwords: per block,
+ * 16 rows x 64 bytes (two chunks of 32) through transpose16, twice; the
+ * scales and mins per row in plain C; d and dmin of the 16 rows gathered
+ * as one dword each (the block starts with d, dmin) and narrowed to the
+ * two fp16 vectors. */
 static void pack_q4_K(int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i nib_shift = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(4), 1);
+    const __mmask16 live = (__mmask16)((1u << nrows) - 1);
+    const __m512i offs = row_offsets(row_bytes);
     for (int64_t b = 0; b < n / NM_QK_K; b++) {
         uint8_t *B = (uint8_t *)tile + (size_t)b * Q4K_BLOCK;
-        for (int c = 0; c < 4; c++) {
+        for (int h = 0; h < 2; h++) {
             __m512i r[16];
 #pragma GCC unroll 16
             for (int i = 0; i < 16; i++) {
-                if (i < nrows) {
-                    const block_q4_K *blk = (const block_q4_K *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
-                    const __m512i qq = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c)));
-                    r[i] = _mm512_and_si512(_mm512_srlv_epi16(qq, nib_shift), m4);
-                } else {
-                    r[i] = _mm512_setzero_si512();
-                }
+                const block_q4_K *blk = (const block_q4_K *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
+                r[i] = i < nrows ? _mm512_loadu_si512(blk->qs + 64 * h) : _mm512_setzero_si512();
             }
             transpose16(r);
 #pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) _mm512_storeu_si512(B + (size_t)(16 * c + i) * 64, r[i]);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(B + (size_t)(16 * h + i) * 64, r[i]);
         }
-        int32_t sc[8][16] = {{0}}, mp[4][16] = {{0}};
-        float d[16] = {0}, dmin[16] = {0};
+        uint8_t sc[8][16] = {{0}}, m[4][16][2] = {{{0}}};
         for (int i = 0; i < nrows; i++) {
             const block_q4_K *blk = (const block_q4_K *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
             int8_t s8[8], m8[8];
             nm_k4_scale_min(blk->scales, s8, m8);
-            for (int j = 0; j < 8; j++) sc[j][i] = s8[j];
-            for (int j = 0; j < 4; j++) mp[j][i] = (int32_t)((uint32_t)(uint8_t)m8[2 * j] | (uint32_t)(uint8_t)m8[2 * j + 1] << 16);
-            d[i] = half_to_f32(blk->d);
-            dmin[i] = half_to_f32(blk->dmin);
+            for (int j = 0; j < 8; j++) sc[j][i] = (uint8_t)s8[j];
+            for (int j = 0; j < 4; j++) m[j][i][0] = (uint8_t)m8[2 * j], m[j][i][1] = (uint8_t)m8[2 * j + 1];
         }
         memcpy(B + Q4K_SC, sc, sizeof sc);
-        memcpy(B + Q4K_MP, mp, sizeof mp);
-        memcpy(B + Q4K_D, d, sizeof d);
-        memcpy(B + Q4K_DMIN, dmin, sizeof dmin);
+        memcpy(B + Q4K_M, m, sizeof m);
+        const __m512i dd = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs,
+                                                       (const uint8_t *)rows + (size_t)b * sizeof(block_q4_K), 1);
+        _mm256_storeu_si256((__m256i *)(B + Q4K_D), _mm512_cvtepi32_epi16(dd));
+        _mm256_storeu_si256((__m256i *)(B + Q4K_DMIN), _mm512_cvtepi32_epi16(_mm512_srli_epi32(dd, 16)));
     }
 }
 
-/* Two Q5_0 blocks' 64 quants (0..31) of one row; the second zero if !two. */
+/* Two Q5_0 blocks' 64 quants (0..31) of one row; the second zero if !two.
+ * (The row-major GEMV's unpacking, not the tile's.) */
 static inline __m512i q5_0_2x32(const block_q5_0 *b, int two) {
     const __m128i a = _mm_loadu_si128((const __m128i *)b[0].qs);
     const __m128i c = two ? _mm_loadu_si128((const __m128i *)b[1].qs) : _mm_setzero_si128();
@@ -106,32 +115,59 @@ static inline __m512i q5_0_2x32(const block_q5_0 *b, int two) {
     return _mm512_mask_add_epi8(u, (__mmask64)((uint64_t)h1 << 32 | h0), u, _mm512_set1_epi8(16));
 }
 
+/* Per two pairs of blocks (4 blocks): each row's 4 x 16 qs bytes as one
+ * vector through transpose16 (vectors 0-7 the first pair's, 8-15 the
+ * second's); per block the 16 rows' qh gathered as dwords (lane r = row r),
+ * and mask g's byte 4r + i tested for bit 4g + i of lane r: a byte shuffle
+ * puts qh byte (4g + i) / 8 of each lane in place, vptestmb picks the bit. */
 static void pack_q5_0(int64_t n, const void *rows, size_t row_bytes, int nrows, void *tile) {
     const int64_t nb = n / NM_QK5_0;
-    for (int64_t b = 0; b < nb; b += 2) {
-        const int two = b + 1 < nb;
-        uint8_t *B0 = (uint8_t *)tile + (size_t)b * Q50_BLOCK, *B1 = B0 + Q50_BLOCK;
+    const __mmask16 live = (__mmask16)((1u << nrows) - 1);
+    const __m512i offs = row_offsets(row_bytes);
+    /* per group g: shuffle index (byte 4r + i <- byte 4r + (4g + i) / 8) and bit (1 << (4g + i) % 8) */
+    __m512i sel[8], bit[8];
+    for (int g = 0; g < 8; g++) {
+        uint8_t si[64], bi[64];
+        for (int k = 0; k < 64; k++) {
+            const int r = k / 4, i = k % 4;
+            si[k] = (uint8_t)((r % 4) * 4 + (4 * g + i) / 8); /* vpshufb indexes within a 128-bit lane */
+            bi[k] = (uint8_t)(1u << ((4 * g + i) % 8));
+        }
+        sel[g] = _mm512_loadu_si512(si), bit[g] = _mm512_loadu_si512(bi);
+    }
+    for (int64_t b = 0; b < nb; b += 4) {
+        const int nblk = nb - b < 4 ? (int)(nb - b) : 4;
+        uint8_t *P0 = (uint8_t *)tile + (size_t)(b / 2) * Q50_PAIR;
         __m512i r[16];
-        float d0[16] = {0}, d1[16] = {0};
 #pragma GCC unroll 16
         for (int i = 0; i < 16; i++) {
+            const block_q5_0 *blk = (const block_q5_0 *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
+            __m512i v = _mm512_setzero_si512();
             if (i < nrows) {
-                const block_q5_0 *blk = (const block_q5_0 *)((const uint8_t *)rows + (size_t)i * row_bytes) + b;
-                r[i] = q5_0_2x32(blk, two);
-                d0[i] = half_to_f32(blk[0].d);
-                if (two) d1[i] = half_to_f32(blk[1].d);
-            } else {
-                r[i] = _mm512_setzero_si512();
+                v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)blk[0].qs));
+                if (nblk > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)blk[1].qs), 1);
+                if (nblk > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)blk[2].qs), 2);
+                if (nblk > 3) v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)blk[3].qs), 3);
             }
+            r[i] = v;
         }
         transpose16(r);
+        for (int k = 0; k < (nblk > 2 ? 2 : 1); k++) {
+            uint8_t *P = P0 + (size_t)k * Q50_PAIR;
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; i++) _mm512_storeu_si512(B0 + (size_t)i * 64, r[i]);
-        memcpy(B0 + Q50_D, d0, sizeof d0);
-        if (two) {
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) _mm512_storeu_si512(B1 + (size_t)i * 64, r[8 + i]);
-            memcpy(B1 + Q50_D, d1, sizeof d1);
+            for (int i = 0; i < 8; i++) _mm512_storeu_si512(P + (size_t)i * 64, r[8 * k + i]);
+            uint64_t hb[16] = {0};
+            uint16_t d[32] = {0};
+            for (int h = 0; h < 2 && 2 * k + h < nblk; h++) {
+                const uint8_t *base = (const uint8_t *)rows + (size_t)(b + 2 * k + h) * sizeof(block_q5_0);
+                const __m512i dq = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs, base, 1);
+                const __m512i qh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offs, base + 2, 1);
+                _mm256_storeu_si256((__m256i *)(d + 16 * h), _mm512_cvtepi32_epi16(dq));
+                for (int g = 0; g < 8; g++)
+                    hb[8 * h + g] = (uint64_t)_mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, sel[g]), bit[g]);
+            }
+            memcpy(P + Q50_H, hb, sizeof hb);
+            memcpy(P + Q50_D, d, sizeof d);
         }
     }
 }
@@ -142,12 +178,20 @@ static inline __m512i bcast32(const void *p) {
     return _mm512_set1_epi32(v);
 }
 
+/* Per chunk c of a Q4_K block the 8 quant vectors serve two sub-blocks:
+ * their low nibbles sub-block 2c, their high nibbles 2c + 1. Each sub-block
+ * is one pass over the 8 vectors (reloaded from L1 for the second: at
+ * NX = 8 the 8 sums, 8 block integers and 8 float accumulators already
+ * take 24 of the 32 registers), one AND or shift + AND per vector, then
+ * NX vpdpbusd. Integer sums are exact, so their order is free; the float
+ * steps are tile.h's. */
 static inline __attribute__((always_inline)) void gemm_q4_K_nx(int NX, int64_t n, const void *tile,
                                                                 const void *const *x, const void *const *aux,
                                                                 float *out) {
     const block_q8_K *bx[NM_TILE_NX];
     const int32_t *ax[NM_TILE_NX];
     __m512 acc[NM_TILE_NX];
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 8
     for (int j = 0; j < NX; j++) bx[j] = x[j], ax[j] = aux[j], acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / NM_QK_K; b++) {
@@ -155,16 +199,21 @@ static inline __attribute__((always_inline)) void gemm_q4_K_nx(int NX, int64_t n
         __m512i I[NM_TILE_NX], S[NM_TILE_NX];
 #pragma GCC unroll 8
         for (int j = 0; j < NX; j++) I[j] = _mm512_setzero_si512();
-        for (int s = 0; s < 8; s++) {
+        for (int c = 0; c < 4; c++)
+#pragma GCC unroll 2
+        for (int hi = 0; hi < 2; hi++) {
+            const int s = 2 * c + hi;
 #pragma GCC unroll 8
             for (int j = 0; j < NX; j++) S[j] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-            for (int g = 0; g < 8; g++) {
-                const __m512i w = _mm512_loadu_si512(B + (size_t)(8 * s + g) * 64);
+            for (int d = 0; d < 8; d++) {
+                const __m512i p = _mm512_loadu_si512(B + (size_t)(8 * c + d) * 64);
+                const __m512i w = _mm512_and_si512(hi ? _mm512_srli_epi16(p, 4) : p, m4);
+                const int g = 16 * c + 8 * hi + d; /* the group: activation bytes 4g .. 4g + 3 */
 #pragma GCC unroll 8
-                for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * (8 * s + g)));
+                for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * g));
             }
-            const __m512i sc = _mm512_loadu_si512(B + Q4K_SC + 64 * s);
+            const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(B + Q4K_SC + 16 * s)));
 #pragma GCC unroll 8
             for (int j = 0; j < NX; j++) I[j] = _mm512_add_epi32(I[j], _mm512_mullo_epi32(S[j], sc));
         }
@@ -172,11 +221,12 @@ static inline __attribute__((always_inline)) void gemm_q4_K_nx(int NX, int64_t n
         for (int j = 0; j < NX; j++) S[j] = _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int i = 0; i < 4; i++) {
-            const __m512i mp = _mm512_loadu_si512(B + Q4K_MP + 64 * i);
+            const __m512i mp = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(B + Q4K_M + 32 * i)));
 #pragma GCC unroll 8
             for (int j = 0; j < NX; j++) S[j] = _mm512_dpwssd_epi32(S[j], mp, _mm512_set1_epi32(ax[j][4 * b + i]));
         }
-        const __m512 d = _mm512_loadu_ps(B + Q4K_D), dmin = _mm512_loadu_ps(B + Q4K_DMIN);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(B + Q4K_D)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(B + Q4K_DMIN)));
 #pragma GCC unroll 8
         for (int j = 0; j < NX; j++) {
             __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(I[j]), d);
@@ -188,31 +238,45 @@ static inline __attribute__((always_inline)) void gemm_q4_K_nx(int NX, int64_t n
     for (int j = 0; j < NX; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
 }
 
+/* Per Q5_0 block: 4 quant vectors, each giving group d (low nibbles) and
+ * group 4 + d (high), 16 added under the group's high-bit mask; S starts
+ * at the aux's -16 * sum x. */
 static inline __attribute__((always_inline)) void gemm_q5_0_nx(int NX, int64_t n, const void *tile,
                                                                 const void *const *x, const void *const *aux,
                                                                 float *out) {
     const block_q8_0 *bx[NM_TILE_NX];
     const int32_t *ax[NM_TILE_NX];
     __m512 acc[NM_TILE_NX];
+    const __m512i m4 = _mm512_set1_epi8(0x0F), v16 = _mm512_set1_epi8(16);
 #pragma GCC unroll 8
     for (int j = 0; j < NX; j++) bx[j] = x[j], ax[j] = aux[j], acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / NM_QK5_0; b++) {
-        const uint8_t *B = (const uint8_t *)tile + (size_t)b * Q50_BLOCK;
+        const uint8_t *P = (const uint8_t *)tile + (size_t)(b / 2) * Q50_PAIR;
+        const int h = (int)(b % 2);
         __m512i S[NM_TILE_NX];
 #pragma GCC unroll 8
         for (int j = 0; j < NX; j++) S[j] = _mm512_set1_epi32(ax[j][2 * b]);
+#pragma GCC unroll 4
+        for (int d = 0; d < 4; d++) {
+            const __m512i p = _mm512_loadu_si512(P + (size_t)(4 * h + d) * 64);
+            __mmask64 k0, k1;
+            memcpy(&k0, P + Q50_H + 8 * (8 * h + d), 8);
+            memcpy(&k1, P + Q50_H + 8 * (8 * h + 4 + d), 8);
+            __m512i w = _mm512_and_si512(p, m4);
+            w = _mm512_mask_add_epi8(w, k0, w, v16);
 #pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {
-            const __m512i w = _mm512_loadu_si512(B + (size_t)g * 64);
+            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * d));
+            w = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+            w = _mm512_mask_add_epi8(w, k1, w, v16);
 #pragma GCC unroll 8
-            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * g));
+            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 16 + 4 * d));
         }
-        const __m512 d = _mm512_loadu_ps(B + Q50_D);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P + Q50_D + 32 * h)));
 #pragma GCC unroll 8
         for (int j = 0; j < NX; j++) {
             float dx;
             memcpy(&dx, &ax[j][2 * b + 1], sizeof dx);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[j]), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[j]);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[j]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[j]);
         }
     }
 #pragma GCC unroll 8
@@ -284,12 +348,6 @@ static inline void lane_sums16(__m512i r[16], __m512i *lo, __m512i *hi) {
     __m512i d = _mm512_add_epi32(_mm512_add_epi32(r[12], r[13]), _mm512_add_epi32(r[14], r[15]));
     *lo = _mm512_add_epi32(a, b);
     *hi = _mm512_add_epi32(c, d);
-}
-
-/* offsets of rows 0..15 (row_bytes apart, < 2^31 in all), the missing ones masked */
-static inline __m512i row_offsets(size_t row_bytes) {
-    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                              _mm512_set1_epi32((int)row_bytes));
 }
 
 /* Blocks per pass of the row-major kernels: phase 1 streams each row's

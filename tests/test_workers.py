@@ -8,6 +8,10 @@ worker/, proto/).
   Q8_0 block, so `split` over 2-3 workers is impossible there (a clear error is checked);
   Q8_0 and Q4_K models with wider experts (96 = 3 Q8_0 blocks, 512 = 2 Q4_K blocks) are
   generated on the fly for the split comparisons of quantised weights.
+* Workers hold Q4_K / Q5_0 experts as pre-packed tiles where the CPU runs them (the
+  Q4_K model above): one worker's logits equal the in-process ones (rows packed per
+  call) bit for bit, 1-3 workers, prefill, decode, chunked; NUMOE_ISA=avx2 keeps rows;
+  a restarted worker re-maps its shard of tiles.
 * The workers' shard bytes (reported in Register, printed by numoe) add up to the model's
   routed-expert bytes as `numoe inspect` counts them.
 * Bad input gets a clear error: wrong protocol version, a node that does not exist, an
@@ -139,7 +143,9 @@ _base = {}
 def baseline(exe, model, mode, tmp_path):
     key = (str(exe), str(model), mode)
     if key not in _base:
-        logits, rc, err = generate(exe, model, MODES[mode], tmp_path=tmp_path, tag=f"w0-{mode}")
+        # --workers 0 said: the default is one worker per NUMA node, not the in-process backend
+        logits, rc, err = generate(exe, model, [*MODES[mode], "--workers", 0], tmp_path=tmp_path, tag=f"w0-{mode}")
+        assert "routed experts in workers" not in err, err
         assert rc == 0, err
         _base[key] = logits
     return _base[key]
@@ -215,6 +221,68 @@ def test_split_k_quant(exe, wide, tmp_path):
     assert rc == 1 and "blocks of 256" in err and "at most 2 workers" in err, err
 
 
+TILES_LINE = re.compile(r"^numoe-worker (\d+): shard of (\d+) bytes \((\d+) bytes of rows\): (\d+) bytes are experts' "
+                        r"matrices as packed tiles", re.M)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("placement,n", [("split", 1), ("experts", 1), ("experts", 2), ("experts", 3)])
+def test_tiles_in_shard_equal_in_process(exe, wide, placement, n, mode, tmp_path):
+    """On a Q4_K model whose widths are whole Q4_K blocks (embd 256, expert ff 512) every
+    worker holds its experts as pre-packed tiles (kernels/tile.h; the line saying so,
+    tiles a little over their rows' bytes), while the in-process backend packs the rows
+    per call: one worker gives the in-process logits bit for bit (same numbers, same
+    order of additions), 2-3 workers within WORKER_TOL (partial sums added in another
+    order). Skipped where this CPU has no AVX512-VNNI tiles."""
+    model = wide["v3-ff512-Q4_K"]
+    ref = baseline(exe, model, mode, tmp_path)
+    got, rc, err = generate(exe, model, [*MODES[mode], "--workers", n, "--placement", placement],
+                            tmp_path=tmp_path, tag=f"tiles-{n}-{placement}-{mode}")
+    assert rc == 0, err
+    lines = TILES_LINE.findall(err)
+    if not lines:
+        assert "avx512vnni" not in err, err  # the engine line names the ISA: tiles would have been used
+        pytest.skip("no AVX512-VNNI tiles on this CPU")
+    assert sorted(int(w) for w, *_ in lines) == list(range(n)), err
+    for _, mem, rows, tiled in lines:
+        assert int(tiled) == int(mem) and int(rows) < int(mem) <= int(rows) * 1.03, lines  # Q4_K: 2368 / 2304
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0, ref  # real logits, not a run that computed nothing
+    if n == 1:
+        assert np.array_equal(ref, got), (mode, rel_diff(ref, got))
+    else:
+        assert rel_diff(ref, got) <= TOL, (mode, rel_diff(ref, got))
+
+
+def test_tiles_not_used_below_vnni(exe, wide, tmp_path):
+    """NUMOE_ISA=avx2: the tiles cannot run, so the shard holds rows (no tiles line, the
+    shard is its rows' bytes) and the worker still gives the in-process logits (of the
+    same ISA) bit for bit."""
+    model = wide["v3-ff512-Q4_K"]
+    env = {"NUMOE_ISA": "avx2"}
+    ref, rc, err = generate(exe, model, ["--workers", 0], env=env, tmp_path=tmp_path, tag="avx2-w0")
+    assert rc == 0, err
+    got, rc, err = generate(exe, model, ["--workers", 1], env=env, tmp_path=tmp_path, tag="avx2-w1")
+    assert rc == 0, err
+    assert not TILES_LINE.search(err), err
+    assert np.array_equal(ref, got), rel_diff(ref, got)
+
+
+def test_tiles_restart_remaps(exe, wide, tmp_path):
+    """A worker holding tiles that dies mid-layer re-maps its persistent shard of tiles
+    (nothing packed again) and the logits are the in-process ones bit for bit."""
+    model = wide["v3-ff512-Q4_K"]
+    ref = baseline(exe, model, "prefill", tmp_path)
+    got, rc, err = generate(exe, model, ["--workers", 1, "--placement", "split"], tmp_path=tmp_path, tag="tiles-crash",
+                            env={"NUMOE_TEST_FAULT": "0:2:die-once"})
+    assert rc == 0, err
+    assert re.search(r"^numoe: worker 0 restarted in [\d.]+ ms \(attempt 1, pid \d+\)$", err, re.M), err
+    assert "numoe-worker 0: re-mapped its persistent shard memfd:numoe-" in err, err
+    if TILES_LINE.search(err):
+        assert np.array_equal(ref, got), rel_diff(ref, got)
+    else:
+        assert rel_diff(ref, got) <= TOL
+
+
 def test_round_robin_and_zmq_handoff(exe, tmp_path):
     model = MODELS["v3-F32"]
     compare(exe, model, 3, "experts-rr", "decode", tmp_path)
@@ -226,7 +294,7 @@ def test_round_robin_and_zmq_handoff(exe, tmp_path):
 def test_experts_used_lowered(exe, tmp_path):
     """--experts-used below the model's count: fewer ids per token in the slot rows."""
     model = MODELS["v3-Q8_0"]
-    ref, rc, err = generate(exe, model, ["--experts-used", 2], tmp_path=tmp_path, tag="k2-local")
+    ref, rc, err = generate(exe, model, ["--experts-used", 2, "--workers", 0], tmp_path=tmp_path, tag="k2-local")
     assert rc == 0, err
     got, rc, err = generate(exe, model, ["--experts-used", 2, "--workers", 2, "--placement", "experts-rr"],
                             tmp_path=tmp_path, tag="k2-workers")
@@ -248,7 +316,7 @@ def test_generated_tokens_equal(exe, tmp_path):
     """Greedy generation (prefill, then decode steps through the workers) gives the same ids."""
     model = MODELS["v2-F32"]
     outs = []
-    for extra in ([], ["--workers", "2", "--placement", "split"], ["--workers", "3", "--placement", "experts"]):
+    for extra in (["--workers", "0"], ["--workers", "2", "--placement", "split"], ["--workers", "3", "--placement", "experts"]):
         proc = run([exe, "generate", "-m", model, "--tokens", "5,6,7,8", "-n", "24", "-t", "2", *extra])
         assert_clean(proc)
         assert proc.returncode == 0, proc.stderr

@@ -587,6 +587,10 @@ int main(int argc, char **argv) {
     else if (!rc && w.shard_fd >= 0 && w.attempt > 0)
         fprintf(stderr, "numoe-worker %d: no persistent shard in %s to re-map: rebuilt it from the model\n", w.id,
                 w.shard_label);
+    if (!rc && w.shard.tiled_bytes) /* what the memory figures are made of: tiles are a little over their rows */
+        fprintf(stderr, "numoe-worker %d: shard of %llu bytes (%llu bytes of rows): %llu bytes are experts' matrices as "
+                "packed tiles, computed with no packing per call\n", w.id, (unsigned long long)w.shard.mem_bytes,
+                (unsigned long long)w.shard.weight_bytes, (unsigned long long)w.shard.tiled_bytes);
     nm_placement_free(&p);
     if (w.shard_mode != NM_SHARD_FILE) { /* the shard is a copy: the mapping goes */
         nm_model_free(&w.m);

@@ -1,5 +1,6 @@
-/* shard.c - a worker's expert weights: copy-out, repacking or the file's
- * own layout, compute (shard.h). */
+/* shard.c - a worker's expert weights: copy-out (as pre-packed tiles
+ * where the CPU runs them, else rows), repacking or the file's own layout,
+ * compute (shard.h). */
 #include "worker/shard.h"
 
 #include <errno.h>
@@ -15,10 +16,14 @@
 
 #include "common/progress.h"
 #include "kernels/quant.h"
+#include "kernels/tile.h"
 
 #define ALIGN 64
 #define SEG_MAGIC 0x44524148534d4e4eull /* "NNMSHARD" */
-#define SEG_VERSION 2
+/* 3: the header records the tile layout (NM_TILE_LAYOUT) of the weights, so
+ * a segment of rows (version 2, or a run with tiles unusable) or of older
+ * tiles is rebuilt, never read as the wrong layout */
+#define SEG_VERSION 3
 #define SEG_HEAD 4096
 
 /* The first page of a persistent shard segment; written last. */
@@ -27,15 +32,17 @@ typedef struct {
     uint32_t version, worker_id, n_workers, kind;
     uint64_t file_bytes, header_hash, placement_hash;
     uint64_t data_bytes, weight_bytes;
+    uint32_t tile_layout, tiled; /* NM_TILE_LAYOUT and the NM_MOE_TILED_* bits of any layer; 0, 0: all rows */
 } seg_header;
 
 static void seg_expect(seg_header *h, const nm_shard_seg *seg, int worker, uint64_t data_bytes,
-                       uint64_t weight_bytes) {
+                       uint64_t weight_bytes, unsigned tiled) {
     memset(h, 0, sizeof *h);
     h->magic = SEG_MAGIC, h->version = SEG_VERSION, h->worker_id = (uint32_t)worker;
     h->n_workers = seg->n_workers, h->kind = seg->kind;
     h->file_bytes = seg->file_bytes, h->header_hash = seg->header_hash, h->placement_hash = seg->placement_hash;
     h->data_bytes = data_bytes, h->weight_bytes = weight_bytes;
+    h->tile_layout = tiled ? NM_TILE_LAYOUT : 0, h->tiled = tiled;
 }
 
 /* The bytes of a segment holding data_bytes: the header page and the data,
@@ -95,10 +102,15 @@ static int seg_open(nm_shard *s, const nm_shard_seg *seg, const seg_header *want
     return 0;
 }
 
+/* One matrix of a piece: rows copied (pack_type < 0), or packed into tiles
+ * (nm_tile_pack_matrix of rows of n elements, src_stride apart); row_bytes
+ * is what each row counts in the progress either way. */
 typedef struct {
     uint8_t *dst;
     const uint8_t *src;
     size_t rows, row_bytes, src_stride, dst_stride;
+    int pack_type;
+    int64_t n;
 } copy_op;
 
 typedef struct {
@@ -115,7 +127,11 @@ static void run_copies(void *ctx, int ith, int nth) {
         size_t i = atomic_fetch_add(&j->next, 1);
         if (i >= j->n) break;
         const copy_op *o = &j->ops[i];
-        for (size_t r = 0; r < o->rows; r++) memcpy(o->dst + r * o->dst_stride, o->src + r * o->src_stride, o->row_bytes);
+        if (o->pack_type >= 0)
+            nm_tile_pack_matrix(o->pack_type, o->n, o->src, o->src_stride, (int64_t)o->rows, o->dst);
+        else
+            for (size_t r = 0; r < o->rows; r++)
+                memcpy(o->dst + r * o->dst_stride, o->src + r * o->src_stride, o->row_bytes);
         nm_progress_add(j->progress, (uint64_t)o->rows * o->row_bytes);
     }
 }
@@ -161,11 +177,19 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
         nm_shard_free(s);
         return nm_errf(err, "shard: out of memory");
     }
-    /* pass 1: groups (distinct piece widths per layer, widest first) and sizes */
+    /* pass 1: groups (distinct piece widths per layer, widest first) and sizes.
+     * RAM mode holds a matrix as pre-packed tiles (kernels/moe.h) wherever
+     * this CPU runs its type's tiles: the GEMM then reads it with no packing
+     * per call, and decode reads the same bytes, so the rows are not kept
+     * too; elsewhere (FILE mode, other types, NUMOE_ISA below the tiles) rows. */
     size_t bytes = 0, n_ptr = 0, n_ops = 0;
+    unsigned tiled_any = 0;
     for (int64_t l = 0; l < hp->n_layer; l++) {
         const nm_layer *L = &m->layers[l];
         if (!L->is_moe) continue;
+        unsigned tl = 0;
+        if (!file && nm_tile_usable(L->gate_exps.type) && nm_tile_usable(L->up_exps.type)) tl |= NM_MOE_TILED_GATE_UP;
+        if (!file && nm_tile_usable(L->down_exps.type)) tl |= NM_MOE_TILED_DOWN;
         int nw = 0;
         for (int64_t e = 0; e < E; e++) {
             const nm_piece *q = piece_of(p, l, e, worker);
@@ -181,8 +205,18 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
                 return nm_errf(err, "shard: layer %lld expert %lld: %lld ff columns are not whole %s blocks",
                                (long long)l, (long long)e, (long long)wd, nm_type_name(L->down_exps.type));
             }
-            bytes += up64((size_t)wd * L->gate_exps.row_bytes) + up64((size_t)wd * L->up_exps.row_bytes) +
-                     up64((size_t)H * down_row);
+            if (tl & NM_MOE_TILED_GATE_UP) {
+                const size_t t = nm_tile_matrix_size(L->gate_exps.type, H, wd) + nm_tile_matrix_size(L->up_exps.type, H, wd);
+                bytes += t, s->tiled_bytes += t;
+            } else {
+                bytes += up64((size_t)wd * L->gate_exps.row_bytes) + up64((size_t)wd * L->up_exps.row_bytes);
+            }
+            if (tl & NM_MOE_TILED_DOWN) {
+                const size_t t = nm_tile_matrix_size(L->down_exps.type, wd, H);
+                bytes += t, s->tiled_bytes += t;
+            } else {
+                bytes += up64((size_t)H * down_row);
+            }
             s->weight_bytes += (uint64_t)wd * (L->gate_exps.row_bytes + L->up_exps.row_bytes) + (uint64_t)H * down_row;
             n_ops += 3;
         }
@@ -194,6 +228,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
                 }
         nm_shard_layer *SL = &s->layers[l];
         SL->n_groups = nw;
+        if (nw) tiled_any |= tl;
         if (nw && !(SL->groups = calloc((size_t)nw, sizeof *SL->groups))) {
             free(widths);
             nm_shard_free(s);
@@ -206,7 +241,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
                 .row_up = L->up_exps.row_bytes,
                 /* the stride of down's rows: repacked, a row is the piece's columns; in the
                  * file it is the whole row, of which the piece reads its columns */
-                .row_down = file ? L->down_exps.row_bytes : nm_row_size(L->down_exps.type, widths[i])};
+                .row_down = file ? L->down_exps.row_bytes : nm_row_size(L->down_exps.type, widths[i]), .tiled = tl};
         n_ptr += (size_t)nw * 3 * (size_t)E;
     }
     free(widths);
@@ -221,7 +256,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
     }
     if (seg) {
         seg_header want;
-        seg_expect(&want, seg, worker, bytes, s->weight_bytes);
+        seg_expect(&want, seg, worker, bytes, s->weight_bytes, tiled_any);
         int r = seg_open(s, seg, &want, node, err);
         if (r < 0) {
             free(ops);
@@ -274,15 +309,30 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
                     down[e] = sp[2].p + col0;
                     continue;
                 }
-                /* gate/up: rows [f0, f1), contiguous in the file */
-                ops[k++] = (copy_op){cur, nm_mat_row(&L->gate_exps, e, q->f0), 1, gb, 0, 0};
-                gate[e] = cur, cur += up64(gb);
-                ops[k++] = (copy_op){cur, nm_mat_row(&L->up_exps, e, q->f0), 1, ub, 0, 0};
-                up[e] = cur, cur += up64(ub);
-                /* down: columns [f0, f1) of each of the n_embd rows, repacked */
-                ops[k++] = (copy_op){cur, (const uint8_t *)nm_mat_row(&L->down_exps, e, 0) + col0, (size_t)H,
-                                     G->row_down, L->down_exps.row_bytes, G->row_down};
-                down[e] = cur, cur += up64((size_t)H * G->row_down);
+                /* gate/up: rows [f0, f1), contiguous in the file; tiles of those rows */
+                const uint8_t *gsrc = nm_mat_row(&L->gate_exps, e, q->f0), *usrc = nm_mat_row(&L->up_exps, e, q->f0);
+                if (G->tiled & NM_MOE_TILED_GATE_UP) {
+                    ops[k++] = (copy_op){cur, gsrc, wd, G->row_gate, G->row_gate, 0, G->type_gate, H};
+                    gate[e] = cur, cur += nm_tile_matrix_size(G->type_gate, H, G->n_ff);
+                    ops[k++] = (copy_op){cur, usrc, wd, G->row_up, G->row_up, 0, G->type_up, H};
+                    up[e] = cur, cur += nm_tile_matrix_size(G->type_up, H, G->n_ff);
+                } else {
+                    ops[k++] = (copy_op){cur, gsrc, 1, gb, 0, 0, -1, 0};
+                    gate[e] = cur, cur += up64(gb);
+                    ops[k++] = (copy_op){cur, usrc, 1, ub, 0, 0, -1, 0};
+                    up[e] = cur, cur += up64(ub);
+                }
+                /* down: columns [f0, f1) of each of the n_embd rows, repacked, or
+                 * packed straight from the file's rows into tiles of f1 - f0 columns */
+                const uint8_t *dsrc = (const uint8_t *)nm_mat_row(&L->down_exps, e, 0) + col0;
+                if (G->tiled & NM_MOE_TILED_DOWN) {
+                    ops[k++] = (copy_op){cur, dsrc, (size_t)H, G->row_down, L->down_exps.row_bytes, 0, G->type_down,
+                                         G->n_ff};
+                    down[e] = cur, cur += nm_tile_matrix_size(G->type_down, G->n_ff, H);
+                } else {
+                    ops[k++] = (copy_op){cur, dsrc, (size_t)H, G->row_down, L->down_exps.row_bytes, G->row_down, -1, 0};
+                    down[e] = cur, cur += up64((size_t)H * G->row_down);
+                }
             }
         }
     }
@@ -301,7 +351,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
         /* header last, then re-map the finished segment read-only at the same
          * address, so the pointer tables stay valid; the writable mapping goes */
         seg_header h;
-        seg_expect(&h, seg, worker, bytes, s->weight_bytes);
+        seg_expect(&h, seg, worker, bytes, s->weight_bytes, tiled_any);
         memcpy(s->map, &h, sizeof h);
         void *map = mmap(s->map, s->map_bytes, PROT_READ, MAP_SHARED | MAP_FIXED, seg->fd, 0);
         if (map == MAP_FAILED) {

@@ -6,7 +6,14 @@
  * For a piece (expert e, ff rows [f0, f1)) the shard holds gate and up rows
  * [f0, f1) as they are in the file, and the down matrix repacked into n_embd
  * contiguous rows of (f1 - f0) columns (bytes [f0, f1) of each quantised row,
- * f0/f1 on block boundaries). Per layer the pieces are grouped by width;
+ * f0/f1 on block boundaries). In RAM mode, a matrix whose type has tiles
+ * this CPU runs (nm_tile_usable, kernels/tile.h) is held instead as those
+ * rows packed into tiles, once, at build (nm_moe_experts.tiled): 16 rows of
+ * gate/up (n_embd columns) or of the repacked down (f1 - f0 columns) a tile,
+ * about the rows' bytes (Q4_K 1.028x, Q5_0 1.0x), computed with no packing
+ * per call and the bits of the rows packed per call. weight_bytes still
+ * counts the rows (what the model's routed bytes split into); mem_bytes is
+ * what is held. Per layer the pieces are grouped by width;
  * each group is one nm_moe_experts table (NULL for experts held elsewhere),
  * so the shared kernel (kernels/moe.h) computes it unchanged. Groups are
  * summed in a fixed order.
@@ -32,7 +39,8 @@
  *                  byte ranges (MADV_WILLNEED) before it computes.
  *
  * Persistence (RAM with a seg): the first start sizes the memfd, copies,
- * and writes a header (magic, model identity, placement hash, sizes) last;
+ * and writes a header (magic, model identity, placement hash, sizes, tile
+ * layout) last;
  * every start then maps it READ-ONLY. A restarted worker whose header
  * matches re-maps it without copying anything out of the model
  * (s->reused = 1); one killed half-way left no header, so the next start
@@ -71,6 +79,7 @@ typedef struct {
     size_t map_bytes;
     int reused;                /* 1: an existing segment was re-mapped, nothing copied */
     uint64_t weight_bytes;     /* bytes of weights held (what the model's routed bytes split into) */
+    uint64_t tiled_bytes;      /* of mem_bytes, those holding matrices as pre-packed tiles (RAM mode) */
     float *tmp;                /* group partial sums */
     int64_t tmp_tok;
     nm_moe_scratch scratch;

@@ -378,7 +378,10 @@ static void test_gemm_equals_single_dots(void) {
  * held here (NULL), picks computed elsewhere (id -1 - e), a token routed
  * twice to one expert, skewed routing (an
  * expert with many pairs, some with one), 1 and 3 threads, and a 1-token
- * batch (every group a lone pair: the decode path). Bound: 0. */
+ * batch (every group a lone pair: the decode path). Bound: 0. The same
+ * experts as pre-packed tiles (moe.h's tiled: gate/up, down, both) give
+ * the bits of the per-call packing; tiles of a type without them are
+ * refused. */
 static float tile_dot_q4_K(int64_t n, const void *w, const void *x) { return nm_tile_dot_ref(NM_TYPE_Q4_K, n, w, x); }
 static float tile_dot_q5_0(int64_t n, const void *w, const void *x) { return nm_tile_dot_ref(NM_TYPE_Q5_0, n, w, x); }
 
@@ -403,7 +406,7 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
         const int held = e != 2 && e != 5; /* a worker's shard */
         G[e] = held ? gate[e] : NULL, U[e] = held ? up[e] : NULL, D[e] = held ? down[e] : NULL;
     }
-    nm_moe_experts ex = {n_embd, n_ff, E, tg, tu, td, rg, ru, rd, G, U, D};
+    nm_moe_experts ex = {n_embd, n_ff, E, tg, tu, td, rg, ru, rd, G, U, D, 0};
     float *x = malloc(sizeof(float) * (size_t)(n_tok * n_embd));
     float *out = malloc(sizeof(float) * (size_t)(n_tok * n_embd));
     float *ref = calloc((size_t)(n_tok * n_embd), sizeof(float));
@@ -465,6 +468,56 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
             CHECK(0, "moe %s/%s/%s n_tok %lld threads %d: out[%lld][%lld] = %.9g, per-pair %.9g", nm_type_name(tg),
                   nm_type_name(tu), nm_type_name(td), (long long)n_tok, nm_pool_size(pool), (long long)(i / n_embd),
                   (long long)(i % n_embd), out[i], ref[i]);
+
+    /* the same experts held as pre-packed tiles (every tileable matrix, as a
+     * worker's shard holds them): the same bits, nothing packed per call */
+    const int tgu = nm_tile_usable(tg) && nm_tile_usable(tu), tdn = nm_tile_usable(td);
+    if (tgu || tdn) {
+        void *tiles[7][3] = {{0}};
+        const void *TG[7], *TU[7], *TD[7];
+        for (int e = 0; e < E; e++) {
+            TG[e] = G[e], TU[e] = U[e], TD[e] = D[e];
+            if (!G[e]) continue;
+            if (tgu) {
+                tiles[e][0] = aligned_alloc(64, nm_tile_matrix_size(tg, n_embd, n_ff));
+                tiles[e][1] = aligned_alloc(64, nm_tile_matrix_size(tu, n_embd, n_ff));
+                nm_tile_pack_matrix(tg, n_embd, G[e], rg, n_ff, tiles[e][0]);
+                nm_tile_pack_matrix(tu, n_embd, U[e], ru, n_ff, tiles[e][1]);
+                TG[e] = tiles[e][0], TU[e] = tiles[e][1];
+            }
+            if (tdn) {
+                tiles[e][2] = aligned_alloc(64, nm_tile_matrix_size(td, n_ff, n_embd));
+                nm_tile_pack_matrix(td, n_ff, D[e], rd, n_embd, tiles[e][2]);
+                TD[e] = tiles[e][2];
+            }
+        }
+        const unsigned flags_list[] = {NM_MOE_TILED_GATE_UP, NM_MOE_TILED_DOWN,
+                                       NM_MOE_TILED_GATE_UP | NM_MOE_TILED_DOWN};
+        float *out2 = malloc(sizeof(float) * (size_t)(n_tok * n_embd));
+        for (int fi = 0; fi < 3; fi++) {
+            const unsigned fl = flags_list[fi] & ((tgu ? NM_MOE_TILED_GATE_UP : 0u) | (tdn ? NM_MOE_TILED_DOWN : 0u));
+            if (fl != flags_list[fi]) continue;
+            nm_moe_experts et = ex;
+            et.tiled = fl;
+            et.gate = (fl & NM_MOE_TILED_GATE_UP) ? TG : G, et.up = (fl & NM_MOE_TILED_GATE_UP) ? TU : U;
+            et.down = (fl & NM_MOE_TILED_DOWN) ? TD : D;
+            CHECK(nm_moe_forward(pool, &sc, &et, n_tok, x, k, ids, w, out2, err, sizeof err) == 0, "moe tiled: %s", err);
+            int bad2 = 0;
+            for (int64_t i = 0; i < n_tok * n_embd; i++)
+                if (memcmp(&out[i], &out2[i], sizeof out[i]) != 0 && bad2++ < 3)
+                    CHECK(0, "moe %s/%s/%s tiled %u n_tok %lld: out[%lld][%lld] = %.9g, packed per call %.9g",
+                          nm_type_name(tg), nm_type_name(tu), nm_type_name(td), fl, (long long)n_tok,
+                          (long long)(i / n_embd), (long long)(i % n_embd), out2[i], out[i]);
+        }
+        free(out2);
+        for (int e = 0; e < E; e++) free(tiles[e][0]), free(tiles[e][1]), free(tiles[e][2]);
+    } else {
+        /* tiles asked for where they cannot run: refused, not computed wrong */
+        nm_moe_experts et = ex;
+        et.tiled = NM_MOE_TILED_GATE_UP;
+        CHECK(nm_moe_forward(pool, &sc, &et, n_tok, x, k, ids, w, out, err, sizeof err) != 0 && strstr(err, "tiles"),
+              "moe: tiles of %s accepted", nm_type_name(tg));
+    }
     nm_moe_scratch_free(&sc);
     for (int e = 0; e < E; e++) free(gate[e]), free(up[e]), free(down[e]);
     free(x), free(out), free(ref), free(ids), free(w), free(xg), free(xu), free(hq), free(h);

@@ -1,12 +1,15 @@
 /* test_tile.c - the tiled expert GEMM (kernels/tile.h) against its scalar
  * reference, and that reference against the exact dot.
  *
+ *   test_tile_sizes          the packed layout's sizes as tile.h states them
+ *                            (Q4_K 1.028x its rows, Q5_0 1.0x)
  *   test_pack_matches_ref    the SIMD packer writes the bytes of the plain C
- *                            one (full and partial tiles, odd Q5_0 blocks)
- *   test_gemm_matches_ref    nm_tile_gemm = nm_tile_dot_ref bit for bit, for
- *                            every nx 1..8, repeated activation rows, zero
- *                            padding rows; nm_tile_gemv (row-major, one
- *                            activation row) likewise
+ *                            one (nrows 1..16, Q5_0 block counts 1, 2, 3, 5, 44)
+ *   test_gemm_matches_ref    nm_tile_gemm on the packed tiles (of either
+ *                            packer) = nm_tile_dot_ref bit for bit, for every
+ *                            nrows 1..16 and nx 1..8, several n, repeated
+ *                            activation rows, zero padding rows; nm_tile_gemv
+ *                            (row-major, one activation row) likewise
  *   test_ref_near_exact      nm_tile_dot_ref within a float bound of the exact
  *                            value (integers in int64, float steps in double)
  *
@@ -76,8 +79,28 @@ static void random_row(int type, int64_t n, void *row, int kind) {
 }
 
 static const int types[] = {NM_TYPE_Q4_K, NM_TYPE_Q5_0};
-/* row lengths per type: one block, a few, V2-Lite's 2048 / 1408; Q5_0 with odd block counts */
-static const int64_t lens_q4_K[] = {256, 768, 2048}, lens_q5_0[] = {32, 96, 1408};
+/* row lengths per type: one block, a few, V2-Lite's 2048 / 1408; Q5_0 with
+ * block counts 1, 2, 3, 5 (the packer's groups of 4 blocks, an odd last
+ * block's padded pair) and 44 */
+#define NLENS 5
+static const int64_t lens_q4_K[NLENS] = {256, 512, 768, 1280, 2048}, lens_q5_0[NLENS] = {32, 64, 96, 160, 1408};
+
+/* The sizes tile.h states (per 16 rows: Q4_K 2368 bytes a block, Q5_0 704 a
+ * pair of blocks) and how they compare with the rows': the shard holds them. */
+static void test_tile_sizes(void) {
+    CHECK(nm_tile_size(NM_TYPE_Q4_K, 256) == 2368 && nm_tile_size(NM_TYPE_Q4_K, 2048) == 8 * 2368, "Q4_K tile size %zu",
+          nm_tile_size(NM_TYPE_Q4_K, 256));
+    CHECK(nm_tile_size(NM_TYPE_Q5_0, 64) == 704 && nm_tile_size(NM_TYPE_Q5_0, 32) == 704 &&
+              nm_tile_size(NM_TYPE_Q5_0, 1408) == 22 * 704,
+          "Q5_0 tile size %zu", nm_tile_size(NM_TYPE_Q5_0, 64));
+    CHECK(nm_tile_matrix_size(NM_TYPE_Q4_K, 2048, 1408) == 88 * nm_tile_size(NM_TYPE_Q4_K, 2048) &&
+              nm_tile_matrix_size(NM_TYPE_Q4_K, 2048, 17) == 2 * nm_tile_size(NM_TYPE_Q4_K, 2048),
+          "matrix of tiles");
+    const double q4 = (double)nm_tile_size(NM_TYPE_Q4_K, 2048) / (16.0 * (double)nm_row_size(NM_TYPE_Q4_K, 2048));
+    const double q5 = (double)nm_tile_size(NM_TYPE_Q5_0, 1408) / (16.0 * (double)nm_row_size(NM_TYPE_Q5_0, 1408));
+    CHECK(q4 < 1.03 && q5 == 1.0, "tiles / rows: Q4_K %.4f, Q5_0 %.4f", q4, q5);
+    fprintf(stderr, "  tile bytes / row bytes: Q4_K %.4f, Q5_0 %.4f\n", q4, q5);
+}
 
 static int simd_ok(int type) {
     if (nm_tile_usable(type)) return 1;
@@ -89,15 +112,13 @@ static void test_pack_matches_ref(void) {
     for (int ti = 0; ti < 2; ti++) {
         const int type = types[ti];
         if (!simd_ok(type)) continue;
-        for (int li = 0; li < 3; li++) {
+        for (int li = 0; li < NLENS; li++) {
             const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
             const size_t rb = nm_row_size(type, n), ts = nm_tile_size(type, n);
             uint8_t *rows = malloc(rb * 16);
             uint8_t *a = aligned_alloc(64, ts), *b = aligned_alloc(64, ts);
-            const int nrows_list[] = {16, 5, 1};
             for (int kind = 0; kind < 2; kind++)
-                for (int ni = 0; ni < 3; ni++) {
-                    const int nr = nrows_list[ni];
+                for (int nr = 1; nr <= 16; nr++) {
                     for (int r = 0; r < 16; r++) random_row(type, n, rows + rb * (size_t)r, kind);
                     memset(a, 0xAB, ts);
                     memset(b, 0xCD, ts);
@@ -118,17 +139,22 @@ static void test_gemm_matches_ref(void) {
         const int type = types[ti];
         if (!simd_ok(type)) continue;
         const int vt = nm_type_traits_of(type)->vec_dot_type;
-        for (int li = 0; li < 3; li++) {
+        for (int li = 0; li < NLENS; li++) {
             const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
             const size_t rb = nm_row_size(type, n), ts = nm_tile_size(type, n);
             const size_t xb = nm_row_size(vt, n), ab = nm_tile_aux_size(type, n);
             uint8_t *rows = malloc(rb * 16), *tile = aligned_alloc(64, ts);
             uint8_t *xs = malloc(xb * NM_TILE_NX), *auxs = malloc(ab * NM_TILE_NX);
             float *f = malloc(sizeof(float) * (size_t)n);
-            for (int kind = 0; kind < 2; kind++) {
-                const int nr = kind ? 16 : 11;
+            for (int kind = 0; kind < 2; kind++)
+            for (int nr = 1; nr <= 16; nr++) {
                 for (int r = 0; r < 16; r++) random_row(type, n, rows + rb * (size_t)r, kind);
-                nm_tile_pack(type, n, rows, rb, nr, tile);
+                /* the scalar packer's tile on odd nrows, the SIMD one's on even: equal bytes
+                 * (test_pack_matches_ref), both fed to the GEMM */
+                if (nr % 2)
+                    nm_tile_pack_ref(type, n, rows, rb, nr, tile);
+                else
+                    nm_tile_pack(type, n, rows, rb, nr, tile);
                 for (int j = 0; j < NM_TILE_NX; j++) {
                     random_floats(f, n);
                     nm_quantize_row(vt, f, xs + xb * (size_t)j, n);
@@ -156,8 +182,8 @@ static void test_gemm_matches_ref(void) {
                         for (int r = 0; r < NM_TILE_ROWS; r++) {
                             const float want = r < nr ? nm_tile_dot_ref(type, n, rows + rb * (size_t)r, x[j]) : 0.0f;
                             if (memcmp(&out[j * NM_TILE_ROWS + r], &want, sizeof want) != 0 && bad++ < 3)
-                                CHECK(0, "%s n %lld kind %d nx %d: row %d x %d = %.9g, reference %.9g", nm_type_name(type),
-                                      (long long)n, kind, nx, r, j, out[j * NM_TILE_ROWS + r], want);
+                                CHECK(0, "%s n %lld kind %d nrows %d nx %d: row %d x %d = %.9g, reference %.9g",
+                                      nm_type_name(type), (long long)n, kind, nr, nx, r, j, out[j * NM_TILE_ROWS + r], want);
                         }
                 }
             }
@@ -223,7 +249,7 @@ static void test_ref_near_exact(void) {
         const int type = types[ti];
         const int vt = nm_type_traits_of(type)->vec_dot_type;
         double worst = 0;
-        for (int li = 0; li < 3; li++) {
+        for (int li = 0; li < NLENS; li++) {
             const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
             const int64_t nb = n / (type == NM_TYPE_Q4_K ? NM_QK_K : NM_QK5_0);
             uint8_t *w = malloc(nm_row_size(type, n)), *x = malloc(nm_row_size(vt, n));
@@ -252,6 +278,7 @@ int main(int argc, char **argv) {
     char seed_extra[64];
     snprintf(seed_extra, sizeof seed_extra, "best isa %s", nm_isa_name(nm_isa_best()));
     rng_seed(seed_extra);
+    RUN(test_tile_sizes);
     RUN(test_pack_matches_ref);
     RUN(test_gemm_matches_ref);
     RUN(test_ref_near_exact);
