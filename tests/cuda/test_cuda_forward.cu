@@ -24,6 +24,8 @@
  *         against the CPU as in A; every MoE layer computed there; then
  *         chunks of 5 with the threshold at 3 (two passes on the GPU's
  *         experts, one on the host's) against all on the GPU.
+ *         The same streamed run on 8-bit activations (opts.q8_gemv): prefill
+ *         rows equal S's, routing and logits against the CPU as in S.
  *   G:    decode passes as CUDA graphs (opts.graphs) against A.
  *   Q:    decode GEMVs on 8-bit activations (opts.q8_gemv): against the CPU
  *         as A, different from A's rows on quantised models (equal on float
@@ -337,6 +339,19 @@ static std::vector<moe_call> calls_of_log(FILE *log, int k) {
     return out;
 }
 
+/* run_seq on the GPU with its routing log on (the routing of modes whose
+ * host backend does not see every layer): the routing as calls. */
+static bool run_logged(nm_gpu_forward *gf, const int32_t *prompt, int64_t V, const std::vector<int32_t> *feed,
+                       run_out *out, const char *what, int k, std::vector<moe_call> *calls) {
+    FILE *log = tmpfile();
+    nm_gpu_forward_route_log(gf, log);
+    const bool ok = log && run_seq(gpu_tokens, gf, prompt, V, feed, out, what);
+    nm_gpu_forward_route_log(gf, nullptr);
+    *calls = ok ? calls_of_log(log, k) : std::vector<moe_call>();
+    if (log) fclose(log);
+    return ok;
+}
+
 /* The first position whose routing differs between two runs of the same
  * tokens (calls in the same order: one per MoE layer per pass), PROMPT +
  * DECODE when none; near-tie margins of the differences into *worst. */
@@ -602,11 +617,9 @@ static void test_fixture(const char *path, nm_pool *pool) {
             goto done;
         }
         fprintf(stderr, "     %s: %s\n", name, nm_gpu_forward_describe(gf));
-        FILE *log = tmpfile();
-        nm_gpu_forward_route_log(gf, log);
         run_out gs;
-        bool ok = log && run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gs, "GPU S");
-        nm_gpu_forward_route_log(gf, nullptr);
+        std::vector<moe_call> sc;
+        bool ok = run_logged(gf, prompt, V, &cpu.tokens, &gs, "GPU S", (int)hp->n_expert_used, &sc);
         nm_gpu_forward_stats st;
         nm_gpu_forward_get_stats(gf, &st);
         const int n_moe = (int)(hp->n_layer - hp->n_dense);
@@ -614,8 +627,6 @@ static void test_fixture(const char *path, nm_pool *pool) {
               "%s: S: every MoE layer of every pass on the GPU (%lld of %d), none on the host backend (%zu), %.0f "
               "bytes streamed, host copies %s", name, (long long)st.n_stream_layers, n_moe * (1 + DECODE),
               rs.calls.size(), st.stream_bytes, st.stream_pinned ? "pinned" : "pageable");
-        std::vector<moe_call> sc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
-        if (log) fclose(log);
         const int first = vs_cpu(name, "S", &m, cpu, sc, gs, ok, is_float);
         nm_gpu_forward_free(gf);
 
@@ -645,6 +656,28 @@ static void test_fixture(const char *path, nm_pool *pool) {
             check(refused && strstr(err.msg, "NUMOE_STREAM_COPY=dma") && strstr(err.msg, "pageable"),
                   "%s: NUMOE_STREAM_COPY=dma refused: %s", name, refused ? err.msg : "opened");
             if (gb3) nm_gpu_forward_free(gb3);
+        }
+
+        /* S on 8-bit activations (opts.q8_gemv, the engine's default): the routed experts streamed
+         * (fp32 GEMMs) while the decode passes' GEMVs quantise x: the prefill rows equal S's bit for bit
+         * (a 12-token pass runs no GEMV), routing and logits against the CPU as in S */
+        {
+            rec_backend rq = make_rec(local, hp->n_embd);
+            nm_gpu_forward *gq = nullptr;
+            if (gpu_open(&gq, &m, &rq.base, 64, &err, 1, 0, 0, nullptr, 1)) {
+                check(false, "%s: GPU init (S, 8-bit activations): %s", name, err.msg);
+                goto done;
+            }
+            run_out gsq;
+            std::vector<moe_call> sq;
+            const bool okq = run_logged(gq, prompt, V, &cpu.tokens, &gsq, "GPU S (8-bit activations)",
+                                        (int)hp->n_expert_used, &sq);
+            check(okq && rq.calls.empty() &&
+                      memcmp(gsq.logits.data(), gs.logits.data(), (size_t)PROMPT * V * sizeof(float)) == 0,
+                  "%s: S (8-bit activations): every pass's experts on the GPU (host backend called %zu times), "
+                  "prefill rows equal S's bit for bit", name, rq.calls.size());
+            vs_cpu(name, "S (8-bit activations)", &m, cpu, sq, gsq, okq, is_float, TIE_TOL_Q8);
+            nm_gpu_forward_free(gq);
         }
 
         /* mixed: chunks of 5 with stream_min 3 -> passes of 5, 5 on the GPU experts, 2 on the host's; the
@@ -753,15 +786,11 @@ static void test_fixture(const char *path, nm_pool *pool) {
                 goto done;
             }
             fprintf(stderr, "     %s: %s\n", name, nm_gpu_forward_describe(gf));
-            FILE *log = tmpfile();
-            nm_gpu_forward_route_log(gf, log);
             run_out gh;
-            bool ok = log && run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gh, tag);
-            nm_gpu_forward_route_log(gf, nullptr);
+            std::vector<moe_call> hc;
+            const bool ok = run_logged(gf, prompt, V, &cpu.tokens, &gh, tag, (int)hp->n_expert_used, &hc);
             nm_gpu_forward_stats st;
             nm_gpu_forward_get_stats(gf, &st);
-            std::vector<moe_call> hc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
-            if (log) fclose(log);
             /* what the host backend was handed: resident picks as -1 - e, the rest as e */
             int64_t handed = 0, elsewhere = 0, wrong = 0;
             for (size_t c = 0; c < rh.calls.size() && c < hc.size(); c++)
@@ -804,15 +833,11 @@ static void test_fixture(const char *path, nm_pool *pool) {
                 check(false, "%s: GPU init (%s): %s", name, tag, err.msg);
                 goto done;
             }
-            FILE *log = tmpfile();
-            nm_gpu_forward_route_log(gf, log);
             run_out gh;
-            bool ok = log && run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gh, tag);
-            nm_gpu_forward_route_log(gf, nullptr);
+            std::vector<moe_call> hc;
+            const bool ok = run_logged(gf, prompt, V, &cpu.tokens, &gh, tag, (int)hp->n_expert_used, &hc);
             nm_gpu_forward_stats st;
             nm_gpu_forward_get_stats(gf, &st);
-            std::vector<moe_call> hc = ok ? calls_of_log(log, (int)hp->n_expert_used) : std::vector<moe_call>();
-            if (log) fclose(log);
             check(ok && rh.calls.empty() && st.n_stream_layers == n_moe * (1 + DECODE) && st.stream_bytes == 0 &&
                       strstr(nm_gpu_forward_describe(gf), "wholly there"),
                   "%s: %s: %lld MoE layers on the GPU (%lld), %.0f bytes streamed (0), host backend called %zu "

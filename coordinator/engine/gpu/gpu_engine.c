@@ -245,9 +245,7 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
                               .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1 : -1,
                               .stream_auto = o->prefill_experts == NM_PREFILL_EXPERTS_AUTO,
                               .hot_experts = o->gpu_experts, .hot_counts = o->gpu_expert_counts,
-                              .hot_reserve = (size_t)(o->kv_positions > 0 ? o->kv_positions : 0) *
-                                             (size_t)m->hp.n_layer * (size_t)(m->hp.kv_lora + m->hp.d_rope) *
-                                             sizeof(float)};
+                              .hot_reserve_positions = o->kv_positions > 0 ? o->kv_positions : 0};
     /* CUDA graphs for decode: on unless NUMOE_CUDA_GRAPHS=0 (measured on the
      * H200 box: the rest of an 8-layer step 1.28 -> 0.39 ms; docs/GPU.md) */
     const char *graphs = getenv("NUMOE_CUDA_GRAPHS");

@@ -858,13 +858,19 @@ static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
 
 /* ---- caches --------------------------------------------------------------------- */
 
+/* VRAM of a latent cache of n positions: per layer and position kv_lora +
+ * d_rope floats (docs/MODEL.md §5, the absorbed MLA cache) */
+static size_t kv_bytes(const nm_hparams *hp, int64_t n) {
+    return (size_t)hp->n_layer * (size_t)(n > 0 ? n : 0) * (size_t)(hp->kv_lora + hp->d_rope) * sizeof(float);
+}
+
 static int kv_alloc(nm_gpu_forward *f, nm_gpu_kv *kv, int64_t n_ctx, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     *kv = nm_gpu_kv{f, nullptr, n_ctx, 0, 0};
     if (n_ctx < 1 || n_ctx > f->n_ctx)
         return nm_errf(err, "GPU: a cache of %lld positions (this state allows 1..%lld)", (long long)n_ctx,
                        (long long)f->n_ctx);
-    kv->bytes = (size_t)hp->n_layer * (size_t)n_ctx * (size_t)(hp->kv_lora + hp->d_rope) * sizeof(float);
+    kv->bytes = kv_bytes(hp, n_ctx);
     void *d = nullptr;
     CUDA_OK(cudaMalloc(&d, kv->bytes), "allocating the KV cache: %lld positions x %lld layers (%zu MiB)",
             (long long)n_ctx, (long long)hp->n_layer, kv->bytes >> 20);
@@ -920,16 +926,16 @@ static int setup_hot(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_
         f->routed_bytes += numoe_gpu::hot_expert_bytes(m, il) * (size_t)hp->n_expert;
     size_t free_b = 0, total_b = 0;
     CUDA_OK(cudaMemGetInfo(&free_b, &total_b), "asking for free VRAM");
-    const size_t own_kv = (size_t)hp->n_layer * (size_t)f->n_ctx * (size_t)(hp->kv_lora + hp->d_rope) * sizeof(float);
+    const size_t caches = kv_bytes(hp, f->n_ctx) + kv_bytes(hp, o->hot_reserve_positions); /* own + the caller's */
     const size_t margin = ((size_t)1 << 30) + total_b / 50;
-    const size_t want = o->hot_reserve + own_kv + margin;
+    const size_t want = caches + margin;
     const size_t budget = free_b > want ? free_b - want : 0;
     std::vector<uint8_t> keep;
     const size_t bytes = numoe_gpu::hot_choose(m, o->hot_experts > 0 ? o->hot_experts : -1, o->hot_counts, budget, keep);
     if (o->hot_experts > 0 && bytes > budget)
         return nm_errf(err, "GPU: --gpu-experts %lld needs %.2f GiB of VRAM, %.2f GiB are left after the weights, "
                        "%.2f GiB of caches and a %.2f GiB margin; lower it or use auto", (long long)o->hot_experts,
-                       bytes / 1073741824.0, budget / 1073741824.0, (o->hot_reserve + own_kv) / 1073741824.0,
+                       bytes / 1073741824.0, budget / 1073741824.0, caches / 1073741824.0,
                        margin / 1073741824.0);
     if (bytes == 0) return 0;
     f->hot_bytes = bytes;

@@ -95,12 +95,13 @@ typedef struct {
     /* routed experts kept in VRAM and computed there for passes of up to
      * NM_GPU_HOT_MAX_TOKENS tokens (gpu_hot.cuh): 0 none; N > 0 that many of
      * every MoE layer; NM_GPU_HOT_AUTO as many as the VRAM left after
-     * everything else holds, less hot_reserve bytes (the caller's caches to
-     * come) and a margin. hot_counts: NULL, or [n_layer][n_expert] picks of
-     * a usage profile: the most used go first. */
+     * everything else holds, less the caches of hot_reserve_positions
+     * positions the caller will make (nm_gpu_kv_create) and a margin.
+     * hot_counts: NULL, or [n_layer][n_expert] picks of a usage profile: the
+     * most used go first. */
     int64_t hot_experts;
     const uint32_t *hot_counts;
-    size_t hot_reserve;
+    int64_t hot_reserve_positions;
 } nm_gpu_forward_opts;
 
 #define NM_GPU_HOT_AUTO (-1)
