@@ -146,8 +146,10 @@ def test_logits_equal_in_process(exe, workers, key, n, tmp_path):
     for placement in placements:
         eps = workers.start(model, n, placement)
         for mode, extra in MODES.items():
-            ref, rc, err = generate(exe, model, extra, tmp_path, tag=f"w0-{mode}")
+            # the reference in process: without --workers 0 it would be the default local worker's run
+            ref, rc, err = generate(exe, model, [*extra, "--workers", "0"], tmp_path, tag=f"w0-{mode}")
             assert rc == 0, err
+            assert "routed experts in workers" not in err, err
             got, rc, err = generate(exe, model, [*extra, "--placement", placement, "--worker-endpoints", ",".join(eps)],
                                     tmp_path, tag=f"tcp{n}-{placement}-{mode}")
             assert rc == 0, err
