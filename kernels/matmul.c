@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/tile.h"
+
 /* Below this many weight bytes x tokens a call runs on the caller: a pool
  * dispatch costs a few microseconds, about what 64 KB of GEMV takes. */
 #define SERIAL_WORK_BYTES (64 * 1024)
@@ -13,6 +15,7 @@
 
 void nm_matmul_ctx_init(nm_matmul_ctx *ctx) {
     ctx->isa = nm_isa_best();
+    ctx->tiles = 0;
     ctx->scratch = NULL;
     ctx->scratch_cap = 0;
 }
@@ -46,6 +49,9 @@ struct quant_job {
     int64_t ldx, n_tok, cols;
     char *dst;
     size_t stride;
+    int aux_type; /* weight type whose tile aux to derive, -1: none */
+    char *aux;
+    size_t aux_stride;
     atomic_int failed;
 };
 
@@ -55,6 +61,13 @@ static void quant_task(void *p, int ith, int nth) {
     for (int64_t t = t0; t < t1; t++)
         if (nm_quantize_row(j->type, j->X + t * j->ldx, j->dst + (size_t)t * j->stride, j->cols) != 0)
             atomic_store(&j->failed, 1);
+        else if (j->aux_type >= 0)
+            nm_tile_aux(j->aux_type, j->cols, j->dst + (size_t)t * j->stride, j->aux + (size_t)t * j->aux_stride);
+}
+
+/* Whether ctx computes weights of type on tiles (matmul.h, ctx->tiles). */
+static int use_tiles(const nm_matmul_ctx *ctx, int type) {
+    return ctx->tiles && ctx->isa >= NM_ISA_AVX512_VNNI && nm_tile_usable(type);
 }
 
 int nm_act_prepare(nm_matmul_ctx *ctx, nm_pool *pool, int weight_type, const float *X, int64_t ldx, int64_t n_tok,
@@ -66,6 +79,9 @@ int nm_act_prepare(nm_matmul_ctx *ctx, nm_pool *pool, int weight_type, const flo
     act->type = vdt;
     act->cols = cols;
     act->n_tok = n_tok;
+    act->aux_type = -1;
+    act->aux = NULL;
+    act->aux_stride = 0;
     if (vdt == NM_TYPE_F32) {
         act->data = X;
         act->stride = (size_t)ldx * sizeof(float);
@@ -75,9 +91,14 @@ int nm_act_prepare(nm_matmul_ctx *ctx, nm_pool *pool, int weight_type, const flo
     if (row == 0) return -1;
     /* rows start on cache lines */
     const size_t stride = (row + 63) & ~(size_t)63;
-    if (n_tok > 0 && stride > SIZE_MAX / (size_t)n_tok) return -1;
-    if (grow_scratch(ctx, stride * (size_t)(n_tok > 0 ? n_tok : 1)) != 0) return -1;
-    struct quant_job j = {vdt, X, ldx, n_tok, cols, ctx->scratch, stride, 0};
+    /* the tile aux rows follow the activation rows in the same scratch */
+    const int aux_type = use_tiles(ctx, weight_type) ? weight_type : -1;
+    const size_t aux_stride = aux_type >= 0 ? (nm_tile_aux_size(aux_type, cols) + 63) & ~(size_t)63 : 0;
+    const size_t per_tok = stride + aux_stride;
+    if (n_tok > 0 && per_tok > SIZE_MAX / (size_t)n_tok) return -1;
+    if (grow_scratch(ctx, per_tok * (size_t)(n_tok > 0 ? n_tok : 1)) != 0) return -1;
+    char *aux = aux_type >= 0 ? (char *)ctx->scratch + stride * (size_t)n_tok : NULL;
+    struct quant_job j = {vdt, X, ldx, n_tok, cols, ctx->scratch, stride, aux_type, aux, aux_stride, 0};
     if (n_tok > 1 && n_tok * cols >= PARALLEL_QUANT_ELEMS)
         nm_pool_run(pool, quant_task, &j);
     else
@@ -85,6 +106,9 @@ int nm_act_prepare(nm_matmul_ctx *ctx, nm_pool *pool, int weight_type, const flo
     if (atomic_load(&j.failed)) return -1;
     act->data = ctx->scratch;
     act->stride = stride;
+    act->aux_type = aux_type;
+    act->aux = aux;
+    act->aux_stride = aux_stride;
     return 0;
 }
 
@@ -159,6 +183,101 @@ static void mm_task(void *p, int ith, int nth) {
     }
 }
 
+/* The tile path (matmul.h, ctx->tiles): chunks of whole 16-row tiles handed
+ * out as in mm_task. One token: nm_tile_gemv straight from the rows (a tile
+ * would serve one row only). More: the chunk's tiles are packed into the
+ * thread's buffer once, then groups of NM_TILE_NX tokens run against every
+ * tile of the chunk, so the group's activation rows stay in L1 and the
+ * packed chunk in L2, as the multi-row path blocks. Per (row, token) the
+ * value is tile.h's number whatever the grouping. */
+struct tile_job {
+    int type;
+    const void *W;
+    size_t row_bytes, tile_bytes;
+    int64_t rows, rows_per_chunk, n_chunks;
+    const nm_act *act;
+    const int32_t *tok;
+    int64_t n_sel;
+    float *Y;
+    int64_t ldy;
+    atomic_llong next;
+    atomic_int failed;
+};
+
+static void tile_task(void *p, int ith, int nth) {
+    (void)nth;
+    struct tile_job *j = p;
+    const char *w = j->W, *x = j->act->data, *aux = j->act->aux;
+    const int64_t cols = j->act->cols;
+    uint8_t *buf = NULL; /* the packed chunk, allocated on the first chunk that needs it */
+    for (int64_t c = ith; c < j->n_chunks; c = atomic_fetch_add(&j->next, 1)) {
+        const int64_t r0 = c * j->rows_per_chunk;
+        const int64_t r1 = r0 + j->rows_per_chunk < j->rows ? r0 + j->rows_per_chunk : j->rows;
+        if (j->n_sel == 1) {
+            const int64_t src = j->tok ? j->tok[0] : 0;
+            const void *xs = x + (size_t)src * j->act->stride, *as = aux + (size_t)src * j->act->aux_stride;
+            for (int64_t r = r0; r < r1; r += NM_TILE_ROWS) {
+                const int nr = r1 - r < NM_TILE_ROWS ? (int)(r1 - r) : NM_TILE_ROWS;
+                float out[NM_TILE_ROWS];
+                nm_tile_gemv(j->type, cols, w + (size_t)r * j->row_bytes, j->row_bytes, nr, xs, as, out);
+                memcpy(j->Y + r, out, (size_t)nr * sizeof(float));
+            }
+            continue;
+        }
+        /* aligned_alloc wants a multiple of the alignment: tile_bytes is one */
+        if (!buf && !(buf = aligned_alloc(64, j->tile_bytes * (size_t)(j->rows_per_chunk / NM_TILE_ROWS)))) {
+            atomic_store(&j->failed, 1);
+            return;
+        }
+        int64_t nt = 0;
+        for (int64_t r = r0; r < r1; r += NM_TILE_ROWS, nt++) {
+            const int nr = r1 - r < NM_TILE_ROWS ? (int)(r1 - r) : NM_TILE_ROWS;
+            nm_tile_pack(j->type, cols, w + (size_t)r * j->row_bytes, j->row_bytes, nr, buf + (size_t)nt * j->tile_bytes);
+        }
+        for (int64_t t = 0; t < j->n_sel; t += NM_TILE_NX) {
+            const int g = j->n_sel - t < NM_TILE_NX ? (int)(j->n_sel - t) : NM_TILE_NX;
+            const void *xs[NM_TILE_NX], *as[NM_TILE_NX];
+            for (int k = 0; k < g; k++) {
+                const int64_t src = j->tok ? j->tok[t + k] : t + k;
+                xs[k] = x + (size_t)src * j->act->stride;
+                as[k] = aux + (size_t)src * j->act->aux_stride;
+            }
+            for (int64_t i = 0; i < nt; i++) {
+                const int64_t r = r0 + i * NM_TILE_ROWS;
+                const int nr = r1 - r < NM_TILE_ROWS ? (int)(r1 - r) : NM_TILE_ROWS;
+                float out[NM_TILE_NX * NM_TILE_ROWS];
+                nm_tile_gemm(j->type, cols, buf + (size_t)i * j->tile_bytes, xs, as, g, out);
+                for (int k = 0; k < g; k++)
+                    memcpy(j->Y + (t + k) * j->ldy + r, out + k * NM_TILE_ROWS, (size_t)nr * sizeof(float));
+            }
+        }
+    }
+    free(buf);
+}
+
+static int matmul_tiles(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void *W, int64_t rows,
+                        const nm_act *act, const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy) {
+    (void)ctx;
+    const size_t row_bytes = nm_row_size(type, act->cols), tile_bytes = nm_tile_size(type, act->cols);
+    const int nth = nm_pool_size(pool);
+    /* chunks of whole tiles, ~CHUNK_BYTES of rows but at least one tile, and
+     * at least one chunk per thread where the rows allow */
+    int64_t per = (int64_t)(NM_MATMUL_CHUNK_BYTES / row_bytes);
+    const int64_t even = (rows + nth - 1) / nth;
+    if (per > even) per = even;
+    per = (per + NM_TILE_ROWS - 1) / NM_TILE_ROWS * NM_TILE_ROWS;
+    if (per < NM_TILE_ROWS) per = NM_TILE_ROWS;
+    struct tile_job j = {type, W, row_bytes, tile_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy,
+                         nth, 0};
+    if (nth == 1 || j.n_chunks == 1 || (double)rows * (double)row_bytes * (double)n_sel < SERIAL_WORK_BYTES) {
+        atomic_store(&j.next, 1);
+        tile_task(&j, 0, 1);
+    } else {
+        nm_pool_run(pool, tile_task, &j);
+    }
+    return atomic_load(&j.failed) ? -1 : 0;
+}
+
 int nm_matmul_act(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void *W, int64_t rows, const nm_act *act,
                   const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy) {
     const nm_type_traits *tr = nm_type_traits_of(type);
@@ -175,6 +294,10 @@ int nm_matmul_act(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void 
     const nm_vec_dot_multi_fn multi = nm_vec_dot_multi_for(type, ctx->isa);
     if (!dot || !multi) return -1;
     if (rows == 0 || n_sel == 0) return 0;
+    if (use_tiles(ctx, type)) {
+        if (act->aux_type != type || !act->aux) return -1;
+        return matmul_tiles(ctx, pool, type, W, rows, act, tok, n_sel, Y, ldy);
+    }
 
     const int nth = nm_pool_size(pool);
     if (nth == 1 || (double)rows * (double)row_bytes * (double)n_sel < SERIAL_WORK_BYTES) {

@@ -51,6 +51,15 @@
 
 typedef struct {
     nm_isa isa;         /* dot level; nm_matmul_ctx_init sets nm_isa_best(), callers may lower it */
+    /* 1: weight types with tiles (tile.h: nm_tile_usable, and isa at the
+     * AVX512-VNNI level) take the tile numbers instead of nm_vec_dot's, for
+     * every token count (one token: nm_tile_gemv on the rows; more: each
+     * 16-row tile packed once per call into per-thread scratch, then the
+     * tile GEMM over groups of NM_TILE_NX tokens). The numbers then equal
+     * nm_tile_dot_ref per (row, token), still independent of the batch.
+     * nm_matmul_ctx_init sets 0 (nm_vec_dot's numbers); set it before the
+     * first nm_act_prepare, it decides what that derives. */
+    int tiles;
     void *scratch;      /* owned, see above */
     size_t scratch_cap; /* bytes */
 } nm_matmul_ctx;
@@ -62,6 +71,12 @@ typedef struct {
     int64_t n_tok;     /* rows */
     const void *data;  /* row t starts at (const char *)data + t * stride */
     size_t stride;     /* bytes */
+    /* tile aux (tile.h nm_tile_aux) of each row for weights of aux_type,
+     * aux_stride bytes apart; aux_type -1 (no aux) unless ctx->tiles and
+     * the prepared weight type has usable tiles */
+    int aux_type;
+    const void *aux;
+    size_t aux_stride;
 } nm_act;
 
 void nm_matmul_ctx_init(nm_matmul_ctx *ctx);
@@ -76,7 +91,10 @@ int nm_act_prepare(nm_matmul_ctx *ctx, nm_pool *pool, int weight_type, const flo
 
 /* Y[i][r] = W[r] . act[tok ? tok[i] : i] for i < n_sel. Returns 0, or -1 if
  * act is not in the type's vec_dot_type, a token index is out of range,
- * ldy < rows (when n_sel > 1) or the type has no dot. */
+ * ldy < rows (when n_sel > 1), the type has no dot, ctx->tiles asks for
+ * tiles of this type but act was prepared without its aux (prepared for
+ * another weight type: mixing numbers would break batch independence), or
+ * tile scratch cannot be allocated. */
 int nm_matmul_act(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void *W, int64_t rows, const nm_act *act,
                   const int32_t *tok, int64_t n_sel, float *Y, int64_t ldy);
 

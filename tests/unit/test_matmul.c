@@ -11,7 +11,9 @@
  * level this CPU runs, token gathers and expert slabs; padding of Y must
  * stay untouched. The GEMM path (multi-row dots) must also equal one
  * single dot per (row, token) bit for bit (test_gemm_equals_single_dots),
- * and so must the routed-expert FFN (test_moe_equals_single_dots).
+ * and so must the routed-expert FFN (test_moe_equals_single_dots). With
+ * ctx.tiles the tile types must equal nm_tile_dot_ref bit for bit, one
+ * token or many (test_tiles_equal_tile_ref).
  *
  * Bound: the kernels themselves are checked against the reference to their
  * rounding bound in test_dot_simd (below 3.2e-5 * M at these lengths, where
@@ -537,6 +539,108 @@ static void test_moe_equals_single_dots(void) {
 
 /* The scratch grows with the batch and is reused; F32 weights read X in
  * place. */
+/* ctx.tiles (matmul.h): the types with tiles give nm_tile_dot_ref's number
+ * per (row, token) bit for bit, for 1..19 tokens and a gather (every token
+ * count the same bits: decode equals prefill), 1-3 threads, row counts that
+ * are not whole tiles or chunks, a Q5_0 row of an odd block count (the
+ * padded pair), padded ldy left untouched. Below the VNNI level the same
+ * ctx falls back to the single dot's numbers; an act prepared without the
+ * aux for the tile type is refused rather than computed with other numbers.
+ * Bound: 0. */
+static void test_tiles_equal_tile_ref(void) {
+    if (!nm_tile_usable(NM_TYPE_Q4_K) || !nm_tile_usable(NM_TYPE_Q5_0)) {
+        fprintf(stderr, "  no tiles on this CPU/ISA: skipped\n");
+        return;
+    }
+    static const struct { int type; int64_t rows, cols; } cases[] = {
+        {NM_TYPE_Q4_K, 45, 512}, {NM_TYPE_Q4_K, 200, 768}, {NM_TYPE_Q5_0, 45, 480}, {NM_TYPE_Q5_0, 77, 512}};
+    const int64_t max_tok = 19, pad = 3;
+    const int32_t gather[] = {4, 18, 0, 4, 7, 7, 1, 12, 3, 9, 2}; /* 11 = 8 + 3 */
+    const int64_t n_gather = (int64_t)(sizeof gather / sizeof *gather);
+    nm_pool *pools[3] = {NULL, nm_pool_create(2), nm_pool_create(3)};
+    nm_matmul_ctx ctx;
+    nm_matmul_ctx_init(&ctx);
+    ctx.tiles = 1;
+    int checked = 0, bad = 0;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int type = cases[ci].type;
+        const int64_t rows = cases[ci].rows, cols = cases[ci].cols, ldy = rows + pad;
+        const size_t rb = nm_row_size(type, cols);
+        uint8_t *W = random_weights(type, rows, cols);
+        float *X = malloc(sizeof(float) * (size_t)(cols * max_tok));
+        float *Y = malloc(sizeof(float) * (size_t)(ldy * max_tok));
+        float *want = malloc(sizeof(float) * (size_t)(rows * max_tok));
+        for (int64_t i = 0; i < cols * max_tok; i++) X[i] = rng_sym() * 2.0f;
+        nm_act act;
+        CHECK(nm_act_prepare(&ctx, pools[1], type, X, cols, max_tok, cols, &act) == 0, "prepare %s",
+              nm_type_name(type));
+        CHECK(act.aux_type == type && act.aux != NULL, "%s: aux derived", nm_type_name(type));
+        for (int64_t t = 0; t < max_tok; t++)
+            for (int64_t r = 0; r < rows; r++)
+                want[t * rows + r] = nm_tile_dot_ref(type, cols, W + (size_t)r * rb,
+                                                     (const char *)act.data + (size_t)t * act.stride);
+        for (int64_t n_sel = 1; n_sel <= max_tok + 1; n_sel++) {
+            const int32_t *tok = n_sel > max_tok ? gather : NULL; /* max_tok + 1: the gather */
+            const int64_t n = tok ? n_gather : n_sel;
+            for (int p = 0; p < 3; p++) {
+                fill(Y, (size_t)(ldy * max_tok));
+                CHECK(nm_matmul_act(&ctx, pools[p], type, W, rows, &act, tok, n, Y, ldy) == 0, "%s n %lld",
+                      nm_type_name(type), (long long)n);
+                for (int64_t i = 0; i < n; i++) {
+                    const int64_t t = tok ? tok[i] : i;
+                    for (int64_t r = 0; r < rows; r++, checked++)
+                        if (memcmp(&Y[i * ldy + r], &want[t * rows + r], sizeof(float)) != 0 && bad++ < 5)
+                            CHECK(0, "%s rows %lld n %lld%s threads %d: Y[%lld][%lld] = %.9g, tile ref %.9g",
+                                  nm_type_name(type), (long long)rows, (long long)n, tok ? " (gather)" : "", p + 1,
+                                  (long long)i, (long long)r, Y[i * ldy + r], want[t * rows + r]);
+                    for (int64_t r = rows; r < ldy; r++)
+                        if (Y[i * ldy + r] != SENTINEL && bad++ < 5)
+                            CHECK(0, "%s: padding Y[%lld][%lld] written", nm_type_name(type), (long long)i,
+                                  (long long)r);
+                }
+            }
+        }
+        /* decode as its own call: each token prepared alone gives the batch's bits */
+        for (int64_t t = 0; t < max_tok; t += 5) {
+            nm_act one;
+            CHECK(nm_act_prepare(&ctx, NULL, type, X + t * cols, cols, 1, cols, &one) == 0, "prepare one");
+            fill(Y, (size_t)ldy);
+            CHECK(nm_matmul_act(&ctx, pools[2], type, W, rows, &one, NULL, 1, Y, ldy) == 0, "one token");
+            for (int64_t r = 0; r < rows; r++, checked++)
+                if (memcmp(&Y[r], &want[t * rows + r], sizeof(float)) != 0 && bad++ < 5)
+                    CHECK(0, "%s token %lld alone: Y[%lld] = %.9g, in the batch %.9g", nm_type_name(type),
+                          (long long)t, (long long)r, Y[r], want[t * rows + r]);
+        }
+        /* an act without the aux (prepared with tiles off) is refused */
+        ctx.tiles = 0;
+        CHECK(nm_act_prepare(&ctx, NULL, type, X, cols, 2, cols, &act) == 0 && act.aux_type == -1, "prepare, no aux");
+        ctx.tiles = 1;
+        CHECK(nm_matmul_act(&ctx, NULL, type, W, rows, &act, NULL, 2, Y, ldy) == -1, "%s: act without aux refused",
+              nm_type_name(type));
+        /* below VNNI: the single dot's numbers, tiles or not */
+        ctx.isa = NM_ISA_AVX2;
+        CHECK(nm_act_prepare(&ctx, NULL, type, X, cols, 3, cols, &act) == 0 && act.aux_type == -1, "prepare avx2");
+        CHECK(nm_matmul_act(&ctx, pools[1], type, W, rows, &act, NULL, 3, Y, ldy) == 0, "avx2 matmul");
+        const nm_vec_dot_fn dot = nm_vec_dot_for(type, NM_ISA_AVX2);
+        for (int64_t i = 0; i < 3; i++)
+            for (int64_t r = 0; r < rows; r++, checked++) {
+                const float d = dot(cols, W + (size_t)r * rb, (const char *)act.data + (size_t)i * act.stride);
+                if (memcmp(&Y[i * ldy + r], &d, sizeof d) != 0 && bad++ < 5)
+                    CHECK(0, "%s avx2: Y[%lld][%lld] = %.9g, single dot %.9g", nm_type_name(type), (long long)i,
+                          (long long)r, Y[i * ldy + r], d);
+            }
+        ctx.isa = nm_isa_best();
+        free(W);
+        free(X);
+        free(Y);
+        free(want);
+    }
+    CHECK(bad == 0, "%d outputs differ", bad);
+    fprintf(stderr, "  %d tile-path outputs, all bit-identical to their reference\n", checked);
+    nm_matmul_ctx_free(&ctx);
+    for (int p = 1; p < 3; p++) nm_pool_destroy(pools[p]);
+}
+
 static void test_scratch_reuse(void) {
     nm_matmul_ctx ctx;
     nm_matmul_ctx_init(&ctx);
@@ -570,6 +674,7 @@ int main(int argc, char **argv) {
     RUN(test_prepared_gather_and_slabs);
     RUN(test_gemm_equals_single_dots);
     RUN(test_moe_equals_single_dots);
+    RUN(test_tiles_equal_tile_ref);
     RUN(test_scratch_reuse);
     fprintf(stderr, "  largest |y - y_ref| / M: %.2e (bound %.0e)\n", mm_worst, MM_REL);
     return check_summary();

@@ -49,6 +49,11 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
     f->m = m, f->pool = pool, f->experts = experts;
     f->n_batch = n_batch < 1 ? 1 : n_batch;
     nm_matmul_ctx_init(&f->mm);
+    /* the dense matrices on the VNNI tiles where their type has them
+     * (kernels/matmul.h ctx->tiles): packing per call is amortised over the
+     * batch's tokens at prefill, and decode takes the tile GEMV so a token's
+     * bits do not depend on the batch it came in */
+    f->mm.tiles = 1;
     f->n_expert_used = n_expert_used > 0 ? n_expert_used : (int)hp->n_expert_used;
     if (f->n_expert_used > hp->n_expert)
         return nm_errf(err, "--experts-used %d exceeds the model's %lld experts", f->n_expert_used,
