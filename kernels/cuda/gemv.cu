@@ -31,9 +31,10 @@
  * issue (unpacking, one PRMT per weight, address math), not by memory:
  * their time tracks the number of weights, not bytes. Batching U steps of
  * loads ahead of the math (NM_GEMV_U) or raising occupancy did not help.
- * The known way past this is ggml's mmvq: quantise x once per GEMV to int8
- * (Q8_1 blocks, in a scratch buffer) and use dp4a -- ~4x fewer instructions
- * per weight, at the cost of x's precision (as on numoe's CPU path).
+ * kernels/cuda/gemv_q8.cu goes past this for the common quant types: x
+ * quantised once to int8 and dp4a, and wide loads (the per-lane 2- and
+ * 4-byte loads here also spend L1 wavefronts: ~9 cache lines per warp load
+ * for 64-128 useful bytes).
  *
  * No scratch memory is used: every supported type has a direct kernel.
  *
@@ -68,8 +69,8 @@ constexpr uint32_t M4 = 0x0F0F0F0Fu;
  * constant field offsets into the address, while inline-asm loads each cost
  * a 64-bit address add, and integer issue is the bottleneck here (measured:
  * Q8_0 1.47 -> 2.10 TB/s on an H200 without the asm). The 16-byte loads of
- * float rows bypass L1 allocation (L1::no_allocate): weights are read once,
- * and this keeps L1 for x (F16 3.78 -> 3.95 TB/s). */
+ * float rows bypass L1 allocation (quant_dev.cuh wld128): weights are read
+ * once, and this keeps L1 for x (F16 3.78 -> 3.95 TB/s). */
 template <bool A4>
 __device__ __forceinline__ uint32_t wld32(const uint8_t *p) {
     return ld32<A4>(p);
@@ -77,13 +78,6 @@ __device__ __forceinline__ uint32_t wld32(const uint8_t *p) {
 
 __device__ __forceinline__ uint16_t wld16(const uint8_t *p) { return ld16(p); }
 
-__device__ __forceinline__ uint4 wld128(const uint8_t *p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-}
 
 /* ---- activation loads ------------------------------------------------------ */
 __device__ __forceinline__ float4 xld4(const float *p) { return __ldg(reinterpret_cast<const float4 *>(p)); }

@@ -16,17 +16,27 @@
  *     whole integer sums -- the scheme ggml's MMVQ and numoe's CPU dots use
  *     (docs/MODEL.md §4: y = sum_b d_w,b * d_x,b * sum_i q_w,i q_x,i, the
  *     zero points and mins through s);
- *  2. a warp stages the contiguous bytes of the blocks it is about to use
- *     into shared memory with 16-byte loads (every load instruction reads
- *     512 contiguous bytes), and each lane then picks its block's fields
- *     out of shared memory, where narrow unaligned reads cost nothing extra.
+ *  2. every weight load is 16 aligned bytes: Q4_K / Q5_K blocks (144 / 176
+ *     bytes) stay 16-aligned in a 16-aligned row, so a lane reads its 16
+ *     quant bytes and the block header straight from global memory; the
+ *     2-byte-aligned types (Q4_0, Q5_0, Q8_0, Q6_K) are staged by the warp:
+ *     the contiguous bytes of its next blocks copied into shared memory
+ *     with cp.async (double-buffered, behind the current step's math), each
+ *     lane then picking its block's fields out of shared memory, where
+ *     narrow unaligned reads cost nothing extra;
+ *  3. a warp holds R weight rows (4 for the direct types, 2 for the staged
+ *     ones) that share each load of x: x's bytes per unit exceed the
+ *     weights' (Q4_K: 48 weight bytes, 80 of x), so with one row per warp
+ *     the x loads bound the kernel.
+ * Measured on an H200 (docs/BENCHMARKS.md, session 8): Q4_K 3.47 TB/s,
+ * Q8_0 3.59, Q6_K 2.72 on a 16384 x 14336 matrix.
  *
- * Work split: a CTA of 4 warps; a row gets 1, 2 or 4 warps (split-K, fewer
- * for short rows so that no warp idles: 4 rows per CTA at 1 warp per row).
- * A warp step covers 32 units: UPB units per block (1 for the 32-element
- * types, 4 for the 256-element K-quants, each unit 64 weights), so a step is
- * 32 / UPB blocks. Up to 8 activation rows share one read of W (batched
- * decode): per unit the weights are unpacked once and dotted with each row.
+ * Work split: a CTA of 4 warps; a row group (R rows) gets 1, 2 or 4 warps
+ * (split-K, fewer for short rows so that no warp idles). A warp step covers
+ * 32 units: UPB units per block (1 for the 32-element types, 4 for Q6_K, 8
+ * for the direct K-quants), so a step is 32 / UPB blocks. Up to 8
+ * activation rows share one read of W (batched decode): per unit the
+ * weights are unpacked once and dotted with each activation row.
  *
  * Numerics: integer sums are exact; per unit the float steps are fixed, so
  * a row's y does not depend on how many activation rows a call has or on
@@ -55,14 +65,6 @@ __device__ __forceinline__ xrow xrow_at(const uint8_t *base, int64_t cols) {
     return {reinterpret_cast<const int8_t *>(base), reinterpret_cast<const float2 *>(base + cols)};
 }
 __device__ __forceinline__ int4 xld16(const int8_t *p) { return __ldg(reinterpret_cast<const int4 *>(p)); }
-/* weights are read once: 16 bytes without allocating in L1 (keeps it for x) */
-__device__ __forceinline__ uint4 wld128(const uint8_t *p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-}
 /* DIRECT units read W from global memory themselves; the others from the
  * warp's staged copy */
 template <class T, class = void> struct is_direct { static constexpr bool v = false; };

@@ -63,6 +63,17 @@ __device__ __forceinline__ uint16_t ld16(const uint8_t *p) {
     return *reinterpret_cast<const uint16_t *>(p);
 }
 
+/* 16 bytes at a 16-byte-aligned p, read-only and without allocating in L1:
+ * a GEMV reads each weight once, and L1 is better kept for the activations
+ * (measured with the fp32-x F16 GEMV: 3.78 -> 3.95 TB/s on an H200). */
+__device__ __forceinline__ uint4 wld128(const uint8_t *p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
 /* ---- exact integer -> float ----------------------------------------------
  * The float with bits 0x4B000000 | v is 2^23 + v for 0 <= v < 2^23, so a
  * byte becomes a float with one PRMT (splice the byte under the exponent)

@@ -729,20 +729,25 @@ static void bench_type(const tinfo &t, int64_t rows, int64_t cols, size_t l2) {
             return;
         }
     const int iters = 100, reps = 7;
-    std::vector<float> us;
-    for (int r = 0; r < reps; r++) {
-        CK(cudaEventRecord(e0));
-        for (int i = 0; i < iters; i++)
-            nm_cuda_gemv(t.type, dw.as<char>(((size_t)i % copies) * stride), rows, cols, dx.as<float>(),
-                         dy.as<float>(), nullptr);
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms = 0;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        us.push_back(ms * 1000.0f / iters);
-    }
-    std::sort(us.begin(), us.end());
-    const double med = us[us.size() / 2];
+    /* median over reps of the mean us per call of iters calls of run(i) */
+    auto median_us = [&](auto run) {
+        std::vector<float> us;
+        for (int r = 0; r < reps; r++) {
+            CK(cudaEventRecord(e0));
+            for (int i = 0; i < iters; i++) run(i);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms = 0;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            us.push_back(ms * 1000.0f / iters);
+        }
+        std::sort(us.begin(), us.end());
+        return (double)us[us.size() / 2];
+    };
+    const double med = median_us([&](int i) {
+        nm_cuda_gemv(t.type, dw.as<char>(((size_t)i % copies) * stride), rows, cols, dx.as<float>(), dy.as<float>(),
+                     nullptr);
+    });
 
     /* dequant of the same matrix: bytes read + float bytes written */
     gpu_buf dd((size_t)rows * (size_t)cols * 4);
@@ -771,27 +776,11 @@ static void bench_type(const tinfo &t, int64_t rows, int64_t cols, size_t l2) {
         for (int i = 0; i < 5; i++)
             nm_cuda_gemv_q8(t.type, dw.as<char>((i % copies) * stride), rows, cols, dxq.p, 1, dy.as<float>(), rows,
                             nullptr);
-        std::vector<float> uq;
-        for (int r = 0; r < reps; r++) {
-            CK(cudaEventRecord(e0));
-            for (int i = 0; i < iters; i++)
-                nm_cuda_gemv_q8(t.type, dw.as<char>(((size_t)i % copies) * stride), rows, cols, dxq.p, 1,
-                                dy.as<float>(), rows, nullptr);
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            float ms = 0;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            uq.push_back(ms * 1000.0f / iters);
-        }
-        std::sort(uq.begin(), uq.end());
-        q8_us = uq[uq.size() / 2];
-        CK(cudaEventRecord(e0));
-        for (int i = 0; i < iters; i++) nm_cuda_quantize_q8(dx.as<float>(), cols, 1, cols, dxq.p, nullptr);
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms = 0;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        qz_us = ms * 1000.0 / iters;
+        q8_us = median_us([&](int i) {
+            nm_cuda_gemv_q8(t.type, dw.as<char>(((size_t)i % copies) * stride), rows, cols, dxq.p, 1, dy.as<float>(),
+                            rows, nullptr);
+        });
+        qz_us = median_us([&](int) { nm_cuda_quantize_q8(dx.as<float>(), cols, 1, cols, dxq.p, nullptr); });
         CK(cudaGetLastError());
     }
     cudaEventDestroy(e0);

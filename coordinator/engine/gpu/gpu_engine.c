@@ -253,6 +253,11 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
     /* decode GEMVs on 8-bit activations (integer kernels) unless
      * NUMOE_GPU_GEMV=f32 (kept for measuring one against the other) */
     const char *gemv = getenv("NUMOE_GPU_GEMV");
+    if (gemv && *gemv && strcmp(gemv, "f32") && strcmp(gemv, "q8")) {
+        nm_errf(err, "NUMOE_GPU_GEMV=%s: use q8 (the default: 8-bit activations) or f32", gemv);
+        free(ge);
+        return NULL;
+    }
     go.q8_gemv = !(gemv && !strcmp(gemv, "f32"));
     upload_progress up = {.begun = 0};
     go.on_upload = on_upload;
