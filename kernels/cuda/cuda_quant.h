@@ -77,6 +77,16 @@ int nm_cuda_supports_gemv(int type);
 int nm_cuda_dequantize(int type, const void *d_src, float *d_dst, int64_t n,
                        void *stream);
 
+/* As nm_cuda_dequantize, the outputs rounded to bf16 (nearest even) and
+ * stored as n 16-bit values at d_dst: bit-identical to rounding
+ * nm_cuda_dequantize's floats (the prefill GEMMs' tensor-core operands).
+ * d_dst 2-byte aligned. */
+int nm_cuda_dequantize_bf16(int type, const void *d_src, void *d_dst, int64_t n, void *stream);
+
+/* d_dst[t * cols + c] = bf16(d_x[t * ldx + c]) for t < n, c < cols
+ * (nearest even): activations for the bf16 GEMMs. ldx >= cols. */
+int nm_cuda_rows_to_bf16(const float *d_x, int64_t ldx, int64_t n, int64_t cols, void *d_dst, void *stream);
+
 /* y = W x: d_y[r] = sum_c W[r][c] * d_x[c] for r < rows, W stored row-major
  * in the type's block layout (rows * nm_row_size(type, cols) bytes at d_w).
  * cols must be a multiple of the block size. Alignment: d_w to 2 bytes (4

@@ -22,6 +22,8 @@
  * 2^31 elements. */
 #include "kernels/cuda/quant_dev.cuh"
 
+#include <cuda_bf16.h>
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -66,6 +68,24 @@ __device__ __forceinline__ void st4(float *y, float4 v) {
     y[3] = v.w;
 }
 
+/* The same four as bf16, each rounded to nearest even from the exact
+ * float (nm_cuda_dequantize_bf16); V4: y is 8-byte aligned. */
+template <bool V4>
+__device__ __forceinline__ void st4(__nv_bfloat16 *y, float4 v) {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+    if (V4) {
+        uint2 u;
+        u.x = *reinterpret_cast<const uint32_t *>(&a);
+        u.y = *reinterpret_cast<const uint32_t *>(&b);
+        *reinterpret_cast<uint2 *>(y) = u;
+        return;
+    }
+    y[0] = a.x;
+    y[1] = a.y;
+    y[2] = b.x;
+    y[3] = b.y;
+}
+
 /* d * q, elementwise, each product rounded on its own. */
 __device__ __forceinline__ float4 mul4(float4 q, float d) {
     return make_float4(__fmul_rn(d, q.x), __fmul_rn(d, q.y), __fmul_rn(d, q.z), __fmul_rn(d, q.w));
@@ -96,8 +116,8 @@ __device__ __forceinline__ float ubyte(uint32_t w) {
 struct DQ_Q4_0 {
     static constexpr int QK = 32, BYTES = 18, LANES = 4;
     /* unit s: qs bytes 4s..4s+3 -> elements 4s.. (low nibbles), 16+4s.. (high) */
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int s, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int s, O *y) {
         const float d = h2f_exact(ld16(b));
         const uint32_t w = ld32<A4>(b + 2 + 4 * s);
         st4<V4>(y + 4 * s, mul4(bytes4(w & 0x0F0F0F0Fu, NM_MAGIC(8)), d));
@@ -107,8 +127,8 @@ struct DQ_Q4_0 {
 
 struct DQ_Q4_1 {
     static constexpr int QK = 32, BYTES = 20, LANES = 4;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int s, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int s, O *y) {
         const float d = h2f_exact(ld16(b)), m = h2f_exact(ld16(b + 2));
         const uint32_t w = ld32<A4>(b + 4 + 4 * s);
         st4<V4>(y + 4 * s, mul_add4(bytes4(w & 0x0F0F0F0Fu, NM_MAGIC(0)), d, m));
@@ -125,8 +145,8 @@ __device__ __forceinline__ void q5_high(uint32_t qh, int s, uint32_t &lo, uint32
 
 struct DQ_Q5_0 {
     static constexpr int QK = 32, BYTES = 22, LANES = 4;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int s, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int s, O *y) {
         const float d = h2f_exact(ld16(b));
         const uint32_t qh = ld32<A4>(b + 2), w = ld32<A4>(b + 6 + 4 * s);
         uint32_t hl, hh;
@@ -138,8 +158,8 @@ struct DQ_Q5_0 {
 
 struct DQ_Q5_1 {
     static constexpr int QK = 32, BYTES = 24, LANES = 4;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int s, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int s, O *y) {
         const float d = h2f_exact(ld16(b)), m = h2f_exact(ld16(b + 2));
         const uint32_t qh = ld32<A4>(b + 4), w = ld32<A4>(b + 8 + 4 * s);
         uint32_t hl, hh;
@@ -152,8 +172,8 @@ struct DQ_Q5_1 {
 struct DQ_Q8_0 {
     static constexpr int QK = 32, BYTES = 34, LANES = 4;
     /* unit s: elements 8s..8s+7; int8 via the byte xor 0x80 = q + 128 */
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int s, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int s, O *y) {
         const float d = h2f_exact(ld16(b));
         const uint32_t w0 = ld32<A4>(b + 2 + 8 * s) ^ 0x80808080u;
         const uint32_t w1 = ld32<A4>(b + 6 + 8 * s) ^ 0x80808080u;
@@ -168,14 +188,14 @@ struct DQ_Q8_0 {
  * h = (t%8 >= 4), j = 0..3. */
 struct DQ_Q2_K {
     static constexpr int QK = 256, BYTES = 84, LANES = 16;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int t, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int t, O *y) {
         const int n = t >> 3, l0 = 4 * (t & 7), h = (t & 7) >= 4;
         const float d = h2f_exact(ld16(b + 80)), dmin = h2f_exact(ld16(b + 82));
         const uint32_t w = ld32<A4>(b + 16 + 32 * n + l0);
         /* scales[8n + h + 2j], j = 0..3, into bytes 0..3 */
         const uint32_t sc = __byte_perm(ld32<A4>(b + 8 * n), ld32<A4>(b + 8 * n + 4), h ? 0x7531u : 0x6420u);
-        float *yy = y + 128 * n + l0;
+        O *yy = y + 128 * n + l0;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const uint32_t sj = (sc >> (8 * j)) & 0xffu;
@@ -201,14 +221,14 @@ __device__ __forceinline__ uint32_t q3k_scales(const uint8_t *b, int n, int h) {
 
 struct DQ_Q3_K {
     static constexpr int QK = 256, BYTES = 110, LANES = 16;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int t, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int t, O *y) {
         const int n = t >> 3, l0 = 4 * (t & 7), h = (t & 7) >= 4;
         const float d = h2f_exact(ld16(b + 108));
         const uint32_t w = ld32<A4>(b + 32 + 32 * n + l0);
         const uint32_t hm = ld32<A4>(b + l0); /* hmask[l0..l0+3] */
         const uint32_t sc = q3k_scales<A4>(b, n, h);
-        float *yy = y + 128 * n + l0;
+        O *yy = y + 128 * n + l0;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             /* q + 4 = low 2 bits | (hmask bit 4n+j) << 2, in 0..7 */
@@ -237,8 +257,8 @@ __device__ __forceinline__ void k4_scales(const uint8_t *b, uint32_t &sc_lo, uin
  * 64c + 8k + i, high nibbles 64c + 32 + 8k + i. */
 struct DQ_Q4_K {
     static constexpr int QK = 256, BYTES = 144, LANES = 16;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int t, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int t, O *y) {
         const int c = t >> 2, k = t & 3;
         const float d = h2f_exact(ld16(b)), dmin = h2f_exact(ld16(b + 2));
         uint32_t sl, sh, ml, mh;
@@ -250,7 +270,7 @@ struct DQ_Q4_K {
         const float d2 = __fmul_rn(d, smallf((sc >> 8) & 0xffu, NM_MAGIC(0)));
         const float m2 = __fmul_rn(dmin, smallf((mn >> 8) & 0xffu, NM_MAGIC(0)));
         const uint32_t w0 = ld32<A4>(b + 16 + 32 * c + 8 * k), w1 = ld32<A4>(b + 20 + 32 * c + 8 * k);
-        float *yy = y + 64 * c + 8 * k;
+        O *yy = y + 64 * c + 8 * k;
         st4<V4>(yy, mul_sub4(bytes4(w0 & 0x0F0F0F0Fu, NM_MAGIC(0)), d1, m1));
         st4<V4>(yy + 4, mul_sub4(bytes4(w1 & 0x0F0F0F0Fu, NM_MAGIC(0)), d1, m1));
         st4<V4>(yy + 32, mul_sub4(bytes4((w0 >> 4) & 0x0F0F0F0Fu, NM_MAGIC(0)), d2, m2));
@@ -262,8 +282,8 @@ struct DQ_Q4_K {
  * element 64c + 32 + l bit 2c + 1. */
 struct DQ_Q5_K {
     static constexpr int QK = 256, BYTES = 176, LANES = 16;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int t, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int t, O *y) {
         const int c = t >> 2, k = t & 3;
         const float d = h2f_exact(ld16(b)), dmin = h2f_exact(ld16(b + 2));
         uint32_t sl, sh, ml, mh;
@@ -280,7 +300,7 @@ struct DQ_Q5_K {
         const uint32_t q1 = (w1 & 0x0F0F0F0Fu) | (((h1 >> (2 * c)) & 0x01010101u) << 4);
         const uint32_t q2 = ((w0 >> 4) & 0x0F0F0F0Fu) | (((h0 >> (2 * c + 1)) & 0x01010101u) << 4);
         const uint32_t q3 = ((w1 >> 4) & 0x0F0F0F0Fu) | (((h1 >> (2 * c + 1)) & 0x01010101u) << 4);
-        float *yy = y + 64 * c + 8 * k;
+        O *yy = y + 64 * c + 8 * k;
         st4<V4>(yy, mul_sub4(bytes4(q0, NM_MAGIC(0)), d1, m1));
         st4<V4>(yy + 4, mul_sub4(bytes4(q1, NM_MAGIC(0)), d1, m1));
         st4<V4>(yy + 32, mul_sub4(bytes4(q2, NM_MAGIC(0)), d2, m2));
@@ -294,8 +314,8 @@ struct DQ_Q5_K {
  * int8 scales[8n + l0/16 + 2k]. */
 struct DQ_Q6_K {
     static constexpr int QK = 256, BYTES = 210, LANES = 16;
-    template <bool A4, bool V4>
-    __device__ static void run(const uint8_t *b, int t, float *y) {
+    template <bool A4, bool V4, class O>
+    __device__ static void run(const uint8_t *b, int t, O *y) {
         const int n = t >> 3, l0 = 4 * (t & 7), is = (t & 7) >> 2;
         const float d = h2f_exact(ld16(b + 208));
         const uint32_t qa = ld32<A4>(b + 64 * n + l0), qb = ld32<A4>(b + 64 * n + 32 + l0);
@@ -308,7 +328,7 @@ struct DQ_Q6_K {
             ((qa >> 4) & 0x0F0F0F0Fu) | (((qh >> 4) & 0x03030303u) << 4),
             ((qb >> 4) & 0x0F0F0F0Fu) | (((qh >> 6) & 0x03030303u) << 4),
         };
-        float *yy = y + 128 * n + l0;
+        O *yy = y + 128 * n + l0;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const float dl = __fmul_rn(d, smallf((sc >> (8 * k)) & 0xffu, NM_MAGIC(128)));
@@ -319,13 +339,38 @@ struct DQ_Q6_K {
 
 /* ---- kernels -------------------------------------------------------------- */
 
-template <class T, bool A4, bool V4>
-__global__ void __launch_bounds__(256) k_dequant(const uint8_t *__restrict__ src, float *__restrict__ dst,
+template <class T, bool A4, bool V4, class O>
+__global__ void __launch_bounds__(256) k_dequant(const uint8_t *__restrict__ src, O *__restrict__ dst,
                                                  int64_t units) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += stride) {
         const int64_t blk = u / T::LANES;
-        T::template run<A4, V4>(src + blk * T::BYTES, (int)(u % T::LANES), dst + blk * T::QK);
+        T::template run<A4, V4, O>(src + blk * T::BYTES, (int)(u % T::LANES), dst + blk * T::QK);
+    }
+}
+
+/* float types to bf16 (F32, F16 exactly through float, BF16 copied) */
+__global__ void __launch_bounds__(256) k_to_bf16(int type, const void *__restrict__ src, __nv_bfloat16 *__restrict__ dst,
+                                                 int64_t n) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        if (type == NM_TYPE_BF16) {
+            dst[i] = reinterpret_cast<const __nv_bfloat16 *>(src)[i];
+            continue;
+        }
+        const float v = type == NM_TYPE_F32 ? static_cast<const float *>(src)[i]
+                                            : h2f_exact(static_cast<const uint16_t *>(src)[i]);
+        dst[i] = __float2bfloat16_rn(v);
+    }
+}
+
+/* rows of x (ldx apart) to dense bf16 rows of cols */
+__global__ void __launch_bounds__(256) k_rows_bf16(const float *__restrict__ x, int64_t ldx, int64_t cols,
+                                                   __nv_bfloat16 *__restrict__ dst, int64_t n) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int64_t r = i / cols, c = i % cols;
+        dst[i] = __float2bfloat16_rn(x[r * ldx + c]);
     }
 }
 
@@ -349,17 +394,70 @@ static unsigned grid_for(int64_t work) {
     return (unsigned)(blocks < 65536 ? blocks : 65536);
 }
 
-template <class T>
-static int launch_dequant(int type, const void *src, float *dst, int64_t n, cudaStream_t st) {
+template <class T, class O>
+static int launch_dequant(int type, const void *src, O *dst, int64_t n, cudaStream_t st) {
     const int64_t units = n / T::QK * T::LANES;
     const uint8_t *s = static_cast<const uint8_t *>(src);
-    const bool a4 = T::BYTES % 4 == 0 && (uintptr_t)src % 4 == 0, v4 = (uintptr_t)dst % 16 == 0;
+    const bool a4 = T::BYTES % 4 == 0 && (uintptr_t)src % 4 == 0, v4 = (uintptr_t)dst % (4 * sizeof(O)) == 0;
     const unsigned grid = grid_for(units);
-    if (a4 && v4) k_dequant<T, true, true><<<grid, 256, 0, st>>>(s, dst, units);
-    else if (a4) k_dequant<T, true, false><<<grid, 256, 0, st>>>(s, dst, units);
-    else if (v4) k_dequant<T, false, true><<<grid, 256, 0, st>>>(s, dst, units);
-    else k_dequant<T, false, false><<<grid, 256, 0, st>>>(s, dst, units);
+    if (a4 && v4) k_dequant<T, true, true, O><<<grid, 256, 0, st>>>(s, dst, units);
+    else if (a4) k_dequant<T, true, false, O><<<grid, 256, 0, st>>>(s, dst, units);
+    else if (v4) k_dequant<T, false, true, O><<<grid, 256, 0, st>>>(s, dst, units);
+    else k_dequant<T, false, false, O><<<grid, 256, 0, st>>>(s, dst, units);
     return launch_check("nm_cuda_dequantize", type);
+}
+
+/* The quantised types' kernels, for either output type. */
+template <class O>
+static int dequant_quants(int type, const void *d_src, O *d_dst, int64_t n, cudaStream_t st) {
+    switch (type) {
+    case NM_TYPE_Q4_0: return launch_dequant<DQ_Q4_0>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q4_1: return launch_dequant<DQ_Q4_1>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q5_0: return launch_dequant<DQ_Q5_0>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q5_1: return launch_dequant<DQ_Q5_1>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q8_0: return launch_dequant<DQ_Q8_0>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q2_K: return launch_dequant<DQ_Q2_K>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q3_K: return launch_dequant<DQ_Q3_K>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q4_K: return launch_dequant<DQ_Q4_K>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q5_K: return launch_dequant<DQ_Q5_K>(type, d_src, d_dst, n, st);
+    case NM_TYPE_Q6_K: return launch_dequant<DQ_Q6_K>(type, d_src, d_dst, n, st);
+    default: return fail(NM_CUDA_ETYPE, "nm_cuda_dequantize: type %d not supported", type);
+    }
+}
+
+extern "C" int nm_cuda_dequantize_bf16(int type, const void *d_src, void *d_dst, int64_t n, void *stream) {
+    const geom g = geom_of(type);
+    if (!g.block)
+        return fail(NM_CUDA_ETYPE, "nm_cuda_dequantize_bf16: type %d (%s) not supported", type, type_name(type));
+    if (n < 0 || n % g.block)
+        return fail(NM_CUDA_EINVAL,
+                    "nm_cuda_dequantize_bf16: n=%lld is not a non-negative multiple of %s's block size %d",
+                    (long long)n, type_name(type), g.block);
+    if (n == 0) return NM_CUDA_OK;
+    if (!d_src || !d_dst) return fail(NM_CUDA_EINVAL, "nm_cuda_dequantize_bf16: NULL pointer");
+    if ((uintptr_t)d_src % (type == NM_TYPE_F32 ? 4 : 2) || (uintptr_t)d_dst % 2)
+        return fail(NM_CUDA_EALIGN, "nm_cuda_dequantize_bf16: src %p or dst %p misaligned for %s", d_src, d_dst,
+                    type_name(type));
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    __nv_bfloat16 *dst = static_cast<__nv_bfloat16 *>(d_dst);
+    if (type == NM_TYPE_F32 || type == NM_TYPE_F16 || type == NM_TYPE_BF16) {
+        k_to_bf16<<<grid_for(n), 256, 0, st>>>(type, d_src, dst, n);
+        return launch_check("nm_cuda_dequantize_bf16", type);
+    }
+    return dequant_quants(type, d_src, dst, n, st);
+}
+
+extern "C" int nm_cuda_rows_to_bf16(const float *d_x, int64_t ldx, int64_t n, int64_t cols, void *d_dst,
+                                    void *stream) {
+    if (n < 0 || cols < 0 || ldx < cols || (n && (!d_x || !d_dst)))
+        return fail(NM_CUDA_EINVAL, "nm_cuda_rows_to_bf16: n=%lld cols=%lld ldx=%lld or a NULL pointer", (long long)n,
+                    (long long)cols, (long long)ldx);
+    if (!n || !cols) return NM_CUDA_OK;
+    if ((uintptr_t)d_x % 4 || (uintptr_t)d_dst % 2)
+        return fail(NM_CUDA_EALIGN, "nm_cuda_rows_to_bf16: x %p or dst %p misaligned", (const void *)d_x, d_dst);
+    k_rows_bf16<<<grid_for(n * cols), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        d_x, ldx, cols, static_cast<__nv_bfloat16 *>(d_dst), n * cols);
+    return launch_check("nm_cuda_rows_to_bf16", NM_TYPE_F32);
 }
 
 __global__ void k_probe() {}
@@ -445,16 +543,6 @@ extern "C" int nm_cuda_dequantize(int type, const void *d_src, float *d_dst, int
     case NM_TYPE_BF16:
         k_dequant_bf16<<<grid_for(n), 256, 0, st>>>(static_cast<const uint16_t *>(d_src), d_dst, n);
         return launch_check("nm_cuda_dequantize", type);
-    case NM_TYPE_Q4_0: return launch_dequant<DQ_Q4_0>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q4_1: return launch_dequant<DQ_Q4_1>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q5_0: return launch_dequant<DQ_Q5_0>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q5_1: return launch_dequant<DQ_Q5_1>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q8_0: return launch_dequant<DQ_Q8_0>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q2_K: return launch_dequant<DQ_Q2_K>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q3_K: return launch_dequant<DQ_Q3_K>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q4_K: return launch_dequant<DQ_Q4_K>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q5_K: return launch_dequant<DQ_Q5_K>(type, d_src, d_dst, n, st);
-    case NM_TYPE_Q6_K: return launch_dequant<DQ_Q6_K>(type, d_src, d_dst, n, st);
-    default: return fail(NM_CUDA_ETYPE, "nm_cuda_dequantize: type %d not supported", type);
+    default: return dequant_quants(type, d_src, d_dst, n, st);
     }
 }

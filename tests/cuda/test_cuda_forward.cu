@@ -276,9 +276,12 @@ struct run_out {
 
 static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err,
                     int64_t stream_min = 0, int graphs = 0, int64_t hot = 0, const uint32_t *hot_counts = nullptr,
-                    int q8 = 0) {
+                    int q8 = 0, nm_gpu_gemm_mode gemm = NM_GPU_GEMM_F32, int64_t attn_block = 0) {
     nm_gpu_forward_opts o = {};
     o.q8_gemv = q8;
+    o.gemm = gemm;
+    o.gemm_min = gemm != NM_GPU_GEMM_F32 ? 5 : 0; /* the tensor cores for the 12-token prompt too */
+    o.attn_block = attn_block;
     o.n_ctx = N_CTX;
     o.n_batch = n_batch;
     o.stream_min = stream_min;
@@ -911,6 +914,88 @@ static void test_fixture(const char *path, nm_pool *pool) {
               (long long)(kv[2] ? nm_gpu_kv_pos(kv[2]) : -1));
         for (int s = 0; s < NS; s++) nm_gpu_kv_free(kv[s]);
         nm_gpu_forward_free(gf);
+    }
+
+    {
+        /* L: runs of >= 32 tokens of one sequence take the GEMM form of attention (gpu_forward.cu
+         * attention_core), shorter ones the kernel: a 64-token prompt in one batch (one run, one
+         * scores block), in blocks of 16 tokens, in two passes of 32 (the second run's scores cover
+         * the first pass's cache), and batched with two short sequences, against the same prompt
+         * token by token (every position by the kernel). Batches of 64: the host backend's region. */
+        const int64_t LN = 64, HALF = 32;
+        std::vector<int32_t> lp((size_t)LN);
+        prompt_of(11, lp.data(), LN, V);
+        std::vector<float> tok((size_t)LN * V), one((size_t)LN * V), blk((size_t)LN * V), two((size_t)LN * V);
+        rec_backend rl = make_rec(local, hp->n_embd);
+        nm_gpu_forward *gl = nullptr, *gb = nullptr;
+        bool ok = gpu_open(&gl, &m, &rl.base, LN, &err) == 0;
+        ok = ok && nm_gpu_forward_tokens(gl, lp.data(), LN, one.data(), 1, &err) == 0;
+        nm_gpu_forward_reset(gl);
+        for (int64_t t = 0; ok && t < LN; t++)
+            ok = nm_gpu_forward_tokens(gl, lp.data() + t, 1, tok.data() + (size_t)t * V, 0, &err) == 0;
+        nm_gpu_forward_reset(gl);
+        ok = ok && nm_gpu_forward_tokens(gl, lp.data(), HALF, two.data(), 1, &err) == 0 &&
+             nm_gpu_forward_tokens(gl, lp.data() + HALF, LN - HALF, two.data() + (size_t)HALF * V, 1, &err) == 0;
+        /* one engine at a time: each pins the host backend's input region */
+        if (gl) nm_gpu_forward_free(gl), gl = nullptr;
+        rec_backend rb = make_rec(local, hp->n_embd);
+        ok = ok && gpu_open(&gb, &m, &rb.base, LN, &err, 0, 0, 0, nullptr, 0, NM_GPU_GEMM_F32, 16) == 0 &&
+             nm_gpu_forward_tokens(gb, lp.data(), LN, blk.data(), 1, &err) == 0;
+        double r_tok = 0, r_blk = 0, r_two = 0;
+        for (int64_t t = 0; ok && t < LN; t++) {
+            const size_t o = (size_t)t * V;
+            r_tok = std::max(r_tok, compare_row(one.data() + o, tok.data() + o, V).rel);
+            r_blk = std::max(r_blk, compare_row(blk.data() + o, one.data() + o, V).rel);
+            r_two = std::max(r_two, compare_row(two.data() + o, one.data() + o, V).rel);
+        }
+        check(ok && r_tok <= REL_SELF && r_blk <= REL_SELF && r_two <= REL_SELF,
+              "%s: L: 64-token run by GEMM attention vs token by token max rel %.3g, in blocks of 16 %.3g, as 32 + 32 "
+              "%.3g (<= %g)%s%s", name, r_tok, r_blk, r_two, REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+        /* one pass of a 3-token, a 40-token and a 2-token sequence: kernel, GEMMs, kernel */
+        nm_gpu_kv *kv[3] = {};
+        std::vector<float> got((size_t)45 * V);
+        for (int i = 0; i < 3 && ok; i++) ok = nm_gpu_kv_create(gb, 64, &kv[i], &err) == 0;
+        if (ok) {
+            nm_gpu_forward_seq sq[3] = {seg(kv[0], lp.data(), 3, got.data(), 1),
+                                        seg(kv[1], lp.data(), 40, got.data() + (size_t)3 * V, 1),
+                                        seg(kv[2], lp.data(), 2, got.data() + (size_t)43 * V, 1)};
+            ok = nm_gpu_forward_batch(gb, sq, 3, &err) == 0;
+        }
+        double r_mix = 0;
+        for (int64_t t = 0; ok && t < 45; t++) {
+            const int64_t pos = t < 3 ? t : t < 43 ? t - 3 : t - 43;
+            r_mix = std::max(r_mix, compare_row(got.data() + (size_t)t * V, one.data() + (size_t)pos * V, V).rel);
+        }
+        check(ok && r_mix <= REL_SELF,
+              "%s: L: one pass of 3 + 40 + 2 tokens of three sequences equals each alone: max rel %.3g (<= %g)%s%s",
+              name, r_mix, REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+        for (int i = 0; i < 3; i++) nm_gpu_kv_free(kv[i]);
+        if (gb) nm_gpu_forward_free(gb);
+        if (gl) nm_gpu_forward_free(gl);
+    }
+
+    {
+        /* P: the GEMMs on the tensor cores (opts.gemm tf32 / bf16: operands rounded to 11 / 8
+         * significant bits; gemm_min 5, so the prompt's pass takes them), the experts on the host and
+         * streamed to the GPU, teacher-forced against the CPU with the quantised models' bounds; the
+         * routing from the route log */
+        for (int mode = NM_GPU_GEMM_TF32; mode <= NM_GPU_GEMM_BF16; mode++)
+            for (int streamed = 0; streamed <= 1; streamed++) {
+                rec_backend rp = make_rec(local, hp->n_embd);
+                nm_gpu_forward *gp = nullptr;
+                char tag[64];
+                snprintf(tag, sizeof tag, "P (%s GEMMs%s)", mode == NM_GPU_GEMM_TF32 ? "tf32" : "bf16",
+                         streamed ? ", streamed experts" : "");
+                if (gpu_open(&gp, &m, &rp.base, 64, &err, streamed, 0, 0, nullptr, 0, (nm_gpu_gemm_mode)mode)) {
+                    check(false, "%s: GPU init, %s: %s", name, tag, err.msg);
+                    continue;
+                }
+                run_out gpr;
+                std::vector<moe_call> pc;
+                const bool ok = run_logged(gp, prompt, V, &cpu.tokens, &gpr, tag, (int)hp->n_expert_used, &pc);
+                vs_cpu(name, tag, &m, cpu, pc, gpr, ok, false, TIE_TOL_Q8);
+                nm_gpu_forward_free(gp);
+            }
     }
 done:
     local->destroy(local);

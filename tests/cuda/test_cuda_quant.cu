@@ -280,6 +280,61 @@ static void test_type(const tinfo &t, cudaStream_t st) {
     report(gv.ok, what);
 }
 
+/* bf16 of a float, nearest even (NaN stays a NaN) */
+static uint16_t bf16_bits(float f) {
+    const uint32_t u = fbits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* nm_cuda_dequantize_bf16 = nm_cuda_dequantize rounded to bf16, bit for bit
+ * (aligned and 2-byte-offset outputs: the vector and scalar stores), and
+ * nm_cuda_rows_to_bf16 of strided rows. */
+static void test_bf16(const tinfo &t, cudaStream_t st) {
+    const nm_type_traits *tr = nm_type_traits_of(t.type);
+    const int64_t rows = 33, cols = tr->block_size == 1 ? 2304 : 9 * tr->block_size, n = rows * cols;
+    std::vector<uint8_t> w = make_matrix(t, rows, cols, 0);
+    gpu_buf dw(w.size()), df((size_t)n * 4), dh((size_t)n * 2 + 16);
+    CK(cudaMemcpy(dw.p, w.data(), w.size(), cudaMemcpyHostToDevice));
+    std::vector<float> f((size_t)n);
+    std::vector<uint16_t> h((size_t)n);
+    bool ok = nm_cuda_dequantize(t.type, dw.p, df.as<float>(), n, st) == NM_CUDA_OK;
+    char why[200] = "";
+    for (size_t off : {(size_t)0, (size_t)2}) {
+        ok = ok && nm_cuda_dequantize_bf16(t.type, dw.p, dh.as<char>(off), n, st) == NM_CUDA_OK &&
+             cudaStreamSynchronize(st) == cudaSuccess;
+        ok = ok && cudaMemcpy(f.data(), df.p, (size_t)n * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+             cudaMemcpy(h.data(), dh.as<char>(off), (size_t)n * 2, cudaMemcpyDeviceToHost) == cudaSuccess;
+        for (int64_t i = 0; ok && i < n; i++)
+            if (h[(size_t)i] != bf16_bits(f[(size_t)i]) &&
+                !(std::isnan(f[(size_t)i]) && (h[(size_t)i] & 0x7fffu) > 0x7f80u)) {
+                snprintf(why, sizeof why, ": offset %zu element %lld: 0x%04x, expected 0x%04x (%g)", off, (long long)i,
+                         h[(size_t)i], bf16_bits(f[(size_t)i]), f[(size_t)i]);
+                ok = false;
+            }
+    }
+    if (!ok && !*why) snprintf(why, sizeof why, ": %s", nm_cuda_last_error());
+    char what[300];
+    snprintf(what, sizeof what, "dequant %-4s to bf16 = rounded float dequant, bit for bit%s", t.name, why);
+    report(ok, what);
+}
+
+static void test_rows_bf16(cudaStream_t st) {
+    const int64_t n = 7, cols = 300, ldx = 333;
+    std::vector<float> x((size_t)(n * ldx));
+    for (float &v : x) v = rnd_pm1() * 1000.0f;
+    gpu_buf dx(x.size() * 4), dh((size_t)(n * cols) * 2);
+    std::vector<uint16_t> h((size_t)(n * cols));
+    CK(cudaMemcpy(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    bool ok = nm_cuda_rows_to_bf16(dx.as<float>(), ldx, n, cols, dh.p, st) == NM_CUDA_OK &&
+              cudaStreamSynchronize(st) == cudaSuccess &&
+              cudaMemcpy(h.data(), dh.p, h.size() * 2, cudaMemcpyDeviceToHost) == cudaSuccess;
+    for (int64_t r = 0; ok && r < n; r++)
+        for (int64_t c = 0; ok && c < cols; c++) ok = h[(size_t)(r * cols + c)] == bf16_bits(x[(size_t)(r * ldx + c)]);
+    report(ok && nm_cuda_rows_to_bf16(dx.as<float>(), 10, 1, 11, dh.p, st) == NM_CUDA_EINVAL,
+           "rows to bf16: strided rows rounded to nearest even; ldx < cols refused");
+}
+
 /* nm_cuda_gemv_pairs against one nm_cuda_gemv per pair: a stack of S
  * matrices, pairs naming them in any order, some skipped (-1), x shared by
  * x_div consecutive pairs. The same kernel computes both, so every written
@@ -834,6 +889,8 @@ int main(int argc, char **argv) {
         test_api_errors();
         test_f16_specials(st);
         for (const tinfo &t : k_types) test_type(t, st);
+        for (const tinfo &t : k_types) test_bf16(t, st);
+        test_rows_bf16(st);
         for (const tinfo &t : k_types) test_pairs(t, st);
         test_api_errors_q8();
         for (const tinfo &t : k_types)

@@ -86,7 +86,54 @@ __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, flo
     }
 }
 
+/* One CTA per row of S (a token's head over positions 0..Lb): the weights
+ * softmax(S[r][0..valid)) in place, zeros from valid to Lb, valid =
+ * pos0 + r / nh + 1 (row r is token r / nh of a run at consecutive
+ * positions from pos0). As the CPU path: the exact max first, then the
+ * normalised weights. */
+constexpr int SM_THREADS = 256;
+
+__device__ __forceinline__ float block_reduce(float v, float *red, bool is_max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, w) : v + w;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads(); /* red is free (a previous reduction's readers are done) */
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = red[0];
+    for (int w = 1; w < SM_THREADS / 32; w++) v = is_max ? fmaxf(v, red[w]) : v + red[w];
+    return v;
+}
+
+__global__ void __launch_bounds__(SM_THREADS) k_attn_softmax(float *S, int64_t Lb, int nh, int pos0) {
+    __shared__ float red[SM_THREADS / 32];
+    const int64_t r = blockIdx.x;
+    float *row = S + r * Lb;
+    const int64_t valid = (int64_t)pos0 + r / nh + 1;
+    float m = -INFINITY;
+    for (int64_t p = threadIdx.x; p < valid; p += SM_THREADS) m = fmaxf(m, row[p]);
+    m = block_reduce(m, red, true);
+    float l = 0.0f;
+    for (int64_t p = threadIdx.x; p < valid; p += SM_THREADS) {
+        const float e = expf(row[p] - m);
+        row[p] = e;
+        l += e;
+    }
+    l = block_reduce(l, red, false);
+    const float inv = 1.0f / l;
+    for (int64_t p = threadIdx.x; p < Lb; p += SM_THREADS) row[p] = p < valid ? row[p] * inv : 0.0f;
+}
+
 } /* namespace */
+
+cudaError_t attn_softmax(cudaStream_t s, float *S, int64_t rows, int64_t Lb, int nh, int pos0) {
+    if (rows < 1) return cudaSuccess;
+    if (rows > 0x7fffffff || (int64_t)pos0 + (rows - 1) / nh + 1 > Lb) return cudaErrorInvalidValue;
+    k_attn_softmax<<<(unsigned)rows, SM_THREADS, 0, s>>>(S, Lb, nh, pos0);
+    return cudaGetLastError();
+}
 
 cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_info *ti, int layer, int nh, int kr,
                       int dr, float scale, int64_t n) {

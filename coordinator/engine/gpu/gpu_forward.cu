@@ -112,10 +112,20 @@ struct nm_gpu_forward {
      * GEMV input, and which activation they hold (mm_again) */
     uint8_t *xq = nullptr;
     int64_t xq_cols_max = 0;
-    struct {
+    struct act_key {
         const float *x;
         int64_t ldx, n, cols;
+        bool is(const float *x_, int64_t ldx_, int64_t n_, int64_t cols_) const {
+            return x == x_ && ldx == ldx_ && n == n_ && cols == cols_;
+        }
     } xq_of = {};
+    /* the bf16 GEMMs' activations (opts.gemm bf16): n_batch rows of the
+     * widest input, and which activation they hold (mm_again) */
+    uint16_t *xh = nullptr;
+    int64_t xh_cols_max = 0;
+    act_key xh_of = {};
+    int64_t attn_block = 0; /* opts.attn_block */
+    int64_t gemm_min = 32;  /* opts.gemm_min: passes from which opts.gemm applies */
     int32_t *rid = nullptr, *rows = nullptr;
     tok_info *tinfo = nullptr;
     /* the hand-off goes straight into the expert backend's input region
@@ -317,8 +327,9 @@ static int upload_absorb(nm_gpu_forward *f, const nm_mat *src, const float **out
 /* ---- matrix products --------------------------------------------------------- */
 
 static cublasComputeType_t compute_of(const nm_gpu_forward *f, int64_t n) {
-    /* small batches (decode) stay in full fp32 whatever the prefill mode */
-    if (n <= f->gemv_max) return CUBLAS_COMPUTE_32F;
+    /* passes shorter than gemm_min stay in full fp32 whatever the mode: their
+     * GEMMs are small, so the tensor cores gain little there */
+    if (n < f->gemm_min) return CUBLAS_COMPUTE_32F;
     switch (f->gemm) {
     case NM_GPU_GEMM_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
     case NM_GPU_GEMM_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
@@ -356,7 +367,7 @@ static int mm_q8(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, 
     if (!f->q8_gemv || !nm_cuda_supports_gemv_q8(W->type) || (uintptr_t)W->d % 16 || W->cols > f->xq_cols_max ||
         W->cols % 32)
         return 0;
-    if (!(again && f->xq_of.x == X && f->xq_of.ldx == ldx && f->xq_of.n == n && f->xq_of.cols == W->cols)) {
+    if (!(again && f->xq_of.is(X, ldx, n, W->cols))) {
         if (nm_cuda_quantize_q8(X, ldx, n, W->cols, f->xq, f->st) != NM_CUDA_OK)
             return nm_errf(err, "GPU: layer %d: quantising the input of %s: %s", il, W->name, nm_cuda_last_error());
         f->xq_of = {X, ldx, n, W->cols};
@@ -371,13 +382,41 @@ static int mm_q8(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, 
     return 1;
 }
 
+/* The GEMM on the tensor cores with bf16 operands (opts.gemm bf16): X
+ * rounded to bf16 once (f->xh, reused by mm_again: X is the key), row tiles
+ * of W dequantised straight to bf16 (half the tile bytes of float32, so
+ * twice the rows per tile), fp32 accumulation and output. */
+static int mm_bf16(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy,
+                   int il, nm_err *err) {
+    if (!f->xh_of.is(X, ldx, n, W->cols)) {
+        if (nm_cuda_rows_to_bf16(X, ldx, n, W->cols, f->xh, f->st) != NM_CUDA_OK)
+            return nm_errf(err, "GPU: layer %d: the input of %s to bf16: %s", il, W->name, nm_cuda_last_error());
+        f->xh_of = {X, ldx, n, W->cols};
+    }
+    const int64_t tile = (int64_t)(2 * f->wtile_elems / (size_t)W->cols);
+    if (tile < 1) return nm_errf(err, "GPU: layer %d: %s: no dequantisation tile for %lld columns", il, W->name,
+                                 (long long)W->cols);
+    const float one = 1.0f, zero = 0.0f;
+    for (int64_t r0 = 0; r0 < W->rows; r0 += tile) {
+        const int64_t r = W->rows - r0 < tile ? W->rows - r0 : tile;
+        if (nm_cuda_dequantize_bf16(W->type, W->d + (size_t)r0 * W->row_bytes, f->wtile, r * W->cols, f->st) !=
+            NM_CUDA_OK)
+            return nm_errf(err, "GPU: layer %d: dequantising %s to bf16: %s", il, W->name, nm_cuda_last_error());
+        cublasStatus_t s = cublasGemmEx(f->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)r, (int)n, (int)W->cols, &one, f->wtile,
+                                        CUDA_R_16BF, (int)W->cols, f->xh, CUDA_R_16BF, (int)W->cols, &zero, Y + r0,
+                                        CUDA_R_32F, (int)ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        if (s != CUBLAS_STATUS_SUCCESS) return fail_blas(err, s, "bf16 GEMM", W->name, il);
+    }
+    return 0;
+}
+
 /* Y[t][0..W->rows) = W X[t] for t < n (X rows W->cols wide, ldx apart; Y
  * rows ldy apart). */
 static int mm_x(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n, float *Y, int64_t ldy,
                 int again, int il, nm_err *err) {
     /* a fresh X: whatever f->xq holds is not its copy (the same buffer holds
      * another layer's activation by now) */
-    if (!again) f->xq_of = {};
+    if (!again) f->xq_of = {}, f->xh_of = {};
     const int x_aligned = (uintptr_t)X % 16 == 0 && (ldx * sizeof(float)) % 16 == 0;
     if (n <= f->gemv_max && x_aligned) {
         const int q8 = mm_q8(f, W, X, ldx, n, Y, ldy, again, il, err);
@@ -391,6 +430,8 @@ static int mm_x(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, i
     if (W->type == NM_TYPE_F32)
         return gemm_f32(f, reinterpret_cast<const float *>(W->d), W->rows, W->cols, X, ldx, n, Y, ldy, W->name, il,
                         err);
+    if (f->gemm == NM_GPU_GEMM_BF16 && n >= f->gemm_min && f->xh && W->cols <= f->xh_cols_max)
+        return mm_bf16(f, W, X, ldx, n, Y, ldy, il, err);
     /* dequantise row tiles of W into float32 and multiply each */
     int64_t tile = (int64_t)(f->wtile_elems / (size_t)W->cols);
     if (tile < 1) return nm_errf(err, "GPU: layer %d: %s: no dequantisation tile for %lld columns", il, W->name,
@@ -438,6 +479,73 @@ static int gemm_heads(nm_gpu_forward *f, const float *A, int64_t m, int64_t k, c
 
 /* ---- one layer ------------------------------------------------------------------ */
 
+/* Runs of at least this many tokens of one sequence (prefill chunks) take
+ * the GEMM form of attention; shorter ones (decode) the kernel. */
+constexpr int64_t ATT_GEMM_MIN = 32;
+
+/* oc = softmax(scale * qabs . cache) cache_c for the pass's n tokens (the
+ * absorbed MLA of docs/MODEL.md §5). Absorbed, every head of a token scores
+ * the same latent cache rows, so a run of tokens of one sequence at
+ * consecutive positions is one GEMM against its cache, like multi-query
+ * attention with one kv head of kv_lora + d_rope:
+ *   S  = scale * Q C^T      (token-head rows x positions 0..Lb)
+ *   P  = causal softmax(S)  (numoe_gpu::attn_softmax: exact max, then normalised)
+ *   oc = P C[:, 0..kv_lora)
+ * where Q is the run's qabs rows and C the cache. The kernel
+ * (numoe_gpu::attention) reads the cache once per token and head from L2;
+ * for a 2048-token chunk that is ~1000 rows of 576 floats per query, the
+ * GEMMs read each cache tile once per block of queries. S lives in the
+ * dequantisation tile (same stream, so no overlap with a GEMM's use of it),
+ * as many tokens at a time as fit. Shorter runs (decode: every pass that
+ * can be a CUDA graph, n <= 8 < ATT_GEMM_MIN) go to the kernel in one
+ * launch per stretch between long runs. */
+static int attention_core(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const int64_t nh = hp->n_head, kr = hp->kv_lora, dr = hp->d_rope, W = kr + dr;
+    const float scale = hp->kq_scale, one = 1.0f, zero = 0.0f;
+    int64_t k0 = 0; /* first token not yet computed */
+    auto flush = [&](int64_t end) -> int {
+        if (end <= k0) return 0;
+        KERNEL_OK(numoe_gpu::attention(f->st, f->qabs + k0 * nh * W, f->oc + k0 * nh * kr, f->tinfo + k0, il, (int)nh,
+                                       (int)kr, (int)dr, scale, end - k0),
+                  "attention");
+        k0 = end;
+        return 0;
+    };
+    for (int64_t t = 0; t < n;) {
+        const numoe_gpu::tok_info &ti = f->h_tinfo[t];
+        int64_t e = t + 1;
+        while (e < n && f->h_tinfo[e].kv == ti.kv && f->h_tinfo[e].pos == f->h_tinfo[e - 1].pos + 1) e++;
+        const int64_t len = e - t, Lmax = (int64_t)ti.pos + len;
+        int64_t B = (int64_t)(f->wtile_elems / (size_t)(nh * Lmax)); /* tokens per S block */
+        if (f->attn_block > 0 && B > f->attn_block) B = f->attn_block;
+        if (len < ATT_GEMM_MIN || B < 1 || !f->wtile) {
+            t = e;
+            continue;
+        }
+        if (flush(t)) return -1;
+        const float *C = ti.kv + (size_t)il * (size_t)ti.n_ctx * (size_t)W;
+        for (int64_t b0 = t; b0 < e; b0 += B) {
+            const int64_t bn = e - b0 < B ? e - b0 : B, nq = bn * nh;
+            const int pos0 = ti.pos + (int)(b0 - t);
+            const int64_t Lb = (int64_t)pos0 + bn; /* positions 0..Lb of the block's last token */
+            /* column-major: S^T (Lb x nq) = C (Lb x W) Q^T (W x nq); C^T and Q^T are the row-major buffers */
+            cublasStatus_t bs = cublasGemmEx(f->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)Lb, (int)nq, (int)W, &scale, C,
+                                             CUDA_R_32F, (int)W, f->qabs + b0 * nh * W, CUDA_R_32F, (int)W, &zero,
+                                             f->wtile, CUDA_R_32F, (int)Lb, compute_of(f, len), CUBLAS_GEMM_DEFAULT);
+            if (bs != CUBLAS_STATUS_SUCCESS) return fail_blas(err, bs, "attention scores GEMM", "cache", il);
+            KERNEL_OK(numoe_gpu::attn_softmax(f->st, f->wtile, nq, Lb, (int)nh, pos0), "attention softmax");
+            /* oc^T (kr x nq) = C[:, 0..kr)^T (kr x Lb) P^T (Lb x nq) */
+            bs = cublasGemmEx(f->cb, CUBLAS_OP_N, CUBLAS_OP_N, (int)kr, (int)nq, (int)Lb, &one, C, CUDA_R_32F, (int)W,
+                              f->wtile, CUDA_R_32F, (int)Lb, &zero, f->oc + b0 * nh * kr, CUDA_R_32F, (int)kr,
+                              compute_of(f, len), CUBLAS_GEMM_DEFAULT);
+            if (bs != CUBLAS_STATUS_SUCCESS) return fail_blas(err, bs, "attention values GEMM", "cache", il);
+        }
+        k0 = t = e;
+    }
+    return flush(n);
+}
+
 static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const dlayer *L = &f->layers[(size_t)il];
@@ -459,8 +567,7 @@ static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
               "kv_a_norm / RoPE");
     /* qabs[t][h][0..kr) = k_b[h] q_nope[t][h] */
     if (gemm_heads(f, L->kb, kr, dn, f->q, nh * dk, dk, f->qabs, nh * W, W, n, nh, "k_b", il, err)) return -1;
-    KERNEL_OK(numoe_gpu::attention(f->st, f->qabs, f->oc, f->tinfo, il, (int)nh, (int)kr, (int)dr, hp->kq_scale, n),
-              "attention");
+    if (attention_core(f, il, n, err)) return -1;
     /* o[t][h] = v_b[h] oc[t][h] */
     if (gemm_heads(f, L->vb, dv, kr, f->oc, nh * kr, kr, f->o, nh * dv, dv, n, nh, "v_b", il, err)) return -1;
     if (mm(f, &L->out, f->o, nh * dv, n, f->tmp, H, il, err)) return -1;
@@ -993,6 +1100,7 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     auto note = [&wmax, f](const dmat &d) {
         if (d.d && d.type != NM_TYPE_F32 && (size_t)(d.rows * d.cols) > wmax) wmax = (size_t)(d.rows * d.cols);
         if (d.d && nm_cuda_supports_gemv_q8(d.type) && d.cols > f->xq_cols_max) f->xq_cols_max = d.cols;
+        if (d.d && d.type != NM_TYPE_F32 && d.cols > f->xh_cols_max) f->xh_cols_max = d.cols;
     };
     note(f->output);
     for (int il = 0; il < hp->n_layer; il++) {
@@ -1026,6 +1134,10 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     int64_t ffw = hp->n_ff_exp * hp->n_shared;
     if (hp->n_dense > 0 && hp->n_ff > ffw) ffw = hp->n_ff;
     f->logit_rows = T < LOGIT_ROWS_MAX ? T : LOGIT_ROWS_MAX;
+    /* one scratch for the dequantised weight tiles and the attention scores
+     * of long runs (attention_core: a block of tokens x heads x positions) */
+    const size_t scores = (size_t)(T * nh) * (size_t)f->n_ctx;
+    if (scores > wmax) wmax = scores;
     f->wtile_elems = wmax < WTILE_MAX ? wmax : WTILE_MAX;
     if (dalloc_n(f, &f->x, (size_t)(T * H), "x", err) || dalloc_n(f, &f->a, (size_t)(T * H), "a", err) ||
         dalloc_n(f, &f->q, (size_t)(T * nh * dk), "q", err) ||
@@ -1043,6 +1155,9 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         dalloc_n(f, &f->rows, (size_t)f->logit_rows, "output rows", err) ||
         dalloc_n(f, &f->tinfo, (size_t)T, "token table", err) ||
         (f->wtile_elems && dalloc_n(f, &f->wtile, f->wtile_elems, "dequantisation tile", err)))
+        return -1;
+    if (f->gemm == NM_GPU_GEMM_BF16 && f->xh_cols_max > 0 &&
+        dalloc_n(f, &f->xh, (size_t)(T * f->xh_cols_max), "bf16 activations", err))
         return -1;
     if (f->q8_gemv && f->xq_cols_max > 0 &&
         dalloc_n(f, &f->xq, nm_cuda_q8_row_bytes(f->xq_cols_max) * (size_t)(f->gemv_max < T ? f->gemv_max : T),
@@ -1184,6 +1299,8 @@ extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm
     f->n_ctx = o->n_ctx;
     f->n_batch = o->n_batch > 0 ? o->n_batch : 512;
     f->gemm = o->gemm;
+    f->attn_block = o->attn_block;
+    f->gemm_min = o->gemm_min > 0 ? o->gemm_min : 32;
     f->gemv_max = o->gemv_max > 0 ? o->gemv_max : 4;
     f->q8_gemv = o->q8_gemv != 0;
     f->stream_min = o->stream_min;

@@ -69,7 +69,8 @@ typedef struct nm_gpu_kv nm_gpu_kv;
 typedef enum {
     NM_GPU_GEMM_F32 = 0,  /* fp32 FMA (no tensor cores): agrees with the GEMV path to rounding */
     NM_GPU_GEMM_TF32 = 1, /* tensor cores, operands rounded to TF32 (10-bit mantissa) */
-    NM_GPU_GEMM_BF16 = 2  /* tensor cores, operands rounded to BF16 (7-bit mantissa) */
+    NM_GPU_GEMM_BF16 = 2  /* tensor cores on BF16 operands (8-bit significand): quantised weights are
+                             dequantised straight to bf16 and the activations rounded once per call */
 } nm_gpu_gemm_mode;
 
 typedef struct {
@@ -77,7 +78,8 @@ typedef struct {
     int64_t n_ctx;         /* positions of the state's own cache and the most any cache may have (> 0) */
     int64_t n_batch;       /* most tokens per pass (<= 0: 512); longer inputs go in chunks */
     int n_expert_used;     /* 0: the model's expert_used_count; may be lower, never higher */
-    nm_gpu_gemm_mode gemm; /* prefill GEMM precision */
+    nm_gpu_gemm_mode gemm; /* precision of the GEMMs of passes of >= gemm_min tokens (shorter: fp32) */
+    int64_t gemm_min;      /* 0: 32 (the prefill chunks; tests lower it) */
     int gemv_max;          /* batches of up to this many tokens use per-token GEMV (0: 4) */
     int64_t stream_min;    /* passes of >= this many tokens compute the routed experts on the GPU,
                               streaming their weights (gpu_experts.cuh); < 0 or 0: never */
@@ -102,6 +104,8 @@ typedef struct {
     int64_t hot_experts;
     const uint32_t *hot_counts;
     int64_t hot_reserve_positions;
+    int64_t attn_block;    /* > 0: at most this many tokens per scores block of the GEMM form of
+                              attention (tests exercise the blocking with it); 0: as many as fit */
 } nm_gpu_forward_opts;
 
 #define NM_GPU_HOT_AUTO (-1)

@@ -59,6 +59,13 @@ cudaError_t mla_prep(cudaStream_t s, const float *kvn, float *q, float *qabs, co
 cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_info *ti, int layer, int nh, int kr,
                       int dr, float scale, int64_t n);
 
+/* The softmax of a long run's scores (the GEMM form of attention,
+ * gpu_forward.cu): S holds rows x Lb floats, row r the scaled scores of
+ * token r / nh of a run at consecutive positions from pos0 (head r % nh)
+ * against positions 0..Lb; each row becomes its weights over positions
+ * 0..pos0 + r / nh (the causal limit), zeros after. */
+cudaError_t attn_softmax(cudaStream_t s, float *S, int64_t rows, int64_t Lb, int nh, int pos0);
+
 /* Router of n tokens: logits [n][E] -> ids / weights [n][k], exactly the
  * selection rules of coordinator/router.c (softmax or sigmoid + bias,
  * group-limited top-k with the same tie rule, weight normalisation and
