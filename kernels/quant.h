@@ -69,6 +69,13 @@ typedef float (*nm_vec_dot_fn)(int64_t n, const void *w, const void *x);
  * success, -1 if the type cannot be (de)quantised by numoe. */
 int nm_dequantize_row(int type, const void *src, float *dst, int64_t n);
 int nm_quantize_row(int type, const float *src, void *dst, int64_t n);
+/* The activation quantisers' AVX-512 paths (kernels/quantize_avx512.c), nb
+ * blocks each: the scalar reference's bytes for finite inputs, bit for bit.
+ * nm_quantize_row takes them where nm_isa_best() reaches AVX-512. */
+void nm_quant_q8_K_avx512(const float *x, void *dst, int64_t nb);
+void nm_quant_q8_0_avx512(const float *x, void *dst, int64_t nb);
+/* The scalar reference of nm_quantize_row, whatever the CPU (tests). */
+int nm_quantize_row_ref(int type, const float *src, void *dst, int64_t n);
 
 /* Scalar reference dot for a weight type (NULL if none). */
 nm_vec_dot_fn nm_vec_dot_ref(int type);

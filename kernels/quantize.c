@@ -499,11 +499,22 @@ static quant_fn quant_for(int type) {
     }
 }
 
-/* -1 also for n that is negative or not a whole number of blocks. */
-int nm_quantize_row(int type, const float *src, void *dst, int64_t n) {
+static int quantize_with(int type, quant_fn fn, const float *src, void *dst, int64_t n) {
     const nm_type_traits *t = nm_type_traits_of(type);
-    const quant_fn fn = quant_for(type);
     if (!t || !fn || n < 0 || n % t->block_size) return -1;
     if (n > 0) fn(src, dst, n / t->block_size);
     return 0;
+}
+
+/* -1 also for n that is negative or not a whole number of blocks. */
+int nm_quantize_row(int type, const float *src, void *dst, int64_t n) {
+    quant_fn fn = quant_for(type);
+    /* the activation types every quantised matmul converts its input to */
+    if ((type == NM_TYPE_Q8_K || type == NM_TYPE_Q8_0) && nm_isa_best() >= NM_ISA_AVX512)
+        fn = type == NM_TYPE_Q8_K ? nm_quant_q8_K_avx512 : nm_quant_q8_0_avx512;
+    return quantize_with(type, fn, src, dst, n);
+}
+
+int nm_quantize_row_ref(int type, const float *src, void *dst, int64_t n) {
+    return quantize_with(type, quant_for(type), src, dst, n);
 }

@@ -19,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/fp16.h"
 #include "kernels/quant.h"
@@ -436,6 +437,50 @@ static void test_dot_matches_dequant(void) {
     free(xq);
 }
 
+/* The AVX-512 activation quantisers equal the scalar reference byte for
+ * byte: gaussian rows at many scales, rows whose products land on .5 ties
+ * (integers and halves times a power-of-two scale), the largest magnitude
+ * repeated with both signs (the first one sets Q8_K's sign), zero blocks and
+ * single non-zero elements. */
+static void test_avx512_quantisers(void) {
+    if (nm_isa_best() < NM_ISA_AVX512) {
+        printf("  (no AVX-512 here: nm_quantize_row is the reference itself)\n");
+        return;
+    }
+    enum { N = 4 * 256 };
+    static float x[N];
+    static uint8_t a[N * 2], b[N * 2];
+    const int types[2] = {NM_TYPE_Q8_K, NM_TYPE_Q8_0};
+    int bad = 0, cases = 0;
+    for (int kind = 0; kind < 5; kind++)
+        for (int rep = 0; rep < 200; rep++) {
+            const float sc = ldexpf(1.0f, (int)(rng_next() % 40) - 20);
+            for (int j = 0; j < N; j++) {
+                switch (kind) {
+                case 0: x[j] = rng_gauss() * sc; break;
+                case 1: x[j] = (float)((int)(rng_next() % 511) - 255) * 0.5f * sc; break; /* halves: ties */
+                case 2: x[j] = (rng_next() & 1 ? 1.0f : -1.0f) * (float)(rng_next() % 4) * sc; break;
+                case 3: x[j] = 0.0f; break;
+                default: x[j] = (rng_next() % 97 == 0) ? rng_gauss() * sc : 0.0f; break;
+                }
+            }
+            if (kind == 3 && rep % 2) x[rng_next() % N] = -sc; /* one element in a zero row */
+            for (int t = 0; t < 2; t++) {
+                const int64_t rs = nm_row_size(types[t], N);
+                memset(a, 0xAA, sizeof a), memset(b, 0x55, sizeof b);
+                CHECK(nm_quantize_row(types[t], x, a, N) == 0 && nm_quantize_row_ref(types[t], x, b, N) == 0,
+                      "quantize %s", nm_type_name(types[t]));
+                cases++;
+                if (memcmp(a, b, (size_t)rs) != 0) {
+                    if (bad++ < 3)
+                        fprintf(stderr, "  %s kind %d rep %d scale %g: AVX-512 bytes differ from the reference\n",
+                                nm_type_name(types[t]), kind, rep, (double)sc);
+                }
+            }
+        }
+    CHECK(bad == 0, "%d of %d rows quantised differently by the AVX-512 path", bad, cases);
+}
+
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
@@ -451,6 +496,7 @@ int main(int argc, char **argv) {
     RUN(test_bad_lengths);
     RUN(test_q8_0_quantize);
     RUN(test_q8_K_bsums);
+    RUN(test_avx512_quantisers);
     RUN(test_roundtrip_rms);
     RUN(test_degenerate_rows);
     RUN(test_dot_matches_dequant);
