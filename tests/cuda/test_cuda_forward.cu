@@ -941,6 +941,10 @@ static void test_fixture(const char *path, nm_pool *pool) {
         rec_backend rb = make_rec(local, hp->n_embd);
         ok = ok && gpu_open(&gb, &m, &rb.base, LN, &err, 0, 0, 0, nullptr, 0, NM_GPU_GEMM_F32, 16) == 0 &&
              nm_gpu_forward_tokens(gb, lp.data(), LN, blk.data(), 1, &err) == 0;
+        /* float models agree to fp32 rounding; on the quantised fixtures a perturbation of 1e-7 can
+         * already flip a routing decision (margins down to 7e-5 are seen in P), which moves that
+         * position's logits by ~1e-3, so they get the quantised bound */
+        const double bound = is_float ? REL_SELF : REL_QUANT;
         double r_tok = 0, r_blk = 0, r_two = 0;
         for (int64_t t = 0; ok && t < LN; t++) {
             const size_t o = (size_t)t * V;
@@ -948,9 +952,9 @@ static void test_fixture(const char *path, nm_pool *pool) {
             r_blk = std::max(r_blk, compare_row(blk.data() + o, one.data() + o, V).rel);
             r_two = std::max(r_two, compare_row(two.data() + o, one.data() + o, V).rel);
         }
-        check(ok && r_tok <= REL_SELF && r_blk <= REL_SELF && r_two <= REL_SELF,
+        check(ok && r_tok <= bound && r_blk <= bound && r_two <= bound,
               "%s: L: 64-token run by GEMM attention vs token by token max rel %.3g, in blocks of 16 %.3g, as 32 + 32 "
-              "%.3g (<= %g)%s%s", name, r_tok, r_blk, r_two, REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+              "%.3g (<= %g)%s%s", name, r_tok, r_blk, r_two, bound, ok ? "" : ": ", ok ? "" : err.msg);
         /* one pass of a 3-token, a 40-token and a 2-token sequence: kernel, GEMMs, kernel */
         nm_gpu_kv *kv[3] = {};
         std::vector<float> got((size_t)45 * V);
@@ -966,9 +970,9 @@ static void test_fixture(const char *path, nm_pool *pool) {
             const int64_t pos = t < 3 ? t : t < 43 ? t - 3 : t - 43;
             r_mix = std::max(r_mix, compare_row(got.data() + (size_t)t * V, one.data() + (size_t)pos * V, V).rel);
         }
-        check(ok && r_mix <= REL_SELF,
+        check(ok && r_mix <= bound,
               "%s: L: one pass of 3 + 40 + 2 tokens of three sequences equals each alone: max rel %.3g (<= %g)%s%s",
-              name, r_mix, REL_SELF, ok ? "" : ": ", ok ? "" : err.msg);
+              name, r_mix, bound, ok ? "" : ": ", ok ? "" : err.msg);
         for (int i = 0; i < 3; i++) nm_gpu_kv_free(kv[i]);
         if (gb) nm_gpu_forward_free(gb);
         if (gl) nm_gpu_forward_free(gl);

@@ -337,6 +337,15 @@ static cublasComputeType_t compute_of(const nm_gpu_forward *f, int64_t n) {
     }
 }
 
+/* The compute type of the routed experts' grouped GEMMs: cuBLAS's grouped
+ * GEMM takes fp32 operands with fp32 or TF32 compute but refuses the bf16
+ * one (measured on the H200 box: "the requested functionality is not
+ * supported"), so in bf16 mode they run on TF32. */
+static cublasComputeType_t experts_compute(const nm_gpu_forward *f, int64_t n) {
+    const cublasComputeType_t ct = compute_of(f, n);
+    return ct == CUBLAS_COMPUTE_32F_FAST_16BF ? CUBLAS_COMPUTE_32F_FAST_TF32 : ct;
+}
+
 /* Y[t][0..rows) = A X[t] for t < n, A float32 row-major rows x cols. */
 static int gemm_f32(nm_gpu_forward *f, const float *A, int64_t rows, int64_t cols, const float *X, int64_t ldx,
                     int64_t n, float *Y, int64_t ldy, const char *name, int il, nm_err *err) {
@@ -1193,7 +1202,7 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     if ((f->stream_min > 0 || o->stream_auto) && hp->n_layer > hp->n_dense) {
         if (halloc_n(f, &f->h_sids, (size_t)(T * f->k), "expert ids", err) ||
             halloc_n(f, &f->h_sw, (size_t)(T * f->k), "expert weights", err) ||
-            numoe_gpu::moe_stream_create(&f->ms, m, T, f->k, f->st, f->cb, compute_of(f, T), err))
+            numoe_gpu::moe_stream_create(&f->ms, m, T, f->k, f->st, f->cb, experts_compute(f, T), err))
             return nm_err_prefix(err, "routed experts on the GPU (--prefill-experts cpu keeps them on the CPU)");
         if (o->stream_auto && calibrate_stream(f, err))
             return nm_err_prefix(err, "measuring where the routed experts of a pass run (--prefill-experts cpu|gpu "
