@@ -160,9 +160,9 @@ void nm_matmul_rows_multi(nm_vec_dot_fn dot, nm_vec_dot_multi_fn multi, const vo
     }
 }
 
-struct mm_job {
-    nm_vec_dot_fn dot;
-    nm_vec_dot_multi_fn multi;
+/* One product's rows handed to the pool in chunks (both paths below): a
+ * thread starts at the chunk of its own index, then takes `next`'s. */
+struct mm_chunks {
     const void *W;
     size_t row_bytes;
     int64_t rows, rows_per_chunk, n_chunks;
@@ -174,13 +174,36 @@ struct mm_job {
     atomic_llong next; /* next chunk to hand out after each thread's first */
 };
 
+/* Rows [*r0, *r1) of chunk c. */
+static void chunk_rows(const struct mm_chunks *k, int64_t c, int64_t *r0, int64_t *r1) {
+    *r0 = c * k->rows_per_chunk;
+    *r1 = *r0 + k->rows_per_chunk < k->rows ? *r0 + k->rows_per_chunk : k->rows;
+}
+
+/* Rows per chunk: ~CHUNK_BYTES of rows, but at least one chunk per thread
+ * where the rows allow (each path rounds it to its own unit). */
+static int64_t chunk_size(size_t row_bytes, int64_t rows, int nth) {
+    int64_t per = (int64_t)(NM_MATMUL_CHUNK_BYTES / row_bytes);
+    const int64_t even = (rows + nth - 1) / nth;
+    return per > even ? even : per;
+}
+
+#define FOR_EACH_CHUNK(k, ith, c, r0, r1)                                                       \
+    for (int64_t c = (ith), r0, r1; c < (k)->n_chunks && (chunk_rows((k), c, &r0, &r1), 1); \
+         c = atomic_fetch_add(&(k)->next, 1))
+
+struct mm_job {
+    nm_vec_dot_fn dot;
+    nm_vec_dot_multi_fn multi;
+    struct mm_chunks k;
+};
+
 static void mm_task(void *p, int ith, int nth) {
+    (void)nth;
     struct mm_job *j = p;
-    for (int64_t c = ith; c < j->n_chunks; c = atomic_fetch_add(&j->next, 1)) {
-        const int64_t r0 = c * j->rows_per_chunk;
-        const int64_t r1 = r0 + j->rows_per_chunk < j->rows ? r0 + j->rows_per_chunk : j->rows;
-        nm_matmul_rows_multi(j->dot, j->multi, j->W, j->row_bytes, r0, r1, j->act, j->tok, j->n_sel, j->Y, j->ldy);
-    }
+    struct mm_chunks *k = &j->k;
+    FOR_EACH_CHUNK(k, ith, c, r0, r1)
+    nm_matmul_rows_multi(j->dot, j->multi, k->W, k->row_bytes, r0, r1, k->act, k->tok, k->n_sel, k->Y, k->ldy);
 }
 
 /* The tile path (matmul.h, ctx->tiles): chunks of whole 16-row tiles handed
@@ -192,55 +215,52 @@ static void mm_task(void *p, int ith, int nth) {
  * value is tile.h's number whatever the grouping. */
 struct tile_job {
     int type;
-    const void *W;
-    size_t row_bytes, tile_bytes;
-    int64_t rows, rows_per_chunk, n_chunks;
-    const nm_act *act;
-    const int32_t *tok;
-    int64_t n_sel;
-    float *Y;
-    int64_t ldy;
-    atomic_llong next;
+    size_t tile_bytes;
     atomic_int failed;
+    struct mm_chunks k;
 };
 
 static void tile_task(void *p, int ith, int nth) {
     (void)nth;
     struct tile_job *j = p;
-    const char *w = j->W, *x = j->act->data, *aux = j->act->aux;
-    const int64_t cols = j->act->cols;
+    struct mm_chunks *ck = &j->k;
+    const char *w = ck->W, *x = ck->act->data, *aux = ck->act->aux;
+    const int64_t cols = ck->act->cols;
+    const size_t stride = ck->act->stride, aux_stride = ck->act->aux_stride;
+    const size_t row_bytes = ck->row_bytes;
+    const int32_t *tok = ck->tok;
+    const int64_t n_sel = ck->n_sel, ldy = ck->ldy;
+    float *Y = ck->Y;
     uint8_t *buf = NULL; /* the packed chunk, allocated on the first chunk that needs it */
-    for (int64_t c = ith; c < j->n_chunks; c = atomic_fetch_add(&j->next, 1)) {
-        const int64_t r0 = c * j->rows_per_chunk;
-        const int64_t r1 = r0 + j->rows_per_chunk < j->rows ? r0 + j->rows_per_chunk : j->rows;
-        if (j->n_sel == 1) {
-            const int64_t src = j->tok ? j->tok[0] : 0;
-            const void *xs = x + (size_t)src * j->act->stride, *as = aux + (size_t)src * j->act->aux_stride;
+    FOR_EACH_CHUNK(ck, ith, c, r0, r1) {
+        if (n_sel == 1) {
+            const int64_t src = tok ? tok[0] : 0;
+            const void *xs = x + (size_t)src * stride, *as = aux + (size_t)src * aux_stride;
             for (int64_t r = r0; r < r1; r += NM_TILE_ROWS) {
                 const int nr = r1 - r < NM_TILE_ROWS ? (int)(r1 - r) : NM_TILE_ROWS;
                 float out[NM_TILE_ROWS];
-                nm_tile_gemv(j->type, cols, w + (size_t)r * j->row_bytes, j->row_bytes, nr, xs, as, out);
-                memcpy(j->Y + r, out, (size_t)nr * sizeof(float));
+                nm_tile_gemv(j->type, cols, w + (size_t)r * row_bytes, row_bytes, nr, xs, as, out);
+                memcpy(Y + r, out, (size_t)nr * sizeof(float));
             }
             continue;
         }
         /* aligned_alloc wants a multiple of the alignment: tile_bytes is one */
-        if (!buf && !(buf = aligned_alloc(64, j->tile_bytes * (size_t)(j->rows_per_chunk / NM_TILE_ROWS)))) {
+        if (!buf && !(buf = aligned_alloc(64, j->tile_bytes * (size_t)(ck->rows_per_chunk / NM_TILE_ROWS)))) {
             atomic_store(&j->failed, 1);
             return;
         }
         int64_t nt = 0;
         for (int64_t r = r0; r < r1; r += NM_TILE_ROWS, nt++) {
             const int nr = r1 - r < NM_TILE_ROWS ? (int)(r1 - r) : NM_TILE_ROWS;
-            nm_tile_pack(j->type, cols, w + (size_t)r * j->row_bytes, j->row_bytes, nr, buf + (size_t)nt * j->tile_bytes);
+            nm_tile_pack(j->type, cols, w + (size_t)r * row_bytes, row_bytes, nr, buf + (size_t)nt * j->tile_bytes);
         }
-        for (int64_t t = 0; t < j->n_sel; t += NM_TILE_NX) {
-            const int g = j->n_sel - t < NM_TILE_NX ? (int)(j->n_sel - t) : NM_TILE_NX;
+        for (int64_t t = 0; t < n_sel; t += NM_TILE_NX) {
+            const int g = n_sel - t < NM_TILE_NX ? (int)(n_sel - t) : NM_TILE_NX;
             const void *xs[NM_TILE_NX], *as[NM_TILE_NX];
             for (int k = 0; k < g; k++) {
-                const int64_t src = j->tok ? j->tok[t + k] : t + k;
-                xs[k] = x + (size_t)src * j->act->stride;
-                as[k] = aux + (size_t)src * j->act->aux_stride;
+                const int64_t src = tok ? tok[t + k] : t + k;
+                xs[k] = x + (size_t)src * stride;
+                as[k] = aux + (size_t)src * aux_stride;
             }
             for (int64_t i = 0; i < nt; i++) {
                 const int64_t r = r0 + i * NM_TILE_ROWS;
@@ -248,7 +268,7 @@ static void tile_task(void *p, int ith, int nth) {
                 float out[NM_TILE_NX * NM_TILE_ROWS];
                 nm_tile_gemm(j->type, cols, buf + (size_t)i * j->tile_bytes, xs, as, g, out);
                 for (int k = 0; k < g; k++)
-                    memcpy(j->Y + (t + k) * j->ldy + r, out + k * NM_TILE_ROWS, (size_t)nr * sizeof(float));
+                    memcpy(Y + (t + k) * ldy + r, out + k * NM_TILE_ROWS, (size_t)nr * sizeof(float));
             }
         }
     }
@@ -262,15 +282,13 @@ static int matmul_tiles(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const
     const int nth = nm_pool_size(pool);
     /* chunks of whole tiles, ~CHUNK_BYTES of rows but at least one tile, and
      * at least one chunk per thread where the rows allow */
-    int64_t per = (int64_t)(NM_MATMUL_CHUNK_BYTES / row_bytes);
-    const int64_t even = (rows + nth - 1) / nth;
-    if (per > even) per = even;
+    int64_t per = chunk_size(row_bytes, rows, nth);
     per = (per + NM_TILE_ROWS - 1) / NM_TILE_ROWS * NM_TILE_ROWS;
     if (per < NM_TILE_ROWS) per = NM_TILE_ROWS;
-    struct tile_job j = {type, W, row_bytes, tile_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy,
-                         nth, 0};
-    if (nth == 1 || j.n_chunks == 1 || (double)rows * (double)row_bytes * (double)n_sel < SERIAL_WORK_BYTES) {
-        atomic_store(&j.next, 1);
+    struct tile_job j = {.type = type, .tile_bytes = tile_bytes, .failed = 0,
+                         .k = {W, row_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy, nth}};
+    if (nth == 1 || j.k.n_chunks == 1 || (double)rows * (double)row_bytes * (double)n_sel < SERIAL_WORK_BYTES) {
+        atomic_store(&j.k.next, 1);
         tile_task(&j, 0, 1);
     } else {
         nm_pool_run(pool, tile_task, &j);
@@ -306,12 +324,10 @@ int nm_matmul_act(const nm_matmul_ctx *ctx, nm_pool *pool, int type, const void 
     }
     /* chunks of ~CHUNK_BYTES, but at least one per thread; multiples of 16
      * rows keep neighbouring threads' Y writes on different cache lines */
-    int64_t per = (int64_t)(NM_MATMUL_CHUNK_BYTES / row_bytes);
-    const int64_t even = (rows + nth - 1) / nth;
-    if (per > even) per = even;
+    int64_t per = chunk_size(row_bytes, rows, nth);
     if (per >= 32) per &= ~(int64_t)15;
     if (per < 1) per = 1;
-    struct mm_job j = {dot, multi, W, row_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy, nth};
+    struct mm_job j = {dot, multi, {W, row_bytes, rows, per, (rows + per - 1) / per, act, tok, n_sel, Y, ldy, nth}};
     nm_pool_run(pool, mm_task, &j);
     return 0;
 }
