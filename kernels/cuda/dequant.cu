@@ -425,19 +425,26 @@ static int dequant_quants(int type, const void *d_src, O *d_dst, int64_t n, cuda
     }
 }
 
-extern "C" int nm_cuda_dequantize_bf16(int type, const void *d_src, void *d_dst, int64_t n, void *stream) {
+/* The checks both dequantisers share: 1 (with the error code in *rc) when
+ * the call must return at once: a bad argument, or nothing to do (n 0). */
+static bool dequant_args_done(const char *fn, int type, const void *src, const void *dst, int64_t n, int dst_align,
+                              int *rc) {
     const geom g = geom_of(type);
-    if (!g.block)
-        return fail(NM_CUDA_ETYPE, "nm_cuda_dequantize_bf16: type %d (%s) not supported", type, type_name(type));
-    if (n < 0 || n % g.block)
-        return fail(NM_CUDA_EINVAL,
-                    "nm_cuda_dequantize_bf16: n=%lld is not a non-negative multiple of %s's block size %d",
-                    (long long)n, type_name(type), g.block);
-    if (n == 0) return NM_CUDA_OK;
-    if (!d_src || !d_dst) return fail(NM_CUDA_EINVAL, "nm_cuda_dequantize_bf16: NULL pointer");
-    if ((uintptr_t)d_src % (type == NM_TYPE_F32 ? 4 : 2) || (uintptr_t)d_dst % 2)
-        return fail(NM_CUDA_EALIGN, "nm_cuda_dequantize_bf16: src %p or dst %p misaligned for %s", d_src, d_dst,
-                    type_name(type));
+    *rc = NM_CUDA_OK;
+    if (!g.block) *rc = fail(NM_CUDA_ETYPE, "%s: type %d (%s) not supported", fn, type, type_name(type));
+    else if (n < 0 || n % g.block)
+        *rc = fail(NM_CUDA_EINVAL, "%s: n=%lld is not a non-negative multiple of %s's block size %d", fn, (long long)n,
+                   type_name(type), g.block);
+    else if (n == 0) return true;
+    else if (!src || !dst) *rc = fail(NM_CUDA_EINVAL, "%s: NULL pointer", fn);
+    else if ((uintptr_t)src % (type == NM_TYPE_F32 ? 4 : 2) || (uintptr_t)dst % dst_align)
+        *rc = fail(NM_CUDA_EALIGN, "%s: src %p or dst %p misaligned for %s", fn, src, dst, type_name(type));
+    return *rc != NM_CUDA_OK;
+}
+
+extern "C" int nm_cuda_dequantize_bf16(int type, const void *d_src, void *d_dst, int64_t n, void *stream) {
+    int rc;
+    if (dequant_args_done("nm_cuda_dequantize_bf16", type, d_src, d_dst, n, 2, &rc)) return rc;
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     __nv_bfloat16 *dst = static_cast<__nv_bfloat16 *>(d_dst);
     if (type == NM_TYPE_F32 || type == NM_TYPE_F16 || type == NM_TYPE_BF16) {
@@ -517,16 +524,8 @@ extern "C" int nm_cuda_available(char *msg, size_t n) {
 extern "C" int nm_cuda_supports_dequantize(int type) { return geom_of(type).block != 0; }
 
 extern "C" int nm_cuda_dequantize(int type, const void *d_src, float *d_dst, int64_t n, void *stream) {
-    const geom g = geom_of(type);
-    if (!g.block) return fail(NM_CUDA_ETYPE, "nm_cuda_dequantize: type %d (%s) not supported", type, type_name(type));
-    if (n < 0 || n % g.block)
-        return fail(NM_CUDA_EINVAL, "nm_cuda_dequantize: n=%lld is not a non-negative multiple of %s's block size %d",
-                    (long long)n, type_name(type), g.block);
-    if (n == 0) return NM_CUDA_OK;
-    if (!d_src || !d_dst) return fail(NM_CUDA_EINVAL, "nm_cuda_dequantize: NULL pointer");
-    if ((uintptr_t)d_src % (type == NM_TYPE_F32 ? 4 : 2) || (uintptr_t)d_dst % 4)
-        return fail(NM_CUDA_EALIGN, "nm_cuda_dequantize: src %p or dst %p misaligned for %s", d_src, (void *)d_dst,
-                    type_name(type));
+    int rc;
+    if (dequant_args_done("nm_cuda_dequantize", type, d_src, d_dst, n, 4, &rc)) return rc;
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     switch (type) {
     case NM_TYPE_F32: {
