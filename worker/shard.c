@@ -147,7 +147,41 @@ static const nm_piece *piece_of(const nm_placement *p, int64_t l, int64_t e, int
     return NULL;
 }
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
+#endif
+
+/* A segment mapped read-only (re-mapped after its build, or found by a
+ * restarted worker) starts with no page-table entries, so the first call
+ * that reads an expert takes one fault per 4 KiB page: measured on the
+ * 8-layer file (2.6 GB shard, 2-core VM), the first pp512 after start ran at
+ * 132-150 tok/s against ~230 after. This thread maps them in, 64 MiB at a
+ * time, while the worker already serves (a call meanwhile faults only on
+ * what is not mapped yet), so a restart still recovers at once. The pages
+ * themselves are the segment's: nothing is allocated or copied. */
+static void *populate_task(void *arg) {
+    nm_shard *s = arg;
+    const size_t step = (size_t)64 << 20, page = (size_t)sysconf(_SC_PAGESIZE);
+    for (size_t off = 0; off < s->map_bytes && !atomic_load(&s->populate_stop); off += step) {
+        size_t len = s->map_bytes - off < step ? s->map_bytes - off : step;
+        const volatile uint8_t *p = s->map + off;
+        if (madvise((void *)(s->map + off), len, MADV_POPULATE_READ) != 0) /* older kernels: touch each page */
+            for (size_t b = 0; b < len; b += page) (void)p[b];
+    }
+    return NULL;
+}
+
+static void populate_start(nm_shard *s) {
+    atomic_init(&s->populate_stop, 0);
+    /* no thread (out of resources): the pages fault in on first use instead */
+    s->populating = s->map && pthread_create(&s->populate, NULL, populate_task, s) == 0;
+}
+
 void nm_shard_free(nm_shard *s) {
+    if (s->populating) {
+        atomic_store(&s->populate_stop, 1);
+        pthread_join(s->populate, NULL);
+    }
     if (s->layers)
         for (int64_t l = 0; l < s->n_layer; l++) free(s->layers[l].groups);
     free(s->layers);
@@ -338,6 +372,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
     }
     if (s->reused || file) { /* already there, or read from the mapping: nothing to copy */
         free(ops);
+        if (s->reused) populate_start(s);
         return 0;
     }
     nm_progress prog;
@@ -359,6 +394,7 @@ int nm_shard_build(nm_shard *s, const nm_model *m, const nm_placement *p, int wo
             nm_shard_free(s);
             return nm_errf(err, "shard: cannot re-map %s read-only: %s", seg->label, strerror(e));
         }
+        populate_start(s);
     }
     return 0;
 }

@@ -52,6 +52,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <pthread.h>
+#include <stdatomic.h>
+
 #include "common/error.h"
 #include "model/model.h"
 #include "kernels/moe.h"
@@ -85,6 +88,11 @@ typedef struct {
     nm_moe_scratch scratch;
     nm_shard_span *spans;      /* FILE: [n_layer][n_expert][3] gate, up, down bytes in the mapping
                                 * ({NULL, 0}: held elsewhere), for the read-ahead advice */
+    /* the thread that maps the read-only segment's pages in after a build or
+     * a restart (shard.c populate_task); nm_shard_free stops and joins it */
+    pthread_t populate;
+    int populating;
+    atomic_int populate_stop;
 } nm_shard;
 
 enum { NM_SHARD_RAM = 0, NM_SHARD_FILE = 1 };

@@ -118,6 +118,19 @@ nm_engine *nm_engine_cpu_create(const nm_model *m, nm_pool *pool, nm_expert_back
         return NULL;
     }
     ce->fwd.sync_experts = o->sync_experts;
+    /* the attention's form (forward.c attn_decompress): per run by counting
+     * multiply-adds; NUMOE_CPU_ATTN=absorbed|decompressed forces one (tests
+     * run every fixture through both) */
+    const char *attn = getenv("NUMOE_CPU_ATTN");
+    if (attn && *attn && strcmp(attn, "auto") && strcmp(attn, "absorbed") && strcmp(attn, "decompressed")) {
+        nm_errf(err, "NUMOE_CPU_ATTN=%s: use auto (the default), absorbed or decompressed", attn);
+        nm_forward_free(&ce->fwd);
+        free(ce);
+        return NULL;
+    }
+    ce->fwd.attn_mode = !attn || !*attn || !strcmp(attn, "auto") ? NM_ATTN_AUTO
+                        : !strcmp(attn, "absorbed")              ? NM_ATTN_ABSORBED
+                                                                 : NM_ATTN_DECOMPRESSED;
     ce->base = (nm_engine){
         .info = {.name = "cpu", .n_vocab = m->hp.n_vocab, .n_ctx = ce->fwd.n_ctx, .n_batch = ce->fwd.n_batch,
                  .n_layer = m->hp.n_layer, .n_expert_used = ce->fwd.n_expert_used},

@@ -26,6 +26,11 @@
  * (kernels/wsum.h); small enough that a decode token still makes
  * n_head / ATT_HEADS units for the threads. */
 #define ATT_HEADS 4
+/* Tokens per decompressed work unit (they share each K / V row while it is
+ * in L1; at most ATT_HEADS, whose score rows they use), and the shortest
+ * run that may take that form under NM_ATTN_AUTO. */
+#define ATT_TOKS 4
+#define ATT_DEC_MIN 16
 
 /* Y[t][0..W->rows) = W_e X[t] for t < n; X rows are W->cols wide (contiguous),
  * Y rows are y_stride apart. e selects a matrix of a stack (heads of k_b / v_b). */
@@ -71,7 +76,7 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
     struct { float **p; int64_t n; } parts[] = {
         {&f->x, T * H}, {&f->a, T * H}, {&f->q, T * nh * dk}, {&f->qa, T * (hp->q_lora > 0 ? hp->q_lora : 1)},
         {&f->kv_new, T * width}, {&f->gath, T * (hp->kv_lora > dk ? hp->kv_lora : dk)},
-        {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora}, {&f->ov, T * hp->d_v},
+        {&f->qabs, T * nh * (hp->kv_lora + hp->d_rope)}, {&f->oc, T * nh * hp->kv_lora},
         {&f->o, T * nh * hp->d_v}, {&f->tmp, T * H}, {&f->hg, T * ffw}, {&f->hu, T * ffw},
         {&f->rlog, T * hp->n_expert + 2 * hp->n_expert}, {&f->moe, T * H},
         {&f->att, (int64_t)nth * ATT_HEADS * n_ctx},
@@ -95,6 +100,20 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
     cur += NM_SCRATCH_FLOATS(2 * T);
     f->tok = (int32_t *)cur;
 #undef NM_SCRATCH_FLOATS
+    /* the decompressed attention's room, touched only when a run takes it:
+     * K | V rows of as many heads as fit 64 MiB at the longest context */
+    const int64_t w = dk + hp->d_v;
+    f->dec_heads = ((int64_t)64 << 20) / ((int64_t)sizeof(float) * n_ctx * w);
+    f->dec_heads = f->dec_heads < 1 ? 1 : f->dec_heads > nh ? nh : f->dec_heads;
+    f->kbt = malloc((size_t)(nh * hp->d_nope * hp->kv_lora) * sizeof *f->kbt);
+    f->kvd = malloc((size_t)(f->dec_heads * n_ctx * w) * sizeof *f->kvd);
+    f->abs_t = malloc((size_t)T * sizeof *f->abs_t);
+    if (!f->kbt || !f->kvd || !f->abs_t) {
+        nm_forward_free(f);
+        return nm_errf(err, "cannot allocate %lld MB for the decompressed attention at context %lld",
+                       (long long)((nh * hp->d_nope * hp->kv_lora + f->dec_heads * n_ctx * w) * 4 >> 20),
+                       (long long)n_ctx);
+    }
     if (nm_rope_init(&f->rope, (int)hp->d_rope, hp->rope_base, hp->rope_freq_scale, hp->yarn_ext_factor,
                      hp->rope_n_ctx_orig)) {
         nm_forward_free(f);
@@ -106,13 +125,18 @@ int nm_forward_init(nm_forward *f, const nm_model *m, nm_pool *pool, nm_expert_b
 void nm_forward_free(nm_forward *f) {
     free(f->buf);
     free(f->lbuf);
+    free(f->kbt);
+    free(f->kvd);
+    free(f->abs_t);
     nm_rope_free(&f->rope);
     nm_matmul_ctx_free(&f->mm);
     memset(f, 0, sizeof *f);
 }
 
-/* Attention scores and the latent-space output for every (token, head):
- * work split over heads x tokens; each thread has its own score row. */
+/* Attention scores and the latent-space output for every (absorbed token,
+ * head): work split over tokens x groups of heads; each thread has its own
+ * score rows. Token i of the unit list is f->abs_t[i]; its q_abs and o_c
+ * rows are at index i (compacted). */
 typedef struct {
     nm_forward *f;
     int layer;
@@ -135,7 +159,7 @@ static void attn_task(void *ctx, int ith, int nth) {
     for (;;) {
         int64_t u = atomic_fetch_add(&j->next, 1);
         if (u >= j->n * n_groups) break;
-        int64_t t = u / n_groups, h0 = (u % n_groups) * ATT_HEADS, last = f->tpos[t];
+        int64_t i = u / n_groups, t = f->abs_t[i], h0 = (u % n_groups) * ATT_HEADS, last = f->tpos[t];
         const int hn = (int)(nh - h0 < ATT_HEADS ? nh - h0 : ATT_HEADS);
         const nm_kv_cache *kv = f->tkv[t];
         float mx[ATT_HEADS], sum[ATT_HEADS];
@@ -143,7 +167,7 @@ static void attn_task(void *ctx, int ith, int nth) {
         for (int64_t p = 0; p <= last; p++) {
             const float *row = nm_kv_row(kv, j->layer, p);
             for (int g = 0; g < hn; g++) {
-                float v = dot(W, row, f->qabs + (t * nh + h0 + g) * W) * hp->kq_scale;
+                float v = dot(W, row, f->qabs + (i * nh + h0 + g) * W) * hp->kq_scale;
                 s[(size_t)g * f->n_ctx + p] = v;
                 mx[g] = v > mx[g] ? v : mx[g];
             }
@@ -154,11 +178,155 @@ static void attn_task(void *ctx, int ith, int nth) {
             for (int64_t p = 0; p <= last; p++) sg[p] = sg[p] / sum[g];
         }
         /* o_c[t][h] = sum_p softmax_p * c_p: the hn heads at once over the rows */
-        wsum(last + 1, hn, s, f->n_ctx, nm_kv_row(kv, j->layer, 0), W, kr, f->oc + (t * nh + h0) * kr, kr);
+        wsum(last + 1, hn, s, f->n_ctx, nm_kv_row(kv, j->layer, 0), W, kr, f->oc + (i * nh + h0) * kr, kr);
     }
 }
 
-static void attention(nm_forward *f, int il, int64_t n) {
+/* The absorbed form (docs/MODEL.md §5.1) for the n_abs tokens f->abs_t[..]:
+ * q_abs = k_b q_nope per head, the scores and o_c over the latent cache,
+ * o = v_b o_c into the tokens' rows of f->o. */
+static void attention_absorbed(nm_forward *f, int il, int64_t n_abs) {
+    const nm_hparams *hp = &f->m->hp;
+    const nm_layer *L = &f->m->layers[il];
+    int64_t nh = hp->n_head, dn = hp->d_nope, dr = hp->d_rope, dk = dn + dr, kr = hp->kv_lora, W = kr + dr;
+    /* q_abs[i][h] = k_b[h] q_nope[t][h]: one matrix-matrix product per head, written
+     * into [q_abs | q_pe] rows of the cache's width */
+    for (int64_t h = 0; h < nh; h++) {
+        for (int64_t i = 0; i < n_abs; i++) {
+            const float *qt = f->q + f->abs_t[i] * nh * dk + h * dk;
+            memcpy(f->gath + i * dn, qt, (size_t)dn * 4);
+            memcpy(f->qabs + (i * nh + h) * W + kr, qt + dn, (size_t)dr * 4);
+        }
+        mm(f, &L->k_b, h, f->gath, n_abs, f->qabs + h * W, nh * W);
+    }
+    attn_job j = {.f = f, .layer = il, .n = n_abs}; /* units: (token, group of ATT_HEADS heads) */
+    atomic_init(&j.next, 0);
+    nm_pool_run(f->pool, attn_task, &j);
+    /* o[t][h] = v_b[h] o_c[i][h], through q_abs's room (free now) for the compacted rows */
+    float *oh = f->qabs;
+    for (int64_t h = 0; h < nh; h++) {
+        for (int64_t i = 0; i < n_abs; i++) memcpy(f->gath + i * kr, f->oc + (i * nh + h) * kr, (size_t)kr * 4);
+        mm(f, &L->v_b, h, f->gath, n_abs, oh + h * hp->d_v, nh * hp->d_v);
+    }
+    for (int64_t i = 0; i < n_abs; i++)
+        memcpy(f->o + f->abs_t[i] * nh * hp->d_v, oh + i * nh * hp->d_v, (size_t)(nh * hp->d_v) * 4);
+}
+
+/* Which form a run of n tokens of one sequence ending at position last takes
+ * (NM_ATTN_AUTO): the one with fewer multiply-adds. Both pay n_head (d_nope +
+ * d_v) kv_lora per row they project - the absorbed form per new token (W_UK^T
+ * q_nope and W_UV o_c), the decompressed form per position of the context (K
+ * and V) - and per (token, position) pair and head a dot plus a weighted sum,
+ * of kv_lora + d_rope and kv_lora wide absorbed, d_nope + d_rope and d_v wide
+ * decompressed (V2/V3: 576 + 512 against 192 + 128). A prompt decompresses,
+ * a decode token or a short chunk after a long past stays absorbed. The
+ * choice depends on the run alone, so a sequence gets the same numbers in a
+ * batch as alone. */
+static int attn_decompress(const nm_forward *f, int64_t n, int64_t last) {
+    const nm_hparams *hp = &f->m->hp;
+    if (f->attn_mode != NM_ATTN_AUTO) return f->attn_mode == NM_ATTN_DECOMPRESSED;
+    if (n < ATT_DEC_MIN) return 0;
+    double pairs = (double)n * (double)(last + 1) - (double)n * (double)(n - 1) / 2; /* sum over the run of pos+1 */
+    double proj = (double)hp->n_head * (double)(hp->d_nope + hp->d_v) * (double)hp->kv_lora;
+    double absorbed = (double)n * proj + pairs * (double)hp->n_head * (double)(2 * hp->kv_lora + hp->d_rope);
+    double decomp = (double)(last + 1) * proj + pairs * (double)hp->n_head * (double)(hp->d_nope + hp->d_rope + hp->d_v);
+    return decomp < absorbed;
+}
+
+/* The decompressed attention of one run, heads [h0, h0 + hn) of the chunk in
+ * f->kvd: units are (head, group of ATT_TOKS tokens); a token's scores over
+ * its positions, softmax, and o = sum_p softmax_p V_p straight into f->o. */
+typedef struct {
+    nm_forward *f;
+    int64_t t0, n, h0, hn; /* the run's first batch index, its tokens; the chunk's heads */
+    atomic_long next;
+} dec_job;
+
+static void dec_task(void *ctx, int ith, int nth) {
+    dec_job *j = ctx;
+    nm_forward *f = j->f;
+    const nm_hparams *hp = &f->m->hp;
+    const int64_t nh = hp->n_head, dk = hp->d_nope + hp->d_rope, dv = hp->d_v, w = dk + dv;
+    const int64_t n_groups = (j->n + ATT_TOKS - 1) / ATT_TOKS;
+    nm_vec_dot_fn dot = nm_vec_dot(NM_TYPE_F32);
+    nm_wsum_fn wsum = nm_wsum();
+    float *s = f->att + (size_t)ith * ATT_HEADS * (size_t)f->n_ctx; /* [ATT_TOKS][n_ctx] */
+    (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->hn * n_groups) break;
+        int64_t hh = u / n_groups, t = j->t0 + (u % n_groups) * ATT_TOKS, h = j->h0 + hh;
+        const int tn = (int)(j->t0 + j->n - t < ATT_TOKS ? j->t0 + j->n - t : ATT_TOKS);
+        const float *kvh = f->kvd + (size_t)hh * (size_t)f->n_ctx * (size_t)w; /* [p][K | V] */
+        const int64_t top = f->tpos[t + tn - 1];                             /* the group's last position */
+        for (int g = 0; g < tn; g++) {
+            float *sg = s + (size_t)g * f->n_ctx, mx = -INFINITY, sum = 0;
+            const float *qt = f->q + (t + g) * nh * dk + h * dk; /* [q_nope | q_pe] lines up with K */
+            const int64_t last = f->tpos[t + g];
+            for (int64_t p = 0; p <= last; p++) {
+                float v = dot(dk, kvh + p * w, qt) * hp->kq_scale;
+                sg[p] = v;
+                mx = v > mx ? v : mx;
+            }
+            for (int64_t p = 0; p <= last; p++) sum += sg[p] = expf(sg[p] - mx);
+            for (int64_t p = 0; p <= last; p++) sg[p] = sg[p] / sum;
+            for (int64_t p = last + 1; p <= top; p++) sg[p] = 0; /* causal: later rows weigh nothing */
+        }
+        wsum(top + 1, tn, s, f->n_ctx, kvh + dk, w, dv, f->o + t * nh * dv + h * dv, nh * dv);
+    }
+}
+
+/* The decompressed form for the run of n tokens at batch index t0 (one
+ * sequence, consecutive positions): per chunk of heads, K = [W_UK c | k_pe]
+ * and V = W_UV c for every position of the context from the latent cache
+ * (k_b transposed once per layer into f->kbt), then dec_task. */
+static int attention_run(nm_forward *f, int il, int64_t t0, int64_t n, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const nm_layer *L = &f->m->layers[il];
+    const int64_t nh = hp->n_head, dn = hp->d_nope, dr = hp->d_rope, dk = dn + dr, dv = hp->d_v, kr = hp->kv_lora;
+    const int64_t w = dk + dv, P = f->tpos[t0 + n - 1] + 1;
+    const nm_kv_cache *kv = f->tkv[t0];
+    const float *C = nm_kv_row(kv, il, 0);
+    const int64_t ldc = kr + dr;
+    nm_act cf, cq;
+    if (nm_act_prepare(&f->mm, f->pool, NM_TYPE_F32, C, ldc, P, kr, &cf) ||
+        nm_act_prepare(&f->mm, f->pool, L->v_b.type, C, ldc, P, kr, &cq))
+        return nm_errf(err, "layer %d: cannot convert the latent cache for the decompressed attention", il);
+    for (int64_t h0 = 0; h0 < nh; h0 += f->dec_heads) {
+        const int64_t hn = nh - h0 < f->dec_heads ? nh - h0 : f->dec_heads;
+        for (int64_t hh = 0; hh < hn; hh++) {
+            float *kvh = f->kvd + (size_t)hh * (size_t)f->n_ctx * (size_t)w;
+            if (nm_matmul_act(&f->mm, f->pool, NM_TYPE_F32, f->kbt + (h0 + hh) * dn * kr, dn, &cf, NULL, P, kvh, w) ||
+                nm_matmul_act(&f->mm, f->pool, L->v_b.type, nm_mat_row(&L->v_b, h0 + hh, 0), dv, &cq, NULL, P,
+                              kvh + dk, w))
+                return nm_errf(err, "layer %d head %lld: the decompressed K / V product failed", il,
+                               (long long)(h0 + hh));
+            for (int64_t p = 0; p < P; p++) memcpy(kvh + p * w + dn, C + p * ldc + kr, (size_t)dr * 4);
+        }
+        dec_job j = {.f = f, .t0 = t0, .n = n, .h0 = h0, .hn = hn};
+        atomic_init(&j.next, 0);
+        nm_pool_run(f->pool, dec_task, &j);
+    }
+    return 0;
+}
+
+/* kbt[h][n][c] = k_b[h][c][n] as floats: W_UK itself, the rows a key's
+ * d_nope values are dots with. */
+static int transpose_k_b(nm_forward *f, int il, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const nm_mat *kb = &f->m->layers[il].k_b;
+    const int64_t dn = hp->d_nope, kr = hp->kv_lora;
+    float *row = f->gath; /* d_nope floats of room (T >= 1 rows of max(kv_lora, dk)) */
+    for (int64_t h = 0; h < hp->n_head; h++)
+        for (int64_t c = 0; c < kr; c++) {
+            if (nm_dequantize_row(kb->type, nm_mat_row(kb, h, c), row, dn))
+                return nm_errf(err, "layer %d: %s has no dequantiser for the decompressed attention", il, kb->name);
+            for (int64_t k = 0; k < dn; k++) f->kbt[(h * dn + k) * kr + c] = row[k];
+        }
+    return 0;
+}
+
+static int attention(nm_forward *f, int il, int64_t n, nm_err *err) {
     const nm_model *m = f->m;
     const nm_hparams *hp = &m->hp;
     const nm_layer *L = &m->layers[il];
@@ -182,25 +350,24 @@ static void attention(nm_forward *f, int il, int64_t n) {
         nm_rope_apply(&f->rope, row + kr, pos);
         for (int64_t h = 0; h < nh; h++) nm_rope_apply(&f->rope, f->q + t * nh * dk + h * dk + dn, pos);
     }
-    /* q_abs[t][h] = k_b[h] q_nope[t][h]: one matrix-matrix product per head, written
-     * into [q_abs | q_pe] rows of the cache's width */
-    for (int64_t h = 0; h < nh; h++) {
-        for (int64_t t = 0; t < n; t++) {
-            memcpy(f->gath + t * dn, f->q + t * nh * dk + h * dk, (size_t)dn * 4);
-            memcpy(f->qabs + (t * nh + h) * W + kr, f->q + t * nh * dk + h * dk + dn, (size_t)dr * 4);
+    /* runs: the batch's tokens of one sequence at consecutive positions (a
+     * segment); each takes the decompressed or the absorbed form */
+    int64_t n_abs = 0;
+    int kbt_done = 0;
+    for (int64_t t0 = 0, r; t0 < n; t0 += r) {
+        for (r = 1; t0 + r < n && f->tkv[t0 + r] == f->tkv[t0] && f->tpos[t0 + r] == f->tpos[t0] + r; r++) {}
+        if (!attn_decompress(f, r, f->tpos[t0 + r - 1])) {
+            for (int64_t k = 0; k < r; k++) f->abs_t[n_abs++] = t0 + k;
+            continue;
         }
-        mm(f, &L->k_b, h, f->gath, n, f->qabs + h * W, nh * W);
+        if (!kbt_done && transpose_k_b(f, il, err)) return -1;
+        kbt_done = 1;
+        if (attention_run(f, il, t0, r, err)) return -1;
     }
-    attn_job j = {.f = f, .layer = il, .n = n}; /* units: (token, group of ATT_HEADS heads) */
-    atomic_init(&j.next, 0);
-    nm_pool_run(f->pool, attn_task, &j);
-    /* o[t][h] = v_b[h] o_c[t][h] */
-    for (int64_t h = 0; h < nh; h++) {
-        for (int64_t t = 0; t < n; t++) memcpy(f->gath + t * kr, f->oc + (t * nh + h) * kr, (size_t)kr * 4);
-        mm(f, &L->v_b, h, f->gath, n, f->o + h * hp->d_v, nh * hp->d_v);
-    }
+    if (n_abs) attention_absorbed(f, il, n_abs);
     mm(f, &L->out, 0, f->o, n, f->tmp, H);
     for (int64_t i = 0; i < n * H; i++) f->x[i] += f->tmp[i];
+    return 0;
 }
 
 /* down(silu(gate a) * up a) into out for the n rows of a; ff = the
@@ -274,7 +441,7 @@ static int run_layers(nm_forward *f, int64_t n, nm_err *err) {
     for (int64_t t = 0; t < n; t++)
         nm_dequantize_row(m->tok_embd.type, nm_mat_row(&m->tok_embd, 0, f->tok[t]), f->x + t * H, H);
     for (int il = 0; il < hp->n_layer; il++) {
-        attention(f, il, n);
+        if (attention(f, il, n, err)) return -1;
         if (feed_forward(f, il, n, err)) return -1;
     }
     return 0;

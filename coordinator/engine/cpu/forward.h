@@ -26,6 +26,8 @@
 #include "kernels/matmul.h"
 #include "kernels/threadpool.h"
 
+enum { NM_ATTN_AUTO, NM_ATTN_ABSORBED, NM_ATTN_DECOMPRESSED };
+
 typedef struct {
     const nm_model *m;
     nm_pool *pool;
@@ -36,7 +38,18 @@ typedef struct {
     int64_t n_batch;
     nm_matmul_ctx mm;
     float *buf; /* one allocation carved into the scratch below */
-    float *x, *a, *q, *qa, *kv_new, *gath, *qabs, *oc, *ov, *o, *tmp, *hg, *hu, *rlog, *moe, *att;
+    float *x, *a, *q, *qa, *kv_new, *gath, *qabs, *oc, *o, *tmp, *hg, *hu, *rlog, *moe, *att;
+    /* the decompressed attention of prefill runs (forward.c attention_run):
+     * W_UK of every head as f32 [n_head][d_nope][kv_lora] (k_b transposed),
+     * and per head of a chunk of dec_heads heads its K | V rows
+     * [dec_heads][n_ctx][d_nope + d_rope + d_v]; abs_t lists the tokens that
+     * take the absorbed form */
+    float *kbt, *kvd;
+    int64_t dec_heads;
+    int64_t *abs_t;
+    /* NM_ATTN_AUTO: per run of one sequence's tokens the form with fewer
+     * multiply-adds; the others force one (NUMOE_CPU_ATTN, for tests) */
+    int attn_mode;
     /* per token of the batch: its sequence's cache and its position there */
     nm_kv_cache **tkv;
     int64_t *tpos;
