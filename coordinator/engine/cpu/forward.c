@@ -31,6 +31,8 @@
  * run that may take that form under NM_ATTN_AUTO. */
 #define ATT_TOKS 4
 #define ATT_DEC_MIN 16
+_Static_assert(ATT_TOKS <= ATT_HEADS && ATT_TOKS <= NM_WSUM_MAX_V, "a decompressed unit's tokens use a thread's "
+               "ATT_HEADS score rows and one weighted sum");
 
 /* Y[t][0..W->rows) = W_e X[t] for t < n; X rows are W->cols wide (contiguous),
  * Y rows are y_stride apart. e selects a matrix of a stack (heads of k_b / v_b). */
@@ -133,6 +135,14 @@ void nm_forward_free(nm_forward *f) {
     memset(f, 0, sizeof *f);
 }
 
+/* s[0..n) = softmax of the scores s[0..n), whose largest is mx: both
+ * attention forms' weights, summed in ascending position. */
+static void softmax_scores(float *s, int64_t n, float mx) {
+    float sum = 0;
+    for (int64_t p = 0; p < n; p++) sum += s[p] = expf(s[p] - mx);
+    for (int64_t p = 0; p < n; p++) s[p] = s[p] / sum;
+}
+
 /* Attention scores and the latent-space output for every (absorbed token,
  * head): work split over tokens x groups of heads; each thread has its own
  * score rows. Token i of the unit list is f->abs_t[i]; its q_abs and o_c
@@ -162,8 +172,8 @@ static void attn_task(void *ctx, int ith, int nth) {
         int64_t i = u / n_groups, t = f->abs_t[i], h0 = (u % n_groups) * ATT_HEADS, last = f->tpos[t];
         const int hn = (int)(nh - h0 < ATT_HEADS ? nh - h0 : ATT_HEADS);
         const nm_kv_cache *kv = f->tkv[t];
-        float mx[ATT_HEADS], sum[ATT_HEADS];
-        for (int g = 0; g < hn; g++) mx[g] = -INFINITY, sum[g] = 0;
+        float mx[ATT_HEADS];
+        for (int g = 0; g < hn; g++) mx[g] = -INFINITY;
         for (int64_t p = 0; p <= last; p++) {
             const float *row = nm_kv_row(kv, j->layer, p);
             for (int g = 0; g < hn; g++) {
@@ -172,11 +182,7 @@ static void attn_task(void *ctx, int ith, int nth) {
                 mx[g] = v > mx[g] ? v : mx[g];
             }
         }
-        for (int g = 0; g < hn; g++) {
-            float *sg = s + (size_t)g * f->n_ctx;
-            for (int64_t p = 0; p <= last; p++) sum[g] += sg[p] = expf(sg[p] - mx[g]);
-            for (int64_t p = 0; p <= last; p++) sg[p] = sg[p] / sum[g];
-        }
+        for (int g = 0; g < hn; g++) softmax_scores(s + (size_t)g * f->n_ctx, last + 1, mx[g]);
         /* o_c[t][h] = sum_p softmax_p * c_p: the hn heads at once over the rows */
         wsum(last + 1, hn, s, f->n_ctx, nm_kv_row(kv, j->layer, 0), W, kr, f->oc + (i * nh + h0) * kr, kr);
     }
@@ -260,7 +266,7 @@ static void dec_task(void *ctx, int ith, int nth) {
         const float *kvh = f->kvd + (size_t)hh * (size_t)f->n_ctx * (size_t)w; /* [p][K | V] */
         const int64_t top = f->tpos[t + tn - 1];                             /* the group's last position */
         for (int g = 0; g < tn; g++) {
-            float *sg = s + (size_t)g * f->n_ctx, mx = -INFINITY, sum = 0;
+            float *sg = s + (size_t)g * f->n_ctx, mx = -INFINITY;
             const float *qt = f->q + (t + g) * nh * dk + h * dk; /* [q_nope | q_pe] lines up with K */
             const int64_t last = f->tpos[t + g];
             for (int64_t p = 0; p <= last; p++) {
@@ -268,8 +274,7 @@ static void dec_task(void *ctx, int ith, int nth) {
                 sg[p] = v;
                 mx = v > mx ? v : mx;
             }
-            for (int64_t p = 0; p <= last; p++) sum += sg[p] = expf(sg[p] - mx);
-            for (int64_t p = 0; p <= last; p++) sg[p] = sg[p] / sum;
+            softmax_scores(sg, last + 1, mx);
             for (int64_t p = last + 1; p <= top; p++) sg[p] = 0; /* causal: later rows weigh nothing */
         }
         wsum(top + 1, tn, s, f->n_ctx, kvh + dk, w, dv, f->o + t * nh * dv + h * dv, nh * dv);
@@ -311,7 +316,10 @@ static int attention_run(nm_forward *f, int il, int64_t t0, int64_t n, nm_err *e
 }
 
 /* kbt[h][n][c] = k_b[h][c][n] as floats: W_UK itself, the rows a key's
- * d_nope values are dots with. */
+ * d_nope values are dots with. Redone per layer of each pass that
+ * decompresses (n_head kv_lora d_nope values, against the n_head (d_nope +
+ * d_v) kv_lora multiply-adds per context position that pass spends):
+ * kept for every layer it would be 2 GiB of f32 on V3. */
 static int transpose_k_b(nm_forward *f, int il, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const nm_mat *kb = &f->m->layers[il].k_b;
