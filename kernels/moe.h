@@ -10,7 +10,8 @@
  *
  * Work is grouped by expert: each expert's weight rows are read once per call
  * and applied to all the tokens routed to it, so prefill is matrix-matrix and
- * decode is a few GEMVs, in two thread-pool passes per call (gate+up, down). */
+ * decode is a few GEMVs: gate+up, then down, in thread-pool passes whose
+ * order is the schedule below. */
 #ifndef NUMOE_KERNELS_MOE_H
 #define NUMOE_KERNELS_MOE_H
 
@@ -47,19 +48,30 @@ typedef struct {
     unsigned tiled;   /* NM_MOE_TILED_* bits: those matrices are pre-packed tiles (above); 0 = rows */
 } nm_moe_experts;
 
+/* How a call's work is ordered between the pool's threads (moe.c):
+ * STAGED: four pool runs (x quantised; gate+up; h quantised; down), for
+ * batches; FUSED: one run in which down units wait per expert for its
+ * gate+up units, for a few tokens (decode), where the stages' barriers and
+ * tails cost more than the work between them. Both give the same bits.
+ * AUTO: FUSED up to 8 tokens, else STAGED; NUMOE_MOE_SCHEDULE=auto|staged|
+ * fused picks one for every call whose scratch says AUTO. */
+enum { NM_MOE_AUTO = 0, NM_MOE_STAGED = 1, NM_MOE_FUSED = 2 };
+
 /* Growable buffers reused across calls; the caller owns it (zero-init, then
- * nm_moe_scratch_free). Not shared between concurrent calls. */
+ * nm_moe_scratch_free). Not shared between concurrent calls. schedule: an
+ * NM_MOE_* value (0: AUTO). */
 typedef struct {
     void *buf;
     size_t cap;
+    int schedule;
 } nm_moe_scratch;
 
 void nm_moe_scratch_free(nm_moe_scratch *s);
 
 /* x, out: [n_tok][n_embd] float32; ids, w: [n_tok][k]. out is overwritten.
- * Returns 0, or -1 if the scratch cannot grow, an expert id is out of range
- * or tiled asks for tiles this CPU or type cannot run (message in errbuf
- * when non-NULL). */
+ * Returns 0, or -1 if the scratch cannot grow, an expert id is out of range,
+ * tiled asks for tiles this CPU or type cannot run or NUMOE_MOE_SCHEDULE
+ * names no schedule (message in errbuf when non-NULL). */
 int nm_moe_forward(nm_pool *pool, nm_moe_scratch *s, const nm_moe_experts *ex, int64_t n_tok, const float *x, int k,
                    const int32_t *ids, const float *w, float *out, char *errbuf, size_t errlen);
 

@@ -15,7 +15,9 @@
 #                                         #   most SECONDS, 300), then numoe's variants and / or ik on the
 #                                         #   files, nothing else running
 # RACE_V3=1 with start also writes the V3-width slice /tmp/v3s.gguf (15 GB,
-# 5 layers of hidden 7168, 256 experts of ff 2048); RACE_MODELS picks the
+# 5 layers of hidden 7168, 256 experts of ff 2048); RACE_GEN="m8 v3s" names
+# the files start writes instead (in that order), RACE_BUILD_JOBS the ik
+# build's parallel jobs (default: every CPU but 4); RACE_MODELS picks the
 # files the bench runs (default m8 m27; v3s for the slice).
 #
 # Everything prints under $OUT (the device tool's folder; default /tmp/race).
@@ -58,14 +60,19 @@ start)
     setsid nohup bash -c "cd /tmp/ik && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON \
         -DCMAKE_BUILD_TYPE=Release > /tmp/ik-cmake.log 2>&1 && \
-        cmake --build build -j$((T > 4 ? T - 4 : 1)) --target llama-bench > /tmp/ik-build.log 2>&1; \
+        cmake --build build -j${RACE_BUILD_JOBS:-$((T > 4 ? T - 4 : 1))} --target llama-bench > /tmp/ik-build.log 2>&1; \
         echo \$? > /tmp/ik-done" > /dev/null 2>&1 &
-    setsid nohup bash -c "python3 tests/gen_deepseek.py --shape v2-lite --layers 8 --q-lora 1536 --attn-layout ik \
-        --type Q4_K --random-blocks -q -o /tmp/m8.gguf && python3 tests/gen_deepseek.py --shape v2-lite \
-        --attn-layout ik --type Q4_K --random-blocks -q -o /tmp/m27.gguf && \
-        { [ \"${RACE_V3:-0}\" != 1 ] || python3 tests/gen_deepseek.py --shape v3-width --layers 5 --attn-layout ik \
-        --type Q4_K --random-blocks -q -o /tmp/v3s.gguf; }; echo \$? > /tmp/gen-done" \
-        > /tmp/gen.log 2>&1 &
+    gen=""
+    for m in ${RACE_GEN:-m8 m27 $([ "${RACE_V3:-0}" = 1 ] && echo v3s)}; do
+        case $m in
+        m8) a="--shape v2-lite --layers 8 --q-lora 1536" ;;
+        m27) a="--shape v2-lite" ;;
+        v3s) a="--shape v3-width --layers 5" ;;
+        *) echo "race: no model $m (m8, m27, v3s)" >&2; exit 2 ;;
+        esac
+        gen+="python3 tests/gen_deepseek.py $a --attn-layout ik --type Q4_K --random-blocks -q -o /tmp/$m.gguf && "
+    done
+    setsid nohup bash -c "${gen}true; echo \$? > /tmp/gen-done" > /tmp/gen.log 2>&1 &
     echo "race: ik build and models started in the background"
     ;;
 tests)

@@ -393,7 +393,7 @@ static nm_vec_dot_fn moe_dot(int type) {
     return nm_vec_dot(type);
 }
 
-static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
+static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool, int schedule) {
     const int64_t n_embd = 512, n_ff = 224, E = 7;
     const int k = 3;
     const size_t rg = nm_row_size(tg, n_embd), ru = nm_row_size(tu, n_embd), rd = nm_row_size(td, n_ff);
@@ -427,7 +427,7 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
     CHECK(rg && ru && rd, "row sizes");
 
     char err[128];
-    nm_moe_scratch sc = {0};
+    nm_moe_scratch sc = {.schedule = schedule};
     CHECK(nm_moe_forward(pool, &sc, &ex, n_tok, x, k, ids, w, out, err, sizeof err) == 0, "moe: %s", err);
     {
         const int32_t keep = ids[0];
@@ -467,8 +467,9 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
     int bad = 0;
     for (int64_t i = 0; i < n_tok * n_embd; i++)
         if (memcmp(&out[i], &ref[i], sizeof out[i]) != 0 && bad++ < 3)
-            CHECK(0, "moe %s/%s/%s n_tok %lld threads %d: out[%lld][%lld] = %.9g, per-pair %.9g", nm_type_name(tg),
-                  nm_type_name(tu), nm_type_name(td), (long long)n_tok, nm_pool_size(pool), (long long)(i / n_embd),
+            CHECK(0, "moe %s/%s/%s n_tok %lld threads %d schedule %d: out[%lld][%lld] = %.9g, per-pair %.9g",
+                  nm_type_name(tg), nm_type_name(tu), nm_type_name(td), (long long)n_tok, nm_pool_size(pool), schedule,
+                  (long long)(i / n_embd),
                   (long long)(i % n_embd), out[i], ref[i]);
 
     /* the same experts held as pre-packed tiles (every tileable matrix, as a
@@ -525,16 +526,24 @@ static void moe_check(int tg, int tu, int td, int64_t n_tok, nm_pool *pool) {
     free(x), free(out), free(ref), free(ids), free(w), free(xg), free(xu), free(hq), free(h);
 }
 
+/* Every case in each schedule (moe.h: staged, fused, and auto, which is
+ * fused for the 1- and 2-token batches and staged for 29), 1 and 3 threads;
+ * 6 threads over the 3 cases' experts leave threads waiting in the fused
+ * schedule's down units for experts still in gate+up. */
 static void test_moe_equals_single_dots(void) {
-    nm_pool *pool = nm_pool_create(3);
+    nm_pool *pool = nm_pool_create(3), *pool6 = nm_pool_create(6);
     const int64_t ntoks[] = {1, 2, 29};
-    for (int i = 0; i < 3; i++) {
-        moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, ntoks[i], NULL);
-        moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, ntoks[i], pool);
-        moe_check(NM_TYPE_Q8_0, NM_TYPE_Q8_0, NM_TYPE_Q8_0, ntoks[i], pool);
+    for (int sch = NM_MOE_AUTO; sch <= NM_MOE_FUSED; sch++) {
+        for (int i = 0; i < 3; i++) {
+            moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, ntoks[i], NULL, sch);
+            moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, ntoks[i], pool, sch);
+            moe_check(NM_TYPE_Q8_0, NM_TYPE_Q8_0, NM_TYPE_Q8_0, ntoks[i], pool6, sch);
+        }
+        moe_check(NM_TYPE_Q6_K, NM_TYPE_Q5_K, NM_TYPE_Q4_0, 29, pool, sch); /* gate and up of different types */
+        moe_check(NM_TYPE_Q6_K, NM_TYPE_Q5_K, NM_TYPE_Q4_0, 2, pool6, sch);
     }
-    moe_check(NM_TYPE_Q6_K, NM_TYPE_Q5_K, NM_TYPE_Q4_0, 29, pool); /* gate and up of different types */
     nm_pool_destroy(pool);
+    nm_pool_destroy(pool6);
 }
 
 /* The scratch grows with the batch and is reused; F32 weights read X in
