@@ -11,7 +11,9 @@
  * minutes; the kernels' speed does not depend on which valid bits they
  * read). Times are the best of --reps runs after one warm-up. A GEMM column
  * (--gemm-tok tokens, default 32, on the first --gemm-mb MiB) gives the
- * compute-bound prefill view in GFLOP/s (2 flops per weight per token). */
+ * compute-bound prefill view in GFLOP/s (2 flops per weight per token).
+ * Then the routed experts of one decode token through the MoE kernel
+ * (launch/bench_moe.c): the CPU's part of a hybrid decode step. */
 #include <emmintrin.h>
 #include <errno.h>
 #include <stdatomic.h>
@@ -29,6 +31,7 @@
 #include "kernels/matmul.h"
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
+#include "launch/bench_moe.h"
 #include "launch/commands.h"
 
 static const int bench_types[] = {NM_TYPE_F32,  NM_TYPE_F16,  NM_TYPE_BF16, NM_TYPE_Q8_0, NM_TYPE_Q4_0,
@@ -46,7 +49,8 @@ static void usage(FILE *f) {
             "\n"
             "options:\n"
             "  --threads N     threads for the all-threads columns (default: the CPUs this process may use)\n"
-            "  --mb SIZE       MiB of weights per type, much larger than the last-level cache (default 512)\n"
+            "  --mb SIZE       MiB of weights per type (and per expert shape), much larger than the\n"
+            "                  last-level cache (default 512)\n"
             "  --types LIST    comma-separated types (default F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,\n"
             "                  Q2_K,Q3_K,Q4_K,Q5_K,Q6_K)\n"
             "  --isa LEVEL     scalar, avx2, avx512 or avx512vnni (default: the best this CPU runs,\n"
@@ -54,7 +58,10 @@ static void usage(FILE *f) {
             "  --cols N        row length, a multiple of 256 (default 7168, DeepSeek-V3's hidden size)\n"
             "  --reps N        timed repetitions per figure, best kept (default 5)\n"
             "  --gemm-tok N    tokens of the GEMM column, 0 to skip it (default 32)\n"
-            "  --gemm-mb SIZE  MiB of weights the GEMM runs over (default 32)\n");
+            "  --gemm-mb SIZE  MiB of weights the GEMM runs over (default 32)\n"
+            "  --moe LIST      expert shapes of the routed-experts table (one decode token through the\n"
+            "                  MoE kernel, as the in-process backend and workers run it): v2-lite, v3,\n"
+            "                  comma-separated, or none (default v2-lite,v3)\n");
 }
 
 static int parse_long(const char *s, long lo, long hi, long *out) {
@@ -222,6 +229,7 @@ static void cpu_model(char *buf, size_t n) {
 
 int nm_cmd_bench_kernels(int argc, char **argv) {
     long threads = 0, mb = 512, cols = 7168, reps = 5, gemm_tok = 32, gemm_mb = 32;
+    const char *moe = "v2-lite,v3";
     nm_isa isa = nm_isa_best();
     int types[N_BENCH_TYPES], n_types = 0;
     for (int i = 1; i < argc; i++) {
@@ -243,6 +251,7 @@ int nm_cmd_bench_kernels(int argc, char **argv) {
         else if (!strcmp(a, "--reps")) bad = parse_long(v, 1, 1000, &reps);
         else if (!strcmp(a, "--gemm-tok")) bad = parse_long(v, 0, 4096, &gemm_tok);
         else if (!strcmp(a, "--gemm-mb")) bad = parse_long(v, 1, 1L << 20, &gemm_mb);
+        else if (!strcmp(a, "--moe")) moe = strcmp(v, "none") ? v : "";
         else if (!strcmp(a, "--isa")) {
             bad = 1;
             for (int l = 0; l < NM_ISA_COUNT; l++)
@@ -403,6 +412,10 @@ int nm_cmd_bench_kernels(int argc, char **argv) {
     free(buf);
     free(X);
     free(Y);
+    if (*moe) {
+        const int mrc = nm_bench_moe_decode(pool, moe, (int)reps, rdn, bytes, llc);
+        if (mrc) rc = mrc;
+    }
     nm_pool_destroy(pool);
     return rc;
 }

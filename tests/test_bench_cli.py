@@ -86,8 +86,9 @@ def test_bench_table(numoe, model, args, want, k):
     assert abs(positive(gbs) - want_bytes * tg / 1e9) <= 0.006 + want_bytes * 0.006 / 1e9, (gbs, want_bytes, tg)
 
 
-def kernels(numoe, *args):
-    proc = run([numoe, "bench", "kernels", "--mb", "1", "--reps", "1", "--threads", "2", "--gemm-mb", "1", *args])
+def kernels(numoe, *args, moe="none"):
+    proc = run([numoe, "bench", "kernels", "--mb", "1", "--reps", "1", "--threads", "2", "--gemm-mb", "1",
+                "--moe", moe, *args])
     assert_clean(proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -130,6 +131,26 @@ def test_bench_kernels_types_and_isa(numoe):
     assert head == ["type", "dot", "1", "thread", "threads", "%"]  # no GEMM column with --gemm-tok 0
     assert list(rows) == ["Q6_K", "Q4_0", "BF16"]
     assert {r[0] for r in rows.values()} == {"scalar"}
+
+
+def test_bench_kernels_moe_decode(numoe):
+    """The routed-experts table: one decode token through the MoE kernel, per layout
+    (rows in process, tiles as a worker's shard holds them) and schedule; the experts
+    held follow --mb (at least one call's), flagged when they fit the cache."""
+    out = kernels(numoe, "--types", "Q4_K", "--gemm-tok", "0", moe="v2-lite")
+    lines = out.splitlines()
+    i = next(i for i, x in enumerate(lines) if x.strip().startswith("v2-lite"))
+    assert "Q4_K/Q4_K/Q5_0, 6 of 6 experts a call (31.36 MB read" in lines[i], lines[i]
+    rows = [x.split() for x in lines[i + 1:i + 5]]
+    got = [(" ".join(r[:-4]), r[-4]) for r in rows]
+    assert got == [("rows (the GGUF's, in process)", "staged"), ("rows (the GGUF's, in process)", "fused"),
+                   ("tiles (a worker's shard)", "staged"), ("tiles (a worker's shard)", "fused")], out
+    for r in rows:
+        positive(r[-3]), positive(r[-2])
+        assert r[-1].endswith("%"), r
+    assert not any(x.strip().startswith("v3 ") for x in lines), out
+    p = run([numoe, "bench", "kernels", "--mb", "1", "--types", "Q4_0", "--moe", "v2-lite,v9"])
+    assert p.returncode == 2 and "--moe: unknown shape 'v9' (v2-lite, v3, none)" in p.stderr, p.stderr
 
 
 def test_bench_errors(numoe):
