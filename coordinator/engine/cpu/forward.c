@@ -19,6 +19,7 @@
 #include "common/clock.h"
 #include "coordinator/engine/router.h"
 #include "kernels/quant.h"
+#include "kernels/scores.h"
 #include "kernels/wsum.h"
 
 /* Heads per attention work unit: they share each cache row while it is in
@@ -31,8 +32,9 @@
  * run that may take that form under NM_ATTN_AUTO. */
 #define ATT_TOKS 4
 #define ATT_DEC_MIN 16
-_Static_assert(ATT_TOKS <= ATT_HEADS && ATT_TOKS <= NM_WSUM_MAX_V, "a decompressed unit's tokens use a thread's "
-               "ATT_HEADS score rows and one weighted sum");
+_Static_assert(ATT_TOKS <= ATT_HEADS && ATT_TOKS <= NM_WSUM_MAX_V && ATT_TOKS == NM_SCORES_Q,
+               "a decompressed unit's tokens use a thread's ATT_HEADS score rows, one weighted sum and the "
+               "query rows of one score block");
 
 /* Y[t][0..W->rows) = W_e X[t] for t < n; X rows are W->cols wide (contiguous),
  * Y rows are y_stride apart. e selects a matrix of a stack (heads of k_b / v_b). */
@@ -254,7 +256,7 @@ static void dec_task(void *ctx, int ith, int nth) {
     const nm_hparams *hp = &f->m->hp;
     const int64_t nh = hp->n_head, dk = hp->d_nope + hp->d_rope, dv = hp->d_v, w = dk + dv;
     const int64_t n_groups = (j->n + ATT_TOKS - 1) / ATT_TOKS;
-    nm_vec_dot_fn dot = nm_vec_dot(NM_TYPE_F32);
+    nm_scores_fn scores = nm_scores();
     nm_wsum_fn wsum = nm_wsum();
     float *s = f->att + (size_t)ith * ATT_HEADS * (size_t)f->n_ctx; /* [ATT_TOKS][n_ctx] */
     (void)nth;
@@ -265,19 +267,76 @@ static void dec_task(void *ctx, int ith, int nth) {
         const int tn = (int)(j->t0 + j->n - t < ATT_TOKS ? j->t0 + j->n - t : ATT_TOKS);
         const float *kvh = f->kvd + (size_t)hh * (size_t)f->n_ctx * (size_t)w; /* [p][K | V] */
         const int64_t top = f->tpos[t + tn - 1];                             /* the group's last position */
+        /* every token of the group against every position up to the group's
+         * last, 4 x 4 at a time (kernels/scores.h); a short group or the last
+         * block repeats a row, whose scores are dropped: a score does not
+         * depend on the rows beside it, so a token gets the same numbers in
+         * any group */
+        const float *qg[NM_SCORES_Q]; /* [q_nope | q_pe] lines up with K */
+        for (int g = 0; g < NM_SCORES_Q; g++) qg[g] = f->q + (t + (g < tn ? g : tn - 1)) * nh * dk + h * dk;
+        for (int64_t p0 = 0; p0 <= top; p0 += NM_SCORES_K) {
+            const float *kp[NM_SCORES_K];
+            float o[NM_SCORES_Q * NM_SCORES_K];
+            const int np = top - p0 + 1 < NM_SCORES_K ? (int)(top - p0 + 1) : NM_SCORES_K;
+            for (int i = 0; i < NM_SCORES_K; i++) kp[i] = kvh + (p0 + (i < np ? i : np - 1)) * w;
+            scores(dk, qg, kp, o);
+            for (int g = 0; g < tn; g++)
+                for (int i = 0; i < np; i++) s[(size_t)g * f->n_ctx + p0 + i] = o[g * NM_SCORES_K + i] * hp->kq_scale;
+        }
         for (int g = 0; g < tn; g++) {
             float *sg = s + (size_t)g * f->n_ctx, mx = -INFINITY;
-            const float *qt = f->q + (t + g) * nh * dk + h * dk; /* [q_nope | q_pe] lines up with K */
             const int64_t last = f->tpos[t + g];
-            for (int64_t p = 0; p <= last; p++) {
-                float v = dot(dk, kvh + p * w, qt) * hp->kq_scale;
-                sg[p] = v;
-                mx = v > mx ? v : mx;
-            }
+            for (int64_t p = 0; p <= last; p++) mx = sg[p] > mx ? sg[p] : mx;
             softmax_scores(sg, last + 1, mx);
             for (int64_t p = last + 1; p <= top; p++) sg[p] = 0; /* causal: later rows weigh nothing */
         }
         wsum(top + 1, tn, s, f->n_ctx, kvh + dk, w, dv, f->o + t * nh * dv + h * dv, nh * dv);
+    }
+}
+
+/* K_nope = W_UK c for every position p < P of the latent cache C (rows ldc
+ * apart) and heads [h0, h0 + hn), into f->kvd: kvh[p][n] = kbt[h][n] . C[p].
+ * Units are (head, KEXP_POS positions); inside, 4 positions x 4 rows of
+ * W_UK at a time through the score block (kernels/scores.h), whose number
+ * per pair does not depend on the block, so a position's K is the same
+ * whatever the pass's length. */
+#define KEXP_POS 16
+typedef struct {
+    nm_forward *f;
+    const float *C;
+    int64_t ldc, P, h0, hn;
+    atomic_long next;
+} kexp_job;
+
+static void kexp_task(void *ctx, int ith, int nth) {
+    kexp_job *j = ctx;
+    nm_forward *f = j->f;
+    const nm_hparams *hp = &f->m->hp;
+    const int64_t dn = hp->d_nope, kr = hp->kv_lora, w = hp->d_nope + hp->d_rope + hp->d_v;
+    const int64_t blocks = (j->P + KEXP_POS - 1) / KEXP_POS;
+    nm_scores_fn scores = nm_scores();
+    (void)ith, (void)nth;
+    for (;;) {
+        int64_t u = atomic_fetch_add(&j->next, 1);
+        if (u >= j->hn * blocks) break;
+        const int64_t hh = u / blocks, pb = (u % blocks) * KEXP_POS;
+        const int64_t pe = pb + KEXP_POS < j->P ? pb + KEXP_POS : j->P;
+        const float *kb = f->kbt + (j->h0 + hh) * dn * kr;
+        float *kvh = f->kvd + (size_t)hh * (size_t)f->n_ctx * (size_t)w;
+        for (int64_t p0 = pb; p0 < pe; p0 += NM_SCORES_Q) {
+            const int np = pe - p0 < NM_SCORES_Q ? (int)(pe - p0) : NM_SCORES_Q;
+            const float *cp[NM_SCORES_Q];
+            for (int g = 0; g < NM_SCORES_Q; g++) cp[g] = j->C + (p0 + (g < np ? g : np - 1)) * j->ldc;
+            for (int64_t n0 = 0; n0 < dn; n0 += NM_SCORES_K) {
+                const int nn = dn - n0 < NM_SCORES_K ? (int)(dn - n0) : NM_SCORES_K;
+                const float *wr[NM_SCORES_K];
+                float o[NM_SCORES_Q * NM_SCORES_K];
+                for (int i = 0; i < NM_SCORES_K; i++) wr[i] = kb + (n0 + (i < nn ? i : nn - 1)) * kr;
+                scores(kr, cp, wr, o);
+                for (int g = 0; g < np; g++)
+                    for (int i = 0; i < nn; i++) kvh[(p0 + g) * w + n0 + i] = o[g * NM_SCORES_K + i];
+            }
+        }
     }
 }
 
@@ -293,18 +352,19 @@ static int attention_run(nm_forward *f, int il, int64_t t0, int64_t n, nm_err *e
     const nm_kv_cache *kv = f->tkv[t0];
     const float *C = nm_kv_row(kv, il, 0);
     const int64_t ldc = kr + dr;
-    nm_act cf, cq;
-    if (nm_act_prepare(&f->mm, f->pool, NM_TYPE_F32, C, ldc, P, kr, &cf) ||
-        nm_act_prepare(&f->mm, f->pool, L->v_b.type, C, ldc, P, kr, &cq))
+    nm_act cq;
+    if (nm_act_prepare(&f->mm, f->pool, L->v_b.type, C, ldc, P, kr, &cq))
         return nm_errf(err, "layer %d: cannot convert the latent cache for the decompressed attention", il);
     for (int64_t h0 = 0; h0 < nh; h0 += f->dec_heads) {
         const int64_t hn = nh - h0 < f->dec_heads ? nh - h0 : f->dec_heads;
+        kexp_job kj = {.f = f, .C = C, .ldc = ldc, .P = P, .h0 = h0, .hn = hn};
+        atomic_init(&kj.next, 0);
+        nm_pool_run(f->pool, kexp_task, &kj);
         for (int64_t hh = 0; hh < hn; hh++) {
             float *kvh = f->kvd + (size_t)hh * (size_t)f->n_ctx * (size_t)w;
-            if (nm_matmul_act(&f->mm, f->pool, NM_TYPE_F32, f->kbt + (h0 + hh) * dn * kr, dn, &cf, NULL, P, kvh, w) ||
-                nm_matmul_act(&f->mm, f->pool, L->v_b.type, nm_mat_row(&L->v_b, h0 + hh, 0), dv, &cq, NULL, P,
+            if (nm_matmul_act(&f->mm, f->pool, L->v_b.type, nm_mat_row(&L->v_b, h0 + hh, 0), dv, &cq, NULL, P,
                               kvh + dk, w))
-                return nm_errf(err, "layer %d head %lld: the decompressed K / V product failed", il,
+                return nm_errf(err, "layer %d head %lld: the decompressed V product failed", il,
                                (long long)(h0 + hh));
             for (int64_t p = 0; p < P; p++) memcpy(kvh + p * w + dn, C + p * ldc + kr, (size_t)dr * 4);
         }
