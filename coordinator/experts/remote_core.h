@@ -42,6 +42,9 @@ typedef struct {
     void *dsock, *mon;
     int connected, lost;
     int handshake_failed;  /* the ZMQ_EVENT_HANDSHAKE_FAILED_* seen, 0: none */
+    int handshake_value;   /* that event's value (NO_DETAIL: an errno) */
+    int handshake_resets;  /* NO_DETAIL failures in a row on this socket (tcp_inline.c: fatal from the third) */
+    int handshaken;        /* this socket's connection passed the ZeroMQ handshake */
     unsigned generation;   /* sockets opened so far (names each one's monitor) */
     char host[64];
     uint64_t rpid;

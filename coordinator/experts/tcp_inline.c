@@ -9,6 +9,8 @@
 
 #include "common/clock.h"
 
+#define HANDSHAKE_RESETS_FATAL 3
+
 /* Reads what w's socket monitor saw (connected / disconnected). */
 static void drain_monitor(nm_remote_worker *w) {
     for (;;) {
@@ -19,7 +21,9 @@ static void drain_monitor(nm_remote_worker *w) {
             return;
         }
         uint16_t ev = 0;
+        uint32_t value = 0;
         if (zmq_msg_size(&m) >= 2) memcpy(&ev, zmq_msg_data(&m), 2);
+        if (zmq_msg_size(&m) >= 6) memcpy(&value, (const char *)zmq_msg_data(&m) + 2, 4);
         int more = zmq_msg_more(&m);
         zmq_msg_close(&m);
         if (more) { /* the endpoint frame */
@@ -28,11 +32,32 @@ static void drain_monitor(nm_remote_worker *w) {
             zmq_msg_close(&m);
         }
         if (ev == ZMQ_EVENT_CONNECTED) w->connected = 1;
-        if (ev == ZMQ_EVENT_DISCONNECTED) w->lost = 1;
+        if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) w->handshaken = 1, w->handshake_resets = 0;
+        /* a connection that never passed the handshake is not lost: ZeroMQ
+         * tries again by itself, and its failure is judged below */
+        if (ev == ZMQ_EVENT_DISCONNECTED && w->handshaken) w->lost = 1;
+        /* A mechanism mismatch or a refused key is final. A transport error
+         * during the handshake (NO_DETAIL: the errno) may be one: a CURVE
+         * server that cannot read our hello drops the connection, every
+         * time. Or it may be a passing one: a worker that dies closes its
+         * listening socket a moment after its connections, and a reconnect
+         * that lands in between is accepted by the kernel and then reset
+         * (measured: 2 in 310 restarts under load). So only the third in a
+         * row counts. */
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) w->handshake_value = (int)value;
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL && ++w->handshake_resets < HANDSHAKE_RESETS_FATAL) continue;
         if (ev & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
                   ZMQ_EVENT_HANDSHAKE_FAILED_AUTH))
             w->handshake_failed = ev;
     }
+}
+
+/* the NO_DETAIL failures, for the error: "3 times in a row: Connection reset by peer" */
+static const char *resets_why(nm_remote_worker *w) {
+    static _Thread_local char why[96];
+    snprintf(why, sizeof why, "%d times in a row: %s", w->handshake_resets,
+             w->handshake_value ? strerror(w->handshake_value) : "the connection closed");
+    return why;
 }
 
 static double env_seconds(const char *name, double dflt) {
@@ -46,13 +71,13 @@ static int tcp_open(nm_remote *rb, nm_remote_worker *w, nm_err *err) {
     if (w->mon) zmq_close(w->mon);
     if (w->dsock) zmq_close(w->dsock);
     w->mon = w->dsock = NULL;
-    w->connected = w->lost = w->registered = w->attached = w->handshake_failed = 0;
+    w->connected = w->lost = w->registered = w->attached = w->handshake_failed = w->handshake_resets = w->handshaken = 0;
     char mon[64];
     snprintf(mon, sizeof mon, "inproc://numoe-monitor-%d-%u", w->id, w->generation++);
     int zero = 0, sndtimeo = 5000;
     if (!(w->dsock = zmq_socket(rb->zctx, ZMQ_DEALER)) || zmq_setsockopt(w->dsock, ZMQ_LINGER, &zero, sizeof zero) ||
         zmq_setsockopt(w->dsock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo) ||
-        zmq_socket_monitor(w->dsock, mon, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED |
+        zmq_socket_monitor(w->dsock, mon, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
                                                ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
                                                ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) ||
         !(w->mon = zmq_socket(rb->zctx, ZMQ_PAIR)) || zmq_connect(w->mon, mon))
@@ -125,7 +150,7 @@ static int tcp_await(nm_remote *rb, int only, double climit, double slimit, nm_e
                              rb->keyed ? "CURVE" : "ZeroMQ",
                              w->handshake_failed == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH ? "the worker refused our key"
                              : w->handshake_failed == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "security mechanisms differ"
-                                                                                          : "no detail");
+                                                                                          : resets_why(w));
             else if (!w->connected && t > climit)
                 rc = nm_errf(err, "worker %d: nothing accepted a connection at %s within %.0f s; start `numoe-worker "
                              "--worker-id %d --workers %d ... --listen %s` there first (or set "
