@@ -124,14 +124,16 @@ def model(request, type_models):
     return type_models(request.param) if request.param in GENERATED else FIX / f"{request.param}.gguf"
 
 
-def numoe_logits(exe, model, tokens, tmp_path, extra=(), tag="x", n=0, attn=None):
+def numoe_logits(exe, model, tokens, tmp_path, extra=(), tag="x", n=0, attn=None, env_extra=None):
     """Logits of every prompt position (then of every generated token fed back) and,
     with n > 0, the generated ids. attn forces the CPU engine's attention form
-    (NUMOE_CPU_ATTN: absorbed or decompressed; None: its own choice per run)."""
+    (NUMOE_CPU_ATTN: absorbed or decompressed; None: its own choice per run);
+    env_extra adds environment variables."""
     out = tmp_path / f"{model.stem}-{tag}.bin"
     env = sanitizer_env()
     if attn:
         env["NUMOE_CPU_ATTN"] = attn
+    env.update(env_extra or {})
     proc = run([exe, "generate", "-m", model, "--tokens", ",".join(map(str, tokens)), "-n", str(n), "-t", "2",
                 "--dump-logits", out, *extra], env=env)
     assert_clean(proc)
@@ -325,6 +327,23 @@ def test_attention_form_choice(exe, model, tmp_path):
     proc = run([exe, "generate", "-m", path, "--tokens", "1,2", "-n", "1"],
                env={**sanitizer_env(), "NUMOE_CPU_ATTN": "sideways"})
     assert proc.returncode != 0 and "NUMOE_CPU_ATTN=sideways: use auto" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3-tiny-Q4_K-mla", "deepseek-v2-tiny-Q8_0-legacy"])
+def test_moe_schedule(exe, model, tmp_path):
+    """The MoE kernel's two orders of work (kernels/moe.h: staged, fused; auto takes
+    fused up to 8 tokens) give the same logits bit for bit, for a prompt (one
+    batch: staged under auto) and token by token (fused under auto); a name that
+    is neither is refused."""
+    path = FIX / f"{model}.gguf"
+    for extra, tag in (((), "batch"), (("--decode-from", "0"), "token")):
+        got = {s: numoe_logits(exe, path, SEQ, tmp_path, extra, tag=f"{tag}-{s}", env_extra={"NUMOE_MOE_SCHEDULE": s})
+               for s in ("auto", "staged", "fused")}
+        assert np.array_equal(got["auto"], got["staged"]) and np.array_equal(got["auto"], got["fused"]), tag
+    proc = run([exe, "generate", "-m", path, "--tokens", "1,2", "-n", "1"],
+               env={**sanitizer_env(), "NUMOE_MOE_SCHEDULE": "sideways"})
+    assert proc.returncode != 0 and "NUMOE_MOE_SCHEDULE=sideways: expected auto, staged or fused" in proc.stderr, \
+        proc.stderr
 
 
 def test_hf_golden_present():
