@@ -1,4 +1,4 @@
-/* scores_impl.h - the body of scores.h's reference, included by scores.c
+/* scores_impl.h - the body of scores.h's reference, included by scores_ref.c
  * (plain C: the reference) and by scores_avx2.c (the same C compiled with
  * AVX2 + FMA, where fmaf is one instruction and the lane loop vectorises):
  * one text, so the two give the same bits by construction. */
