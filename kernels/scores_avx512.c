@@ -8,33 +8,9 @@
 #include <immintrin.h>
 
 #include "kernels/scores.h"
+#include "kernels/transpose_avx512.h"
 
 _Static_assert(NM_SCORES_Q * NM_SCORES_K == 16, "one zmm of results");
-
-/* r[i] lane l -> r[l] lane i */
-static inline void transpose16_ps(__m512 r[16]) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    }
-    /* u[4g + m] lane L: rows 4g..4g+3 of column 4L + m */
-    for (int m = 0; m < 4; m++) {
-        const __m512 a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
-        const __m512 c = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
-        const __m512 d = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
-        r[m] = _mm512_shuffle_f32x4(a, c, 0x88);
-        r[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
-        r[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
-        r[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
-    }
-}
 
 void nm_scores_avx512(int64_t n, const float *const *q, const float *const *k, float *out) {
     __m512 acc[16];
@@ -48,7 +24,10 @@ void nm_scores_avx512(int64_t n, const float *const *q, const float *const *k, f
         for (int g = 0; g < NM_SCORES_Q; g++)
             for (int i = 0; i < NM_SCORES_K; i++) acc[g * NM_SCORES_K + i] = _mm512_fmadd_ps(qv[g], kv[i], acc[g * NM_SCORES_K + i]);
     }
-    transpose16_ps(acc);
+    __m512i r[16]; /* the transpose moves dwords: the floats' bits as they are */
+    for (int j = 0; j < 16; j++) r[j] = _mm512_castps_si512(acc[j]);
+    transpose16(r);
+    for (int j = 0; j < 16; j++) acc[j] = _mm512_castsi512_ps(r[j]);
     const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
     const __m512 b = _mm512_add_ps(_mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7]));
     const __m512 c = _mm512_add_ps(_mm512_add_ps(acc[8], acc[9]), _mm512_add_ps(acc[10], acc[11]));

@@ -28,39 +28,12 @@
 
 #include "kernels/dot_simd.h"
 #include "kernels/quant_unpack.h"
+#include "kernels/transpose_avx512.h"
 #include "kernels/tile.h"
 
 /* tile.h's layout (tile.c's enum, asserted there) */
 enum { Q4K_SC = 2048, Q4K_M = 2048 + 128, Q4K_D = 2048 + 256, Q4K_DMIN = 2048 + 288, Q4K_BLOCK = 2368 };
 enum { Q50_H = 512, Q50_D = 640, Q50_PAIR = 704 };
-
-/* r[i] dword k -> r[k] dword i (standard 4-stage transpose). */
-static inline void transpose16(__m512i r[16]) {
-    __m512i t[16], u[16];
-#pragma GCC unroll 8
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* u[4g + m] lane L: rows 4g..4g+3 of column 4L + m */
-#pragma GCC unroll 4
-    for (int m = 0; m < 4; m++) {
-        const __m512i a = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), b = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xDD);
-        const __m512i c = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88);
-        const __m512i d = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xDD);
-        r[m] = _mm512_shuffle_i32x4(a, c, 0x88);
-        r[4 + m] = _mm512_shuffle_i32x4(b, d, 0x88);
-        r[8 + m] = _mm512_shuffle_i32x4(a, c, 0xDD);
-        r[12 + m] = _mm512_shuffle_i32x4(b, d, 0xDD);
-    }
-}
 
 /* offsets of rows 0..15 (row_bytes apart, < 2^31 in all), the missing ones masked */
 static inline __m512i row_offsets(size_t row_bytes) {
