@@ -44,6 +44,7 @@
  * and y agrees with a double dot of the dequantised W and the dequantised
  * q8 x to fp32 rounding. Against fp32 x the difference is x's quantisation
  * (|x - q d| <= d / 2 per element), as on the CPU path. */
+#include "kernels/cuda/q8_row.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
 namespace numoe_cuda {
@@ -53,9 +54,8 @@ constexpr int WARPS = 4; /* per CTA */
 constexpr int MAXN = 8;  /* activation rows per call */
 constexpr uint32_t M4 = 0x0F0F0F0Fu;
 
-/* ---- the q8 activation row -------------------------------------------------
- * [cols int8 q][cols / 32 float2 (d, s)], padded to 16 bytes. */
-__host__ __device__ constexpr int64_t q8_row_bytes(int64_t cols) { return (cols + cols / 4 + 15) & ~(int64_t)15; }
+/* ---- the q8 activation row (q8_row.cuh) ---------------------------------- */
+__host__ __device__ constexpr int64_t q8_row_bytes(int64_t cols) { return numoe_q8::row_bytes(cols); }
 
 struct xrow {
     const int8_t *q;  /* cols quants */
@@ -411,9 +411,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM_GEMV_Q8_MINB)
 }
 
 /* ---- x quantisation -----------------------------------------------------------
- * 8 threads per 32-element block, 4 elements each: d = max|x| / 127,
- * q = round-to-nearest-even(x / d) (|q| <= 127), s = d * sum q (the sum of
- * the quantised block, so the zero-point terms match the integer sums). */
+ * 8 threads per 32-element block, 4 elements each (q8_row.cuh). */
 __global__ void k_quantize_q8(const float *__restrict__ x, int64_t ldx, int64_t n, int64_t cols,
                               uint8_t *__restrict__ xq) {
     const int64_t nb = cols / 32;
@@ -424,22 +422,7 @@ __global__ void k_quantize_q8(const float *__restrict__ x, int64_t ldx, int64_t 
     const int64_t r = live ? blk / nb : 0, b = live ? blk % nb : 0;
     float4 v = make_float4(0, 0, 0, 0);
     if (live) v = *reinterpret_cast<const float4 *>(x + r * ldx + 32 * b + 4 * part);
-    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-#pragma unroll
-    for (int off = 4; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off, 8));
-    const float d = amax / 127.0f;
-    const float id = d > 0.0f ? 1.0f / d : 0.0f;
-    const int q0 = __float2int_rn(v.x * id), q1 = __float2int_rn(v.y * id), q2 = __float2int_rn(v.z * id),
-              q3 = __float2int_rn(v.w * id);
-    int s = q0 + q1 + q2 + q3;
-#pragma unroll
-    for (int off = 4; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off, 8);
-    if (!live) return;
-    uint8_t *row = xq + r * q8_row_bytes(cols);
-    const uint32_t packed =
-        (uint32_t)(q0 & 0xff) | ((uint32_t)(q1 & 0xff) << 8) | ((uint32_t)(q2 & 0xff) << 16) | ((uint32_t)q3 << 24);
-    reinterpret_cast<uint32_t *>(row + 32 * b)[part] = packed;
-    if (part == 0) reinterpret_cast<float2 *>(row + cols)[b] = make_float2(d, d * (float)s);
+    numoe_q8::quantize4(v, live, xq + r * q8_row_bytes(cols), cols, b, part);
 }
 
 struct pairs_arg {

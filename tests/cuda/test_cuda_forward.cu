@@ -38,7 +38,8 @@
  *         logits against the CPU as in S; then all resident with every pass's
  *         experts on the GPU: nothing streamed, the resident stacks read.
  *   Router kernel against router.c on random and on tie-heavy logits
- *         (test_router_kernel).
+ *         (test_router_kernel); the fused residual + norm + q8 kernel against
+ *         the separate ones, bit for bit (test_add_norm_kernel).
  *   GPU against itself: prefill in chunks (n_batch 5: GEMM + GEMV passes)
  *         and token by token equal the one-batch prefill; nm_gpu_forward_batch
  *         over three sequences (prefill chunks and decode tokens mixed) equals
@@ -276,9 +277,11 @@ struct run_out {
 
 static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err,
                     int64_t stream_min = 0, int graphs = 0, int64_t hot = 0, const uint32_t *hot_counts = nullptr,
-                    int q8 = 0, nm_gpu_gemm_mode gemm = NM_GPU_GEMM_F32, int64_t attn_block = 0) {
+                    int q8 = 0, nm_gpu_gemm_mode gemm = NM_GPU_GEMM_F32, int64_t attn_block = 0,
+                    int unfused = 0) {
     nm_gpu_forward_opts o = {};
     o.q8_gemv = q8;
+    o.unfused = unfused;
     o.gemm = gemm;
     o.gemm_min = gemm != NM_GPU_GEMM_F32 ? 5 : 0; /* the tensor cores for the 12-token prompt too */
     o.attn_block = attn_block;
@@ -736,13 +739,17 @@ static void test_fixture(const char *path, nm_pool *pool) {
         /* Q: decode GEMVs on 8-bit activations (opts.q8_gemv, the engine's default), teacher-forced like
          * A: routing and logits against the CPU as in A; on quantised models the rows differ from A's
          * (the integer kernels ran) and on float ones they equal A's bit for bit (no float type has
-         * one); then as CUDA graphs, every row equal to the graph-less run within REL_SELF */
-        run_out gq[2];
-        for (int graphs = 0; graphs < 2; graphs++) {
-            const char *tag = graphs ? "Q (8-bit activations, graphs)" : "Q (8-bit activations)";
+         * one); then as CUDA graphs, every row equal to the graph-less run within REL_SELF; then as
+         * graphs unfused (opts.unfused: a kernel or copy per step, the hand-off copied), equal to the
+         * fused graphs bit for bit (the fused kernels compute the same floats, gpu_kernels.cuh) */
+        run_out gq[3];
+        for (int graphs = 0; graphs < 3; graphs++) {
+            const char *tag = graphs == 2   ? "Q (8-bit activations, graphs, unfused)"
+                              : graphs == 1 ? "Q (8-bit activations, graphs)"
+                                            : "Q (8-bit activations)";
             rec_backend rq = make_rec(local, hp->n_embd);
             nm_gpu_forward *gf = nullptr;
-            if (gpu_open(&gf, &m, &rq.base, 64, &err, 0, graphs, 0, nullptr, 1)) {
+            if (gpu_open(&gf, &m, &rq.base, 64, &err, 0, graphs > 0, 0, nullptr, 1, NM_GPU_GEMM_F32, 0, graphs == 2)) {
                 check(false, "%s: GPU init (%s): %s", name, tag, err.msg);
                 goto done;
             }
@@ -758,6 +765,13 @@ static void test_fixture(const char *path, nm_pool *pool) {
                     rel = std::max(rel, compare_row(gq[0].logits.data() + (size_t)r * V, ga.logits.data() + (size_t)r * V, V).rel);
                 check(ok && (is_float ? rel == 0 : rel > 0), "%s: Q: decode rows %s A's (max rel %.3g)", name,
                       is_float ? "equal" : "differ from", rel);
+            } else if (graphs == 2) {
+                double rel = 0;
+                for (int r = 0; ok && r < NP; r++)
+                    rel = std::max(rel, compare_row(gq[2].logits.data() + (size_t)r * V, gq[1].logits.data() + (size_t)r * V, V).rel);
+                check(ok && rel == 0 && st.n_graphs > 0 && !st.graphs_off[0] && rq.calls.size() > 0,
+                      "%s: %s equals the fused graphs bit for bit: max rel %.3g, %lld graphs, %zu hand-offs", name,
+                      tag, rel, (long long)st.n_graphs, rq.calls.size());
             } else {
                 double rel = 0;
                 for (int r = 0; ok && r < NP; r++)
@@ -1053,27 +1067,117 @@ static void test_router_kernel() {
             for (int t = 0; t < n; t++)
                 nm_route(&hp, c.k, lg.data() + (size_t)t * c.E, bp, id_cpu.data() + (size_t)t * c.k,
                          w_cpu.data() + (size_t)t * c.k, scratch.data());
-            float *d_lg = nullptr, *d_b = nullptr, *d_w = nullptr;
-            int32_t *d_id = nullptr;
+            /* the second copy (the backend's region) into mapped pinned memory, as the engine does */
+            float *d_lg = nullptr, *d_b = nullptr, *d_w = nullptr, *h_w2 = nullptr;
+            int32_t *d_id = nullptr, *h_id2 = nullptr;
+            void *p_id2 = nullptr, *p_w2 = nullptr;
             bool ok = cudaMalloc(&d_lg, lg.size() * 4) == cudaSuccess && cudaMalloc(&d_b, bias.size() * 4) == cudaSuccess &&
                       cudaMalloc(&d_w, w_gpu.size() * 4) == cudaSuccess && cudaMalloc(&d_id, id_gpu.size() * 4) == cudaSuccess &&
+                      cudaHostAlloc(&h_id2, id_gpu.size() * 4, cudaHostAllocMapped) == cudaSuccess &&
+                      cudaHostAlloc(&h_w2, w_gpu.size() * 4, cudaHostAllocMapped) == cudaSuccess &&
+                      cudaHostGetDevicePointer(&p_id2, h_id2, 0) == cudaSuccess &&
+                      cudaHostGetDevicePointer(&p_w2, h_w2, 0) == cudaSuccess &&
                       cudaMemcpy(d_lg, lg.data(), lg.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
                       cudaMemcpy(d_b, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
-                      numoe_gpu::route(nullptr, d_lg, c.bias ? d_b : nullptr, d_id, d_w, n, c.E, c.k, c.G, c.Gu,
-                                       c.gating == NM_GATE_SIGMOID, c.norm, c.scale) == cudaSuccess &&
+                      numoe_gpu::route(nullptr, d_lg, c.bias ? d_b : nullptr, d_id, d_w, static_cast<int32_t *>(p_id2),
+                                       static_cast<float *>(p_w2), n, c.E, c.k, c.G, c.Gu, c.gating == NM_GATE_SIGMOID,
+                                       c.norm, c.scale) == cudaSuccess &&
                       cudaMemcpy(id_gpu.data(), d_id, id_gpu.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
                       cudaMemcpy(w_gpu.data(), d_w, w_gpu.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
-            cudaFree(d_lg), cudaFree(d_b), cudaFree(d_w), cudaFree(d_id);
-            int bad_id = 0;
+            int bad_id = 0, bad_copy = 0;
             double bad_w = 0;
             for (size_t i = 0; ok && i < id_cpu.size(); i++) {
                 bad_id += id_cpu[i] != id_gpu[i];
                 bad_w = std::max(bad_w, std::fabs((double)w_cpu[i] - w_gpu[i]) / (std::fabs(w_cpu[i]) + 1e-30));
+                bad_copy += h_id2[i] != id_gpu[i] || memcmp(&h_w2[i], &w_gpu[i], 4) != 0;
             }
-            check(ok && bad_id == 0 && bad_w <= 1e-6,
-                  "router kernel == router.c, %s, %s logits: %d of %zu ids differ, weights max rel %.3g (<= 1e-6)",
-                  c.name, mode ? "tied" : "random", bad_id, id_cpu.size(), bad_w);
+            cudaFree(d_lg), cudaFree(d_b), cudaFree(d_w), cudaFree(d_id), cudaFreeHost(h_id2), cudaFreeHost(h_w2);
+            check(ok && bad_id == 0 && bad_w <= 1e-6 && bad_copy == 0,
+                  "router kernel == router.c, %s, %s logits: %d of %zu ids differ, weights max rel %.3g (<= 1e-6); "
+                  "%d entries of the host copy differ", c.name, mode ? "tied" : "random", bad_id, id_cpu.size(), bad_w,
+                  bad_copy);
         }
+}
+
+/* ---- the fused residual + norm + q8 kernel against the separate ones -------------
+ * numoe_gpu::add_norm against add, rmsnorm and nm_cuda_quantize_q8 run one
+ * after the other on the same random rows: x after the add, the norm's
+ * output, its copy in mapped host memory and the q8 bytes all equal bit for
+ * bit; b (the routed sum) read out of mapped host memory as the engine does;
+ * rows that do not fit (dim % 32 with q8, dim > 8192) are refused. */
+static void test_add_norm_kernel() {
+    const int64_t dims[] = {64, 100, 512, 576, 1536, 2048, 7168, 8192};
+    for (int64_t dim : dims)
+        for (int64_t n : {1, 3, 8})
+            for (int variant = 0; variant < 3; variant++) { /* 0: no residual, 1: + a, 2: + a + b (b on the host) */
+                const bool q8 = dim % 32 == 0;
+                const size_t N = (size_t)(n * dim), qb = nm_cuda_q8_row_bytes(dim) * (size_t)n;
+                std::vector<float> x(N), a(N), b(N), w((size_t)dim);
+                for (auto &v : x) v = (float)(4 * rnd_u() - 2);
+                for (auto &v : a) v = (float)(2 * rnd_u() - 1);
+                for (auto &v : b) v = (float)(rnd_u() - 0.5);
+                for (auto &v : w) v = (float)(0.5 + rnd_u());
+                float *d_x1 = nullptr, *d_x2 = nullptr, *d_a = nullptr, *d_b = nullptr, *d_w = nullptr, *d_o1 = nullptr,
+                      *d_o2 = nullptr, *h_b = nullptr, *h_out = nullptr;
+                uint8_t *d_q1 = nullptr, *d_q2 = nullptr;
+                void *p_b = nullptr, *p_out = nullptr;
+                bool ok = cudaMalloc(&d_x1, N * 4) == cudaSuccess && cudaMalloc(&d_x2, N * 4) == cudaSuccess &&
+                          cudaMalloc(&d_a, N * 4) == cudaSuccess && cudaMalloc(&d_b, N * 4) == cudaSuccess &&
+                          cudaMalloc(&d_w, (size_t)dim * 4) == cudaSuccess && cudaMalloc(&d_o1, N * 4) == cudaSuccess &&
+                          cudaMalloc(&d_o2, N * 4) == cudaSuccess && cudaMalloc(&d_q1, qb) == cudaSuccess &&
+                          cudaMalloc(&d_q2, qb) == cudaSuccess &&
+                          cudaHostAlloc(&h_b, N * 4, cudaHostAllocMapped) == cudaSuccess &&
+                          cudaHostAlloc(&h_out, N * 4, cudaHostAllocMapped) == cudaSuccess &&
+                          cudaHostGetDevicePointer(&p_b, h_b, 0) == cudaSuccess &&
+                          cudaHostGetDevicePointer(&p_out, h_out, 0) == cudaSuccess &&
+                          cudaMemcpy(d_x1, x.data(), N * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                          cudaMemcpy(d_x2, x.data(), N * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                          cudaMemcpy(d_a, a.data(), N * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                          cudaMemcpy(d_b, b.data(), N * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                          cudaMemcpy(d_w, w.data(), (size_t)dim * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                          cudaMemset(d_q1, 0, qb) == cudaSuccess && cudaMemset(d_q2, 0, qb) == cudaSuccess;
+                if (ok) memcpy(h_b, b.data(), N * 4);
+                const float *ra = variant >= 1 ? d_a : nullptr, *rb1 = variant == 2 ? d_b : nullptr;
+                const float *rb2 = variant == 2 ? static_cast<const float *>(p_b) : nullptr;
+                /* separate: add, rmsnorm, quantise */
+                ok = ok && (!ra || numoe_gpu::add(nullptr, d_x1, ra, rb1, (int64_t)N) == cudaSuccess) &&
+                     numoe_gpu::rmsnorm(nullptr, d_o1, dim, d_x1, dim, nullptr, d_w, n, dim, 1e-6f) == cudaSuccess &&
+                     (!q8 || nm_cuda_quantize_q8(d_o1, dim, n, dim, d_q1, nullptr) == NM_CUDA_OK);
+                const bool fits = numoe_gpu::add_norm_fits(d_x2, ra, rb2, d_o2, p_out, dim, q8);
+                ok = ok && fits &&
+                     numoe_gpu::add_norm(nullptr, d_x2, ra, rb2, d_o2, static_cast<float *>(p_out), d_w, n, dim, 1e-6f,
+                                         q8 ? d_q2 : nullptr) == cudaSuccess &&
+                     cudaDeviceSynchronize() == cudaSuccess;
+                std::vector<float> x1(N), x2(N), o1(N), o2(N);
+                std::vector<uint8_t> q1(qb), q2(qb);
+                ok = ok && cudaMemcpy(x1.data(), d_x1, N * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                     cudaMemcpy(x2.data(), d_x2, N * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                     cudaMemcpy(o1.data(), d_o1, N * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                     cudaMemcpy(o2.data(), d_o2, N * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                     cudaMemcpy(q1.data(), d_q1, qb, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                     cudaMemcpy(q2.data(), d_q2, qb, cudaMemcpyDeviceToHost) == cudaSuccess;
+                const bool same_x = ok && memcmp(x1.data(), x2.data(), N * 4) == 0;
+                const bool same_o = ok && memcmp(o1.data(), o2.data(), N * 4) == 0;
+                const bool same_h = ok && memcmp(o1.data(), h_out, N * 4) == 0;
+                const bool same_q = ok && memcmp(q1.data(), q2.data(), qb) == 0;
+                cudaFree(d_x1), cudaFree(d_x2), cudaFree(d_a), cudaFree(d_b), cudaFree(d_w), cudaFree(d_o1);
+                cudaFree(d_o2), cudaFree(d_q1), cudaFree(d_q2), cudaFreeHost(h_b), cudaFreeHost(h_out);
+                check(ok && same_x && same_o && same_h && same_q,
+                      "add_norm == add + rmsnorm%s, %lld x %lld, %s: x %s, out %s, host copy %s, q8 %s", q8 ? " + q8" : "",
+                      (long long)n, (long long)dim, variant == 0 ? "no residual" : variant == 1 ? "+ a" : "+ a + b (host)",
+                      same_x ? "equal" : "differs", same_o ? "equal" : "differs", same_h ? "equal" : "differs",
+                      !q8 ? "not asked" : same_q ? "equal" : "differs");
+            }
+    float *d = nullptr;
+    const bool alloc = cudaMalloc(&d, 4 * 8256 * sizeof(float)) == cudaSuccess;
+    check(alloc && !numoe_gpu::add_norm_fits(d, nullptr, nullptr, d, nullptr, 100, true) &&
+              !numoe_gpu::add_norm_fits(d, nullptr, nullptr, d, nullptr, 8224, false) &&
+              !numoe_gpu::add_norm_fits(d + 1, nullptr, nullptr, d, nullptr, 64, false) &&
+              numoe_gpu::add_norm(nullptr, d, nullptr, nullptr, d, nullptr, d, 1, 8224, 1e-6f, nullptr) ==
+                  cudaErrorInvalidValue,
+          "add_norm refuses q8 rows of 100, rows of 8224 and misaligned ones");
+    cudaFree(d);
+    (void)cudaGetLastError();
 }
 
 /* ---- the sampler's top-m kernel against a host sort ---------------------------
@@ -1141,6 +1245,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     test_router_kernel();
+    test_add_norm_kernel();
     test_top_kernel();
     if (argc > 1)
         for (int i = 1; i < argc; i++) test_fixture(argv[i], pool);

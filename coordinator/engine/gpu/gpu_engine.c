@@ -260,6 +260,16 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
         return NULL;
     }
     go.q8_gemv = !(gemv && !strcmp(gemv, "f32"));
+    /* the residual add, the norm and its 8-bit copy in one kernel, the
+     * hand-off written by the kernels into the backend's region, unless
+     * NUMOE_GPU_FUSE=0 (kept for measuring one against the other) */
+    const char *fuse = getenv("NUMOE_GPU_FUSE");
+    if (fuse && *fuse && strcmp(fuse, "0") && strcmp(fuse, "1")) {
+        nm_errf(err, "NUMOE_GPU_FUSE=%s: use 1 (the default: fused decode kernels) or 0", fuse);
+        free(ge);
+        return NULL;
+    }
+    go.unfused = fuse && !strcmp(fuse, "0");
     /* the prefill GEMMs (and the attention of long runs): on the tensor
      * cores with TF32 operands for quantised models, whose CPU path already
      * rounds activations to 8 bits (TF32 keeps 11 significant bits; measured

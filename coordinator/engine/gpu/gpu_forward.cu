@@ -132,6 +132,16 @@ struct nm_gpu_forward {
      * (experts->in), pinned here for the copies; pinned host mirrors for the
      * routed sum, the per-token table and logits */
     void *pinned_in = nullptr; /* experts->in's block while it is registered with CUDA */
+    /* fused decode kernels (!opts.unfused): the residual add waits for the
+     * next norm of x, which does it (add_norm): x += pend_a (+ pend_b) is
+     * pending while pend_a is set. The kernels write the hand-off into the
+     * backend's region and read the routed sum out of h_moe through these
+     * device pointers of the mapped host memory (no copy nodes). */
+    int fuse = 0;
+    const float *pend_a = nullptr, *pend_b = nullptr;
+    float *d_in_x = nullptr, *d_in_w = nullptr;
+    int32_t *d_in_ids = nullptr;
+    const float *d_h_moe = nullptr;
     float *h_moe = nullptr, *h_logits = nullptr;
     int32_t *h_rows = nullptr;
     tok_info *h_tinfo = nullptr;
@@ -242,9 +252,10 @@ static int dalloc_n(nm_gpu_forward *f, T **p, size_t n, const char *what, nm_err
 }
 
 template <class T>
-static int halloc_n(nm_gpu_forward *f, T **p, size_t n, const char *what, nm_err *err) {
+static int halloc_n(nm_gpu_forward *f, T **p, size_t n, const char *what, nm_err *err,
+                    unsigned flags = cudaHostAllocDefault) {
     void *v = nullptr;
-    cudaError_t e = cudaHostAlloc(&v, (n ? n : 1) * sizeof(T), cudaHostAllocDefault);
+    cudaError_t e = cudaHostAlloc(&v, (n ? n : 1) * sizeof(T), flags);
     if (e != cudaSuccess) return fail_cuda(err, e, "allocating %zu KiB of pinned host memory for %s", n * sizeof(T) >> 10, what);
     f->host.push_back(v);
     *p = static_cast<T *>(v);
@@ -357,6 +368,15 @@ static int gemm_f32(nm_gpu_forward *f, const float *A, int64_t rows, int64_t col
     return s == CUBLAS_STATUS_SUCCESS ? 0 : fail_blas(err, s, "GEMM", name, il);
 }
 
+/* Whether Y = W X for n tokens goes to the integer GEMV (mm_q8): few tokens,
+ * 16-byte-aligned X rows, a type with a kernel, 16-byte-aligned bytes; not
+ * in a pass whose experts stream (below). */
+static bool takes_q8(const nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, int64_t n) {
+    const bool x_aligned = (uintptr_t)X % 16 == 0 && (ldx * sizeof(float)) % 16 == 0;
+    return n <= f->gemv_max && x_aligned && !f->stream_pass && f->q8_gemv && W->d && nm_cuda_supports_gemv_q8(W->type) &&
+           (uintptr_t)W->d % 16 == 0 && W->cols <= f->xq_cols_max && W->cols % 32 == 0;
+}
+
 /* The integer GEMV for W (a type with a kernel, 16-byte-aligned bytes,
  * opts.q8_gemv): Y = W X for n <= gemv_max tokens, X quantised into f->xq
  * unless `again` and f->xq already holds this X (the caller's promise that
@@ -372,10 +392,7 @@ static int mm_q8(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ldx, 
      * experts, and fp32 with the streamed experts, agree; deterministic
      * (CUDA_LAUNCH_BLOCKING=1 and pageable copies alike), cause not found
      * (docs/STATUS.md). Long passes use the GEMM anyway. */
-    if (f->stream_pass) return 0;
-    if (!f->q8_gemv || !nm_cuda_supports_gemv_q8(W->type) || (uintptr_t)W->d % 16 || W->cols > f->xq_cols_max ||
-        W->cols % 32)
-        return 0;
+    if (!takes_q8(f, W, X, ldx, n)) return 0;
     if (!(again && f->xq_of.is(X, ldx, n, W->cols))) {
         if (nm_cuda_quantize_q8(X, ldx, n, W->cols, f->xq, f->st) != NM_CUDA_OK)
             return nm_errf(err, "GPU: layer %d: quantising the input of %s: %s", il, W->name, nm_cuda_last_error());
@@ -486,6 +503,52 @@ static int gemm_heads(nm_gpu_forward *f, const float *A, int64_t m, int64_t k, c
         if (e_ != cudaSuccess) return fail_cuda(err, e_, "layer %d: %s", il, what);               \
     } while (0)
 
+/* ---- the residual stream ----------------------------------------------------------
+ * x += a (+ b) after each sublayer (docs/MODEL.md §5). Fused (f->fuse), the
+ * add waits for the next norm of x, which does it in its own launch; a
+ * decode step is bound by its ~20 launches a layer, not by their bytes. */
+
+/* x += a (+ b) now (a pending one, or one the caller needs done) */
+static int flush_residual(nm_gpu_forward *f, int64_t n, int il, nm_err *err) {
+    if (!f->pend_a) return 0;
+    KERNEL_OK(numoe_gpu::add(f->st, f->x, f->pend_a, f->pend_b, n * f->m->hp.n_embd), "residual");
+    f->pend_a = f->pend_b = nullptr;
+    return 0;
+}
+
+/* x += a (+ b), in the CPU's order ((x + a) + b): pending when fused */
+static int residual(nm_gpu_forward *f, const float *a, const float *b, int64_t n, int il, nm_err *err) {
+    if (flush_residual(f, n, il, err)) return -1;
+    f->pend_a = a, f->pend_b = b;
+    return f->fuse ? 0 : flush_residual(f, n, il, err);
+}
+
+/* out = RMSNorm(X) * w for n rows of dim floats (X rows dim apart; out may
+ * be X), X being x with the pending residual added first. Fused, one
+ * launch also writes the q8 copy of out when the GEMV of `next` (NULL:
+ * none) will read it (then mm_again over out reuses it), and out into
+ * host_out (a device pointer of mapped memory) when not NULL: 1 when it
+ * did that, 0 when the caller must copy. */
+static int norm_of(nm_gpu_forward *f, float *X, const float *w, float *out, int64_t dim, const dmat *next,
+                   float *host_out, int64_t n, int il, nm_err *err) {
+    const nm_hparams *hp = &f->m->hp;
+    const bool is_x = X == f->x;
+    const bool q8 = next && f->xq && takes_q8(f, next, out, dim, n) && next->cols == dim;
+    f->xq_of = {}, f->xh_of = {}; /* out gets new contents */
+    if (f->fuse && numoe_gpu::add_norm_fits(X, is_x ? f->pend_a : nullptr, is_x ? f->pend_b : nullptr, out, host_out,
+                                            dim, q8)) {
+        KERNEL_OK(numoe_gpu::add_norm(f->st, X, is_x ? f->pend_a : nullptr, is_x ? f->pend_b : nullptr, out, host_out,
+                                      w, n, dim, hp->rms_eps, q8 ? f->xq : nullptr),
+                  "residual + norm");
+        if (is_x) f->pend_a = f->pend_b = nullptr;
+        if (q8) f->xq_of = {out, dim, n, dim};
+        return host_out ? 1 : 0;
+    }
+    if (is_x && flush_residual(f, n, il, err)) return -1;
+    KERNEL_OK(numoe_gpu::rmsnorm(f->st, out, dim, X, dim, nullptr, w, n, dim, hp->rms_eps), "norm");
+    return 0;
+}
+
 /* ---- one layer ------------------------------------------------------------------ */
 
 /* Runs of at least this many tokens of one sequence (prefill chunks) take
@@ -560,17 +623,15 @@ static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const dlayer *L = &f->layers[(size_t)il];
     const int64_t H = hp->n_embd, nh = hp->n_head, dn = hp->d_nope, dr = hp->d_rope, dk = dn + dr, kr = hp->kv_lora;
     const int64_t W = kr + dr, dv = hp->d_v;
-    KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, nullptr, L->attn_norm, n, H, hp->rms_eps), "attn_norm");
-    /* q (or q_a) and kv_a both read a: one quantised copy */
-    if (mm(f, L->q.d ? &L->q : &L->q_a, f->a, H, n, L->q.d ? f->q : f->qa, L->q.d ? nh * dk : hp->q_lora, il, err) ||
+    /* attn_norm; q (or q_a) and kv_a both read a: one quantised copy */
+    const dmat *q_in = L->q.d ? &L->q : &L->q_a;
+    if (norm_of(f, f->x, L->attn_norm, f->a, H, q_in, nullptr, n, il, err) < 0 ||
+        mm_again(f, q_in, f->a, H, n, L->q.d ? f->q : f->qa, L->q.d ? nh * dk : hp->q_lora, il, err) ||
         mm_again(f, &L->kv_a, f->a, H, n, f->kvn, W, il, err))
         return -1;
-    if (!L->q.d) {
-        KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->qa, hp->q_lora, f->qa, hp->q_lora, nullptr, L->q_a_norm, n, hp->q_lora,
-                                     hp->rms_eps),
-                  "q_a_norm");
-        if (mm(f, &L->q_b, f->qa, hp->q_lora, n, f->q, nh * dk, il, err)) return -1;
-    }
+    if (!L->q.d && (norm_of(f, f->qa, L->q_a_norm, f->qa, hp->q_lora, &L->q_b, nullptr, n, il, err) < 0 ||
+                    mm_again(f, &L->q_b, f->qa, hp->q_lora, n, f->q, nh * dk, il, err)))
+        return -1;
     KERNEL_OK(numoe_gpu::mla_prep(f->st, f->kvn, f->q, f->qabs, f->tinfo, il, L->kv_a_norm, f->inv_freq, (int)kr,
                                   (int)dr, (int)nh, (int)dn, hp->rms_eps, n),
               "kv_a_norm / RoPE");
@@ -580,15 +641,15 @@ static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     /* o[t][h] = v_b[h] oc[t][h] */
     if (gemm_heads(f, L->vb, dv, kr, f->oc, nh * kr, kr, f->o, nh * dv, dv, n, nh, "v_b", il, err)) return -1;
     if (mm(f, &L->out, f->o, nh * dv, n, f->tmp, H, il, err)) return -1;
-    KERNEL_OK(numoe_gpu::add(f->st, f->x, f->tmp, nullptr, n * H), "residual");
-    return 0;
+    return residual(f, f->tmp, nullptr, n, il, err);
 }
 
-/* out = down(silu(gate a) * up a) */
+/* out = down(silu(gate a) * up a); nothing wrote a since the norm that
+ * made it (its q8 copy is reused) */
 static int ffn(nm_gpu_forward *f, const dmat *g, const dmat *u, const dmat *d, int64_t n, float *out, int il,
                nm_err *err) {
     const int64_t H = f->m->hp.n_embd, ff = g->rows;
-    if (mm(f, g, f->a, H, n, f->hg, ff, il, err) || mm_again(f, u, f->a, H, n, f->hu, ff, il, err)) return -1;
+    if (mm_again(f, g, f->a, H, n, f->hg, ff, il, err) || mm_again(f, u, f->a, H, n, f->hu, ff, il, err)) return -1;
     KERNEL_OK(numoe_gpu::silu_mul(f->st, f->hg, f->hu, n * ff), "silu");
     return mm(f, d, f->hg, ff, n, out, H, il, err);
 }
@@ -651,9 +712,8 @@ static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     f->stats.t_wait += nm_now_s() - t0;
     if (log_routes(f, il, n, f->h_sids, err)) return -1;
     if (numoe_gpu::moe_stream_layer(f->ms, il, f->a, n, f->h_sids, f->h_sw, f->moe, err)) return -1;
-    KERNEL_OK(numoe_gpu::add(f->st, f->x, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n * H),
-              "residual");
-    return 0;
+    (void)H;
+    return residual(f, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n, il, err);
 }
 
 /* The FFN half of layer il, split where the host takes part, so that a
@@ -670,20 +730,30 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const dlayer *L = &f->layers[(size_t)il];
     const int64_t H = hp->n_embd, E = hp->n_expert;
     const int k = f->k;
-    KERNEL_OK(numoe_gpu::rmsnorm(f->st, f->a, H, f->x, H, nullptr, L->ffn_norm, n, H, hp->rms_eps), "ffn_norm");
     if (!L->is_moe) {
-        if (ffn(f, &L->gate, &L->up, &L->down, n, f->tmp, il, err)) return -1;
-        KERNEL_OK(numoe_gpu::add(f->st, f->x, f->tmp, nullptr, n * H), "residual");
-        return 0;
+        if (norm_of(f, f->x, L->ffn_norm, f->a, H, &L->gate, nullptr, n, il, err) < 0 ||
+            ffn(f, &L->gate, &L->up, &L->down, n, f->tmp, il, err))
+            return -1;
+        return residual(f, f->tmp, nullptr, n, il, err);
     }
-    if (mm(f, &L->gate_inp, f->a, H, n, f->rlog, E, il, err)) return -1;
-    KERNEL_OK(numoe_gpu::route(f->st, f->rlog, L->probs_b, f->rid, f->rw, n, (int)E, k, (int)hp->n_group,
-                               (int)hp->n_group_used, hp->gating == NM_GATE_SIGMOID, hp->norm_topk, hp->routed_scale),
+    /* what the host will compute: nothing when the experts stream here or
+     * every pick is resident; else a, ids and weights go to the backend's
+     * region, written there by the norm and router kernels when fused */
+    const bool hot = hot_on(f, il, n);
+    const bool to_host = !f->stream_pass && !(hot && f->full_local[(size_t)il]);
+    const bool direct = to_host && f->fuse && f->d_in_x;
+    const int a_sent = norm_of(f, f->x, L->ffn_norm, f->a, H, hp->n_shared > 0 ? &L->gate_sh : nullptr,
+                               direct ? f->d_in_x : nullptr, n, il, err);
+    if (a_sent < 0) return -1;
+    /* the router reads a in fp32: the q8 copy stays for the shared experts */
+    if (mm_again(f, &L->gate_inp, f->a, H, n, f->rlog, E, il, err)) return -1;
+    KERNEL_OK(numoe_gpu::route(f->st, f->rlog, L->probs_b, f->rid, f->rw, direct && !hot ? f->d_in_ids : nullptr,
+                               direct ? f->d_in_w : nullptr, n, (int)E, k, (int)hp->n_group, (int)hp->n_group_used,
+                               hp->gating == NM_GATE_SIGMOID, hp->norm_topk, hp->routed_scale),
               "router");
     if (f->stream_pass) return 0; /* routed_on_gpu takes it from here */
-    const bool hot = hot_on(f, il, n);
     if (hot && numoe_gpu::hot_split(f->hot, il, f->rid, n, cid_of(f, il), err)) return -1;
-    if (hot && f->full_local[(size_t)il]) {
+    if (!to_host) {
         /* nothing for the host: x += shared + resident routed */
         if (hp->n_shared > 0) {
             if (ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
@@ -691,19 +761,22 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
             CUDA_OK(cudaMemsetAsync(f->sh, 0, (size_t)(n * H) * sizeof(float), f->st), "layer %d: clearing", il);
         }
         if (numoe_gpu::hot_compute(f->hot, il, f->a, n, f->rw, f->sh, err)) return -1;
-        KERNEL_OK(numoe_gpu::add(f->st, f->x, f->sh, nullptr, n * H), "residual");
-        return 0;
+        return residual(f, f->sh, nullptr, n, il, err);
     }
     /* once, device to host, into the region the backend reads from (the
-     * workers' shared input, or the in-process backend's own) */
+     * workers' shared input, or the in-process backend's own), unless the
+     * kernels above wrote it there */
     const nm_expert_input *in = &f->experts->in;
-    CUDA_OK(cudaMemcpyAsync(in->x, f->a, (size_t)(n * H) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
-            "layer %d: hidden states to the host", il);
-    CUDA_OK(cudaMemcpyAsync(in->ids, hot ? cid_of(f, il) : f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                            f->st),
-            "layer %d: expert ids to the host", il);
-    CUDA_OK(cudaMemcpyAsync(in->w, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
-            "layer %d: expert weights to the host", il);
+    if (!a_sent)
+        CUDA_OK(cudaMemcpyAsync(in->x, f->a, (size_t)(n * H) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+                "layer %d: hidden states to the host", il);
+    if (!direct || hot)
+        CUDA_OK(cudaMemcpyAsync(in->ids, hot ? cid_of(f, il) : f->rid, (size_t)n * k * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, f->st),
+                "layer %d: expert ids to the host", il);
+    if (!direct)
+        CUDA_OK(cudaMemcpyAsync(in->w, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+                "layer %d: expert weights to the host", il);
     /* inside a capture the record must become an event record node
      * (cudaEventRecordExternal): a plain record is folded into the graph's
      * internal dependencies and the host cannot wait for it (measured: the
@@ -745,12 +818,14 @@ static int moe_host(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
 static int moe_post(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const int64_t H = hp->n_embd;
-    CUDA_OK(cudaMemcpyAsync(f->moe, f->h_moe, (size_t)(n * H) * sizeof(float), cudaMemcpyHostToDevice, f->st),
-            "layer %d: routed experts' sum to the GPU", il);
+    /* fused, the next norm reads the sum straight out of the pinned h_moe */
+    const float *moe = f->fuse ? f->d_h_moe : f->moe;
+    if (!f->fuse)
+        CUDA_OK(cudaMemcpyAsync(f->moe, f->h_moe, (size_t)(n * H) * sizeof(float), cudaMemcpyHostToDevice, f->st),
+                "layer %d: routed experts' sum to the GPU", il);
     /* sh holds the shared experts and / or the resident routed ones */
     const bool sh = hp->n_shared > 0 || hot_on(f, il, n);
-    KERNEL_OK(numoe_gpu::add(f->st, f->x, sh ? f->sh : f->moe, sh ? f->moe : nullptr, n * H), "residual");
-    return 0;
+    return residual(f, sh ? f->sh : moe, sh ? moe : nullptr, n, il, err);
 }
 
 static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
@@ -778,10 +853,14 @@ static int enqueue_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const int first = j == 0 ? 0 : f->seg_moe[(size_t)j - 1] + 1;
     const int last = j < (int)f->seg_moe.size() ? f->seg_moe[(size_t)j] : (int)hp->n_layer - 1;
+    /* no residual is pending between segments (each ends with its last norm
+     * or the flush below), so a replay leaves the host's bookkeeping as the
+     * capture did; after a failed capture nothing of it is left either */
+    f->pend_a = f->pend_b = nullptr;
     if (j > 0 && moe_post(f, f->seg_moe[(size_t)j - 1], n, err)) return -1;
     for (int l = first; l <= last; l++)
         if (attention(f, l, n, err) || ffn_pre(f, l, n, err)) return -1;
-    return 0;
+    return j + 1 == (int)f->n_segments ? flush_residual(f, n, last, err) : 0;
 }
 
 /* Captures segment j for n tokens into its slot: 0, or -1 with the reason
@@ -854,11 +933,13 @@ static int run_pass(nm_gpu_forward *f, const int32_t *tok, int64_t n, nm_err *er
     }
     f->stream_pass = f->ms && f->stream_min > 0 && n >= f->stream_min;
     if (f->stream_pass && numoe_gpu::moe_stream_begin(f->ms, err)) return -1;
+    f->pend_a = f->pend_b = nullptr;
     if (f->use_graphs && !f->stream_pass && n <= GRAPH_MAX_TOKENS) {
         if (run_layers_graphs(f, n, err)) return -1;
     } else {
         for (int l = 0; l < hp->n_layer; l++)
             if (attention(f, l, n, err) || feed_forward(f, l, n, err)) return -1;
+        if (flush_residual(f, n, (int)hp->n_layer - 1, err)) return -1;
     }
     /* the pinned token table is rewritten by the next pass */
     CUDA_OK(cudaStreamSynchronize(f->st), "layer %d: end of the pass", il);
@@ -1172,7 +1253,7 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         dalloc_n(f, &f->xq, nm_cuda_q8_row_bytes(f->xq_cols_max) * (size_t)(f->gemv_max < T ? f->gemv_max : T),
                  "quantised activations", err))
         return -1;
-    if (halloc_n(f, &f->h_moe, (size_t)(T * H), "hand-off", err) ||
+    if (halloc_n(f, &f->h_moe, (size_t)(T * H), "hand-off", err, cudaHostAllocMapped) ||
         halloc_n(f, &f->h_logits, (size_t)(f->logit_rows * hp->n_vocab), "logits", err) ||
         halloc_n(f, &f->h_rows, (size_t)f->logit_rows, "output rows", err) ||
         halloc_n(f, &f->h_tinfo, (size_t)T, "token table", err))
@@ -1185,9 +1266,21 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     if ((void *)in->ids != (void *)(in->x + nx) || in->w != (float *)in->ids + nk)
         return nm_errf(err, "GPU: the expert backend's input region is not one block (x, ids, w), so it cannot be "
                        "pinned at once");
-    CUDA_OK(cudaHostRegister(in->x, in_bytes, cudaHostRegisterPortable), "pinning the expert backend's %zu-KiB input "
-            "region", in_bytes >> 10);
+    CUDA_OK(cudaHostRegister(in->x, in_bytes, cudaHostRegisterPortable | (f->fuse ? cudaHostRegisterMapped : 0)),
+            "pinning the expert backend's %zu-KiB input region", in_bytes >> 10);
     f->pinned_in = in->x;
+    if (f->fuse) {
+        /* the kernels write the hand-off there and read the sum out of h_moe */
+        void *dx = nullptr, *dm = nullptr;
+        CUDA_OK(cudaHostGetDevicePointer(&dx, in->x, 0), "mapping the expert backend's input region for the kernels "
+                "(NUMOE_GPU_FUSE=0 copies instead)");
+        CUDA_OK(cudaHostGetDevicePointer(&dm, f->h_moe, 0), "mapping the routed sum's pinned buffer for the kernels "
+                "(NUMOE_GPU_FUSE=0 copies instead)");
+        f->d_in_x = static_cast<float *>(dx);
+        f->d_in_ids = reinterpret_cast<int32_t *>(f->d_in_x + nx);
+        f->d_in_w = reinterpret_cast<float *>(f->d_in_ids + nk);
+        f->d_h_moe = static_cast<const float *>(dm);
+    }
     f->rowlist.resize((size_t)T);
     f->rowdst.resize((size_t)T);
     f->rowtop.assign((size_t)T, nullptr);
@@ -1274,6 +1367,11 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         snprintf(f->desc + used, sizeof f->desc - used, "; decode passes of <= %d tokens as CUDA graphs (%zu "
                  "segments)", GRAPH_MAX_TOKENS, f->n_segments);
     }
+    {
+        size_t used = strlen(f->desc);
+        snprintf(f->desc + used, sizeof f->desc - used, "; %s", f->fuse ? "residual + norm + q8 fused, hand-off "
+                 "written by the kernels" : "unfused (NUMOE_GPU_FUSE=0)");
+    }
     return 0;
 }
 
@@ -1312,6 +1410,7 @@ extern "C" int nm_gpu_forward_create(nm_gpu_forward **out, const nm_model *m, nm
     f->gemm_min = o->gemm_min > 0 ? o->gemm_min : 32;
     f->gemv_max = o->gemv_max > 0 ? o->gemv_max : 4;
     f->q8_gemv = o->q8_gemv != 0;
+    f->fuse = !o->unfused;
     f->stream_min = o->stream_min;
     f->on_upload = o->on_upload;
     f->upload_ctx = o->upload_ctx;

@@ -94,6 +94,8 @@ typedef struct {
     int q8_gemv;           /* GEMVs of types with an integer kernel quantise the activation to 8 bits
                               (nm_cuda_gemv_q8: ~2x faster at decode, x rounded as on the CPU path);
                               0: fp32 activations everywhere */
+    int unfused;           /* 1: every residual add, RMSNorm, activation quantisation and hand-off copy
+                              as its own kernel or copy (for measuring); 0: fused (gpu_forward.cu) */
     /* routed experts kept in VRAM and computed there for passes of up to
      * NM_GPU_HOT_MAX_TOKENS tokens (gpu_hot.cuh): 0 none; N > 0 that many of
      * every MoE layer; NM_GPU_HOT_AUTO as many as the VRAM left after

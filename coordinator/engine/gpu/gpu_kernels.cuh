@@ -38,6 +38,22 @@ struct tok_info {
 cudaError_t rmsnorm(cudaStream_t s, float *out, int64_t o_stride, const float *x, int64_t x_stride, const int32_t *rows,
                     const float *w, int64_t n_rows, int64_t dim, float eps);
 
+/* The residual add and the RMSNorm after it, and the norm's 8-bit copy for
+ * the integer GEMV that reads it, in one launch (decode is bound by launches,
+ * not bytes: docs/GPU.md). Per row r < n_rows:
+ *   with a:   x[r] = (x[r] + a[r]) (+ b[r]), as add();
+ *   out[r] = RMSNorm(x[r]) * w, as rmsnorm() (bit for bit); also into out2[r]
+ *            when not NULL (e.g. mapped host memory);
+ *   with xq:  the q8 row of out[r] at xq + r * numoe_q8::row_bytes(dim)
+ *            (kernels/cuda/q8_row.cuh: the bytes nm_cuda_quantize_q8 writes).
+ * Rows dim floats apart in every array (out may equal x when a is NULL);
+ * add_norm_fits says whether a call can take it (dim % 4, and % 32 with
+ * xq; dim <= 8192; 16-byte aligned pointers), else cudaErrorInvalidValue. */
+bool add_norm_fits(const void *x, const void *a, const void *b, const void *out, const void *out2, int64_t dim,
+                   bool q8);
+cudaError_t add_norm(cudaStream_t s, float *x, const float *a, const float *b, float *out, float *out2, const float *w,
+                     int64_t n_rows, int64_t dim, float eps, uint8_t *xq);
+
 /* g[i] = silu(g[i]) * u[i] for i < n, silu(v) = v / (1 + exp(-v)). */
 cudaError_t silu_mul(cudaStream_t s, float *g, const float *u, int64_t n);
 /* x[i] += a[i]; with b: x[i] = (x[i] + a[i]) + b[i] (the CPU's order). */
@@ -69,9 +85,11 @@ cudaError_t attn_softmax(cudaStream_t s, float *S, int64_t rows, int64_t Lb, int
 /* Router of n tokens: logits [n][E] -> ids / weights [n][k], exactly the
  * selection rules of coordinator/router.c (softmax or sigmoid + bias,
  * group-limited top-k with the same tie rule, weight normalisation and
- * scale). bias: E floats or NULL. E <= 1024, G <= 256. */
-cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_t *ids, float *w, int64_t n, int E,
-                  int k, int G, int G_used, int sigmoid, int norm_topk, float scale);
+ * scale), and the same into ids2 / w2 when not NULL (device pointers of
+ * mapped host memory: the expert backend's input region). bias: E floats
+ * or NULL. E <= 1024, G <= 256. */
+cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_t *ids, float *w, int32_t *ids2,
+                  float *w2, int64_t n, int E, int k, int G, int G_used, int sigmoid, int norm_topk, float scale);
 
 /* The m largest of row[0..V) (NaN as -inf, ties to the lower id: the host
  * sampler's order), as an unordered set: ids[0..m) with their raw values

@@ -3,6 +3,7 @@
  * rmsnorm: the sum of squares in double, then inv = 1 / sqrtf((float)(ss / n)
  * + eps) and out = (x * inv) * w, each product rounded on its own. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/q8_row.cuh"
 
 namespace numoe_gpu {
 namespace {
@@ -23,6 +24,15 @@ __device__ double block_sum(double v, double *red) {
     return red[0];
 }
 
+/* forward.c's steps once the sum of squares is known */
+__device__ __forceinline__ float norm_inv(double ss, int64_t dim, float eps) {
+    return 1.0f / sqrtf(__fadd_rn((float)(ss / (double)dim), eps));
+}
+__device__ __forceinline__ float norm_elem(float x, float inv, float w) { return __fmul_rn(__fmul_rn(x, inv), w); }
+__device__ __forceinline__ float4 add4(float4 v, float4 u) {
+    return make_float4(__fadd_rn(v.x, u.x), __fadd_rn(v.y, u.y), __fadd_rn(v.z, u.z), __fadd_rn(v.w, u.w));
+}
+
 __global__ void __launch_bounds__(NORM_THREADS) k_rmsnorm(float *out, int64_t o_stride, const float *x,
                                                           int64_t x_stride, const int32_t *rows, const float *w,
                                                           int64_t dim, float eps) {
@@ -30,12 +40,81 @@ __global__ void __launch_bounds__(NORM_THREADS) k_rmsnorm(float *out, int64_t o_
     const int64_t r = blockIdx.x;
     const float *xr = x + (rows ? (int64_t)rows[r] : r) * x_stride;
     float *orow = out + r * o_stride;
+    /* squares summed per thread over groups of 4 (group g = threadIdx.x + k * blockDim.x), as
+     * k_add_norm does: the same double sum, so the fused and separate kernels agree bit for bit */
     double ss = 0;
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * (double)xr[i];
+    for (int64_t g = threadIdx.x; 4 * g < dim; g += blockDim.x)
+        for (int64_t i = 4 * g; i < 4 * g + 4 && i < dim; i++) ss += (double)xr[i] * (double)xr[i];
     ss = block_sum(ss, red);
-    const float inv = 1.0f / sqrtf(__fadd_rn((float)(ss / (double)dim), eps));
+    const float inv = norm_inv(ss, dim, eps);
     /* each thread reads and writes only its own elements: in place is safe */
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = __fmul_rn(__fmul_rn(xr[i], inv), w[i]);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = norm_elem(xr[i], inv, w[i]);
+}
+
+/* add_norm: one CTA per row, each thread holding up to NORM_VEC float4
+ * groups of it in registers (group i = threadIdx.x + k * NORM_THREADS), so
+ * every load of x, a and b is issued before the first is used: when a or
+ * b is mapped host memory (the routed sum) the row costs one PCIe round
+ * trip, not one per group. Group i is part i % 8 of 32-element block i / 8,
+ * and the 8 threads of a block are 8 consecutive lanes, as
+ * numoe_q8::quantize4 needs; every warp runs every k (the q8 reductions are
+ * warp shuffles). */
+constexpr int NORM_VEC = 8; /* rows up to 8 * 4 * 256 = 8192 floats (DeepSeek-V3: 7168) */
+
+template <bool Q8>
+__global__ void __launch_bounds__(NORM_THREADS) k_add_norm(float *x, const float *a, const float *b, float *out,
+                                                           float *out2, const float *w, int64_t dim, float eps,
+                                                           uint8_t *xq) {
+    __shared__ double red[NORM_THREADS / 32];
+    const int64_t r = blockIdx.x, d4 = dim / 4;
+    float4 *xr = reinterpret_cast<float4 *>(x + r * dim);
+    const float4 *ar = a ? reinterpret_cast<const float4 *>(a + r * dim) : nullptr;
+    const float4 *br = b ? reinterpret_cast<const float4 *>(b + r * dim) : nullptr;
+    const float4 *w4 = reinterpret_cast<const float4 *>(w);
+    float4 *o4 = reinterpret_cast<float4 *>(out + r * dim);
+    float4 *p4 = out2 ? reinterpret_cast<float4 *>(out2 + r * dim) : nullptr;
+    const float4 zero = make_float4(0, 0, 0, 0);
+    float4 v[NORM_VEC], u[NORM_VEC], t[NORM_VEC];
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; k++) {
+        const int64_t i = threadIdx.x + (int64_t)k * NORM_THREADS;
+        v[k] = i < d4 ? xr[i] : zero;
+        u[k] = ar && i < d4 ? ar[i] : zero;
+        t[k] = br && i < d4 ? br[i] : zero;
+    }
+    double ss = 0;
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; k++) {
+        const int64_t i = threadIdx.x + (int64_t)k * NORM_THREADS;
+        if (i >= d4) continue;
+        if (ar) {
+            v[k] = add4(v[k], u[k]);
+            if (br) v[k] = add4(v[k], t[k]);
+            xr[i] = v[k];
+        }
+        ss += (double)v[k].x * (double)v[k].x;
+        ss += (double)v[k].y * (double)v[k].y;
+        ss += (double)v[k].z * (double)v[k].z;
+        ss += (double)v[k].w * (double)v[k].w;
+    }
+    ss = block_sum(ss, red);
+    const float inv = norm_inv(ss, dim, eps);
+    uint8_t *row = Q8 ? xq + r * numoe_q8::row_bytes(dim) : nullptr;
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; k++) {
+        const int64_t i = threadIdx.x + (int64_t)k * NORM_THREADS;
+        if ((int64_t)k * NORM_THREADS >= d4) break; /* the same for the whole CTA */
+        const bool live = i < d4;
+        float4 o = zero;
+        if (live) {
+            const float4 g = w4[i];
+            o = make_float4(norm_elem(v[k].x, inv, g.x), norm_elem(v[k].y, inv, g.y), norm_elem(v[k].z, inv, g.z),
+                            norm_elem(v[k].w, inv, g.w));
+            o4[i] = o;
+            if (p4) p4[i] = o;
+        }
+        if (Q8) numoe_q8::quantize4(o, live, row, dim, i / 8, (int)(i % 8));
+    }
 }
 
 __global__ void k_silu_mul(float *g, const float *u, int64_t n) {
@@ -64,6 +143,25 @@ cudaError_t rmsnorm(cudaStream_t s, float *out, int64_t o_stride, const float *x
                     const float *w, int64_t n_rows, int64_t dim, float eps) {
     if (n_rows < 1) return cudaSuccess;
     k_rmsnorm<<<(unsigned)n_rows, NORM_THREADS, 0, s>>>(out, o_stride, x, x_stride, rows, w, dim, eps);
+    return cudaGetLastError();
+}
+
+bool add_norm_fits(const void *x, const void *a, const void *b, const void *out, const void *out2, int64_t dim,
+                   bool q8) {
+    const auto al = [](const void *p) { return (uintptr_t)p % 16 == 0; };
+    return dim > 0 && dim % (q8 ? 32 : 4) == 0 && dim <= 4 * NORM_VEC * NORM_THREADS && x && out && al(x) && al(a) &&
+           al(b) && al(out) && al(out2);
+}
+
+cudaError_t add_norm(cudaStream_t s, float *x, const float *a, const float *b, float *out, float *out2, const float *w,
+                     int64_t n_rows, int64_t dim, float eps, uint8_t *xq) {
+    if (n_rows < 1) return cudaSuccess;
+    if (!add_norm_fits(x, a, b, out, out2, dim, xq != nullptr) || (uintptr_t)w % 16 || (uintptr_t)xq % 16 || (b && !a))
+        return cudaErrorInvalidValue;
+    if (xq)
+        k_add_norm<true><<<(unsigned)n_rows, NORM_THREADS, 0, s>>>(x, a, b, out, out2, w, dim, eps, xq);
+    else
+        k_add_norm<false><<<(unsigned)n_rows, NORM_THREADS, 0, s>>>(x, a, b, out, out2, w, dim, eps, nullptr);
     return cudaGetLastError();
 }
 

@@ -32,8 +32,9 @@ __device__ __forceinline__ void warp_best(float *v, int *i) {
     }
 }
 
-__global__ void __launch_bounds__(32) k_route(const float *logits, const float *bias, int32_t *ids, float *wout, int E,
-                                              int k, int G, int G_used, int sigmoid, int norm_topk, float scale) {
+__global__ void __launch_bounds__(32) k_route(const float *logits, const float *bias, int32_t *ids, float *wout,
+                                              int32_t *ids2, float *w2, int E, int k, int G, int G_used, int sigmoid,
+                                              int norm_topk, float scale) {
     extern __shared__ float sm[];
     float *p = sm, *s = sm + E, *gscore = s + E;
     int *taken = (int *)(gscore + G + 1), *keep = taken + E;
@@ -101,17 +102,24 @@ __global__ void __launch_bounds__(32) k_route(const float *logits, const float *
         float sc = scale;
         if (norm_topk) sc = __fdiv_rn(sc, __fadd_rn(sum, 1e-20f));
         for (int j = 0; j < k; j++) wout[t * k + j] = __fmul_rn(wout[t * k + j], sc);
+        /* the copies (the expert backend's input region in host memory):
+         * written here, the hand-off needs no copy nodes */
+        for (int j = 0; j < k; j++) {
+            if (ids2) ids2[t * k + j] = ids[t * k + j];
+            if (w2) w2[t * k + j] = wout[t * k + j];
+        }
     }
 }
 
 } /* namespace */
 
-cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_t *ids, float *w, int64_t n, int E,
-                  int k, int G, int G_used, int sigmoid, int norm_topk, float scale) {
+cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_t *ids, float *w, int32_t *ids2,
+                  float *w2, int64_t n, int E, int k, int G, int G_used, int sigmoid, int norm_topk, float scale) {
     if (n < 1) return cudaSuccess;
     if (E < 1 || E > 1024 || G < 1 || G > 256 || k < 1 || k > E) return cudaErrorInvalidValue;
     const size_t smem = (size_t)(2 * E + G + 1) * sizeof(float) + (size_t)(E + G) * sizeof(int);
-    k_route<<<(unsigned)n, 32, smem, s>>>(logits, bias, ids, w, E, k, G, G_used, sigmoid, norm_topk, scale);
+    k_route<<<(unsigned)n, 32, smem, s>>>(logits, bias, ids, w, ids2, w2, E, k, G, G_used, sigmoid, norm_topk,
+                                                  scale);
     return cudaGetLastError();
 }
 
