@@ -6,7 +6,8 @@
  *
  * usage: bench_gpu_forward MODEL.gguf [-p 512] [-n 128] [-r 2] [-t 0]
  *                          [--engines cpu,gpu] [--gemm f32,bf16,tf32]
- * -t 0 = every CPU; --gemm lists the GPU prefill GEMM modes to run (each is
+ * The GPU runs with the engine's decode defaults (CUDA graphs, 8-bit
+ * activations, fused kernels; NUMOE_GPU_FUSE=0 unfuses). -t 0 = every CPU; --gemm lists the GPU prefill GEMM modes to run (each is
  * a GPU row of the table). One warm-up prefill per engine is not timed.
  * Prints a markdown table, then where a GPU decode step's time went. */
 #include <math.h>
@@ -155,6 +156,10 @@ int main(int argc, char **argv) {
             o.n_ctx = ctx;
             o.n_batch = p > 0 ? p : 1;
             o.gemm = (nm_gpu_gemm_mode)mode;
+            /* the engine's decode defaults (gpu_engine.c): graphs, 8-bit activations, fused kernels */
+            o.graphs = 1;
+            o.q8_gemv = 1;
+            o.unfused = getenv("NUMOE_GPU_FUSE") && !strcmp(getenv("NUMOE_GPU_FUSE"), "0");
             nm_gpu_forward *gf = NULL;
             double r[4], t0 = nm_now_s();
             if (nm_gpu_forward_create(&gf, &m, local, &o, &err)) {

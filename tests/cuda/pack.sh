@@ -4,7 +4,7 @@
 #   tests/cuda/pack.sh DEST        # after `make -j cuda` (and `make`) here
 #
 # Writes DEST/bin (numoe, numoe-worker, the CUDA test and bench binaries,
-# stripped), DEST/lib (every .so `ldd` names for them except glibc's, the
+# the CPU kernels' unit tests, stripped), DEST/lib (every .so `ldd` names for them except glibc's, the
 # compiler runtime's and CUDA's, which the box has in newer versions, and
 # libnumoe_kernels.so, which the generator's K-type quantiser loads). On the
 # box: copy DEST/bin/* into build/bin, DEST/lib/libnumoe_kernels.so into
@@ -17,6 +17,9 @@ B=${NUMOE_BUILD:-build}
 mkdir -p "$dest/bin" "$dest/lib"
 bins=("$B/bin/numoe" "$B/bin/numoe-worker")
 for b in "$B"/bin/test_cuda_* "$B/bin/bench_gpu_forward"; do [ -x "$b" ] && bins+=("$b"); done
+# the CPU kernels' unit tests too: the box's Xeon has what this machine lacks
+# (AMX), so its paths are checked against the scalar reference there
+for t in tile matmul quant dot_simd scores wsum; do [ -x "$B/bin/test_$t" ] && bins+=("$B/bin/test_$t"); done
 for b in "${bins[@]}"; do
     [ -x "$b" ] || { echo "pack: $b is missing: run make -j\$(nproc) cuda first" >&2; exit 1; }
     cp "$b" "$dest/bin/" && strip "$dest/bin/$(basename "$b")"
