@@ -37,6 +37,9 @@ endif
 # rest of the binary runs on any x86-64; cpuid picks the path at run time.
 ISA_AVX2   := -mavx2 -mfma -mf16c
 ISA_AVX512 := -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni
+# the AMX tile kernels (kernels/tile_amx.c): AVX-512 for the scales and float
+# steps around the tile instructions; entered only where nm_isa_amx()
+ISA_AMX    := $(ISA_AVX512) -mamx-tile -mamx-int8
 
 # protobuf-c messages: proto/*.proto -> $(BUILD)/gen/proto/*.pb-c.{c,h} at build time
 PROTO_SRC  := $(wildcard proto/*.proto)
@@ -124,6 +127,10 @@ $(BUILD)/obj/%_avx2.o: %_avx2.c
 $(BUILD)/obj/%_avx512.o: %_avx512.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(ISA_AVX512) -MMD -MP -c $< -o $@
+
+$(BUILD)/obj/%_amx.o: %_amx.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(ISA_AMX) -MMD -MP -c $< -o $@
 
 PROTO_OBJ := $(patsubst $(BUILD)/gen/%.c,$(BUILD)/obj/gen/%.o,$(PROTO_C))
 # proto/*.c: the wire and shm-slot helpers both sides of numoe.proto use

@@ -11,7 +11,11 @@
  * Work is grouped by expert: each expert's weight rows are read once per call
  * and applied to all the tokens routed to it, so prefill is matrix-matrix and
  * decode is a few GEMVs: gate+up, then down, in thread-pool passes whose
- * order is the schedule below. */
+ * order is the schedule below. Where the types have tiles (kernels/tile.h)
+ * the products are the tile numbers, and in the staged schedule an expert
+ * with 16 or more pairs runs them on the AMX tile unit where this process
+ * may use it (nm_tile_amx_usable): the same bits, so out does not depend on
+ * the CPU's AMX either. */
 #ifndef NUMOE_KERNELS_MOE_H
 #define NUMOE_KERNELS_MOE_H
 

@@ -90,8 +90,20 @@ typedef enum {
 } nm_isa;
 
 const char *nm_isa_name(nm_isa isa);
-/* Best level this CPU supports (cpuid), lowered by env NUMOE_ISA=scalar|avx2|avx512|avx512vnni. */
+/* Best level this CPU supports (cpuid), lowered by env NUMOE_ISA=scalar|avx2|avx512|avx512vnni|amx
+ * (amx: the avx512vnni level plus the AMX tiles below; an unknown or unsupported value is
+ * reported on stderr with the level used instead). */
 nm_isa nm_isa_best(void);
+/* Intel AMX-INT8 (the tile GEMM of kernels/tile.h, nm_tile_gemm_many) is no level of its own
+ * (the dot tables stop at avx512vnni) but a unit beside it: 1 where this process may run tile
+ * instructions: cpuid 7.0 EDX bits 24, 25 (AMX-TILE, AMX-INT8), the OS enables the tile state
+ * (XCR0 bits 17, 18: XTILECFG, XTILEDATA), the CPU reaches avx512vnni, Linux granted the
+ * process the tile data (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once,
+ * here, before any thread uses a tile) and NUMOE_ISA is unset, empty or amx: naming any
+ * lower level turns AMX off. nm_isa_amx_why_not: NULL where nm_isa_amx() is 1, else why not
+ * (one line, for messages: "AMX not available: ..."). */
+int nm_isa_amx(void);
+const char *nm_isa_amx_why_not(void);
 /* Whether the running CPU can execute code for this level. */
 int nm_isa_supported(nm_isa isa);
 /* Dot for a weight type at a given level; falls back to the next lower level

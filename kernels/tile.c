@@ -1,9 +1,11 @@
 /* tile.c - the portable half of tile.h: sizes, the plain C packer, the
  * activation aux, the scalar reference of the tile numbers, and the
- * dispatch to the VNNI kernels (tile_avx512.c). */
+ * dispatch to the VNNI kernels (tile_avx512.c) and the AMX ones
+ * (tile_amx.c, or their emulation, tile_amx_emu_avx512.c). */
 #include "kernels/tile.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "kernels/fp16.h"
@@ -172,4 +174,46 @@ void nm_tile_gemm(int type, int64_t n, const void *tile, const void *const *x, c
 void nm_tile_gemv(int type, int64_t n, const void *rows, size_t row_bytes, int nrows, const void *x, const void *aux,
                   float *out) {
     nm_tile_gemv_vnni(type)(n, rows, row_bytes, nrows, x, aux, out);
+}
+
+/* ---- many activation rows ---------------------------------------------- */
+
+static atomic_int amx_emulate;
+static atomic_long amx_emulated;
+
+void nm_tile_amx_emulate(int on) { atomic_store(&amx_emulate, on != 0); }
+
+long nm_tile_amx_emulated_calls(void) { return atomic_load(&amx_emulated); }
+
+int nm_tile_amx_usable(int type) {
+    if (type != NM_TYPE_Q4_K && type != NM_TYPE_Q5_0) return 0;
+    if (!nm_tile_usable(type)) return 0; /* VNNI, which the AMX kernels use too */
+    if (atomic_load_explicit(&amx_emulate, memory_order_relaxed)) return nm_tile_gemm_many_amx_emu(type) != NULL;
+    return nm_isa_amx() && nm_tile_gemm_many_amx(type) != NULL;
+}
+
+void nm_tile_gemm_many(int type, int64_t n, const void *tile, const void *x, size_t x_stride, const void *aux,
+                       size_t aux_stride, int nx, float *out, size_t ldo) {
+    if (nm_tile_amx_usable(type)) {
+        if (atomic_load_explicit(&amx_emulate, memory_order_relaxed)) {
+            atomic_fetch_add_explicit(&amx_emulated, 1, memory_order_relaxed);
+            nm_tile_gemm_many_amx_emu(type)(n, tile, x, x_stride, aux, aux_stride, nx, out, ldo);
+        } else {
+            nm_tile_gemm_many_amx(type)(n, tile, x, x_stride, aux, aux_stride, nx, out, ldo);
+        }
+        return;
+    }
+    /* VNNI: groups of NM_TILE_NX, out written 16 apart, then placed ldo apart */
+    const nm_tile_gemm_fn gemm = nm_tile_gemm_vnni(type);
+    for (int j0 = 0; j0 < nx; j0 += NM_TILE_NX) {
+        const int g = nx - j0 < NM_TILE_NX ? nx - j0 : NM_TILE_NX;
+        const void *xs[NM_TILE_NX], *as[NM_TILE_NX];
+        for (int k = 0; k < g; k++) {
+            xs[k] = (const uint8_t *)x + (size_t)(j0 + k) * x_stride;
+            as[k] = (const uint8_t *)aux + (size_t)(j0 + k) * aux_stride;
+        }
+        float o[NM_TILE_NX * NM_TILE_ROWS];
+        gemm(n, tile, xs, as, g, o);
+        for (int k = 0; k < g; k++) memcpy(out + (size_t)(j0 + k) * ldo, o + k * NM_TILE_ROWS, sizeof(float) * NM_TILE_ROWS);
+    }
 }

@@ -119,4 +119,61 @@ nm_tile_pack_fn nm_tile_pack_vnni(int type);
 nm_tile_gemv_fn nm_tile_gemv_vnni(int type);
 nm_tile_gemm_fn nm_tile_gemm_vnni(int type);
 
+/* ---- many activation rows: Intel AMX-INT8 ----------------------------------
+ *
+ * Prefill hands an expert tens to hundreds of tokens. nm_tile_gemm_many
+ * takes up to NM_TILE_MANY activation rows at once, as rows a fixed stride
+ * apart (the tile unit loads 16 rows of a strided matrix per instruction,
+ * so a caller with scattered rows gathers them first: kernels/moe.c), and
+ * runs on the AMX tile unit where nm_tile_amx_usable, else as nm_tile_gemm
+ * calls (VNNI) in groups of NM_TILE_NX. The same tiles, the same aux, the
+ * same numbers: per (row, activation row) tile.h's contract above, equal to
+ * nm_tile_dot_ref bit for bit, so a caller may pick either path per call
+ * (moe.c picks by token count) without changing one bit of a result.
+ *
+ * The AMX kernel (tile_amx.c, body tile_amx_impl.h) reads the same
+ * NM_TILE_LAYOUT 2 bytes: a sub-block's 8 quant vectors, each ANDed to its
+ * nibbles, are exactly 8 rows of an AMX B tile (VNNI format, 16 weight rows
+ * as columns); 16 activation rows' quants are the A tile; TDPBSUD (A
+ * signed, B unsigned) gives 16 x 16 integer sums. Q4_K's sub-block scales
+ * enter B split as sc = lo + 8 hi (q * lo, q * hi fit a byte), so the
+ * block integer I = C_lo + 8 C_hi is exact; the float steps are the VNNI
+ * kernel's. */
+#define NM_TILE_MANY 64 /* activation rows per nm_tile_gemm_many call, at most */
+
+/* out[j * ldo + r] = row r of the tile . x_j for j < nx (1..NM_TILE_MANY),
+ * r < 16 (ldo >= 16), where x_j = (const char *)x + j * x_stride is an
+ * activation row (the type's vec_dot_type, n elements) and aux_j = (const
+ * char *)aux + j * aux_stride its nm_tile_aux. Any strides (rows may
+ * overlap or repeat). Only where nm_tile_usable. */
+void nm_tile_gemm_many(int type, int64_t n, const void *tile, const void *x, size_t x_stride, const void *aux,
+                       size_t aux_stride, int nx, float *out, size_t ldo);
+/* 1 if nm_tile_gemm_many runs this type on the tile unit: Q4_K and Q5_0,
+ * nm_tile_usable and nm_isa_amx() (quant.h: cpuid, XCR0, the Linux
+ * permission, NUMOE_ISA), or nm_tile_amx_emulate's emulation is on. */
+int nm_tile_amx_usable(int type);
+
+typedef void (*nm_tile_many_fn)(int64_t n, const void *tile, const void *x, size_t x_stride, const void *aux,
+                                size_t aux_stride, int nx, float *out, size_t ldo);
+/* The AMX kernels (tile_amx.c: call only where nm_isa_amx()) and the same
+ * body with the tile unit emulated in plain C (tile_amx_emu_avx512.c: call
+ * only where nm_isa_supported(NM_ISA_AVX512_VNNI); slow); NULL for other
+ * types. Each loads its own tile configuration per call and releases the
+ * tiles at the end, so any thread may call them at any time. */
+nm_tile_many_fn nm_tile_gemm_many_amx(int type);
+nm_tile_many_fn nm_tile_gemm_many_amx_emu(int type);
+
+/* Tests: on != 0 makes nm_tile_gemm_many's AMX path (and
+ * nm_tile_amx_usable) the emulated kernel wherever the CPU has
+ * AVX512-VNNI, so callers such as moe.c can be tested through it on a CPU
+ * without AMX; 0 restores the real choice. Not for concurrent use with
+ * calls in flight. nm_tile_amx_emulated_calls: calls the emulation served. */
+void nm_tile_amx_emulate(int on);
+long nm_tile_amx_emulated_calls(void);
+
+/* Benchmarks: n x 4 TDPBSUD of full 16 x 64 by 64 x 16 byte tiles on
+ * registers alone (no loads or stores: 131072 int8 ops per step), the tile
+ * unit's peak. Only where nm_isa_amx(). */
+void nm_tile_amx_spin(int64_t n);
+
 #endif

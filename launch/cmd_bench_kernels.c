@@ -12,7 +12,9 @@
  * read). Times are the best of --reps runs after one warm-up. A GEMM column
  * (--gemm-tok tokens, default 32, on the first --gemm-mb MiB) gives the
  * compute-bound prefill view in GFLOP/s (2 flops per weight per token).
- * Then the routed experts of one decode token through the MoE kernel
+ * Then one expert matrix against a prefill batch through the tile GEMMs,
+ * AMX next to VNNI and the AMX peak (launch/bench_prefill.c), and the
+ * routed experts of one decode token through the MoE kernel
  * (launch/bench_moe.c): the CPU's part of a hybrid decode step. */
 #include <emmintrin.h>
 #include <errno.h>
@@ -32,6 +34,7 @@
 #include "kernels/quant.h"
 #include "kernels/threadpool.h"
 #include "launch/bench_moe.h"
+#include "launch/bench_prefill.h"
 #include "launch/commands.h"
 
 static const int bench_types[] = {NM_TYPE_F32,  NM_TYPE_F16,  NM_TYPE_BF16, NM_TYPE_Q8_0, NM_TYPE_Q4_0,
@@ -59,6 +62,8 @@ static void usage(FILE *f) {
             "  --reps N        timed repetitions per figure, best kept (default 5)\n"
             "  --gemm-tok N    tokens of the GEMM column, 0 to skip it (default 32)\n"
             "  --gemm-mb SIZE  MiB of weights the GEMM runs over (default 32)\n"
+            "  --prefill-tok N tokens of the prefill table (one V3 expert matrix, 2048 x 7168 Q4_K, through\n"
+            "                  the AMX and VNNI tile GEMMs, next to the AMX peak), 0 to skip it (default 256)\n"
             "  --moe LIST      expert shapes of the routed-experts table (one decode token through the\n"
             "                  MoE kernel, as the in-process backend and workers run it): v2-lite, v3,\n"
             "                  comma-separated, or none (default v2-lite,v3)\n");
@@ -228,7 +233,7 @@ static void cpu_model(char *buf, size_t n) {
 }
 
 int nm_cmd_bench_kernels(int argc, char **argv) {
-    long threads = 0, mb = 512, cols = 7168, reps = 5, gemm_tok = 32, gemm_mb = 32;
+    long threads = 0, mb = 512, cols = 7168, reps = 5, gemm_tok = 32, gemm_mb = 32, prefill_tok = 256;
     const char *moe = "v2-lite,v3";
     nm_isa isa = nm_isa_best();
     int types[N_BENCH_TYPES], n_types = 0;
@@ -251,6 +256,7 @@ int nm_cmd_bench_kernels(int argc, char **argv) {
         else if (!strcmp(a, "--reps")) bad = parse_long(v, 1, 1000, &reps);
         else if (!strcmp(a, "--gemm-tok")) bad = parse_long(v, 0, 4096, &gemm_tok);
         else if (!strcmp(a, "--gemm-mb")) bad = parse_long(v, 1, 1L << 20, &gemm_mb);
+        else if (!strcmp(a, "--prefill-tok")) bad = parse_long(v, 0, 65536, &prefill_tok);
         else if (!strcmp(a, "--moe")) moe = strcmp(v, "none") ? v : "";
         else if (!strcmp(a, "--isa")) {
             bad = 1;
@@ -412,6 +418,10 @@ int nm_cmd_bench_kernels(int argc, char **argv) {
     free(buf);
     free(X);
     free(Y);
+    if (prefill_tok > 0) {
+        const int prc = nm_bench_prefill(pool, (int)prefill_tok, (int)(reps < 3 ? reps : 3), isa >= NM_ISA_AVX512_VNNI);
+        if (prc) rc = prc;
+    }
     if (*moe) {
         const int mrc = nm_bench_moe_decode(pool, moe, (int)reps, rdn, bytes, llc);
         if (mrc) rc = mrc;

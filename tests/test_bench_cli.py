@@ -153,6 +153,37 @@ def test_bench_kernels_moe_decode(numoe):
     assert p.returncode == 2 and "--moe: unknown shape 'v9' (v2-lite, v3, none)" in p.stderr, p.stderr
 
 
+def test_bench_kernels_prefill(numoe):
+    """The prefill table: one V3 expert matrix against a batch through the tile GEMMs, VNNI
+    on 1 and 2 threads, AMX beside it with the tile unit's peak where the CPU has it (else
+    one line says why), and both paths' bits equal; --prefill-tok 0 leaves it out."""
+    out = kernels(numoe, "--types", "Q4_0", "--gemm-tok", "0", "--prefill-tok", "40")
+    lines = out.splitlines()
+    i = next(i for i, x in enumerate(lines) if x.startswith("prefill GEMM of one expert matrix"))
+    assert "40 tokens x 2048 x 7168 Q4_K" in lines[i], lines[i]
+    rows = {}
+    for x in lines[i + 3:]:
+        if not x.startswith("    "):
+            break
+        f = x.split()
+        if f[0] == "path":
+            continue
+        rows[(" ".join(f[:-4]), f[-4])] = f[-3:]
+    vnni = "VNNI tiles (nm_tile_gemm, 8 tokens)"
+    assert (vnni, "1") in rows and (vnni, "2") in rows, out
+    amx = ("AMX tiles (nm_tile_gemm_many)", "1") in rows
+    for (path, _), (ms, tops, pct) in rows.items():
+        if not path.startswith("AMX peak"):
+            positive(ms)
+        positive(tops)
+        assert pct.endswith("%") if amx else pct == "-", (path, pct)
+    if amx:
+        assert "  AMX and VNNI outputs bit-identical: yes" in lines, out
+    else:
+        assert any(x.startswith("  AMX not available on this CPU: ") for x in lines), out
+    assert "prefill GEMM" not in kernels(numoe, "--types", "Q4_0", "--gemm-tok", "0", "--prefill-tok", "0")
+
+
 def test_bench_errors(numoe):
     p = run([numoe, "bench", "kernels", "--mb", "1", "--types", "Q4_0,XX"])
     assert p.returncode == 2 and "unknown or repeated type 'XX'" in p.stderr, p.stderr

@@ -409,9 +409,10 @@ static nm_isa hw_top(void) {
 }
 
 /* nm_isa_best is computed once per process, so each NUMOE_ISA value runs in
- * a child; the child reports the level as its exit status and its stderr
- * comes back through a pipe. */
-static int best_with_env(const char *value, char *err, size_t errlen) {
+ * a child; the child reports the level (amx: nm_isa_amx(), after writing
+ * nm_isa_amx_why_not() to stderr) as its exit status and its stderr comes
+ * back through a pipe. */
+static int child_with_env(const char *value, int amx, char *err, size_t errlen) {
     int fd[2];
     if (pipe(fd) != 0) return -1;
     const pid_t pid = fork();
@@ -419,6 +420,11 @@ static int best_with_env(const char *value, char *err, size_t errlen) {
         close(fd[0]);
         dup2(fd[1], 2);
         setenv("NUMOE_ISA", value, 1);
+        if (amx) {
+            const int on = nm_isa_amx();
+            fprintf(stderr, "why not: %s", on ? "(on)" : nm_isa_amx_why_not());
+            _exit(on);
+        }
         _exit((int)nm_isa_best());
     }
     close(fd[1]);
@@ -431,6 +437,8 @@ static int best_with_env(const char *value, char *err, size_t errlen) {
     if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
     return WEXITSTATUS(status);
 }
+
+static int best_with_env(const char *value, char *err, size_t errlen) { return child_with_env(value, 0, err, errlen); }
 
 static void test_isa_env(void) {
     char err[512];
@@ -446,6 +454,19 @@ static void test_isa_env(void) {
         CHECK(best_with_env("avx512vnni", err, sizeof err) == (int)top, "unsupported level falls back");
         CHECK(strstr(err, "avx512vnni") != NULL, "unsupported level warning: '%s'", err);
     }
+    /* amx: the best level; AMX on where the CPU has it, else a warning saying why */
+    CHECK(best_with_env("amx", err, sizeof err) == (int)top, "NUMOE_ISA=amx level");
+    const int amx = child_with_env("amx", 1, err, sizeof err);
+    CHECK(amx == 1 ? strstr(err, "warning") == NULL : amx == 0 && strstr(err, "AMX not available: ") != NULL,
+          "NUMOE_ISA=amx: amx %d, '%s'", amx, err);
+    fprintf(stderr, "  AMX: %s\n", amx == 1 ? "available" : strstr(err, "why not: ") ? strstr(err, "why not: ") : err);
+    /* naming a level turns AMX off, and says so */
+    CHECK(child_with_env("avx2", 1, err, sizeof err) == 0 && strstr(err, "NUMOE_ISA=avx2 turns it off"),
+          "NUMOE_ISA=avx2 leaves AMX on: '%s'", err);
+    CHECK(child_with_env("AVX512VNNI", 1, err, sizeof err) == 0 && strstr(err, "NUMOE_ISA=AVX512VNNI turns it off"),
+          "NUMOE_ISA=avx512vnni leaves AMX on: '%s'", err);
+    /* a typo keeps the best, AMX included */
+    CHECK(child_with_env("amx2", 1, err, sizeof err) == amx && strstr(err, "amx2"), "NUMOE_ISA=amx2: '%s'", err);
 }
 
 int main(int argc, char **argv) {

@@ -546,6 +546,33 @@ static void test_moe_equals_single_dots(void) {
     nm_pool_destroy(pool6);
 }
 
+/* The AMX path of the staged schedule (moe.c: experts of 16 pairs or more
+ * through nm_tile_gemm_many, their x rows gathered in pair order) with the
+ * tile unit emulated (tile.h: nm_tile_amx_emulate), so it runs on any CPU
+ * with AVX512-VNNI: the same bits as one pair and one dot at a time, rows
+ * or pre-packed tiles, 1 and 3 threads. With 29 and 64 tokens (k = 3,
+ * skewed) expert 0 gets about 45 and 96 pairs (full 16-token tiles, a
+ * partial one, two calls of NM_TILE_MANY), expert 3 about 16, the rest
+ * fewer (the VNNI path beside it). The emulation must have served calls. */
+static void test_moe_amx_emulated(void) {
+    if (!nm_tile_usable(NM_TYPE_Q4_K) || !nm_tile_usable(NM_TYPE_Q5_0)) {
+        fprintf(stderr, "  skip: no AVX512-VNNI tiles on this CPU (isa %s)\n", nm_isa_name(nm_isa_best()));
+        return;
+    }
+    nm_pool *pool = nm_pool_create(3);
+    nm_tile_amx_emulate(1);
+    const long before = nm_tile_amx_emulated_calls();
+    CHECK(nm_tile_amx_usable(NM_TYPE_Q4_K) && nm_tile_amx_usable(NM_TYPE_Q5_0), "emulated AMX not usable");
+    moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, 29, NULL, NM_MOE_STAGED);
+    moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, 29, pool, NM_MOE_STAGED);
+    moe_check(NM_TYPE_Q4_K, NM_TYPE_Q4_K, NM_TYPE_Q5_0, 64, pool, NM_MOE_AUTO);
+    const long calls = nm_tile_amx_emulated_calls() - before;
+    nm_tile_amx_emulate(0);
+    CHECK(calls > 0, "moe never took the AMX path");
+    fprintf(stderr, "  %ld nm_tile_gemm_many calls on the emulated tile unit\n", calls);
+    nm_pool_destroy(pool);
+}
+
 /* The scratch grows with the batch and is reused; F32 weights read X in
  * place. */
 /* ctx.tiles (matmul.h): the types with tiles give nm_tile_dot_ref's number
@@ -683,6 +710,7 @@ int main(int argc, char **argv) {
     RUN(test_prepared_gather_and_slabs);
     RUN(test_gemm_equals_single_dots);
     RUN(test_moe_equals_single_dots);
+    RUN(test_moe_amx_emulated);
     RUN(test_tiles_equal_tile_ref);
     RUN(test_scratch_reuse);
     fprintf(stderr, "  largest |y - y_ref| / M: %.2e (bound %.0e)\n", mm_worst, MM_REL);

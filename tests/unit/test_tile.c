@@ -12,6 +12,16 @@
  *                            (row-major, one activation row) likewise
  *   test_ref_near_exact      nm_tile_dot_ref within a float bound of the exact
  *                            value (integers in int64, float steps in double)
+ *   test_gemm_many_matches_ref  nm_tile_gemm_many's kernels = nm_tile_dot_ref
+ *                            bit for bit: the AMX one with its tile unit
+ *                            emulated (every CPU with AVX512-VNNI), the real
+ *                            AMX one (where nm_isa_amx(); else skipped with
+ *                            "AMX not available: <why>"), and the dispatcher;
+ *                            nx 1..64 across the 16-token tiles and a partial
+ *                            last one, strided and repeated activation rows,
+ *                            activations of random bytes (quants -128..127:
+ *                            the signed side of TDPBSUD), out rows ldo apart
+ *                            with the gaps untouched
  *
  * Data as test_dot_simd: rows quantised from random floats and rows of random
  * bytes with random finite fp16 scales (every quant, scale and min pattern);
@@ -272,6 +282,123 @@ static void test_ref_near_exact(void) {
     }
 }
 
+/* An activation row of random bytes in the type's vec_dot_type: every
+ * quant -128..127 (the quantisers stop at -127), a random scale; Q8_K's
+ * bsums the sums of its quants, as the quantiser writes them (the contract
+ * reads them for the min term). */
+static void random_act_bytes(int vt, int64_t n, void *row) {
+    if (vt == NM_TYPE_Q8_K) {
+        block_q8_K *b = row;
+        for (int64_t i = 0; i < n / NM_QK_K; i++) {
+            b[i].d = (2.0f * rng_uniform() - 1.0f) * 0.05f;
+            for (int l = 0; l < NM_QK_K; l++) b[i].qs[l] = (int8_t)(uint8_t)rng_next();
+            for (int g = 0; g < NM_QK_K / 16; g++) {
+                int s = 0;
+                for (int l = 0; l < 16; l++) s += b[i].qs[16 * g + l];
+                b[i].bsums[g] = (int16_t)s;
+            }
+        }
+    } else {
+        block_q8_0 *b = row;
+        for (int64_t i = 0; i < n / NM_QK8_0; i++) {
+            b[i].d = random_half(0.001f, 0.05f, 1);
+            for (int l = 0; l < NM_QK8_0; l++) b[i].qs[l] = (int8_t)(uint8_t)rng_next();
+        }
+    }
+}
+
+/* One many-row kernel against the reference on nx activation rows x_stride
+ * apart (the aux aux_stride apart), out rows ldo apart (the gaps must stay
+ * as they were). Returns the mismatches; reports the first few. */
+static int check_many(const char *path, nm_tile_many_fn fn, int type, int64_t n, const uint8_t *rows, size_t rb,
+                      int nr, const uint8_t *tile, const uint8_t *xs, size_t x_stride, const uint8_t *auxs,
+                      size_t aux_stride, int nx, size_t ldo, const char *what) {
+    float *out = malloc(sizeof(float) * ldo * (size_t)nx);
+    for (size_t i = 0; i < ldo * (size_t)nx; i++) out[i] = -7.0f;
+    if (fn)
+        fn(n, tile, xs, x_stride, auxs, aux_stride, nx, out, ldo);
+    else
+        nm_tile_gemm_many(type, n, tile, xs, x_stride, auxs, aux_stride, nx, out, ldo);
+    int bad = 0;
+    for (int j = 0; j < nx; j++)
+        for (size_t r = 0; r < ldo; r++) {
+            const float got = out[(size_t)j * ldo + r];
+            const float want = r >= NM_TILE_ROWS ? -7.0f
+                               : (int)r < nr ? nm_tile_dot_ref(type, n, rows + rb * r, xs + (size_t)j * x_stride)
+                                             : 0.0f;
+            if (memcmp(&got, &want, sizeof got) != 0 && bad++ < 3)
+                CHECK(0, "%s %s n %lld %s nrows %d nx %d ldo %zu: row %zu x %d = %.9g, reference %.9g", path,
+                      nm_type_name(type), (long long)n, what, nr, nx, ldo, r, j, got, want);
+        }
+    free(out);
+    return bad;
+}
+
+static void test_gemm_many_matches_ref(void) {
+    static const int nxs[] = {1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64};
+    const int n_nx = (int)(sizeof nxs / sizeof nxs[0]);
+    const int amx = nm_isa_amx();
+    if (!amx) fprintf(stderr, "  AMX not available: %s (the real AMX kernel is not run here)\n", nm_isa_amx_why_not());
+    for (int ti = 0; ti < 2; ti++) {
+        const int type = types[ti];
+        if (!simd_ok(type)) continue;
+        const nm_tile_many_fn emu = nm_tile_gemm_many_amx_emu(type), real = amx ? nm_tile_gemm_many_amx(type) : NULL;
+        CHECK(emu != NULL && (!amx || real != NULL), "%s: no AMX kernel", nm_type_name(type));
+        if (!emu) continue;
+        const int vt = nm_type_traits_of(type)->vec_dot_type;
+        long cases = 0, bad = 0;
+        for (int li = 0; li < NLENS; li++) {
+            const int64_t n = type == NM_TYPE_Q4_K ? lens_q4_K[li] : lens_q5_0[li];
+            const size_t rb = nm_row_size(type, n), ts = nm_tile_size(type, n);
+            const size_t xb = nm_row_size(vt, n), ab = nm_tile_aux_size(type, n);
+            /* rows a stride apart that is no multiple of 64 (tileloadd takes any) */
+            const size_t x_stride = xb + 36, aux_stride = ab + 8;
+            uint8_t *rows = malloc(rb * 16), *tile = aligned_alloc(64, ts);
+            uint8_t *xs = malloc(x_stride * NM_TILE_MANY), *auxs = malloc(aux_stride * NM_TILE_MANY);
+            float *f = malloc(sizeof(float) * (size_t)n);
+            static const int nrs[] = {1, 7, 16};
+            for (int kind = 0; kind < 2; kind++)
+                for (int ni = 0; ni < 3; ni++) {
+                    const int nr = nrs[ni];
+                    for (int r = 0; r < 16; r++) random_row(type, n, rows + rb * (size_t)r, kind);
+                    nm_tile_pack_ref(type, n, rows, rb, nr, tile);
+                    for (int j = 0; j < NM_TILE_MANY; j++) {
+                        uint8_t *xj = xs + x_stride * (size_t)j;
+                        if (kind == 0 || j % 3 == 0) {
+                            random_floats(f, n);
+                            nm_quantize_row(vt, f, xj, n);
+                        } else {
+                            random_act_bytes(vt, n, xj);
+                        }
+                        memset(xj + xb, 0x5A, x_stride - xb); /* the gap between rows: never read as data */
+                        nm_tile_aux(type, n, xj, auxs + aux_stride * (size_t)j);
+                    }
+                    const char *what = kind ? "random-byte rows" : "quantised rows";
+                    for (int k = 0; k < n_nx; k++) {
+                        const int nx = nxs[k];
+                        const size_t ldo = k % 2 ? 16 : 19;
+                        bad += check_many("AMX (emulated)", emu, type, n, rows, rb, nr, tile, xs, x_stride, auxs,
+                                          aux_stride, nx, ldo, what);
+                        if (real)
+                            bad += check_many("AMX", real, type, n, rows, rb, nr, tile, xs, x_stride, auxs, aux_stride,
+                                              nx, ldo, what);
+                        bad += check_many("nm_tile_gemm_many", NULL, type, n, rows, rb, nr, tile, xs, x_stride, auxs,
+                                          aux_stride, nx, ldo, what);
+                        cases++;
+                    }
+                    /* one activation row 40 times over (stride 0) */
+                    bad += check_many("AMX (emulated)", emu, type, n, rows, rb, nr, tile, xs, 0, auxs, 0, 40, 16,
+                                      "stride 0");
+                    if (real)
+                        bad += check_many("AMX", real, type, n, rows, rb, nr, tile, xs, 0, auxs, 0, 40, 16, "stride 0");
+                }
+            free(rows), free(tile), free(xs), free(auxs), free(f);
+        }
+        fprintf(stderr, "  %s: %ld many-row cases: emulated AMX%s and nm_tile_gemm_many (%s): %ld outputs differ from the reference\n",
+                nm_type_name(type), cases, real ? ", real AMX" : "", nm_tile_amx_usable(type) ? "AMX" : "VNNI", bad);
+    }
+}
+
 int main(int argc, char **argv) {
     (void)argc;
     check_init(argv[0]);
@@ -282,5 +409,6 @@ int main(int argc, char **argv) {
     RUN(test_pack_matches_ref);
     RUN(test_gemm_matches_ref);
     RUN(test_ref_near_exact);
+    RUN(test_gemm_many_matches_ref);
     return check_summary();
 }
