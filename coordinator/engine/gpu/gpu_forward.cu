@@ -699,7 +699,6 @@ static int32_t *cid_of(nm_gpu_forward *f, int il) { return f->cid + (size_t)il *
 static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const dlayer *L = &f->layers[(size_t)il];
-    const int64_t H = hp->n_embd;
     const int k = f->k;
     CUDA_OK(cudaMemcpyAsync(f->h_sids, f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, f->st),
             "layer %d: expert ids to the host", il);
@@ -712,7 +711,6 @@ static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     f->stats.t_wait += nm_now_s() - t0;
     if (log_routes(f, il, n, f->h_sids, err)) return -1;
     if (numoe_gpu::moe_stream_layer(f->ms, il, f->a, n, f->h_sids, f->h_sw, f->moe, err)) return -1;
-    (void)H;
     return residual(f, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n, il, err);
 }
 
