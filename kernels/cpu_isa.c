@@ -164,6 +164,17 @@ static void init_best(void) {
     }
 }
 
+const char *nm_isa_env_error(void) {
+    static char msg[200];
+    const char *env = getenv("NUMOE_ISA");
+    if (!env || !*env || !strcasecmp(env, "amx")) return NULL;
+    for (int i = 0; i < NM_ISA_COUNT; i++)
+        if (!strcasecmp(env, isa_names[i])) return NULL;
+    snprintf(msg, sizeof msg, "NUMOE_ISA=%.60s: unknown level; use scalar, avx2, avx512, avx512vnni or amx, or unset it",
+             env);
+    return msg;
+}
+
 int nm_isa_amx(void) {
     pthread_once(&best_once, init_best);
     return amx_on;

@@ -94,6 +94,9 @@ const char *nm_isa_name(nm_isa isa);
  * (amx: the avx512vnni level plus the AMX tiles below; an unknown or unsupported value is
  * reported on stderr with the level used instead). */
 nm_isa nm_isa_best(void);
+/* NULL, or one line naming an NUMOE_ISA value that is no level at all (a typo): the commands
+ * refuse to start on it (launch/main.c), where the library only warns and runs the best level. */
+const char *nm_isa_env_error(void);
 /* Intel AMX-INT8 (the tile GEMM of kernels/tile.h, nm_tile_gemm_many) is no level of its own
  * (the dot tables stop at avx512vnni) but a unit beside it: 1 where this process may run tile
  * instructions: cpuid 7.0 EDX bits 24, 25 (AMX-TILE, AMX-INT8), the OS enables the tile state

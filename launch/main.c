@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "coordinator/cli/commands.h"
+#include "kernels/quant.h"
 #include "launch/commands.h"
 #include "launch/launcher.h"
 
@@ -67,6 +68,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *cmd = argv[1];
+    const char *isa_err = nm_isa_env_error();
+    if (isa_err) {
+        fprintf(stderr, "numoe: %s\n", isa_err);
+        return 2;
+    }
     int runs_model = !strcmp(cmd, "generate") || !strcmp(cmd, "chat") || !strcmp(cmd, "serve") ||
                      !strcmp(cmd, "perplexity") ||
                      (!strcmp(cmd, "bench") && !(argc >= 3 && !strcmp(argv[2], "kernels")));

@@ -346,6 +346,18 @@ def test_moe_schedule(exe, model, tmp_path):
         proc.stderr
 
 
+def test_isa_typo_refused(exe):
+    """NUMOE_ISA names a CPU level; a value that is none (a typo) stops the command before it loads anything,
+    naming the levels, where the kernels library alone would only warn and run the best level."""
+    path = FIX / "deepseek-v2-tiny-F32-legacy.gguf"
+    proc = run([exe, "generate", "-m", path, "--tokens", "1,2", "-n", "1"], env={**sanitizer_env(), "NUMOE_ISA": "avx-512"})
+    assert proc.returncode == 2 and "NUMOE_ISA=avx-512: unknown level" in proc.stderr \
+        and "avx512vnni or amx" in proc.stderr, proc.stderr
+    ok = run([exe, "generate", "-m", path, "--tokens", "1,2", "-n", "1", "--workers", "0"],
+             env={**sanitizer_env(), "NUMOE_ISA": "Scalar"})
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
 def test_hf_golden_present():
     assert {p.parent.name for p in GOLDEN.glob("*/meta.json")} == {"deepseek-v2-tiny", "deepseek-v3-tiny"}
 

@@ -90,14 +90,16 @@ def test_prefill_experts_parsed_strictly(exe):
     for bad in ("x", "GPU", "", "1"):
         p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--prefill-experts", bad])
         assert_clean(p)
-        assert p.returncode == 2 and "--prefill-experts must be cpu, gpu or auto" in p.stderr, (bad, p.stderr)
+        assert p.returncode == 2 and "--prefill-experts must be cpu, gpu, split or auto" in p.stderr, (bad, p.stderr)
     h = run([exe, "generate", "--help"])
-    assert "--prefill-experts cpu|gpu|auto" in h.stdout + h.stderr
+    assert "--prefill-experts cpu|gpu|split|auto" in h.stdout + h.stderr
     # gpu on the CPU engine is a contradiction, refused before anything starts; cpu and auto are not
-    p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--gpu", "none", "--prefill-experts", "gpu"])
-    assert_clean(p)
-    assert p.returncode != 0 and "--prefill-experts gpu computes routed experts on the GPU" in p.stderr \
-        and "--gpu none" in p.stderr and "worker 0:" not in p.stderr, p.stderr[-2000:]
+    for gpu_only in ("gpu", "split"):
+        p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--gpu", "none", "--prefill-experts",
+                 gpu_only])
+        assert_clean(p)
+        assert p.returncode != 0 and f"--prefill-experts {gpu_only} computes routed experts on the GPU" in p.stderr \
+            and "--gpu none" in p.stderr and "worker 0:" not in p.stderr, p.stderr[-2000:]
     for ok in ("cpu", "auto"):
         p = run([exe, "generate", "-m", MODEL, "--tokens", "1", "-n", "1", "--workers", "0", "--gpu", "none",
                  "--prefill-experts", ok])
@@ -219,12 +221,13 @@ def logits_rows(path, n_vocab):
     return a.reshape(-1, n_vocab)
 
 
-@pytest.mark.parametrize("experts", ["auto", "gpu"])
+@pytest.mark.parametrize("experts", ["auto", "gpu", "split"])
 @pytest.mark.parametrize("workers", ["0", "1"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
 def test_generate_gpu_vs_cpu(gpu_exe, model, workers, experts, tmp_path):
     """The GPU engine against the CPU engine; --prefill-experts gpu computes every pass's routed experts on the
-    GPU (streamed), auto only passes of >= 32 tokens (none here: a 12-token prompt, then decode)."""
+    GPU (streamed), split half of every layer's on the GPU and the rest on the CPU (in process or the worker) at
+    the same time, auto only passes of >= 32 tokens (none here: a 12-token prompt, then decode)."""
     compare_gpu_cpu(gpu_exe, model, workers, tmp_path, ("--prefill-experts", experts))
 
 
@@ -318,7 +321,7 @@ def perplexity(exe, model, gpu, *extra):
     return float(m.group(1)), int(m.group(3))
 
 
-@pytest.mark.parametrize("experts", ["auto", "cpu"])
+@pytest.mark.parametrize("experts", ["auto", "cpu", "split"])
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
 def test_perplexity_gpu_vs_cpu(gpu_exe, model, experts):
     """64-token windows, the routed experts where auto's measured threshold puts them (GPU or CPU) or on the

@@ -18,12 +18,15 @@ const char nm_session_opts_help[] =
     "                          else the CPU. One line on stderr names the engine and device. --gpu N\n"
     "                          fails when there is no such device or numoe was built without CUDA\n"
     "                          (the routed experts stay on the CPU either way: --workers)\n"
-    "      --prefill-experts cpu|gpu|auto\n"
+    "      --prefill-experts cpu|gpu|split|auto\n"
     "                          with a GPU engine: where the routed experts of a pass run. cpu = always\n"
     "                          on the CPU (workers or this process); gpu = on the GPU for every pass,\n"
-    "                          their weights streamed over PCIe per pass; auto (default) = the GPU for\n"
+    "                          their weights streamed over PCIe per pass; split = every pass shares\n"
+    "                          them: the first half of each layer's experts streamed to the GPU, the\n"
+    "                          rest on the CPU at the same time; auto (default) = the GPU for\n"
     "                          passes long enough that streaming pays (measured at load: one layer's\n"
     "                          copy against the CPU's experts; never below 32 tokens), else the CPU\n"
+    "                          (NUMOE_GPU_SPLIT=1: such passes split in the measured proportion)\n"
     "      --gpu-experts auto|N|FILE\n"
     "                          with a GPU engine: routed experts kept in VRAM and computed there for\n"
     "                          passes of <= 64 tokens, so the CPU reads fewer bytes per token. N = N\n"
@@ -99,8 +102,12 @@ int nm_session_parse_opt(nm_session_opts *o, int argc, char **argv, int *i, cons
             o->prefill_experts = NM_PREFILL_EXPERTS_CPU;
         else if (v && !strcmp(v, "gpu"))
             o->prefill_experts = NM_PREFILL_EXPERTS_GPU;
+        else if (v && !strcmp(v, "split"))
+            o->prefill_experts = NM_PREFILL_EXPERTS_SPLIT;
         else
-            return fprintf(stderr, "%s: --prefill-experts must be cpu, gpu or auto (got '%s')\n", cmd, v ? v : ""), -1;
+            return fprintf(stderr, "%s: --prefill-experts must be cpu, gpu, split or auto (got '%s')\n", cmd,
+                           v ? v : ""),
+                   -1;
     } else if (!strcmp(a, "--gpu-experts")) {
         if (!v) return fprintf(stderr, "%s: --gpu-experts needs auto, a number or a routing profile FILE\n", cmd), -1;
         o->gpu_experts_set = 1;

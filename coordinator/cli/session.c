@@ -28,9 +28,11 @@ int nm_session_gpu_count(const nm_session_opts *o, char *why, size_t n, nm_err *
                            "--gpu none", o->gpu, gpu_count, gpu_count == 1 ? "" : "s", gpu_count - 1);
         return nm_errf(err, "--gpu %d: no usable CUDA device here: %s; run on the CPU with --gpu none", o->gpu, why);
     }
-    if (!nm_session_use_gpu(o, gpu_count) && o->prefill_experts == NM_PREFILL_EXPERTS_GPU)
-        return nm_errf(err, "--prefill-experts gpu computes routed experts on the GPU, which needs the GPU engine; "
+    if (!nm_session_use_gpu(o, gpu_count) &&
+        (o->prefill_experts == NM_PREFILL_EXPERTS_GPU || o->prefill_experts == NM_PREFILL_EXPERTS_SPLIT))
+        return nm_errf(err, "--prefill-experts %s computes routed experts on the GPU, which needs the GPU engine; "
                        "this run is on the CPU (%s): drop it or pick a device with --gpu N",
+                       o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? "gpu" : "split",
                        o->gpu_mode == NM_GPU_NONE ? "--gpu none" : why);
     if (!nm_session_use_gpu(o, gpu_count) && ((o->gpu_experts_set && o->gpu_experts > 0) || o->gpu_experts_profile))
         return nm_errf(err, "--gpu-experts keeps routed experts in VRAM, which needs the GPU engine; this run is on "

@@ -35,7 +35,7 @@ typedef struct {
     int sync_experts;             /* wait for the routed experts before the shared ones (bench --experts-sync) */
     int gpu_mode;                 /* --gpu: NM_GPU_AUTO (default), NM_GPU_DEVICE (device gpu), NM_GPU_NONE */
     int gpu;                      /* the CUDA device with NM_GPU_DEVICE */
-    int prefill_experts;          /* --prefill-experts: NM_PREFILL_EXPERTS_AUTO (0), _CPU, _GPU (gpu_forward.h) */
+    int prefill_experts;          /* --prefill-experts: NM_PREFILL_EXPERTS_AUTO (0), _CPU, _GPU, _SPLIT (gpu_engine.h) */
     /* --gpu-experts: routed experts kept in VRAM by the GPU engine */
     int gpu_experts_set;          /* given; otherwise auto */
     int64_t gpu_experts;          /* N of every MoE layer (0: none), or -1: auto (fill the VRAM left) */

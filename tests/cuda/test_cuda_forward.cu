@@ -278,8 +278,9 @@ struct run_out {
 static int gpu_open(nm_gpu_forward **g, const nm_model *m, nm_expert_backend *b, int64_t n_batch, nm_err *err,
                     int64_t stream_min = 0, int graphs = 0, int64_t hot = 0, const uint32_t *hot_counts = nullptr,
                     int q8 = 0, nm_gpu_gemm_mode gemm = NM_GPU_GEMM_F32, int64_t attn_block = 0,
-                    int unfused = 0) {
+                    int unfused = 0, int split_half = 0) {
     nm_gpu_forward_opts o = {};
+    o.split_half = split_half;
     o.q8_gemv = q8;
     o.unfused = unfused;
     o.gemm = gemm;
@@ -705,6 +706,35 @@ static void test_fixture(const char *path, nm_pool *pool) {
               "the GPU over %d rows%s%s", name, (long long)st.n_stream_layers, n_moe, rm.calls.size(), n_moe, rel_mix,
               upto, ok ? "" : ": ", ok ? "" : err.msg);
         nm_gpu_forward_free(gf);
+
+        /* split (--prefill-experts split): every pass streams experts 0..E/2 of each layer and hands
+         * the others to the host backend at the same time; the prompt's rows equal S's (all on the
+         * GPU) within the float bound, the host was called once per MoE layer with only its half */
+        {
+            rec_backend rp = make_rec(local, hp->n_embd);
+            nm_gpu_forward *gp = nullptr;
+            bool okp = gpu_open(&gp, &m, &rp.base, 64, &err, 1, 0, 0, nullptr, 0, NM_GPU_GEMM_F32, 0, 0, 1) == 0;
+            const char *d = okp ? nm_gpu_forward_describe(gp) : err.msg;
+            std::vector<float> lp((size_t)PROMPT * V);
+            okp = okp && nm_gpu_forward_tokens(gp, prompt, PROMPT, lp.data(), 1, &err) == 0;
+            nm_gpu_forward_stats sp;
+            if (okp) nm_gpu_forward_get_stats(gp, &sp);
+            double rel_split = 0;
+            for (int t = 0; okp && t < upto; t++)
+                rel_split = std::max(rel_split, compare_row(lp.data() + (size_t)t * V, gs.logits.data() + (size_t)t * V,
+                                                            V).rel);
+            const int half = (int)hp->n_expert / 2 > 0 ? (int)hp->n_expert / 2 : 1;
+            int wrong_half = 0;
+            for (const auto &c : rp.calls)
+                for (int32_t e : c.ids) wrong_half += !(e < 0 ? -1 - e < half : e >= half);
+            check(okp && strstr(d, "every pass split") && rp.calls.size() == (size_t)n_moe &&
+                      sp.n_stream_layers == n_moe && wrong_half == 0 && rel_split <= (is_float ? REL_FLOAT : REL_QUANT),
+                  "%s: split experts: %lld MoE layers streamed, %zu on the host too (%d), host picks all >= %d (%d "
+                  "not), max rel %.3g vs all on the GPU over %d rows%s%s", name, okp ? (long long)sp.n_stream_layers
+                  : -1LL, rp.calls.size(), n_moe, half, wrong_half, rel_split, upto, okp ? "" : ": ",
+                  okp ? "" : err.msg);
+            if (gp) nm_gpu_forward_free(gp);
+        }
     }
 
     {
@@ -1180,6 +1210,142 @@ static void test_add_norm_kernel() {
     (void)cudaGetLastError();
 }
 
+/* ---- the per-head GEMV of decode passes against a host reference --------------
+ * numoe_gpu::heads_gemv on the shapes of k_b (512 x 128 per head) and v_b
+ * (128 x 512), strided as the engine strides q / qabs and oc / o, against
+ * double sums on the host (relative error over the output's scale); a
+ * token's outputs must not depend on how many tokens share the launch (bit
+ * for bit against n = 1); calls it cannot take are refused. */
+static void test_heads_kernel() {
+    struct shape { int64_t m, k, nh, ldb_pad, ldc_pad; } shapes[] = {{512, 128, 3, 64, 64}, {128, 512, 5, 0, 0},
+                                                                    {100, 36, 2, 8, 3}};
+    for (const shape &sh : shapes)
+        for (int64_t n : {1, 2, 5, 8}) {
+            const int64_t m = sh.m, k = sh.k, nh = sh.nh;
+            const int64_t strideB = k + sh.ldb_pad, ldb = nh * strideB, strideC = m + sh.ldc_pad, ldc = nh * strideC;
+            std::vector<float> A((size_t)(nh * m * k)), B((size_t)(n * ldb)), C((size_t)(n * ldc), -7.0f),
+                C1((size_t)ldc, -7.0f);
+            for (auto &v : A) v = (float)(2 * rnd_u() - 1);
+            for (auto &v : B) v = (float)(2 * rnd_u() - 1);
+            float *d_A = nullptr, *d_B = nullptr, *d_C = nullptr, *d_C1 = nullptr;
+            bool ok = cudaMalloc(&d_A, A.size() * 4) == cudaSuccess && cudaMalloc(&d_B, B.size() * 4) == cudaSuccess &&
+                      cudaMalloc(&d_C, C.size() * 4) == cudaSuccess && cudaMalloc(&d_C1, C1.size() * 4) == cudaSuccess &&
+                      cudaMemcpy(d_A, A.data(), A.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      cudaMemcpy(d_B, B.data(), B.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      cudaMemcpy(d_C, C.data(), C.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      cudaMemcpy(d_C1, C1.data(), C1.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+                      numoe_gpu::heads_gemv_fits(d_A, k, d_B, ldb, strideB, n, nh) &&
+                      numoe_gpu::heads_gemv(nullptr, d_A, m, k, d_B, ldb, strideB, d_C, ldc, strideC, n, nh) ==
+                          cudaSuccess &&
+                      numoe_gpu::heads_gemv(nullptr, d_A, m, k, d_B, ldb, strideB, d_C1, ldc, strideC, 1, nh) ==
+                          cudaSuccess &&
+                      cudaMemcpy(C.data(), d_C, C.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
+                      cudaMemcpy(C1.data(), d_C1, C1.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+            cudaFree(d_A), cudaFree(d_B), cudaFree(d_C), cudaFree(d_C1);
+            double worst = 0, scale = 0;
+            int untouched = 0, pads_written = 0;
+            for (int64_t t = 0; ok && t < n; t++)
+                for (int64_t h = 0; h < nh; h++)
+                    for (int64_t r = 0; r < strideC; r++) {
+                        const float got = C[(size_t)(t * ldc + h * strideC + r)];
+                        if (r >= m) {
+                            pads_written += got != -7.0f;
+                            continue;
+                        }
+                        double ref = 0;
+                        for (int64_t c = 0; c < k; c++)
+                            ref += (double)A[(size_t)((h * m + r) * k + c)] * (double)B[(size_t)(t * ldb + h * strideB + c)];
+                        worst = std::max(worst, fabs(got - ref));
+                        scale = std::max(scale, fabs(ref));
+                        untouched += got == -7.0f;
+                    }
+            const bool same1 = ok && memcmp(C.data(), C1.data(), (size_t)ldc * 4) == 0;
+            check(ok && scale > 0 && worst <= 1e-5 * scale && untouched == 0 && pads_written == 0 && same1,
+                  "heads GEMV %lld x %lld x %lld heads, %lld tokens: max error %.2e of %.2e, padding %s, token 0 %s "
+                  "as alone", (long long)m, (long long)k, (long long)nh, (long long)n, worst, scale,
+                  pads_written ? "written" : "kept", same1 ? "the same" : "differs from");
+        }
+    float *d = nullptr;
+    const bool alloc = cudaMalloc(&d, 4096 * sizeof(float)) == cudaSuccess;
+    check(alloc && !numoe_gpu::heads_gemv_fits(d, 130, d, 520, 130, 1, 4) &&
+              !numoe_gpu::heads_gemv_fits(d, 128, d, 512, 128, 9, 4) &&
+              !numoe_gpu::heads_gemv_fits(d + 1, 128, d, 512, 128, 1, 4) &&
+              !numoe_gpu::heads_gemv_fits(d, 2048, d, 2048, 2048, 1, 1) &&
+              numoe_gpu::heads_gemv(nullptr, d, 8, 130, d, 520, 130, d, 8, 8, 1, 1) == cudaErrorInvalidValue,
+          "heads GEMV refuses k %% 4 != 0, 9 tokens, misaligned weights and k > 1024");
+    cudaFree(d);
+    (void)cudaGetLastError();
+}
+
+/* ---- decode attention with split positions against a host reference ----------
+ * numoe_gpu::attention over a random latent cache (2 layers, 400 positions,
+ * kv_lora 512 + rope 64, 3 heads) for tokens at positions 0, 31, 32 and 399
+ * (a run boundary on each side of a chunk edge, the last position), with the
+ * positions in 1, 2, 3, 7 and 16 runs: every split must match a double
+ * reference of the softmax-weighted sum; the engine's split counts stay
+ * within their bounds. */
+static void test_attention_kernel() {
+    const int kr = 512, dr = 64, W = kr + dr, nh = 3, n_ctx = 400, layer = 1;
+    const int pos[] = {0, 31, 32, 399};
+    const int n = 4;
+    const float scale = 0.06f;
+    std::vector<float> cache((size_t)2 * n_ctx * W), qabs((size_t)n * nh * W);
+    for (auto &v : cache) v = (float)(2 * rnd_u() - 1);
+    for (auto &v : qabs) v = (float)(2 * rnd_u() - 1);
+    std::vector<double> ref((size_t)n * nh * kr);
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < nh; h++) {
+            const float *q = &qabs[(size_t)(t * nh + h) * W];
+            std::vector<double> sc((size_t)pos[t] + 1);
+            double mx = -1e300, l = 0;
+            for (int p = 0; p <= pos[t]; p++) {
+                const float *row = &cache[((size_t)layer * n_ctx + p) * W];
+                double d = 0;
+                for (int c = 0; c < W; c++) d += (double)q[c] * row[c];
+                sc[(size_t)p] = d * scale;
+                mx = std::max(mx, sc[(size_t)p]);
+            }
+            for (int p = 0; p <= pos[t]; p++) l += sc[(size_t)p] = exp(sc[(size_t)p] - mx);
+            for (int c = 0; c < kr; c++) {
+                double v = 0;
+                for (int p = 0; p <= pos[t]; p++) v += sc[(size_t)p] * cache[((size_t)layer * n_ctx + p) * W + c];
+                ref[(size_t)(t * nh + h) * kr + c] = v / l;
+            }
+        }
+    float *d_cache = nullptr, *d_q = nullptr, *d_oc = nullptr, *d_part = nullptr;
+    numoe_gpu::tok_info *d_ti = nullptr;
+    const size_t part = numoe_gpu::attention_part_floats(n, nh, kr, numoe_gpu::ATTN_SPLIT_MAX);
+    bool ok = cudaMalloc(&d_cache, cache.size() * 4) == cudaSuccess && cudaMalloc(&d_q, qabs.size() * 4) == cudaSuccess &&
+              cudaMalloc(&d_oc, ref.size() * 4) == cudaSuccess && cudaMalloc(&d_part, part * 4) == cudaSuccess &&
+              cudaMalloc(&d_ti, n * sizeof(numoe_gpu::tok_info)) == cudaSuccess &&
+              cudaMemcpy(d_cache, cache.data(), cache.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess &&
+              cudaMemcpy(d_q, qabs.data(), qabs.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess;
+    std::vector<numoe_gpu::tok_info> ti((size_t)n);
+    for (int t = 0; t < n; t++) ti[(size_t)t] = numoe_gpu::tok_info{d_cache, n_ctx, pos[t]};
+    ok = ok && cudaMemcpy(d_ti, ti.data(), n * sizeof(numoe_gpu::tok_info), cudaMemcpyHostToDevice) == cudaSuccess;
+    for (int ns : {1, 2, 3, 7, 16}) {
+        std::vector<float> oc(ref.size());
+        const bool run = ok && cudaMemset(d_oc, 0xff, ref.size() * 4) == cudaSuccess &&
+                         numoe_gpu::attention(nullptr, d_q, d_oc, d_ti, layer, nh, kr, dr, scale, n,
+                                              ns > 1 ? d_part : nullptr, ns) == cudaSuccess &&
+                         cudaMemcpy(oc.data(), d_oc, oc.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
+        double worst = 0;
+        for (size_t i = 0; run && i < oc.size(); i++)
+            worst = std::isfinite(oc[i]) ? std::max(worst, fabs(oc[i] - ref[i])) : 1e30;
+        check(run && worst <= 2e-6, "attention kernel, positions in %d run%s: max error %.2e against the double "
+              "reference", ns, ns > 1 ? "s" : "", worst);
+    }
+    cudaFree(d_cache), cudaFree(d_q), cudaFree(d_oc), cudaFree(d_part), cudaFree(d_ti);
+    const int s1 = numoe_gpu::attention_splits(1, 16, 4096, 132), s8 = numoe_gpu::attention_splits(8, 128, 4096, 132);
+    const int s_short = numoe_gpu::attention_splits(1, 16, 40, 132), s_long = numoe_gpu::attention_splits(9, 1, 4096, 132);
+    check(s1 == numoe_gpu::ATTN_SPLIT_MAX && s8 == 1 && s_short == 2 && s_long == 1 &&
+              numoe_gpu::attention(nullptr, d_q, d_oc, d_ti, 0, nh, kr, dr, scale, 1, nullptr, 2) ==
+                  cudaErrorInvalidValue,
+          "attention split counts: 1 token x 16 heads %d, 8 x 128 heads %d, 40 positions %d, 9 tokens %d; no scratch "
+          "refused", s1, s8, s_short, s_long);
+    (void)cudaGetLastError();
+}
+
 /* ---- the sampler's top-m kernel against a host sort ---------------------------
  * Random rows, rows of a few distinct values (ties everywhere), NaN, +-inf,
  * -0 / +0: the ids must be exactly the first m of the host order (logit
@@ -1247,6 +1413,8 @@ int main(int argc, char **argv) {
     test_router_kernel();
     test_add_norm_kernel();
     test_top_kernel();
+    test_heads_kernel();
+    test_attention_kernel();
     if (argc > 1)
         for (int i = 1; i < argc; i++) test_fixture(argv[i], pool);
     else

@@ -13,9 +13,20 @@
  *
  * The cache is read once for the scores and once for the values (the second
  * read hits L1/L2). Heads of one token re-read the same rows: fine for
- * prefill (the layer's cache stays in L2) and short decode contexts; a
- * FlashMLA-style kernel (all heads of a token per CTA, positions split
- * across CTAs) is the follow-up for long decode contexts. */
+ * prefill (the layer's cache stays in L2) and short decode contexts.
+ *
+ * Split positions (decode): one CTA per head walks its chunks one after the
+ * other, so a decode step's attention took time in proportion to the
+ * context with only nh CTAs busy (16 of the H200's 132 SMs for V2-Lite).
+ * With n_split > 1 the chunks 0..pos/32 are cut into n_split equal runs,
+ * one CTA each (blockIdx.z); each writes its unnormalised accumulator with
+ * its running max m_s and sum l_s, and k_attn_combine merges them as
+ * flash-decoding does: M = max m_s, oc = sum_s e^(m_s - M) acc_s /
+ * sum_s e^(m_s - M) l_s. The grid depends only on n, nh and the split
+ * count, not on the positions (read from the token table on the device),
+ * so a captured CUDA graph replays it at every context length; a run past
+ * the last chunk is empty (m = -inf, weight 0). n_split == 1 is the
+ * unsplit kernel, bit for bit. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
 
 #include <math.h>
@@ -26,8 +37,9 @@ namespace {
 constexpr int AT_WARPS = 4, AT_THREADS = AT_WARPS * 32, AT_PPW = 8, AT_CHUNK = AT_WARPS * AT_PPW;
 constexpr int AT_MAXC = 8; /* accumulators per thread: kv_lora <= AT_MAXC * AT_THREADS = 1024 */
 
-__global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, float *oc, const tok_info *ti, int layer,
-                                                          int nh, int kr, int dr, float scale) {
+__global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, float *oc, float *part,
+                                                          const tok_info *ti, int layer, int nh, int kr, int dr,
+                                                          float scale) {
     extern __shared__ float sm[];
     const int W = kr + dr;
     float *sq = sm, *sc = sm + W;
@@ -38,12 +50,15 @@ __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, flo
     const tok_info tk = ti[t];
     const float *cache = tk.kv + (int64_t)layer * tk.n_ctx * W;
     const int last = tk.pos;
+    /* this CTA's run of chunks: all of them unless split */
+    const int ns = gridDim.z, n_chunk = last / AT_CHUNK + 1, per = (n_chunk + ns - 1) / ns;
+    const int c_begin = blockIdx.z * per, c_end = c_begin + per < n_chunk ? c_begin + per : n_chunk;
     float acc[AT_MAXC];
 #pragma unroll
     for (int k = 0; k < AT_MAXC; k++) acc[k] = 0.0f;
     float m = -INFINITY, l = 0.0f;
     __syncthreads();
-    for (int p0 = 0; p0 <= last; p0 += AT_CHUNK) {
+    for (int p0 = c_begin * AT_CHUNK; p0 < c_end * AT_CHUNK; p0 += AT_CHUNK) {
 #pragma unroll
         for (int j = 0; j < AT_PPW; j++) {
             const int p = p0 + warp * AT_PPW + j;
@@ -77,12 +92,49 @@ __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, flo
         m = mn;
         __syncthreads(); /* sc is rewritten by the next chunk */
     }
+    if (ns > 1) { /* a run's share for k_attn_combine: [acc 0..kr) | m | l], m = -inf when empty */
+        float *pp = part + ((t * nh + h) * ns + blockIdx.z) * (kr + 2);
+#pragma unroll
+        for (int k = 0; k < AT_MAXC; k++) {
+            const int c = tid + k * AT_THREADS;
+            if (c < kr) pp[c] = acc[k];
+        }
+        if (tid == 0) pp[kr] = m, pp[kr + 1] = l;
+        return;
+    }
     const float inv = 1.0f / l;
     float *out = oc + (t * nh + h) * kr;
 #pragma unroll
     for (int k = 0; k < AT_MAXC; k++) {
         const int c = tid + k * AT_THREADS;
         if (c < kr) out[c] = acc[k] * inv;
+    }
+}
+
+/* One CTA per (token, head): the n_split runs of k_attention merged, in run
+ * order (deterministic). Run 0 always holds position 0, so M is finite. */
+__global__ void __launch_bounds__(AT_THREADS) k_attn_combine(const float *part, float *oc, int kr, int ns) {
+    extern __shared__ float wt[]; /* [ns] weights e^(m_s - M) */
+    __shared__ float inv_l;
+    const int64_t th = blockIdx.x;
+    const float *pp = part + th * ns * (kr + 2);
+    if (threadIdx.x == 0) {
+        float M = -INFINITY;
+        for (int s = 0; s < ns; s++) M = fmaxf(M, pp[s * (kr + 2) + kr]);
+        float l = 0.0f;
+        for (int s = 0; s < ns; s++) {
+            const float ms = pp[s * (kr + 2) + kr];
+            wt[s] = ms == -INFINITY ? 0.0f : expf(ms - M);
+            l = fmaf(wt[s], pp[s * (kr + 2) + kr + 1], l);
+        }
+        inv_l = 1.0f / l;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < kr; c += AT_THREADS) {
+        float v = 0.0f;
+        for (int s = 0; s < ns; s++)
+            if (wt[s] != 0.0f) v = fmaf(wt[s], pp[s * (kr + 2) + c], v);
+        oc[th * kr + c] = v * inv_l;
     }
 }
 
@@ -135,12 +187,32 @@ cudaError_t attn_softmax(cudaStream_t s, float *S, int64_t rows, int64_t Lb, int
     return cudaGetLastError();
 }
 
+int attention_splits(int64_t n, int nh, int64_t n_ctx, int n_sm) {
+    if (n < 1 || nh < 1 || n > ATTN_SPLIT_MAX_TOK) return 1;
+    const int64_t ctas = n * nh, want = (2 * (int64_t)n_sm + ctas - 1) / ctas; /* about two CTAs per SM */
+    const int64_t chunks = (n_ctx + AT_CHUNK - 1) / AT_CHUNK;
+    int64_t ns = want < ATTN_SPLIT_MAX ? want : ATTN_SPLIT_MAX;
+    if (ns > chunks) ns = chunks;
+    return ns < 1 ? 1 : (int)ns;
+}
+
+size_t attention_part_floats(int64_t n, int nh, int kr, int n_split) {
+    return n_split > 1 ? (size_t)n * (size_t)nh * (size_t)n_split * (size_t)(kr + 2) : 0;
+}
+
 cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_info *ti, int layer, int nh, int kr,
-                      int dr, float scale, int64_t n) {
+                      int dr, float scale, int64_t n, float *part, int n_split) {
     if (n < 1) return cudaSuccess;
-    if (kr > AT_MAXC * AT_THREADS || nh > 65535) return cudaErrorInvalidValue;
+    if (kr > AT_MAXC * AT_THREADS || nh > 65535 || n_split < 1 || n_split > ATTN_SPLIT_MAX ||
+        (n_split > 1 && !part))
+        return cudaErrorInvalidValue;
     const size_t smem = (size_t)(kr + dr + AT_CHUNK) * sizeof(float);
-    k_attention<<<dim3((unsigned)n, (unsigned)nh), AT_THREADS, smem, s>>>(qabs, oc, ti, layer, nh, kr, dr, scale);
+    k_attention<<<dim3((unsigned)n, (unsigned)nh, (unsigned)n_split), AT_THREADS, smem, s>>>(qabs, oc, part, ti, layer,
+                                                                                          nh, kr, dr, scale);
+    if (n_split == 1) return cudaGetLastError();
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    k_attn_combine<<<(unsigned)(n * nh), AT_THREADS, (size_t)n_split * sizeof(float), s>>>(part, oc, kr, n_split);
     return cudaGetLastError();
 }
 

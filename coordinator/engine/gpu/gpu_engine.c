@@ -243,7 +243,11 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
     }
     nm_gpu_forward_opts go = {.device = o->device, .n_ctx = o->n_ctx, .n_batch = o->n_batch > 0 ? o->n_batch : 512,
                               .n_expert_used = o->n_expert_used, .gemm = NM_GPU_GEMM_F32,
-                              .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_GPU ? 1 : -1,
+                              .stream_min = o->prefill_experts == NM_PREFILL_EXPERTS_GPU ||
+                                                    o->prefill_experts == NM_PREFILL_EXPERTS_SPLIT
+                                                ? 1
+                                                : -1,
+                              .split_half = o->prefill_experts == NM_PREFILL_EXPERTS_SPLIT,
                               .stream_auto = o->prefill_experts == NM_PREFILL_EXPERTS_AUTO,
                               .hot_experts = o->gpu_experts, .hot_counts = o->gpu_expert_counts,
                               .hot_reserve_positions = o->kv_positions > 0 ? o->kv_positions : 0};
@@ -270,6 +274,20 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
         return NULL;
     }
     go.unfused = fuse && !strcmp(fuse, "0");
+    /* NUMOE_GPU_SPLIT=1: long passes share their routed experts between the
+     * GPU (streamed) and the CPU, sized by the measured cost of each. Off by
+     * default: on the H200 box the bounce copies (read, write, DMA read of
+     * every streamed byte) and the host's experts share the memory bus and
+     * the cores, and a split pass ran at 0.55-0.76x of the streamed one
+     * (docs/BENCHMARKS.md, session 13) */
+    const char *split = getenv("NUMOE_GPU_SPLIT");
+    if (split && *split && strcmp(split, "0") && strcmp(split, "1")) {
+        nm_errf(err, "NUMOE_GPU_SPLIT=%s: use 0 (the default: a streamed pass's experts all on the GPU) or 1 (GPU "
+                "and CPU share them in the measured proportion)", split);
+        free(ge);
+        return NULL;
+    }
+    go.split_auto = split && !strcmp(split, "1");
     /* the prefill GEMMs (and the attention of long runs): on the tensor
      * cores with TF32 operands for quantised models, whose CPU path already
      * rounds activations to 8 bits (TF32 keeps 11 significant bits; measured

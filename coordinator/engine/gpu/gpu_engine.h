@@ -56,7 +56,7 @@ typedef struct {
  * the host's experts for them - both measured at load, never below 32
  * tokens (gpu_forward.h's stream_auto) - else on the host backend; CPU =
  * always the host backend; GPU = always the GPU. */
-enum { NM_PREFILL_EXPERTS_AUTO = 0, NM_PREFILL_EXPERTS_CPU = 1, NM_PREFILL_EXPERTS_GPU = 2 };
+enum { NM_PREFILL_EXPERTS_AUTO = 0, NM_PREFILL_EXPERTS_CPU = 1, NM_PREFILL_EXPERTS_GPU = 2, NM_PREFILL_EXPERTS_SPLIT = 3 };
 
 /* Borrows m and experts (they outlive the engine; the backend's input
  * region is pinned with CUDA while the engine lives). NULL with err. */

@@ -75,13 +75,14 @@ __global__ void k_gather(float *xp, const float *a, const int32_t *pair_tok, int
 }
 
 /* out[t][i] = sum over c < k of w[l] * y[l][i], l = tok_list[t * k + c]
- * (ascending expert order), from 0, each product and sum rounded alone. */
+ * (ascending expert order; -1 ends a shorter list: a split pass's token
+ * with picks on the CPU), from 0, each product and sum rounded alone. */
 __global__ void k_combine(float *out, const float *y, const int32_t *tok_list, const float *pair_w, int k, int64_t H) {
     const int64_t t = blockIdx.x;
     const int32_t *l = tok_list + t * k;
     for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
         float v = 0.0f;
-        for (int c = 0; c < k; c++) v = __fadd_rn(v, __fmul_rn(pair_w[l[c]], y[(int64_t)l[c] * H + i]));
+        for (int c = 0; c < k && l[c] >= 0; c++) v = __fadd_rn(v, __fmul_rn(pair_w[l[c]], y[(int64_t)l[c] * H + i]));
         out[t * H + i] = v;
     }
 }
@@ -121,6 +122,8 @@ struct moe_stream {
     size_t max_bytes = 0;
     uint8_t *stage[2] = {nullptr, nullptr};
     int staged[2] = {-1, -1};      /* position in layers held (or being copied) by each buffer */
+    int staged_e[2] = {0, 0};      /* ... and how many of its experts (ids 0..staged_e) */
+    int pass_e = 0;                /* experts 0..pass_e of each layer are computed here this pass */
     int next_fetch = 0;            /* position in layers of the next copy to queue */
     cudaEvent_t ev_ready[2] = {}, ev_free[2] = {};
     std::vector<cudaEvent_t> ev_c0, ev_c1; /* per MoE layer: its copy's start and end */
@@ -163,7 +166,7 @@ struct moe_stream {
     bool copier_started = false, stop = false;
     pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* queue, done, cerr */
     pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-    int queue[QUEUE] = {};
+    int queue[QUEUE] = {}, queue_e[QUEUE] = {};
     int64_t req = 0, done = 0, want[2] = {0, 0};
     int cerr = 0;
     nm_err cmsg{};
@@ -203,9 +206,10 @@ void harvest(moe_stream *s, int wait) {
 
 /* Issues the copy of layers[pos] into buffer pos % 2 on the copy stream,
  * behind the compute that last read that buffer (on the copier thread). */
-int fetch_now(moe_stream *s, int pos, nm_err *err) {
+int fetch_now(moe_stream *s, int pos, int e_here, nm_err *err) {
     const int b = pos % 2;
     const moe_layer &L = s->layers[(size_t)pos];
+    size_t copied = 0;
     harvest(s, 1); /* the previous pass's copy of this layer ended long ago */
     CUDA_OK(cudaStreamWaitEvent(s->copy, s->ev_free[b], 0), "layer %d: copy waits for its buffer", L.il);
     if (L.res[0]) { /* resident: the buffer's turn passes without a copy */
@@ -214,13 +218,16 @@ int fetch_now(moe_stream *s, int pos, nm_err *err) {
     }
     CUDA_OK(cudaEventRecord(s->ev_c0[(size_t)pos], s->copy), "layer %d: copy start event", L.il);
     for (const stack &k : L.s) {
+        /* a split pass: only experts 0..e_here, a prefix of the stack */
+        const size_t want = (size_t)e_here * k.slab, bytes = want < k.bytes ? want : k.bytes;
+        copied += bytes;
         if (s->mode != COPY_BOUNCE) {
-            CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off, k.host, k.bytes, cudaMemcpyHostToDevice, s->copy),
-                    "layer %d: streaming %s (%zu MiB) to the GPU", L.il, k.name, k.bytes >> 20);
+            CUDA_OK(cudaMemcpyAsync(s->stage[b] + k.off, k.host, bytes, cudaMemcpyHostToDevice, s->copy),
+                    "layer %d: streaming %s (%zu MiB) to the GPU", L.il, k.name, bytes >> 20);
             continue;
         }
-        for (size_t o = 0; o < k.bytes; o += BOUNCE_BYTES) {
-            const size_t n = k.bytes - o < BOUNCE_BYTES ? k.bytes - o : BOUNCE_BYTES;
+        for (size_t o = 0; o < bytes; o += BOUNCE_BYTES) {
+            const size_t n = bytes - o < BOUNCE_BYTES ? bytes - o : BOUNCE_BYTES;
             const int c = s->bounce_next;
             s->bounce_next = (c + 1) % BOUNCE_N;
             CUDA_OK(cudaEventSynchronize(s->ev_bounce[c]), "layer %d: waiting for a bounce chunk", L.il);
@@ -235,7 +242,7 @@ int fetch_now(moe_stream *s, int pos, nm_err *err) {
     CUDA_OK(cudaEventRecord(s->ev_ready[b], s->copy), "layer %d: copy ready event", L.il);
     pthread_mutex_lock(&s->tmu);
     s->timing[(size_t)pos] = 1;
-    s->st.bytes_copied += (double)L.bytes;
+    s->st.bytes_copied += (double)copied;
     pthread_mutex_unlock(&s->tmu);
     return 0;
 }
@@ -246,10 +253,10 @@ void *copier_main(void *arg) {
     for (;;) {
         while (!s->stop && s->done == s->req) pthread_cond_wait(&s->cv, &s->mu);
         if (s->done == s->req) break; /* stopped with nothing left */
-        const int pos = s->queue[s->done % QUEUE];
+        const int pos = s->queue[s->done % QUEUE], e_here = s->queue_e[s->done % QUEUE];
         pthread_mutex_unlock(&s->mu);
         nm_err e{};
-        const int rc = fetch_now(s, pos, &e);
+        const int rc = fetch_now(s, pos, e_here, &e);
         pthread_mutex_lock(&s->mu);
         if (rc && !s->cerr) s->cerr = 1, s->cmsg = e;
         s->done++;
@@ -263,9 +270,11 @@ void *copier_main(void *arg) {
 void fetch(moe_stream *s, int pos) {
     pthread_mutex_lock(&s->mu);
     s->queue[s->req % QUEUE] = pos;
+    s->queue_e[s->req % QUEUE] = s->pass_e;
     s->req++;
     s->want[pos % 2] = s->req;
     s->staged[pos % 2] = pos;
+    s->staged_e[pos % 2] = s->pass_e;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
 }
@@ -553,9 +562,13 @@ void moe_stream_free(moe_stream *s) {
     delete s;
 }
 
-int moe_stream_begin(moe_stream *s, nm_err *err) {
+int moe_stream_begin(moe_stream *s, int e_here, nm_err *err) {
+    const int E = (int)s->m->hp.n_expert;
+    if (e_here < 1 || e_here > E)
+        return nm_errf(err, "GPU experts: a pass computing %d of %d experts per layer here", e_here, E);
     /* a pass that failed half-way may have left copies queued */
     if (await_issued(s, -1, err)) return -1;
+    s->pass_e = e_here;
     s->staged[0] = s->staged[1] = -1;
     s->next_fetch = 0;
     for (int i = 0; i < 2 && s->next_fetch < (int)s->layers.size(); i++) fetch(s, s->next_fetch++);
@@ -574,35 +587,47 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
     const int b = pos % 2;
     if (s->staged[b] != pos) return nm_errf(err, "GPU experts: layer %d was not queued (moe_stream_begin missing)", il);
     const moe_layer &L = s->layers[(size_t)pos];
-    const int64_t P = n * k;
-    /* counting sort of the pairs by expert (kernels/moe.c's order) */
+    /* the experts here: all of a resident layer, else the staged prefix */
+    const int64_t E_here = L.res[0] ? E : s->staged_e[b];
+    const int64_t NK = n * k;
+    /* counting sort of the pairs by expert (kernels/moe.c's order); an id
+     * < 0 (-1 - e) is a pick the CPU computes in a split pass */
     s->count.assign((size_t)E + 1, 0);
     s->start.assign((size_t)E + 1, 0);
-    for (int64_t i = 0; i < P; i++) {
-        if (ids[i] < 0 || ids[i] >= E)
-            return nm_errf(err, "GPU experts: layer %d: expert id %d out of range 0..%lld", il, ids[i], (long long)E - 1);
+    int64_t P = 0;
+    for (int64_t i = 0; i < NK; i++) {
+        if (ids[i] < -E || ids[i] >= E_here)
+            return nm_errf(err, "GPU experts: layer %d: expert id %d out of range -%lld..%lld (%lld here)", il, ids[i],
+                           (long long)E, (long long)E_here - 1, (long long)E_here);
+        if (ids[i] < 0) continue;
         s->count[(size_t)ids[i]]++;
+        P++;
     }
     for (int64_t e = 0; e < E; e++) s->start[(size_t)e + 1] = s->start[(size_t)e] + s->count[(size_t)e];
     int32_t *ptok = reinterpret_cast<int32_t *>(s->h_tab), *tlist = ptok + s->n_batch * k;
     float *pw = reinterpret_cast<float *>(tlist + s->n_batch * k);
     s->fill.assign((size_t)E, 0);
-    for (int64_t i = 0; i < P; i++) {
+    for (int64_t i = 0; i < NK; i++) {
         const int32_t e = ids[i];
+        if (e < 0) continue;
         const int64_t p = s->start[(size_t)e] + s->fill[(size_t)e]++;
         ptok[p] = (int32_t)(i / k);
         pw[p] = w[i];
     }
-    /* each token's pairs in ascending p, i.e. ascending expert id */
+    /* each token's pairs in ascending p, i.e. ascending expert id; -1 ends
+     * a token's list when it has fewer than k here */
     s->tfill.assign((size_t)n, 0);
+    for (int64_t i = 0; i < NK; i++) tlist[i] = -1;
     for (int64_t p = 0; p < P; p++) {
         const int32_t t = ptok[p];
         tlist[(int64_t)t * k + s->tfill[(size_t)t]++] = (int32_t)p;
     }
     const size_t tab = (size_t)s->n_batch * k * 3 * 4;
     CUDA_OK(cudaMemcpyAsync(s->d_tab, s->h_tab, tab, cudaMemcpyHostToDevice, s->cs), "layer %d: expert tables", il);
-    k_gather<<<(unsigned)P, 256, 0, s->cs>>>(s->xp, a, s->ptok, P, H);
-    CUDA_OK(cudaGetLastError(), "layer %d: gathering expert inputs", il);
+    if (P > 0) {
+        k_gather<<<(unsigned)P, 256, 0, s->cs>>>(s->xp, a, s->ptok, P, H);
+        CUDA_OK(cudaGetLastError(), "layer %d: gathering expert inputs", il);
+    }
     if (await_issued(s, b, err)) return -1;
     CUDA_OK(cudaStreamWaitEvent(s->cs, s->ev_ready[b], 0), "layer %d: waiting for the streamed experts", il);
     const uint8_t *buf = s->stage[b];
@@ -647,11 +672,14 @@ int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int
             a0 = a1;
         }
     }
-    CUDA_OK(cudaMemcpyAsync(s->d_ptr, s->h_ptr, (size_t)9 * (size_t)E * sizeof(void *), cudaMemcpyHostToDevice, s->cs),
-            "layer %d: grouped GEMM tables", il);
-    if (stack_mm(s, 0, L.s[0], base[0], na, il, err) || stack_mm(s, 1, L.s[1], base[1], na, il, err)) return -1;
-    CUDA_OK(silu_mul(s->cs, s->hg, s->hu, P * ff), "layer %d: expert silu", il);
-    if (stack_mm(s, 2, L.s[2], base[2], na, il, err)) return -1;
+    if (na > 0) {
+        CUDA_OK(cudaMemcpyAsync(s->d_ptr, s->h_ptr, (size_t)9 * (size_t)E * sizeof(void *), cudaMemcpyHostToDevice,
+                                s->cs),
+                "layer %d: grouped GEMM tables", il);
+        if (stack_mm(s, 0, L.s[0], base[0], na, il, err) || stack_mm(s, 1, L.s[1], base[1], na, il, err)) return -1;
+        CUDA_OK(silu_mul(s->cs, s->hg, s->hu, P * ff), "layer %d: expert silu", il);
+        if (stack_mm(s, 2, L.s[2], base[2], na, il, err)) return -1;
+    }
     CUDA_OK(cudaEventRecord(s->ev_free[b], s->cs), "layer %d: staging buffer free event", il);
     k_combine<<<(unsigned)n, 256, 0, s->cs>>>(out, s->y, s->tlist, s->pw, k, H);
     CUDA_OK(cudaGetLastError(), "layer %d: combining expert outputs", il);
@@ -674,6 +702,7 @@ int moe_stream_time_copy(moe_stream *s, double *seconds, nm_err *err) {
     /* timed from the request: the host's part of the copy (the memcpy into
      * the bounce chunks) counts as much as the DMA */
     const double t0 = nm_now_s();
+    s->pass_e = (int)s->m->hp.n_expert; /* the whole layer */
     fetch(s, pos);
     if (await_issued(s, b, err)) return -1;
     CUDA_OK(cudaEventSynchronize(s->ev_c1[(size_t)pos]), "timing a layer's copy");

@@ -78,13 +78,19 @@ int moe_stream_create(moe_stream **out, const nm_model *m, int64_t n_batch, int 
 void moe_stream_free(moe_stream *s);
 
 /* Queues the copies of the first two MoE layers: call at the start of a
- * pass that computes its routed experts here. */
-int moe_stream_begin(moe_stream *s, nm_err *err);
+ * pass that computes its routed experts here. e_here (1..n_expert): the
+ * pass computes experts 0..e_here of each layer here, so only that prefix
+ * of each stack is copied (a split pass: the CPU takes the others at the
+ * same time); n_expert for every expert. */
+int moe_stream_begin(moe_stream *s, int e_here, nm_err *err);
 
 /* Routed experts of layer il for n tokens: a [n][n_embd] on the device,
  * ids / w [n * k] on the host (the router's, copied back), out [n][n_embd]
- * on the device, written on the compute stream. Then queues the copy of
- * the MoE layer after the next into the buffer this layer used. */
+ * on the device, written on the compute stream: per token the sum over its
+ * picks here. An id < 0 (-1 - e, backend.h's mark) is a pick computed
+ * elsewhere and skipped; the others must be below the pass's e_here (any
+ * expert of a resident layer). Then queues the copy of the MoE layer after
+ * the next into the buffer this layer used. */
 int moe_stream_layer(moe_stream *s, int il, const float *a, int64_t n, const int32_t *ids, const float *w,
                      float *out, nm_err *err);
 

@@ -108,6 +108,8 @@ struct nm_gpu_forward {
           *o = nullptr, *tmp = nullptr, *hg = nullptr, *hu = nullptr, *rlog = nullptr, *rw = nullptr, *moe = nullptr,
           *sh = nullptr, *logits = nullptr, *wtile = nullptr;
     size_t wtile_elems = 0;
+    float *attn_part = nullptr; /* decode attention's split runs (numoe_gpu::attention) */
+    int n_sm = 0;
     /* the integer GEMV's quantised activations: gemv_max rows of the widest
      * GEMV input, and which activation they hold (mm_again) */
     uint8_t *xq = nullptr;
@@ -161,6 +163,13 @@ struct nm_gpu_forward {
     void *upload_ctx = nullptr;
     uint64_t up_done = 0, up_total = 0;
     char stream_why[160] = ""; /* how the auto threshold was found */
+    /* split passes (auto with opts.split_auto): the host's experts cost
+     * split_a + split_b * n seconds a layer for n tokens, streaming a whole
+     * layer split_copy; a pass computes experts 0..pass_e here and hands the
+     * others to the backend at the same time (split_experts) */
+    int split_on = 0, split_half = 0, pass_e = 0;
+    double split_a = 0, split_b = 0, split_copy = 0;
+    float *moe_cpu = nullptr; /* the backend's share of a split layer, on the device */
     /* routed experts resident in VRAM, and the ids handed to the host then
      * (-1 - e for a resident pick) */
     numoe_gpu::hot_experts *hot = nullptr;
@@ -483,12 +492,24 @@ static int mm_again(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ld
     return mm_x(f, W, X, ldx, n, Y, ldy, 1, il, err);
 }
 
+#define KERNEL_OK(call, what)                                                                      \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return fail_cuda(err, e_, "layer %d: %s", il, what);               \
+    } while (0)
+
 /* Per head h < nh: C_h[t][0..m) = A_h B_h[t] for t < n; A_h float32 m x k
  * row-major at A + h*m*k, B_h[t] at B + h*strideB + t*ldb, C_h[t] at
- * C + h*strideC + t*ldc. */
+ * C + h*strideC + t*ldc. Decode passes (n <= HEADS_MAX_TOK) take the
+ * per-head GEMV (gpu_heads.cu: cuBLAS's batched GEMM ran these at a
+ * fraction of the HBM's rate); longer passes the batched GEMM. */
 static int gemm_heads(nm_gpu_forward *f, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh, const char *name,
                       int il, nm_err *err) {
+    if (numoe_gpu::heads_gemv_fits(A, k, B, ldb, strideB, n, nh)) {
+        KERNEL_OK(numoe_gpu::heads_gemv(f->st, A, m, k, B, ldb, strideB, C, ldc, strideC, n, nh), name);
+        return 0;
+    }
     const float one = 1.0f, zero = 0.0f;
     cublasStatus_t s = cublasGemmStridedBatchedEx(
         f->cb, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, A, CUDA_R_32F, (int)k, (long long)(m * k), B,
@@ -496,12 +517,6 @@ static int gemm_heads(nm_gpu_forward *f, const float *A, int64_t m, int64_t k, c
         compute_of(f, n), CUBLAS_GEMM_DEFAULT);
     return s == CUBLAS_STATUS_SUCCESS ? 0 : fail_blas(err, s, "per-head GEMM", name, il);
 }
-
-#define KERNEL_OK(call, what)                                                                      \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) return fail_cuda(err, e_, "layer %d: %s", il, what);               \
-    } while (0)
 
 /* ---- the residual stream ----------------------------------------------------------
  * x += a (+ b) after each sublayer (docs/MODEL.md §5). Fused (f->fuse), the
@@ -578,8 +593,9 @@ static int attention_core(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     int64_t k0 = 0; /* first token not yet computed */
     auto flush = [&](int64_t end) -> int {
         if (end <= k0) return 0;
+        const int ns = f->attn_part ? numoe_gpu::attention_splits(end - k0, (int)nh, f->n_ctx, f->n_sm) : 1;
         KERNEL_OK(numoe_gpu::attention(f->st, f->qabs + k0 * nh * W, f->oc + k0 * nh * kr, f->tinfo + k0, il, (int)nh,
-                                       (int)kr, (int)dr, scale, end - k0),
+                                       (int)kr, (int)dr, scale, end - k0, f->attn_part, ns),
                   "attention");
         k0 = end;
         return 0;
@@ -695,22 +711,51 @@ static int32_t *cid_of(nm_gpu_forward *f, int il) { return f->cid + (size_t)il *
 /* The routed experts of layer il on the GPU (gpu_experts.cuh): the router's
  * ids and weights come to the host (the grouping by expert is done there),
  * the shared experts are queued meanwhile, then the grouped expert GEMMs run
- * on the streamed weights and the sum is added as (x + shared) + routed. */
+ * on the streamed weights and the sum is added as (x + shared) + routed.
+ * A split pass (pass_e < n_expert, not for a resident layer) hands the
+ * picks of experts pass_e.. to the host's backend first (a and the ids
+ * marked -1 - e for the GPU's picks, backend.h), computes the GPU's while
+ * the host computes its own, and adds both: routed = GPU's + host's. */
 static int routed_on_gpu(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const dlayer *L = &f->layers[(size_t)il];
     const int k = f->k;
-    CUDA_OK(cudaMemcpyAsync(f->h_sids, f->rid, (size_t)n * k * sizeof(int32_t), cudaMemcpyDeviceToHost, f->st),
+    const int64_t H = hp->n_embd, NK = n * k;
+    const bool split = f->pass_e < (int)hp->n_expert && !f->full_local[(size_t)il];
+    const nm_expert_input *in = &f->experts->in;
+    CUDA_OK(cudaMemcpyAsync(f->h_sids, f->rid, (size_t)NK * sizeof(int32_t), cudaMemcpyDeviceToHost, f->st),
             "layer %d: expert ids to the host", il);
-    CUDA_OK(cudaMemcpyAsync(f->h_sw, f->rw, (size_t)n * k * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+    CUDA_OK(cudaMemcpyAsync(f->h_sw, f->rw, (size_t)NK * sizeof(float), cudaMemcpyDeviceToHost, f->st),
             "layer %d: expert weights to the host", il);
+    if (split)
+        CUDA_OK(cudaMemcpyAsync(in->x, f->a, (size_t)(n * H) * sizeof(float), cudaMemcpyDeviceToHost, f->st),
+                "layer %d: hidden states to the host", il);
     CUDA_OK(cudaEventRecord(f->ev_handoff, f->st), "layer %d: routing event", il);
     if (hp->n_shared > 0 && ffn(f, &L->gate_sh, &L->up_sh, &L->down_sh, n, f->sh, il, err)) return -1;
     double t0 = nm_now_s();
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the routing", il);
     f->stats.t_wait += nm_now_s() - t0;
     if (log_routes(f, il, n, f->h_sids, err)) return -1;
+    if (split) {
+        const int32_t eg = f->pass_e;
+        for (int64_t p = 0; p < NK; p++) {
+            const int32_t e = f->h_sids[p];
+            in->ids[p] = e >= eg ? e : -1 - e;
+            in->w[p] = f->h_sw[p];
+            f->h_sids[p] = e < eg ? e : -1 - e;
+        }
+        if (nm_experts_submit(f->experts, il, n, k, err)) return -1;
+    }
     if (numoe_gpu::moe_stream_layer(f->ms, il, f->a, n, f->h_sids, f->h_sw, f->moe, err)) return -1;
+    if (split) {
+        const double t1 = nm_now_s();
+        if (nm_experts_wait(f->experts, f->h_moe, err)) return -1;
+        f->stats.t_moe += nm_now_s() - t1;
+        f->stats.n_moe_calls++;
+        CUDA_OK(cudaMemcpyAsync(f->moe_cpu, f->h_moe, (size_t)(n * H) * sizeof(float), cudaMemcpyHostToDevice, f->st),
+                "layer %d: the host's experts to the GPU", il);
+        KERNEL_OK(numoe_gpu::add(f->st, f->moe, f->moe_cpu, nullptr, n * H), "routed sum");
+    }
     return residual(f, hp->n_shared > 0 ? f->sh : f->moe, hp->n_shared > 0 ? f->moe : nullptr, n, il, err);
 }
 
@@ -833,6 +878,8 @@ static int feed_forward(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     return moe_host(f, il, n, err) || moe_post(f, il, n, err) ? -1 : 0;
 }
 
+static int split_experts(const nm_gpu_forward *f, int64_t n); /* below, with the measurement it uses */
+
 /* ---- decode passes as CUDA graphs (opts.graphs) ---------------------------------
  * A pass of n <= GRAPH_MAX_TOKENS tokens is cut at its hand-offs into
  * segments: segment j is moe_post of the MoE layer before it (none for the
@@ -930,7 +977,8 @@ static int run_pass(nm_gpu_forward *f, const int32_t *tok, int64_t n, nm_err *er
         if (rc != NM_CUDA_OK) return nm_errf(err, "GPU: embedding of token %d: %s", tok[t], nm_cuda_last_error());
     }
     f->stream_pass = f->ms && f->stream_min > 0 && n >= f->stream_min;
-    if (f->stream_pass && numoe_gpu::moe_stream_begin(f->ms, err)) return -1;
+    f->pass_e = f->stream_pass ? split_experts(f, n) : (int)hp->n_expert;
+    if (f->stream_pass && numoe_gpu::moe_stream_begin(f->ms, f->pass_e, err)) return -1;
     f->pend_a = f->pend_b = nullptr;
     if (f->use_graphs && !f->stream_pass && n <= GRAPH_MAX_TOKENS) {
         if (run_layers_graphs(f, n, err)) return -1;
@@ -1042,14 +1090,38 @@ static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
         }
     int moe = 0;
     while (moe < hp->n_layer && !f->m->layers[moe].is_moe) moe++;
-    double best = 1e30;
-    for (int r = 0; r < 2; r++) {
-        const double t0 = nm_now_s();
-        if (nm_experts_submit(f->experts, moe, n, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
-        const double t = nm_now_s() - t0;
-        best = t < best ? t : best;
+    /* best of two at n tokens, and at n2 = 4n for the split's line a + b n */
+    auto host_time = [&](int64_t nt, double *best) -> int {
+        for (int64_t t = 0; t < nt; t++)
+            for (int j = 0; j < k; j++) {
+                in->ids[t * k + j] = (int32_t)((t * k + j) % hp->n_expert);
+                in->w[t * k + j] = 0.0f;
+            }
+        *best = 1e30;
+        for (int r = 0; r < 2; r++) {
+            const double t0 = nm_now_s();
+            if (nm_experts_submit(f->experts, moe, nt, k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
+            const double t = nm_now_s() - t0;
+            *best = t < *best ? t : *best;
+        }
+        return 0;
+    };
+    double best = 0, best2 = 0;
+    const int64_t n2 = 4 * n <= in->max_tok && 4 * n <= f->n_batch ? 4 * n : n;
+    if (host_time(n, &best)) return -1;
+    if (n2 > n) {
+        memset(in->x, 0, (size_t)(n2 * hp->n_embd) * sizeof(float));
+        if (host_time(n2, &best2)) return -1;
     }
     const double per_tok = best / (double)n;
+    if (f->split_on && n2 > n && best2 > best) {
+        f->split_b = (best2 - best) / (double)(n2 - n);
+        f->split_a = best - f->split_b * (double)n;
+        if (f->split_a < 0) f->split_a = 0;
+        f->split_copy = t_copy;
+    } else {
+        f->split_on = 0; /* no line to split by (the host did not take longer for more tokens) */
+    }
     int64_t thr = per_tok > 0 ? (int64_t)ceil(t_copy / per_tok) : f->n_batch + 1;
     if (thr < NM_STREAM_MIN_TOKENS) thr = NM_STREAM_MIN_TOKENS;
     if (thr > f->n_batch) thr = f->n_batch + 1;
@@ -1058,6 +1130,24 @@ static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
              "%.3f ms per token and layer", t_copy * 1e3, per_tok * 1e3);
     (void)il;
     return 0;
+}
+
+/* Experts per layer a streamed pass of n tokens computes here, the rest
+ * going to the host's backend at the same time: the share g of experts
+ * (the first g * E ids) such that streaming them takes as long as the host
+ * needs for the others, g * t_copy = (1 - g) * (a + b n) under balanced
+ * routing (every expert hit, the host's cost in proportion to its share),
+ * so g = (a + b n) / (a + b n + t_copy). All of them when the host's share
+ * would be under 1/16 (the split's extra copies of a and the sum cost more)
+ * or splitting is off. */
+static int split_experts(const nm_gpu_forward *f, int64_t n) {
+    const int E = (int)f->m->hp.n_expert;
+    if (f->split_half) return E / 2 > 0 ? E / 2 : 1;
+    if (!f->split_on) return E;
+    const double host = f->split_a + f->split_b * (double)n, g = host / (host + f->split_copy);
+    int e = (int)lround(g * E);
+    if (e < 1) e = 1;
+    return e > E - E / 16 ? E : e;
 }
 
 /* ---- caches --------------------------------------------------------------------- */
@@ -1244,6 +1334,16 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         dalloc_n(f, &f->tinfo, (size_t)T, "token table", err) ||
         (f->wtile_elems && dalloc_n(f, &f->wtile, f->wtile_elems, "dequantisation tile", err)))
         return -1;
+    /* decode attention with its positions split over CTAs (gpu_attention.cu):
+     * room for the runs' partial sums of the largest split pass */
+    CUDA_OK(cudaDeviceGetAttribute(&f->n_sm, cudaDevAttrMultiProcessorCount, f->device), "SM count");
+    size_t part = 0;
+    for (int64_t n = 1; n <= T && n <= numoe_gpu::ATTN_SPLIT_MAX_TOK; n++) {
+        const int ns = numoe_gpu::attention_splits(n, (int)nh, f->n_ctx, f->n_sm);
+        const size_t p = numoe_gpu::attention_part_floats(n, (int)nh, (int)hp->kv_lora, ns);
+        if (p > part) part = p;
+    }
+    if (part && dalloc_n(f, &f->attn_part, part, "attention runs", err)) return -1;
     if (f->gemm == NM_GPU_GEMM_BF16 && f->xh_cols_max > 0 &&
         dalloc_n(f, &f->xh, (size_t)(T * f->xh_cols_max), "bf16 activations", err))
         return -1;
@@ -1291,8 +1391,12 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
             return -1;
     }
     if ((f->stream_min > 0 || o->stream_auto) && hp->n_layer > hp->n_dense) {
+        f->split_on = o->stream_auto && o->split_auto;
+        f->split_half = o->split_half && !o->stream_auto;
         if (halloc_n(f, &f->h_sids, (size_t)(T * f->k), "expert ids", err) ||
             halloc_n(f, &f->h_sw, (size_t)(T * f->k), "expert weights", err) ||
+            ((f->split_on || f->split_half) &&
+             dalloc_n(f, &f->moe_cpu, (size_t)(T * H), "the host's routed sum", err)) ||
             numoe_gpu::moe_stream_create(&f->ms, m, T, f->k, f->st, f->cb, experts_compute(f, T), err))
             return nm_err_prefix(err, "routed experts on the GPU (--prefill-experts cpu keeps them on the CPU)");
         if (o->stream_auto && calibrate_stream(f, err))
@@ -1336,10 +1440,21 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         if (f->stream_min > f->n_batch)
             snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: CPU (%s: streaming never pays "
                      "within a batch of %lld)", f->stream_why, (long long)f->n_batch);
+        else if (f->stream_min > 1 && f->split_on)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU and CPU together for passes of >= "
+                     "%lld tokens (%s; the host %.2f + %.4f ms per token and layer: the GPU streams and computes "
+                     "%d of %d experts a layer at %lld tokens, %d at %lld, the CPU the rest at the same time; %s), "
+                     "else the CPU", (long long)f->stream_min, f->stream_why, f->split_a * 1e3, f->split_b * 1e3,
+                     split_experts(f, f->stream_min), (int)hp->n_expert, (long long)f->stream_min,
+                     split_experts(f, f->n_batch), (long long)f->n_batch, numoe_gpu::moe_stream_describe(f->ms));
         else if (f->stream_min > 1)
             snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for passes of >= %lld tokens%s%s%s "
                      "(%s), else the CPU", (long long)f->stream_min, f->stream_why[0] ? " (" : "", f->stream_why,
                      f->stream_why[0] ? ")" : "", numoe_gpu::moe_stream_describe(f->ms));
+        else if (f->split_half)
+            snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: every pass split, experts 0..%d of "
+                     "a layer on the GPU (%s), the rest on the CPU at the same time", split_experts(f, 1) - 1,
+                     numoe_gpu::moe_stream_describe(f->ms));
         else
             snprintf(f->desc + used, sizeof f->desc - used, "; routed experts: GPU for every pass (%s)",
                      numoe_gpu::moe_stream_describe(f->ms));

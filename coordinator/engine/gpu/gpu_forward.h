@@ -96,6 +96,16 @@ typedef struct {
                               0: fp32 activations everywhere */
     int unfused;           /* 1: every residual add, RMSNorm, activation quantisation and hand-off copy
                               as its own kernel or copy (for measuring); 0: fused (gpu_forward.cu) */
+    int split_auto;        /* with stream_auto: 1 = a streamed pass streams only the share of its routed
+                              experts that takes as long as the host's backend needs for the rest, and
+                              the backend computes those at the same time (the split is measured at
+                              create with the threshold); 0 = every routed expert of a streamed pass on
+                              the GPU (the engine's default: on the H200 box the bounce copies and the
+                              host's experts share the memory bus and the cores, and the split lost,
+                              docs/BENCHMARKS.md session 13) */
+    int split_half;        /* with stream_min: every streamed pass computes experts 0..n_expert/2 of a
+                              layer on the GPU and hands the others to the backend at the same time
+                              (--prefill-experts split) */
     /* routed experts kept in VRAM and computed there for passes of up to
      * NM_GPU_HOT_MAX_TOKENS tokens (gpu_hot.cuh): 0 none; N > 0 that many of
      * every MoE layer; NM_GPU_HOT_AUTO as many as the VRAM left after

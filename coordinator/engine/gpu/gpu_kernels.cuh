@@ -71,9 +71,30 @@ cudaError_t mla_prep(cudaStream_t s, const float *kvn, float *q, float *qabs, co
 /* Absorbed MLA attention of n tokens x nh heads over each token's cache
  * (positions 0..ti[t].pos of layer `layer`, causal):
  *   oc[t][h] = sum_p softmax_p(scale * qabs[t][h] . row_p) * row_p[0..kr),
- * qabs rows and cache rows kr + dr wide, oc rows kr. kr <= 1024. */
+ * qabs rows and cache rows kr + dr wide, oc rows kr. kr <= 1024.
+ * n_split > 1 (at most ATTN_SPLIT_MAX) cuts each token's positions into
+ * that many runs computed in parallel and merged (gpu_attention.cu); part
+ * then holds attention_part_floats(n, nh, kr, n_split) floats of scratch.
+ * attention_splits picks the count for a pass of n tokens: enough CTAs for
+ * n_sm SMs, no more runs than n_ctx has chunks of 32 positions, 1 for
+ * passes longer than ATTN_SPLIT_MAX_TOK. */
+constexpr int ATTN_SPLIT_MAX = 16, ATTN_SPLIT_MAX_TOK = 8;
+int attention_splits(int64_t n, int nh, int64_t n_ctx, int n_sm);
+size_t attention_part_floats(int64_t n, int nh, int kr, int n_split);
 cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_info *ti, int layer, int nh, int kr,
-                      int dr, float scale, int64_t n);
+                      int dr, float scale, int64_t n, float *part, int n_split);
+
+/* Per head h < nh and token t < n (decode passes, gpu_heads.cu):
+ *   C[h*strideC + t*ldc + r] = A_h[r] . B[h*strideB + t*ldb + 0..k)  for r < m,
+ * A_h the float32 m x k row-major matrix at A + h*m*k (k_b or v_b of a
+ * head). heads_gemv_fits says whether a call can take it: 1 <= n <=
+ * HEADS_MAX_TOK, k % 4 == 0 and k <= 1024, ldb and strideB multiples of 4,
+ * A and B 16-byte aligned; else cudaErrorInvalidValue (the caller uses a
+ * batched GEMM). */
+constexpr int HEADS_MAX_TOK = 8;
+bool heads_gemv_fits(const float *A, int64_t k, const float *B, int64_t ldb, int64_t strideB, int64_t n, int64_t nh);
+cudaError_t heads_gemv(cudaStream_t s, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
+                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh);
 
 /* The softmax of a long run's scores (the GEMM form of attention,
  * gpu_forward.cu): S holds rows x Lb floats, row r the scaled scores of
