@@ -288,6 +288,18 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
         return NULL;
     }
     go.split_auto = split && !strcmp(split, "1");
+    /* NUMOE_GPU_AHEAD=1: the next decode segment queued while the host
+     * computes the experts (its first node waits for them). Off by default
+     * until it has run on a GPU (written in session 13 after that session's
+     * device time was spent; tests/cuda/test_cuda_forward.cu checks it) */
+    const char *ahead = getenv("NUMOE_GPU_AHEAD");
+    if (ahead && *ahead && strcmp(ahead, "0") && strcmp(ahead, "1")) {
+        nm_errf(err, "NUMOE_GPU_AHEAD=%s: use 0 (the default: each decode segment launched after the host's "
+                "experts) or 1 (queued while they compute)", ahead);
+        free(ge);
+        return NULL;
+    }
+    go.ahead = ahead && !strcmp(ahead, "1");
     /* the prefill GEMMs (and the attention of long runs): on the tensor
      * cores with TF32 operands for quantised models, whose CPU path already
      * rounds activations to 8 bits (TF32 keeps 11 significant bits; measured

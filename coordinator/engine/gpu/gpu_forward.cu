@@ -144,6 +144,11 @@ struct nm_gpu_forward {
     float *d_in_x = nullptr, *d_in_w = nullptr;
     int32_t *d_in_ids = nullptr;
     const float *d_h_moe = nullptr;
+    /* the next segment queued while the host computes (opts.ahead, graphs
+     * and fused): it waits on this mapped word (numoe_gpu::wait_flag), which
+     * the host sets once the routed sum is in h_moe */
+    int ahead = 0;
+    uint32_t *h_flag = nullptr, *d_flag = nullptr;
     float *h_moe = nullptr, *h_logits = nullptr;
     int32_t *h_rows = nullptr;
     tok_info *h_tinfo = nullptr;
@@ -902,6 +907,8 @@ static int enqueue_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
      * or the flush below), so a replay leaves the host's bookkeeping as the
      * capture did; after a failed capture nothing of it is left either */
     f->pend_a = f->pend_b = nullptr;
+    if (j > 0 && f->ahead)
+        CUDA_OK(numoe_gpu::wait_flag(f->st, f->d_flag), "segment %d: waiting for the host's experts", j);
     if (j > 0 && moe_post(f, f->seg_moe[(size_t)j - 1], n, err)) return -1;
     for (int l = first; l <= last; l++)
         if (attention(f, l, n, err) || ffn_pre(f, l, n, err)) return -1;
@@ -955,10 +962,48 @@ static int run_segment(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
     return 0;
 }
 
+static int run_or_enqueue(nm_gpu_forward *f, int j, int64_t n, nm_err *err) {
+    return f->use_graphs ? run_segment(f, j, n, err) : enqueue_segment(f, j, n, err);
+}
+
+/* The host lets the queued segment go on: the routed sum is in h_moe (or
+ * the layer failed, and the GPU must not wait for ever either way). */
+static void release_segment(nm_gpu_forward *f) { __atomic_store_n(f->h_flag, 1u, __ATOMIC_RELEASE); }
+
 static int run_layers_graphs(nm_gpu_forward *f, int64_t n, nm_err *err) {
-    for (int j = 0; j < (int)f->n_segments; j++) {
-        if (f->use_graphs ? run_segment(f, j, n, err) : enqueue_segment(f, j, n, err)) return -1;
-        if (j < (int)f->seg_moe.size() && moe_host(f, f->seg_moe[(size_t)j], n, err)) return -1;
+    if (!f->ahead) {
+        for (int j = 0; j < (int)f->n_segments; j++) {
+            if (run_or_enqueue(f, j, n, err)) return -1;
+            if (j < (int)f->seg_moe.size() && moe_host(f, f->seg_moe[(size_t)j], n, err)) return -1;
+        }
+        return 0;
+    }
+    /* ahead: segment j+1 is queued between the submit of layer j's experts
+     * and the wait for them, and starts when release_segment says so */
+    if (run_or_enqueue(f, 0, n, err)) return -1;
+    for (int j = 0; j < (int)f->seg_moe.size(); j++) {
+        const int il = f->seg_moe[(size_t)j];
+        const nm_expert_input *in = &f->experts->in;
+        const double t0 = nm_now_s();
+        CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
+        const double t1 = nm_now_s();
+        if (f->route_log) memcpy(pass_ids(f, il), in->ids, (size_t)(n * f->k) * sizeof(int32_t));
+        f->stats.n_picks += n * f->k;
+        if (hot_on(f, il, n))
+            for (int64_t p = 0; p < n * f->k; p++) f->stats.n_hot_picks += in->ids[p] < 0;
+        if (nm_experts_submit(f->experts, il, n, f->k, err)) return -1;
+        if (run_or_enqueue(f, j + 1, n, err)) {
+            nm_err ignored;
+            (void)nm_experts_wait(f->experts, f->h_moe, &ignored);
+            release_segment(f);
+            return -1;
+        }
+        const int rc = nm_experts_wait(f->experts, f->h_moe, err);
+        release_segment(f);
+        if (rc) return -1;
+        f->stats.t_wait += t1 - t0;
+        f->stats.t_moe += nm_now_s() - t1;
+        f->stats.n_moe_calls++;
     }
     return 0;
 }
@@ -1422,6 +1467,15 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         if (bs != CUBLAS_STATUS_SUCCESS) return nm_errf(err, "GPU: cuBLAS workspace: %s", cublasGetStatusString(bs));
         f->use_graphs = 1;
     }
+    if (f->fuse && f->use_graphs && o->ahead) {
+        if (halloc_n(f, &f->h_flag, 4, "hand-off flag", err, cudaHostAllocMapped)) return -1;
+        void *df = nullptr;
+        CUDA_OK(cudaHostGetDevicePointer(&df, f->h_flag, 0), "mapping the hand-off flag (without NUMOE_GPU_AHEAD=1 "
+                "each segment is launched after the host's experts)");
+        f->d_flag = static_cast<uint32_t *>(df);
+        *f->h_flag = 0;
+        f->ahead = 1;
+    }
     CUDA_OK(cudaDeviceSynchronize(), "after the upload");
 
     cudaDeviceProp prop;
@@ -1478,7 +1532,8 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     if (f->use_graphs) {
         size_t used = strlen(f->desc);
         snprintf(f->desc + used, sizeof f->desc - used, "; decode passes of <= %d tokens as CUDA graphs (%zu "
-                 "segments)", GRAPH_MAX_TOKENS, f->n_segments);
+                 "segments%s)", GRAPH_MAX_TOKENS, f->n_segments,
+                 f->ahead ? ", each queued while the host computes the experts before it" : "");
     }
     {
         size_t used = strlen(f->desc);

@@ -103,6 +103,10 @@ typedef struct {
                               the GPU (the engine's default: on the H200 box the bounce copies and the
                               host's experts share the memory bus and the cores, and the split lost,
                               docs/BENCHMARKS.md session 13) */
+    int ahead;             /* with graphs and fused kernels: 1 = each decode segment is launched while the
+                              host computes the experts of the layer before it, its first node waiting
+                              for a flag the host sets (gpu_handoff.cu; not yet run on a GPU, so off by
+                              default); 0 = launched after them */
     int split_half;        /* with stream_min: every streamed pass computes experts 0..n_expert/2 of a
                               layer on the GPU and hands the others to the backend at the same time
                               (--prefill-experts split) */

@@ -54,6 +54,11 @@ bool add_norm_fits(const void *x, const void *a, const void *b, const void *out,
 cudaError_t add_norm(cudaStream_t s, float *x, const float *a, const float *b, float *out, float *out2, const float *w,
                      int64_t n_rows, int64_t dim, float eps, uint8_t *xq);
 
+/* One thread on s spins until *flag (mapped host memory) is non-zero, then
+ * sets it to 0 (gpu_handoff.cu: a queued decode segment waiting for the
+ * host's routed experts). */
+cudaError_t wait_flag(cudaStream_t s, uint32_t *flag);
+
 /* g[i] = silu(g[i]) * u[i] for i < n, silu(v) = v / (1 + exp(-v)). */
 cudaError_t silu_mul(cudaStream_t s, float *g, const float *u, int64_t n);
 /* x[i] += a[i]; with b: x[i] = (x[i] + a[i]) + b[i] (the CPU's order). */

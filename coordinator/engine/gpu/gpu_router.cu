@@ -57,8 +57,8 @@ constexpr int RT_SEG = 32;      /* entries per segment of the first ranking pass
  *         rank >= k has all k of those above it. So rank r < k among the
  *         candidates is pick r: V3 (E 256, k 8) ranks 64 candidates over 64
  *         rather than 256 entries over 256.
- *   4. thread 0: the weights in pick order (the CPU's sum order), scaled,
- *      then the copies into ids2 / w2. */
+ *   4. warp 0: the weights, summed in pick order (the CPU's order), scaled,
+ *      and written with the copies into ids2 / w2. */
 __global__ void __launch_bounds__(RT_THREADS) k_route(const float *logits, const float *bias, int32_t *ids, float *wout,
                                                       int32_t *ids2, float *w2, int E, int k, int G, int G_used,
                                                       int sigmoid, int norm_topk, float scale) {
@@ -163,23 +163,24 @@ __global__ void __launch_bounds__(RT_THREADS) k_route(const float *logits, const
     }
     __syncthreads();
 
-    /* 4. weights in pick order, then the copies */
-    if (tid == 0) {
+    /* 4. weights: warp 0, every lane summing in pick order (the CPU's order,
+     * and the same bits in each lane), then lane j writes pick j. The values
+     * stay on chip: writing them out and reading them back was a chain of
+     * L2 round trips on one thread. */
+    if (tid < 32) {
         float sum = 0.0f;
-        for (int j = 0; j < k; j++) {
-            const int bi = pick[j];
-            ids[t * k + j] = bi;
-            wout[t * k + j] = p[bi];
-            sum = __fadd_rn(sum, p[bi]);
-        }
+        for (int j = 0; j < k; j++) sum = __fadd_rn(sum, p[pick[j]]);
         float sc = scale;
         if (norm_topk) sc = __fdiv_rn(sc, __fadd_rn(sum, 1e-20f));
-        for (int j = 0; j < k; j++) wout[t * k + j] = __fmul_rn(wout[t * k + j], sc);
-        /* the copies (the expert backend's input region in host memory):
-         * written here, the hand-off needs no copy nodes */
-        for (int j = 0; j < k; j++) {
-            if (ids2) ids2[t * k + j] = ids[t * k + j];
-            if (w2) w2[t * k + j] = wout[t * k + j];
+        for (int j = lane; j < k; j += 32) {
+            const int bi = pick[j];
+            const float wj = __fmul_rn(p[bi], sc);
+            ids[t * k + j] = bi;
+            wout[t * k + j] = wj;
+            /* the copies (the expert backend's input region in host memory):
+             * written here, the hand-off needs no copy nodes */
+            if (ids2) ids2[t * k + j] = bi;
+            if (w2) w2[t * k + j] = wj;
         }
     }
 }
