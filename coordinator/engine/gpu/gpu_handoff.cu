@@ -12,8 +12,12 @@
  * at once. The host writes the flag only after it saw the previous
  * segment's hand-off event, which comes after the previous reset (stream
  * order; a kernel's writes are visible to the host at its end), so a 1 is
- * never lost or seen twice. The sum is read by the next kernel with
- * cache-volatile loads (gpu_norm.cu), after this one has seen the flag. */
+ * never lost or seen twice. The sum is read by the next kernel, after this
+ * one has seen the flag, with plain loads: that assumes the GPU does not
+ * keep mapped host memory in L2 from one kernel to the next (the previous
+ * layer's add_norm read the same buffer). test_cuda_forward's bit-for-bit
+ * check against launching after the host would show a stale read; if it
+ * does, gpu_norm.cu's load of b becomes __ldcv. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
 
 namespace numoe_gpu {
