@@ -28,6 +28,7 @@ The build-asan tree has no GPU engine (the CUDA runtime and ASan do not mix: Mak
 GPU checks run build/ only; the refusal checks run both trees.
 """
 import concurrent.futures
+import os
 import re
 import subprocess
 
@@ -212,6 +213,18 @@ def generate(exe, model, gpu, workers, *extra, stderr_to=None):
     assert len(lines) == 1 and lines[0].startswith("numoe: engine: GPU 0: " if gpu == "0" else "numoe: engine: CPU"), \
         lines
     return [int(t) for t in p.stdout.strip().split(",")]
+
+
+@pytest.mark.parametrize("var", ["NUMOE_GPU_FUSE", "NUMOE_GPU_SPLIT", "NUMOE_GPU_AHEAD"])
+def test_gpu_switches_parsed_strictly(gpu_exe, var):
+    """The GPU engine's 0 / 1 switches: another value stops the run naming the variable and both values; 0
+    and 1 both run."""
+    base = [gpu_exe, "generate", "-m", MODEL, "--tokens", "1,2,3", "-n", "2", "--workers", "0", "--gpu", "0"]
+    p = run(base, env={**os.environ, var: "yes"})
+    assert p.returncode != 0 and f"{var}=yes: use 1 (" in p.stderr and ") or 0 (" in p.stderr, p.stderr[-2000:]
+    for ok in ("0", "1"):
+        p = run(base, env={**os.environ, var: ok})
+        assert p.returncode == 0, (var, ok, p.stderr[-2000:])
 
 
 def logits_rows(path, n_vocab):

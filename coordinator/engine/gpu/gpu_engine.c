@@ -224,6 +224,19 @@ static void on_upload(void *ctx, uint64_t done, uint64_t total) {
     u->seen = done;
 }
 
+/* A 0 / 1 environment switch: *v keeps its default when the variable is
+ * unset or empty; any other value than 0 or 1 is an error naming both. */
+static int env_switch(const char *name, const char *on, const char *off, int *v, nm_err *err) {
+    const char *e = getenv(name);
+    if (!e || !*e) return 0;
+    if (strcmp(e, "0") && strcmp(e, "1"))
+        return nm_errf(err, "%s=%s: use 1 (%s%s) or 0 (%s%s)", name, e, on, *v ? ", the default" : "", off,
+                       *v ? "" : ", the default");
+    *v = e[0] == '1';
+    return 0;
+}
+
+
 nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, const nm_engine_gpu_opts *o,
                                 nm_err *err) {
     char why[512];
@@ -264,42 +277,31 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
         return NULL;
     }
     go.q8_gemv = !(gemv && !strcmp(gemv, "f32"));
-    /* the residual add, the norm and its 8-bit copy in one kernel, the
-     * hand-off written by the kernels into the backend's region, unless
-     * NUMOE_GPU_FUSE=0 (kept for measuring one against the other) */
-    const char *fuse = getenv("NUMOE_GPU_FUSE");
-    if (fuse && *fuse && strcmp(fuse, "0") && strcmp(fuse, "1")) {
-        nm_errf(err, "NUMOE_GPU_FUSE=%s: use 1 (the default: fused decode kernels) or 0", fuse);
+    /* the 0 / 1 switches, kept for measuring one way against the other:
+     * NUMOE_GPU_FUSE (default 1) the residual add, the norm and its 8-bit
+     * copy in one kernel, the hand-off written by the kernels into the
+     * backend's region; NUMOE_GPU_SPLIT (default 0) long passes sharing
+     * their routed experts between the GPU (streamed) and the CPU, sized by
+     * the measured cost of each: off because on the H200 box the bounce
+     * copies (read, write, DMA read of every streamed byte) and the host's
+     * experts share the memory bus and the cores, and a split pass ran at
+     * 0.55-0.76x of the streamed one (docs/BENCHMARKS.md, session 13);
+     * NUMOE_GPU_AHEAD (default 0) the next decode segment queued while the
+     * host computes the experts (its first node waits for them): off until
+     * it has run on a GPU (written after session 13's device time was spent;
+     * tests/cuda/test_cuda_forward.cu checks it) */
+    int fuse = 1, split = 0, ahead = 0;
+    if (env_switch("NUMOE_GPU_FUSE", "fused decode kernels", "one launch per step", &fuse, err) ||
+        env_switch("NUMOE_GPU_SPLIT", "GPU and CPU share a streamed pass's experts in the measured proportion",
+                   "a streamed pass's experts all on the GPU", &split, err) ||
+        env_switch("NUMOE_GPU_AHEAD", "each decode segment queued while the host's experts compute",
+                   "each decode segment launched after them", &ahead, err)) {
         free(ge);
         return NULL;
     }
-    go.unfused = fuse && !strcmp(fuse, "0");
-    /* NUMOE_GPU_SPLIT=1: long passes share their routed experts between the
-     * GPU (streamed) and the CPU, sized by the measured cost of each. Off by
-     * default: on the H200 box the bounce copies (read, write, DMA read of
-     * every streamed byte) and the host's experts share the memory bus and
-     * the cores, and a split pass ran at 0.55-0.76x of the streamed one
-     * (docs/BENCHMARKS.md, session 13) */
-    const char *split = getenv("NUMOE_GPU_SPLIT");
-    if (split && *split && strcmp(split, "0") && strcmp(split, "1")) {
-        nm_errf(err, "NUMOE_GPU_SPLIT=%s: use 0 (the default: a streamed pass's experts all on the GPU) or 1 (GPU "
-                "and CPU share them in the measured proportion)", split);
-        free(ge);
-        return NULL;
-    }
-    go.split_auto = split && !strcmp(split, "1");
-    /* NUMOE_GPU_AHEAD=1: the next decode segment queued while the host
-     * computes the experts (its first node waits for them). Off by default
-     * until it has run on a GPU (written in session 13 after that session's
-     * device time was spent; tests/cuda/test_cuda_forward.cu checks it) */
-    const char *ahead = getenv("NUMOE_GPU_AHEAD");
-    if (ahead && *ahead && strcmp(ahead, "0") && strcmp(ahead, "1")) {
-        nm_errf(err, "NUMOE_GPU_AHEAD=%s: use 0 (the default: each decode segment launched after the host's "
-                "experts) or 1 (queued while they compute)", ahead);
-        free(ge);
-        return NULL;
-    }
-    go.ahead = ahead && !strcmp(ahead, "1");
+    go.unfused = !fuse;
+    go.split_auto = split;
+    go.ahead = ahead;
     /* the prefill GEMMs (and the attention of long runs): on the tensor
      * cores with TF32 operands for quantised models, whose CPU path already
      * rounds activations to 8 bits (TF32 keeps 11 significant bits; measured

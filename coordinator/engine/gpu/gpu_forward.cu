@@ -844,23 +844,35 @@ static int ffn_pre(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     return 0;
 }
 
-static int moe_host(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+/* The host's part of MoE layer il in two halves, so that the next decode
+ * segment can be launched between them (run_layers_graphs, opts.ahead):
+ * moe_submit waits for the hand-off event and submits the layer (*t_sub:
+ * when the wait ended), moe_collect waits for the routed sum in h_moe. */
+static int moe_submit(nm_gpu_forward *f, int il, int64_t n, double *t_sub, nm_err *err) {
     const nm_expert_input *in = &f->experts->in;
-    double t0 = nm_now_s();
+    const double t0 = nm_now_s();
     CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
-    double t1 = nm_now_s();
+    *t_sub = nm_now_s();
+    f->stats.t_wait += *t_sub - t0;
     /* the ids are on the host now: kept for the log at the pass's end (in
      * layer order with the layers that stayed on the GPU) */
     if (f->route_log) memcpy(pass_ids(f, il), in->ids, (size_t)(n * f->k) * sizeof(int32_t));
     f->stats.n_picks += n * f->k;
     if (hot_on(f, il, n))
         for (int64_t p = 0; p < n * f->k; p++) f->stats.n_hot_picks += in->ids[p] < 0;
-    if (nm_experts_submit(f->experts, il, n, f->k, err) || nm_experts_wait(f->experts, f->h_moe, err)) return -1;
-    double t2 = nm_now_s();
-    f->stats.t_wait += t1 - t0;
-    f->stats.t_moe += t2 - t1;
+    return nm_experts_submit(f->experts, il, n, f->k, err);
+}
+
+static int moe_collect(nm_gpu_forward *f, double t_sub, nm_err *err) {
+    const int rc = nm_experts_wait(f->experts, f->h_moe, err);
+    f->stats.t_moe += nm_now_s() - t_sub;
     f->stats.n_moe_calls++;
-    return 0;
+    return rc;
+}
+
+static int moe_host(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
+    double t_sub = 0;
+    return moe_submit(f, il, n, &t_sub, err) || moe_collect(f, t_sub, err) ? -1 : 0;
 }
 
 static int moe_post(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
@@ -982,28 +994,17 @@ static int run_layers_graphs(nm_gpu_forward *f, int64_t n, nm_err *err) {
      * and the wait for them, and starts when release_segment says so */
     if (run_or_enqueue(f, 0, n, err)) return -1;
     for (int j = 0; j < (int)f->seg_moe.size(); j++) {
-        const int il = f->seg_moe[(size_t)j];
-        const nm_expert_input *in = &f->experts->in;
-        const double t0 = nm_now_s();
-        CUDA_OK(cudaEventSynchronize(f->ev_handoff), "layer %d: waiting for the hand-off", il);
-        const double t1 = nm_now_s();
-        if (f->route_log) memcpy(pass_ids(f, il), in->ids, (size_t)(n * f->k) * sizeof(int32_t));
-        f->stats.n_picks += n * f->k;
-        if (hot_on(f, il, n))
-            for (int64_t p = 0; p < n * f->k; p++) f->stats.n_hot_picks += in->ids[p] < 0;
-        if (nm_experts_submit(f->experts, il, n, f->k, err)) return -1;
+        double t_sub = 0;
+        if (moe_submit(f, f->seg_moe[(size_t)j], n, &t_sub, err)) return -1;
         if (run_or_enqueue(f, j + 1, n, err)) {
             nm_err ignored;
-            (void)nm_experts_wait(f->experts, f->h_moe, &ignored);
+            (void)moe_collect(f, t_sub, &ignored); /* the backend is idle again before the error returns */
             release_segment(f);
             return -1;
         }
-        const int rc = nm_experts_wait(f->experts, f->h_moe, err);
-        release_segment(f);
+        const int rc = moe_collect(f, t_sub, err);
+        release_segment(f); /* also after a failed layer: the queued segment must not wait for ever */
         if (rc) return -1;
-        f->stats.t_wait += t1 - t0;
-        f->stats.t_moe += nm_now_s() - t1;
-        f->stats.n_moe_calls++;
     }
     return 0;
 }
