@@ -11,20 +11,8 @@
 #include "kernels/fp16.h"
 #include "kernels/quant.h"
 #include "kernels/quant_unpack.h"
+#include "kernels/tile_layout.h"
 
-/* offsets inside one Q4_K block / Q5_0 block pair of a tile (tile.h) */
-enum {
-    Q4K_Q = 0,                 /* 32 vectors of 16 rows x 4 qs bytes (8 nibbles) */
-    Q4K_SC = 32 * 64,          /* u8 [8][16] */
-    Q4K_M = Q4K_SC + 8 * 16,   /* u8 [4][16][2] */
-    Q4K_D = Q4K_M + 4 * 32,    /* fp16 [16] */
-    Q4K_DMIN = Q4K_D + 32,     /* fp16 [16] */
-    Q4K_BLOCK = Q4K_DMIN + 32, /* 2368 */
-    Q50_Q = 0,                 /* 8 vectors: block h's 4 qs dwords per row */
-    Q50_H = 8 * 64,            /* u64 [16] high-bit masks */
-    Q50_D = Q50_H + 16 * 8,    /* fp16 [2][16] */
-    Q50_PAIR = Q50_D + 64,     /* 704 */
-};
 _Static_assert(Q4K_BLOCK == 2368 && Q50_PAIR == 704, "tile.h states these sizes");
 _Static_assert(Q4K_BLOCK % 64 == 0 && Q50_PAIR % 64 == 0, "tiles of a matrix lie back to back, 64-byte aligned");
 

@@ -54,10 +54,7 @@
 #include "kernels/dot_simd.h"
 #include "kernels/quant.h"
 #include "kernels/tile.h"
-
-/* tile.h's layout (tile.c's enum, asserted there) */
-enum { AQ4K_SC = 2048, AQ4K_M = 2048 + 128, AQ4K_D = 2048 + 256, AQ4K_DMIN = 2048 + 288, AQ4K_BLOCK = 2368 };
-enum { AQ50_H = 512, AQ50_D = 640, AQ50_PAIR = 704 };
+#include "kernels/tile_layout.h"
 
 /* The 64-byte operand of LDTILECFG, palette 1 (Intel SDM vol. 2, LDTILECFG):
  * byte 0 palette, 1 start_row, 16-47 bytes per row of tiles 0-15, 48-63
@@ -171,6 +168,15 @@ static void amx_emu_dpbsud(amx_emu *e, int c, int a, int b) {
 #define AMX_FN(name) name
 #endif
 
+/* The token passes of a call of nx tokens: pass 0 takes [0, full) in tiles
+ * of 16, pass 1 the rest [full, nx) as one tile of fewer rows (mrows);
+ * 0 when the pass has no tokens. */
+static inline int amx_pass(int pass, int nx, int *lo, int *hi, int *mrows) {
+    const int full = nx / 16 * 16;
+    *lo = pass ? full : 0, *hi = pass ? nx : full, *mrows = pass ? nx - full : 16;
+    return *lo < *hi;
+}
+
 /* C tiles (tmm0-3): mrows tokens x 16 rows' dwords; A (tmm4-5): mrows
  * tokens x k bytes; B (tmm6-7): k / 4 rows (VNNI format) x 64 bytes (16
  * weight rows). k = 64 for Q4_K, 32 for Q5_0. */
@@ -203,9 +209,9 @@ static inline __attribute__((always_inline)) void amx_q4_K_fold(const uint8_t *B
     __m512i mp[4];
 #pragma GCC unroll 4
     for (int i = 0; i < 4; i++)
-        mp[i] = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(B + AQ4K_M + 32 * i)));
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(B + AQ4K_D)));
-    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(B + AQ4K_DMIN)));
+        mp[i] = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(B + Q4K_M + 32 * i)));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(B + Q4K_D)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(B + Q4K_DMIN)));
     const size_t xoff = (size_t)b * sizeof(block_q8_K) + offsetof(block_q8_K, d);
     for (int m = 0; m < mt; m++) {
         const int j = m0 + m;
@@ -247,20 +253,18 @@ static void AMX_FN(amx_gemm_many_q4_K)(int64_t n, const void *tile, const void *
     const __m512i m4 = _mm512_set1_epi8(0x0F), m7 = _mm512_set1_epi32(7);
     const int64_t nb = n / NM_QK_K;
     for (int j = 0; j < nx; j++) _mm512_store_ps(acc[j], _mm512_setzero_ps());
-    /* pass 0: tokens [0, full) in tiles of 16; pass 1: [full, nx) as one tile of fewer rows */
-    const int full = nx / 16 * 16;
     for (int pass = 0; pass < 2; pass++) {
-        const int lo = pass ? full : 0, hi = pass ? nx : full, mrows = pass ? nx - full : 16;
-        if (lo == hi) continue;
+        int lo, hi, mrows;
+        if (!amx_pass(pass, nx, &lo, &hi, &mrows)) continue;
         amx_config_for(&cfg, mrows, 64);
         AMX_CONFIG(&cfg);
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *B = (const uint8_t *)tile + (size_t)b * AQ4K_BLOCK;
-            nm_prefetch_weights(B, AQ4K_BLOCK);
+            const uint8_t *B = (const uint8_t *)tile + (size_t)b * Q4K_BLOCK;
+            nm_prefetch_weights(B, Q4K_BLOCK);
             __m512i sl[8], sh[8];
 #pragma GCC unroll 8
             for (int s = 0; s < 8; s++) {
-                const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(B + AQ4K_SC + 16 * s)));
+                const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(B + Q4K_SC + 16 * s)));
                 sl[s] = _mm512_and_si512(sc, m7), sh[s] = _mm512_srli_epi32(sc, 3);
             }
 #pragma GCC unroll 4
@@ -300,7 +304,8 @@ static void AMX_FN(amx_gemm_many_q4_K)(int64_t n, const void *tile, const void *
                     amx_q4_K_fold(B, (const int32_t (*)[16][16])cb[0], x, xs, aux, as, b, m0, 16, acc);
                     amx_q4_K_fold(B, (const int32_t (*)[16][16])cb[1], x, xs, aux, as, b, m0 + 16, 16, acc);
                     m0 += 32;
-                } else { /* one token tile, full or the last partial one */
+                } else { /* one token tile, full or the last partial one (the chunk loop again
+                          * with tmm0-1 only: tile numbers are immediates of the instructions) */
                     const int mt = hi - m0 < 16 ? hi - m0 : 16;
                     AMX_ZERO(0);
                     AMX_ZERO(1);
@@ -335,14 +340,11 @@ static void AMX_FN(amx_gemm_many_q5_0)(int64_t n, const void *tile, const void *
     _Alignas(64) int32_t cb[4][16][16];
     _Alignas(64) float acc[NM_TILE_MANY][16];
     const uint8_t *x = xv, *aux = auxv;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), v16 = _mm512_set1_epi8(16);
     const int64_t nb = n / NM_QK5_0;
     for (int j = 0; j < nx; j++) _mm512_store_ps(acc[j], _mm512_setzero_ps());
-    /* pass 0: tokens [0, full) in tiles of 16; pass 1: [full, nx) as one tile of fewer rows */
-    const int full = nx / 16 * 16;
     for (int pass = 0; pass < 2; pass++) {
-        const int lo = pass ? full : 0, hi = pass ? nx : full, mrows = pass ? nx - full : 16;
-        if (lo == hi) continue;
+        int lo, hi, mrows;
+        if (!amx_pass(pass, nx, &lo, &hi, &mrows)) continue;
         amx_config_for(&cfg, mrows, 32);
         AMX_CONFIG(&cfg);
         for (int64_t b0 = 0; b0 < nb; b0 += 4) {
@@ -350,21 +352,17 @@ static void AMX_FN(amx_gemm_many_q5_0)(int64_t n, const void *tile, const void *
             __m512 dw[4];
             for (int q = 0; q < g; q++) {
                 const int64_t b = b0 + q;
-                const uint8_t *P = (const uint8_t *)tile + (size_t)(b / 2) * AQ50_PAIR;
+                const uint8_t *P = (const uint8_t *)tile + (size_t)(b / 2) * Q50_PAIR;
                 const int h = (int)(b % 2);
-                if (!h) nm_prefetch_weights(P, AQ50_PAIR);
+                if (!h) nm_prefetch_weights(P, Q50_PAIR);
 #pragma GCC unroll 4
                 for (int d = 0; d < 4; d++) {
-                    const __m512i p = _mm512_loadu_si512(P + (size_t)(4 * h + d) * 64);
-                    __mmask64 k0, k1;
-                    memcpy(&k0, P + AQ50_H + 8 * (8 * h + d), 8);
-                    memcpy(&k1, P + AQ50_H + 8 * (8 * h + 4 + d), 8);
-                    __m512i w = _mm512_and_si512(p, m4);
-                    _mm512_store_si512(wb[q][d], _mm512_mask_add_epi8(w, k0, w, v16));
-                    w = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
-                    _mm512_store_si512(wb[q][4 + d], _mm512_mask_add_epi8(w, k1, w, v16));
+                    __m512i wl, wh;
+                    nm_tile_q5_0_unpack(P, h, d, &wl, &wh);
+                    _mm512_store_si512(wb[q][d], wl);
+                    _mm512_store_si512(wb[q][4 + d], wh);
                 }
-                dw[q] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P + AQ50_D + 32 * h)));
+                dw[q] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P + Q50_D + 32 * h)));
             }
             for (int m0 = lo; m0 < hi; m0 += 16) {
                 /* A of block b0 + q: 32 bytes of qs, sizeof(block_q8_0) further per block */

@@ -30,10 +30,7 @@
 #include "kernels/quant_unpack.h"
 #include "kernels/transpose_avx512.h"
 #include "kernels/tile.h"
-
-/* tile.h's layout (tile.c's enum, asserted there) */
-enum { Q4K_SC = 2048, Q4K_M = 2048 + 128, Q4K_D = 2048 + 256, Q4K_DMIN = 2048 + 288, Q4K_BLOCK = 2368 };
-enum { Q50_H = 512, Q50_D = 640, Q50_PAIR = 704 };
+#include "kernels/tile_layout.h"
 
 /* offsets of rows 0..15 (row_bytes apart, < 2^31 in all), the missing ones masked */
 static inline __m512i row_offsets(size_t row_bytes) {
@@ -226,7 +223,6 @@ static inline __attribute__((always_inline)) void gemm_q5_0_nx(int NX, int64_t n
     const block_q8_0 *bx[NM_TILE_NX];
     const int32_t *ax[NM_TILE_NX];
     __m512 acc[NM_TILE_NX];
-    const __m512i m4 = _mm512_set1_epi8(0x0F), v16 = _mm512_set1_epi8(16);
 #pragma GCC unroll 8
     for (int j = 0; j < NX; j++) bx[j] = x[j], ax[j] = aux[j], acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / NM_QK5_0; b++) {
@@ -238,18 +234,12 @@ static inline __attribute__((always_inline)) void gemm_q5_0_nx(int NX, int64_t n
         for (int j = 0; j < NX; j++) S[j] = _mm512_set1_epi32(ax[j][2 * b]);
 #pragma GCC unroll 4
         for (int d = 0; d < 4; d++) {
-            const __m512i p = _mm512_loadu_si512(P + (size_t)(4 * h + d) * 64);
-            __mmask64 k0, k1;
-            memcpy(&k0, P + Q50_H + 8 * (8 * h + d), 8);
-            memcpy(&k1, P + Q50_H + 8 * (8 * h + 4 + d), 8);
-            __m512i w = _mm512_and_si512(p, m4);
-            w = _mm512_mask_add_epi8(w, k0, w, v16);
+            __m512i wl, wh;
+            nm_tile_q5_0_unpack(P, h, d, &wl, &wh);
 #pragma GCC unroll 8
-            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 4 * d));
-            w = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
-            w = _mm512_mask_add_epi8(w, k1, w, v16);
+            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], wl, bcast32(bx[j][b].qs + 4 * d));
 #pragma GCC unroll 8
-            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], w, bcast32(bx[j][b].qs + 16 + 4 * d));
+            for (int j = 0; j < NX; j++) S[j] = _mm512_dpbusd_epi32(S[j], wh, bcast32(bx[j][b].qs + 16 + 4 * d));
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(P + Q50_D + 32 * h)));
 #pragma GCC unroll 8
