@@ -1118,7 +1118,8 @@ static int head(nm_gpu_forward *f, int64_t n, nm_err *err) {
  * per token shrinks with more tokens (weights read once per pass), so the
  * per-token figure at CAL_TOK slightly overstates it for longer passes: the
  * threshold errs towards the GPU there. At least 32 (ggml-cuda's own
- * offload threshold), at most never (n_batch + 1). */
+ * offload threshold), at most never (n_batch + 1). With opts.split_auto the
+ * backend is also timed on 4 x CAL_TOK tokens, for split_experts' line. */
 static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
     const nm_hparams *hp = &f->m->hp;
     const int il = -1;
@@ -1128,16 +1129,11 @@ static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
     int64_t n = CAL_TOK < in->max_tok ? CAL_TOK : in->max_tok;
     if (n > f->n_batch) n = f->n_batch; /* h_moe holds a batch */
     const int k = f->k;
-    memset(in->x, 0, (size_t)(n * hp->n_embd) * sizeof(float));
-    for (int64_t t = 0; t < n; t++)
-        for (int j = 0; j < k; j++) {
-            in->ids[t * k + j] = (int32_t)((t * k + j) % hp->n_expert);
-            in->w[t * k + j] = 0.0f;
-        }
     int moe = 0;
     while (moe < hp->n_layer && !f->m->layers[moe].is_moe) moe++;
-    /* best of two at n tokens, and at n2 = 4n for the split's line a + b n */
+    /* best of two at n tokens, and (splitting) at n2 = 4n for the line a + b n */
     auto host_time = [&](int64_t nt, double *best) -> int {
+        memset(in->x, 0, (size_t)(nt * hp->n_embd) * sizeof(float));
         for (int64_t t = 0; t < nt; t++)
             for (int j = 0; j < k; j++) {
                 in->ids[t * k + j] = (int32_t)((t * k + j) % hp->n_expert);
@@ -1153,12 +1149,8 @@ static int calibrate_stream(nm_gpu_forward *f, nm_err *err) {
         return 0;
     };
     double best = 0, best2 = 0;
-    const int64_t n2 = 4 * n <= in->max_tok && 4 * n <= f->n_batch ? 4 * n : n;
-    if (host_time(n, &best)) return -1;
-    if (n2 > n) {
-        memset(in->x, 0, (size_t)(n2 * hp->n_embd) * sizeof(float));
-        if (host_time(n2, &best2)) return -1;
-    }
+    const int64_t n2 = f->split_on && 4 * n <= in->max_tok && 4 * n <= f->n_batch ? 4 * n : n;
+    if (host_time(n, &best) || (n2 > n && host_time(n2, &best2))) return -1;
     const double per_tok = best / (double)n;
     if (f->split_on && n2 > n && best2 > best) {
         f->split_b = (best2 - best) / (double)(n2 - n);
