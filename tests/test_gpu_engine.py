@@ -215,7 +215,7 @@ def generate(exe, model, gpu, workers, *extra, stderr_to=None):
     return [int(t) for t in p.stdout.strip().split(",")]
 
 
-@pytest.mark.parametrize("var", ["NUMOE_GPU_FUSE", "NUMOE_GPU_SPLIT", "NUMOE_GPU_AHEAD"])
+@pytest.mark.parametrize("var", ["NUMOE_GPU_FUSE", "NUMOE_GPU_SPLIT", "NUMOE_GPU_AHEAD", "NUMOE_GPU_PDL"])
 def test_gpu_switches_parsed_strictly(gpu_exe, var):
     """The GPU engine's 0 / 1 switches: another value stops the run naming the variable and both values; 0
     and 1 both run."""

@@ -153,6 +153,14 @@ int nm_cuda_gemv_q8_pairs(int type, const void *d_w, size_t mat_bytes, int64_t r
                           const int32_t *d_mat, int64_t n_pairs, const void *d_xq, int x_div, float *d_y, int64_t ldy,
                           void *stream);
 
+/* Programmatic dependent launch (kernels/cuda/pdl.cuh): whether the decode
+ * kernels that support it (the integer GEMV here, the GPU forward pass's
+ * own) are launched so that each may start while the one before finishes.
+ * Process-wide, off until set; it changes when kernels start, never what
+ * they compute. Takes effect on Hopper (sm_90) and later. */
+void nm_cuda_set_pdl(int on);
+int nm_cuda_pdl(void);
+
 #ifdef __cplusplus
 }
 #endif

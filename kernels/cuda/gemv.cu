@@ -42,6 +42,7 @@
  * NM_GEMV_ROWS (rows per CTA, 1), NM_GEMV_WARPS (max warps per row, 4),
  * NM_GEMV_U (steps of loads issued before computing, 1), NM_GEMV_MINB
  * (__launch_bounds__ min blocks per SM, 1). */
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
 #ifndef NM_GEMV_ROWS
@@ -453,6 +454,8 @@ __global__ void __launch_bounds__(MAXW * 32, NM_GEMV_MINB)
     k_gemv(const uint8_t *__restrict__ w, int64_t rows, int nb, int64_t row_bytes, const float *__restrict__ x,
            float *__restrict__ y, const int32_t *__restrict__ mat, int64_t mat_bytes, int x_div, int64_t ldx,
            int64_t ldy) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int64_t row0 = (int64_t)blockIdx.x * ROWS;
     if (mat) {
@@ -550,11 +553,11 @@ int launch(int type, const void *d_w, int64_t rows, int64_t cols, const float *d
     const dim3 g((unsigned)grid, (unsigned)pa->n);
     /* 4-byte weight loads need every matrix of the stack 4-aligned too */
     if (T::BYTES % 4 == 0 && (uintptr_t)d_w % 4 == 0 && pa->mat_bytes % 4 == 0)
-        k_gemv<T, true><<<g, nw * 32, 0, st>>>(w, rows, (int)nb, row_bytes, d_x, d_y, pa->mat, pa->mat_bytes,
-                                               pa->x_div, pa->ldx, pa->ldy);
+        (void)numoe_pdl::launch(k_gemv<T, true>, dim3(g), dim3(nw * 32), 0, st, w, rows, (int)nb, row_bytes, d_x, d_y,
+                                pa->mat, pa->mat_bytes, pa->x_div, pa->ldx, pa->ldy);
     else
-        k_gemv<T, false><<<g, nw * 32, 0, st>>>(w, rows, (int)nb, row_bytes, d_x, d_y, pa->mat, pa->mat_bytes,
-                                                pa->x_div, pa->ldx, pa->ldy);
+        (void)numoe_pdl::launch(k_gemv<T, false>, dim3(g), dim3(nw * 32), 0, st, w, rows, (int)nb, row_bytes, d_x, d_y,
+                                pa->mat, pa->mat_bytes, pa->x_div, pa->ldx, pa->ldy);
     return launch_check(pa->mat ? "nm_cuda_gemv_pairs" : "nm_cuda_gemv", type);
 }
 

@@ -44,6 +44,7 @@
  * and y agrees with a double dot of the dequantised W and the dequantised
  * q8 x to fp32 rounding. Against fp32 x the difference is x's quantisation
  * (|x - q d| <= d / 2 per element), as on the CPU path. */
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/q8_row.cuh"
 #include "kernels/cuda/quant_dev.cuh"
 
@@ -315,7 +316,9 @@ __global__ void __launch_bounds__(WARPS * 32, NM_GEMV_Q8_MINB)
     const int wpr = 1 << wpr_log2, sub = warp & (wpr - 1);
     const int64_t row0 = ((int64_t)blockIdx.x * (WARPS >> wpr_log2) + (warp >> wpr_log2)) * R;
     const int64_t xrb = q8_row_bytes(cols);
+    numoe_pdl::pdl_trigger();
     if (mat) {
+        numoe_pdl::pdl_wait(); /* the expert ids are the kernel before's output */
         const int p = (int)blockIdx.y, s = mat[p];
         if (s < 0) return; /* the whole CTA, before any barrier */
         w += (int64_t)s * mat_bytes;
@@ -345,10 +348,21 @@ __global__ void __launch_bounds__(WARPS * 32, NM_GEMV_Q8_MINB)
                 stage_span<CH>(stage_all[k][warp][r], s0, s0 + nblk * T::BYTES, hi, lane);
             }
         };
+        /* the first step's weights are on their way before the wait for
+         * the kernel that writes x (pdl.cuh: weights are nobody's output) */
         if constexpr (!DIRECT) {
             stage(sub * BPS, 0);
             async_commit();
+        } else if (!mat && sub * BPS < nb) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const uint8_t *s0 = wr[r] + (int64_t)(sub * BPS) * T::BYTES;
+                const uint8_t *l = s0 + 128 * lane;
+                if (l < s0 + (int64_t)min(BPS, nb - sub * BPS) * T::BYTES)
+                    asm volatile("prefetch.global.L2 [%0];" ::"l"(l));
+            }
         }
+        numoe_pdl::pdl_wait();
         int it = 0;
         for (int ib0 = sub * BPS; ib0 < nb; ib0 += stride, it++) {
             const int nblk = min(BPS, nb - ib0);
@@ -415,6 +429,7 @@ __global__ void __launch_bounds__(WARPS * 32, NM_GEMV_Q8_MINB)
 __global__ void k_quantize_q8(const float *__restrict__ x, int64_t ldx, int64_t n, int64_t cols,
                               uint8_t *__restrict__ xq) {
     const int64_t nb = cols / 32;
+    numoe_pdl::pdl_wait();                                            /* x is the kernel before's output */
     const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; /* thread over n * nb * 8 */
     const int64_t blk = g >> 3;
     const int part = (int)(g & 7);
@@ -454,9 +469,10 @@ void launch_nx(const uint8_t *w, int64_t rows, int nb, const uint8_t *xq, int64_
     constexpr int R = rows_for<T, NX>::R;
     const int64_t rpc = (int64_t)(WARPS >> wpr_log2) * R;
     const dim3 g((unsigned)((rows + rpc - 1) / rpc), pa ? (unsigned)pa->n : 1u);
-    k_gemv_q8<T, NX, R><<<g, WARPS * 32, 0, st>>>(w, rows, nb, (int64_t)nb * T::BYTES, xq, cols, y, ldy,
-                                                  pa ? pa->mat : nullptr, pa ? pa->mat_bytes : 0, pa ? pa->x_div : 1,
-                                                  wpr_log2);
+    /* a failed launch is the runtime's last error: launch_check reports it */
+    (void)numoe_pdl::launch(k_gemv_q8<T, NX, R>, g, dim3(WARPS * 32), 0, st, w, rows, nb, (int64_t)nb * T::BYTES, xq,
+                            cols, y, ldy, pa ? pa->mat : nullptr, pa ? pa->mat_bytes : (int64_t)0, pa ? pa->x_div : 1,
+                            wpr_log2);
 }
 
 template <class T>
@@ -538,8 +554,8 @@ extern "C" int nm_cuda_quantize_q8(const float *d_x, int64_t ldx, int64_t n, int
                     (const void *)d_x, (long long)ldx, d_xq);
     const int64_t threads = n * (cols / 32) * 8;
     if ((threads + 255) / 256 > 0x7fffffff) return fail(NM_CUDA_EINVAL, "nm_cuda_quantize_q8: too large");
-    k_quantize_q8<<<(unsigned)((threads + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-        d_x, ldx, n, cols, static_cast<uint8_t *>(d_xq));
+    (void)numoe_pdl::launch(k_quantize_q8, dim3((unsigned)((threads + 255) / 256)), dim3(256), 0,
+                            static_cast<cudaStream_t>(stream), d_x, ldx, n, cols, static_cast<uint8_t *>(d_xq));
     return launch_check("nm_cuda_quantize_q8", NM_TYPE_F32);
 }
 

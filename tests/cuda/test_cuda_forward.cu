@@ -774,25 +774,36 @@ static void test_fixture(const char *path, nm_pool *pool) {
          * graphs unfused (opts.unfused: a kernel or copy per step, the hand-off copied), equal to the
          * fused graphs bit for bit (the fused kernels compute the same floats, gpu_kernels.cuh); then
          * with every segment queued while the host computes the experts before it (opts.ahead:
-         * gpu_handoff.cu) instead of launched after them, equal to the fused graphs bit for bit */
-        run_out gq[4];
-        for (int graphs = 0; graphs < 4; graphs++) {
-            const char *tag = graphs == 3   ? "Q (8-bit activations, graphs, each segment queued ahead)"
+         * gpu_handoff.cu) instead of launched after them, equal to the fused graphs bit for bit; then
+         * both again with the kernels chained by programmatic dependent launch (nm_cuda_set_pdl:
+         * kernels/cuda/pdl.cuh; the prompt pass too), equal to the fused graphs bit for bit */
+        run_out gq[6];
+        for (int graphs = 0; graphs < 6; graphs++) {
+            const char *tag = graphs == 5   ? "Q (8-bit activations, graphs, queued ahead, PDL)"
+                              : graphs == 4 ? "Q (8-bit activations, graphs, PDL)"
+                              : graphs == 3 ? "Q (8-bit activations, graphs, each segment queued ahead)"
                               : graphs == 2 ? "Q (8-bit activations, graphs, unfused)"
                               : graphs == 1 ? "Q (8-bit activations, graphs)"
                                             : "Q (8-bit activations)";
+            const bool ahead = graphs == 3 || graphs == 5, pdl = graphs >= 4;
             rec_backend rq = make_rec(local, hp->n_embd);
             nm_gpu_forward *gf = nullptr;
+            nm_cuda_set_pdl(pdl);
             if (gpu_open(&gf, &m, &rq.base, 64, &err, 0, graphs > 0, 0, nullptr, 1, NM_GPU_GEMM_F32, 0, graphs == 2, 0,
-                         graphs == 3)) {
+                         ahead)) {
+                nm_cuda_set_pdl(0);
                 check(false, "%s: GPU init (%s): %s", name, tag, err.msg);
                 goto done;
             }
-            const bool ahead_said = strstr(nm_gpu_forward_describe(gf), "queued while the host computes") != nullptr;
+            const char *desc = nm_gpu_forward_describe(gf);
+            const bool ahead_said = strstr(desc, "queued while the host computes") != nullptr;
+            const bool pdl_said = strstr(desc, "programmatic dependent launch") != nullptr;
             bool ok = run_seq(gpu_tokens, gf, prompt, V, &cpu.tokens, &gq[graphs], tag);
             nm_gpu_forward_stats st;
             nm_gpu_forward_get_stats(gf, &st);
             nm_gpu_forward_free(gf);
+            nm_cuda_set_pdl(0);
+            ok = ok && pdl_said == pdl;
             if (!graphs) {
                 vs_cpu(name, tag, &m, cpu, rq.calls, gq[0], ok, is_float, TIE_TOL_Q8);
                 /* decode rows (the GEMV passes) against A */
@@ -806,10 +817,11 @@ static void test_fixture(const char *path, nm_pool *pool) {
                 for (int r = 0; ok && r < NP; r++)
                     rel = std::max(rel, compare_row(gq[graphs].logits.data() + (size_t)r * V, gq[1].logits.data() + (size_t)r * V, V).rel);
                 check(ok && rel == 0 && st.n_graphs > 0 && !st.graphs_off[0] && rq.calls.size() > 0 &&
-                          ahead_said == (graphs == 3),
+                          ahead_said == ahead,
                       "%s: %s equals the fused graphs bit for bit: max rel %.3g, %lld graphs, %zu hand-offs, "
-                      "described as %s", name, tag, rel, (long long)st.n_graphs, rq.calls.size(),
-                      ahead_said ? "queued ahead" : "launched after the host");
+                      "described as %s%s",
+                      name, tag, rel, (long long)st.n_graphs, rq.calls.size(),
+                      ahead_said ? "queued ahead" : "launched after the host", pdl_said ? ", PDL" : "");
             } else {
                 double rel = 0;
                 for (int r = 0; ok && r < NP; r++)

@@ -28,6 +28,7 @@
  * the last chunk is empty (m = -inf, weight 0). n_split == 1 is the
  * unsplit kernel, bit for bit. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 #include <math.h>
 
@@ -40,6 +41,8 @@ constexpr int AT_MAXC = 8; /* accumulators per thread: kv_lora <= AT_MAXC * AT_T
 __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, float *oc, float *part,
                                                           const tok_info *ti, int layer, int nh, int kr, int dr,
                                                           float scale) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     extern __shared__ float sm[];
     const int W = kr + dr;
     float *sq = sm, *sc = sm + W;
@@ -114,6 +117,8 @@ __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, flo
 /* One CTA per (token, head): the n_split runs of k_attention merged, in run
  * order (deterministic). Run 0 always holds position 0, so M is finite. */
 __global__ void __launch_bounds__(AT_THREADS) k_attn_combine(const float *part, float *oc, int kr, int ns) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait();        /* pdl.cuh: everything here follows the kernel before */
     extern __shared__ float wt[]; /* [ns] weights e^(m_s - M) */
     __shared__ float inv_l;
     const int64_t th = blockIdx.x;
@@ -207,12 +212,13 @@ cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_in
         (n_split > 1 && !part))
         return cudaErrorInvalidValue;
     const size_t smem = (size_t)(kr + dr + AT_CHUNK) * sizeof(float);
-    k_attention<<<dim3((unsigned)n, (unsigned)nh, (unsigned)n_split), AT_THREADS, smem, s>>>(qabs, oc, part, ti, layer,
-                                                                                          nh, kr, dr, scale);
+    (void)numoe_pdl::launch(k_attention, dim3((unsigned)n, (unsigned)nh, (unsigned)n_split), dim3(AT_THREADS), smem, s,
+                            qabs, oc, part, ti, layer, nh, kr, dr, scale);
     if (n_split == 1) return cudaGetLastError();
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    k_attn_combine<<<(unsigned)(n * nh), AT_THREADS, (size_t)n_split * sizeof(float), s>>>(part, oc, kr, n_split);
+    (void)numoe_pdl::launch(k_attn_combine, dim3((unsigned)(n * nh)), dim3(AT_THREADS), (size_t)n_split * sizeof(float),
+                            s, part, oc, kr, n_split);
     return cudaGetLastError();
 }
 

@@ -21,6 +21,7 @@
 #include "common/ggml_type.h"
 #include "common/progress.h"
 #include "coordinator/engine/gpu/gpu_forward.h"
+#include "kernels/cuda/cuda_quant.h"
 
 struct nm_engine_seq {
     nm_gpu_kv *kv;
@@ -289,16 +290,22 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
      * NUMOE_GPU_AHEAD (default 0) the next decode segment queued while the
      * host computes the experts (its first node waits for them): off until
      * it has run on a GPU (written after session 13's device time was spent;
-     * tests/cuda/test_cuda_forward.cu checks it) */
-    int fuse = 1, split = 0, ahead = 0;
+     * tests/cuda/test_cuda_forward.cu checks it); NUMOE_GPU_PDL (default
+     * 0) the decode kernels launched so that each starts while the one
+     * before finishes (kernels/cuda/pdl.cuh; process-wide), off for the
+     * same reason as AHEAD (written in session 14 while no GPU was lent) */
+    int fuse = 1, split = 0, ahead = 0, pdl = 0;
     if (env_switch("NUMOE_GPU_FUSE", "fused decode kernels", "one launch per step", &fuse, err) ||
         env_switch("NUMOE_GPU_SPLIT", "GPU and CPU share a streamed pass's experts in the measured proportion",
                    "a streamed pass's experts all on the GPU", &split, err) ||
         env_switch("NUMOE_GPU_AHEAD", "each decode segment queued while the host's experts compute",
-                   "each decode segment launched after them", &ahead, err)) {
+                   "each decode segment launched after them", &ahead, err) ||
+        env_switch("NUMOE_GPU_PDL", "each decode kernel may start while the one before finishes",
+                   "each kernel starts after the one before", &pdl, err)) {
         free(ge);
         return NULL;
     }
+    nm_cuda_set_pdl(pdl);
     go.unfused = !fuse;
     go.split_auto = split;
     go.ahead = ahead;

@@ -1530,8 +1530,9 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
     }
     {
         size_t used = strlen(f->desc);
-        snprintf(f->desc + used, sizeof f->desc - used, "; %s", f->fuse ? "residual + norm + q8 fused, hand-off "
-                 "written by the kernels" : "unfused (NUMOE_GPU_FUSE=0)");
+        snprintf(f->desc + used, sizeof f->desc - used, "; %s%s",
+                 f->fuse ? "residual + norm + q8 fused, hand-off written by the kernels" : "unfused (NUMOE_GPU_FUSE=0)",
+                 nm_cuda_pdl() ? "; kernels chained by programmatic dependent launch (NUMOE_GPU_PDL=1)" : "");
     }
     return 0;
 }

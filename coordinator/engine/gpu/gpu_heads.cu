@@ -20,6 +20,7 @@
  * their bits. The order differs from the CPU's dot products: results agree
  * to float rounding, as for the other GPU kernels. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace numoe_gpu {
 namespace {
@@ -35,6 +36,8 @@ template <int NT>
 __global__ void __launch_bounds__(HG_THREADS)
     k_heads_gemv(const float *A, int m, int k, const float *B, int64_t ldb, int64_t strideB, float *C, int64_t ldc,
                  int64_t strideC) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait();         /* pdl.cuh: everything here follows the kernel before */
     extern __shared__ float4 sb[]; /* [NT][k / 4]: the head's input slices */
     const int h = blockIdx.y, k4 = k >> 2;
     for (int i = threadIdx.x; i < NT * k4; i += HG_THREADS) {
@@ -82,7 +85,8 @@ cudaError_t launch(cudaStream_t s, const float *A, int64_t m, int64_t k, const f
                    int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t nh) {
     const dim3 grid((unsigned)((m + HG_ROWS - 1) / HG_ROWS), (unsigned)nh);
     const size_t smem = (size_t)NT * (size_t)k * sizeof(float);
-    k_heads_gemv<NT><<<grid, HG_THREADS, smem, s>>>(A, (int)m, (int)k, B, ldb, strideB, C, ldc, strideC);
+    (void)numoe_pdl::launch(k_heads_gemv<NT>, dim3(grid), dim3(HG_THREADS), smem, s, A, (int)m, (int)k, B, ldb, strideB,
+                            C, ldc, strideC);
     return cudaGetLastError();
 }
 

@@ -1,5 +1,6 @@
 /* gpu_hot.cu - hot routed experts in VRAM (gpu_hot.cuh). */
 #include "coordinator/engine/gpu/gpu_hot.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 #include <stdio.h>
 #include <string.h>
@@ -232,6 +233,8 @@ int64_t hot_max_tok(const hot_experts *h) { return h ? h->max_tok : 0; }
 
 __global__ void k_split(const int32_t *__restrict__ rid, const int32_t *__restrict__ slot, int np,
                         int32_t *__restrict__ mat, int32_t *__restrict__ cid) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= np) return;
     const int32_t e = rid[p], s = slot[e];
@@ -243,6 +246,8 @@ __global__ void k_split(const int32_t *__restrict__ rid, const int32_t *__restri
  * product and sum rounded on its own (no FMA contraction) */
 __global__ void k_combine(const int32_t *__restrict__ mat, const float *__restrict__ w, const float *__restrict__ y,
                           int k, int64_t H, float *__restrict__ out) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     const int64_t t = blockIdx.y, c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= H) return;
     float acc = 0.0f;
@@ -261,7 +266,7 @@ int hot_split(hot_experts *h, int il, const int32_t *rid, int64_t n, int32_t *ci
     if (n > h->max_tok) return nm_errf(err, "GPU hot experts: layer %d: %lld tokens, more than %lld", il, (long long)n,
                                        (long long)h->max_tok);
     const int np = (int)(n * h->k);
-    k_split<<<(np + 127) / 128, 128, 0, h->st>>>(rid, HL->slot, np, h->mat, cid);
+    (void)numoe_pdl::launch(k_split, dim3((np + 127) / 128), dim3(128), 0, h->st, rid, HL->slot, np, h->mat, cid);
     CUDA_OK(cudaGetLastError(), "layer %d: splitting the picks", il);
     return 0;
 }
@@ -290,7 +295,7 @@ int hot_compute(hot_experts *h, int il, const float *a, int64_t n, const float *
     if (stack_pairs(h, &HL->down, h->hg, ff, h->xq_h, P, 1, h->y, H) != NM_CUDA_OK)
         return nm_errf(err, "GPU hot experts: layer %d: down: %s", il, nm_cuda_last_error());
     const dim3 g((unsigned)((H + 255) / 256), (unsigned)n);
-    k_combine<<<g, 256, 0, h->st>>>(h->mat, w, h->y, h->k, H, out);
+    (void)numoe_pdl::launch(k_combine, dim3(g), dim3(256), 0, h->st, h->mat, w, h->y, h->k, H, out);
     CUDA_OK(cudaGetLastError(), "layer %d: adding the resident experts", il);
     return 0;
 }

@@ -3,6 +3,7 @@
  * rmsnorm: the sum of squares in double, then inv = 1 / sqrtf((float)(ss / n)
  * + eps) and out = (x * inv) * w, each product rounded on its own. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/q8_row.cuh"
 
 namespace numoe_gpu {
@@ -36,6 +37,8 @@ __device__ __forceinline__ float4 add4(float4 v, float4 u) {
 __global__ void __launch_bounds__(NORM_THREADS) k_rmsnorm(float *out, int64_t o_stride, const float *x,
                                                           int64_t x_stride, const int32_t *rows, const float *w,
                                                           int64_t dim, float eps) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     __shared__ double red[NORM_THREADS / 32];
     const int64_t r = blockIdx.x;
     const float *xr = x + (rows ? (int64_t)rows[r] : r) * x_stride;
@@ -65,6 +68,8 @@ template <bool Q8>
 __global__ void __launch_bounds__(NORM_THREADS) k_add_norm(float *x, const float *a, const float *b, float *out,
                                                            float *out2, const float *w, int64_t dim, float eps,
                                                            uint8_t *xq) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     __shared__ double red[NORM_THREADS / 32];
     const int64_t r = blockIdx.x, d4 = dim / 4;
     float4 *xr = reinterpret_cast<float4 *>(x + r * dim);
@@ -118,6 +123,8 @@ __global__ void __launch_bounds__(NORM_THREADS) k_add_norm(float *x, const float
 }
 
 __global__ void k_silu_mul(float *g, const float *u, int64_t n) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float v = g[i];
         g[i] = __fmul_rn(__fdiv_rn(v, __fadd_rn(1.0f, expf(-v))), u[i]);
@@ -125,6 +132,8 @@ __global__ void k_silu_mul(float *g, const float *u, int64_t n) {
 }
 
 __global__ void k_add(float *x, const float *a, const float *b, int64_t n) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float v = __fadd_rn(x[i], a[i]);
         if (b) v = __fadd_rn(v, b[i]);
@@ -142,7 +151,8 @@ unsigned grid_of(int64_t n) {
 cudaError_t rmsnorm(cudaStream_t s, float *out, int64_t o_stride, const float *x, int64_t x_stride, const int32_t *rows,
                     const float *w, int64_t n_rows, int64_t dim, float eps) {
     if (n_rows < 1) return cudaSuccess;
-    k_rmsnorm<<<(unsigned)n_rows, NORM_THREADS, 0, s>>>(out, o_stride, x, x_stride, rows, w, dim, eps);
+    (void)numoe_pdl::launch(k_rmsnorm, dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, s, out, o_stride, x, x_stride,
+                            rows, w, dim, eps);
     return cudaGetLastError();
 }
 
@@ -159,21 +169,23 @@ cudaError_t add_norm(cudaStream_t s, float *x, const float *a, const float *b, f
     if (!add_norm_fits(x, a, b, out, out2, dim, xq != nullptr) || (uintptr_t)w % 16 || (uintptr_t)xq % 16 || (b && !a))
         return cudaErrorInvalidValue;
     if (xq)
-        k_add_norm<true><<<(unsigned)n_rows, NORM_THREADS, 0, s>>>(x, a, b, out, out2, w, dim, eps, xq);
+        (void)numoe_pdl::launch(k_add_norm<true>, dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, s, x, a, b, out, out2,
+                                w, dim, eps, xq);
     else
-        k_add_norm<false><<<(unsigned)n_rows, NORM_THREADS, 0, s>>>(x, a, b, out, out2, w, dim, eps, nullptr);
+        (void)numoe_pdl::launch(k_add_norm<false>, dim3((unsigned)n_rows), dim3(NORM_THREADS), 0, s, x, a, b, out, out2,
+                                w, dim, eps, nullptr);
     return cudaGetLastError();
 }
 
 cudaError_t silu_mul(cudaStream_t s, float *g, const float *u, int64_t n) {
     if (n < 1) return cudaSuccess;
-    k_silu_mul<<<grid_of(n), 256, 0, s>>>(g, u, n);
+    (void)numoe_pdl::launch(k_silu_mul, dim3(grid_of(n)), dim3(256), 0, s, g, u, n);
     return cudaGetLastError();
 }
 
 cudaError_t add(cudaStream_t s, float *x, const float *a, const float *b, int64_t n) {
     if (n < 1) return cudaSuccess;
-    k_add<<<grid_of(n), 256, 0, s>>>(x, a, b, n);
+    (void)numoe_pdl::launch(k_add, dim3(grid_of(n)), dim3(256), 0, s, x, a, b, n);
     return cudaGetLastError();
 }
 

@@ -15,6 +15,7 @@
  * each, rotated in place in q and copied into qabs. The parts touch
  * disjoint memory and q's rope reads only q, so they need no order. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace numoe_gpu {
 namespace {
@@ -30,6 +31,8 @@ __device__ __forceinline__ void rot(float x0, float x1, float ang, float *y0, fl
 __global__ void __launch_bounds__(PREP_THREADS) k_mla_prep(const float *kvn, float *q, float *qabs, const tok_info *ti,
                                                            int layer, const float *kv_norm, const float *inv_freq,
                                                            int kr, int dr, int nh, int dn, float eps) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     __shared__ double red[PREP_THREADS / 32];
     const int64_t t = blockIdx.x;
     const int W = kr + dr, dk = dn + dr, half = dr / 2;
@@ -85,8 +88,8 @@ cudaError_t mla_prep(cudaStream_t s, const float *kvn, float *q, float *qabs, co
     /* y = 0: the cache row; y >= 1: PREP_THREADS q_pe pairs each (V3: 128
      * heads x 32 pairs, 16 CTAs) */
     const unsigned qblocks = (unsigned)((nh * (dr / 2) + PREP_THREADS - 1) / PREP_THREADS);
-    k_mla_prep<<<dim3((unsigned)n, 1 + qblocks), PREP_THREADS, 0, s>>>(kvn, q, qabs, ti, layer, kv_norm, inv_freq,
-                                                                       kr, dr, nh, dn, eps);
+    (void)numoe_pdl::launch(k_mla_prep, dim3((unsigned)n, 1 + qblocks), dim3(PREP_THREADS), 0, s, kvn, q, qabs, ti,
+                            layer, kv_norm, inv_freq, kr, dr, nh, dn, eps);
     return cudaGetLastError();
 }
 

@@ -13,6 +13,7 @@
  * weights have the bits of the one-warp, k-round kernel this replaced.
  * A NaN s ranks as -inf here (the CPU's argmax keeps a NaN it meets first). */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 #include <math.h>
 
@@ -62,6 +63,8 @@ constexpr int RT_SEG = 32;      /* entries per segment of the first ranking pass
 __global__ void __launch_bounds__(RT_THREADS) k_route(const float *logits, const float *bias, int32_t *ids, float *wout,
                                                       int32_t *ids2, float *w2, int E, int k, int G, int G_used,
                                                       int sigmoid, int norm_topk, float scale) {
+    numoe_pdl::pdl_trigger();
+    numoe_pdl::pdl_wait(); /* pdl.cuh: everything here follows the kernel before */
     extern __shared__ float sm[];
     const int kk = k < RT_SEG ? k : RT_SEG, nslot = (E + RT_SEG - 1) / RT_SEG * kk;
     float *p = sm, *s = p + E, *gscore = s + E, *cv = gscore + G;
@@ -199,7 +202,8 @@ cudaError_t route(cudaStream_t s, const float *logits, const float *bias, int32_
      * 4 * (2048 + 256 + 1024 + 256 + 1024 + 1024) bytes, under the 48 KiB a
      * launch gets without opting in */
     const size_t smem = (size_t)(2 * E + G + nslot) * sizeof(float) + (size_t)(G + nslot + k) * sizeof(int);
-    k_route<<<(unsigned)n, nt, smem, s>>>(logits, bias, ids, w, ids2, w2, E, k, G, G_used, sigmoid, norm_topk, scale);
+    (void)numoe_pdl::launch(k_route, dim3((unsigned)n), dim3(nt), smem, s, logits, bias, ids, w, ids2, w2, E, k, G,
+                            G_used, sigmoid, norm_topk, scale);
     return cudaGetLastError();
 }
 
