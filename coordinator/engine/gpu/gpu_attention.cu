@@ -20,9 +20,12 @@
  * context with only nh CTAs busy (16 of the H200's 132 SMs for V2-Lite).
  * With n_split > 1 the chunks 0..pos/32 are cut into n_split equal runs,
  * one CTA each (blockIdx.z); each writes its unnormalised accumulator with
- * its running max m_s and sum l_s, and k_attn_combine merges them as
- * flash-decoding does: M = max m_s, oc = sum_s e^(m_s - M) acc_s /
- * sum_s e^(m_s - M) l_s. The grid depends only on n, nh and the split
+ * its running max m_s and sum l_s, and the last of the n_split CTAs to
+ * finish (a counter per (token, head) at the start of the scratch, back to
+ * 0 when it is done) merges them as flash-decoding does: M = max m_s,
+ * oc = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, in run order, so
+ * the result does not depend on which CTA came last (and no second kernel
+ * sits on a decode step's serial path). The grid depends only on n, nh and the split
  * count, not on the positions (read from the token table on the device),
  * so a captured CUDA graph replays it at every context length; a run past
  * the last chunk is empty (m = -inf, weight 0). n_split == 1 is the
@@ -37,6 +40,38 @@ namespace {
 
 constexpr int AT_WARPS = 4, AT_THREADS = AT_WARPS * 32, AT_PPW = 8, AT_CHUNK = AT_WARPS * AT_PPW;
 constexpr int AT_MAXC = 8; /* accumulators per thread: kv_lora <= AT_MAXC * AT_THREADS = 1024 */
+
+/* The scratch of split runs starts with one int counter per (token, head)
+ * of the largest split pass, rounded to 16 bytes, at a fixed offset so a
+ * buffer sized for one pass size serves every smaller one. */
+__host__ __device__ constexpr int64_t counters_floats(int nh) { return ((int64_t)ATTN_SPLIT_MAX_TOK * nh + 3) / 4 * 4; }
+
+/* The n_split runs at pp ([acc 0..kr) | m | l] each) of one (token, head)
+ * merged into out, in run order (deterministic), by one CTA. Run 0 always
+ * holds position 0, so M is finite. The runs were written by other CTAs:
+ * read through L2 (__ldcg), after the counter said they are all there. */
+__device__ void merge_runs(const float *pp, float *out, int kr, int ns) {
+    __shared__ float wt[ATTN_SPLIT_MAX]; /* e^(m_s - M) */
+    __shared__ float inv_l;
+    if (threadIdx.x == 0) {
+        float M = -INFINITY;
+        for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(pp + s * (kr + 2) + kr));
+        float l = 0.0f;
+        for (int s = 0; s < ns; s++) {
+            const float ms = __ldcg(pp + s * (kr + 2) + kr);
+            wt[s] = ms == -INFINITY ? 0.0f : expf(ms - M);
+            l = fmaf(wt[s], __ldcg(pp + s * (kr + 2) + kr + 1), l);
+        }
+        inv_l = 1.0f / l;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < kr; c += AT_THREADS) {
+        float v = 0.0f;
+        for (int s = 0; s < ns; s++)
+            if (wt[s] != 0.0f) v = fmaf(wt[s], __ldcg(pp + s * (kr + 2) + c), v);
+        out[c] = v * inv_l;
+    }
+}
 
 __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, float *oc, float *part,
                                                           const tok_info *ti, int layer, int nh, int kr, int dr,
@@ -95,14 +130,25 @@ __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, flo
         m = mn;
         __syncthreads(); /* sc is rewritten by the next chunk */
     }
-    if (ns > 1) { /* a run's share for k_attn_combine: [acc 0..kr) | m | l], m = -inf when empty */
-        float *pp = part + ((t * nh + h) * ns + blockIdx.z) * (kr + 2);
+    if (ns > 1) { /* a run's share: [acc 0..kr) | m | l], m = -inf when empty; the last run merges */
+        int *cnt = reinterpret_cast<int *>(part);
+        float *runs = part + counters_floats(nh) + (t * nh + h) * ns * (kr + 2);
+        float *pp = runs + blockIdx.z * (kr + 2);
 #pragma unroll
         for (int k = 0; k < AT_MAXC; k++) {
             const int c = tid + k * AT_THREADS;
             if (c < kr) pp[c] = acc[k];
         }
         if (tid == 0) pp[kr] = m, pp[kr + 1] = l;
+        __threadfence(); /* this run's share is visible before the counter says so */
+        __syncthreads();
+        __shared__ int last_run;
+        if (tid == 0) last_run = atomicAdd(cnt + t * nh + h, 1) == ns - 1;
+        __syncthreads();
+        if (!last_run) return;
+        __threadfence();
+        merge_runs(runs, oc + (t * nh + h) * kr, kr, ns);
+        if (tid == 0) cnt[t * nh + h] = 0; /* ready for the next call (the next kernel starts after this one) */
         return;
     }
     const float inv = 1.0f / l;
@@ -111,35 +157,6 @@ __global__ void __launch_bounds__(AT_THREADS) k_attention(const float *qabs, flo
     for (int k = 0; k < AT_MAXC; k++) {
         const int c = tid + k * AT_THREADS;
         if (c < kr) out[c] = acc[k] * inv;
-    }
-}
-
-/* One CTA per (token, head): the n_split runs of k_attention merged, in run
- * order (deterministic). Run 0 always holds position 0, so M is finite. */
-__global__ void __launch_bounds__(AT_THREADS) k_attn_combine(const float *part, float *oc, int kr, int ns) {
-    numoe_pdl::pdl_trigger();
-    numoe_pdl::pdl_wait();        /* pdl.cuh: everything here follows the kernel before */
-    extern __shared__ float wt[]; /* [ns] weights e^(m_s - M) */
-    __shared__ float inv_l;
-    const int64_t th = blockIdx.x;
-    const float *pp = part + th * ns * (kr + 2);
-    if (threadIdx.x == 0) {
-        float M = -INFINITY;
-        for (int s = 0; s < ns; s++) M = fmaxf(M, pp[s * (kr + 2) + kr]);
-        float l = 0.0f;
-        for (int s = 0; s < ns; s++) {
-            const float ms = pp[s * (kr + 2) + kr];
-            wt[s] = ms == -INFINITY ? 0.0f : expf(ms - M);
-            l = fmaf(wt[s], pp[s * (kr + 2) + kr + 1], l);
-        }
-        inv_l = 1.0f / l;
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < kr; c += AT_THREADS) {
-        float v = 0.0f;
-        for (int s = 0; s < ns; s++)
-            if (wt[s] != 0.0f) v = fmaf(wt[s], pp[s * (kr + 2) + c], v);
-        oc[th * kr + c] = v * inv_l;
     }
 }
 
@@ -202,23 +219,18 @@ int attention_splits(int64_t n, int nh, int64_t n_ctx, int n_sm) {
 }
 
 size_t attention_part_floats(int64_t n, int nh, int kr, int n_split) {
-    return n_split > 1 ? (size_t)n * (size_t)nh * (size_t)n_split * (size_t)(kr + 2) : 0;
+    return n_split > 1 ? (size_t)counters_floats(nh) + (size_t)n * (size_t)nh * (size_t)n_split * (size_t)(kr + 2) : 0;
 }
 
 cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_info *ti, int layer, int nh, int kr,
                       int dr, float scale, int64_t n, float *part, int n_split) {
     if (n < 1) return cudaSuccess;
     if (kr > AT_MAXC * AT_THREADS || nh > 65535 || n_split < 1 || n_split > ATTN_SPLIT_MAX ||
-        (n_split > 1 && !part))
+        (n_split > 1 && (!part || n > ATTN_SPLIT_MAX_TOK)))
         return cudaErrorInvalidValue;
     const size_t smem = (size_t)(kr + dr + AT_CHUNK) * sizeof(float);
     (void)numoe_pdl::launch(k_attention, dim3((unsigned)n, (unsigned)nh, (unsigned)n_split), dim3(AT_THREADS), smem, s,
                             qabs, oc, part, ti, layer, nh, kr, dr, scale);
-    if (n_split == 1) return cudaGetLastError();
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    (void)numoe_pdl::launch(k_attn_combine, dim3((unsigned)(n * nh)), dim3(AT_THREADS), (size_t)n_split * sizeof(float),
-                            s, part, oc, kr, n_split);
     return cudaGetLastError();
 }
 

@@ -1382,6 +1382,8 @@ static int create(nm_gpu_forward *f, const nm_model *m, const nm_gpu_forward_opt
         if (p > part) part = p;
     }
     if (part && dalloc_n(f, &f->attn_part, part, "attention runs", err)) return -1;
+    if (part)
+        CUDA_OK(cudaMemset(f->attn_part, 0, part * sizeof(float)), "clearing the attention runs' counters");
     if (f->gemm == NM_GPU_GEMM_BF16 && f->xh_cols_max > 0 &&
         dalloc_n(f, &f->xh, (size_t)(T * f->xh_cols_max), "bf16 activations", err))
         return -1;

@@ -77,9 +77,12 @@ cudaError_t mla_prep(cudaStream_t s, const float *kvn, float *q, float *qabs, co
  * (positions 0..ti[t].pos of layer `layer`, causal):
  *   oc[t][h] = sum_p softmax_p(scale * qabs[t][h] . row_p) * row_p[0..kr),
  * qabs rows and cache rows kr + dr wide, oc rows kr. kr <= 1024.
- * n_split > 1 (at most ATTN_SPLIT_MAX) cuts each token's positions into
- * that many runs computed in parallel and merged (gpu_attention.cu); part
- * then holds attention_part_floats(n, nh, kr, n_split) floats of scratch.
+ * n_split > 1 (at most ATTN_SPLIT_MAX, for n <= ATTN_SPLIT_MAX_TOK) cuts
+ * each token's positions into that many runs computed in parallel and
+ * merged by the last to finish (gpu_attention.cu); part then holds
+ * attention_part_floats(n, nh, kr, n_split) floats of scratch, zeroed once
+ * before its first use (its counters are back at 0 after every call; a
+ * buffer sized for the largest pass serves every smaller one).
  * attention_splits picks the count for a pass of n tokens: enough CTAs for
  * n_sm SMs, no more runs than n_ctx has chunks of 32 positions, 1 for
  * passes longer than ATTN_SPLIT_MAX_TOK. */
