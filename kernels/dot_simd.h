@@ -48,7 +48,9 @@ nm_vec_dot_multi_fn nm_dot_multi_table_avx512vnni(int type);
  * KiB tied except F16 (+20%). Prefetches never fault, so running past the
  * last row is harmless; the address is formed as an integer to stay clear
  * of out-of-object pointer arithmetic. */
-#define NM_PREFETCH_DIST 4096
+#ifndef NM_PREFETCH_DIST
+#define NM_PREFETCH_DIST 4096 /* -DNM_PREFETCH_DIST=N for experiments */
+#endif
 
 static inline void nm_prefetch_weights(const void *p, size_t bytes) {
 #pragma GCC unroll 4

@@ -157,19 +157,30 @@ static void gate_up_tiles(moe_job *j, int ith, int64_t ei, int64_t r0, int64_t r
         int32_t t = j->pair_tok[p];
         const void *xg = j->xq_gate + (size_t)t * j->xq_gate_row, *xu = j->xq_up + (size_t)t * j->xq_up_row;
         const void *ag = j->aux_gate + (size_t)t * j->aux_gate_row, *au = j->aux_up + (size_t)t * j->aux_up_row;
+        /* the unit's gate rows, then its up rows: one contiguous stream at a
+         * time (gate and up tile by tile, two interleaved streams, read at
+         * about half the rate on one Zen 4 thread) */
+        float g[ROW_CHUNK], v[ROW_CHUNK];
         for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
             int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
-            float g[NM_TILE_ROWS], v[NM_TILE_ROWS];
-            if (pre) {
-                nm_tile_gemm(ex->type_gate, ex->n_embd, G + (size_t)(rt / NM_TILE_ROWS) * j->ts_g, &xg, &ag, 1, g);
-                nm_tile_gemm(ex->type_up, ex->n_embd, U + (size_t)(rt / NM_TILE_ROWS) * j->ts_u, &xu, &au, 1, v);
-            } else {
-                nm_tile_gemv(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, xg, ag, g);
-                nm_tile_gemv(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, xu, au, v);
-            }
-            float *hr = j->h + p * ex->n_ff + rt;
-            for (int r = 0; r < nr; r++) hr[r] = g[r] / (1.0f + expf(-g[r])) * v[r];
+            if (pre)
+                nm_tile_gemm(ex->type_gate, ex->n_embd, G + (size_t)(rt / NM_TILE_ROWS) * j->ts_g, &xg, &ag, 1,
+                             g + (rt - r0));
+            else
+                nm_tile_gemv(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, xg, ag,
+                             g + (rt - r0));
         }
+        for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
+            int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
+            if (pre)
+                nm_tile_gemm(ex->type_up, ex->n_embd, U + (size_t)(rt / NM_TILE_ROWS) * j->ts_u, &xu, &au, 1,
+                             v + (rt - r0));
+            else
+                nm_tile_gemv(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, xu, au,
+                             v + (rt - r0));
+        }
+        float *hr = j->h + p * ex->n_ff + r0;
+        for (int64_t r = 0; r < r1 - r0; r++) hr[r] = g[r] / (1.0f + expf(-g[r])) * v[r];
         return;
     }
     const int many = j->amx_gu && j->start[ei + 1] - j->start[ei] >= AMX_MIN_TOK;
