@@ -10,12 +10,16 @@
 #include "kernels/quant.h"
 #include "kernels/tile.h"
 
+#ifndef ROW_CHUNK
 #define ROW_CHUNK 64 /* rows per work unit: long enough contiguous streams for the hardware
                        * prefetcher (16 rows decoded ~10% slower on Zen 4), short enough
                        * to balance 2..64 threads over a 1408-row expert */
+#endif
+#ifndef DOWN_CHUNK
 #define DOWN_CHUNK 32 /* output rows per down unit of the fused schedule: a unit walks every
                        * expert, so 32 rows are ~6 x 31 KB of V2-Lite's down; finer than the
                        * staged 64 so the 2048 rows give 64 units to balance 16 threads */
+#endif
 #define FUSED_MAX_TOK 8 /* batches up to this many tokens take the fused schedule */
 /* An expert with at least this many pairs runs its tiles through
  * nm_tile_gemm_many on the AMX tile unit (staged schedule, where
