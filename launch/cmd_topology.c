@@ -1,11 +1,13 @@
 /* cmd_topology.c - `numoe topology [--workers N]`: the NUMA nodes hwloc
- * sees (cores, CPUs, memory, GPUs) and, for N expert workers (default one
- * per node), the numactl command line that binds each one. */
+ * sees (cores, CPUs, memory, GPUs), the CUDA GPUs with where each sits (NUMA
+ * node, PCIe link) and how each pair is linked, and, for N expert workers
+ * (default one per node), the numactl command line that binds each one. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/opt.h"
+#include "coordinator/engine/gpu/gpu_engine.h"
 #include "launch/commands.h"
 #include "launch/topology.h"
 
@@ -17,7 +19,12 @@ static int usage(FILE *f) {
             "                    each node's cores between its workers)\n"
             "  --synthetic DESC  an hwloc synthetic machine instead of this one, e.g.\n"
             "                    \"pack:2 numa:1 core:8 pu:2\" (also: $HWLOC_SYNTHETIC)\n"
-            "  --model, --placement  filled into the printed numoe-worker command lines\n");
+            "  --model, --placement  filled into the printed numoe-worker command lines\n"
+            "\n"
+            "Also lists the CUDA GPUs (none with --synthetic): name, VRAM (free now), compute capability,\n"
+            "SMs, PCI address, NUMA node and PCIe link (from sysfs; \"not reported\" where the platform\n"
+            "hides them), and for each pair whether one maps the other's memory (peer access, over NVLink\n"
+            "or PCIe) and CUDA's rank of the link (0 = the best on this machine).\n");
     return f == stdout ? 0 : 2;
 }
 
@@ -25,6 +32,46 @@ static void print_bytes(uint64_t b) {
     if (!b) printf("memory unknown");
     else if (b >= (1ull << 30)) printf("%.1f GiB", (double)b / (double)(1ull << 30));
     else printf("%.1f MiB", (double)b / (double)(1ull << 20));
+}
+
+/* The CUDA GPUs, one line each, then one line per pair. A GPU the runtime
+ * lists but cannot describe gets its error on its line. */
+static void print_gpus(void) {
+    char why[512];
+    const int n = nm_gpu_usable(why, sizeof why);
+    if (n <= 0) {
+        printf("\nGPUs (CUDA): none usable (%s)\n", why);
+        return;
+    }
+    printf("\nGPUs (CUDA): %d\n", n);
+    for (int d = 0; d < n; d++) {
+        nm_gpu_info g;
+        nm_err err = {{0}};
+        if (nm_gpu_info_of(d, &g, &err)) {
+            printf("  gpu %d: %s\n", d, err.msg);
+            continue;
+        }
+        printf("  gpu %d: %s, %.1f GiB (%.1f free), sm_%d%d, %d SMs; PCI %s, ", d, g.name, g.vram_gib, g.free_gib,
+               g.cc_major, g.cc_minor, g.n_sm, g.pci);
+        if (g.numa_node >= 0) printf("NUMA node %d, ", g.numa_node);
+        else printf("NUMA node not reported, ");
+        if (g.pcie_gen > 0 && g.pcie_width > 0) printf("PCIe %d.0 x%d\n", g.pcie_gen, g.pcie_width);
+        else printf("PCIe link not reported\n");
+    }
+    for (int a = 0; a < n; a++)
+        for (int b = a + 1; b < n; b++) {
+            nm_gpu_link ab, ba;
+            nm_err err = {{0}};
+            if (nm_gpu_link_of(a, b, &ab, &err) || nm_gpu_link_of(b, a, &ba, &err)) {
+                printf("  gpu %d <-> gpu %d: %s\n", a, b, err.msg);
+                continue;
+            }
+            if (ab.access && ba.access)
+                printf("  gpu %d <-> gpu %d: peer access%s, link rank %d\n", a, b,
+                       ab.atomics && ba.atomics ? " with native atomics" : "", ab.rank);
+            else
+                printf("  gpu %d <-> gpu %d: no peer access (copies go through host memory)\n", a, b);
+        }
 }
 
 int nm_cmd_topology(int argc, char **argv) {
@@ -77,6 +124,7 @@ int nm_cmd_topology(int argc, char **argv) {
         for (int g = 0; g < n->n_gpus; g++) printf("%s%s", g ? ", " : "; GPUs: ", n->gpus[g]);
         printf("\n");
     }
+    if (!t.synthetic) print_gpus();
     int N = workers ? (int)workers : t.n_nodes, rc = 0;
     printf("\n%d worker%s (%s):\n", N, N == 1 ? "" : "s",
            N == t.n_nodes ? "one per NUMA node"

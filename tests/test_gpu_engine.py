@@ -215,6 +215,28 @@ def generate(exe, model, gpu, workers, *extra, stderr_to=None):
     return [int(t) for t in p.stdout.strip().split(",")]
 
 
+def test_topology_lists_the_gpus(gpu_exe):
+    """`numoe topology` lists every GPU nvidia-smi lists, under nvidia-smi's name, with VRAM (free <= total),
+    compute capability, SMs and PCI address, and its NUMA node and PCIe link or that the platform does not
+    say; one line per pair of GPUs."""
+    p = run([gpu_exe, "topology"])
+    assert p.returncode == 0, p.stderr
+    listed = gpus()
+    lines = p.stdout.splitlines()
+    head = [i for i, ln in enumerate(lines) if ln.startswith("GPUs (CUDA): ")]
+    assert len(head) == 1 and lines[head[0]] == f"GPUs (CUDA): {len(listed)}", p.stdout
+    for d, smi in enumerate(listed):
+        ln = lines[head[0] + 1 + d]
+        m = re.fullmatch(r"  gpu (\d+): (.+), ([\d.]+) GiB \(([\d.]+) free\), sm_(\d+), (\d+) SMs; PCI "
+                         r"([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.0), (NUMA node \d+|NUMA node not reported), "
+                         r"(PCIe [1-6]\.0 x\d+|PCIe link not reported)", ln)
+        assert m and int(m.group(1)) == d and m.group(2) in smi, (ln, smi)
+        assert 0 < float(m.group(4)) <= float(m.group(3)) and int(m.group(6)) > 0, ln
+    pairs = lines[head[0] + 1 + len(listed):head[0] + 1 + len(listed) + len(listed) * (len(listed) - 1) // 2]
+    assert all(re.fullmatch(r"  gpu \d+ <-> gpu \d+: (peer access.*, link rank -?\d+|no peer access .*)", ln)
+               for ln in pairs), pairs
+
+
 @pytest.mark.parametrize("var", ["NUMOE_GPU_FUSE", "NUMOE_GPU_SPLIT", "NUMOE_GPU_AHEAD", "NUMOE_GPU_PDL"])
 def test_gpu_switches_parsed_strictly(gpu_exe, var):
     """The GPU engine's 0 / 1 switches: another value stops the run naming the variable and both values; 0

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, assert_clean, run, sanitizer_env
+from conftest import ROOT, assert_clean, gpus, run, sanitizer_env
 from make_routing import records, write
 
 
@@ -250,6 +250,15 @@ def test_topology_this_machine(numoe):
             shown = {f"{x / 10:.1f} GiB" for x in range(round(lo / 2**30 * 10), round(hi / 2**30 * 10) + 1)}
         assert m.group(2) in shown, (m.group(2), shown, lo, hi)
     rest = lines[1 + nn:]
+    # the CUDA GPUs (tests/test_gpu_engine.py checks the lines of a machine that has one): here none
+    # usable, with the reason (no driver, or a build without CUDA)
+    assert rest[0] == "" and rest[1].startswith("GPUs (CUDA): "), p.stdout
+    if not gpus():
+        assert re.fullmatch(r"GPUs \(CUDA\): none usable \(.+\)", rest[1]), rest[1]
+    i = 1
+    while i < len(rest) and (rest[i].startswith("GPUs (CUDA): ") or rest[i].startswith("  gpu ")):
+        i += 1
+    rest = rest[i:]
     assert rest[0] == "" and rest[1] == f"{nn} worker{'' if nn == 1 else 's'} (one per NUMA node):", p.stdout
     assert rest[2:] == [f"numactl --cpunodebind={node} --membind={node} numoe-worker --model M.gguf --worker-id {w} "
                         f"--workers {nn} --placement split" for w, node in enumerate(before)], p.stdout

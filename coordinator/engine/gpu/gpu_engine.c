@@ -15,6 +15,17 @@
     "this numoe was built without CUDA (no nvcc at build time, or the sanitizer build tree): rebuild with `make` "   \
     "where /usr/local/cuda/bin/nvcc exists (or NVCC=/path/to/nvcc), or run on the CPU with --gpu none"
 
+int nm_pcie_gen_of(const char *speed) {
+    /* the per-lane rates of PCIe 1.0 .. 6.0 (GT/s) */
+    static const double rate[] = {2.5, 5.0, 8.0, 16.0, 32.0, 64.0};
+    char *end = NULL;
+    const double v = speed ? strtod(speed, &end) : 0;
+    if (!speed || end == speed || strncmp(end, " GT/s", 5)) return 0;
+    for (int i = 0; i < (int)(sizeof rate / sizeof rate[0]); i++)
+        if (fabs(v - rate[i]) < 0.01) return i + 1;
+    return 0;
+}
+
 #ifdef NUMOE_CUDA
 
 #include "common/clock.h"
@@ -357,6 +368,44 @@ int nm_gpu_describe_device(int dev, char *out, size_t n, nm_err *err) {
 
 const char *nm_engine_gpu_describe(const nm_engine *e) { return nm_gpu_forward_describe(((const gpu_engine *)e)->gf); }
 
+/* The first line of /sys/bus/pci/devices/PCI/FILE into buf: 0, or -1 when
+ * the platform has no such file (containers and some VMs hide them). */
+static int pci_attr(const char *pci, const char *file, char *buf, size_t n) {
+    char path[256];
+    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/%s", pci, file);
+    FILE *fp = fopen(path, "r");
+    if (!fp) return -1;
+    const int ok = fgets(buf, (int)n, fp) != NULL;
+    fclose(fp);
+    if (!ok) return -1;
+    buf[strcspn(buf, "\n")] = 0;
+    return 0;
+}
+
+int nm_gpu_info_of(int dev, nm_gpu_info *g, nm_err *err) {
+    memset(g, 0, sizeof *g);
+    g->numa_node = -1;
+    nm_gpu_query q;
+    if (nm_gpu_device_query(dev, &q, err)) return -1;
+    snprintf(g->name, sizeof g->name, "%s", q.name);
+    snprintf(g->pci, sizeof g->pci, "%s", q.pci);
+    g->cc_major = q.cc_major, g->cc_minor = q.cc_minor, g->n_sm = q.n_sm;
+    g->vram_gib = (double)q.vram / (1024.0 * 1024.0 * 1024.0);
+    g->free_gib = (double)q.vram_free / (1024.0 * 1024.0 * 1024.0);
+    char buf[64];
+    if (!pci_attr(q.pci, "numa_node", buf, sizeof buf)) g->numa_node = atoi(buf) >= 0 ? atoi(buf) : -1;
+    if (!pci_attr(q.pci, "current_link_speed", buf, sizeof buf)) g->pcie_gen = nm_pcie_gen_of(buf);
+    if (!pci_attr(q.pci, "current_link_width", buf, sizeof buf)) g->pcie_width = atoi(buf) > 0 ? atoi(buf) : 0;
+    return 0;
+}
+
+int nm_gpu_link_of(int a, int b, nm_gpu_link *l, nm_err *err) {
+    nm_gpu_peer p;
+    if (nm_gpu_peer_query(a, b, &p, err)) return -1;
+    l->access = p.access, l->atomics = p.atomics, l->rank = p.rank;
+    return 0;
+}
+
 #else /* no CUDA in this build */
 
 nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, const nm_engine_gpu_opts *o,
@@ -375,6 +424,16 @@ int nm_gpu_usable(char *why, size_t n) {
 int nm_gpu_describe_device(int dev, char *out, size_t n, nm_err *err) {
     (void)out, (void)n;
     return nm_errf(err, "GPU %d: %s", dev, NO_CUDA_FIX);
+}
+
+int nm_gpu_info_of(int dev, nm_gpu_info *g, nm_err *err) {
+    memset(g, 0, sizeof *g);
+    return nm_errf(err, "GPU %d: %s", dev, NO_CUDA_FIX);
+}
+
+int nm_gpu_link_of(int a, int b, nm_gpu_link *l, nm_err *err) {
+    memset(l, 0, sizeof *l);
+    return nm_errf(err, "GPUs %d, %d: %s", a, b, NO_CUDA_FIX);
 }
 
 const char *nm_engine_gpu_describe(const nm_engine *e) {

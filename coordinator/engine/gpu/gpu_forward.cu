@@ -1746,6 +1746,36 @@ extern "C" int nm_gpu_device_props(int dev, char *name, size_t n, size_t *vram, 
     return 0;
 }
 
+extern "C" int nm_gpu_device_query(int dev, nm_gpu_query *q, nm_err *err) {
+    *q = {};
+    cudaDeviceProp p;
+    CUDA_OK(cudaGetDeviceProperties(&p, dev), "properties of CUDA device %d", dev);
+    snprintf(q->name, sizeof q->name, "%s", p.name);
+    /* lowercase hex as sysfs names the device's folder */
+    snprintf(q->pci, sizeof q->pci, "%04x:%02x:%02x.0", (unsigned)p.pciDomainID, (unsigned)p.pciBusID,
+             (unsigned)p.pciDeviceID);
+    q->cc_major = p.major, q->cc_minor = p.minor, q->n_sm = p.multiProcessorCount;
+    q->vram = p.totalGlobalMem;
+    int cur = 0;
+    CUDA_OK(cudaGetDevice(&cur), "the current CUDA device");
+    CUDA_OK(cudaSetDevice(dev), "selecting CUDA device %d", dev);
+    size_t fr = 0, tot = 0;
+    const cudaError_t e = cudaMemGetInfo(&fr, &tot);
+    (void)cudaSetDevice(cur);
+    CUDA_OK(e, "free memory of CUDA device %d", dev);
+    q->vram_free = fr;
+    return 0;
+}
+
+extern "C" int nm_gpu_peer_query(int a, int b, nm_gpu_peer *p, nm_err *err) {
+    *p = {};
+    CUDA_OK(cudaDeviceGetP2PAttribute(&p->access, cudaDevP2PAttrAccessSupported, a, b), "peer access %d -> %d", a, b);
+    CUDA_OK(cudaDeviceGetP2PAttribute(&p->atomics, cudaDevP2PAttrNativeAtomicSupported, a, b), "peer atomics %d -> %d",
+            a, b);
+    CUDA_OK(cudaDeviceGetP2PAttribute(&p->rank, cudaDevP2PAttrPerformanceRank, a, b), "peer rank %d -> %d", a, b);
+    return 0;
+}
+
 extern "C" void nm_gpu_kv_rewind(nm_gpu_kv *kv, int64_t n) {
     if (n >= 0 && n < kv->n_pos) kv->n_pos = n;
 }

@@ -198,6 +198,25 @@ int nm_gpu_device_count(char *why, size_t n);
 /* Name and total memory of device dev: 0, or -1 with err. */
 int nm_gpu_device_props(int dev, char *name, size_t n, size_t *vram, nm_err *err);
 
+/* What the CUDA runtime says about device dev (`numoe topology`): its PCI
+ * address as sysfs spells it ("0000:65:00.0"), compute capability, SMs,
+ * total and free VRAM (creating the device's context to ask). 0, or -1. */
+typedef struct {
+    char name[256];
+    char pci[32];
+    int cc_major, cc_minor, n_sm;
+    size_t vram, vram_free;
+} nm_gpu_query;
+int nm_gpu_device_query(int dev, nm_gpu_query *q, nm_err *err);
+
+/* Between devices a and b (a != b): whether a can map b's memory (peer
+ * access, over NVLink or PCIe), with native atomics, and CUDA's relative
+ * performance rank of the link (0 = the best this machine has). 0, or -1. */
+typedef struct {
+    int access, atomics, rank;
+} nm_gpu_peer;
+int nm_gpu_peer_query(int a, int b, nm_gpu_peer *p, nm_err *err);
+
 /* Bytes of VRAM per part and where the host time went. */
 typedef struct {
     size_t vram_embed;    /* token embedding + output head */
