@@ -510,16 +510,9 @@ static int mm_again(nm_gpu_forward *f, const dmat *W, const float *X, int64_t ld
  * fraction of the HBM's rate); longer passes the batched GEMM. */
 static int gemm_heads(nm_gpu_forward *f, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh, const char *name,
-                      int il, nm_err *err, const dmat *next = nullptr) {
-    f->xq_of = {}, f->xh_of = {}; /* C gets new contents */
+                      int il, nm_err *err) {
     if (numoe_gpu::heads_gemv_fits(A, k, B, ldb, strideB, n, nh)) {
-        /* fused, the GEMV also writes the q8 copy of C that next's integer
-         * GEMV reads (then mm_again over C reuses it) */
-        const bool q8 = next && f->fuse && f->xq && takes_q8(f, next, C, ldc, n) && next->cols == ldc &&
-                        numoe_gpu::heads_gemv_q8_fits(m, ldc, strideC, nh, f->xq);
-        KERNEL_OK(numoe_gpu::heads_gemv(f->st, A, m, k, B, ldb, strideB, C, ldc, strideC, n, nh, q8 ? f->xq : nullptr),
-                  name);
-        if (q8) f->xq_of = {C, ldc, n, ldc};
+        KERNEL_OK(numoe_gpu::heads_gemv(f->st, A, m, k, B, ldb, strideB, C, ldc, strideC, n, nh), name);
         return 0;
     }
     const float one = 1.0f, zero = 0.0f;
@@ -667,9 +660,8 @@ static int attention(nm_gpu_forward *f, int il, int64_t n, nm_err *err) {
     if (gemm_heads(f, L->kb, kr, dn, f->q, nh * dk, dk, f->qabs, nh * W, W, n, nh, "k_b", il, err)) return -1;
     if (attention_core(f, il, n, err)) return -1;
     /* o[t][h] = v_b[h] oc[t][h] */
-    if (gemm_heads(f, L->vb, dv, kr, f->oc, nh * kr, kr, f->o, nh * dv, dv, n, nh, "v_b", il, err, &L->out) ||
-        mm_again(f, &L->out, f->o, nh * dv, n, f->tmp, H, il, err))
-        return -1;
+    if (gemm_heads(f, L->vb, dv, kr, f->oc, nh * kr, kr, f->o, nh * dv, dv, n, nh, "v_b", il, err)) return -1;
+    if (mm(f, &L->out, f->o, nh * dv, n, f->tmp, H, il, err)) return -1;
     return residual(f, f->tmp, nullptr, n, il, err);
 }
 

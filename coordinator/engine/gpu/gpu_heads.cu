@@ -18,36 +18,24 @@
  * (row, token) dot. A token's results do not depend on n or on the other
  * tokens (same order of operations), so batching sequences does not change
  * their bits. The order differs from the CPU's dot products: results agree
- * to float rounding, as for the other GPU kernels.
- *
- * With xq (v_b, whose output the attention's output GEMV reads next) the
- * CTA also writes the q8 copy of its rows (kernels/cuda/q8_row.cuh: the
- * bytes nm_cuda_quantize_q8 would write), one quantising kernel less on a
- * decode layer's serial path. */
+ * to float rounding, as for the other GPU kernels. */
 #include "coordinator/engine/gpu/gpu_kernels.cuh"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/q8_row.cuh"
 
 namespace numoe_gpu {
 namespace {
 
 constexpr int HG_THREADS = 256, HG_WARPS = HG_THREADS / 32, HG_RPW = 2, HG_ROWS = HG_WARPS * HG_RPW;
 constexpr int HG_MAXK = 1024;
-/* With the q8 copy a CTA takes one 32-element block of the output row:
- * 4 rows a warp. */
-constexpr int HG_RPW_Q8 = 4, HG_ROWS_Q8 = HG_WARPS * HG_RPW_Q8;
-static_assert(HG_ROWS_Q8 == 32, "a q8 block (q8_row.cuh) per CTA");
-static_assert(HEADS_MAX_TOK <= HG_WARPS, "a warp per token quantises the CTA's block");
 
 __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
     return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
 }
 
-template <int NT, int RPW, bool Q8>
+template <int NT>
 __global__ void __launch_bounds__(HG_THREADS)
     k_heads_gemv(const float *A, int m, int k, const float *B, int64_t ldb, int64_t strideB, float *C, int64_t ldc,
-                 int64_t strideC, uint8_t *xq, int64_t xq_cols) {
-    constexpr int ROWS = HG_WARPS * RPW;
+                 int64_t strideC) {
     numoe_pdl::pdl_trigger();
     numoe_pdl::pdl_wait();         /* pdl.cuh: everything here follows the kernel before */
     extern __shared__ float4 sb[]; /* [NT][k / 4]: the head's input slices */
@@ -58,70 +46,47 @@ __global__ void __launch_bounds__(HG_THREADS)
     }
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r0 = blockIdx.x * ROWS + warp * RPW;
-    if (!Q8 && r0 >= m) return; /* no barrier after this point (with Q8, m % 32 == 0: every warp has rows) */
+    const int r0 = blockIdx.x * HG_ROWS + warp * HG_RPW;
+    if (r0 >= m) return; /* no barrier after this point */
     const float4 *Ah = reinterpret_cast<const float4 *>(A + (int64_t)h * m * k);
-    float acc[RPW][NT];
+    float acc[HG_RPW][NT];
 #pragma unroll
-    for (int j = 0; j < RPW; j++)
+    for (int j = 0; j < HG_RPW; j++)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[j][t] = 0.0f;
     for (int c = lane; c < k4; c += 32) {
-        float4 a[RPW];
+        float4 a[HG_RPW];
 #pragma unroll
-        for (int j = 0; j < RPW; j++)
+        for (int j = 0; j < HG_RPW; j++)
             a[j] = r0 + j < m ? __ldg(Ah + (int64_t)(r0 + j) * k4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float4 b = sb[t * k4 + c];
 #pragma unroll
-            for (int j = 0; j < RPW; j++) acc[j][t] = dot4(a[j], b, acc[j][t]);
+            for (int j = 0; j < HG_RPW; j++) acc[j][t] = dot4(a[j], b, acc[j][t]);
         }
     }
 #pragma unroll
-    for (int j = 0; j < RPW; j++)
+    for (int j = 0; j < HG_RPW; j++)
 #pragma unroll
         for (int t = 0; t < NT; t++)
             for (int o = 16; o > 0; o >>= 1) acc[j][t] += __shfl_xor_sync(0xffffffffu, acc[j][t], o);
     if (lane == 0) {
 #pragma unroll
-        for (int j = 0; j < RPW; j++)
+        for (int j = 0; j < HG_RPW; j++)
             if (r0 + j < m)
 #pragma unroll
                 for (int t = 0; t < NT; t++) C[(int64_t)h * strideC + (int64_t)t * ldc + r0 + j] = acc[j][t];
-    }
-    if constexpr (Q8) {
-        /* the CTA's 32 outputs of each token are one q8 block of that token's
-         * row (C rows contiguous: ldc = nh * m, strideC = m): gathered in
-         * shared memory, then warp t quantises token t's block, 8 lanes of 4 */
-        __shared__ float4 blk[NT][HG_ROWS_Q8 / 4];
-        if (lane == 0)
-#pragma unroll
-            for (int j = 0; j < RPW; j++)
-#pragma unroll
-                for (int t = 0; t < NT; t++) reinterpret_cast<float *>(blk[t])[warp * RPW + j] = acc[j][t];
-        __syncthreads();
-        if (warp < NT) {
-            const bool live = lane < 8;
-            const float4 v = live ? blk[warp][lane] : make_float4(0.f, 0.f, 0.f, 0.f);
-            const int64_t b = ((int64_t)h * m + (int64_t)blockIdx.x * HG_ROWS_Q8) / 32;
-            numoe_q8::quantize4(v, live, xq + (int64_t)warp * numoe_q8::row_bytes(xq_cols), xq_cols, b, lane & 7);
-        }
     }
 }
 
 template <int NT>
 cudaError_t launch(cudaStream_t s, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
-                   int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t nh, uint8_t *xq) {
+                   int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t nh) {
+    const dim3 grid((unsigned)((m + HG_ROWS - 1) / HG_ROWS), (unsigned)nh);
     const size_t smem = (size_t)NT * (size_t)k * sizeof(float);
-    if (xq)
-        (void)numoe_pdl::launch(k_heads_gemv<NT, HG_RPW_Q8, true>, dim3((unsigned)(m / HG_ROWS_Q8), (unsigned)nh),
-                                dim3(HG_THREADS), smem, s, A, (int)m, (int)k, B, ldb, strideB, C, ldc, strideC, xq,
-                                nh * m);
-    else
-        (void)numoe_pdl::launch(k_heads_gemv<NT, HG_RPW, false>,
-                                dim3((unsigned)((m + HG_ROWS - 1) / HG_ROWS), (unsigned)nh), dim3(HG_THREADS), smem, s,
-                                A, (int)m, (int)k, B, ldb, strideB, C, ldc, strideC, (uint8_t *)nullptr, (int64_t)0);
+    (void)numoe_pdl::launch(k_heads_gemv<NT>, dim3(grid), dim3(HG_THREADS), smem, s, A, (int)m, (int)k, B, ldb, strideB,
+                            C, ldc, strideC);
     return cudaGetLastError();
 }
 
@@ -135,25 +100,19 @@ bool heads_gemv_fits(const float *A, int64_t k, const float *B, int64_t ldb, int
            strideB % 4 == 0 && aligned16(A) && aligned16(B) && nh >= 1 && nh <= 65535;
 }
 
-bool heads_gemv_q8_fits(int64_t m, int64_t ldc, int64_t strideC, int64_t nh, const void *xq) {
-    return m % 32 == 0 && strideC == m && ldc == nh * m && xq && aligned16(xq);
-}
-
 cudaError_t heads_gemv(cudaStream_t s, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
-                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh, uint8_t *xq) {
-    if (m < 1 || m > 0x7fffffff || !heads_gemv_fits(A, k, B, ldb, strideB, n, nh) ||
-        (xq && !heads_gemv_q8_fits(m, ldc, strideC, nh, xq)))
-        return cudaErrorInvalidValue;
+                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh) {
+    if (m < 1 || m > 0x7fffffff || !heads_gemv_fits(A, k, B, ldb, strideB, n, nh)) return cudaErrorInvalidValue;
     static_assert(HEADS_MAX_TOK == 8, "one instance per token count below");
     switch (n) {
-    case 1: return launch<1>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    case 2: return launch<2>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    case 3: return launch<3>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    case 4: return launch<4>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    case 5: return launch<5>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    case 6: return launch<6>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    case 7: return launch<7>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
-    default: return launch<8>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh, xq);
+    case 1: return launch<1>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    case 2: return launch<2>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    case 3: return launch<3>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    case 4: return launch<4>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    case 5: return launch<5>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    case 6: return launch<6>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    case 7: return launch<7>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
+    default: return launch<8>(s, A, m, k, B, ldb, strideB, C, ldc, strideC, nh);
     }
 }
 

@@ -98,16 +98,11 @@ cudaError_t attention(cudaStream_t s, const float *qabs, float *oc, const tok_in
  * head). heads_gemv_fits says whether a call can take it: 1 <= n <=
  * HEADS_MAX_TOK, k % 4 == 0 and k <= 1024, ldb and strideB multiples of 4,
  * A and B 16-byte aligned; else cudaErrorInvalidValue (the caller uses a
- * batched GEMM). With xq (not NULL) the output rows, nh * m floats each
- * (ldc = nh * m, strideC = m, m % 32 == 0: heads_gemv_q8_fits), also go
- * into n q8 rows of nh * m at xq (16-byte aligned; the bytes of
- * nm_cuda_quantize_q8 over C). */
+ * batched GEMM). */
 constexpr int HEADS_MAX_TOK = 8;
 bool heads_gemv_fits(const float *A, int64_t k, const float *B, int64_t ldb, int64_t strideB, int64_t n, int64_t nh);
-bool heads_gemv_q8_fits(int64_t m, int64_t ldc, int64_t strideC, int64_t nh, const void *xq);
 cudaError_t heads_gemv(cudaStream_t s, const float *A, int64_t m, int64_t k, const float *B, int64_t ldb,
-                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh,
-                       uint8_t *xq = nullptr);
+                       int64_t strideB, float *C, int64_t ldc, int64_t strideC, int64_t n, int64_t nh);
 
 /* The softmax of a long run's scores (the GEMM form of attention,
  * gpu_forward.cu): S holds rows x Lb floats, row r the scaled scores of
