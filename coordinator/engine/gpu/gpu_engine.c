@@ -299,12 +299,13 @@ nm_engine *nm_engine_gpu_create(const nm_model *m, nm_expert_backend *experts, c
      * experts share the memory bus and the cores, and a split pass ran at
      * 0.55-0.76x of the streamed one (docs/BENCHMARKS.md, session 13);
      * NUMOE_GPU_AHEAD (default 0) the next decode segment queued while the
-     * host computes the experts (its first node waits for them): off until
-     * it has run on a GPU (written after session 13's device time was spent;
-     * tests/cuda/test_cuda_forward.cu checks it); NUMOE_GPU_PDL (default
-     * 0) the decode kernels launched so that each starts while the one
-     * before finishes (kernels/cuda/pdl.cuh; process-wide), off for the
-     * same reason as AHEAD (written in session 14 while no GPU was lent) */
+     * host computes the experts (its first node waits for them): off
+     * because on the H100 box it changed nothing measurable (session 14:
+     * the rest of a MoE layer 80-81 against 82-88 us, the step 0.867-0.933
+     * against 0.869-0.906 ms); NUMOE_GPU_PDL (default 0) the decode kernels
+     * launched so that each starts while the one before finishes
+     * (kernels/cuda/pdl.cuh; process-wide): off because there the GPU's part
+     * of a MoE layer went 119-120 -> 126-127 us with it (docs/GPU.md) */
     int fuse = 1, split = 0, ahead = 0, pdl = 0;
     if (env_switch("NUMOE_GPU_FUSE", "fused decode kernels", "one launch per step", &fuse, err) ||
         env_switch("NUMOE_GPU_SPLIT", "GPU and CPU share a streamed pass's experts in the measured proportion",
