@@ -31,6 +31,7 @@
  * thread at 16 tokens 1.2-1.7 ms against 1.5-2.2. Both paths give the same bits (tile.h), so
  * the threshold changes speed only. */
 #define AMX_MIN_TOK 16
+_Static_assert(DOWN_CHUNK <= ROW_CHUNK, "a lone pair's down unit fits lone_rows' buffer");
 _Static_assert(ROW_CHUNK % NM_TILE_ROWS == 0 && DOWN_CHUNK % NM_TILE_ROWS == 0,
                "a unit is whole tiles: pre-packed tiles are found by row / 16");
 
@@ -142,6 +143,21 @@ static void gate_up_rows(moe_job *j, int64_t ei, int64_t r0, int64_t r1) {
     }
 }
 
+/* out[r - r0] = row r of matrix M . x for rows [r0, r1) (r0 a multiple of
+ * 16, r1 - r0 <= ROW_CHUNK): one activation row (a lone pair) against the
+ * pre-packed tiles (tile_bytes each) or the rows as they are (row_bytes
+ * apart); out has room for whole tiles (ROW_CHUNK floats). */
+static void lone_rows(int type, int64_t n, const uint8_t *M, size_t row_bytes, size_t tile_bytes, int pre,
+                      const void *x, const void *a, int64_t r0, int64_t r1, float *out) {
+    for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
+        const int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
+        if (pre)
+            nm_tile_gemm(type, n, M + (size_t)(rt / NM_TILE_ROWS) * tile_bytes, &x, &a, 1, out + (rt - r0));
+        else
+            nm_tile_gemv(type, n, M + (size_t)rt * row_bytes, row_bytes, nr, x, a, out + (rt - r0));
+    }
+}
+
 /* Gate+up unit on tiles: each 16-row tile of gate and of up is packed once
  * into this thread's buffer (or, pre-packed, read where it is), then
  * applied to the expert's pairs in groups of NM_TILE_NX (VNNI), or of
@@ -165,24 +181,8 @@ static void gate_up_tiles(moe_job *j, int ith, int64_t ei, int64_t r0, int64_t r
          * time (gate and up tile by tile, two interleaved streams, read at
          * about half the rate on one Zen 4 thread) */
         float g[ROW_CHUNK], v[ROW_CHUNK];
-        for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
-            int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
-            if (pre)
-                nm_tile_gemm(ex->type_gate, ex->n_embd, G + (size_t)(rt / NM_TILE_ROWS) * j->ts_g, &xg, &ag, 1,
-                             g + (rt - r0));
-            else
-                nm_tile_gemv(ex->type_gate, ex->n_embd, G + (size_t)rt * ex->row_gate, ex->row_gate, nr, xg, ag,
-                             g + (rt - r0));
-        }
-        for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
-            int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
-            if (pre)
-                nm_tile_gemm(ex->type_up, ex->n_embd, U + (size_t)(rt / NM_TILE_ROWS) * j->ts_u, &xu, &au, 1,
-                             v + (rt - r0));
-            else
-                nm_tile_gemv(ex->type_up, ex->n_embd, U + (size_t)rt * ex->row_up, ex->row_up, nr, xu, au,
-                             v + (rt - r0));
-        }
+        lone_rows(ex->type_gate, ex->n_embd, G, ex->row_gate, j->ts_g, pre, xg, ag, r0, r1, g);
+        lone_rows(ex->type_up, ex->n_embd, U, ex->row_up, j->ts_u, pre, xu, au, r0, r1, v);
         float *hr = j->h + p * ex->n_ff + r0;
         for (int64_t r = 0; r < r1 - r0; r++) hr[r] = g[r] / (1.0f + expf(-g[r])) * v[r];
         return;
@@ -316,16 +316,9 @@ static void down_tiles(moe_job *j, int ith, int64_t ei, int64_t r0, int64_t r1) 
     if (j->start[ei + 1] - j->start[ei] == 1) { /* a lone pair: the rows as they are */
         int64_t p = j->start[ei];
         const void *xs = j->hq + (size_t)p * j->hq_row, *as = j->aux_h + (size_t)p * j->aux_h_row;
-        float *o = j->out + (size_t)j->pair_tok[p] * ex->n_embd;
-        for (int64_t rt = r0; rt < r1; rt += NM_TILE_ROWS) {
-            int nr = r1 - rt < NM_TILE_ROWS ? (int)(r1 - rt) : NM_TILE_ROWS;
-            float d[NM_TILE_ROWS];
-            if (pre)
-                nm_tile_gemm(ex->type_down, ex->n_ff, D + (size_t)(rt / NM_TILE_ROWS) * j->ts_d, &xs, &as, 1, d);
-            else
-                nm_tile_gemv(ex->type_down, ex->n_ff, D + (size_t)rt * ex->row_down, ex->row_down, nr, xs, as, d);
-            for (int r = 0; r < nr; r++) o[rt + r] += j->pair_w[p] * d[r];
-        }
+        float *o = j->out + (size_t)j->pair_tok[p] * ex->n_embd, d[ROW_CHUNK];
+        lone_rows(ex->type_down, ex->n_ff, D, ex->row_down, j->ts_d, pre, xs, as, r0, r1, d);
+        for (int64_t r = r0; r < r1; r++) o[r] += j->pair_w[p] * d[r - r0];
         return;
     }
     const int many = j->amx_d && j->start[ei + 1] - j->start[ei] >= AMX_MIN_TOK;

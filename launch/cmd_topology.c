@@ -51,8 +51,9 @@ static void print_gpus(void) {
             printf("  gpu %d: %s\n", d, err.msg);
             continue;
         }
-        printf("  gpu %d: %s, %.1f GiB (%.1f free), sm_%d%d, %d SMs; PCI %s, ", d, g.name, g.vram_gib, g.free_gib,
-               g.cc_major, g.cc_minor, g.n_sm, g.pci);
+        const double GiB = 1024.0 * 1024.0 * 1024.0;
+        printf("  gpu %d: %s, %.1f GiB (%.1f free), sm_%d%d, %d SMs; PCI %s, ", d, g.dev.name, (double)g.dev.vram / GiB,
+               (double)g.dev.vram_free / GiB, g.dev.cc_major, g.dev.cc_minor, g.dev.n_sm, g.dev.pci);
         if (g.numa_node >= 0) printf("NUMA node %d, ", g.numa_node);
         else printf("NUMA node not reported, ");
         if (g.pcie_gen > 0 && g.pcie_width > 0) printf("PCIe %d.0 x%d\n", g.pcie_gen, g.pcie_width);
@@ -60,7 +61,7 @@ static void print_gpus(void) {
     }
     for (int a = 0; a < n; a++)
         for (int b = a + 1; b < n; b++) {
-            nm_gpu_link ab, ba;
+            nm_gpu_peer ab, ba;
             nm_err err = {{0}};
             if (nm_gpu_link_of(a, b, &ab, &err) || nm_gpu_link_of(b, a, &ba, &err)) {
                 printf("  gpu %d <-> gpu %d: %s\n", a, b, err.msg);

@@ -6,12 +6,23 @@ suite passes under the sanitizers at least once per CI run."""
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILD_DIRS = [ROOT / d for d in ("build", "build-asan")]
+
+
+# A run started in the background of a non-interactive shell (`make test &`, nohup) inherits SIGINT
+# and SIGQUIT ignored, and an ignored signal stays ignored across exec: every numoe the tests start
+# would then ignore the SIGINT the shutdown tests send it (seen in session 14: the coordinators ran
+# on, and the tests after them slowed on a machine full of leftovers). The tests stand for a user at
+# a terminal, so their children get the default dispositions back.
+for _sig in (signal.SIGINT, signal.SIGQUIT):
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
 
 
 def built(rel):

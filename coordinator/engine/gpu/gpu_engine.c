@@ -386,26 +386,16 @@ static int pci_attr(const char *pci, const char *file, char *buf, size_t n) {
 int nm_gpu_info_of(int dev, nm_gpu_info *g, nm_err *err) {
     memset(g, 0, sizeof *g);
     g->numa_node = -1;
-    nm_gpu_query q;
-    if (nm_gpu_device_query(dev, &q, err)) return -1;
-    snprintf(g->name, sizeof g->name, "%s", q.name);
-    snprintf(g->pci, sizeof g->pci, "%s", q.pci);
-    g->cc_major = q.cc_major, g->cc_minor = q.cc_minor, g->n_sm = q.n_sm;
-    g->vram_gib = (double)q.vram / (1024.0 * 1024.0 * 1024.0);
-    g->free_gib = (double)q.vram_free / (1024.0 * 1024.0 * 1024.0);
+    if (nm_gpu_device_query(dev, &g->dev, err)) return -1;
     char buf[64];
-    if (!pci_attr(q.pci, "numa_node", buf, sizeof buf)) g->numa_node = atoi(buf) >= 0 ? atoi(buf) : -1;
-    if (!pci_attr(q.pci, "current_link_speed", buf, sizeof buf)) g->pcie_gen = nm_pcie_gen_of(buf);
-    if (!pci_attr(q.pci, "current_link_width", buf, sizeof buf)) g->pcie_width = atoi(buf) > 0 ? atoi(buf) : 0;
+    const char *pci = g->dev.pci;
+    if (!pci_attr(pci, "numa_node", buf, sizeof buf)) g->numa_node = atoi(buf) >= 0 ? atoi(buf) : -1;
+    if (!pci_attr(pci, "current_link_speed", buf, sizeof buf)) g->pcie_gen = nm_pcie_gen_of(buf);
+    if (!pci_attr(pci, "current_link_width", buf, sizeof buf)) g->pcie_width = atoi(buf) > 0 ? atoi(buf) : 0;
     return 0;
 }
 
-int nm_gpu_link_of(int a, int b, nm_gpu_link *l, nm_err *err) {
-    nm_gpu_peer p;
-    if (nm_gpu_peer_query(a, b, &p, err)) return -1;
-    l->access = p.access, l->atomics = p.atomics, l->rank = p.rank;
-    return 0;
-}
+int nm_gpu_link_of(int a, int b, nm_gpu_peer *l, nm_err *err) { return nm_gpu_peer_query(a, b, l, err); }
 
 #else /* no CUDA in this build */
 
@@ -432,7 +422,7 @@ int nm_gpu_info_of(int dev, nm_gpu_info *g, nm_err *err) {
     return nm_errf(err, "GPU %d: %s", dev, NO_CUDA_FIX);
 }
 
-int nm_gpu_link_of(int a, int b, nm_gpu_link *l, nm_err *err) {
+int nm_gpu_link_of(int a, int b, nm_gpu_peer *l, nm_err *err) {
     memset(l, 0, sizeof *l);
     return nm_errf(err, "GPUs %d, %d: %s", a, b, NO_CUDA_FIX);
 }

@@ -34,6 +34,7 @@
 
 #include "common/error.h"
 #include "coordinator/engine/engine.h"
+#include "coordinator/engine/gpu/gpu_forward.h"
 #include "coordinator/experts/backend.h"
 #include "model/model.h"
 
@@ -73,27 +74,21 @@ int nm_gpu_describe_device(int dev, char *out, size_t n, nm_err *err);
 /* One line: the device and the VRAM per part (after create). */
 const char *nm_engine_gpu_describe(const nm_engine *e);
 
-/* A GPU as `numoe topology` lists it: what the CUDA runtime reports, and
- * where the GPU sits from the PCI device's sysfs folder (its NUMA node and
- * PCIe link; a platform that does not say leaves -1 / 0). 0, or -1 with
- * err (also in a build without CUDA, naming the fix). */
+/* A GPU as `numoe topology` lists it: what the CUDA runtime reports
+ * (gpu_forward.h's query), and where the GPU sits from the PCI device's
+ * sysfs folder (its NUMA node and PCIe link; a platform that does not say
+ * leaves -1 / 0). 0, or -1 with err (also in a build without CUDA, naming
+ * the fix). */
 typedef struct {
-    char name[256];
-    char pci[32];            /* "0000:65:00.0" */
-    int cc_major, cc_minor, n_sm;
-    double vram_gib, free_gib;
-    int numa_node;           /* -1: not reported */
+    nm_gpu_query dev;
+    int numa_node;            /* -1: not reported */
     int pcie_gen, pcie_width; /* the link's current speed as a PCIe generation, and lanes; 0: not reported */
 } nm_gpu_info;
 int nm_gpu_info_of(int dev, nm_gpu_info *g, nm_err *err);
 
-/* Between GPUs a and b: peer access (a maps b's memory, over NVLink or
- * PCIe), native atomics over it, and CUDA's relative performance rank of
- * the link (0 = the best on this machine). 0, or -1 with err. */
-typedef struct {
-    int access, atomics, rank;
-} nm_gpu_link;
-int nm_gpu_link_of(int a, int b, nm_gpu_link *l, nm_err *err);
+/* Between GPUs a and b: gpu_forward.h's peer query (0, or -1 with err;
+ * in a build without CUDA, naming the fix). */
+int nm_gpu_link_of(int a, int b, nm_gpu_peer *l, nm_err *err);
 
 /* The PCIe generation of a sysfs current_link_speed ("32.0 GT/s PCIe" -> 5),
  * 0 when not one (exposed for tests). */
